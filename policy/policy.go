@@ -1,0 +1,32 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+)
+
+// Pos is a position in a policy file; Line and Col are 1-based.
+type Pos struct {
+	File      string
+	Line, Col int
+}
+
+// String formats the position as "file:line:col".
+func (p Pos) String() string { return fmt.Sprintf("%s:%d:%d", p.File, p.Line, p.Col) }
+
+// Node is one inventory entry the compiler resolves segments against.
+type Node struct {
+	Name   string
+	Labels map[string]string
+	// Addresses are the node's overlay addresses, normally one IPv4 and one IPv6.
+	Addresses []netip.Addr
+}
+
+// NodeView is what one node receives from a compiled policy (least privilege).
+type NodeView struct {
+	// Peers are the names of the other nodes this node may exchange traffic with in
+	// either direction, sorted. Every address in a node-segment set of Filter belongs
+	// to one of them (or to the node itself).
+	Peers  []string
+	Filter Filter
+}
