@@ -1,0 +1,36 @@
+# segmesh — build, test and demo. The demo and the tests need root (network namespaces).
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+BIN ?= bin
+
+.PHONY: all build test unit e2e demo lint fmt deps clean
+
+all: build
+
+deps:
+	@hack/deps.sh
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/segmesh ./cmd/segmesh-controller ./cmd/segmesh-agent
+
+# Everything: unit tests with the race detector, then the netns end-to-end tests.
+test: deps lint unit e2e
+
+unit:
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '^segmesh/test/')
+
+e2e:
+	$(GO) test -count=1 -timeout 40m -v ./test/...
+
+demo: deps
+	hack/demo.sh
+
+lint:
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+fmt:
+	gofmt -w .
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,98 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"segmesh/api/segmeshv1/segmeshv1connect"
+)
+
+// credentials is the operator credential file written by the controller.
+type credentials struct {
+	Controller string `json:"controller"`
+	CAPEM      string `json:"ca_pem"`
+	Token      string `json:"token"`
+}
+
+// controllerServerName is the DNS name every controller certificate carries.
+const controllerServerName = "segmesh-controller"
+
+// requestTimeout bounds each operator call.
+const requestTimeout = 30 * time.Second
+
+func loadCredentials(g *globalFlags) (credentials, error) {
+	var c credentials
+	if g.credentials == "" {
+		return c, &exitError{code: 2, msg: "segmesh: no credentials: pass --credentials FILE (the operator.json in the controller's data directory) or set SEGMESH_CREDENTIALS"}
+	}
+	b, err := os.ReadFile(g.credentials)
+	if err != nil {
+		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: reading credentials: %v", err)}
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s is not a credential file: %v", g.credentials, err)}
+	}
+	if g.controller != "" {
+		c.Controller = g.controller
+	}
+	if c.Controller == "" || c.CAPEM == "" || c.Token == "" {
+		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s lacks controller, ca_pem or token", g.credentials)}
+	}
+	return c, nil
+}
+
+// operatorClient dials the operator API with the controller CA pinned and the bearer
+// credential attached to every call.
+func operatorClient(g *globalFlags) (segmeshv1connect.OperatorServiceClient, error) {
+	c, err := loadCredentials(g)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(c.CAPEM)) {
+		return nil, &exitError{code: 2, msg: "segmesh: credential file's ca_pem holds no certificate"}
+	}
+	httpClient := &http.Client{Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: pool, ServerName: controllerServerName, MinVersion: tls.VersionTLS12},
+		ForceAttemptHTTP2: true,
+	}}
+	auth := connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			req.Header().Set("Authorization", "Bearer "+c.Token)
+			return next(ctx, req)
+		}
+	})
+	return segmeshv1connect.NewOperatorServiceClient(httpClient, strings.TrimRight(c.Controller, "/"),
+		connect.WithInterceptors(auth)), nil
+}
+
+// callError turns an RPC error into an exitError: refusals of the input exit 1,
+// everything else (unreachable controller, bad credential) exits 2.
+func callError(what string, err error) error {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		switch ce.Code() {
+		case connect.CodeInvalidArgument, connect.CodeFailedPrecondition, connect.CodeAlreadyExists, connect.CodeNotFound:
+			return &exitError{code: 1, msg: ce.Message()}
+		case connect.CodeUnauthenticated, connect.CodePermissionDenied:
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %s (check --credentials)", what, ce.Message())}
+		case connect.CodeUnavailable:
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: controller unreachable: %v (check --controller and that segmesh-controller runs)", what, ce.Unwrap())}
+		}
+	}
+	return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %v", what, err)}
+}
+
+func callContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), requestTimeout)
+}
