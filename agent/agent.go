@@ -1,0 +1,264 @@
+// Package agent is the segmesh host agent: it enrolls with the controller once,
+// applies its last known netmap (or default deny) before anything else, keeps a
+// mutual-TLS stream to the controller open for new netmaps, reconciles the
+// dataplane against them (plus peer endpoints learned by gossip), and reports the
+// revision it enforces.
+//
+// Run wires the subpackages together: statefile (state directory), enroll (first
+// contact, CA pinning), netmap (validation), reconcile (desired state and drift
+// repair) and gossip (memberlist).
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/gossip"
+	"segmesh/agent/netmap"
+	"segmesh/agent/reconcile"
+	"segmesh/agent/statefile"
+	"segmesh/api/wire"
+)
+
+// Version is reported to the controller; set it with
+// -ldflags "-X segmesh/agent.Version=v1.2.3".
+var Version = "dev"
+
+// Defaults for Options.
+const (
+	DefaultInterface  = "segmesh0"
+	DefaultListenPort = 51820
+	DefaultResync     = 10 * time.Second
+	// MTU of the overlay link: 1500 minus the WireGuard overhead over IPv6 (80 bytes).
+	MTU = 1420
+)
+
+// Options configure Run. Zero values take the documented defaults.
+type Options struct {
+	// Controller is the controller URL ("https://192.0.2.1:7443"). Required on the
+	// first start; later starts default to the enrolled one.
+	Controller string
+	// Token is the join token; needed only on the first start.
+	Token string
+	// StateDir holds keys, certificates, identity and the last netmap. Required.
+	StateDir string
+	// Interface is the overlay link name (at most 15 bytes); defaults to the enrolled
+	// one, else DefaultInterface.
+	Interface string
+	// Name is the node name to enroll with; empty lets the controller derive one from
+	// the host name. On later starts it must equal the enrolled name.
+	Name string
+	// ListenPort is the WireGuard UDP port; defaults to the enrolled one, else
+	// DefaultListenPort.
+	ListenPort int
+	// Endpoint is the underlay "host:port" advertised to peers; empty means the local
+	// address the kernel uses to reach the controller, with ListenPort.
+	Endpoint string
+	// GossipPort overrides the memberlist port from the netmap, for binding and for
+	// joining peers; 0 uses the netmap's.
+	GossipPort int
+	// Resync is the period of dataplane read-back (drift repair), status reports and
+	// gossip re-joins; defaults to DefaultResync.
+	Resync time.Duration
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// NewDataplane opens the dataplane for an interface name. Required.
+	NewDataplane func(iface string) (dataplane.Dataplane, error)
+}
+
+// agent is one Run.
+type agent struct {
+	opts    Options
+	log     *slog.Logger
+	dir     *statefile.Dir
+	id      statefile.Identity
+	wgKey   dataplane.Key
+	dp      dataplane.Dataplane
+	rec     *reconcile.Reconciler
+	gossip  *gossip.Manager
+	syncer  *syncer
+	gossipC chan struct{} // member changes and new netmaps, coalesced
+	reportC chan struct{} // something in the report changed, coalesced
+
+	mu       sync.Mutex
+	endpoint netip.AddrPort // last discovered; zero until known
+	alive    []string       // netmap peers gossip sees alive, sorted
+}
+
+// Run runs the agent until ctx ends, then stops cleanly and returns nil: the
+// nftables table and kernel state stay (default deny stays in force); a userspace
+// WireGuard device goes away with the process. It returns an error when the state
+// directory is unusable, when enrollment is refused, or when the dataplane cannot be
+// opened.
+func Run(ctx context.Context, opts Options) error {
+	a, err := setup(ctx, opts)
+	if err != nil || a == nil {
+		return err
+	}
+	defer func() {
+		if err := a.dp.Close(); err != nil {
+			a.log.Warn("closing dataplane", "err", err)
+		}
+	}()
+	a.run(ctx)
+	return nil
+}
+
+func setup(ctx context.Context, opts Options) (*agent, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.NewDataplane == nil {
+		return nil, errors.New("agent: Options.NewDataplane is required")
+	}
+	if opts.StateDir == "" {
+		return nil, errors.New("agent: a state directory is required")
+	}
+	if opts.Resync <= 0 {
+		opts.Resync = DefaultResync
+	}
+	if opts.ListenPort < 0 || opts.ListenPort > 65535 || opts.GossipPort < 0 || opts.GossipPort > 65535 {
+		return nil, fmt.Errorf("agent: port out of range (listen %d, gossip %d)", opts.ListenPort, opts.GossipPort)
+	}
+	a := &agent{
+		opts:    opts,
+		log:     opts.Logger,
+		gossipC: make(chan struct{}, 1),
+		reportC: make(chan struct{}, 1),
+	}
+	var err error
+	if a.dir, err = statefile.Open(opts.StateDir, a.log); err != nil {
+		return nil, err
+	}
+	wgKey, err := a.dir.WireGuardKey()
+	if err != nil {
+		return nil, err
+	}
+	a.wgKey = dataplane.Key(wgKey)
+	if a.id, err = a.identity(ctx, wgKey.PublicKey()); err != nil {
+		return nil, err
+	}
+	if ctx.Err() != nil {
+		return nil, nil
+	}
+	if n := len(a.id.Interface); n == 0 || n > 15 {
+		return nil, fmt.Errorf("agent: interface name %q must have 1 to 15 bytes", a.id.Interface)
+	}
+	if a.dp, err = opts.NewDataplane(a.id.Interface); err != nil {
+		return nil, fmt.Errorf("opening dataplane for %s: %w", a.id.Interface, err)
+	}
+	addrs, _ := wire.ParsePrefixes(a.id.Addresses)
+	routes, _ := wire.ParsePrefixes(a.id.OverlayPrefixes)
+	a.rec = reconcile.New(a.dp, reconcile.Local{
+		Interface:  a.id.Interface,
+		PrivateKey: a.wgKey,
+		ListenPort: a.id.ListenPort,
+		MTU:        MTU,
+		Addresses:  addrs,
+		Routes:     routes,
+	}, a.log.With("component", "reconcile"))
+	a.gossip = gossip.NewManager(a.log.With("component", "gossip"), func() { signal(a.gossipC) })
+	return a, nil
+}
+
+// run applies the stored netmap (or default deny), then starts the reconcile,
+// gossip, report and controller loops, and waits for ctx.
+func (a *agent) run(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+		a.gossip.Stop()
+		a.log.Info("agent stopped; the last applied dataplane state stays in force")
+	}()
+	wg.Go(func() { a.rec.Run(ctx, a.opts.Resync) })
+
+	// No window with open traffic: the last netmap (or default deny) is in force
+	// before the controller is contacted.
+	st, err := a.rec.Wait(ctx, a.rec.SetNetmap(a.storedNetmap()))
+	if err != nil {
+		return
+	}
+	if st.Err != nil {
+		a.log.Error("initial apply failed; retrying every resync", "err", st.Err, "resync", a.opts.Resync)
+	}
+	signal(a.gossipC)
+
+	s, err := newSyncer(a)
+	if err != nil {
+		a.log.Error("cannot talk to the controller", "err", err)
+		<-ctx.Done()
+		return
+	}
+	a.syncer = s
+	defer s.close() // runs after the loops have ended (defers run last-in first-out)
+	wg.Go(func() { a.gossipLoop(ctx) })
+	wg.Go(func() { a.syncer.reportLoop(ctx) })
+	a.syncer.connectLoop(ctx)
+}
+
+// storedNetmap returns the last netmap from the state directory, or nil (default
+// deny) when there is none or it is unusable.
+func (a *agent) storedNetmap() *netmap.Netmap {
+	file := a.dir.Path() + "/" + statefile.NetmapFile
+	pb, err := a.dir.Netmap()
+	if errors.Is(err, statefile.ErrNoNetmap) {
+		a.log.Info("no stored netmap; applying default deny until the controller sends one")
+		return nil
+	}
+	if err == nil {
+		var nm *netmap.Netmap
+		if nm, err = netmap.Parse(pb); err == nil {
+			if nm.Self.Name != a.id.NodeName {
+				err = fmt.Errorf("netmap is for node %q, this node is %q", nm.Self.Name, a.id.NodeName)
+			} else {
+				a.log.Info("applying stored netmap before contacting the controller", "revision", nm.Revision, "hash", nm.Hash, "peers", len(nm.Peers))
+				return nm
+			}
+		}
+	}
+	a.log.Error("stored netmap is unusable; applying default deny until the controller sends one", "file", file, "err", err)
+	return nil
+}
+
+// signal does a non-blocking send on a coalescing channel of capacity 1.
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// Down removes the overlay interface and the nftables table of the agent whose
+// state directory is stateDir; the interface name comes from its identity. It is
+// not an error when they do not exist. The state directory itself is kept.
+func Down(ctx context.Context, stateDir string, newDP func(iface string) (dataplane.Dataplane, error)) error {
+	if st, err := os.Stat(stateDir); err != nil || !st.IsDir() {
+		return fmt.Errorf("taking down: no state directory %s", stateDir)
+	}
+	dir, err := statefile.Open(stateDir, slog.Default())
+	if err != nil {
+		return err
+	}
+	id, err := dir.Identity()
+	if err != nil {
+		return fmt.Errorf("taking down: %w", err)
+	}
+	dp, err := newDP(id.Interface)
+	if err != nil {
+		return fmt.Errorf("opening dataplane for %s: %w", id.Interface, err)
+	}
+	defer dp.Close()
+	if err := dp.Down(ctx); err != nil {
+		return fmt.Errorf("taking down %s: %w", id.Interface, err)
+	}
+	return nil
+}

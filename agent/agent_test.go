@@ -1,0 +1,801 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/google/go-cmp/cmp"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/dataplane/fake"
+	"segmesh/agent/gossip"
+	"segmesh/agent/internal/testpki"
+	"segmesh/agent/netmap"
+	"segmesh/agent/reconcile"
+	"segmesh/agent/statefile"
+	"segmesh/api/jointoken"
+	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/api/wire"
+)
+
+// ---------------------------------------------------------------- test controller
+
+// controller is a small in-test controller: EnrollService and AgentService over
+// real TLS (HTTP/2, client certificates verified against its CA).
+type controller struct {
+	t   *testing.T
+	ca  *testpki.CA
+	url string
+
+	mu          sync.Mutex
+	enrollErrs  []*connect.Error // returned by the next Enroll calls, in order
+	enrolls     []*segmeshv1.EnrollRequest
+	syncs       []*segmeshv1.SyncRequest
+	syncNames   []string
+	reports     []*segmeshv1.ReportRequest
+	current     *segmeshv1.Netmap
+	push        chan *segmeshv1.Netmap
+	firstAccess func() // called once, at the first request of any kind
+	accessed    bool
+}
+
+func newController(t *testing.T) *controller {
+	t.Helper()
+	c := &controller{t: t, ca: testpki.NewCA(t, "segmesh test CA"), push: make(chan *segmeshv1.Netmap, 8)}
+	mux := http.NewServeMux()
+	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(c))
+	mux.Handle(segmeshv1connect.NewAgentServiceHandler(c))
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c.mu.Lock()
+		hook := c.firstAccess
+		first := !c.accessed
+		c.accessed = true
+		c.mu.Unlock()
+		if first && hook != nil {
+			hook()
+		}
+		mux.ServeHTTP(w, r)
+	}))
+	srv.EnableHTTP2 = true
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	srv.TLS = &tls.Config{
+		Certificates: []tls.Certificate{c.ca.ServerCert(t, "segmesh-controller")},
+		ClientAuth:   tls.VerifyClientCertIfGiven,
+		ClientCAs:    c.ca.Pool(),
+	}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	c.url = srv.URL
+	return c
+}
+
+func (c *controller) token() string {
+	tok, err := jointoken.New(c.ca.DER)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return tok.String()
+}
+
+func (c *controller) Enroll(_ context.Context, req *connect.Request[segmeshv1.EnrollRequest]) (*connect.Response[segmeshv1.EnrollResponse], error) {
+	c.mu.Lock()
+	c.enrolls = append(c.enrolls, req.Msg)
+	var refuse *connect.Error
+	if len(c.enrollErrs) > 0 {
+		refuse, c.enrollErrs = c.enrollErrs[0], c.enrollErrs[1:]
+	}
+	c.mu.Unlock()
+	if refuse != nil {
+		return nil, refuse
+	}
+	name := req.Msg.GetName()
+	cert, err := c.ca.SignCSR(req.Msg.GetCsrDer(), name)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	return connect.NewResponse(&segmeshv1.EnrollResponse{
+		NodeName:        name,
+		Addresses:       []string{"100.64.0.1/32", "fd5e:6d65:7368::1/128"},
+		CertificateDer:  cert,
+		CaDer:           c.ca.DER,
+		Labels:          map[string]string{"role": "web"},
+		OverlayPrefixes: []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"},
+	}), nil
+}
+
+func (c *controller) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.Netmap]) error {
+	c.mu.Lock()
+	c.syncs = append(c.syncs, req.Msg)
+	cur := c.current
+	c.mu.Unlock()
+	if cur != nil {
+		if err := stream.Send(cur); err != nil {
+			return err
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case nm := <-c.push:
+			c.mu.Lock()
+			c.current = nm
+			c.mu.Unlock()
+			if err := stream.Send(nm); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (c *controller) Report(_ context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
+	c.mu.Lock()
+	c.reports = append(c.reports, req.Msg)
+	c.mu.Unlock()
+	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
+}
+
+func (c *controller) setNetmap(nm *segmeshv1.Netmap) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.current = nm
+}
+
+// lastReport returns the latest report, or nil.
+func (c *controller) lastReport() *segmeshv1.ReportRequest {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.reports) == 0 {
+		return nil
+	}
+	return c.reports[len(c.reports)-1]
+}
+
+func (c *controller) counts() (enrolls, syncs int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.enrolls), len(c.syncs)
+}
+
+// ---------------------------------------------------------------- helpers
+
+func key(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
+
+func dkey(b byte) dataplane.Key { return dataplane.Key(key(b)) }
+
+var testFilter = &segmeshv1.Filter{
+	Sets: []*segmeshv1.AddressSet{{Name: "db", Prefixes: []string{"100.64.0.3/32"}}},
+	Ingress: []*segmeshv1.FilterRule{{Set: "db", Origin: "db-to-web (policy.yaml:9:5)",
+		Matches: []*segmeshv1.PortMatch{{Protocol: segmeshv1.Protocol_PROTOCOL_TCP, Ports: []*segmeshv1.PortRange{{First: 8080, Last: 8080}}}}}},
+}
+
+// wireNetmap builds a hashed netmap for node "web-1" with peers b (unknown
+// endpoint) and c.
+func wireNetmap(rev uint64, gossipPort int) *segmeshv1.Netmap {
+	nm := &segmeshv1.Netmap{
+		PolicyRevision: rev,
+		Self:           &segmeshv1.Node{Name: "web-1", Addresses: []string{"100.64.0.1/32", "fd5e:6d65:7368::1/128"}},
+		Peers: []*segmeshv1.Peer{
+			{Name: "b", PublicKey: key(2), AllowedIps: []string{"100.64.0.2/32", "fd5e:6d65:7368::2/128"}},
+			{Name: "c", PublicKey: key(3), Endpoint: "192.0.2.3:51820", AllowedIps: []string{"100.64.0.3/32"}},
+		},
+		Filter:          testFilter,
+		OverlayPrefixes: []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"},
+	}
+	if gossipPort != 0 {
+		nm.Gossip = &segmeshv1.GossipConfig{Key: key(7), Port: uint32(gossipPort)}
+	}
+	nm.Hash = wire.NetmapHash(nm)
+	return nm
+}
+
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+type run struct {
+	dp     *fake.Dataplane
+	logs   *logBuffer
+	cancel context.CancelFunc
+	done   chan error
+	ifaces chan string
+}
+
+// start runs the agent with a fake dataplane until the test ends (or stop).
+func start(t *testing.T, opts Options) *run {
+	t.Helper()
+	return startWith(t, fake.New(dataplane.KindUserspace), opts)
+}
+
+// startWith is start with a given fake dataplane.
+func startWith(t *testing.T, dp *fake.Dataplane, opts Options) *run {
+	t.Helper()
+	r := &run{dp: dp, logs: &logBuffer{}, done: make(chan error, 1), ifaces: make(chan string, 4)}
+	opts.Logger = slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	opts.NewDataplane = func(iface string) (dataplane.Dataplane, error) {
+		r.ifaces <- iface
+		return r.dp, nil
+	}
+	if opts.Resync == 0 {
+		opts.Resync = 50 * time.Millisecond
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	go func() { r.done <- Run(ctx, opts) }()
+	t.Cleanup(func() { r.stop(t) })
+	return r
+}
+
+// stop cancels the run and returns Run's error.
+func (r *run) stop(t *testing.T) error {
+	t.Helper()
+	r.cancel()
+	select {
+	case err, ok := <-r.done:
+		if ok {
+			close(r.done)
+			return err
+		}
+		return nil
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run did not return after cancel")
+		return nil
+	}
+}
+
+// wait returns Run's error, failing if it does not return in time.
+func (r *run) wait(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-r.done:
+		close(r.done)
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run did not return")
+		return nil
+	}
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// expected is the dataplane state the agent must program for nm.
+func expected(t *testing.T, dir string, pb *segmeshv1.Netmap, endpoints map[dataplane.Key]netip.AddrPort) dataplane.State {
+	t.Helper()
+	d, err := statefile.Open(dir, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := d.WireGuardKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := d.Identity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs, _ := wire.ParsePrefixes(id.Addresses)
+	routes, _ := wire.ParsePrefixes(id.OverlayPrefixes)
+	local := reconcile.Local{Interface: id.Interface, PrivateKey: dataplane.Key(k), ListenPort: id.ListenPort, MTU: MTU, Addresses: addrs, Routes: routes}
+	var nm *netmap.Netmap
+	if pb != nil {
+		if nm, err = netmap.Parse(pb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return reconcile.Desired(local, nm, endpoints)
+}
+
+func holds(dp *fake.Dataplane, want dataplane.State) bool {
+	got, up := dp.State()
+	return up && reconcile.Drift(want, got) == ""
+}
+
+// enrolled runs a first start against c that applies pb, then stops, leaving an
+// enrolled state directory (with pb stored when non-nil).
+func enrolled(t *testing.T, c *controller, pb *segmeshv1.Netmap) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "state")
+	c.setNetmap(pb)
+	_, syncs := c.counts()
+	c.mu.Lock()
+	reports := len(c.reports)
+	c.mu.Unlock()
+	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	if pb != nil {
+		eventually(t, "first netmap applied", func() bool {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			for _, rep := range c.reports[reports:] {
+				if rep.GetAppliedHash() == pb.GetHash() {
+					return true
+				}
+			}
+			return false
+		})
+	} else {
+		eventually(t, "first sync", func() bool { _, s := c.counts(); return s > syncs })
+	}
+	if err := r.stop(t); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	return dir
+}
+
+// ---------------------------------------------------------------- tests
+
+func TestFirstStartEnrollsAppliesAndReports(t *testing.T) {
+	c := newController(t)
+	pb := wireNetmap(3, 0)
+	c.setNetmap(pb)
+	dir := filepath.Join(t.TempDir(), "state")
+	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0", ListenPort: 51999})
+	if got := <-r.ifaces; got != "smt0" {
+		t.Fatalf("dataplane opened for %q, want smt0", got)
+	}
+	eventually(t, "report of revision 3", func() bool {
+		rep := c.lastReport()
+		return rep != nil && rep.GetAppliedRevision() == 3 && rep.GetAppliedHash() == pb.GetHash() && rep.GetDataplane() == "userspace" && rep.GetError() == ""
+	})
+	want := expected(t, dir, pb, nil)
+	if got, _ := r.dp.State(); reconcile.Drift(want, got) != "" {
+		t.Fatalf("dataplane:\n%s", reconcile.Drift(want, got))
+	}
+	if len(want.Peers) != 2 || want.ListenPort != 51999 || want.Interface != "smt0" || len(want.Filter.Ingress) != 1 {
+		t.Fatalf("unexpected desired state %+v", want)
+	}
+
+	c.mu.Lock()
+	enrollReq, syncReq := c.enrolls[0], c.syncs[0]
+	c.mu.Unlock()
+	k, err := os.ReadFile(filepath.Join(dir, statefile.WireGuardKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv, err := wgtypes.ParseKey(strings.TrimSpace(string(k)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := priv.PublicKey()
+	if !bytes.Equal(enrollReq.GetPublicKey(), pub[:]) {
+		t.Error("enrollment did not send the WireGuard public key")
+	}
+	if bytes.Contains([]byte(enrollReq.String()), priv[:]) {
+		t.Error("enrollment request contains the private key")
+	}
+	if enrollReq.GetEndpoint() != "127.0.0.1:51999" || syncReq.GetEndpoint() != "127.0.0.1:51999" {
+		t.Errorf("endpoints: enroll %q, sync %q; want 127.0.0.1:51999 (local address towards the controller)", enrollReq.GetEndpoint(), syncReq.GetEndpoint())
+	}
+	if syncReq.GetDataplane() != "userspace" || syncReq.GetVersion() == "" {
+		t.Errorf("sync request %v", syncReq)
+	}
+	for name, mode := range map[string]os.FileMode{
+		"": 0o700, statefile.WireGuardKeyFile: 0o600, statefile.TLSKeyFile: 0o600, statefile.IdentityFile: 0o600, statefile.NetmapFile: 0o600,
+	} {
+		st, err := os.Stat(filepath.Join(dir, name))
+		if err != nil || st.Mode().Perm() != mode {
+			t.Errorf("%s: mode %v, err %v; want %v", name, st.Mode().Perm(), err, mode)
+		}
+	}
+
+	// A new netmap on the open stream is applied, stored and reported.
+	pb4 := wireNetmap(4, 0)
+	pb4.Peers = pb4.Peers[1:]
+	pb4.Hash = wire.NetmapHash(pb4)
+	c.push <- pb4
+	want4 := expected(t, dir, pb4, nil)
+	eventually(t, "revision 4 applied and reported", func() bool {
+		rep := c.lastReport()
+		return holds(r.dp, want4) && rep != nil && rep.GetAppliedRevision() == 4 && rep.GetAppliedHash() == pb4.GetHash()
+	})
+	d, _ := statefile.Open(dir, slog.Default())
+	if stored, err := d.Netmap(); err != nil || stored.GetHash() != pb4.GetHash() {
+		t.Errorf("stored netmap hash %q, err %v; want revision 4", stored.GetHash(), err)
+	}
+
+	if err := r.stop(t); err != nil {
+		t.Fatalf("Run returned %v after cancel, want nil", err)
+	}
+	if !r.dp.Closed() || r.dp.Stats().Downs != 0 {
+		t.Errorf("after stop: closed=%v downs=%d; want the dataplane closed, not taken down", r.dp.Closed(), r.dp.Stats().Downs)
+	}
+	if !holds(r.dp, want4) {
+		t.Error("stopping changed the dataplane state; the filter must stay")
+	}
+	if n, _ := c.counts(); n != 1 {
+		t.Errorf("enrollments = %d, want 1", n)
+	}
+}
+
+func TestRestartAppliesStoredNetmapBeforeContactingController(t *testing.T) {
+	c := newController(t)
+	pb := wireNetmap(5, 0)
+	dir := enrolled(t, c, pb)
+	want := expected(t, dir, pb, nil)
+
+	// The controller now has a newer netmap; what matters is the state at the
+	// moment the restarted agent first reaches it.
+	pb6 := wireNetmap(6, 0)
+	pb6.Peers = nil
+	pb6.Hash = wire.NetmapHash(pb6)
+	c.setNetmap(pb6)
+	var mu sync.Mutex
+	var atContact *dataplane.State
+	dp := fake.New(dataplane.KindUserspace)
+	c.mu.Lock()
+	c.accessed = false
+	c.firstAccess = func() {
+		mu.Lock()
+		defer mu.Unlock()
+		s, _ := dp.State()
+		atContact = &s
+	}
+	c.mu.Unlock()
+	r := startWith(t, dp, Options{StateDir: dir})
+	eventually(t, "revision 6", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 6 })
+	mu.Lock()
+	defer mu.Unlock()
+	if atContact == nil {
+		t.Fatal("controller never contacted")
+	}
+	if d := reconcile.Drift(want, *atContact); d != "" {
+		t.Fatalf("at first controller contact the dataplane did not hold the stored netmap:\n%s", d)
+	}
+	if h := r.dp.History(); len(h) == 0 || reconcile.Drift(want, h[0]) != "" {
+		t.Fatal("first apply was not the stored netmap")
+	}
+	if n, _ := c.counts(); n != 1 {
+		t.Errorf("enrollments = %d, want 1 (restart reuses the identity)", n)
+	}
+}
+
+func TestRestartWithoutController(t *testing.T) {
+	c := newController(t)
+	pb := wireNetmap(5, 0)
+	tests := []struct {
+		name    string
+		prepare func(t *testing.T, dir string)
+		netmap  *segmeshv1.Netmap // expected state; nil = default deny
+		log     string
+	}{
+		{name: "stored netmap", prepare: func(*testing.T, string) {}, netmap: pb, log: "applying stored netmap"},
+		{name: "no netmap: default deny", prepare: func(t *testing.T, dir string) {
+			if err := os.Remove(filepath.Join(dir, statefile.NetmapFile)); err != nil {
+				t.Fatal(err)
+			}
+		}, log: "no stored netmap"},
+		{name: "corrupted netmap: default deny", prepare: func(t *testing.T, dir string) {
+			if err := os.WriteFile(filepath.Join(dir, statefile.NetmapFile), []byte("\xff\xff garbage"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}, log: "stored netmap is unusable"},
+		{name: "tampered netmap: default deny", prepare: func(t *testing.T, dir string) {
+			bad := wireNetmap(5, 0)
+			bad.Peers[0].AllowedIps = []string{"0.0.0.0/0"} // hash no longer matches
+			d, _ := statefile.Open(dir, slog.Default())
+			if err := d.SaveNetmap(bad); err != nil {
+				t.Fatal(err)
+			}
+		}, log: "hash mismatch"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := enrolled(t, c, pb)
+			tt.prepare(t, dir)
+			// Point the agent at a controller that is down.
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			down := "https://" + ln.Addr().String()
+			ln.Close()
+			r := start(t, Options{StateDir: dir, Controller: down})
+			want := expected(t, dir, tt.netmap, nil)
+			eventually(t, "initial state", func() bool { return holds(r.dp, want) })
+			if tt.netmap == nil {
+				got, _ := r.dp.State()
+				if len(got.Peers) != 0 || len(got.Filter.Ingress) != 0 || len(got.Addresses) != 2 || len(got.Routes) != 2 {
+					t.Fatalf("default deny state %+v", got)
+				}
+			}
+			eventually(t, "log "+tt.log, func() bool { return strings.Contains(r.logs.String(), tt.log) })
+			eventually(t, "reconnect attempts", func() bool { return strings.Contains(r.logs.String(), "controller stream ended; reconnecting") })
+			if h := r.dp.History(); len(h) != 1 {
+				t.Errorf("applies = %d, want exactly 1", len(h))
+			}
+		})
+	}
+}
+
+func TestEnrollmentRefusedExits(t *testing.T) {
+	tests := []struct {
+		name    string
+		errs    []*connect.Error
+		want    string // "" = success
+		enrolls int
+	}{
+		{name: "reused token", errs: []*connect.Error{connect.NewError(connect.CodePermissionDenied, errors.New("join token already used"))},
+			want: "join token already used", enrolls: 1},
+		{name: "unknown token", errs: []*connect.Error{connect.NewError(connect.CodeUnauthenticated, errors.New("unknown join token"))},
+			want: "unknown join token", enrolls: 1},
+		{name: "name taken", errs: []*connect.Error{connect.NewError(connect.CodeAlreadyExists, errors.New(`node "web-1" exists`))},
+			want: `node "web-1" exists`, enrolls: 1},
+		{name: "unavailable is retried", errs: []*connect.Error{connect.NewError(connect.CodeUnavailable, errors.New("starting up"))}, enrolls: 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newController(t)
+			c.enrollErrs = tt.errs
+			c.setNetmap(wireNetmap(1, 0))
+			dir := filepath.Join(t.TempDir(), "state")
+			r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+			if tt.want != "" {
+				err := r.wait(t)
+				if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "refused") {
+					t.Fatalf("Run = %v, want a refusal mentioning %q", err, tt.want)
+				}
+				if _, err := os.Stat(filepath.Join(dir, statefile.IdentityFile)); !errors.Is(err, os.ErrNotExist) {
+					t.Error("identity stored after a refused enrollment")
+				}
+			} else {
+				eventually(t, "report after retry", func() bool { return c.lastReport() != nil })
+			}
+			if n, _ := c.counts(); n != tt.enrolls {
+				t.Errorf("enroll calls = %d, want %d", n, tt.enrolls)
+			}
+		})
+	}
+}
+
+func TestStartErrors(t *testing.T) {
+	c := newController(t)
+	dir := enrolled(t, c, nil)
+	other := newController(t)
+	tests := []struct {
+		name string
+		opts Options
+		want string
+	}{
+		{name: "other name", opts: Options{StateDir: dir, Name: "db-1"}, want: `enrolled as node "web-1", not "db-1"`},
+		{name: "first start without token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url}, want: "needs --controller and --token"},
+		{name: "malformed token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url, Token: "nope"}, want: "malformed join token"},
+		{name: "token for another CA", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url, Token: other.token()}, want: "controller CA does not match the join token"},
+		{name: "long interface name", opts: Options{StateDir: dir, Interface: "much-too-long-name"}, want: "1 to 15 bytes"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := start(t, tt.opts)
+			err := r.wait(t)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Run = %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestRejectsBadNetmapFromController(t *testing.T) {
+	c := newController(t)
+	pb := wireNetmap(5, 0)
+	c.setNetmap(pb)
+	dir := filepath.Join(t.TempDir(), "state")
+	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	eventually(t, "revision 5", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 5 })
+	want := expected(t, dir, pb, nil)
+
+	bad := wireNetmap(6, 0)
+	bad.Hash = wire.NetmapHash(bad)
+	bad.Peers[0].AllowedIps = []string{"0.0.0.0/0"} // after hashing: tampered
+	c.push <- bad
+	eventually(t, "rejection reported", func() bool {
+		rep := c.lastReport()
+		return rep != nil && strings.Contains(rep.GetError(), "hash mismatch") && rep.GetAppliedRevision() == 5
+	})
+	if !holds(r.dp, want) {
+		t.Fatal("a rejected netmap changed the dataplane")
+	}
+	d, _ := statefile.Open(dir, slog.Default())
+	if stored, _ := d.Netmap(); stored.GetPolicyRevision() != 5 {
+		t.Fatalf("stored revision %d, want 5", stored.GetPolicyRevision())
+	}
+
+	other := wireNetmap(7, 0)
+	other.Self.Name = "db-1"
+	other.Hash = wire.NetmapHash(other)
+	c.push <- other
+	eventually(t, "wrong-node rejection reported", func() bool {
+		rep := c.lastReport()
+		return rep != nil && strings.Contains(rep.GetError(), `netmap is for node "db-1"`)
+	})
+	if !holds(r.dp, want) {
+		t.Fatal("a netmap for another node changed the dataplane")
+	}
+}
+
+func TestGossipOverridesEndpointOfKnownPeer(t *testing.T) {
+	port := freePort(t)
+	c := newController(t)
+	pb := wireNetmap(9, port)
+	c.setNetmap(pb)
+	dir := filepath.Join(t.TempDir(), "state")
+	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	eventually(t, "revision 9", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 9 })
+
+	// Peer b (in the netmap, endpoint unknown there) and an intruder that holds the
+	// gossip key but is no peer.
+	newEP := netip.MustParseAddrPort("198.51.100.2:40000")
+	b := startMember(t, "b", dkey(2), newEP)
+	x := startMember(t, "x", dkey(9), netip.MustParseAddrPort("198.51.100.9:51820"))
+	for _, m := range []*gossip.Manager{b, x} {
+		eventually(t, "join the agent's gossip", func() bool {
+			_, err := m.Join([]netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))})
+			return err == nil
+		})
+	}
+	want := expected(t, dir, pb, map[dataplane.Key]netip.AddrPort{dkey(2): newEP})
+	eventually(t, "b's gossip endpoint programmed and b reported alive", func() bool {
+		rep := c.lastReport()
+		return holds(r.dp, want) && rep != nil && slices.Equal(rep.GetAlivePeers(), []string{"b"})
+	})
+	got, _ := r.dp.State()
+	if len(got.Peers) != 2 {
+		t.Fatalf("peers = %d, want 2: gossip must not add the intruder", len(got.Peers))
+	}
+	for _, p := range got.Peers {
+		if p.PublicKey == dkey(2) && (p.Endpoint != newEP || len(p.AllowedIPs) != 2) {
+			t.Fatalf("peer b = %+v", p)
+		}
+	}
+}
+
+func startMember(t *testing.T, name string, k dataplane.Key, ep netip.AddrPort) *gossip.Manager {
+	t.Helper()
+	m := gossip.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	if err := m.Configure(gossip.Config{NodeName: name, BindAddr: netip.MustParseAddr("127.0.0.1"), Key: key(7), Meta: gossip.Meta{PublicKey: k, Endpoint: ep}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Stop)
+	return m
+}
+
+// freePort returns a port that was free for both TCP and UDP on 127.0.0.1.
+func freePort(t *testing.T) int {
+	t.Helper()
+	for range 20 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		pc, err := net.ListenPacket("udp", ln.Addr().String())
+		ln.Close()
+		if err == nil {
+			pc.Close()
+			return port
+		}
+	}
+	t.Fatal("no free port")
+	return 0
+}
+
+func TestGossipView(t *testing.T) {
+	nm, err := netmap.Parse(wireNetmap(1, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := netip.MustParseAddrPort
+	member := func(name string, k byte, e string) gossip.Member {
+		m := gossip.Member{Name: name, Meta: gossip.Meta{PublicKey: dkey(k)}}
+		if e != "" {
+			m.Meta.Endpoint = ep(e)
+		}
+		return m
+	}
+	tests := []struct {
+		name      string
+		members   []gossip.Member
+		endpoints map[dataplane.Key]netip.AddrPort
+		alive     []string
+	}{
+		{name: "none"},
+		{name: "new endpoint of a peer", members: []gossip.Member{member("b", 2, "198.51.100.2:1")},
+			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:1")}, alive: []string{"b"}},
+		{name: "same endpoint as the netmap", members: []gossip.Member{member("c", 3, "192.0.2.3:51820")}, alive: []string{"c"}},
+		{name: "no endpoint advertised", members: []gossip.Member{member("c", 3, "")}, alive: []string{"c"}},
+		{name: "unknown key ignored", members: []gossip.Member{member("x", 9, "198.51.100.9:1")}},
+		{name: "peer's key under another name ignored", members: []gossip.Member{member("x", 2, "198.51.100.9:1")}},
+		{name: "sorted", members: []gossip.Member{member("c", 3, ""), member("b", 2, "")}, alive: []string{"b", "c"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			eps, alive := gossipView(nm, tt.members)
+			if d := cmp.Diff(tt.endpoints, eps, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
+				t.Errorf("endpoints (-want +got):\n%s", d)
+			}
+			if !slices.Equal(alive, tt.alive) {
+				t.Errorf("alive = %v, want %v", alive, tt.alive)
+			}
+		})
+	}
+	if eps, alive := gossipView(nil, []gossip.Member{member("b", 2, "198.51.100.2:1")}); eps != nil || alive != nil {
+		t.Error("members counted without a netmap")
+	}
+}
+
+func TestDown(t *testing.T) {
+	c := newController(t)
+	dir := enrolled(t, c, wireNetmap(1, 0))
+	dp := fake.New(dataplane.KindUserspace)
+	if err := dp.Apply(context.Background(), dataplane.State{Interface: "smt0"}); err != nil {
+		t.Fatal(err)
+	}
+	var opened string
+	err := Down(context.Background(), dir, func(iface string) (dataplane.Dataplane, error) {
+		opened = iface
+		return dp, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, up := dp.State(); up || opened != "smt0" || !dp.Closed() {
+		t.Fatalf("Down: opened %q, still up %v, closed %v", opened, up, dp.Closed())
+	}
+	if err := Down(context.Background(), filepath.Join(t.TempDir(), "nothing"), nil); err == nil || !strings.Contains(err.Error(), "no state directory") {
+		t.Fatalf("Down on a missing directory = %v", err)
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	b := newBackoff(time.Second, 30*time.Second)
+	want := []time.Duration{1, 2, 4, 8, 16, 30, 30}
+	for i, w := range want {
+		d := b.next()
+		lo, hi := time.Duration(float64(w*time.Second)*0.8), time.Duration(float64(w*time.Second)*1.2)
+		if d < lo || d > hi {
+			t.Errorf("attempt %d: %v, want within [%v, %v]", i, d, lo, hi)
+		}
+	}
+	b.reset()
+	if d := b.next(); d > 1200*time.Millisecond {
+		t.Errorf("after reset: %v", d)
+	}
+}

@@ -1,0 +1,97 @@
+package fake
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"reflect"
+	"testing"
+	"time"
+
+	"segmesh/agent/dataplane"
+)
+
+func TestFakeRecordsCanonicalState(t *testing.T) {
+	ctx := context.Background()
+	d := New(dataplane.KindKernel)
+	if s, err := d.Read(ctx); err != nil || !reflect.DeepEqual(s, dataplane.State{}) {
+		t.Fatalf("Read before Apply = %+v, %v; want the zero state", s, err)
+	}
+	in := dataplane.State{
+		Interface: "x0",
+		Addresses: []netip.Prefix{netip.MustParsePrefix("fd00::1/128"), netip.MustParsePrefix("10.0.0.1/32"), netip.MustParsePrefix("10.0.0.1/32")},
+		Peers:     []dataplane.Peer{{PublicKey: dataplane.Key{2}}, {PublicKey: dataplane.Key{1}}},
+	}
+	if err := d.Apply(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	got, err := d.Read(ctx)
+	if err != nil || !reflect.DeepEqual(got, dataplane.Canonical(in)) {
+		t.Fatalf("Read = %+v, want Canonical of the applied state", got)
+	}
+	in.Addresses[0] = netip.MustParsePrefix("192.0.2.1/32") // the fake must hold a copy
+	if got2, _ := d.Read(ctx); !reflect.DeepEqual(got, got2) {
+		t.Fatal("mutating the caller's state changed the fake")
+	}
+
+	boom := errors.New("boom")
+	d.FailApply(boom)
+	if err := d.Apply(ctx, dataplane.State{Interface: "x0"}); !errors.Is(err, boom) {
+		t.Fatalf("Apply = %v, want injected error", err)
+	}
+	if got2, _ := d.Read(ctx); !reflect.DeepEqual(got, got2) {
+		t.Fatal("a failed Apply changed the state")
+	}
+	d.FailApply(nil)
+	d.FailRead(boom)
+	if _, err := d.Read(ctx); !errors.Is(err, boom) {
+		t.Fatalf("Read = %v, want injected error", err)
+	}
+	d.FailRead(nil)
+
+	d.Mutate(func(s *dataplane.State) { s.Peers = s.Peers[:1] })
+	if s, _ := d.State(); len(s.Peers) != 1 {
+		t.Fatalf("Mutate did not drift: %+v", s)
+	}
+	if st := d.Stats(); st.Applies != 1 || len(d.History()) != 1 {
+		t.Fatalf("stats %+v, history %d", st, len(d.History()))
+	}
+	if err := d.Down(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, up := d.State(); up {
+		t.Fatal("still up after Down")
+	}
+	if d.Kind() != dataplane.KindKernel || d.Close() != nil || d.Close() != nil || !d.Closed() {
+		t.Fatal("Kind/Close")
+	}
+}
+
+func TestFakeWatch(t *testing.T) {
+	d := New(dataplane.KindUserspace)
+	ctx, cancel := context.WithCancel(context.Background())
+	ch, err := d.Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Notify()
+	d.Notify() // coalesced with the pending one
+	<-ch
+	select {
+	case <-ch:
+		t.Fatal("two notifications were not coalesced")
+	default:
+	}
+	cancel()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case _, ok := <-ch:
+			if !ok {
+				return
+			}
+		case <-deadline:
+			t.Fatal("watch channel not closed after ctx ended")
+		}
+	}
+}

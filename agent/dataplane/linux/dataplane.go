@@ -1,0 +1,310 @@
+// Package linux implements dataplane.Dataplane on Linux: a WireGuard interface (kernel
+// WireGuard when the kernel has it, embedded wireguard-go on TUN otherwise, both
+// configured through wgctrl), its MTU, addresses and routes (netlink), and the nftables
+// table `inet segmesh` (package nft) that enforces the node's filter.
+//
+// A Dataplane is bound to the network namespace of the thread that calls New; every
+// kernel object it creates lives there, whichever goroutine calls its methods.
+package linux
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/dataplane/linux/internal/nsutil"
+	"segmesh/agent/dataplane/linux/nft"
+)
+
+// DefaultMTU is the overlay link MTU used when State.MTU is 0: 1500 minus the
+// WireGuard overhead over IPv6 (80 bytes).
+const DefaultMTU = 1420
+
+// Options configure New.
+type Options struct {
+	// Interface is the overlay link name, e.g. "segmesh0"; 1 to 15 bytes. With
+	// wireguard-go the UAPI socket /var/run/wireguard/NAME.sock is shared by all
+	// network namespaces, so the name must be unique on the machine.
+	Interface string
+	// ForceUserspace skips kernel WireGuard even where it is available (testing).
+	ForceUserspace bool
+	// Logger receives progress and wireguard-go messages; nil discards them.
+	Logger *slog.Logger
+}
+
+// Dataplane programs one overlay interface and the nftables table of one network
+// namespace. It implements dataplane.Dataplane and dataplane.Watcher; its methods are
+// safe for concurrent use.
+type Dataplane struct {
+	opts Options
+	log  *slog.Logger
+	// ns is the network namespace the Dataplane works in; foreignNS is true when it
+	// differs from the namespace of the process's main thread.
+	ns        netns.NsHandle
+	foreignNS bool
+	nl        *netlink.Handle
+	fw        *nft.Firewall
+
+	// closing is cancelled by Close; it stops Watch goroutines.
+	closing context.Context
+	cancel  context.CancelFunc
+
+	mu      sync.Mutex
+	closed  bool
+	wg      *wgctrl.Client
+	kind    dataplane.Kind
+	user    *userDevice      // the wireguard-go device this process owns, if any
+	applied *dataplane.State // the last state Apply made the kernel hold (canonical)
+}
+
+var (
+	_ dataplane.Dataplane = (*Dataplane)(nil)
+	_ dataplane.Watcher   = (*Dataplane)(nil)
+)
+
+// processNS identifies the network namespace the process started in, read while
+// package initialisation runs on the main thread, before any code could switch it.
+var processNS = func() string {
+	ns, err := netns.Get()
+	if err != nil {
+		return ""
+	}
+	defer ns.Close()
+	return ns.UniqueId()
+}()
+
+// ErrClosed is returned by methods called after Close.
+var ErrClosed = errors.New("dataplane is closed")
+
+// New returns a Dataplane for opts.Interface in the network namespace of the calling
+// thread. It opens netlink, nftables and wgctrl sockets there but changes nothing in
+// the kernel. Errors: an invalid interface name, or a socket that cannot be opened.
+func New(opts Options) (*Dataplane, error) {
+	if opts.Interface == "" || len(opts.Interface) >= unix.IFNAMSIZ {
+		return nil, fmt.Errorf("interface name %q: must be 1 to %d bytes", opts.Interface, unix.IFNAMSIZ-1)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d := &Dataplane{opts: opts, log: log}
+	var err error
+	if d.ns, err = netns.Get(); err != nil {
+		return nil, fmt.Errorf("getting network namespace: %w", err)
+	}
+	d.foreignNS = processNS == "" || d.ns.UniqueId() != processNS
+	fail := func(err error) (*Dataplane, error) {
+		d.closeSockets()
+		return nil, err
+	}
+	if d.nl, err = netlink.NewHandleAt(d.ns); err != nil {
+		return fail(fmt.Errorf("opening netlink socket: %w", err))
+	}
+	if d.fw, err = nft.New(opts.Interface, int(d.ns), log); err != nil {
+		return fail(err)
+	}
+	if err := nsutil.Do(d.ns, func() (err error) {
+		d.wg, err = wgctrl.New()
+		return err
+	}); err != nil {
+		return fail(fmt.Errorf("opening wgctrl: %w", err))
+	}
+	d.closing, d.cancel = context.WithCancel(context.Background())
+	return d, nil
+}
+
+func (d *Dataplane) closeSockets() {
+	if d.wg != nil {
+		_ = d.wg.Close()
+	}
+	if d.fw != nil {
+		_ = d.fw.Close()
+	}
+	if d.nl != nil {
+		d.nl.Close()
+	}
+	_ = d.ns.Close()
+}
+
+// Kind reports how WireGuard is provided: the kind the last Apply used, or, before
+// any Apply, KindUserspace when forced and "" otherwise.
+func (d *Dataplane) Kind() dataplane.Kind {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.kind == "" && d.opts.ForceUserspace {
+		return dataplane.KindUserspace
+	}
+	return d.kind
+}
+
+// Apply makes the kernel hold exactly s (see dataplane.Dataplane). Order: the nftables
+// table first (so traffic is filtered before the interface passes any), then the
+// WireGuard device and its configuration (private key, listen port, peers diffed one
+// by one), then MTU, addresses, link up and routes. s.Interface must equal
+// Options.Interface. A zero ListenPort keeps the device's current port; a zero peer
+// Endpoint keeps whatever endpoint the device has learned.
+func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
+	want := dataplane.Canonical(s)
+	if err := d.validate(want); err != nil {
+		return fmt.Errorf("invalid state: %w", err)
+	}
+	mtu := want.MTU
+	if mtu == 0 {
+		mtu = DefaultMTU
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	name := d.opts.Interface
+
+	res, err := d.fw.Apply(want.Filter)
+	if err != nil {
+		return fmt.Errorf("programming nftables table inet %s: %w", nft.TableName, err)
+	}
+	if res != nft.Unchanged {
+		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.String())
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	link, err := d.ensureDevice(mtu)
+	if err != nil {
+		return fmt.Errorf("creating interface %s: %w", name, err)
+	}
+	if err := d.configureWireGuard(want); err != nil {
+		return fmt.Errorf("configuring WireGuard on %s: %w", name, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := d.configureLink(link, want, mtu); err != nil {
+		return fmt.Errorf("configuring interface %s: %w", name, err)
+	}
+	d.applied = &want
+	return nil
+}
+
+// Read returns what the kernel holds, in canonical form. When the interface is
+// missing, Interface is "" and the WireGuard fields are zero; when it is not a
+// WireGuard device, the WireGuard fields are zero. Differences of the nftables table
+// from anything Apply writes show up as extra Filter.Ingress rules whose Origin starts
+// with "drift:" (see nft.Firewall.Read). MTU and ListenPort read as 0 when the last
+// Apply asked for 0 and the kernel holds the default MTU or any port.
+func (d *Dataplane) Read(ctx context.Context) (dataplane.State, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return dataplane.State{}, ErrClosed
+	}
+	var s dataplane.State
+	var err error
+	if s.Filter, err = d.fw.Read(); err != nil {
+		return s, fmt.Errorf("reading nftables table inet %s: %w", nft.TableName, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return s, err
+	}
+	link, err := d.linkByName()
+	if err != nil || link == nil {
+		return dataplane.Canonical(s), err
+	}
+	s.Interface = d.opts.Interface
+	s.MTU = link.Attrs().MTU
+	if d.applied != nil && d.applied.MTU == 0 && s.MTU == DefaultMTU {
+		s.MTU = 0
+	}
+	if s.Addresses, err = d.addresses(link); err != nil {
+		return s, err
+	}
+	if s.Routes, err = d.routes(link); err != nil {
+		return s, err
+	}
+	if err := d.readWireGuard(&s); err != nil {
+		return s, fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
+	}
+	return dataplane.Canonical(s), nil
+}
+
+// Down removes the nftables table and the interface, closing the wireguard-go device
+// if this process owns it. Missing table or interface are not errors.
+func (d *Dataplane) Down(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	d.applied = nil
+	var errs []error
+	if err := d.fw.Delete(); err != nil {
+		errs = append(errs, err)
+	}
+	if d.user != nil {
+		d.user.close()
+		d.user = nil
+	}
+	link, err := d.linkByName()
+	if err == nil && link != nil {
+		err = d.nl.LinkDel(link)
+		if isNotFound(err) {
+			err = nil
+		}
+	}
+	if err != nil {
+		errs = append(errs, fmt.Errorf("deleting interface %s: %w", d.opts.Interface, err))
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops the wireguard-go device this process owns (its TUN interface disappears
+// with it), stops Watch, and closes sockets. Kernel WireGuard interfaces, addresses,
+// routes and the nftables table stay. Close is idempotent.
+func (d *Dataplane) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	d.cancel()
+	if d.user != nil {
+		d.user.close()
+		d.user = nil
+	}
+	d.closeSockets()
+	return nil
+}
+
+// linkByName returns the overlay link, or nil when it does not exist.
+func (d *Dataplane) linkByName() (netlink.Link, error) {
+	link, err := d.nl.LinkByName(d.opts.Interface)
+	if err != nil {
+		if isNotFound(err) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("looking up interface %s: %w", d.opts.Interface, err)
+	}
+	return link, nil
+}
+
+func (d *Dataplane) mustLinkByName() (netlink.Link, error) {
+	link, err := d.linkByName()
+	if err == nil && link == nil {
+		err = fmt.Errorf("interface %s vanished after creation", d.opts.Interface)
+	}
+	return link, err
+}
+
+func isNotFound(err error) bool {
+	var lnf netlink.LinkNotFoundError
+	return errors.As(err, &lnf) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT)
+}

@@ -1,0 +1,244 @@
+package linux
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/ipc"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/dataplane/linux/internal/nsutil"
+)
+
+// userDevice is an embedded wireguard-go device on a TUN interface, configured through
+// its UAPI socket (/var/run/wireguard/NAME.sock) like a kernel device is through netlink.
+type userDevice struct {
+	name  string
+	dev   *device.Device
+	index int
+	log   *slog.Logger
+
+	uapi     net.Listener
+	uapiDone chan struct{} // closed when the accept loop ends
+}
+
+// ensureDevice makes the WireGuard interface exist (kernel WireGuard unless forced to
+// or unavailable, else wireguard-go) and returns its link. It reuses a kernel device
+// or a live userspace device (with a UAPI socket) left by an earlier process, and
+// replaces anything else holding the name. d.mu must be held.
+func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
+	name := d.opts.Interface
+	link, err := d.linkByName()
+	if err != nil {
+		return nil, err
+	}
+	if u := d.user; u != nil {
+		if link != nil && link.Attrs().Index == u.index && !u.closed() {
+			if err := u.ensureUAPI(); err != nil {
+				return nil, err
+			}
+			d.kind = dataplane.KindUserspace
+			return link, nil
+		}
+		d.log.Warn("wireguard-go device lost its interface; re-creating it", "interface", name)
+		u.close()
+		d.user = nil
+		if link, err = d.linkByName(); err != nil {
+			return nil, err
+		}
+	}
+	if link != nil {
+		switch {
+		case link.Type() == "wireguard" && !d.opts.ForceUserspace:
+			d.kind = dataplane.KindKernel
+			return link, nil
+		case link.Type() == "tuntap" && d.uapiAlive():
+			d.log.Info("using the userspace WireGuard device of another process", "interface", name)
+			d.kind = dataplane.KindUserspace
+			return link, nil
+		}
+		d.log.Warn("replacing interface", "interface", name, "type", link.Type())
+		if err := d.nl.LinkDel(link); err != nil && !isNotFound(err) {
+			return nil, fmt.Errorf("deleting stale interface: %w", err)
+		}
+	}
+
+	if !d.opts.ForceUserspace {
+		err := d.nl.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}})
+		switch {
+		case err == nil:
+			d.kind = dataplane.KindKernel
+			// The module may have been loaded just now: reopen wgctrl so it has a
+			// netlink client for kernel devices.
+			if err := d.reopenWgctrl(); err != nil {
+				return nil, err
+			}
+			d.setAddrGenModeNone()
+			return d.mustLinkByName()
+		case errors.Is(err, unix.EOPNOTSUPP):
+			d.log.Info("kernel WireGuard is not available; using embedded wireguard-go", "interface", name)
+		default:
+			return nil, fmt.Errorf("adding kernel WireGuard link: %w", err)
+		}
+	}
+	u, err := d.newUserDevice(mtu)
+	if err != nil {
+		return nil, err
+	}
+	d.user = u
+	d.kind = dataplane.KindUserspace
+	d.setAddrGenModeNone()
+	return d.mustLinkByName()
+}
+
+// setAddrGenModeNone stops the kernel from adding an IPv6 link-local address when the
+// link comes up: the interface holds exactly State.Addresses.
+func (d *Dataplane) setAddrGenModeNone() {
+	link, err := d.linkByName()
+	if err == nil && link != nil {
+		err = d.nl.LinkSetIP6AddrGenMode(link, addrGenModeNone)
+	}
+	if err != nil {
+		d.log.Debug("setting IPv6 address generation mode", "interface", d.opts.Interface, "err", err)
+	}
+}
+
+func (d *Dataplane) reopenWgctrl() error {
+	var c *wgctrl.Client
+	err := nsutil.Do(d.ns, func() (err error) {
+		c, err = wgctrl.New()
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("opening wgctrl: %w", err)
+	}
+	_ = d.wg.Close()
+	d.wg = c
+	return nil
+}
+
+// uapiAlive reports whether some process serves a WireGuard device of our name.
+func (d *Dataplane) uapiAlive() bool {
+	_, err := d.wg.Device(d.opts.Interface)
+	return err == nil
+}
+
+// newUserDevice creates the TUN interface (in the dataplane's namespace), the
+// wireguard-go device on it, and the UAPI socket serving it.
+func (d *Dataplane) newUserDevice(mtu int) (*userDevice, error) {
+	name := d.opts.Interface
+	var tdev tun.Device
+	if err := nsutil.Do(d.ns, func() (err error) {
+		tdev, err = tun.CreateTUN(name, mtu)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("creating TUN device: %w", err)
+	}
+	bind := conn.NewDefaultBind()
+	if d.foreignNS {
+		bind = &nsBind{Bind: bind, ns: d.ns}
+	}
+	log := d.log.With("interface", name, "component", "wireguard-go")
+	logger := &device.Logger{
+		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
+		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
+	}
+	u := &userDevice{name: name, dev: device.NewDevice(tdev, bind, logger), log: log}
+	link, err := d.linkByName()
+	if err == nil && link == nil {
+		err = fmt.Errorf("TUN device %s vanished", name)
+	}
+	if err != nil {
+		u.dev.Close()
+		return nil, err
+	}
+	u.index = link.Attrs().Index
+	if err := u.ensureUAPI(); err != nil {
+		u.dev.Close()
+		return nil, err
+	}
+	return u, nil
+}
+
+// ensureUAPI (re)opens the UAPI socket unless it is being served.
+func (u *userDevice) ensureUAPI() error {
+	if u.uapiDone != nil {
+		select {
+		case <-u.uapiDone:
+			u.log.Warn("UAPI socket stopped serving; reopening it")
+		default:
+			return nil
+		}
+	}
+	f, err := ipc.UAPIOpen(u.name)
+	if err != nil {
+		return fmt.Errorf("opening UAPI socket: %w", err)
+	}
+	l, err := ipc.UAPIListen(u.name, f)
+	f.Close() // the listener holds its own descriptor
+	if err != nil {
+		return fmt.Errorf("listening on UAPI socket: %w", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go u.dev.IpcHandle(c)
+		}
+	}()
+	u.uapi, u.uapiDone = l, done
+	return nil
+}
+
+// closed reports whether wireguard-go shut the device down (e.g. its TUN was deleted).
+func (u *userDevice) closed() bool {
+	select {
+	case <-u.dev.Wait():
+		return true
+	default:
+		return false
+	}
+}
+
+// close stops the UAPI socket (removing its file) and the device, which removes the TUN.
+func (u *userDevice) close() {
+	if u.uapi != nil {
+		_ = u.uapi.Close()
+		<-u.uapiDone
+	}
+	u.dev.Close()
+}
+
+// nsBind opens wireguard-go's UDP sockets in the dataplane's network namespace.
+// wireguard-go (re)opens them from its own goroutines (e.g. when the TUN comes up),
+// which run on threads of the process's namespace; this matters only when the
+// dataplane lives in another namespace than the process (in-process tests).
+type nsBind struct {
+	conn.Bind
+	ns netns.NsHandle
+}
+
+func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
+	err = nsutil.Do(b.ns, func() error {
+		var oerr error
+		fns, actual, oerr = b.Bind.Open(port)
+		return oerr
+	})
+	return fns, actual, err
+}
+
+// addrGenModeNone is IN6_ADDR_GEN_MODE_NONE (linux/if_link.h).
+const addrGenModeNone = 1

@@ -1,0 +1,203 @@
+package linux
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"segmesh/agent/dataplane"
+)
+
+// validate rejects states the kernel would silently normalise (so that Read could
+// never equal them) or cannot hold. s is canonical.
+func (d *Dataplane) validate(s dataplane.State) error {
+	if s.Interface != d.opts.Interface {
+		return fmt.Errorf("interface %q, but this dataplane manages %q", s.Interface, d.opts.Interface)
+	}
+	if s.ListenPort < 0 || s.ListenPort > 65535 {
+		return fmt.Errorf("listen port %d out of range", s.ListenPort)
+	}
+	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 65535) {
+		return fmt.Errorf("MTU %d out of range 576-65535", s.MTU)
+	}
+	for _, p := range slices.Concat(s.Addresses, s.Routes) {
+		if !p.IsValid() {
+			return errors.New("invalid address or route prefix")
+		}
+	}
+	for _, p := range s.Routes {
+		if p != p.Masked() {
+			return fmt.Errorf("route %s has host bits set", p)
+		}
+	}
+	for i, p := range s.Peers {
+		if i > 0 && s.Peers[i-1].PublicKey == p.PublicKey {
+			return fmt.Errorf("peer %s is listed twice", wgtypes.Key(p.PublicKey))
+		}
+		if p.PersistentKeepalive < 0 || p.PersistentKeepalive > 65535 {
+			return fmt.Errorf("peer %s: persistent keepalive %d s out of range", wgtypes.Key(p.PublicKey), p.PersistentKeepalive)
+		}
+		if p.Endpoint.IsValid() && p.Endpoint.Addr().Is4In6() {
+			return fmt.Errorf("peer %s: endpoint %s is an IPv4-mapped IPv6 address", wgtypes.Key(p.PublicKey), p.Endpoint)
+		}
+		for _, a := range p.AllowedIPs {
+			if !a.IsValid() || a != a.Masked() {
+				return fmt.Errorf("peer %s: allowed IP %s is not a masked prefix", wgtypes.Key(p.PublicKey), a)
+			}
+		}
+	}
+	return nil
+}
+
+// configureWireGuard sets the private key and listen port when they differ and diffs
+// the peers: removes peers not in s, adds new ones, and for existing ones updates only
+// what changed (endpoint, allowed IPs, keepalive, a stray preshared key), so sessions
+// of unchanged peers are untouched. Nothing is sent when the device already matches.
+func (d *Dataplane) configureWireGuard(s dataplane.State) error {
+	dev, err := d.wg.Device(d.opts.Interface)
+	if errors.Is(err, os.ErrNotExist) && d.kind == dataplane.KindKernel {
+		// The WireGuard module was loaded after wgctrl was opened: reopen it.
+		if err = d.reopenWgctrl(); err == nil {
+			dev, err = d.wg.Device(d.opts.Interface)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("reading device: %w", err)
+	}
+	var cfg wgtypes.Config
+	if dev.PrivateKey != wgtypes.Key(s.PrivateKey) {
+		k := wgtypes.Key(s.PrivateKey)
+		cfg.PrivateKey = &k
+	}
+	if s.ListenPort != 0 && dev.ListenPort != s.ListenPort {
+		cfg.ListenPort = &s.ListenPort
+	}
+	have := make(map[wgtypes.Key]*wgtypes.Peer, len(dev.Peers))
+	for i := range dev.Peers {
+		have[dev.Peers[i].PublicKey] = &dev.Peers[i]
+	}
+	var added, updated, removed int
+	for _, p := range s.Peers {
+		key := wgtypes.Key(p.PublicKey)
+		keepalive := time.Duration(p.PersistentKeepalive) * time.Second
+		cur, ok := have[key]
+		delete(have, key)
+		if !ok {
+			pc := wgtypes.PeerConfig{PublicKey: key, ReplaceAllowedIPs: true, AllowedIPs: ipNets(p.AllowedIPs),
+				PersistentKeepaliveInterval: &keepalive}
+			if p.Endpoint.IsValid() {
+				pc.Endpoint = net.UDPAddrFromAddrPort(p.Endpoint)
+			}
+			cfg.Peers = append(cfg.Peers, pc)
+			added++
+			continue
+		}
+		pc := wgtypes.PeerConfig{PublicKey: key, UpdateOnly: true}
+		changed := false
+		if p.Endpoint.IsValid() && udpAddrPort(cur.Endpoint) != p.Endpoint {
+			pc.Endpoint, changed = net.UDPAddrFromAddrPort(p.Endpoint), true
+		}
+		if !slices.Equal(prefixesOf(cur.AllowedIPs), p.AllowedIPs) {
+			pc.ReplaceAllowedIPs, pc.AllowedIPs, changed = true, ipNets(p.AllowedIPs), true
+		}
+		if cur.PersistentKeepaliveInterval != keepalive {
+			pc.PersistentKeepaliveInterval, changed = &keepalive, true
+		}
+		if cur.PresharedKey != (wgtypes.Key{}) {
+			pc.PresharedKey, changed = &wgtypes.Key{}, true
+		}
+		if changed {
+			cfg.Peers = append(cfg.Peers, pc)
+			updated++
+		}
+	}
+	for key := range have {
+		cfg.Peers = append(cfg.Peers, wgtypes.PeerConfig{PublicKey: key, Remove: true})
+		removed++
+	}
+	if cfg.PrivateKey == nil && cfg.ListenPort == nil && len(cfg.Peers) == 0 {
+		return nil
+	}
+	if err := d.wg.ConfigureDevice(d.opts.Interface, cfg); err != nil {
+		return fmt.Errorf("configuring device (%d peers added, %d updated, %d removed): %w", added, updated, removed, err)
+	}
+	d.log.Info("configured WireGuard", "interface", d.opts.Interface, "kind", d.kind,
+		"private_key_set", cfg.PrivateKey != nil, "listen_port_set", cfg.ListenPort != nil,
+		"peers_added", added, "peers_updated", updated, "peers_removed", removed)
+	return nil
+}
+
+// readWireGuard fills the WireGuard fields of s from the device; a missing device
+// leaves them zero.
+func (d *Dataplane) readWireGuard(s *dataplane.State) error {
+	dev, err := d.wg.Device(d.opts.Interface)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	s.PrivateKey = dataplane.Key(dev.PrivateKey)
+	s.ListenPort = dev.ListenPort
+	if d.applied != nil && d.applied.ListenPort == 0 {
+		s.ListenPort = 0
+	}
+	for _, p := range dev.Peers {
+		s.Peers = append(s.Peers, dataplane.Peer{
+			PublicKey:           dataplane.Key(p.PublicKey),
+			Endpoint:            udpAddrPort(p.Endpoint),
+			AllowedIPs:          prefixesOf(p.AllowedIPs),
+			PersistentKeepalive: int(p.PersistentKeepaliveInterval / time.Second),
+		})
+	}
+	return nil
+}
+
+func udpAddrPort(a *net.UDPAddr) netip.AddrPort {
+	if a == nil {
+		return netip.AddrPort{}
+	}
+	ap := a.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// prefixesOf converts allowed IPs to sorted prefixes (IPv4 ones in 4-byte form).
+func prefixesOf(ns []net.IPNet) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(ns))
+	for _, n := range ns {
+		if p, ok := prefixOf(n); ok {
+			out = append(out, p)
+		}
+	}
+	return dataplane.Canonical(dataplane.State{Addresses: out}).Addresses
+}
+
+func prefixOf(n net.IPNet) (netip.Prefix, bool) {
+	ones, bits := n.Mask.Size()
+	addr, ok := netip.AddrFromSlice(n.IP)
+	if !ok || bits == 0 {
+		return netip.Prefix{}, false
+	}
+	if bits == 32 {
+		addr = addr.Unmap()
+	}
+	return netip.PrefixFrom(addr, ones), true
+}
+
+func ipNet(p netip.Prefix) net.IPNet {
+	return net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func ipNets(ps []netip.Prefix) []net.IPNet {
+	out := make([]net.IPNet, len(ps))
+	for i, p := range ps {
+		out[i] = ipNet(p)
+	}
+	return out
+}

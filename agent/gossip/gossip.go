@@ -1,0 +1,327 @@
+// Package gossip runs the agents' encrypted memberlist cluster (SWIM, via
+// github.com/hashicorp/memberlist). Every member advertises its WireGuard public key
+// and WireGuard endpoint as node metadata; the agent uses the members it sees for
+// peer liveness and to learn new endpoints of peers its netmap already authorises.
+// This package only reports what members say; it decides nothing about peers.
+package gossip
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"segmesh/agent/dataplane"
+)
+
+// Meta is what a member advertises about itself.
+type Meta struct {
+	PublicKey dataplane.Key
+	// Endpoint is the member's WireGuard underlay address.
+	Endpoint netip.AddrPort
+}
+
+// metaJSON is Meta's encoding in memberlist node metadata (at most 512 bytes).
+type metaJSON struct {
+	PublicKey []byte `json:"wg_public_key"`
+	Endpoint  string `json:"wg_endpoint"`
+}
+
+// Encode returns m as memberlist node metadata.
+func (m Meta) Encode() []byte {
+	ep := ""
+	if m.Endpoint.IsValid() {
+		ep = m.Endpoint.String()
+	}
+	b, err := json.Marshal(metaJSON{PublicKey: m.PublicKey[:], Endpoint: ep})
+	if err != nil {
+		panic(fmt.Sprintf("gossip: encoding meta: %v", err)) // cannot happen for these types
+	}
+	return b
+}
+
+// DecodeMeta parses node metadata written by Encode.
+func DecodeMeta(b []byte) (Meta, error) {
+	var j metaJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return Meta{}, fmt.Errorf("decoding member meta: %w", err)
+	}
+	var m Meta
+	if len(j.PublicKey) != len(m.PublicKey) {
+		return Meta{}, fmt.Errorf("decoding member meta: public key of %d bytes", len(j.PublicKey))
+	}
+	copy(m.PublicKey[:], j.PublicKey)
+	if j.Endpoint != "" {
+		ep, err := netip.ParseAddrPort(j.Endpoint)
+		if err != nil {
+			return Meta{}, fmt.Errorf("decoding member meta: endpoint: %w", err)
+		}
+		m.Endpoint = ep
+	}
+	return m, nil
+}
+
+// Config configures one memberlist instance.
+type Config struct {
+	// NodeName is the member name (the segmesh node name); unique in the cluster.
+	NodeName string
+	// BindAddr is the underlay address to bind and advertise.
+	BindAddr netip.Addr
+	// Port is the UDP and TCP gossip port; 0 picks a free one (tests).
+	Port int
+	// Key is the AES key (16, 24 or 32 bytes) that encrypts and authenticates all
+	// gossip; an empty key disables gossip.
+	Key  []byte
+	Meta Meta
+}
+
+func (c Config) sameCluster(o Config) bool {
+	return c.NodeName == o.NodeName && c.BindAddr == o.BindAddr && c.Port == o.Port && bytes.Equal(c.Key, o.Key)
+}
+
+// Member is another alive member of the cluster.
+type Member struct {
+	Name string
+	// Addr is the member's gossip address.
+	Addr netip.AddrPort
+	Meta Meta
+}
+
+// Manager owns at most one memberlist instance and restarts it when the cluster
+// configuration (name, bind address, port or key) changes. Its methods are safe for
+// concurrent use.
+type Manager struct {
+	log      *slog.Logger
+	onChange func()
+
+	mu       sync.Mutex
+	cfg      Config
+	ml       *memberlist.Memberlist
+	delegate *delegate
+}
+
+// NewManager returns a stopped manager. onChange is called, from memberlist's
+// goroutines, whenever a member joins, leaves or changes its metadata; it must not
+// block. logger receives memberlist's log lines at their levels.
+func NewManager(logger *slog.Logger, onChange func()) *Manager {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if onChange == nil {
+		onChange = func() {}
+	}
+	return &Manager{log: logger, onChange: onChange}
+}
+
+// Configure starts memberlist with cfg, restarts it when the cluster configuration
+// changed, updates the advertised metadata when only that changed, and stops it when
+// cfg.Key is empty. If binding cfg.BindAddr fails (for example an endpoint behind
+// NAT), it binds the wildcard address and still advertises cfg.BindAddr.
+func (m *Manager) Configure(cfg Config) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(cfg.Key) == 0 {
+		m.stopLocked()
+		return nil
+	}
+	if m.ml != nil && m.cfg.sameCluster(cfg) {
+		if m.cfg.Meta == cfg.Meta {
+			return nil
+		}
+		m.delegate.setMeta(cfg.Meta.Encode())
+		m.cfg.Meta = cfg.Meta
+		if err := m.ml.UpdateNode(5 * time.Second); err != nil {
+			return fmt.Errorf("advertising new gossip metadata: %w", err)
+		}
+		return nil
+	}
+	m.stopLocked()
+	d := &delegate{onChange: m.onChange, meta: cfg.Meta.Encode()}
+	ml, err := memberlist.Create(m.memberlistConfig(cfg, cfg.BindAddr, d))
+	if err != nil && !cfg.BindAddr.IsUnspecified() {
+		wild := netip.IPv4Unspecified()
+		if cfg.BindAddr.Is6() {
+			wild = netip.IPv6Unspecified()
+		}
+		m.log.Warn("binding gossip to the endpoint address failed; binding the wildcard address", "addr", cfg.BindAddr, "err", err)
+		ml, err = memberlist.Create(m.memberlistConfig(cfg, wild, d))
+	}
+	if err != nil {
+		return fmt.Errorf("starting gossip on %s: %w", net.JoinHostPort(cfg.BindAddr.String(), strconv.Itoa(cfg.Port)), err)
+	}
+	m.ml, m.cfg, m.delegate = ml, cfg, d
+	ln := ml.LocalNode()
+	m.log.Info("gossip started", "name", cfg.NodeName, "addr", ln.Address())
+	return nil
+}
+
+func (m *Manager) memberlistConfig(cfg Config, bind netip.Addr, d *delegate) *memberlist.Config {
+	c := memberlist.DefaultLANConfig()
+	c.Name = cfg.NodeName
+	c.BindAddr = bind.String()
+	c.BindPort = cfg.Port
+	c.AdvertiseAddr = cfg.BindAddr.String()
+	c.AdvertisePort = cfg.Port
+	c.SecretKey = slices.Clone(cfg.Key)
+	c.GossipVerifyIncoming = true
+	c.GossipVerifyOutgoing = true
+	c.Delegate = d
+	c.Events = d
+	// A restarted agent may come back with a new address under the same name.
+	c.DeadNodeReclaimTime = 10 * time.Second
+	c.Logger = log.New(&logWriter{log: m.log}, "", 0)
+	return c
+}
+
+// Join contacts the given gossip addresses that are not alive members already and
+// returns how many were reached. Joining nothing is not an error.
+func (m *Manager) Join(addrs []netip.AddrPort) (int, error) {
+	m.mu.Lock()
+	ml := m.ml
+	m.mu.Unlock()
+	if ml == nil {
+		return 0, errors.New("joining gossip: not running")
+	}
+	known := map[netip.AddrPort]bool{}
+	for _, n := range ml.Members() {
+		if a, ok := netip.AddrFromSlice(n.Addr); ok {
+			known[netip.AddrPortFrom(a.Unmap(), n.Port)] = true
+		}
+	}
+	var todo []string
+	for _, a := range addrs {
+		if a.IsValid() && !known[a] {
+			todo = append(todo, a.String())
+		}
+	}
+	if len(todo) == 0 {
+		return 0, nil
+	}
+	n, err := ml.Join(todo)
+	if err != nil && n == 0 {
+		return 0, fmt.Errorf("joining gossip via %s: %w", strings.Join(todo, ", "), err)
+	}
+	return n, nil
+}
+
+// Members returns the other alive members whose metadata decodes, sorted by name.
+func (m *Manager) Members() []Member {
+	m.mu.Lock()
+	ml, self := m.ml, m.cfg.NodeName
+	m.mu.Unlock()
+	if ml == nil {
+		return nil
+	}
+	var out []Member
+	for _, n := range ml.Members() {
+		if n.Name == self || n.State != memberlist.StateAlive {
+			continue
+		}
+		meta, err := DecodeMeta(n.Meta)
+		if err != nil {
+			m.log.Debug("ignoring gossip member with bad metadata", "member", n.Name, "err", err)
+			continue
+		}
+		a, _ := netip.AddrFromSlice(n.Addr)
+		out = append(out, Member{Name: n.Name, Addr: netip.AddrPortFrom(a.Unmap(), n.Port), Meta: meta})
+	}
+	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// LocalAddr returns the gossip address this member advertises, or the zero value
+// when gossip is not running.
+func (m *Manager) LocalAddr() netip.AddrPort {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ml == nil {
+		return netip.AddrPort{}
+	}
+	ln := m.ml.LocalNode()
+	a, _ := netip.AddrFromSlice(ln.Addr)
+	return netip.AddrPortFrom(a.Unmap(), ln.Port)
+}
+
+// Stop leaves the cluster (waiting at most one second for the broadcast) and shuts
+// memberlist down. It is safe to call when stopped.
+func (m *Manager) Stop() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.stopLocked()
+}
+
+func (m *Manager) stopLocked() {
+	if m.ml == nil {
+		return
+	}
+	if err := m.ml.Leave(time.Second); err != nil {
+		m.log.Debug("leaving gossip", "err", err)
+	}
+	if err := m.ml.Shutdown(); err != nil {
+		m.log.Warn("stopping gossip", "err", err)
+	}
+	m.ml, m.delegate, m.cfg = nil, nil, Config{}
+	m.onChange()
+}
+
+// delegate serves our metadata and forwards membership events.
+type delegate struct {
+	onChange func()
+	mu       sync.Mutex
+	meta     []byte
+}
+
+func (d *delegate) setMeta(b []byte) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.meta = b
+}
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.meta) > limit {
+		return nil
+	}
+	return slices.Clone(d.meta)
+}
+
+func (d *delegate) NotifyMsg([]byte)                           {}
+func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (d *delegate) LocalState(join bool) []byte                { return nil }
+func (d *delegate) MergeRemoteState(buf []byte, join bool)     {}
+func (d *delegate) NotifyJoin(*memberlist.Node)                { d.onChange() }
+func (d *delegate) NotifyLeave(*memberlist.Node)               { d.onChange() }
+func (d *delegate) NotifyUpdate(*memberlist.Node)              { d.onChange() }
+
+// logWriter turns memberlist's "[LEVEL] memberlist: message" lines into slog records.
+type logWriter struct{ log *slog.Logger }
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	level := slog.LevelInfo
+	for prefix, l := range map[string]slog.Level{
+		"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo, "[WARN]": slog.LevelWarn,
+		"[ERR]": slog.LevelError, "[ERROR]": slog.LevelError,
+	} {
+		if rest, ok := strings.CutPrefix(line, prefix); ok {
+			level, line = l, strings.TrimSpace(rest)
+			break
+		}
+	}
+	line = strings.TrimPrefix(line, "memberlist: ")
+	w.log.Log(context.Background(), level, line)
+	return len(p), nil
+}

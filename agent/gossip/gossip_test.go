@@ -1,0 +1,165 @@
+package gossip
+
+import (
+	"bytes"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var loopback = netip.MustParseAddr("127.0.0.1")
+
+func testKey(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
+
+func metaFor(b byte, ep string) Meta {
+	var m Meta
+	for i := range m.PublicKey {
+		m.PublicKey[i] = b
+	}
+	m.Endpoint = netip.MustParseAddrPort(ep)
+	return m
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func newManager(t *testing.T, cfg Config) *Manager {
+	t.Helper()
+	m := NewManager(slog.New(slog.NewTextHandler(&syncBuffer{}, nil)), nil)
+	if err := m.Configure(cfg); err != nil {
+		t.Fatalf("Configure(%s): %v", cfg.NodeName, err)
+	}
+	t.Cleanup(m.Stop)
+	return m
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func memberMeta(m *Manager, name string) (Meta, bool) {
+	for _, mem := range m.Members() {
+		if mem.Name == name {
+			return mem.Meta, true
+		}
+	}
+	return Meta{}, false
+}
+
+func TestMetaRoundTrip(t *testing.T) {
+	for _, m := range []Meta{metaFor(1, "192.0.2.1:51820"), metaFor(2, "[2001:db8::1]:4000"), {PublicKey: metaFor(3, "1.2.3.4:5").PublicKey}} {
+		got, err := DecodeMeta(m.Encode())
+		if err != nil || got != m {
+			t.Errorf("round trip of %+v = %+v, %v", m, got, err)
+		}
+	}
+	for _, bad := range []string{"", "{}", `{"wg_public_key":"AAAA"}`, `{"wg_public_key":"` + strings.Repeat("A", 43) + `=","wg_endpoint":"nope"}`} {
+		if _, err := DecodeMeta([]byte(bad)); err == nil {
+			t.Errorf("DecodeMeta(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestClusterSeesMetaAndUpdates(t *testing.T) {
+	a := newManager(t, Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")})
+	b := newManager(t, Config{NodeName: "b", BindAddr: loopback, Key: testKey(1), Meta: metaFor(2, "192.0.2.2:51820")})
+	if n, err := b.Join([]netip.AddrPort{a.LocalAddr()}); err != nil || n != 1 {
+		t.Fatalf("Join = %d, %v", n, err)
+	}
+	eventually(t, "a sees b", func() bool { m, ok := memberMeta(a, "b"); return ok && m == metaFor(2, "192.0.2.2:51820") })
+	eventually(t, "b sees a", func() bool { _, ok := memberMeta(b, "a"); return ok })
+	if n, err := b.Join([]netip.AddrPort{a.LocalAddr()}); err != nil || n != 0 {
+		t.Fatalf("second Join of a known member = %d, %v; want 0, nil", n, err)
+	}
+
+	// Only the endpoint changes: metadata is re-advertised without a restart.
+	b.mu.Lock()
+	before := b.ml
+	b.mu.Unlock()
+	if err := b.Configure(Config{NodeName: "b", BindAddr: loopback, Key: testKey(1), Meta: metaFor(2, "198.51.100.2:40000")}); err != nil {
+		t.Fatal(err)
+	}
+	b.mu.Lock()
+	after := b.ml
+	b.mu.Unlock()
+	if before != after {
+		t.Fatal("a metadata change restarted memberlist")
+	}
+	eventually(t, "a sees b's new endpoint", func() bool {
+		m, ok := memberMeta(a, "b")
+		return ok && m.Endpoint == netip.MustParseAddrPort("198.51.100.2:40000")
+	})
+
+	// A new key restarts gossip: b is no longer in a's cluster.
+	if err := b.Configure(Config{NodeName: "b", BindAddr: loopback, Key: testKey(2), Meta: metaFor(2, "198.51.100.2:40000")}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a drops b after its key change", func() bool { _, ok := memberMeta(a, "b"); return !ok })
+	if _, err := b.Join([]netip.AddrPort{a.LocalAddr()}); err == nil {
+		t.Fatal("joining a cluster with another key succeeded")
+	}
+
+	// An empty key stops gossip.
+	if err := b.Configure(Config{NodeName: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if b.LocalAddr().IsValid() || b.Members() != nil {
+		t.Fatal("gossip still running after an empty key")
+	}
+}
+
+func TestWrongKeyCannotJoin(t *testing.T) {
+	a := newManager(t, Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")})
+	c := newManager(t, Config{NodeName: "c", BindAddr: loopback, Key: testKey(9), Meta: metaFor(3, "192.0.2.3:51820")})
+	if _, err := c.Join([]netip.AddrPort{a.LocalAddr()}); err == nil {
+		t.Fatal("join with a wrong key succeeded")
+	}
+	if len(a.Members()) != 0 {
+		t.Fatalf("a has members %v after a join with a wrong key", a.Members())
+	}
+}
+
+func TestLogWriterLevels(t *testing.T) {
+	tests := []struct{ in, level, msg string }{
+		{"[DEBUG] memberlist: Stream connection from=1.2.3.4", "DEBUG", "Stream connection from=1.2.3.4"},
+		{"[WARN] memberlist: Was able to connect", "WARN", "Was able to connect"},
+		{"[ERR] memberlist: Failed to send", "ERROR", "Failed to send"},
+		{"[INFO] memberlist: Suspect b", "INFO", "Suspect b"},
+		{"plain line", "INFO", "plain line"},
+	}
+	for _, tt := range tests {
+		var buf syncBuffer
+		w := &logWriter{log: slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+		if _, err := w.Write([]byte(tt.in + "\n")); err != nil {
+			t.Fatal(err)
+		}
+		got := buf.String()
+		if !strings.Contains(got, "level="+tt.level) || !strings.Contains(got, tt.msg) || strings.Contains(got, "memberlist:") {
+			t.Errorf("%q logged as %q, want level %s and message %q", tt.in, got, tt.level, tt.msg)
+		}
+	}
+}

@@ -1,0 +1,164 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"segmesh/agent/enroll"
+	"segmesh/agent/statefile"
+	"segmesh/api/jointoken"
+)
+
+// identity returns the stored identity, enrolling first when there is none. Flags
+// that may change between starts (controller URL, interface, listen port) update the
+// stored identity; a different node name is an error.
+func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identity, error) {
+	id, err := a.dir.Identity()
+	switch {
+	case errors.Is(err, statefile.ErrNotEnrolled):
+		return a.enroll(ctx, pub)
+	case err != nil:
+		return id, err
+	}
+	o := a.opts
+	if o.Name != "" && o.Name != id.NodeName {
+		return id, fmt.Errorf("state directory %s is enrolled as node %q, not %q: drop --name, or use a new state directory to enroll another node", a.dir.Path(), id.NodeName, o.Name)
+	}
+	if o.Token != "" {
+		a.log.Info("already enrolled; ignoring the join token", "node", id.NodeName)
+	}
+	changed := false
+	update := func(field string, cur *string, v string) {
+		if v != "" && v != *cur {
+			a.log.Info("updating enrolled identity", "field", field, "old", *cur, "new", v)
+			*cur, changed = v, true
+		}
+	}
+	update("controller", &id.Controller, o.Controller)
+	update("interface", &id.Interface, o.Interface)
+	if o.ListenPort != 0 && o.ListenPort != id.ListenPort {
+		a.log.Info("updating enrolled identity", "field", "listen_port", "old", id.ListenPort, "new", o.ListenPort)
+		id.ListenPort, changed = o.ListenPort, true
+	}
+	if changed {
+		if err := a.dir.SaveIdentity(id); err != nil {
+			return id, err
+		}
+	}
+	a.log.Info("using enrolled identity", "node", id.NodeName, "addresses", id.Addresses, "interface", id.Interface)
+	return id, nil
+}
+
+// enroll performs the one-time enrollment, retrying with backoff while the
+// controller is unavailable and giving up at once when it refuses.
+func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity, error) {
+	o := a.opts
+	if o.Controller == "" || o.Token == "" {
+		return statefile.Identity{}, fmt.Errorf("state directory %s holds no identity: the first start needs --controller and --token (or SEGMESH_TOKEN)", a.dir.Path())
+	}
+	tok, err := jointoken.Decode(o.Token)
+	if err != nil {
+		return statefile.Identity{}, fmt.Errorf("reading the join token: %w", err)
+	}
+	tlsKey, err := a.dir.TLSKey()
+	if err != nil {
+		return statefile.Identity{}, err
+	}
+	id := statefile.Identity{
+		Controller: o.Controller,
+		Interface:  o.Interface,
+		ListenPort: o.ListenPort,
+	}
+	if id.Interface == "" {
+		id.Interface = DefaultInterface
+	}
+	if id.ListenPort == 0 {
+		id.ListenPort = DefaultListenPort
+	}
+	hostname, _ := os.Hostname()
+	bo := newBackoff(time.Second, 30*time.Second)
+	for {
+		ep, err := discoverEndpoint(o.Endpoint, o.Controller, id.ListenPort)
+		var res *enroll.Result
+		if err == nil {
+			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			res, err = enroll.Enroll(actx, enroll.Request{
+				Controller: o.Controller,
+				Token:      tok,
+				Name:       o.Name,
+				Hostname:   hostname,
+				PublicKey:  pub[:],
+				Endpoint:   ep.String(),
+				TLSKey:     tlsKey,
+			})
+			cancel()
+			if err == nil {
+				id.NodeName = res.NodeName
+				id.Addresses = res.Addresses
+				id.Labels = res.Labels
+				id.OverlayPrefixes = res.OverlayPrefixes
+				if err := a.dir.SaveEnrollment(id, res.CADER, res.CertDER); err != nil {
+					return id, err
+				}
+				a.log.Info("enrolled", "node", id.NodeName, "addresses", id.Addresses, "labels", id.Labels, "endpoint", ep)
+				return id, nil
+			}
+		}
+		if ctx.Err() != nil {
+			return id, nil
+		}
+		if err != nil && !enroll.Retryable(err) && !errors.Is(err, errNoRoute) {
+			return id, err
+		}
+		d := bo.next()
+		a.log.Warn("enrollment failed; retrying", "err", err, "in", d.Round(time.Millisecond))
+		if !sleep(ctx, d) {
+			return id, nil
+		}
+	}
+}
+
+// errNoRoute means the kernel has no route to the controller (yet); callers retry.
+var errNoRoute = errors.New("no route")
+
+// discoverEndpoint returns the endpoint to advertise: the explicit one ("host:port",
+// host resolved), or the local address the kernel routes to the controller with
+// listenPort. The UDP "dial" sends no packet; it only asks the kernel for a route.
+func discoverEndpoint(explicit, controller string, listenPort int) (netip.AddrPort, error) {
+	if explicit != "" {
+		ua, err := net.ResolveUDPAddr("udp", explicit)
+		if err != nil {
+			return netip.AddrPort{}, fmt.Errorf("resolving --endpoint %q: %w", explicit, err)
+		}
+		ap := ua.AddrPort()
+		if ap.Port() == 0 || !ap.Addr().IsValid() || ap.Addr().IsUnspecified() {
+			return netip.AddrPort{}, fmt.Errorf("--endpoint %q: want a host and a non-zero port", explicit)
+		}
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+	}
+	u, err := url.Parse(controller)
+	if err != nil || u.Hostname() == "" {
+		return netip.AddrPort{}, fmt.Errorf("controller URL %q: want https://HOST:PORT", controller)
+	}
+	port := u.Port()
+	if port == "" {
+		port = "443"
+	}
+	c, err := net.Dial("udp", net.JoinHostPort(u.Hostname(), port))
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%w to the controller %s: %w", errNoRoute, u.Host, err)
+	}
+	defer c.Close()
+	la := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	return netip.AddrPortFrom(la.Addr().Unmap(), uint16(listenPort)), nil
+}
+
+func wgKey(k [32]byte) wgtypes.Key { return wgtypes.Key(k) }

@@ -1,0 +1,161 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/gossip"
+	"segmesh/agent/netmap"
+)
+
+// gossipView relates gossip members to the netmap's peers. A member counts only when
+// its public key belongs to a peer of nm and its name is that peer's name; it then
+// is alive, and its advertised endpoint, when valid and different from the netmap's,
+// becomes an endpoint override. Members that are not peers are ignored: gossip can
+// never add a peer. alive is sorted.
+func gossipView(nm *netmap.Netmap, members []gossip.Member) (endpoints map[dataplane.Key]netip.AddrPort, alive []string) {
+	if nm == nil {
+		return nil, nil
+	}
+	for _, m := range members {
+		p, ok := nm.Peer(m.Meta.PublicKey)
+		if !ok || (p.Name != "" && p.Name != m.Name) {
+			continue
+		}
+		alive = append(alive, p.Name)
+		if ep := m.Meta.Endpoint; ep.IsValid() && !ep.Addr().IsUnspecified() && ep != p.Endpoint {
+			if endpoints == nil {
+				endpoints = map[dataplane.Key]netip.AddrPort{}
+			}
+			endpoints[p.PublicKey] = ep
+		}
+	}
+	slices.Sort(alive)
+	return endpoints, alive
+}
+
+// gossipLoop keeps memberlist configured from the current netmap, feeds learned
+// endpoints to the reconciler and liveness to the reports, and re-joins peers that
+// are not alive every resync interval.
+func (a *agent) gossipLoop(ctx context.Context) {
+	t := time.NewTicker(a.opts.Resync)
+	defer t.Stop()
+	var joining atomic.Bool
+	for {
+		join := false
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.gossipC:
+			join = true
+		case <-t.C:
+			join = true
+		}
+		nm := a.rec.Netmap()
+		addrs := a.gossipStep(nm)
+		if join && len(addrs) > 0 && joining.CompareAndSwap(false, true) {
+			// Join blocks up to memberlist's TCP timeout per address; keep it off this loop.
+			go func() {
+				defer joining.Store(false)
+				if n, err := a.gossip.Join(addrs); err != nil {
+					a.log.Debug("joining gossip peers", "addrs", addrs, "err", err)
+				} else if n > 0 {
+					a.log.Info("joined gossip peers", "reached", n)
+				}
+			}()
+		}
+	}
+}
+
+// gossipStep (re)configures memberlist for nm and publishes what members say. It
+// returns the gossip addresses of netmap peers that are not alive, to join.
+func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
+	if nm == nil || !nm.Gossip.Enabled() {
+		if err := a.gossip.Configure(gossip.Config{}); err != nil {
+			a.log.Warn("stopping gossip", "err", err)
+		}
+		a.rec.SetEndpoints(nil)
+		a.setAlive(nil)
+		return nil
+	}
+	ep, err := a.currentEndpoint()
+	if err != nil {
+		a.log.Warn("gossip waits for the local endpoint", "err", err)
+		return nil
+	}
+	port := nm.Gossip.Port
+	if a.opts.GossipPort != 0 {
+		port = a.opts.GossipPort
+	}
+	err = a.gossip.Configure(gossip.Config{
+		NodeName: a.id.NodeName,
+		BindAddr: ep.Addr(),
+		Port:     port,
+		Key:      nm.Gossip.Key,
+		Meta:     gossip.Meta{PublicKey: publicKey(a.wgKey), Endpoint: ep},
+	})
+	if err != nil {
+		a.log.Warn("gossip unavailable; retrying every resync", "err", err)
+		return nil
+	}
+	endpoints, alive := gossipView(nm, a.gossip.Members())
+	if _, changed := a.rec.SetEndpoints(endpoints); changed {
+		a.log.Info("peer endpoints learned by gossip", "overrides", len(endpoints))
+	}
+	a.setAlive(alive)
+	var join []netip.AddrPort
+	for _, p := range nm.Peers {
+		ep := p.Endpoint
+		if o, ok := endpoints[p.PublicKey]; ok {
+			ep = o
+		}
+		if ep.IsValid() && !slices.Contains(alive, p.Name) {
+			join = append(join, netip.AddrPortFrom(ep.Addr(), uint16(port)))
+		}
+	}
+	return join
+}
+
+func (a *agent) setAlive(alive []string) {
+	a.mu.Lock()
+	changed := !slices.Equal(a.alive, alive)
+	a.alive = alive
+	a.mu.Unlock()
+	if changed {
+		signal(a.reportC)
+	}
+}
+
+func (a *agent) alivePeers() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.alive
+}
+
+// currentEndpoint returns the endpoint to advertise, rediscovering it (the route to
+// the controller may change); it falls back to the last known one on failure.
+func (a *agent) currentEndpoint() (netip.AddrPort, error) {
+	ep, err := discoverEndpoint(a.opts.Endpoint, a.id.Controller, a.id.ListenPort)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err != nil {
+		if a.endpoint.IsValid() {
+			return a.endpoint, nil
+		}
+		return ep, err
+	}
+	if a.endpoint.IsValid() && a.endpoint != ep {
+		a.log.Info("local endpoint changed", "old", a.endpoint, "new", ep)
+	}
+	a.endpoint = ep
+	return ep, nil
+}
+
+// publicKey derives the WireGuard public key of a private key.
+func publicKey(priv dataplane.Key) dataplane.Key {
+	return dataplane.Key(wgKey(priv).PublicKey())
+}

@@ -1,0 +1,163 @@
+// Package netmap turns a wire netmap (segmesh.v1.Netmap) into a validated Go value.
+// Parse checks the hash the controller put in the message and every field an agent
+// programs into the kernel, so the reconcile logic only sees well-formed data.
+package netmap
+
+import (
+	"fmt"
+	"net/netip"
+
+	"segmesh/agent/dataplane"
+	"segmesh/api/segmeshv1"
+	"segmesh/api/wire"
+)
+
+// Netmap is a validated netmap.
+type Netmap struct {
+	Revision uint64
+	// Hash is the hex SHA-256 the controller computed (wire.NetmapHash).
+	Hash string
+	Self Node
+	// Peers are sorted as the controller sent them; keys are unique.
+	Peers  []Peer
+	Filter dataplane.Filter
+	// Gossip is the memberlist configuration; Gossip.Enabled() is false when the
+	// controller sent no key.
+	Gossip          Gossip
+	OverlayPrefixes []netip.Prefix
+}
+
+// Node is this node as the controller sees it.
+type Node struct {
+	Name      string
+	Labels    map[string]string
+	Addresses []netip.Prefix
+	PublicKey dataplane.Key
+	// Endpoint is the underlay address the controller knows; zero when unknown.
+	Endpoint netip.AddrPort
+}
+
+// Peer is one authorised WireGuard peer.
+type Peer struct {
+	Name      string
+	PublicKey dataplane.Key
+	// Endpoint is the underlay address; zero when the controller does not know it.
+	Endpoint   netip.AddrPort
+	AllowedIPs []netip.Prefix
+}
+
+// Gossip configures memberlist.
+type Gossip struct {
+	// Key is the 32-byte AES-256 key; nil disables gossip.
+	Key  []byte
+	Port int
+}
+
+// Enabled reports whether the controller configured gossip.
+func (g Gossip) Enabled() bool { return len(g.Key) > 0 && g.Port > 0 }
+
+// Peer returns the peer with public key k.
+func (n *Netmap) Peer(k dataplane.Key) (Peer, bool) {
+	for _, p := range n.Peers {
+		if p.PublicKey == k {
+			return p, true
+		}
+	}
+	return Peer{}, false
+}
+
+// Parse verifies nm's hash and converts it. It returns an error naming the field
+// (and peer) that is invalid: a hash mismatch, a malformed key, endpoint, prefix or
+// filter, a duplicate peer key, or a gossip key that is not 16, 24 or 32 bytes.
+func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
+	if nm == nil {
+		return nil, fmt.Errorf("netmap: nil message")
+	}
+	if got := wire.NetmapHash(nm); got != nm.GetHash() {
+		return nil, fmt.Errorf("netmap revision %d: hash mismatch: message says %q, content hashes to %q", nm.GetPolicyRevision(), nm.GetHash(), got)
+	}
+	out := &Netmap{Revision: nm.GetPolicyRevision(), Hash: nm.GetHash()}
+	self := nm.GetSelf()
+	if self.GetName() == "" {
+		return nil, fmt.Errorf("netmap: self: empty name")
+	}
+	var err error
+	out.Self = Node{Name: self.GetName(), Labels: self.GetLabels()}
+	if out.Self.Addresses, err = wire.ParsePrefixes(self.GetAddresses()); err != nil {
+		return nil, fmt.Errorf("netmap: self addresses: %w", err)
+	}
+	if len(self.GetPublicKey()) != 0 {
+		if out.Self.PublicKey, err = parseKey(self.GetPublicKey()); err != nil {
+			return nil, fmt.Errorf("netmap: self public key: %w", err)
+		}
+	}
+	if out.Self.Endpoint, err = parseEndpoint(self.GetEndpoint()); err != nil {
+		return nil, fmt.Errorf("netmap: self endpoint: %w", err)
+	}
+	seen := map[dataplane.Key]string{}
+	for i, p := range nm.GetPeers() {
+		name := p.GetName()
+		if name == "" {
+			name = fmt.Sprintf("#%d", i)
+		}
+		k, err := parseKey(p.GetPublicKey())
+		if err != nil {
+			return nil, fmt.Errorf("netmap: peer %s: public key: %w", name, err)
+		}
+		if other, dup := seen[k]; dup {
+			return nil, fmt.Errorf("netmap: peer %s: public key already used by peer %s", name, other)
+		}
+		seen[k] = name
+		ep, err := parseEndpoint(p.GetEndpoint())
+		if err != nil {
+			return nil, fmt.Errorf("netmap: peer %s: endpoint: %w", name, err)
+		}
+		ips, err := wire.ParsePrefixes(p.GetAllowedIps())
+		if err != nil {
+			return nil, fmt.Errorf("netmap: peer %s: allowed IPs: %w", name, err)
+		}
+		out.Peers = append(out.Peers, Peer{Name: p.GetName(), PublicKey: k, Endpoint: ep, AllowedIPs: ips})
+	}
+	if out.Filter, err = wire.FilterFromProto(nm.GetFilter()); err != nil {
+		return nil, fmt.Errorf("netmap: filter: %w", err)
+	}
+	if g := nm.GetGossip(); g != nil && len(g.GetKey()) > 0 {
+		switch len(g.GetKey()) {
+		case 16, 24, 32:
+		default:
+			return nil, fmt.Errorf("netmap: gossip key: %d bytes, want 16, 24 or 32", len(g.GetKey()))
+		}
+		if g.GetPort() == 0 || g.GetPort() > 65535 {
+			return nil, fmt.Errorf("netmap: gossip port %d out of range", g.GetPort())
+		}
+		out.Gossip = Gossip{Key: append([]byte(nil), g.GetKey()...), Port: int(g.GetPort())}
+	}
+	if out.OverlayPrefixes, err = wire.ParsePrefixes(nm.GetOverlayPrefixes()); err != nil {
+		return nil, fmt.Errorf("netmap: overlay prefixes: %w", err)
+	}
+	return out, nil
+}
+
+func parseKey(b []byte) (dataplane.Key, error) {
+	var k dataplane.Key
+	if len(b) != len(k) {
+		return k, fmt.Errorf("%d bytes, want %d", len(b), len(k))
+	}
+	copy(k[:], b)
+	return k, nil
+}
+
+// parseEndpoint parses "ip:port"; the empty string is the zero AddrPort.
+func parseEndpoint(s string) (netip.AddrPort, error) {
+	if s == "" {
+		return netip.AddrPort{}, nil
+	}
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if ap.Port() == 0 {
+		return netip.AddrPort{}, fmt.Errorf("%s: port 0", s)
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+}

@@ -1,0 +1,477 @@
+// Package reconcile keeps the kernel dataplane equal to the desired state derived
+// from the node's netmap and the peer endpoints learned by gossip.
+//
+// One goroutine (Reconciler.Run) does all kernel work. Triggers — a new netmap, new
+// endpoints, a dataplane watch event, the periodic resync tick — are coalesced: many
+// triggers while a step runs cause one more step. A step applies the desired state
+// when it changed (or the last step failed), and otherwise reads the dataplane back
+// and re-applies when it drifted.
+package reconcile
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/netmap"
+)
+
+// PersistentKeepalive is the keepalive, in seconds, programmed for every peer so that
+// NAT mappings and liveness survive idle periods.
+const PersistentKeepalive = 25
+
+// Local is the node-local part of the desired state, fixed for the agent's lifetime.
+type Local struct {
+	Interface  string
+	PrivateKey dataplane.Key
+	ListenPort int
+	// MTU in bytes; see dataplane.State.MTU.
+	MTU int
+	// Addresses and Routes from enrollment, used when no netmap is known (default
+	// deny) or when the netmap leaves them empty.
+	Addresses []netip.Prefix
+	Routes    []netip.Prefix
+}
+
+// Desired returns the canonical dataplane state for nm. A nil nm yields default deny:
+// the interface with its addresses and routes, no peers and an empty filter.
+//
+// endpoints maps a WireGuard public key to an endpoint learned by gossip. An entry
+// only replaces the endpoint of a peer that nm already lists; entries for other keys
+// are ignored, so gossip can never add a peer or change allowed IPs.
+func Desired(l Local, nm *netmap.Netmap, endpoints map[dataplane.Key]netip.AddrPort) dataplane.State {
+	s := dataplane.State{
+		Interface:  l.Interface,
+		PrivateKey: l.PrivateKey,
+		ListenPort: l.ListenPort,
+		MTU:        l.MTU,
+		Addresses:  l.Addresses,
+		Routes:     l.Routes,
+	}
+	if nm == nil {
+		return dataplane.Canonical(s)
+	}
+	if len(nm.Self.Addresses) > 0 {
+		s.Addresses = nm.Self.Addresses
+	}
+	if len(nm.OverlayPrefixes) > 0 {
+		s.Routes = nm.OverlayPrefixes
+	}
+	for _, p := range nm.Peers {
+		ep := p.Endpoint
+		if o, ok := endpoints[p.PublicKey]; ok && o.IsValid() {
+			ep = o
+		}
+		s.Peers = append(s.Peers, dataplane.Peer{
+			PublicKey:           p.PublicKey,
+			Endpoint:            ep,
+			AllowedIPs:          slices.Clone(p.AllowedIPs),
+			PersistentKeepalive: PersistentKeepalive,
+		})
+	}
+	s.Filter = nm.Filter
+	return dataplane.Canonical(s)
+}
+
+// Drift describes how observed differs from desired, one "; "-separated item per
+// difference (for example "addresses missing [100.64.0.1/32]; peer AbC...=: endpoint
+// 192.0.2.1:51820, want 192.0.2.9:51820"), or returns "" when they are equal. A peer
+// whose desired endpoint is unknown (zero) may hold any endpoint: the kernel learns it
+// from the peer's handshake. The private key is compared but never printed.
+func Drift(desired, observed dataplane.State) string {
+	d := dataplane.Canonical(desired)
+	o := dataplane.Canonical(observed)
+	var out []string
+	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
+	if d.Interface != o.Interface {
+		add("interface %q, want %q", o.Interface, d.Interface)
+	}
+	if d.PrivateKey != o.PrivateKey {
+		add("private key differs")
+	}
+	if d.ListenPort != o.ListenPort {
+		add("listen port %d, want %d", o.ListenPort, d.ListenPort)
+	}
+	if d.MTU != o.MTU {
+		add("MTU %d, want %d", o.MTU, d.MTU)
+	}
+	prefixDiff(add, "addresses", d.Addresses, o.Addresses)
+	prefixDiff(add, "routes", d.Routes, o.Routes)
+	for _, dp := range d.Peers {
+		op, ok := peerByKey(o.Peers, dp.PublicKey)
+		name := "peer " + keyString(dp.PublicKey)
+		if !ok {
+			add("%s missing", name)
+			continue
+		}
+		if dp.Endpoint.IsValid() && dp.Endpoint != op.Endpoint {
+			add("%s: endpoint %v, want %v", name, op.Endpoint, dp.Endpoint)
+		}
+		prefixDiff(add, name+": allowed IPs", dp.AllowedIPs, op.AllowedIPs)
+		if dp.PersistentKeepalive != op.PersistentKeepalive {
+			add("%s: persistent keepalive %d, want %d", name, op.PersistentKeepalive, dp.PersistentKeepalive)
+		}
+	}
+	for _, op := range o.Peers {
+		if _, ok := peerByKey(d.Peers, op.PublicKey); !ok {
+			add("unexpected peer %s (allowed IPs %v)", keyString(op.PublicKey), op.AllowedIPs)
+		}
+	}
+	if !cmp.Equal(d.Filter, o.Filter, cmpOpts) {
+		add("filter differs: %s", filterDiff(d.Filter, o.Filter))
+	}
+	return strings.Join(out, "; ")
+}
+
+func prefixDiff(add func(string, ...any), what string, want, have []netip.Prefix) {
+	var missing, extra []netip.Prefix
+	for _, p := range want {
+		if !slices.Contains(have, p) {
+			missing = append(missing, p)
+		}
+	}
+	for _, p := range have {
+		if !slices.Contains(want, p) {
+			extra = append(extra, p)
+		}
+	}
+	if len(missing) > 0 {
+		add("%s missing %v", what, missing)
+	}
+	if len(extra) > 0 {
+		add("%s unexpected %v", what, extra)
+	}
+}
+
+// filterDiff names the sets and rule lists that differ.
+func filterDiff(want, have dataplane.Filter) string {
+	var out []string
+	sets := map[string]bool{}
+	for _, s := range want.Sets {
+		sets[s.Name] = true
+	}
+	for _, s := range have.Sets {
+		sets[s.Name] = true
+	}
+	find := func(ss []dataplane.AddressSet, name string) (dataplane.AddressSet, bool) {
+		for _, s := range ss {
+			if s.Name == name {
+				return s, true
+			}
+		}
+		return dataplane.AddressSet{}, false
+	}
+	for _, name := range slices.Sorted(maps.Keys(sets)) {
+		w, wok := find(want.Sets, name)
+		h, hok := find(have.Sets, name)
+		switch {
+		case !hok:
+			out = append(out, fmt.Sprintf("set %s missing", name))
+		case !wok:
+			out = append(out, fmt.Sprintf("unexpected set %s", name))
+		case !slices.Equal(w.Prefixes, h.Prefixes):
+			out = append(out, fmt.Sprintf("set %s holds %v, want %v", name, h.Prefixes, w.Prefixes))
+		}
+	}
+	for _, dir := range []struct {
+		name       string
+		want, have []dataplane.FilterRule
+	}{{"ingress", want.Ingress, have.Ingress}, {"egress", want.Egress, have.Egress}} {
+		if !cmp.Equal(dir.want, dir.have, cmpOpts) {
+			out = append(out, fmt.Sprintf("%s rules %s, want %s", dir.name, ruleList(dir.have), ruleList(dir.want)))
+		}
+	}
+	return strings.Join(out, ", ")
+}
+
+func ruleList(rs []dataplane.FilterRule) string {
+	if len(rs) == 0 {
+		return "[]"
+	}
+	var parts []string
+	for _, r := range rs {
+		var ms []string
+		for _, m := range r.Matches {
+			if len(m.Ports) == 0 {
+				ms = append(ms, string(m.Protocol))
+			}
+			for _, p := range m.Ports {
+				if p.First == p.Last {
+					ms = append(ms, fmt.Sprintf("%s/%d", m.Protocol, p.First))
+				} else {
+					ms = append(ms, fmt.Sprintf("%s/%d-%d", m.Protocol, p.First, p.Last))
+				}
+			}
+		}
+		parts = append(parts, fmt.Sprintf("%s %s (%s)", r.Set, strings.Join(ms, ","), r.Origin))
+	}
+	return "[" + strings.Join(parts, "; ") + "]"
+}
+
+func keyString(k dataplane.Key) string { return base64.StdEncoding.EncodeToString(k[:]) }
+
+var cmpOpts = cmp.Options{
+	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+	cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b }),
+	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
+}
+
+// equal reports whether a and b (both canonical) are identical, endpoints included.
+func equal(a, b dataplane.State) bool {
+	return a.PrivateKey == b.PrivateKey && cmp.Equal(a, b, cmpOpts)
+}
+
+func peerByKey(ps []dataplane.Peer, k dataplane.Key) (dataplane.Peer, bool) {
+	for _, p := range ps {
+		if p.PublicKey == k {
+			return p, true
+		}
+	}
+	return dataplane.Peer{}, false
+}
+
+// Status is the outcome of the latest reconcile step.
+type Status struct {
+	// Generation is the desired-state generation the latest step worked on; it
+	// grows with every SetNetmap and every effective SetEndpoints.
+	Generation uint64
+	// Revision and Hash identify the netmap the dataplane holds (zero and "" for
+	// default deny). They change only when an apply succeeds.
+	Revision uint64
+	Hash     string
+	// Programmed is true once an apply has succeeded.
+	Programmed bool
+	// Err is the latest apply or read error; nil when the dataplane matches.
+	Err error
+	// Kind is the dataplane's WireGuard kind.
+	Kind dataplane.Kind
+}
+
+// Reconciler drives one dataplane. Create it with New, start Run once, and feed it
+// with SetNetmap, SetEndpoints and Trigger from any goroutine.
+type Reconciler struct {
+	dp    dataplane.Dataplane
+	local Local
+	log   *slog.Logger
+
+	trigger chan struct{}
+
+	mu        sync.Mutex
+	gen       uint64
+	nm        *netmap.Netmap
+	endpoints map[dataplane.Key]netip.AddrPort
+	status    Status
+	changed   chan struct{} // closed and replaced whenever status changes
+
+	// owned by the Run goroutine
+	lastDesired *dataplane.State
+}
+
+// New returns a reconciler for dp; logger may be nil for slog.Default().
+func New(dp dataplane.Dataplane, local Local, logger *slog.Logger) *Reconciler {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &Reconciler{
+		dp:      dp,
+		local:   local,
+		log:     logger,
+		trigger: make(chan struct{}, 1),
+		changed: make(chan struct{}),
+	}
+}
+
+// SetNetmap makes nm (nil for default deny) the desired netmap and triggers a step.
+// It returns the generation to pass to Wait.
+func (r *Reconciler) SetNetmap(nm *netmap.Netmap) uint64 {
+	r.mu.Lock()
+	r.gen++
+	r.nm = nm
+	g := r.gen
+	r.mu.Unlock()
+	r.Trigger()
+	return g
+}
+
+// Netmap returns the desired netmap (nil for default deny). It must not be modified.
+func (r *Reconciler) Netmap() *netmap.Netmap {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.nm
+}
+
+// SetEndpoints replaces the gossip-learned endpoints (public key -> underlay
+// address). When they differ from the previous ones it triggers a step and returns
+// the new generation and true.
+func (r *Reconciler) SetEndpoints(eps map[dataplane.Key]netip.AddrPort) (uint64, bool) {
+	r.mu.Lock()
+	if maps.Equal(eps, r.endpoints) {
+		g := r.gen
+		r.mu.Unlock()
+		return g, false
+	}
+	r.endpoints = maps.Clone(eps)
+	r.gen++
+	g := r.gen
+	r.mu.Unlock()
+	r.Trigger()
+	return g, true
+}
+
+// Trigger asks for a step (read back, repair drift). It never blocks.
+func (r *Reconciler) Trigger() {
+	select {
+	case r.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// Status returns the outcome of the latest step.
+func (r *Reconciler) Status() Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.status
+}
+
+// Wait blocks until a step has worked on generation gen or later, and returns that
+// step's status. It returns ctx's error when ctx ends first.
+func (r *Reconciler) Wait(ctx context.Context, gen uint64) (Status, error) {
+	for {
+		r.mu.Lock()
+		st, ch := r.status, r.changed
+		r.mu.Unlock()
+		if st.Generation >= gen {
+			return st, nil
+		}
+		select {
+		case <-ctx.Done():
+			return st, ctx.Err()
+		case <-ch:
+		}
+	}
+}
+
+// Changed returns a channel that is closed at the next status change.
+func (r *Reconciler) Changed() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.changed
+}
+
+// Run performs steps on every trigger, every dataplane watch event (when the
+// dataplane implements dataplane.Watcher) and every resync interval, until ctx ends. It must
+// be called once.
+func (r *Reconciler) Run(ctx context.Context, resync time.Duration) {
+	t := time.NewTicker(resync)
+	defer t.Stop()
+	var events <-chan struct{}
+	if w, ok := r.dp.(dataplane.Watcher); ok {
+		ch, err := w.Watch(ctx)
+		if err != nil {
+			r.log.Warn("watching the dataplane failed; relying on periodic resync", "err", err, "resync", resync)
+		} else {
+			events = ch
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.trigger:
+		case <-t.C:
+		case _, ok := <-events:
+			if !ok {
+				if ctx.Err() == nil {
+					r.log.Warn("dataplane watch ended; relying on periodic resync", "resync", resync)
+				}
+				events = nil
+				continue
+			}
+		}
+		r.step(ctx)
+	}
+}
+
+func (r *Reconciler) step(ctx context.Context) {
+	r.mu.Lock()
+	gen, nm, eps := r.gen, r.nm, r.endpoints
+	prev := r.status
+	r.mu.Unlock()
+
+	desired := Desired(r.local, nm, eps)
+	needApply := prev.Err != nil || r.lastDesired == nil || !equal(*r.lastDesired, desired)
+	var diff string
+	if !needApply {
+		observed, err := r.dp.Read(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			r.log.Warn("reading dataplane back failed", "err", err)
+			r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, fmt.Errorf("reading dataplane: %w", err))
+			return
+		}
+		diff = Drift(desired, observed)
+		if diff == "" {
+			r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, nil)
+			return
+		}
+	}
+	if err := r.dp.Apply(ctx, desired); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		r.log.Error("applying dataplane state failed", "err", err, "revision", revisionOf(nm))
+		r.lastDesired = nil
+		r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, err)
+		return
+	}
+	if diff != "" {
+		r.log.Warn("drift repaired", "interface", desired.Interface, "diff", diff)
+	}
+	if r.lastDesired == nil || !sameNetmap(prev, nm) {
+		if nm == nil {
+			r.log.Info("applied default deny", "interface", desired.Interface, "kind", r.dp.Kind())
+		} else {
+			r.log.Info("applied netmap", "revision", nm.Revision, "hash", nm.Hash, "peers", len(desired.Peers), "kind", r.dp.Kind())
+		}
+	}
+	r.lastDesired = &desired
+	var hash string
+	if nm != nil {
+		hash = nm.Hash
+	}
+	r.setStatus(gen, revisionOf(nm), hash, true, nil)
+}
+
+func sameNetmap(st Status, nm *netmap.Netmap) bool {
+	if nm == nil {
+		return st.Hash == "" && st.Programmed
+	}
+	return st.Hash == nm.Hash
+}
+
+func revisionOf(nm *netmap.Netmap) uint64 {
+	if nm == nil {
+		return 0
+	}
+	return nm.Revision
+}
+
+func (r *Reconciler) setStatus(gen, rev uint64, hash string, programmed bool, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.status = Status{Generation: gen, Revision: rev, Hash: hash, Programmed: programmed, Err: err, Kind: r.dp.Kind()}
+	close(r.changed)
+	r.changed = make(chan struct{})
+}

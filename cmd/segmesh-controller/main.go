@@ -1,0 +1,76 @@
+// Command segmesh-controller runs the segmesh controller: it turns flags into
+// controller.Options and serves until SIGINT or SIGTERM, then shuts down
+// gracefully.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"segmesh/controller"
+)
+
+func main() {
+	if err := newCommand().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "segmesh-controller:", err)
+		os.Exit(1)
+	}
+}
+
+func newCommand() *cobra.Command {
+	var (
+		opts     controller.Options
+		prefixes []string
+		logLevel string
+	)
+	cmd := &cobra.Command{
+		Use:   "segmesh-controller --data-dir DIR [--listen ADDR:PORT]",
+		Short: "Serve the segmesh controller (enrollment, policy, netmaps, operator API)",
+		Long: `segmesh-controller holds the segmentation policy and the inventory of nodes.
+On first start it creates in --data-dir a CA, a TLS server certificate, the
+operator credential file operator.json (read by "segmesh --credentials") and
+its store; later starts reuse them.`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+				return fmt.Errorf("--log-level %q: want debug, info, warn or error", logLevel)
+			}
+			opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			for _, s := range prefixes {
+				p, err := netip.ParsePrefix(s)
+				if err != nil {
+					return fmt.Errorf("--overlay-prefix %q: %w", s, err)
+				}
+				opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
+			}
+			c, err := controller.New(opts)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return c.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.DataDir, "data-dir", "", "directory for the CA, certificates, operator credential and store (created 0700)")
+	f.StringVar(&opts.Listen, "listen", controller.DefaultListen, "address to serve on (host:port)")
+	f.StringVar(&opts.AdvertiseURL, "advertise-url", "", "controller URL written to operator.json (default https://<listen host or 127.0.0.1>:<port>)")
+	f.StringArrayVar(&prefixes, "overlay-prefix", []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"}, "overlay prefix to allocate node addresses from, at most one per address family (repeatable)")
+	f.StringArrayVar(&opts.SANs, "san", nil, "extra host name or IP address for the server certificate (repeatable)")
+	f.DurationVar(&opts.TokenTTL, "token-ttl", controller.DefaultTokenTTL, "default lifetime of join tokens")
+	f.IntVar(&opts.GossipPort, "gossip-port", controller.DefaultGossipPort, "memberlist gossip port agents use")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	_ = cmd.MarkFlagRequired("data-dir")
+	return cmd
+}

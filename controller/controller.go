@@ -1,0 +1,381 @@
+// Package controller is the segmesh controller: it enrolls agents with join
+// tokens, allocates overlay addresses, stores nodes, tokens and policy revisions,
+// compiles the policy into one netmap per node and pushes each connected agent its
+// netmap over a mutually authenticated stream, only when that netmap changed. It
+// also serves the operator API (status, nodes, tokens, policy).
+//
+// One TLS listener serves three connect services (see api/segmesh/v1):
+// EnrollService (join token), AgentService (node client certificate) and
+// OperatorService (bearer credential from DATA_DIR/operator.json).
+//
+// State lives in DATA_DIR: ca.crt/ca.key, server.crt/server.key, operator.json and
+// controller.db (bbolt). Runtime status (online, applied revision) is kept in memory
+// and rebuilt from agent reports after a restart.
+package controller
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/controller/fanout"
+	"segmesh/controller/netmap"
+	"segmesh/controller/pki"
+	"segmesh/controller/store"
+	"segmesh/policy"
+)
+
+// Defaults applied by New to zero Options fields.
+const (
+	DefaultListen     = "0.0.0.0:7443"
+	DefaultTokenTTL   = 24 * time.Hour
+	DefaultGossipPort = 7946
+	// StoreFile is the bbolt file name inside the data directory.
+	StoreFile = "controller.db"
+	// OperatorFile is the operator credential file name inside the data directory.
+	OperatorFile = "operator.json"
+)
+
+// DefaultOverlayPrefixes returns the default overlay prefixes: 100.64.0.0/10 and
+// fd5e:6d65:7368::/48.
+func DefaultOverlayPrefixes() []netip.Prefix {
+	return []netip.Prefix{netip.MustParsePrefix("100.64.0.0/10"), netip.MustParsePrefix("fd5e:6d65:7368::/48")}
+}
+
+const metaGossipKey = "gossip-key"
+
+// Options configures a Controller. Zero fields take the defaults above.
+type Options struct {
+	// DataDir holds all state; created with mode 0700 when missing. Required.
+	DataDir string
+	// Listen is the TCP address "host:port" to serve on; port 0 picks a free port.
+	Listen string
+	// AdvertiseURL is the URL written to operator.json; default
+	// https://<listen host, or 127.0.0.1 when unspecified>:<bound port>.
+	AdvertiseURL string
+	// OverlayPrefixes are the prefixes node addresses are allocated from, one
+	// address per prefix per node; at most one prefix per address family.
+	OverlayPrefixes []netip.Prefix
+	// SANs are extra host names or IP addresses for the server certificate.
+	SANs []string
+	// TokenTTL is the lifetime of join tokens created without an explicit TTL.
+	TokenTTL time.Duration
+	// GossipPort is the memberlist port agents are told to use.
+	GossipPort int
+	Logger     *slog.Logger
+}
+
+// Controller is a configured controller bound to its listen address. Create it
+// with New and serve with Run; Run releases the listener and the store when it
+// returns.
+type Controller struct {
+	opts          Options
+	log           *slog.Logger
+	store         store.Store
+	ca            *pki.Authority
+	ln            net.Listener
+	advertiseURL  string
+	operatorToken string
+	netmapCfg     netmap.Config
+	hub           *fanout.Hub
+	live          *liveTracker
+	recomputeKick chan struct{}
+	now           func() time.Time
+
+	// computeMu serialises netmap computation and policy changes, so netmaps
+	// are published in the order their inputs changed.
+	computeMu sync.Mutex
+	// polMu guards the policy in force.
+	polMu     sync.RWMutex
+	polRev    uint64
+	polParsed *policy.Policy
+
+	shutdown chan struct{} // closed when Run starts shutting down
+	runOnce  sync.Once
+}
+
+// New validates opts, creates or loads the PKI, the operator credential, the
+// gossip key and the store in opts.DataDir, loads the latest policy revision, and
+// binds the listen address. It returns an error naming the offending option or
+// file.
+func New(opts Options) (_ *Controller, err error) {
+	if err := applyDefaults(&opts); err != nil {
+		return nil, err
+	}
+	c := &Controller{
+		opts:          opts,
+		log:           opts.Logger,
+		hub:           fanout.New(),
+		live:          newLiveTracker(),
+		recomputeKick: make(chan struct{}, 1),
+		now:           time.Now,
+		shutdown:      make(chan struct{}),
+	}
+	var cleanup []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanup) - 1; i >= 0; i-- {
+				cleanup[i]()
+			}
+		}
+	}()
+
+	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating data directory: %w", err)
+	}
+	if fi, err := os.Stat(opts.DataDir); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		c.log.Warn("data directory is accessible by other users; it holds the CA key", "dir", opts.DataDir, "mode", fi.Mode().Perm())
+	}
+
+	c.ln, err = net.Listen("tcp", opts.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", opts.Listen, err)
+	}
+	cleanup = append(cleanup, func() { _ = c.ln.Close() })
+	c.advertiseURL, err = advertiseURL(opts.AdvertiseURL, c.ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		return nil, err
+	}
+
+	c.ca, err = pki.LoadOrCreate(opts.DataDir, serverSANs(opts, c.advertiseURL), c.log)
+	if err != nil {
+		return nil, fmt.Errorf("loading PKI: %w", err)
+	}
+	c.operatorToken, err = loadOrCreateOperator(filepath.Join(opts.DataDir, OperatorFile), c.advertiseURL, c.ca.CACertPEM())
+	if err != nil {
+		return nil, err
+	}
+
+	st, err := store.Open(filepath.Join(opts.DataDir, StoreFile))
+	if err != nil {
+		return nil, err
+	}
+	c.store = st
+	cleanup = append(cleanup, func() { _ = st.Close() })
+
+	var gossipKey []byte
+	err = st.Update(func(tx store.Tx) error {
+		k, err := tx.Meta(metaGossipKey)
+		if err != nil {
+			return err
+		}
+		if len(k) == 32 {
+			gossipKey = k
+			return nil
+		}
+		gossipKey = make([]byte, 32)
+		if _, err := rand.Read(gossipKey); err != nil {
+			return err
+		}
+		return tx.PutMeta(metaGossipKey, gossipKey)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("loading gossip key: %w", err)
+	}
+	c.netmapCfg = netmap.Config{GossipKey: gossipKey, GossipPort: uint32(opts.GossipPort), OverlayPrefixes: opts.OverlayPrefixes}
+
+	if err := c.loadPolicy(); err != nil {
+		return nil, err
+	}
+	c.recomputeNow()
+	c.log.Info("controller ready", "listen", c.ln.Addr().String(), "url", c.advertiseURL, "data_dir", opts.DataDir, "policy_revision", c.polRev)
+	return c, nil
+}
+
+func applyDefaults(o *Options) error {
+	if o.DataDir == "" {
+		return errors.New("data directory is required (--data-dir)")
+	}
+	if o.Listen == "" {
+		o.Listen = DefaultListen
+	}
+	if len(o.OverlayPrefixes) == 0 {
+		o.OverlayPrefixes = DefaultOverlayPrefixes()
+	}
+	families := map[bool]netip.Prefix{}
+	for i, p := range o.OverlayPrefixes {
+		if !p.IsValid() {
+			return fmt.Errorf("overlay prefix %d is invalid", i)
+		}
+		if p != p.Masked() {
+			return fmt.Errorf("overlay prefix %s has host bits set (want %s)", p, p.Masked())
+		}
+		if other, ok := families[p.Addr().Is4()]; ok {
+			return fmt.Errorf("overlay prefixes %s and %s are of the same address family; give at most one per family", other, p)
+		}
+		families[p.Addr().Is4()] = p
+		if p.Addr().Is4() && p.Bits() > 30 || p.Addr().Is6() && p.Bits() > 126 {
+			return fmt.Errorf("overlay prefix %s is too small", p)
+		}
+	}
+	if o.TokenTTL == 0 {
+		o.TokenTTL = DefaultTokenTTL
+	}
+	if o.TokenTTL < 0 {
+		return fmt.Errorf("token TTL %v is negative", o.TokenTTL)
+	}
+	if o.GossipPort == 0 {
+		o.GossipPort = DefaultGossipPort
+	}
+	if o.GossipPort < 1 || o.GossipPort > 65535 {
+		return fmt.Errorf("gossip port %d is out of range 1-65535", o.GossipPort)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return nil
+}
+
+// advertiseURL returns explicit when set (validated), else the URL derived from
+// the bound address.
+func advertiseURL(explicit string, bound *net.TCPAddr) (string, error) {
+	if explicit != "" {
+		u, err := url.Parse(explicit)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return "", fmt.Errorf("advertise URL %q: want https://HOST:PORT", explicit)
+		}
+		return explicit, nil
+	}
+	host := "127.0.0.1"
+	if !bound.IP.IsUnspecified() {
+		host = bound.IP.String()
+	}
+	return "https://" + net.JoinHostPort(host, fmt.Sprint(bound.Port)), nil
+}
+
+// serverSANs lists the names and addresses the server certificate must carry
+// besides pki.ServerName: the listen IP when specific, the advertised host, and
+// opts.SANs.
+func serverSANs(opts Options, advertise string) []string {
+	var sans []string
+	if host, _, err := net.SplitHostPort(opts.Listen); err == nil {
+		if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() {
+			sans = append(sans, ip.String())
+		}
+	}
+	if u, err := url.Parse(advertise); err == nil && u.Hostname() != "" {
+		sans = append(sans, u.Hostname())
+	}
+	return append(sans, opts.SANs...)
+}
+
+// loadPolicy makes the latest stored revision the policy in force. A stored
+// revision that no longer parses is logged and leaves no policy in force: no
+// netmaps are published, so agents keep enforcing their last known good netmap
+// until an operator applies a policy that parses.
+func (c *Controller) loadPolicy() error {
+	var p store.Policy
+	var ok bool
+	err := c.store.View(func(tx store.Tx) error {
+		var err error
+		p, ok, err = tx.LatestPolicy()
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("loading policy: %w", err)
+	}
+	if !ok {
+		return nil
+	}
+	pol, err := policy.Parse(p.Filename, p.Content)
+	c.polRev = p.Revision
+	if err != nil {
+		c.log.Error("stored policy revision does not parse; not publishing netmaps until a new policy is applied", "revision", p.Revision, "err", err)
+		return nil
+	}
+	c.polParsed = pol
+	return nil
+}
+
+// Addr returns the address the controller listens on.
+func (c *Controller) Addr() net.Addr { return c.ln.Addr() }
+
+// URL returns the controller URL written to operator.json.
+func (c *Controller) URL() string { return c.advertiseURL }
+
+// Run serves until ctx is done, then shuts down gracefully: agent streams end with
+// CodeUnavailable, in-flight calls finish (for up to 10 s), and the listener and
+// store are closed. It returns nil after a shutdown caused by ctx, or the server's
+// error. Run may be called once.
+func (c *Controller) Run(ctx context.Context) error {
+	err := errors.New("controller: Run called twice")
+	c.runOnce.Do(func() { err = c.run(ctx) })
+	return err
+}
+
+func (c *Controller) run(ctx context.Context) error {
+	defer func() {
+		if err := c.store.Close(); err != nil {
+			c.log.Error("closing store", "err", err)
+		}
+	}()
+	loopCtx, stopLoop := context.WithCancel(context.Background())
+	loopDone := make(chan struct{})
+	go func() {
+		defer close(loopDone)
+		c.recomputeLoop(loopCtx)
+	}()
+	defer func() {
+		stopLoop()
+		<-loopDone
+	}()
+
+	srv := c.httpServer()
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.ServeTLS(c.ln, "", "") }()
+
+	select {
+	case err := <-serveErr:
+		close(c.shutdown)
+		return fmt.Errorf("serving on %s: %w", c.ln.Addr(), err)
+	case <-ctx.Done():
+	}
+	c.log.Info("shutting down")
+	close(c.shutdown)
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		c.log.Warn("graceful shutdown timed out; closing connections", "err", err)
+		_ = srv.Close()
+	}
+	<-serveErr // http.ErrServerClosed
+	return nil
+}
+
+func (c *Controller) httpServer() *http.Server {
+	mux := http.NewServeMux()
+	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(1<<20)))
+	path, h := segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(1<<20))
+	mux.Handle(path, withClientIdentity(h))
+	mux.Handle(segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c},
+		connect.WithReadMaxBytes(16<<20),
+		connect.WithInterceptors(operatorAuth(c.operatorToken))))
+	return &http.Server{
+		Handler: mux,
+		TLSConfig: &tls.Config{
+			MinVersion:     tls.VersionTLS12,
+			GetCertificate: c.ca.GetCertificate,
+			ClientCAs:      c.ca.CAPool(),
+			ClientAuth:     tls.VerifyClientCertIfGiven,
+		},
+		// Pings detect agents that vanished without closing their stream.
+		HTTP2:             &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
+	}
+}

@@ -1,0 +1,108 @@
+// Package netmap reduces the policy and the inventory to one netmap per node: the
+// node itself, the peers it may talk to, its compiled filter, the gossip settings
+// and the policy revision, hashed with wire.NetmapHash.
+package netmap
+
+import (
+	"fmt"
+	"net/netip"
+
+	"segmesh/api/segmeshv1"
+	"segmesh/api/wire"
+	"segmesh/controller/store"
+	"segmesh/policy"
+)
+
+// Config holds the inputs that are the same for every netmap.
+type Config struct {
+	// GossipKey is the 32-byte memberlist encryption key.
+	GossipKey []byte
+	// GossipPort is the memberlist port agents bind.
+	GossipPort uint32
+	// OverlayPrefixes are the prefixes node addresses are allocated from.
+	OverlayPrefixes []netip.Prefix
+}
+
+// Compute compiles pol (revision rev) once against nodes and returns every node's
+// netmap keyed by node name, each with Hash set. A nil pol is the default-deny
+// policy: no peers and an empty filter (callers pass rev 0 then). It returns the
+// compiler's error, wrapped, when pol does not compile against nodes.
+//
+// prev returns a node's previously published netmap (nil for none). When a node's
+// new netmap differs from its previous one only in PolicyRevision, the previous
+// netmap is returned unchanged, so a policy revision that does not concern a node
+// leaves its netmap, hash and PolicyRevision as they were: a netmap's
+// PolicyRevision is the revision at which that node's netmap last changed.
+func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) (map[string]*segmeshv1.Netmap, error) {
+	var compiled *policy.Compiled
+	if pol != nil {
+		inv := make([]policy.Node, len(nodes))
+		for i, n := range nodes {
+			inv[i] = policy.Node{Name: n.Name, Labels: n.Labels, Addresses: n.Addresses}
+		}
+		var err error
+		if compiled, err = policy.Compile(pol, inv); err != nil {
+			return nil, fmt.Errorf("compiling policy revision %d against %d nodes: %w", rev, len(nodes), err)
+		}
+	}
+	byName := make(map[string]*store.Node, len(nodes))
+	for i := range nodes {
+		byName[nodes[i].Name] = &nodes[i]
+	}
+	prefixes := wire.PrefixStrings(cfg.OverlayPrefixes)
+	gossip := &segmeshv1.GossipConfig{Key: cfg.GossipKey, Port: cfg.GossipPort}
+	out := make(map[string]*segmeshv1.Netmap, len(nodes))
+	for i := range nodes {
+		n := &nodes[i]
+		var view policy.NodeView
+		if compiled != nil {
+			view, _ = compiled.Node(n.Name) // a node the compiler does not know gets nothing
+		}
+		nm := &segmeshv1.Netmap{
+			PolicyRevision: rev,
+			Self: &segmeshv1.Node{
+				Name:      n.Name,
+				Labels:    n.Labels,
+				Addresses: HostPrefixes(n.Addresses),
+				PublicKey: n.PublicKey,
+				Endpoint:  n.Endpoint,
+			},
+			Filter:          wire.FilterToProto(view.Filter),
+			Gossip:          gossip,
+			OverlayPrefixes: prefixes,
+		}
+		for _, name := range view.Peers {
+			p, ok := byName[name]
+			if !ok || name == n.Name {
+				continue
+			}
+			nm.Peers = append(nm.Peers, &segmeshv1.Peer{
+				Name:       p.Name,
+				PublicKey:  p.PublicKey,
+				Endpoint:   p.Endpoint,
+				AllowedIps: HostPrefixes(p.Addresses),
+			})
+		}
+		if old := prev(n.Name); old != nil && old.GetPolicyRevision() != rev {
+			nm.PolicyRevision = old.GetPolicyRevision()
+			if wire.NetmapHash(nm) == old.GetHash() {
+				out[n.Name] = old
+				continue
+			}
+			nm.PolicyRevision = rev
+		}
+		nm.Hash = wire.NetmapHash(nm)
+		out[n.Name] = nm
+	}
+	return out, nil
+}
+
+// HostPrefixes formats addresses as single-address prefixes ("100.64.0.2/32",
+// "fd5e:6d65:7368::2/128").
+func HostPrefixes(addrs []netip.Addr) []string {
+	out := make([]string, 0, len(addrs))
+	for _, a := range addrs {
+		out = append(out, netip.PrefixFrom(a, a.BitLen()).String())
+	}
+	return out
+}

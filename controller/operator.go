@@ -1,0 +1,323 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"segmesh/api/jointoken"
+	"segmesh/api/segmeshv1"
+	"segmesh/controller/internal/atomicfile"
+	"segmesh/controller/netmap"
+	"segmesh/controller/pki"
+	"segmesh/controller/store"
+	"segmesh/policy"
+)
+
+// OperatorCredential is the JSON content of DATA_DIR/operator.json: the
+// controller URL, its CA certificate (PEM) for verification with ServerName
+// "segmesh-controller", and the bearer token sent as "Authorization: Bearer TOKEN".
+type OperatorCredential struct {
+	Controller string `json:"controller"`
+	CAPEM      string `json:"ca_pem"`
+	Token      string `json:"token"`
+}
+
+// operatorActor names the operator credential in the audit log.
+const operatorActor = "operator"
+
+// loadOrCreateOperator returns the operator token from path, creating the file
+// (mode 0600) with a new random token when missing, and rewriting it when the
+// controller URL or CA changed.
+func loadOrCreateOperator(path, controllerURL string, caPEM []byte) (string, error) {
+	var cred OperatorCredential
+	raw, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if err := json.Unmarshal(raw, &cred); err != nil {
+			return "", fmt.Errorf("parsing operator credential %s: %w", path, err)
+		}
+		if cred.Token == "" {
+			return "", fmt.Errorf("operator credential %s has no token", path)
+		}
+		if cred.Controller == controllerURL && cred.CAPEM == string(caPEM) {
+			return cred.Token, nil
+		}
+	case errors.Is(err, os.ErrNotExist):
+		b := make([]byte, 32)
+		if _, err := rand.Read(b); err != nil {
+			return "", fmt.Errorf("generating operator token: %w", err)
+		}
+		cred.Token = base64.RawURLEncoding.EncodeToString(b)
+	default:
+		return "", fmt.Errorf("reading operator credential: %w", err)
+	}
+	cred.Controller, cred.CAPEM = controllerURL, string(caPEM)
+	out, err := json.MarshalIndent(cred, "", "  ")
+	if err != nil {
+		return "", fmt.Errorf("encoding operator credential: %w", err)
+	}
+	if err := atomicfile.Write(path, append(out, '\n'), 0o600); err != nil {
+		return "", fmt.Errorf("writing operator credential: %w", err)
+	}
+	return cred.Token, nil
+}
+
+// operatorAuth rejects calls whose "Authorization: Bearer" token is not the
+// operator token, with CodeUnauthenticated.
+func operatorAuth(token string) connect.UnaryInterceptorFunc {
+	want := []byte(token)
+	return func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			got, ok := strings.CutPrefix(req.Header().Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), want) != 1 {
+				return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("operator credential missing or wrong (send \"Authorization: Bearer <token>\" from operator.json)"))
+			}
+			return next(ctx, req)
+		}
+	}
+}
+
+type operatorService struct{ c *Controller }
+
+// Status implements OperatorService.Status.
+func (s *operatorService) Status(ctx context.Context, _ *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error) {
+	nodes, rev, err := s.c.nodeStatuses()
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&segmeshv1.StatusResponse{PolicyRevision: rev, Nodes: nodes}), nil
+}
+
+// ListNodes implements OperatorService.ListNodes.
+func (s *operatorService) ListNodes(ctx context.Context, _ *connect.Request[segmeshv1.ListNodesRequest]) (*connect.Response[segmeshv1.ListNodesResponse], error) {
+	nodes, _, err := s.c.nodeStatuses()
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&segmeshv1.ListNodesResponse{Nodes: nodes}), nil
+}
+
+// nodeStatuses returns every node's status sorted by name and the policy
+// revision in force. DesiredRevision is the revision in force, DesiredHash the
+// hash of the node's latest netmap; AppliedRevision and AppliedHash are what the
+// agent last reported, except that AppliedRevision is raised to the revision in
+// force when AppliedHash equals DesiredHash.
+func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
+	var nodes []store.Node
+	err := c.store.View(func(tx store.Tx) error {
+		var err error
+		nodes, err = tx.Nodes()
+		return err
+	})
+	if err != nil {
+		return nil, 0, connect.NewError(connect.CodeInternal, fmt.Errorf("reading nodes: %w", err))
+	}
+	c.polMu.RLock()
+	rev := c.polRev
+	c.polMu.RUnlock()
+	out := make([]*segmeshv1.NodeStatus, 0, len(nodes))
+	for _, n := range nodes {
+		st := &segmeshv1.NodeStatus{
+			Name:            n.Name,
+			DesiredRevision: rev,
+			Labels:          n.Labels,
+			Addresses:       netmap.HostPrefixes(n.Addresses),
+			Endpoint:        n.Endpoint,
+			PublicKey:       base64.StdEncoding.EncodeToString(n.PublicKey),
+		}
+		if nm, ok := c.hub.Latest(n.Name); ok {
+			st.DesiredHash = nm.GetHash()
+		}
+		c.live.fill(st)
+		// A netmap keeps the revision at which it last changed (see
+		// netmap.Compute), so an agent whose netmap no later revision touched
+		// reports an older revision. When it enforces exactly the netmap the
+		// current revision wants (same hash), it enforces the current revision.
+		if st.AppliedHash != "" && st.AppliedHash == st.DesiredHash && st.AppliedRevision < rev {
+			st.AppliedRevision = rev
+		}
+		out = append(out, st)
+	}
+	return out, rev, nil
+}
+
+var (
+	labelKeyRE   = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$`)
+	labelValueRE = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$`)
+)
+
+// validateLabels checks label keys (1-63 characters of letters, digits and
+// "._/-", starting and ending with a letter or digit) and values (the same
+// without "/", or empty).
+func validateLabels(labels map[string]string) error {
+	var problems []string
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if !labelKeyRE.MatchString(k) {
+			problems = append(problems, fmt.Sprintf("label key %q is not valid (1-63 letters, digits, '.', '_', '/', '-'; starting and ending with a letter or digit)", k))
+		}
+		if v := labels[k]; !labelValueRE.MatchString(v) {
+			problems = append(problems, fmt.Sprintf("label %s=%q: value is not valid (up to 63 letters, digits, '.', '_', '-'; starting and ending with a letter or digit)", k, v))
+		}
+	}
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "\n"))
+	}
+	return nil
+}
+
+// CreateToken implements OperatorService.CreateToken.
+func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error) {
+	c := s.c
+	m := req.Msg
+	if err := validateLabels(m.GetLabels()); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	ttl := c.opts.TokenTTL
+	switch {
+	case m.GetTtlSeconds() < 0:
+		return nil, invalidArg("ttl_seconds %d is negative", m.GetTtlSeconds())
+	case m.GetTtlSeconds() > int64(pki.CAValidity/time.Second):
+		return nil, invalidArg("ttl_seconds %d exceeds the CA lifetime (%v)", m.GetTtlSeconds(), pki.CAValidity)
+	case m.GetTtlSeconds() > 0:
+		ttl = time.Duration(m.GetTtlSeconds()) * time.Second
+	}
+	tok, err := jointoken.New(c.ca.CACertDER())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, err)
+	}
+	now := c.now()
+	hash := tok.SecretHash()
+	rec := store.Token{
+		ID: tok.IDString(), SecretHash: hash[:], Labels: m.GetLabels(),
+		CreatedAt: now, ExpiresAt: now.Add(ttl), Reusable: m.GetReusable(),
+	}
+	err = c.store.Update(func(tx store.Tx) error {
+		if err := tx.PutToken(rec); err != nil {
+			return err
+		}
+		return tx.AppendAudit(store.AuditEntry{
+			Time: now, Actor: operatorActor, Action: "token.create",
+			Detail: fmt.Sprintf("token %s labels %v expires %s reusable %v", rec.ID, rec.Labels, rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
+		})
+	})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing token: %w", err))
+	}
+	c.log.Info("join token created", "id", rec.ID, "labels", rec.Labels, "expires", rec.ExpiresAt, "reusable", rec.Reusable)
+	return connect.NewResponse(&segmeshv1.CreateTokenResponse{Token: tok.String(), Id: rec.ID, ExpiresUnix: rec.ExpiresAt.Unix()}), nil
+}
+
+// ApplyPolicy implements OperatorService.ApplyPolicy: parse, compile against the
+// inventory, store as the next revision and publish the new netmaps, all while
+// holding computeMu. A policy that fails is answered with CodeInvalidArgument and
+// its "file:line:col: message" lines, and changes nothing.
+func (s *operatorService) ApplyPolicy(ctx context.Context, req *connect.Request[segmeshv1.ApplyPolicyRequest]) (*connect.Response[segmeshv1.ApplyPolicyResponse], error) {
+	c := s.c
+	filename := req.Msg.GetFilename()
+	if filename == "" {
+		filename = "policy.yaml"
+	}
+	content := req.Msg.GetContent()
+
+	c.computeMu.Lock()
+	defer c.computeMu.Unlock()
+	var current store.Policy
+	var hasCurrent bool
+	var nodes []store.Node
+	err := c.store.View(func(tx store.Tx) error {
+		var err error
+		if current, hasCurrent, err = tx.LatestPolicy(); err != nil {
+			return err
+		}
+		nodes, err = tx.Nodes()
+		return err
+	})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("reading state: %w", err))
+	}
+	if hasCurrent && bytes.Equal(current.Content, content) {
+		return connect.NewResponse(&segmeshv1.ApplyPolicyResponse{Revision: current.Revision, Unchanged: true}), nil
+	}
+	rev := current.Revision + 1
+	pol, err := policy.Parse(filename, content)
+	if err != nil {
+		return nil, policyError(err)
+	}
+	nms, err := netmap.Compute(c.netmapCfg, rev, pol, nodes, c.previousNetmap)
+	if err != nil {
+		return nil, policyError(err)
+	}
+	now := c.now()
+	err = c.store.Update(func(tx store.Tx) error {
+		if err := tx.PutPolicy(store.Policy{Revision: rev, Filename: filename, Content: content, AppliedAt: now, AppliedBy: operatorActor}); err != nil {
+			return err
+		}
+		return tx.AppendAudit(store.AuditEntry{
+			Time: now, Actor: operatorActor, Action: "policy.apply",
+			Detail: fmt.Sprintf("revision %d from %s (%d bytes, %d segments, %d rules)", rev, filename, len(content), len(pol.Segments), len(pol.Rules)),
+		})
+	})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing policy revision %d: %w", rev, err))
+	}
+	// Publish before switching the revision in force, so that a concurrent status
+	// never pairs the new revision with the old netmap hashes.
+	changed := c.hub.Publish(nms)
+	c.polMu.Lock()
+	c.polRev, c.polParsed = rev, pol
+	c.polMu.Unlock()
+	c.log.Info("policy applied", "revision", rev, "file", filename, "nodes", len(nodes), "netmaps_changed", len(changed))
+	return connect.NewResponse(&segmeshv1.ApplyPolicyResponse{Revision: rev}), nil
+}
+
+// policyError turns a parse or compile error into CodeInvalidArgument whose
+// message is the ErrorList lines when there is one.
+func policyError(err error) error {
+	var el policy.ErrorList
+	if errors.As(err, &el) {
+		return connect.NewError(connect.CodeInvalidArgument, errors.New(el.Error()))
+	}
+	return connect.NewError(connect.CodeInvalidArgument, err)
+}
+
+// GetPolicy implements OperatorService.GetPolicy (revision 0 = current).
+func (s *operatorService) GetPolicy(ctx context.Context, req *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error) {
+	var p store.Policy
+	var ok bool
+	err := s.c.store.View(func(tx store.Tx) error {
+		var err error
+		if r := req.Msg.GetRevision(); r != 0 {
+			p, ok, err = tx.Policy(r)
+		} else {
+			p, ok, err = tx.LatestPolicy()
+		}
+		return err
+	})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("reading policy: %w", err))
+	}
+	if !ok {
+		if req.Msg.GetRevision() == 0 {
+			return nil, connect.NewError(connect.CodeNotFound, errors.New("no policy has been applied yet (default deny)"))
+		}
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("policy revision %d does not exist", req.Msg.GetRevision()))
+	}
+	return connect.NewResponse(&segmeshv1.GetPolicyResponse{
+		Revision: p.Revision, Filename: p.Filename, Content: p.Content,
+		AppliedUnix: p.AppliedAt.Unix(), AppliedBy: p.AppliedBy,
+	}), nil
+}

@@ -1,0 +1,120 @@
+// Package store keeps the controller's durable state: nodes, join tokens, policy
+// revisions, metadata (gossip key, IPAM cursors), the overlay address index and
+// the audit log.
+//
+// Callers work through the Store and Tx interfaces so that the embedded bbolt
+// implementation (Open) can later be replaced by one backed by etcd. Every
+// multi-step change runs inside one Update call and is atomic: either all of it is
+// committed or none of it.
+package store
+
+import (
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// ErrAddressInUse is returned (wrapped) by Tx.ClaimAddress when the address already
+// belongs to another node.
+var ErrAddressInUse = errors.New("overlay address already in use")
+
+// ErrRevision is returned (wrapped) by Tx.PutPolicy when the revision is not exactly
+// one more than the latest stored revision.
+var ErrRevision = errors.New("policy revision out of order")
+
+// Node is one enrolled host.
+type Node struct {
+	Name   string            `json:"name"`
+	Labels map[string]string `json:"labels,omitempty"`
+	// Addresses are the node's overlay addresses, one per overlay prefix.
+	Addresses []netip.Addr `json:"addresses"`
+	// PublicKey is the node's 32-byte WireGuard public key.
+	PublicKey []byte `json:"public_key"`
+	// Endpoint is the underlay "ip:port" of the node's WireGuard; empty when unknown.
+	Endpoint   string    `json:"endpoint,omitempty"`
+	Hostname   string    `json:"hostname,omitempty"`
+	EnrolledAt time.Time `json:"enrolled_at"`
+	// TokenID is the hex ID of the join token the node last enrolled with.
+	TokenID string `json:"token_id"`
+}
+
+// Token is a join token as stored: never the secret, only its SHA-256.
+type Token struct {
+	ID         string            `json:"id"`
+	SecretHash []byte            `json:"secret_hash"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	CreatedAt  time.Time         `json:"created_at"`
+	ExpiresAt  time.Time         `json:"expires_at"`
+	Reusable   bool              `json:"reusable"`
+	// UsedBy and UsedAt record the first node that enrolled with the token.
+	UsedBy string    `json:"used_by,omitempty"`
+	UsedAt time.Time `json:"used_at,omitzero"`
+	// Uses counts successful enrollments with the token.
+	Uses int `json:"uses,omitempty"`
+}
+
+// Policy is one stored policy revision.
+type Policy struct {
+	Revision  uint64    `json:"revision"`
+	Filename  string    `json:"filename"`
+	Content   []byte    `json:"content"`
+	AppliedAt time.Time `json:"applied_at"`
+	AppliedBy string    `json:"applied_by"`
+}
+
+// AuditEntry records who changed what.
+type AuditEntry struct {
+	Time   time.Time `json:"time"`
+	Actor  string    `json:"actor"`
+	Action string    `json:"action"`
+	Detail string    `json:"detail"`
+}
+
+// Store is a transactional state store. Close releases it; a Store must not be used
+// after Close.
+type Store interface {
+	// View runs fn in a read-only transaction.
+	View(fn func(Tx) error) error
+	// Update runs fn in a read-write transaction and commits it when fn returns nil;
+	// when fn returns an error nothing fn wrote is kept and the error is returned.
+	Update(fn func(Tx) error) error
+	Close() error
+}
+
+// Tx is one transaction. Write methods fail in a View transaction. Lookups report a
+// missing record with ok == false, not with an error.
+type Tx interface {
+	Node(name string) (n Node, ok bool, err error)
+	// Nodes returns every node sorted by name.
+	Nodes() ([]Node, error)
+	// NodeByPublicKey returns the name of the node whose WireGuard public key is key.
+	NodeByPublicKey(key []byte) (name string, ok bool, err error)
+	// PutNode creates or replaces the node named n.Name.
+	PutNode(n Node) error
+
+	Token(id string) (t Token, ok bool, err error)
+	PutToken(t Token) error
+
+	// Policy returns revision rev (rev >= 1).
+	Policy(rev uint64) (p Policy, ok bool, err error)
+	// LatestPolicy returns the highest stored revision.
+	LatestPolicy() (p Policy, ok bool, err error)
+	// PutPolicy stores p; p.Revision must be the latest revision plus one (1 for
+	// the first), else it returns an error wrapping ErrRevision.
+	PutPolicy(p Policy) error
+
+	// AddressOwner returns the node that holds overlay address a.
+	AddressOwner(a netip.Addr) (node string, ok bool, err error)
+	// ClaimAddress records a as held by node; it returns an error wrapping
+	// ErrAddressInUse when another node holds it (claiming again for the same node
+	// is a no-op).
+	ClaimAddress(a netip.Addr, node string) error
+
+	// Meta returns the value stored under key, nil when absent.
+	Meta(key string) ([]byte, error)
+	PutMeta(key string, value []byte) error
+
+	AppendAudit(e AuditEntry) error
+	// Audit returns the audit log, oldest first.
+	Audit() ([]AuditEntry, error)
+}

@@ -1,0 +1,232 @@
+// Command lab is the segmesh demo driver (run by hack/demo.sh): in network
+// namespaces made by package segmesh/test/lab it starts a controller and one agent
+// per example host, applies a policy, waits until every node enforces it, prints
+// `segmesh status` and a connectivity matrix observed with real TCP, UDP and ICMP
+// probes, and removes everything it made, also on Ctrl-C, SIGTERM or SIGHUP.
+//
+// Usage (as root, binaries built into BIN by demo.sh):
+//
+//	lab -bin BIN [-policy examples/policy.yaml] [-keep] [-v]
+//
+// Exit status: 0 when every matrix cell matches the policy, 1 on any mismatch or
+// error, 130 when interrupted.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"segmesh/test/lab"
+)
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	binDir := flag.String("bin", "", "directory holding segmesh-controller, segmesh-agent, segmesh and probe (required)")
+	policyPath := flag.String("policy", "examples/policy.yaml", "policy file to apply")
+	keep := flag.Bool("keep", false, "keep the lab directory (logs, state) after the run")
+	verbose := flag.Bool("v", false, "log lab operations and run agents with --log-level debug")
+	convergeTimeout := flag.Duration("converge-timeout", 60*time.Second, "how long to wait for every node to enforce the policy")
+	matrixTimeout := flag.Duration("matrix-timeout", 20*time.Second, "how long mismatching cells are re-probed before they count")
+	flag.Parse()
+	if *binDir == "" || flag.NArg() != 0 {
+		flag.Usage()
+		return 2
+	}
+	d := &demo{out: os.Stdout, start: time.Now()}
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mesh *lab.Mesh
+	meshReady := make(chan struct{})
+	// A closed stdout (`hack/demo.sh | head`) must not kill the driver before it
+	// removes the lab: writes then fail with EPIPE instead.
+	signal.Ignore(syscall.SIGPIPE)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		sig := <-sigs
+		fmt.Fprintf(os.Stderr, "\nlab: %s: removing the lab\n", sig)
+		cancel()
+		select {
+		case <-meshReady:
+			if mesh != nil {
+				if err := mesh.Close(); err != nil {
+					fmt.Fprintf(os.Stderr, "lab: cleanup: %v\n", err)
+				}
+			}
+		case <-time.After(30 * time.Second):
+		}
+		os.Exit(130)
+	}()
+
+	abs, err := filepath.Abs(*binDir)
+	if err != nil {
+		return d.fail(err)
+	}
+	pol, err := lab.LoadPolicy(*policyPath)
+	if err != nil {
+		return d.fail(err)
+	}
+	opts := lab.MeshOptions{
+		Options: lab.Options{Logger: logger, KeepDir: *keep},
+		BinDir:  abs,
+		Nodes:   lab.ExampleNodes(),
+	}
+	if *verbose {
+		opts.AgentArgs = []string{"--log-level", "debug"}
+	}
+	d.step("creating the lab: an underlay bridge, a controller host and %d node hosts", len(opts.Nodes))
+	mesh, err = lab.NewMesh(ctx, opts)
+	close(meshReady)
+	if err != nil {
+		return d.fail(err)
+	}
+	defer func() {
+		d.step("removing the lab (namespaces smlab-%s-*, processes, interfaces)", mesh.Lab.ID)
+		if err := mesh.Close(); err != nil {
+			fmt.Fprintf(os.Stderr, "lab: cleanup: %v\n", err)
+		}
+		if *keep {
+			fmt.Fprintf(d.out, "lab directory kept: %s\n", mesh.Lab.Dir)
+		}
+	}()
+	code := d.run(ctx, mesh, pol, *policyPath, *convergeTimeout, *matrixTimeout)
+	if ctx.Err() != nil {
+		code = 130 // interrupted; the signal handler removes the lab too
+	}
+	// Process logs help with a failed run, not with an interrupted one or a closed stdout.
+	if code != 0 && ctx.Err() == nil && !errors.Is(d.err, syscall.EPIPE) {
+		mesh.Lab.DumpLogs(os.Stderr, 40)
+	}
+	return code
+}
+
+type demo struct {
+	out   io.Writer
+	start time.Time
+	err   error // the error that ended the run
+}
+
+func (d *demo) step(format string, args ...any) {
+	fmt.Fprintf(d.out, "\n==> [%5.1fs] %s\n", time.Since(d.start).Seconds(), fmt.Sprintf(format, args...))
+}
+
+func (d *demo) fail(err error) int {
+	d.err = err
+	fmt.Fprintf(os.Stderr, "lab: %v\n", err)
+	return 1
+}
+
+func (d *demo) run(ctx context.Context, m *lab.Mesh, pol *lab.Policy, policyPath string, convergeTimeout, matrixTimeout time.Duration) int {
+	fmt.Fprintf(d.out, "lab id %s, directory %s\n", m.Lab.ID, m.Lab.Dir)
+	for _, n := range m.Nodes() {
+		fmt.Fprintf(d.out, "  %-8s netns %-24s underlay %-12s overlay interface %s labels %v\n",
+			n.Name, n.Host.Namespace, n.Host.Addr, n.Interface, n.Labels)
+	}
+
+	d.step("checking %s offline: segmesh policy check", policyPath)
+	absPolicy, err := filepath.Abs(policyPath)
+	if err != nil {
+		return d.fail(err)
+	}
+	out, err := m.CLI(ctx, "policy", "check", absPolicy)
+	fmt.Fprint(d.out, out)
+	if err != nil {
+		return d.fail(err)
+	}
+
+	d.step("starting segmesh-controller on %s (%s)", m.Controller.Namespace, m.URL)
+	if err := m.StartController(ctx); err != nil {
+		return d.fail(err)
+	}
+	d.step("creating one single-use join token per host and starting the agents")
+	for _, n := range m.Nodes() {
+		tok, err := m.CreateToken(ctx, n.Labels, false)
+		if err != nil {
+			return d.fail(err)
+		}
+		if err := m.StartAgent(n, tok); err != nil {
+			return d.fail(err)
+		}
+		fmt.Fprintf(d.out, "  %-8s token %s...  agent pid %d\n", n.Name, tok[:min(len(tok), 14)], n.Agent.PID())
+	}
+	d.step("applying %s: segmesh policy apply", policyPath)
+	rev, err := m.ApplyPolicy(ctx, absPolicy)
+	if err != nil {
+		return d.fail(err)
+	}
+	fmt.Fprintf(d.out, "policy revision %d\n", rev)
+
+	d.step("waiting until every node is online and enforces revision %d", rev)
+	st, err := m.WaitConverged(ctx, rev, convergeTimeout)
+	if err != nil {
+		return d.fail(err)
+	}
+	d.step("segmesh status")
+	out, err = m.CLI(ctx, "status")
+	fmt.Fprint(d.out, out)
+	if err != nil {
+		return d.fail(err)
+	}
+
+	d.step("connectivity matrix: real TCP, UDP and ICMP probes over the overlay vs the policy")
+	cells, rounds, err := m.WaitMatrix(ctx, pol, st, matrixTimeout, lab.MatrixOptions{})
+	if cells != nil && ctx.Err() == nil {
+		if werr := lab.WriteMatrix(d.out, cells); werr != nil {
+			return d.fail(werr)
+		}
+	}
+	if err != nil && ctx.Err() != nil {
+		return d.fail(fmt.Errorf("interrupted while probing: %w", err))
+	}
+	if err != nil {
+		if bad := lab.Mismatches(cells); len(bad) > 0 {
+			fmt.Fprintln(d.out, "\nMISMATCHES:")
+			for _, c := range bad {
+				fmt.Fprintf(d.out, "  %s -> %s %s (%s): policy %s, observed %s %s\n", c.Src, c.Dst, c.Check, c.Addr,
+					verdict(c.Want), observed(c), c.Output)
+			}
+		}
+		return d.fail(err)
+	}
+	note := ""
+	if rounds > 1 {
+		note = fmt.Sprintf(" (mismatching cells re-probed %d times while the overlay settled)", rounds-1)
+	}
+	fmt.Fprintf(d.out, "\nall %d cells match the policy%s\n", len(cells), note)
+	return 0
+}
+
+func verdict(allowed bool) string {
+	if allowed {
+		return "allow"
+	}
+	return "deny"
+}
+
+func observed(c lab.Cell) string {
+	switch {
+	case c.Err != nil:
+		return "error: " + c.Err.Error()
+	case c.Got:
+		return "reached"
+	}
+	return "blocked"
+}

@@ -1,0 +1,630 @@
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+
+	"github.com/goccy/go-yaml"
+	"github.com/goccy/go-yaml/ast"
+	"github.com/goccy/go-yaml/parser"
+)
+
+// nameRE is the syntax of segment and rule names. It also keeps nftables set
+// names derived from segment names (NAME_v4, NAME_v6) within the kernel's limit.
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,30}$`)
+
+const nameSyntax = "[a-z0-9][a-z0-9_-]{0,30}"
+
+// Parse parses and validates a policy file (format version 1, YAML). filename
+// only labels positions. On any problem it returns a nil Policy and an ErrorList
+// holding every problem found, sorted by position, each at the offending key or
+// value. A file holding only "version: 1" is a valid empty policy (it allows nothing).
+func Parse(filename string, data []byte) (*Policy, error) {
+	p := &fileParser{file: filename}
+	pol := p.parseFile(data)
+	if len(p.errs) > 0 {
+		return nil, p.errs.sort()
+	}
+	return pol, nil
+}
+
+// fileParser walks the YAML AST of one policy file and collects errors.
+type fileParser struct {
+	file string
+	errs ErrorList
+}
+
+func (p *fileParser) errorf(pos Pos, format string, args ...any) {
+	p.errs = append(p.errs, &Error{Pos: pos, Msg: fmt.Sprintf(format, args...)})
+}
+
+// pos returns where n starts; for a mapping, its first key.
+func (p *fileParser) pos(n ast.Node) Pos {
+	switch v := n.(type) {
+	case *ast.MappingNode:
+		if len(v.Values) > 0 {
+			return p.pos(v.Values[0].Key)
+		}
+	case *ast.MappingValueNode:
+		return p.pos(v.Key)
+	}
+	if n != nil {
+		if tk := n.GetToken(); tk != nil && tk.Position != nil {
+			return Pos{File: p.file, Line: tk.Position.Line, Col: tk.Position.Column}
+		}
+	}
+	return Pos{File: p.file, Line: 1, Col: 1}
+}
+
+// parseYAML runs the YAML parser, turning its syntax errors (and, defensively,
+// its panics) into positioned errors.
+func (p *fileParser) parseYAML(data []byte) (f *ast.File, ok bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.errorf(Pos{File: p.file, Line: 1, Col: 1}, "YAML parser failed: %v", r)
+			f, ok = nil, false
+		}
+	}()
+	f, err := parser.ParseBytes(data, 0)
+	if err != nil {
+		var yerr yaml.Error
+		if errors.As(err, &yerr) {
+			pos := Pos{File: p.file, Line: 1, Col: 1}
+			if tk := yerr.GetToken(); tk != nil && tk.Position != nil {
+				pos.Line, pos.Col = tk.Position.Line, tk.Position.Column
+			}
+			p.errorf(pos, "invalid YAML: %s", yerr.GetMessage())
+		} else {
+			p.errorf(Pos{File: p.file, Line: 1, Col: 1}, "invalid YAML: %v", err)
+		}
+		return nil, false
+	}
+	return f, true
+}
+
+func (p *fileParser) parseFile(data []byte) *Policy {
+	f, ok := p.parseYAML(data)
+	if !ok {
+		return nil
+	}
+	var body ast.Node
+	for _, doc := range f.Docs {
+		if doc == nil || doc.Body == nil {
+			continue
+		}
+		if body != nil {
+			p.errorf(p.pos(doc.Body), "a policy file holds one YAML document; remove the extra document")
+			break
+		}
+		body = doc.Body
+	}
+	pol := &Policy{File: p.file}
+	if body == nil {
+		p.errorf(Pos{File: p.file, Line: 1, Col: 1}, `missing "version: 1" (an empty policy is a file holding only "version: 1")`)
+		return nil
+	}
+	top, ok := p.mapping(body, "policy", []string{"version", "segments", "rules"})
+	if !ok {
+		return nil
+	}
+	if v, ok := top["version"]; !ok {
+		p.errorf(p.pos(body), `missing "version: 1"`)
+	} else if n := p.value(v.Value); n != nil {
+		in, isInt := n.(*ast.IntegerNode)
+		switch {
+		case !isInt:
+			p.errorf(p.pos(n), "version must be an integer, got %s", kindOf(n))
+		case fmt.Sprint(in.Value) != "1":
+			p.errorf(p.pos(n), "unsupported version %s; want 1", in.GetToken().Value)
+		default:
+			pol.Version = 1
+		}
+	}
+	segs := map[string]*Segment{}
+	if v, ok := top["segments"]; ok {
+		items, _ := p.list(v.Value, "segments")
+		for _, item := range items {
+			if s := p.parseSegment(item, segs); s != nil {
+				pol.Segments = append(pol.Segments, *s)
+			}
+		}
+	}
+	if v, ok := top["rules"]; ok {
+		names := map[string]Pos{}
+		items, _ := p.list(v.Value, "rules")
+		for _, item := range items {
+			if r := p.parseRule(item, segs, names); r != nil {
+				pol.Rules = append(pol.Rules, *r)
+			}
+		}
+	}
+	return pol
+}
+
+// value unwraps n, reporting YAML features the policy format does not accept.
+// It returns nil after reporting.
+func (p *fileParser) value(n ast.Node) ast.Node {
+	switch n.(type) {
+	case *ast.AnchorNode, *ast.AliasNode:
+		p.errorf(p.pos(n), "YAML anchors and aliases are not supported in policy files; write the value out")
+		return nil
+	case *ast.TagNode:
+		p.errorf(p.pos(n), "YAML tags are not supported in policy files; remove %s", n.GetToken().Value)
+		return nil
+	}
+	return n
+}
+
+// kindOf names the YAML type of n for error messages.
+func kindOf(n ast.Node) string {
+	switch n.(type) {
+	case *ast.MappingNode, *ast.MappingValueNode:
+		return "a mapping"
+	case *ast.SequenceNode:
+		return "a list"
+	case *ast.StringNode, *ast.LiteralNode:
+		return "a string"
+	case *ast.IntegerNode:
+		return "an integer"
+	case *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
+		return "a number"
+	case *ast.BoolNode:
+		return "a boolean"
+	case *ast.NullNode:
+		return "nothing"
+	}
+	return "an unsupported YAML value"
+}
+
+// mapping returns the entries of a YAML mapping by key. It reports a value that
+// is not a mapping, keys that are not plain strings and keys outside known (with
+// a hint when one is close); known == nil accepts every key.
+func (p *fileParser) mapping(n ast.Node, what string, known []string) (map[string]*ast.MappingValueNode, bool) {
+	if n = p.value(n); n == nil {
+		return nil, false
+	}
+	var values []*ast.MappingValueNode
+	switch v := n.(type) {
+	case *ast.MappingNode:
+		values = v.Values
+	case *ast.MappingValueNode:
+		values = []*ast.MappingValueNode{v}
+	default:
+		p.errorf(p.pos(n), "%s must be a mapping, got %s", what, kindOf(n))
+		return nil, false
+	}
+	out := make(map[string]*ast.MappingValueNode, len(values))
+	for _, mv := range values {
+		key, ok := p.key(mv.Key, what)
+		if !ok {
+			continue
+		}
+		if known != nil && !slices.Contains(known, key) {
+			msg := fmt.Sprintf("unknown field %q in %s", key, what)
+			if c := closest(key, known); c != "" {
+				msg += fmt.Sprintf(" (did you mean %q?)", c)
+			}
+			p.errorf(p.pos(mv.Key), "%s", msg)
+			continue
+		}
+		out[key] = mv
+	}
+	return out, true
+}
+
+// key returns a mapping key's text; keys must be scalars.
+func (p *fileParser) key(k ast.MapKeyNode, what string) (string, bool) {
+	switch v := k.(type) {
+	case *ast.StringNode:
+		return v.Value, true
+	case *ast.IntegerNode, *ast.FloatNode, *ast.BoolNode:
+		return v.GetToken().Value, true
+	case *ast.MergeKeyNode:
+		p.errorf(p.pos(k), "YAML merge keys are not supported in policy files")
+		return "", false
+	}
+	p.errorf(p.pos(k), "keys in %s must be plain strings", what)
+	return "", false
+}
+
+// list returns the items of a YAML sequence; null counts as an empty list. It
+// returns false after reporting a value that is not a list.
+func (p *fileParser) list(n ast.Node, what string) ([]ast.Node, bool) {
+	if n = p.value(n); n == nil {
+		return nil, false
+	}
+	switch v := n.(type) {
+	case *ast.SequenceNode:
+		return v.Values, true
+	case *ast.NullNode:
+		return nil, true
+	}
+	p.errorf(p.pos(n), "%s must be a list, got %s", what, kindOf(n))
+	return nil, false
+}
+
+// nonEmptyList is list for fields that, when present, must hold at least one item.
+func (p *fileParser) nonEmptyList(n ast.Node, what, hint string) ([]ast.Node, bool) {
+	items, ok := p.list(n, what)
+	if ok && len(items) == 0 {
+		p.errorf(p.pos(n), "%s is empty; %s", what, hint)
+		return nil, false
+	}
+	return items, ok
+}
+
+// str returns a string scalar.
+func (p *fileParser) str(n ast.Node, what string) (string, bool) {
+	if n = p.value(n); n == nil {
+		return "", false
+	}
+	switch v := n.(type) {
+	case *ast.StringNode:
+		return v.Value, true
+	case *ast.IntegerNode, *ast.FloatNode, *ast.BoolNode:
+		p.errorf(p.pos(n), "%s must be a string, got %s (quote it: %q)", what, kindOf(n), v.GetToken().Value)
+		return "", false
+	}
+	p.errorf(p.pos(n), "%s must be a string, got %s", what, kindOf(n))
+	return "", false
+}
+
+// name returns a valid segment or rule name.
+func (p *fileParser) name(n ast.Node, what string) (string, bool) {
+	s, ok := p.str(n, what)
+	if !ok {
+		return "", false
+	}
+	if !nameRE.MatchString(s) {
+		p.errorf(p.pos(n), "invalid %s %q: must match %s", what, s, nameSyntax)
+		return "", false
+	}
+	return s, true
+}
+
+func (p *fileParser) parseSegment(n ast.Node, defined map[string]*Segment) *Segment {
+	m, ok := p.mapping(n, "segment", []string{"name", "selectors", "nodes", "cidrs"})
+	if !ok {
+		return nil
+	}
+	seg := &Segment{Pos: p.pos(n)}
+	valid := true
+	if v, ok := m["name"]; !ok {
+		p.errorf(seg.Pos, "segment is missing its name")
+		valid = false
+	} else if name, ok := p.name(v.Value, "segment name"); !ok {
+		valid = false
+	} else if name == AllSegment {
+		p.errorf(p.pos(v.Value), "segment name %q is reserved for the built-in segment of every node", name)
+		valid = false
+	} else if first, dup := defined[name]; dup {
+		p.errorf(p.pos(v.Value), "duplicate segment %q (first defined at %s)", name, first.Pos)
+	} else {
+		seg.Name = name
+		defined[name] = seg
+	}
+	_, hasSel := m["selectors"]
+	_, hasNodes := m["nodes"]
+	if v, ok := m["selectors"]; ok {
+		items, ok := p.nonEmptyList(v.Value, "selectors", "list at least one selector or remove the field")
+		valid = valid && ok
+		for _, item := range items {
+			sel, ok := p.parseSelector(item)
+			if !ok {
+				valid = false
+				continue
+			}
+			seg.Selectors = append(seg.Selectors, sel)
+		}
+	}
+	if v, ok := m["nodes"]; ok {
+		items, ok := p.nonEmptyList(v.Value, "nodes", "list at least one node name or remove the field")
+		valid = valid && ok
+		for _, item := range items {
+			s, ok := p.str(item, "node name")
+			if ok && s == "" {
+				p.errorf(p.pos(item), "node name is empty")
+				ok = false
+			}
+			if !ok {
+				valid = false
+				continue
+			}
+			seg.Nodes = append(seg.Nodes, s)
+		}
+	}
+	if v, ok := m["cidrs"]; ok {
+		if hasSel || hasNodes {
+			p.errorf(p.pos(v.Key), "a segment holds either nodes (selectors, nodes) or external addresses (cidrs), not both")
+			valid = false
+		}
+		items, ok := p.nonEmptyList(v.Value, "cidrs", "list at least one CIDR or remove the field")
+		valid = valid && ok
+		for _, item := range items {
+			c, ok := p.parseCIDR(item)
+			if !ok {
+				valid = false
+				continue
+			}
+			seg.CIDRs = append(seg.CIDRs, c)
+		}
+	}
+	if !hasSel && !hasNodes && m["cidrs"] == nil {
+		p.errorf(seg.Pos, "segment selects nothing; give it selectors, nodes or cidrs")
+		valid = false
+	}
+	if !valid || seg.Name == "" {
+		return nil
+	}
+	return seg
+}
+
+func (p *fileParser) parseSelector(n ast.Node) (Selector, bool) {
+	m, ok := p.mapping(n, "selector", nil)
+	if !ok {
+		return nil, false
+	}
+	if len(m) == 0 {
+		p.errorf(p.pos(n), "empty selector; list at least one label (the built-in segment %q holds every node)", AllSegment)
+		return nil, false
+	}
+	sel := make(Selector, len(m))
+	valid := true
+	for k, mv := range m {
+		if k == "" {
+			p.errorf(p.pos(mv.Key), "label key is empty")
+			valid = false
+			continue
+		}
+		v, ok := p.str(mv.Value, fmt.Sprintf("value of label %q", k))
+		if !ok {
+			valid = false
+			continue
+		}
+		sel[k] = v
+	}
+	return sel, valid
+}
+
+// parsePrefix parses a masked CIDR prefix, hinting the canonical form.
+func (p *fileParser) parsePrefix(n ast.Node, what string) (netip.Prefix, bool) {
+	s, ok := p.str(n, what)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	pfx, err := netip.ParsePrefix(s)
+	if err != nil {
+		if a, aerr := netip.ParseAddr(s); aerr == nil && a.Zone() == "" {
+			p.errorf(p.pos(n), "%s %q is an address, not a CIDR (did you mean %s?)", what, s, netip.PrefixFrom(a, a.BitLen()))
+		} else {
+			p.errorf(p.pos(n), "invalid %s %q: want ADDRESS/BITS, e.g. 192.0.2.0/24", what, s)
+		}
+		return netip.Prefix{}, false
+	}
+	if pfx.Addr().Is4In6() {
+		p.errorf(p.pos(n), "%s %q is an IPv4-mapped IPv6 prefix; write it as an IPv4 CIDR", what, s)
+		return netip.Prefix{}, false
+	}
+	if m := pfx.Masked(); m != pfx {
+		p.errorf(p.pos(n), "%s %s has host bits set (did you mean %s?)", what, pfx, m)
+		return netip.Prefix{}, false
+	}
+	return pfx, true
+}
+
+func (p *fileParser) parseCIDR(n ast.Node) (CIDR, bool) {
+	switch v := p.value(n); v.(type) {
+	case nil:
+		return CIDR{}, false
+	case *ast.MappingNode, *ast.MappingValueNode:
+	default:
+		pfx, ok := p.parsePrefix(v, "cidr")
+		return CIDR{Prefix: pfx}, ok
+	}
+	m, ok := p.mapping(n, "cidrs entry", []string{"cidr", "except"})
+	if !ok {
+		return CIDR{}, false
+	}
+	v, ok := m["cidr"]
+	if !ok {
+		p.errorf(p.pos(n), "cidrs entry is missing its cidr")
+		return CIDR{}, false
+	}
+	pfx, pfxOK := p.parsePrefix(v.Value, "cidr")
+	valid := pfxOK
+	c := CIDR{Prefix: pfx}
+	if ev, ok := m["except"]; ok {
+		items, ok := p.nonEmptyList(ev.Value, "except", "list at least one CIDR or remove the field")
+		valid = valid && ok
+		for _, item := range items {
+			e, ok := p.parsePrefix(item, "except")
+			if !ok {
+				valid = false
+				continue
+			}
+			if pfxOK && !(e.Addr().BitLen() == pfx.Addr().BitLen() && e.Bits() > pfx.Bits() && pfx.Contains(e.Addr())) {
+				p.errorf(p.pos(item), "except %s does not lie strictly inside %s", e, pfx)
+				valid = false
+				continue
+			}
+			c.Except = append(c.Except, e)
+		}
+		if valid && len(cidrPrefixes([]CIDR{c})) == 0 {
+			p.errorf(p.pos(v.Value), "the except entries cover all of %s; the entry selects nothing", pfx)
+			valid = false
+		}
+	}
+	return c, valid
+}
+
+func (p *fileParser) parseRule(n ast.Node, segs map[string]*Segment, names map[string]Pos) *Rule {
+	m, ok := p.mapping(n, "rule", []string{"name", "from", "to", "ports"})
+	if !ok {
+		return nil
+	}
+	r := &Rule{Pos: p.pos(n)}
+	valid := true
+	if v, ok := m["name"]; !ok {
+		p.errorf(r.Pos, "rule is missing its name")
+		valid = false
+	} else if name, ok := p.name(v.Value, "rule name"); !ok {
+		valid = false
+	} else if first, dup := names[name]; dup {
+		p.errorf(p.pos(v.Value), "duplicate rule %q (first defined at %s)", name, first)
+		valid = false
+	} else {
+		r.Name = name
+		names[name] = r.Pos
+	}
+	var fromExternal, toExternal bool
+	var fromOK, toOK bool
+	r.From, fromExternal, fromOK = p.parseRefs(n, m, "from", segs)
+	r.To, toExternal, toOK = p.parseRefs(n, m, "to", segs)
+	valid = valid && fromOK && toOK
+	if valid && fromExternal && toExternal {
+		p.errorf(r.Pos, "rule %q connects no node: from and to are both external (cidrs) segments", r.Name)
+		valid = false
+	}
+	if v, ok := m["ports"]; !ok {
+		p.errorf(r.Pos, "rule is missing its ports (e.g. ports: [tcp/443])")
+		valid = false
+	} else {
+		items, ok := p.nonEmptyList(v.Value, "ports", "list at least one port such as tcp/443, icmp or any")
+		valid = valid && ok
+		for _, item := range items {
+			pm, ok := p.parsePortEntry(item)
+			if !ok {
+				valid = false
+				continue
+			}
+			r.Ports = append(r.Ports, pm)
+		}
+	}
+	if !valid {
+		return nil
+	}
+	return r
+}
+
+// parseRefs parses the from or to list of a rule. external reports whether every
+// referenced segment is an external (cidrs) segment.
+func (p *fileParser) parseRefs(rule ast.Node, m map[string]*ast.MappingValueNode, field string, segs map[string]*Segment) (refs []string, external, ok bool) {
+	v, present := m[field]
+	if !present {
+		p.errorf(p.pos(rule), "rule is missing %s (a list of segment names)", field)
+		return nil, false, false
+	}
+	items, ok := p.nonEmptyList(v.Value, field, "list at least one segment")
+	if !ok {
+		return nil, false, false
+	}
+	ok, external = true, true
+	var allPos *Pos
+	for _, item := range items {
+		name, good := p.str(item, "segment reference")
+		if !good {
+			ok = false
+			continue
+		}
+		if name == AllSegment {
+			pos := p.pos(item)
+			allPos = &pos
+			external = false
+		} else if s, def := segs[name]; !def {
+			msg := fmt.Sprintf("undefined segment %q", name)
+			cands := make([]string, 0, len(segs)+1)
+			for k := range segs {
+				cands = append(cands, k)
+			}
+			cands = append(cands, AllSegment)
+			if c := closest(name, cands); c != "" {
+				msg += fmt.Sprintf(" (did you mean %q?)", c)
+			}
+			p.errorf(p.pos(item), "%s", msg)
+			ok = false
+			continue
+		} else if !s.External() {
+			external = false
+		}
+		refs = append(refs, name)
+	}
+	if allPos != nil && len(items) > 1 {
+		p.errorf(*allPos, "%q already holds every node; do not combine it with other segments in %s", AllSegment, field)
+		ok = false
+	}
+	return refs, external, ok
+}
+
+func (p *fileParser) parsePortEntry(n ast.Node) (PortMatch, bool) {
+	if n = p.value(n); n == nil {
+		return PortMatch{}, false
+	}
+	switch v := n.(type) {
+	case *ast.StringNode:
+		pm, err := parsePort(v.Value)
+		if err != nil {
+			p.errorf(p.pos(n), "%v", err)
+			return PortMatch{}, false
+		}
+		return pm, true
+	case *ast.IntegerNode:
+		s := v.GetToken().Value
+		p.errorf(p.pos(n), "port %s has no protocol; did you mean tcp/%s or udp/%s?", s, s, s)
+		return PortMatch{}, false
+	}
+	p.errorf(p.pos(n), "port must be a string such as tcp/443, got %s", kindOf(n))
+	return PortMatch{}, false
+}
+
+// closest returns the candidate nearest to s by optimal-string-alignment edit
+// distance (Damerau-Levenshtein with adjacent transpositions), if it is at most
+// 1 for names of up to 3 characters and 2 otherwise; ties go to the smallest name.
+func closest(s string, cands []string) string {
+	limit := 2
+	if len(s) <= 3 {
+		limit = 1
+	}
+	best, bestD := "", limit+1
+	for _, c := range cands {
+		if c == s {
+			continue
+		}
+		if d := editDistance(s, c); d < bestD || d == bestD && c < best {
+			best, bestD = c, d
+		}
+	}
+	if bestD > limit {
+		return ""
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	if len(a) > 64 || len(b) > 64 {
+		return 1 << 20 // not worth a hint; keeps the cost bounded
+	}
+	d := make([][]int, len(a)+1)
+	for i := range d {
+		d[i] = make([]int, len(b)+1)
+		d[i][0] = i
+	}
+	for j := range d[0] {
+		d[0][j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			d[i][j] = min(d[i-1][j]+1, d[i][j-1]+1, d[i-1][j-1]+cost)
+			if i > 1 && j > 1 && a[i-1] == b[j-2] && a[i-2] == b[j-1] {
+				d[i][j] = min(d[i][j], d[i-2][j-2]+1)
+			}
+		}
+	}
+	return d[len(a)][len(b)]
+}
