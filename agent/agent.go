@@ -36,14 +36,18 @@ const (
 	DefaultInterface  = "segmesh0"
 	DefaultListenPort = 51820
 	DefaultResync     = 10 * time.Second
+	// TableName is the nftables table (family and name) the dataplane owns.
+	TableName = "inet segmesh"
 	// MTU of the overlay link: 1500 minus the WireGuard overhead over IPv6 (80 bytes).
 	MTU = 1420
 )
 
 // Options configure Run. Zero values take the documented defaults.
 type Options struct {
-	// Controller is the controller URL ("https://192.0.2.1:7443"). Required on the
-	// first start; later starts default to the enrolled one.
+	// Controller is the controller URL ("https://192.0.2.1:7443"): scheme https and
+	// a host are required, anything else is refused before any connection (the join
+	// token must never travel in cleartext). Required on the first start; later
+	// starts default to the enrolled one.
 	Controller string
 	// Token is the join token; needed only on the first start.
 	Token string
@@ -87,14 +91,18 @@ type agent struct {
 	gossipC chan struct{} // member changes and new netmaps, coalesced
 	reportC chan struct{} // something in the report changed, coalesced
 
+	joins sync.WaitGroup // gossip joins in flight
+
 	mu       sync.Mutex
 	endpoint netip.AddrPort // last discovered; zero until known
 	alive    []string       // netmap peers gossip sees alive, sorted
 }
 
-// Run runs the agent until ctx ends, then stops cleanly and returns nil: the
-// nftables table and kernel state stay (default deny stays in force); a userspace
-// WireGuard device goes away with the process. It returns an error when the state
+// Run runs the agent until ctx ends, then stops cleanly and returns nil. What stays
+// after it returns depends on the dataplane kind: the nftables table always stays
+// (so nothing is open); a kernel WireGuard interface stays with its peers, addresses
+// and routes; a userspace (wireguard-go) interface goes away with the process. It
+// returns an error when the controller URL is not https://HOST[:PORT], when the state
 // directory is unusable, when enrollment is refused, or when the dataplane cannot be
 // opened.
 func Run(ctx context.Context, opts Options) error {
@@ -102,13 +110,27 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil || a == nil {
 		return err
 	}
-	defer func() {
-		if err := a.dp.Close(); err != nil {
-			a.log.Warn("closing dataplane", "err", err)
-		}
-	}()
 	a.run(ctx)
+	kind, st := a.dp.Kind(), a.rec.Status()
+	if err := a.dp.Close(); err != nil {
+		a.log.Warn("closing dataplane", "err", err)
+	}
+	msg, attrs := stoppedMessage(a.id.Interface, kind, st)
+	a.log.Info(msg, attrs...)
 	return nil
+}
+
+// stoppedMessage says what the kernel holds after the agent stopped.
+func stoppedMessage(iface string, kind dataplane.Kind, st reconcile.Status) (string, []any) {
+	attrs := []any{"interface", iface, "table", TableName}
+	if !st.Programmed {
+		return "agent stopped before it programmed the dataplane; whatever an earlier run left stays", attrs
+	}
+	attrs = append(attrs, "revision", st.Revision, "hash", st.Hash)
+	if kind == dataplane.KindKernel {
+		return "agent stopped; the kernel WireGuard interface (peers, addresses, routes) and the nftables table stay in force", attrs
+	}
+	return "agent stopped; the userspace WireGuard interface went away with the process, so the overlay carries no traffic until the agent restarts; the nftables table stays, so nothing is open", attrs
 }
 
 func setup(ctx context.Context, opts Options) (*agent, error) {
@@ -120,6 +142,11 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	}
 	if opts.StateDir == "" {
 		return nil, errors.New("agent: a state directory is required")
+	}
+	if opts.Controller != "" {
+		if err := checkControllerURL("--controller", opts.Controller); err != nil {
+			return nil, err
+		}
 	}
 	if opts.Resync <= 0 {
 		opts.Resync = DefaultResync
@@ -148,6 +175,9 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if ctx.Err() != nil {
 		return nil, nil
 	}
+	if err := checkControllerURL("the controller URL in "+a.dir.Path(), a.id.Controller); err != nil {
+		return nil, fmt.Errorf("%w (pass --controller to replace it)", err)
+	}
 	if n := len(a.id.Interface); n == 0 || n > 15 {
 		return nil, fmt.Errorf("agent: interface name %q must have 1 to 15 bytes", a.id.Interface)
 	}
@@ -173,11 +203,18 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 func (a *agent) run(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
+	var s *syncer
+	// Shutdown order: end the loops, then leave gossip (memberlist sends its leave
+	// over its own sockets), give a join in flight a moment to finish, and drop the
+	// connections to the controller. Run closes the dataplane last.
 	defer func() {
 		cancel()
 		wg.Wait()
 		a.gossip.Stop()
-		a.log.Info("agent stopped; the last applied dataplane state stays in force")
+		a.waitJoins(2 * time.Second)
+		if s != nil {
+			s.close()
+		}
 	}()
 	wg.Go(func() { a.rec.Run(ctx, a.opts.Resync) })
 
@@ -192,14 +229,12 @@ func (a *agent) run(ctx context.Context) {
 	}
 	signal(a.gossipC)
 
-	s, err := newSyncer(a)
-	if err != nil {
+	if s, err = newSyncer(a); err != nil {
 		a.log.Error("cannot talk to the controller", "err", err)
 		<-ctx.Done()
 		return
 	}
 	a.syncer = s
-	defer s.close() // runs after the loops have ended (defers run last-in first-out)
 	wg.Go(func() { a.gossipLoop(ctx) })
 	wg.Go(func() { a.syncer.reportLoop(ctx) })
 	a.syncer.connectLoop(ctx)
@@ -237,28 +272,75 @@ func signal(c chan struct{}) {
 	}
 }
 
+// DownResult says what Down found and removed.
+type DownResult struct {
+	// Interface is the overlay interface name from the agent's identity.
+	Interface string
+	// InterfaceRemoved and TableRemoved say whether the interface and the nftables
+	// table existed (and are now gone).
+	InterfaceRemoved, TableRemoved bool
+	// Unknown is true when the dataplane could not be read around Down, so Down
+	// removed whatever existed without telling what that was.
+	Unknown bool
+}
+
+// String is a one-line summary for the operator, e.g. "removed interface segmesh0
+// and table inet segmesh".
+func (r DownResult) String() string {
+	iface := "interface " + r.Interface
+	table := "table " + TableName
+	switch {
+	case r.Unknown:
+		return fmt.Sprintf("removed %s and %s (whichever existed)", iface, table)
+	case r.InterfaceRemoved && r.TableRemoved:
+		return fmt.Sprintf("removed %s and %s", iface, table)
+	case r.InterfaceRemoved:
+		return fmt.Sprintf("removed %s (%s did not exist)", iface, table)
+	case r.TableRemoved:
+		return fmt.Sprintf("removed %s (%s did not exist)", table, iface)
+	default:
+		return fmt.Sprintf("nothing to remove: neither %s nor %s exists", iface, table)
+	}
+}
+
 // Down removes the overlay interface and the nftables table of the agent whose
 // state directory is stateDir; the interface name comes from its identity. It is
-// not an error when they do not exist. The state directory itself is kept.
-func Down(ctx context.Context, stateDir string, newDP func(iface string) (dataplane.Dataplane, error)) error {
+// not an error when they do not exist; the result says what existed. The state
+// directory itself is kept. Errors: no state directory or identity, a dataplane
+// that cannot be opened, or Down's own refusal or failure (wrapped).
+//
+// What existed is found by reading the dataplane before and after Down: the
+// interface existed when the first read names it (dataplane.Dataplane.Read leaves
+// Interface empty for a missing interface); the table existed when the filter read
+// before Down differs from the one read after it, when no table exists.
+func Down(ctx context.Context, stateDir string, newDP func(iface string) (dataplane.Dataplane, error)) (DownResult, error) {
 	if st, err := os.Stat(stateDir); err != nil || !st.IsDir() {
-		return fmt.Errorf("taking down: no state directory %s", stateDir)
+		return DownResult{}, fmt.Errorf("taking down: no state directory %s", stateDir)
 	}
 	dir, err := statefile.Open(stateDir, slog.Default())
 	if err != nil {
-		return err
+		return DownResult{}, err
 	}
 	id, err := dir.Identity()
 	if err != nil {
-		return fmt.Errorf("taking down: %w", err)
+		return DownResult{}, fmt.Errorf("taking down: %w", err)
 	}
+	res := DownResult{Interface: id.Interface}
 	dp, err := newDP(id.Interface)
 	if err != nil {
-		return fmt.Errorf("opening dataplane for %s: %w", id.Interface, err)
+		return res, fmt.Errorf("opening dataplane for %s: %w", id.Interface, err)
 	}
 	defer dp.Close()
+	before, errBefore := dp.Read(ctx)
 	if err := dp.Down(ctx); err != nil {
-		return fmt.Errorf("taking down %s: %w", id.Interface, err)
+		return res, fmt.Errorf("taking down %s: %w", id.Interface, err)
 	}
-	return nil
+	after, errAfter := dp.Read(ctx)
+	if errBefore != nil || errAfter != nil {
+		res.Unknown = true
+		return res, nil
+	}
+	res.InterfaceRemoved = before.Interface != ""
+	res.TableRemoved = reconcile.Drift(dataplane.State{Filter: before.Filter}, dataplane.State{Filter: after.Filter}) != ""
+	return res, nil
 }

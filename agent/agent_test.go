@@ -571,8 +571,9 @@ func TestEnrollmentRefusedExits(t *testing.T) {
 			r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 			if tt.want != "" {
 				err := r.wait(t)
-				if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "refused") {
-					t.Fatalf("Run = %v, want a refusal mentioning %q", err, tt.want)
+				// The controller's message once, after a short prefix; no connect code.
+				if want := "enrollment refused: " + tt.want; err == nil || err.Error() != want {
+					t.Fatalf("Run = %v, want %q", err, want)
 				}
 				if _, err := os.Stat(filepath.Join(dir, statefile.IdentityFile)); !errors.Is(err, os.ErrNotExist) {
 					t.Error("identity stored after a refused enrollment")
@@ -761,26 +762,292 @@ func TestGossipView(t *testing.T) {
 	}
 }
 
+// downDP is a fake whose Down and Read can be made to fail.
+type downDP struct {
+	*fake.Dataplane
+	downErr error
+}
+
+func (d *downDP) Down(ctx context.Context) error {
+	if d.downErr != nil {
+		return d.downErr
+	}
+	return d.Dataplane.Down(ctx)
+}
+
 func TestDown(t *testing.T) {
 	c := newController(t)
 	dir := enrolled(t, c, wireNetmap(1, 0))
-	dp := fake.New(dataplane.KindUserspace)
-	if err := dp.Apply(context.Background(), dataplane.State{Interface: "smt0"}); err != nil {
-		t.Fatal(err)
+	pb := wireNetmap(1, 0)
+	full := expected(t, dir, pb, nil)
+	running := errors.New("agent with pid 42 still runs; stop it first")
+	tests := []struct {
+		name    string
+		prepare func(dp *downDP)
+		want    DownResult
+		wantMsg string
+		wantErr string
+	}{
+		{name: "interface and table exist", prepare: func(dp *downDP) { _ = dp.Apply(context.Background(), full) },
+			want:    DownResult{Interface: "smt0", InterfaceRemoved: true, TableRemoved: true},
+			wantMsg: "removed interface smt0 and table inet segmesh"},
+		{name: "nothing exists", prepare: func(*downDP) {},
+			want:    DownResult{Interface: "smt0"},
+			wantMsg: "nothing to remove: neither interface smt0 nor table inet segmesh exists"},
+		{name: "read back fails", prepare: func(dp *downDP) {
+			_ = dp.Apply(context.Background(), full)
+			dp.FailRead(errors.New("netlink: boom"))
+		}, want: DownResult{Interface: "smt0", Unknown: true},
+			wantMsg: "removed interface smt0 and table inet segmesh (whichever existed)"},
+		{name: "Down refuses", prepare: func(dp *downDP) { dp.downErr = running },
+			wantErr: "taking down smt0: agent with pid 42 still runs; stop it first"},
 	}
-	var opened string
-	err := Down(context.Background(), dir, func(iface string) (dataplane.Dataplane, error) {
-		opened = iface
-		return dp, nil
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dp := &downDP{Dataplane: fake.New(dataplane.KindUserspace)}
+			tt.prepare(dp)
+			var opened string
+			res, err := Down(context.Background(), dir, func(iface string) (dataplane.Dataplane, error) {
+				opened = iface
+				return dp, nil
+			})
+			if opened != "smt0" || !dp.Closed() {
+				t.Errorf("Down opened %q, closed %v; want smt0 opened and closed", opened, dp.Closed())
+			}
+			if tt.wantErr != "" {
+				if err == nil || err.Error() != tt.wantErr || !errors.Is(err, running) {
+					t.Fatalf("Down = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res != tt.want || res.String() != tt.wantMsg {
+				t.Errorf("Down = %+v %q, want %+v %q", res, res, tt.want, tt.wantMsg)
+			}
+			if _, up := dp.State(); up {
+				t.Error("dataplane still up after Down")
+			}
+		})
+	}
+	if _, err := Down(context.Background(), filepath.Join(t.TempDir(), "nothing"), nil); err == nil || !strings.Contains(err.Error(), "no state directory") {
+		t.Fatalf("Down on a missing directory = %v", err)
+	}
+}
+
+func TestDownResultString(t *testing.T) {
+	tests := []struct {
+		r    DownResult
+		want string
+	}{
+		{DownResult{Interface: "sm0", InterfaceRemoved: true, TableRemoved: true}, "removed interface sm0 and table inet segmesh"},
+		{DownResult{Interface: "sm0", InterfaceRemoved: true}, "removed interface sm0 (table inet segmesh did not exist)"},
+		{DownResult{Interface: "sm0", TableRemoved: true}, "removed table inet segmesh (interface sm0 did not exist)"},
+		{DownResult{Interface: "sm0"}, "nothing to remove: neither interface sm0 nor table inet segmesh exists"},
+		{DownResult{Interface: "sm0", Unknown: true}, "removed interface sm0 and table inet segmesh (whichever existed)"},
+	}
+	for _, tt := range tests {
+		if got := tt.r.String(); got != tt.want {
+			t.Errorf("%+v: %q, want %q", tt.r, got, tt.want)
+		}
+	}
+}
+
+// TestPeerlessNetmapIsReported: a node that no rule mentions gets a netmap without
+// peers or rules, whose dataplane equals the default deny already in force. The
+// agent still enforces it and must report its revision and hash.
+func TestPeerlessNetmapIsReported(t *testing.T) {
+	c := newController(t)
+	pb := &segmeshv1.Netmap{
+		PolicyRevision:  6,
+		Self:            &segmeshv1.Node{Name: "web-1", Addresses: []string{"100.64.0.1/32", "fd5e:6d65:7368::1/128"}},
+		OverlayPrefixes: []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"},
+	}
+	pb.Hash = wire.NetmapHash(pb)
+	c.setNetmap(pb)
+	dir := filepath.Join(t.TempDir(), "state")
+	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	eventually(t, "report of revision 6", func() bool {
+		rep := c.lastReport()
+		return rep != nil && rep.GetAppliedRevision() == 6 && rep.GetAppliedHash() == pb.GetHash() && rep.GetError() == ""
 	})
+	if !holds(r.dp, expected(t, dir, nil, nil)) {
+		t.Error("dataplane is not default deny")
+	}
+	if got := r.dp.Stats().Applies; got != 1 {
+		t.Errorf("applies = %d, want 1 (the netmap needs no kernel change)", got)
+	}
+}
+
+// TestControllerURLMustBeHTTPS: any other scheme (the join token would travel in
+// cleartext) or a URL without a host is refused before any connection, and before
+// the state directory is touched.
+func TestControllerURLMustBeHTTPS(t *testing.T) {
+	// A listener that counts connections: nothing may reach it.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, up := dp.State(); up || opened != "smt0" || !dp.Closed() {
-		t.Fatalf("Down: opened %q, still up %v, closed %v", opened, up, dp.Closed())
+	t.Cleanup(func() { ln.Close() })
+	var mu sync.Mutex
+	conns := 0
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns++
+			mu.Unlock()
+			c.Close()
+		}
+	}()
+	addr := ln.Addr().String()
+	c := newController(t)
+	tests := []struct {
+		url  string
+		want string
+	}{
+		{"http://" + addr, `scheme "http" refused`},
+		{"HTTP://" + addr, `scheme "http" refused`},
+		{"ftp://" + addr, `scheme "ftp" refused`},
+		{"https://", "has no host"},
+		{"https:///segmesh", "has no host"},
+		{"https://:7443", "has no host"},
+		{addr, "not a URL"},
+		{"//" + addr, "has no scheme"},
+		{"https://user:secret@" + addr, "must not carry user information"},
 	}
-	if err := Down(context.Background(), filepath.Join(t.TempDir(), "nothing"), nil); err == nil || !strings.Contains(err.Error(), "no state directory") {
-		t.Fatalf("Down on a missing directory = %v", err)
+	for _, tt := range tests {
+		t.Run(tt.url, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "state")
+			r := start(t, Options{Controller: tt.url, Token: c.token(), StateDir: dir, Name: "web-1"})
+			err := r.wait(t)
+			if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "--controller") || !strings.Contains(err.Error(), "want https://HOST:PORT") {
+				t.Fatalf("Run = %v, want an error naming --controller and %q", err, tt.want)
+			}
+			if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+				t.Error("state directory created before the URL was checked")
+			}
+		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if conns != 0 || len(c.enrolls) != 0 {
+		t.Fatalf("connections = %d, enrollments = %d; want none", conns, len(c.enrolls))
+	}
+
+	// A stored identity with a cleartext URL (written by hand or by an older agent)
+	// is refused as well.
+	dir := enrolled(t, c, nil)
+	d, _ := statefile.Open(dir, slog.Default())
+	id, err := d.Identity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id.Controller = "http://" + addr
+	if err := d.SaveIdentity(id); err != nil {
+		t.Fatal(err)
+	}
+	r := start(t, Options{StateDir: dir})
+	if err := r.wait(t); err == nil || !strings.Contains(err.Error(), `scheme "http" refused`) || !strings.Contains(err.Error(), "pass --controller") {
+		t.Fatalf("Run with a stored http URL = %v", err)
+	}
+	if conns != 0 {
+		t.Fatalf("connections = %d after a stored http URL", conns)
+	}
+}
+
+// TestStopSaysWhatStays: the stop message must be true for the dataplane kind.
+func TestStopSaysWhatStays(t *testing.T) {
+	tests := []struct {
+		kind          dataplane.Kind
+		want, notWant string
+	}{
+		{dataplane.KindKernel, "kernel WireGuard interface (peers, addresses, routes) and the nftables table stay in force", "went away"},
+		{dataplane.KindUserspace, "userspace WireGuard interface went away with the process", "interface (peers"},
+	}
+	for _, tt := range tests {
+		t.Run(string(tt.kind), func(t *testing.T) {
+			c := newController(t)
+			pb := wireNetmap(3, 0)
+			c.setNetmap(pb)
+			r := startWith(t, fake.New(tt.kind), Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
+			eventually(t, "revision 3 reported", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 3 })
+			if err := r.stop(t); err != nil {
+				t.Fatal(err)
+			}
+			logs := r.logs.String()
+			var line string
+			for l := range strings.Lines(logs) {
+				if strings.Contains(l, "agent stopped") {
+					line = l
+				}
+			}
+			if !strings.Contains(line, tt.want) || strings.Contains(line, tt.notWant) || !strings.Contains(line, "revision=3") ||
+				!strings.Contains(line, "interface=smt0") || !strings.Contains(line, `table="inet segmesh"`) {
+				t.Fatalf("stop message %q, want %q with interface, table and revision", line, tt.want)
+			}
+			if strings.Contains(logs, "level=ERROR") {
+				t.Errorf("stopping logged an error:\n%s", logs)
+			}
+		})
+	}
+}
+
+// TestGossipOnlyWithPeers: memberlist runs only while the netmap configures gossip
+// and lists a peer; a peerless node opens no gossip port even with the key.
+func TestGossipOnlyWithPeers(t *testing.T) {
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	a := &agent{
+		opts:    Options{Endpoint: "127.0.0.1:51820"},
+		log:     logger,
+		id:      statefile.Identity{NodeName: "web-1", Controller: "https://127.0.0.1:7443", ListenPort: 51820},
+		wgKey:   dkey(1),
+		gossipC: make(chan struct{}, 1),
+		reportC: make(chan struct{}, 1),
+	}
+	a.rec = reconcile.New(fake.New(dataplane.KindUserspace), reconcile.Local{Interface: "smt0"}, logger)
+	a.gossip = gossip.NewManager(logger, nil)
+	t.Cleanup(a.gossip.Stop)
+	parse := func(pb *segmeshv1.Netmap) *netmap.Netmap {
+		pb.Hash = wire.NetmapHash(pb)
+		nm, err := netmap.Parse(pb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return nm
+	}
+	withPeers := func() *netmap.Netmap { return parse(wireNetmap(1, freePort(t))) }
+	peerless := func() *netmap.Netmap {
+		pb := wireNetmap(2, freePort(t))
+		pb.Peers = nil
+		return parse(pb)
+	}
+	noKey := func() *netmap.Netmap { return parse(wireNetmap(3, 0)) }
+	steps := []struct {
+		name    string
+		nm      func() *netmap.Netmap
+		running bool
+		joins   int
+	}{
+		{name: "peers and key", nm: withPeers, running: true, joins: 1}, // b has no endpoint; c does
+		{name: "key but no peers", nm: peerless},
+		{name: "peers again", nm: withPeers, running: true, joins: 1},
+		{name: "no netmap", nm: func() *netmap.Netmap { return nil }},
+		{name: "peers but no key", nm: noKey},
+		{name: "key but no peers while stopped", nm: peerless},
+	}
+	for _, st := range steps {
+		join := a.gossipStep(st.nm())
+		if got := a.gossip.LocalAddr().IsValid(); got != st.running {
+			t.Fatalf("%s: gossip running = %v, want %v", st.name, got, st.running)
+		}
+		if len(join) != st.joins {
+			t.Fatalf("%s: join addresses %v, want %d", st.name, join, st.joins)
+		}
 	}
 }
 

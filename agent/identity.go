@@ -144,10 +144,10 @@ func discoverEndpoint(explicit, controller string, listenPort int) (netip.AddrPo
 		}
 		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 	}
-	u, err := url.Parse(controller)
-	if err != nil || u.Hostname() == "" {
-		return netip.AddrPort{}, fmt.Errorf("controller URL %q: want https://HOST:PORT", controller)
+	if err := checkControllerURL("controller URL", controller); err != nil {
+		return netip.AddrPort{}, err
 	}
+	u, _ := url.Parse(controller)
 	port := u.Port()
 	if port == "" {
 		port = "443"
@@ -162,3 +162,26 @@ func discoverEndpoint(explicit, controller string, listenPort int) (netip.AddrPo
 }
 
 func wgKey(k [32]byte) wgtypes.Key { return wgtypes.Key(k) }
+
+// checkControllerURL refuses a controller URL that is not https://HOST[:PORT]: the
+// join token and the node's credentials must never travel in cleartext, and a URL
+// without a host cannot be dialled. what names the URL's source in the error (for
+// example "--controller").
+func checkControllerURL(what, raw string) error {
+	const want = "want https://HOST:PORT, e.g. https://192.0.2.1:7443"
+	u, err := url.Parse(raw)
+	if err != nil || u.Opaque != "" {
+		return fmt.Errorf("%s %q is not a URL; %s", what, raw, want)
+	}
+	switch {
+	case u.Scheme == "":
+		return fmt.Errorf("%s %q has no scheme; %s", what, raw, want)
+	case u.Scheme != "https":
+		return fmt.Errorf("%s %q: scheme %q refused: the agent talks to the controller only over TLS, so that the join token never travels in cleartext; %s", what, raw, u.Scheme, want)
+	case u.Hostname() == "":
+		return fmt.Errorf("%s %q has no host; %s", what, raw, want)
+	case u.User != nil:
+		return fmt.Errorf("%s %q must not carry user information; %s", what, raw, want)
+	}
+	return nil
+}

@@ -58,23 +58,28 @@ func (a *agent) gossipLoop(ctx context.Context) {
 		nm := a.rec.Netmap()
 		addrs := a.gossipStep(nm)
 		if join && len(addrs) > 0 && joining.CompareAndSwap(false, true) {
-			// Join blocks up to memberlist's TCP timeout per address; keep it off this loop.
-			go func() {
+			// Join blocks up to memberlist's TCP timeout per address; keep it off this
+			// loop. Shutdown waits for it a bounded time (waitJoins).
+			a.joins.Go(func() {
 				defer joining.Store(false)
 				if n, err := a.gossip.Join(addrs); err != nil {
 					a.log.Debug("joining gossip peers", "addrs", addrs, "err", err)
 				} else if n > 0 {
 					a.log.Info("joined gossip peers", "reached", n)
 				}
-			}()
+			})
 		}
 	}
 }
 
 // gossipStep (re)configures memberlist for nm and publishes what members say. It
 // returns the gossip addresses of netmap peers that are not alive, to join.
+//
+// Memberlist runs only while nm configures gossip and lists at least one peer: a node
+// without peers has nobody to gossip with, so it opens no gossip port (least
+// privilege), even when the controller sent it the key.
 func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
-	if nm == nil || !nm.Gossip.Enabled() {
+	if nm == nil || !nm.Gossip.Enabled() || len(nm.Peers) == 0 {
 		if err := a.gossip.Configure(gossip.Config{}); err != nil {
 			a.log.Warn("stopping gossip", "err", err)
 		}
@@ -118,6 +123,23 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 		}
 	}
 	return join
+}
+
+// waitJoins waits up to d for gossip joins in flight. A join dialling an
+// unreachable address can block for memberlist's TCP timeout (10 s) per address;
+// shutdown does not wait that long, the join then ends on its own against the
+// stopped memberlist.
+func (a *agent) waitJoins(d time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		a.joins.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		a.log.Debug("a gossip join is still dialling; not waiting for it", "waited", d)
+	}
 }
 
 func (a *agent) setAlive(alive []string) {

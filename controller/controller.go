@@ -37,7 +37,6 @@ import (
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
-	"segmesh/policy"
 )
 
 // Defaults applied by New to zero Options fields.
@@ -100,18 +99,17 @@ type Controller struct {
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
 	computeMu sync.Mutex
-	// polMu guards the policy in force.
-	polMu     sync.RWMutex
-	polRev    uint64
-	polParsed *policy.Policy
+	// polMu guards pol, the policy in force (see policy.go).
+	polMu sync.RWMutex
+	pol   policyState
 
 	shutdown chan struct{} // closed when Run starts shutting down
 	runOnce  sync.Once
 }
 
 // New validates opts, creates or loads the PKI, the operator credential, the
-// gossip key and the store in opts.DataDir, loads the latest policy revision, and
-// binds the listen address. It returns an error naming the offending option or
+// gossip key and the store in opts.DataDir, puts the newest valid policy revision
+// in force (see loadPolicy), and binds the listen address. It returns an error naming the offending option or
 // file.
 func New(opts Options) (_ *Controller, err error) {
 	if err := applyDefaults(&opts); err != nil {
@@ -142,6 +140,15 @@ func New(opts Options) (_ *Controller, err error) {
 		c.log.Warn("data directory is accessible by other users; it holds the CA key", "dir", opts.DataDir, "mode", fi.Mode().Perm())
 	}
 
+	// The store comes first: it is the lock that keeps a second controller on the same
+	// data directory from touching anything (certificates, operator.json).
+	st, err := store.Open(filepath.Join(opts.DataDir, StoreFile))
+	if err != nil {
+		return nil, err
+	}
+	c.store = st
+	cleanup = append(cleanup, func() { _ = st.Close() })
+
 	c.ln, err = net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", opts.Listen, err)
@@ -160,13 +167,6 @@ func New(opts Options) (_ *Controller, err error) {
 	if err != nil {
 		return nil, err
 	}
-
-	st, err := store.Open(filepath.Join(opts.DataDir, StoreFile))
-	if err != nil {
-		return nil, err
-	}
-	c.store = st
-	cleanup = append(cleanup, func() { _ = st.Close() })
 
 	var gossipKey []byte
 	err = st.Update(func(tx store.Tx) error {
@@ -193,7 +193,8 @@ func New(opts Options) (_ *Controller, err error) {
 		return nil, err
 	}
 	c.recomputeNow()
-	c.log.Info("controller ready", "listen", c.ln.Addr().String(), "url", c.advertiseURL, "data_dir", opts.DataDir, "policy_revision", c.polRev)
+	serving, _ := c.policyInForce()
+	c.log.Info("controller ready", "listen", c.ln.Addr().String(), "url", c.advertiseURL, "data_dir", opts.DataDir, "policy_revision", serving)
 	return c, nil
 }
 
@@ -272,34 +273,6 @@ func serverSANs(opts Options, advertise string) []string {
 		sans = append(sans, u.Hostname())
 	}
 	return append(sans, opts.SANs...)
-}
-
-// loadPolicy makes the latest stored revision the policy in force. A stored
-// revision that no longer parses is logged and leaves no policy in force: no
-// netmaps are published, so agents keep enforcing their last known good netmap
-// until an operator applies a policy that parses.
-func (c *Controller) loadPolicy() error {
-	var p store.Policy
-	var ok bool
-	err := c.store.View(func(tx store.Tx) error {
-		var err error
-		p, ok, err = tx.LatestPolicy()
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("loading policy: %w", err)
-	}
-	if !ok {
-		return nil
-	}
-	pol, err := policy.Parse(p.Filename, p.Content)
-	c.polRev = p.Revision
-	if err != nil {
-		c.log.Error("stored policy revision does not parse; not publishing netmaps until a new policy is applied", "revision", p.Revision, "err", err)
-		return nil
-	}
-	c.polParsed = pol
-	return nil
 }
 
 // Addr returns the address the controller listens on.

@@ -1,9 +1,12 @@
 package controller
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
+	"errors"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -311,6 +314,18 @@ func TestOperatorAuth(t *testing.T) {
 				_, err := op.GetPolicy(bg, connect.NewRequest(&segmeshv1.GetPolicyRequest{}))
 				return err
 			},
+			"ListPolicyRevisions": func() error {
+				_, err := op.ListPolicyRevisions(bg, connect.NewRequest(&segmeshv1.ListPolicyRevisionsRequest{}))
+				return err
+			},
+			"RollbackPolicy": func() error {
+				_, err := op.RollbackPolicy(bg, connect.NewRequest(&segmeshv1.RollbackPolicyRequest{Revision: 1}))
+				return err
+			},
+			"GetNetmap": func() error {
+				_, err := op.GetNetmap(bg, connect.NewRequest(&segmeshv1.GetNetmapRequest{Node: "a-1"}))
+				return err
+			},
 		}
 		for name, call := range calls {
 			t.Run(name+"/"+token, func(t *testing.T) { wantCode(t, call(), connect.CodeUnauthenticated) })
@@ -491,7 +506,7 @@ func TestSyncPushesOnlyChangedNetmaps(t *testing.T) {
 	var nm *segmeshv1.Netmap
 	for nm = webStream.next(t); nm.GetSelf().GetEndpoint() != "192.0.2.11:51820"; nm = webStream.next(t) {
 	}
-	if nm.PolicyRevision != 0 || len(nm.Peers) != 0 || nm.GetSelf().GetName() != "web-1" || len(nm.GetGossip().GetKey()) != 32 {
+	if nm.PolicyRevision != 0 || len(nm.Peers) != 0 || nm.GetSelf().GetName() != "web-1" || nm.Gossip != nil {
 		t.Fatalf("initial netmap: rev %d peers %v self %v", nm.PolicyRevision, nm.Peers, nm.Self)
 	}
 	for nm = opsStream.next(t); nm.GetSelf().GetEndpoint() != "192.0.2.13:51820"; nm = opsStream.next(t) {
@@ -500,8 +515,8 @@ func TestSyncPushesOnlyChangedNetmaps(t *testing.T) {
 	// Revision 1 gives web-1 a peer: pushed to web-1.
 	apply(t, tc, policyWebDB)
 	nm = webStream.next(t)
-	if nm.PolicyRevision != 1 || len(nm.Peers) != 1 || nm.Peers[0].Name != "db-1" {
-		t.Fatalf("after revision 1: rev %d peers %v", nm.PolicyRevision, nm.Peers)
+	if nm.PolicyRevision != 1 || len(nm.Peers) != 1 || nm.Peers[0].Name != "db-1" || len(nm.GetGossip().GetKey()) != 32 {
+		t.Fatalf("after revision 1: rev %d peers %v gossip %v", nm.PolicyRevision, nm.Peers, nm.Gossip)
 	}
 	if !slices.Equal(nm.Peers[0].AllowedIps, db.resp.Addresses) || string(nm.Peers[0].PublicKey) != string(db.id.publicKey) {
 		t.Errorf("peer db-1: allowed IPs %v, want %v", nm.Peers[0].AllowedIps, db.resp.Addresses)
@@ -634,5 +649,27 @@ func TestShutdownEndsStreams(t *testing.T) {
 		wantCode(t, err, connect.CodeUnavailable)
 	case <-time.After(10 * time.Second):
 		t.Fatal("stream did not end at shutdown")
+	}
+}
+
+// A second controller on the same data directory fails on the store lock before it
+// writes anything, so the running controller's operator.json stays valid.
+func TestSecondControllerSameDataDir(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	startController(t, dir)
+	before, err := os.ReadFile(filepath.Join(dir, OperatorFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(Options{DataDir: dir, Listen: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	if !errors.Is(err, store.ErrLocked) || !strings.Contains(err.Error(), "another segmesh-controller") {
+		t.Fatalf("second New error = %v, want store.ErrLocked naming another controller", err)
+	}
+	after, err := os.ReadFile(filepath.Join(dir, OperatorFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(before, after) {
+		t.Errorf("operator.json changed by the refused second start:\n%s\n->\n%s", before, after)
 	}
 }

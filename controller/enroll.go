@@ -20,6 +20,7 @@ import (
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
+	"segmesh/policy"
 )
 
 // nodeNameRE is the syntax of node names.
@@ -76,6 +77,9 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 	} else if !nodeNameRE.MatchString(name) {
 		return nil, invalidArg("node name %q is not valid (want %s)", name, nodeNameSyntax)
 	}
+	if name == policy.AllSegment {
+		return nil, invalidArg("node name %q is reserved: policies use it for the built-in segment of every node; choose another --name", name)
+	}
 
 	now := c.now()
 	secretHash := tok.SecretHash()
@@ -97,7 +101,7 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 			return connect.NewError(connect.CodeUnauthenticated, errors.New(msgInvalidToken))
 		}
 		if !now.Before(t.ExpiresAt) {
-			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token expired at %s", t.ExpiresAt.UTC().Format(time.RFC3339)))
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token expired at %s; create a new one with `segmesh token create` (--ttl sets its lifetime)", t.ExpiresAt.UTC().Format(time.RFC3339)))
 		}
 		existing, exists, err := tx.Node(name)
 		if err != nil {

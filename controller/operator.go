@@ -1,7 +1,6 @@
 package controller
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
@@ -24,7 +23,6 @@ import (
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
-	"segmesh/policy"
 )
 
 // OperatorCredential is the JSON content of DATA_DIR/operator.json: the
@@ -95,11 +93,12 @@ type operatorService struct{ c *Controller }
 
 // Status implements OperatorService.Status.
 func (s *operatorService) Status(ctx context.Context, _ *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error) {
-	nodes, rev, err := s.c.nodeStatuses()
+	nodes, serving, err := s.c.nodeStatuses()
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&segmeshv1.StatusResponse{PolicyRevision: rev, Nodes: nodes}), nil
+	latest, _, problem := s.c.policyStatus()
+	return connect.NewResponse(&segmeshv1.StatusResponse{PolicyRevision: latest, ServingRevision: serving, PolicyError: problem, Nodes: nodes}), nil
 }
 
 // ListNodes implements OperatorService.ListNodes.
@@ -112,7 +111,7 @@ func (s *operatorService) ListNodes(ctx context.Context, _ *connect.Request[segm
 }
 
 // nodeStatuses returns every node's status sorted by name and the policy
-// revision in force. DesiredRevision is the revision in force, DesiredHash the
+// revision in force (which can be older than the latest stored revision). DesiredRevision is the revision in force, DesiredHash the
 // hash of the node's latest netmap; AppliedRevision and AppliedHash are what the
 // agent last reported, except that AppliedRevision is raised to the revision in
 // force when AppliedHash equals DesiredHash.
@@ -126,9 +125,7 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 	if err != nil {
 		return nil, 0, connect.NewError(connect.CodeInternal, fmt.Errorf("reading nodes: %w", err))
 	}
-	c.polMu.RLock()
-	rev := c.polRev
-	c.polMu.RUnlock()
+	rev, _ := c.policyInForce()
 	out := make([]*segmeshv1.NodeStatus, 0, len(nodes))
 	for _, n := range nodes {
 		st := &segmeshv1.NodeStatus{
@@ -189,9 +186,9 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 	ttl := c.opts.TokenTTL
 	switch {
 	case m.GetTtlSeconds() < 0:
-		return nil, invalidArg("ttl_seconds %d is negative", m.GetTtlSeconds())
+		return nil, invalidArg("token lifetime %v is negative; give a positive --ttl such as 1h", time.Duration(m.GetTtlSeconds())*time.Second)
 	case m.GetTtlSeconds() > int64(pki.CAValidity/time.Second):
-		return nil, invalidArg("ttl_seconds %d exceeds the CA lifetime (%v)", m.GetTtlSeconds(), pki.CAValidity)
+		return nil, invalidArg("token lifetime %v exceeds the controller CA lifetime (%v); give a shorter --ttl", time.Duration(m.GetTtlSeconds())*time.Second, pki.CAValidity)
 	case m.GetTtlSeconds() > 0:
 		ttl = time.Duration(m.GetTtlSeconds()) * time.Second
 	}
@@ -221,103 +218,51 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 	return connect.NewResponse(&segmeshv1.CreateTokenResponse{Token: tok.String(), Id: rec.ID, ExpiresUnix: rec.ExpiresAt.Unix()}), nil
 }
 
-// ApplyPolicy implements OperatorService.ApplyPolicy: parse, compile against the
-// inventory, store as the next revision and publish the new netmaps, all while
-// holding computeMu. A policy that fails is answered with CodeInvalidArgument and
-// its "file:line:col: message" lines, and changes nothing.
+// ApplyPolicy implements OperatorService.ApplyPolicy: validate (parse, compile
+// against the inventory, tests), store as the next revision, publish; see
+// storePolicy.
 func (s *operatorService) ApplyPolicy(ctx context.Context, req *connect.Request[segmeshv1.ApplyPolicyRequest]) (*connect.Response[segmeshv1.ApplyPolicyResponse], error) {
-	c := s.c
 	filename := req.Msg.GetFilename()
 	if filename == "" {
 		filename = "policy.yaml"
 	}
-	content := req.Msg.GetContent()
-
-	c.computeMu.Lock()
-	defer c.computeMu.Unlock()
-	var current store.Policy
-	var hasCurrent bool
-	var nodes []store.Node
-	err := c.store.View(func(tx store.Tx) error {
-		var err error
-		if current, hasCurrent, err = tx.LatestPolicy(); err != nil {
-			return err
-		}
-		nodes, err = tx.Nodes()
-		return err
-	})
+	res, err := s.c.storePolicy(filename, req.Msg.GetContent(), "policy.apply", 0)
 	if err != nil {
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("reading state: %w", err))
+		return nil, err
 	}
-	if hasCurrent && bytes.Equal(current.Content, content) {
-		return connect.NewResponse(&segmeshv1.ApplyPolicyResponse{Revision: current.Revision, Unchanged: true}), nil
-	}
-	rev := current.Revision + 1
-	pol, err := policy.Parse(filename, content)
-	if err != nil {
-		return nil, policyError(err)
-	}
-	nms, err := netmap.Compute(c.netmapCfg, rev, pol, nodes, c.previousNetmap)
-	if err != nil {
-		return nil, policyError(err)
-	}
-	now := c.now()
-	err = c.store.Update(func(tx store.Tx) error {
-		if err := tx.PutPolicy(store.Policy{Revision: rev, Filename: filename, Content: content, AppliedAt: now, AppliedBy: operatorActor}); err != nil {
-			return err
-		}
-		return tx.AppendAudit(store.AuditEntry{
-			Time: now, Actor: operatorActor, Action: "policy.apply",
-			Detail: fmt.Sprintf("revision %d from %s (%d bytes, %d segments, %d rules)", rev, filename, len(content), len(pol.Segments), len(pol.Rules)),
-		})
-	})
-	if err != nil {
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing policy revision %d: %w", rev, err))
-	}
-	// Publish before switching the revision in force, so that a concurrent status
-	// never pairs the new revision with the old netmap hashes.
-	changed := c.hub.Publish(nms)
-	c.polMu.Lock()
-	c.polRev, c.polParsed = rev, pol
-	c.polMu.Unlock()
-	c.log.Info("policy applied", "revision", rev, "file", filename, "nodes", len(nodes), "netmaps_changed", len(changed))
-	return connect.NewResponse(&segmeshv1.ApplyPolicyResponse{Revision: rev}), nil
+	return connect.NewResponse(&segmeshv1.ApplyPolicyResponse{Revision: res.revision, Unchanged: res.unchanged, Warnings: res.warnings}), nil
 }
 
-// policyError turns a parse or compile error into CodeInvalidArgument whose
-// message is the ErrorList lines when there is one.
-func policyError(err error) error {
-	var el policy.ErrorList
-	if errors.As(err, &el) {
-		return connect.NewError(connect.CodeInvalidArgument, errors.New(el.Error()))
-	}
-	return connect.NewError(connect.CodeInvalidArgument, err)
-}
-
-// GetPolicy implements OperatorService.GetPolicy (revision 0 = current).
+// GetPolicy implements OperatorService.GetPolicy; revision 0 is the revision in
+// force. NotFound when the revision does not exist or, for 0, when default deny is
+// in force.
 func (s *operatorService) GetPolicy(ctx context.Context, req *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error) {
+	rev := req.Msg.GetRevision()
+	if rev == 0 {
+		latest, serving, problem := s.c.policyStatus()
+		if serving == 0 {
+			if latest == 0 {
+				return nil, connect.NewError(connect.CodeNotFound, errors.New("no policy has been applied yet (default deny)"))
+			}
+			return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("no policy revision is in force (default deny):\n%s", problem))
+		}
+		rev = serving
+	}
 	var p store.Policy
 	var ok bool
 	err := s.c.store.View(func(tx store.Tx) error {
 		var err error
-		if r := req.Msg.GetRevision(); r != 0 {
-			p, ok, err = tx.Policy(r)
-		} else {
-			p, ok, err = tx.LatestPolicy()
-		}
+		p, ok, err = tx.Policy(rev)
 		return err
 	})
 	if err != nil {
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("reading policy: %w", err))
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("reading policy revision %d: %w", rev, err))
 	}
 	if !ok {
-		if req.Msg.GetRevision() == 0 {
-			return nil, connect.NewError(connect.CodeNotFound, errors.New("no policy has been applied yet (default deny)"))
-		}
-		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("policy revision %d does not exist", req.Msg.GetRevision()))
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("policy revision %d does not exist", rev))
 	}
 	return connect.NewResponse(&segmeshv1.GetPolicyResponse{
-		Revision: p.Revision, Filename: p.Filename, Content: p.Content,
+		Revision: rev, Filename: p.Filename, Content: p.Content,
 		AppliedUnix: p.AppliedAt.Unix(), AppliedBy: p.AppliedBy,
 	}), nil
 }

@@ -2,11 +2,13 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/controller/netmap"
 	"segmesh/controller/store"
+	"segmesh/policy"
 )
 
 // requestRecompute asks the recompute loop for a computation without blocking;
@@ -32,18 +34,13 @@ func (c *Controller) recomputeLoop(ctx context.Context) {
 
 // recomputeNow compiles the policy in force against the current inventory and
 // publishes every node's netmap; the hub wakes only streams whose netmap changed.
-// When compilation fails the previous netmaps stay published and the error is
-// logged.
+// When compilation fails the previous netmaps stay published, and the error is
+// logged and shown in Status until a computation succeeds.
 func (c *Controller) recomputeNow() {
 	c.computeMu.Lock()
 	defer c.computeMu.Unlock()
 	start := time.Now()
-	c.polMu.RLock()
-	rev, pol := c.polRev, c.polParsed
-	c.polMu.RUnlock()
-	if rev > 0 && pol == nil {
-		return // stored policy does not parse; see loadPolicy
-	}
+	rev, pol := c.policyInForce()
 	var nodes []store.Node
 	err := c.store.View(func(tx store.Tx) error {
 		var err error
@@ -52,14 +49,19 @@ func (c *Controller) recomputeNow() {
 	})
 	if err != nil {
 		c.log.Error("computing netmaps: reading inventory", "err", err)
+		c.setComputeErr(fmt.Sprintf("reading the inventory: %v", err))
 		return
 	}
-	nms, err := netmap.Compute(c.netmapCfg, rev, pol, nodes, c.previousNetmap)
-	if err != nil {
-		c.log.Error("computing netmaps; previous netmaps stay in force", "err", err)
-		return
+	var compiled *policy.Compiled
+	if pol != nil {
+		if compiled, err = policy.Compile(pol, netmap.Inventory(nodes)); err != nil {
+			c.log.Error("computing netmaps; previous netmaps stay in force", "revision", rev, "err", err)
+			c.setComputeErr(fmt.Sprintf("policy revision %d does not compile against the current inventory; the previous netmaps stay published:\n%v", rev, err))
+			return
+		}
 	}
-	changed := c.hub.Publish(nms)
+	changed := c.hub.Publish(netmap.FromCompiled(c.netmapCfg, rev, compiled, nodes, c.previousNetmap))
+	c.setComputeErr("")
 	c.log.Debug("netmaps computed", "revision", rev, "nodes", len(nodes), "changed", len(changed), "took", time.Since(start))
 }
 

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 )
 
@@ -119,6 +120,51 @@ func BenchmarkCompileOnly10k(b *testing.B) {
 	for b.Loop() {
 		if _, err := Compile(p, nodes); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// benchTests are assertions over the benchmark policy: flow tests between
+// roles and an only test per environment.
+func benchTests(p *Policy) {
+	pos := func(i int) Pos { return Pos{"bench.yaml", 500 + i, 5} }
+	for r := range 20 {
+		p.Tests = append(p.Tests, Test{Name: fmt.Sprintf("t%d", r), Pos: pos(r),
+			From: Endpoint{Name: fmt.Sprintf("role%d", r)}, To: Endpoint{Name: fmt.Sprintf("role%d", (r+1)%20)},
+			Allow: []PortMatch{{Protocol: ProtoTCP, Ports: []PortRange{{uint16(8000 + r), uint16(8000 + r)}}}},
+			Deny:  []PortMatch{{Protocol: ProtoUDP}}})
+	}
+	p.Tests = append(p.Tests, Test{Name: "staging-only", Pos: pos(30), From: Endpoint{Name: "staging"},
+		Only: []Endpoint{{Name: "role19"}, {Name: "role1"}, {Name: "internet"}}})
+}
+
+// BenchmarkRunTests10k runs 21 tests on the prototype and on 10,000 nodes.
+func BenchmarkRunTests10k(b *testing.B) {
+	p, nodes := benchPolicy(10_000)
+	benchTests(p)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := RunTests(p, nodes); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkDiff10k diffs the benchmark policy against a copy with one more
+// rule on 10,000 nodes.
+func BenchmarkDiff10k(b *testing.B) {
+	p, nodes := benchPolicy(10_000)
+	q := *p
+	q.Rules = append(slices.Clone(p.Rules), Rule{Name: "extra", Pos: Pos{"bench.yaml", 999, 5},
+		From: []string{"role3"}, To: []string{"prod"}, Ports: []PortMatch{{Protocol: ProtoTCP, Ports: []PortRange{{443, 443}}}}})
+	b.ReportAllocs()
+	for b.Loop() {
+		d, err := Diff(p, &q, nodes)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if d.Identical() {
+			b.Fatal("identical")
 		}
 	}
 }

@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/bits"
 	"net/netip"
@@ -54,9 +55,14 @@ type segInfo struct {
 // "name (file:line:col)", sorted); rules are sorted by set. The result does not
 // depend on the order of segments, rules, selectors, lists or nodes.
 //
-// Compile returns an error when node names are empty or duplicated, when a node
-// address is invalid, unspecified, zoned or IPv4-mapped, or when p (if not from
+// Compile returns an error, listing every problem of the inventory one per line,
+// when node names are empty or duplicated; when a node address is invalid,
+// unspecified, zoned or IPv4-mapped, or a node has two addresses of one family;
+// when two nodes hold the same overlay address; when a route is invalid or has
+// host bits set; when a route of one node overlaps a route or an overlay address
+// of another (these errors name both nodes). It also fails when p (if not from
 // Parse) defines a segment twice or a rule references an undefined segment.
+// Routes are validated only; they enter no filter and make no peer.
 func Compile(p *Policy, nodes []Node) (*Compiled, error) {
 	if p == nil {
 		return nil, fmt.Errorf("compiling policy: nil policy")
@@ -107,20 +113,16 @@ func (c *Compiled) indexNodes(nodes []Node) ([]*Node, error) {
 		sorted[i] = &nodes[i]
 	}
 	slices.SortFunc(sorted, func(a, b *Node) int { return cmp.Compare(a.Name, b.Name) })
+	if probs := checkNodes(sorted, true); len(probs) > 0 {
+		errs := make([]error, len(probs))
+		for i, p := range probs {
+			errs[i] = errors.New(p.msg)
+		}
+		return nil, errors.Join(errs...)
+	}
 	c.names = make([]string, len(sorted))
 	c.index = make(map[string]int32, len(sorted))
 	for i, n := range sorted {
-		if n.Name == "" {
-			return nil, fmt.Errorf("a node has an empty name")
-		}
-		if i > 0 && c.names[i-1] == n.Name {
-			return nil, fmt.Errorf("duplicate node name %q", n.Name)
-		}
-		for _, a := range n.Addresses {
-			if !a.IsValid() || a.IsUnspecified() || a.Zone() != "" || a.Is4In6() {
-				return nil, fmt.Errorf("node %q: invalid overlay address %q", n.Name, a)
-			}
-		}
 		c.names[i] = n.Name
 		c.index[n.Name] = int32(i)
 	}

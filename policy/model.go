@@ -15,6 +15,8 @@ type Policy struct {
 	// Segments and Rules are in file order; their order carries no meaning.
 	Segments []Segment
 	Rules    []Rule
+	// Tests are the file's assertions, in file order; RunTests evaluates them.
+	Tests []Test
 }
 
 // Segment is a named set of nodes or of external prefixes. A node segment has
@@ -67,3 +69,25 @@ type Rule struct {
 	// Ports are in file order; Compile merges and sorts them.
 	Ports []PortMatch
 }
+
+// Test is one assertion of a policy file's tests section. A flow test (To set)
+// says that every flow from From to To carries every packet of Allow and no
+// packet of Deny; an only test (Only set, To unset) says that From reaches
+// nothing, on any protocol or port, outside the targets of Only (an empty Only:
+// nothing at all). Endpoints name a segment (which wins over a node of the same
+// name), a node or an address; they never carry a port (ports go in Allow and Deny).
+type Test struct {
+	Name string
+	// Pos is where the test's entry starts (its first key); failures cite it.
+	Pos  Pos
+	From Endpoint
+	// To is the destination of a flow test; the zero Endpoint for an only test.
+	To Endpoint
+	// Allow and Deny are in file order; at least one is non-empty in a flow test.
+	Allow, Deny []PortMatch
+	// Only lists the targets of an only test; nil for a flow test.
+	Only []Endpoint
+}
+
+// IsOnly reports whether t is an only test (rather than a flow test).
+func (t *Test) IsOnly() bool { return t.To == (Endpoint{}) }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
+	"strings"
 
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
@@ -85,28 +86,59 @@ func (p *fileParser) parseYAML(data []byte) (f *ast.File, ok bool) {
 	return f, true
 }
 
-func (p *fileParser) parseFile(data []byte) *Policy {
+// document parses data and returns the body of its single YAML document (nil when
+// the file holds none). what names the file kind in the error for a second document.
+// ok is false when the YAML does not parse (the error is recorded).
+func (p *fileParser) document(data []byte, what string) (body ast.Node, ok bool) {
 	f, ok := p.parseYAML(data)
 	if !ok {
-		return nil
+		return nil, false
 	}
-	var body ast.Node
 	for _, doc := range f.Docs {
 		if doc == nil || doc.Body == nil {
 			continue
 		}
 		if body != nil {
-			p.errorf(p.pos(doc.Body), "a policy file holds one YAML document; remove the extra document")
+			p.errorf(p.pos(doc.Body), "%s holds one YAML document; remove the extra document", what)
 			break
 		}
 		body = doc.Body
+	}
+	return body, true
+}
+
+// definedName reads the required "name" of a rule or test (kind) at pos
+// from m, reports a missing, malformed or duplicate name, and records a new one in
+// names. It returns the name and whether it is valid.
+func (p *fileParser) definedName(m map[string]*ast.MappingValueNode, kind string, pos Pos, names map[string]Pos) (string, bool) {
+	v, ok := m["name"]
+	if !ok {
+		p.errorf(pos, "%s is missing its name", kind)
+		return "", false
+	}
+	name, ok := p.name(v.Value, kind+" name")
+	if !ok {
+		return "", false
+	}
+	if first, dup := names[name]; dup {
+		p.errorf(p.pos(v.Value), "duplicate %s %q (first defined at %s)", kind, name, first)
+		return "", false
+	}
+	names[name] = pos
+	return name, true
+}
+
+func (p *fileParser) parseFile(data []byte) *Policy {
+	body, ok := p.document(data, "a policy file")
+	if !ok {
+		return nil
 	}
 	pol := &Policy{File: p.file}
 	if body == nil {
 		p.errorf(Pos{File: p.file, Line: 1, Col: 1}, `missing "version: 1" (an empty policy is a file holding only "version: 1")`)
 		return nil
 	}
-	top, ok := p.mapping(body, "policy", []string{"version", "segments", "rules"})
+	top, ok := p.mapping(body, "policy", []string{"version", "segments", "rules", "tests"})
 	if !ok {
 		return nil
 	}
@@ -138,6 +170,15 @@ func (p *fileParser) parseFile(data []byte) *Policy {
 		for _, item := range items {
 			if r := p.parseRule(item, segs, names); r != nil {
 				pol.Rules = append(pol.Rules, *r)
+			}
+		}
+	}
+	if v, ok := top["tests"]; ok {
+		names := map[string]Pos{}
+		items, _ := p.list(v.Value, "tests")
+		for _, item := range items {
+			if t := p.parseTest(item, names); t != nil {
+				pol.Tests = append(pol.Tests, *t)
 			}
 		}
 	}
@@ -395,24 +436,33 @@ func (p *fileParser) parsePrefix(n ast.Node, what string) (netip.Prefix, bool) {
 	if !ok {
 		return netip.Prefix{}, false
 	}
-	pfx, err := netip.ParsePrefix(s)
+	pfx, err := parsePrefixText(s, what)
 	if err != nil {
-		if a, aerr := netip.ParseAddr(s); aerr == nil && a.Zone() == "" {
-			p.errorf(p.pos(n), "%s %q is an address, not a CIDR (did you mean %s?)", what, s, netip.PrefixFrom(a, a.BitLen()))
-		} else {
-			p.errorf(p.pos(n), "invalid %s %q: want ADDRESS/BITS, e.g. 192.0.2.0/24", what, s)
-		}
-		return netip.Prefix{}, false
-	}
-	if pfx.Addr().Is4In6() {
-		p.errorf(p.pos(n), "%s %q is an IPv4-mapped IPv6 prefix; write it as an IPv4 CIDR", what, s)
-		return netip.Prefix{}, false
-	}
-	if m := pfx.Masked(); m != pfx {
-		p.errorf(p.pos(n), "%s %s has host bits set (did you mean %s?)", what, pfx, m)
+		p.errorf(p.pos(n), "%v", err)
 		return netip.Prefix{}, false
 	}
 	return pfx, true
+}
+
+// parsePrefixText parses ADDRESS/BITS as netip.ParsePrefix does, refusing
+// IPv4-mapped IPv6 prefixes and prefixes with host bits set; the error names the
+// field (what) and hints the canonical or intended form.
+func parsePrefixText(s, what string) (netip.Prefix, error) {
+	pfx, err := netip.ParsePrefix(s)
+	if err != nil {
+		if a, aerr := netip.ParseAddr(s); aerr == nil && a.Zone() == "" {
+			a = a.Unmap() // an IPv4-mapped address means its IPv4 address
+			return netip.Prefix{}, fmt.Errorf("%s %q is an address, not a CIDR (did you mean %s?)", what, s, netip.PrefixFrom(a, a.BitLen()))
+		}
+		return netip.Prefix{}, fmt.Errorf("invalid %s %q: want ADDRESS/BITS, e.g. 192.0.2.0/24", what, s)
+	}
+	if pfx.Addr().Is4In6() {
+		return netip.Prefix{}, fmt.Errorf("%s %q is an IPv4-mapped IPv6 prefix; write it as an IPv4 CIDR", what, s)
+	}
+	if m := pfx.Masked(); m != pfx {
+		return netip.Prefix{}, fmt.Errorf("%s %s has host bits set (did you mean %s?)", what, pfx, m)
+	}
+	return pfx, nil
 }
 
 func (p *fileParser) parseCIDR(n ast.Node) (CIDR, bool) {
@@ -466,19 +516,8 @@ func (p *fileParser) parseRule(n ast.Node, segs map[string]*Segment, names map[s
 		return nil
 	}
 	r := &Rule{Pos: p.pos(n)}
-	valid := true
-	if v, ok := m["name"]; !ok {
-		p.errorf(r.Pos, "rule is missing its name")
-		valid = false
-	} else if name, ok := p.name(v.Value, "rule name"); !ok {
-		valid = false
-	} else if first, dup := names[name]; dup {
-		p.errorf(p.pos(v.Value), "duplicate rule %q (first defined at %s)", name, first)
-		valid = false
-	} else {
-		r.Name = name
-		names[name] = r.Pos
-	}
+	var valid bool
+	r.Name, valid = p.definedName(m, "rule", r.Pos, names)
 	var fromExternal, toExternal bool
 	var fromOK, toOK bool
 	r.From, fromExternal, fromOK = p.parseRefs(n, m, "from", segs)
@@ -487,6 +526,14 @@ func (p *fileParser) parseRule(n ast.Node, segs map[string]*Segment, names map[s
 	if valid && fromExternal && toExternal {
 		p.errorf(r.Pos, "rule %q connects no node: from and to are both external (cidrs) segments", r.Name)
 		valid = false
+	}
+	if valid {
+		if n, only := soleNode(r.From, segs); only {
+			if m, only := soleNode(r.To, segs); only && m == n {
+				p.errorf(r.Pos, "rule %q matches no packet: from and to hold only node %q, and a node's traffic to itself does not cross the overlay", r.Name, n)
+				valid = false
+			}
+		}
 	}
 	if v, ok := m["ports"]; !ok {
 		p.errorf(r.Pos, "rule is missing its ports (e.g. ports: [tcp/443])")
@@ -507,6 +554,26 @@ func (p *fileParser) parseRule(n ast.Node, segs map[string]*Segment, names map[s
 		return nil
 	}
 	return r
+}
+
+// soleNode reports whether the segments refs hold at most one node, named
+// explicitly, and returns its name: they are node segments without selectors
+// whose node lists name the same single node.
+func soleNode(refs []string, segs map[string]*Segment) (string, bool) {
+	var name string
+	for _, ref := range refs {
+		s := segs[ref]
+		if s == nil || s.External() || len(s.Selectors) > 0 {
+			return "", false
+		}
+		for _, n := range s.Nodes {
+			if name != "" && n != name {
+				return "", false
+			}
+			name = n
+		}
+	}
+	return name, name != ""
 }
 
 // parseRefs parses the from or to list of a rule. external reports whether every
@@ -627,4 +694,131 @@ func editDistance(a, b string) int {
 		}
 	}
 	return d[len(a)][len(b)]
+}
+
+func (p *fileParser) parseTest(n ast.Node, names map[string]Pos) *Test {
+	m, ok := p.mapping(n, "test", []string{"name", "from", "to", "allow", "deny", "only"})
+	if !ok {
+		return nil
+	}
+	t := &Test{Pos: p.pos(n)}
+	var valid bool
+	t.Name, valid = p.definedName(m, "test", t.Pos, names)
+	if v, ok := m["from"]; !ok {
+		p.errorf(t.Pos, "test is missing from (a segment, node or address)")
+		valid = false
+	} else if e, ok := p.testEndpoint(v.Value, "from"); ok {
+		t.From = e
+	} else {
+		valid = false
+	}
+	_, hasTo := m["to"]
+	_, hasOnly := m["only"]
+	_, hasAllow := m["allow"]
+	_, hasDeny := m["deny"]
+	switch {
+	case hasOnly && (hasTo || hasAllow || hasDeny):
+		for _, k := range []string{"to", "allow", "deny"} {
+			if v, ok := m[k]; ok {
+				p.errorf(p.pos(v.Key), "a test with only takes no %s: an only test lists every target from may reach, on any port; write a separate test for %s", k, k)
+			}
+		}
+		valid = false
+	case hasOnly:
+		v := m["only"]
+		if _, isNull := p.value(v.Value).(*ast.NullNode); isNull {
+			p.errorf(p.pos(v.Value), "only needs a list of targets; write only: [] to assert that from reaches nothing")
+			valid = false
+			break
+		}
+		items, ok := p.list(v.Value, "only")
+		valid = valid && ok
+		t.Only = []Endpoint{}
+		for _, item := range items {
+			e, ok := p.testEndpoint(item, "only target")
+			if !ok {
+				valid = false
+				continue
+			}
+			if e.Name == AllSegment && len(items) > 1 {
+				p.errorf(p.pos(item), "%q already holds every node; do not combine it with other targets in only", AllSegment)
+				valid = false
+				continue
+			}
+			t.Only = append(t.Only, e)
+		}
+	case !hasTo:
+		p.errorf(t.Pos, "test needs to (with allow and/or deny) or only")
+		valid = false
+	default:
+		if e, ok := p.testEndpoint(m["to"].Value, "to"); ok {
+			t.To = e
+		} else {
+			valid = false
+		}
+		if !hasAllow && !hasDeny {
+			p.errorf(t.Pos, "test needs allow or deny (lists of ports such as tcp/443, icmp or any)")
+			valid = false
+		}
+		var allowed PortSet
+		for _, k := range []string{"allow", "deny"} {
+			v, ok := m[k]
+			if !ok {
+				continue
+			}
+			items, ok := p.nonEmptyList(v.Value, k, "list at least one port such as tcp/443, icmp or any, or remove the field")
+			valid = valid && ok
+			for _, item := range items {
+				pm, ok := p.parsePortEntry(item)
+				if !ok {
+					valid = false
+					continue
+				}
+				ps := portSetOfMatch(pm)
+				if k == "allow" {
+					t.Allow = append(t.Allow, pm)
+					allowed = allowed.Union(ps)
+				} else {
+					if both := allowed.Intersect(ps); !both.Empty() {
+						p.errorf(p.pos(item), "%s is both in allow and in deny", both)
+						valid = false
+						continue
+					}
+					t.Deny = append(t.Deny, pm)
+				}
+			}
+		}
+	}
+	if !valid {
+		return nil
+	}
+	return t
+}
+
+// testEndpoint parses a test's from, to or only target: a segment or node name
+// or an address, without a port.
+func (p *fileParser) testEndpoint(n ast.Node, what string) (Endpoint, bool) {
+	if seq, ok := n.(*ast.SequenceNode); ok && len(seq.Values) == 1 {
+		if sn, ok := seq.Values[0].(*ast.StringNode); ok {
+			if a, err := netip.ParseAddr(sn.Value); err == nil && a.Is6() {
+				p.errorf(p.pos(n), "%s must be a string, got a list; quote a bracketed IPv6 address: \"[%s]\"", what, sn.Value)
+				return Endpoint{}, false
+			}
+		}
+	}
+	s, ok := p.str(n, what)
+	if !ok {
+		return Endpoint{}, false
+	}
+	e, err := ParseEndpoint(s)
+	if err != nil {
+		p.errorf(p.pos(n), "%s: %v", what, err)
+		return Endpoint{}, false
+	}
+	if e.Port != 0 {
+		e.Port = 0
+		p.errorf(p.pos(n), "%s %q has a port; a test lists ports in allow and deny: write %s and allow: [tcp/%s] (or udp)", what, s, e, s[strings.LastIndexByte(s, ':')+1:])
+		return Endpoint{}, false
+	}
+	return e, true
 }

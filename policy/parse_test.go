@@ -73,6 +73,7 @@ func TestParseErrors(t *testing.T) {
 			`p.yaml:4:33: cidr must be a string, got an integer (quote it: "7")`,
 		}},
 		{"cidr mapped", "version: 1\nsegments:\n  - name: x\n    cidrs: [\"::ffff:10.0.0.0/104\"]\n", []string{`p.yaml:4:13: cidr "::ffff:10.0.0.0/104" is an IPv4-mapped IPv6 prefix; write it as an IPv4 CIDR`}},
+		{"cidr mapped address", "version: 1\nsegments:\n  - name: x\n    cidrs: [\"::ffff:10.0.0.1\"]\n", []string{`p.yaml:4:13: cidr "::ffff:10.0.0.1" is an address, not a CIDR (did you mean 10.0.0.1/32?)`}},
 		{"except outside", "version: 1\nsegments:\n  - name: x\n    cidrs:\n      - cidr: 10.0.0.0/16\n        except: [10.0.0.0/16, 10.1.0.0/24, 10.0.0.0/8, \"fd00::/64\", 10.0.0.5/24]\n", []string{
 			`p.yaml:6:18: except 10.0.0.0/16 does not lie strictly inside 10.0.0.0/16`,
 			`p.yaml:6:31: except 10.1.0.0/24 does not lie strictly inside 10.0.0.0/16`,

@@ -20,6 +20,10 @@ type Node struct {
 	Labels map[string]string
 	// Addresses are the node's overlay addresses, normally one IPv4 and one IPv6.
 	Addresses []netip.Addr
+	// Routes are prefixes the node routes into the overlay (for example a subnet
+	// behind it). Routes of two nodes never overlap, and no route holds another
+	// node's overlay address: Compile refuses the inventory otherwise.
+	Routes []netip.Prefix
 }
 
 // NodeView is what one node receives from a compiled policy (least privilege).

@@ -18,6 +18,10 @@ var (
 		{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Except: pfxs("198.51.100.128/25")},
 		{Prefix: netip.MustParsePrefix("10.0.0.0/8"), Except: pfxs("10.1.0.0/16", "10.2.3.0/24")},
 		{Prefix: netip.MustParsePrefix("2001:db8::/32"), Except: pfxs("2001:db8:1::/48")},
+		// External segments may hold overlay addresses too: they open filters but
+		// make no peers.
+		{Prefix: netip.MustParsePrefix("100.64.0.0/30")},
+		{Prefix: netip.MustParsePrefix("fd00::/126")},
 	}
 	portPool = []string{"tcp/22", "tcp/80-90", "tcp/85-100", "tcp/101", "tcp/103", "udp/53", "udp", "tcp", "icmp", "any", "tcp/65535", "udp/1-10"}
 	// probePorts covers every boundary of portPool.
@@ -27,6 +31,10 @@ var (
 		netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.200"),
 		netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("10.2.3.4"), netip.MustParseAddr("10.2.4.4"),
 		netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8:1::1"), netip.MustParseAddr("203.0.113.1"),
+		// Inside the overlay-covering pool entries; 100.64.0.0 and fd00:: are no
+		// node's address, the others may be.
+		netip.MustParseAddr("100.64.0.0"), netip.MustParseAddr("100.64.0.3"), netip.MustParseAddr("100.64.0.4"),
+		netip.MustParseAddr("fd00::"), netip.MustParseAddr("fd00::3"), netip.MustParseAddr("fd00::4"),
 	}
 )
 

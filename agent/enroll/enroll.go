@@ -72,8 +72,30 @@ type Result struct {
 	CertDER []byte
 }
 
-// Enroll makes one enrollment attempt. Errors from the controller keep their connect
-// code (see connect.CodeOf and Retryable); a CA that does not match the token is
+// RefusedError is a refusal by the controller (any code Retryable rejects): a bad,
+// expired or used join token, a name or key already taken, an invalid request.
+type RefusedError struct {
+	// Controller is the URL the request went to.
+	Controller string
+	// Err is the controller's error; connect.CodeOf and errors.As see it through
+	// Unwrap.
+	Err *connect.Error
+}
+
+// Error gives the controller's message once, without the code, e.g. "enrollment
+// refused: join token expired at 2025-01-01T00:00:00Z".
+func (e *RefusedError) Error() string {
+	if msg := e.Err.Message(); msg != "" {
+		return "enrollment refused: " + msg
+	}
+	return "enrollment refused (" + e.Err.Code().String() + ")"
+}
+
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// Enroll makes one enrollment attempt. A refusal by the controller is a
+// *RefusedError; other controller errors are wrapped with their connect code (see
+// connect.CodeOf and Retryable); a CA that does not match the token is
 // ErrCAMismatch.
 func Enroll(ctx context.Context, req Request) (*Result, error) {
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
@@ -98,8 +120,9 @@ func Enroll(ctx context.Context, req Request) (*Result, error) {
 		if errors.As(err, &pe) {
 			return nil, fmt.Errorf("enrolling with %s: %w", req.Controller, pe)
 		}
-		if code := connect.CodeOf(err); !Retryable(err) {
-			return nil, fmt.Errorf("enrollment refused by the controller at %s (%s): %w", req.Controller, code, err)
+		var ce *connect.Error
+		if errors.As(err, &ce) && !Retryable(err) {
+			return nil, &RefusedError{Controller: req.Controller, Err: ce}
 		}
 		return nil, fmt.Errorf("enrolling with %s: %w", req.Controller, err)
 	}

@@ -104,6 +104,8 @@ func TestEnroll(t *testing.T) {
 		refuse    *connect.Error
 		mangle    func(*segmeshv1.EnrollResponse)
 		wantErr   string // substring; "" means success
+		wantExact string // the whole message, when set
+		wantCode  connect.Code
 		wantIs    error
 		retryable bool
 		reached   bool // the handler must (not) be called
@@ -143,6 +145,19 @@ func TestEnroll(t *testing.T) {
 			name: "reused token refused with the controller's message", chain: good, token: tokenFor(t, ca.DER),
 			refuse:  connect.NewError(connect.CodePermissionDenied, errors.New("join token already used")),
 			wantErr: "join token already used", reached: true,
+			wantExact: "enrollment refused: join token already used", wantCode: connect.CodePermissionDenied,
+		},
+		{
+			name: "expired token: the controller's message once, no code", chain: good, token: tokenFor(t, ca.DER),
+			refuse:  connect.NewError(connect.CodePermissionDenied, errors.New("join token expired at 2025-01-01T00:00:00Z")),
+			wantErr: "expired", reached: true,
+			wantExact: "enrollment refused: join token expired at 2025-01-01T00:00:00Z", wantCode: connect.CodePermissionDenied,
+		},
+		{
+			name: "refusal without a message names the code", chain: good, token: tokenFor(t, ca.DER),
+			refuse:  connect.NewError(connect.CodeUnauthenticated, nil),
+			wantErr: "refused", reached: true,
+			wantExact: "enrollment refused (unauthenticated)", wantCode: connect.CodeUnauthenticated,
 		},
 		{
 			name: "unavailable is retryable", chain: good, token: tokenFor(t, ca.DER),
@@ -191,6 +206,12 @@ func TestEnroll(t *testing.T) {
 				}
 				if !strings.Contains(err.Error(), tt.wantErr) {
 					t.Errorf("error %q does not contain %q", err, tt.wantErr)
+				}
+				if tt.wantExact != "" && err.Error() != tt.wantExact {
+					t.Errorf("error %q, want exactly %q", err, tt.wantExact)
+				}
+				if tt.wantCode != 0 && connect.CodeOf(err) != tt.wantCode {
+					t.Errorf("code %v, want %v", connect.CodeOf(err), tt.wantCode)
 				}
 				if tt.wantIs != nil && !errors.Is(err, tt.wantIs) {
 					t.Errorf("error %v is not %v", err, tt.wantIs)

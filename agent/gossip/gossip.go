@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -110,6 +111,7 @@ type Manager struct {
 	cfg      Config
 	ml       *memberlist.Memberlist
 	delegate *delegate
+	logs     *logWriter // the running instance's log sink
 }
 
 // NewManager returns a stopped manager. onChange is called, from memberlist's
@@ -149,25 +151,26 @@ func (m *Manager) Configure(cfg Config) error {
 	}
 	m.stopLocked()
 	d := &delegate{onChange: m.onChange, meta: cfg.Meta.Encode()}
-	ml, err := memberlist.Create(m.memberlistConfig(cfg, cfg.BindAddr, d))
+	lw := &logWriter{log: m.log}
+	ml, err := memberlist.Create(m.memberlistConfig(cfg, cfg.BindAddr, d, lw))
 	if err != nil && !cfg.BindAddr.IsUnspecified() {
 		wild := netip.IPv4Unspecified()
 		if cfg.BindAddr.Is6() {
 			wild = netip.IPv6Unspecified()
 		}
 		m.log.Warn("binding gossip to the endpoint address failed; binding the wildcard address", "addr", cfg.BindAddr, "err", err)
-		ml, err = memberlist.Create(m.memberlistConfig(cfg, wild, d))
+		ml, err = memberlist.Create(m.memberlistConfig(cfg, wild, d, lw))
 	}
 	if err != nil {
 		return fmt.Errorf("starting gossip on %s: %w", net.JoinHostPort(cfg.BindAddr.String(), strconv.Itoa(cfg.Port)), err)
 	}
-	m.ml, m.cfg, m.delegate = ml, cfg, d
+	m.ml, m.cfg, m.delegate, m.logs = ml, cfg, d, lw
 	ln := ml.LocalNode()
 	m.log.Info("gossip started", "name", cfg.NodeName, "addr", ln.Address())
 	return nil
 }
 
-func (m *Manager) memberlistConfig(cfg Config, bind netip.Addr, d *delegate) *memberlist.Config {
+func (m *Manager) memberlistConfig(cfg Config, bind netip.Addr, d *delegate, lw *logWriter) *memberlist.Config {
 	c := memberlist.DefaultLANConfig()
 	c.Name = cfg.NodeName
 	c.BindAddr = bind.String()
@@ -181,7 +184,7 @@ func (m *Manager) memberlistConfig(cfg Config, bind netip.Addr, d *delegate) *me
 	c.Events = d
 	// A restarted agent may come back with a new address under the same name.
 	c.DeadNodeReclaimTime = 10 * time.Second
-	c.Logger = log.New(&logWriter{log: m.log}, "", 0)
+	c.Logger = log.New(lw, "", 0)
 	return c
 }
 
@@ -269,10 +272,15 @@ func (m *Manager) stopLocked() {
 	if err := m.ml.Leave(time.Second); err != nil {
 		m.log.Debug("leaving gossip", "err", err)
 	}
+	// memberlist's Shutdown closes its sockets before it stops its probe and gossip
+	// timers, so a probe in flight fails with "use of closed network connection";
+	// from here on that is expected and logged at debug level.
+	m.logs.stopping.Store(true)
 	if err := m.ml.Shutdown(); err != nil {
 		m.log.Warn("stopping gossip", "err", err)
 	}
-	m.ml, m.delegate, m.cfg = nil, nil, Config{}
+	m.log.Info("gossip stopped", "name", m.cfg.NodeName)
+	m.ml, m.delegate, m.cfg, m.logs = nil, nil, Config{}, nil
 	m.onChange()
 }
 
@@ -307,7 +315,12 @@ func (d *delegate) NotifyLeave(*memberlist.Node)               { d.onChange() }
 func (d *delegate) NotifyUpdate(*memberlist.Node)              { d.onChange() }
 
 // logWriter turns memberlist's "[LEVEL] memberlist: message" lines into slog records.
-type logWriter struct{ log *slog.Logger }
+// Once stopping is set, errors about closed sockets are demoted to debug: they come
+// from memberlist's own shutdown order, not from a fault.
+type logWriter struct {
+	log      *slog.Logger
+	stopping atomic.Bool
+}
 
 func (w *logWriter) Write(p []byte) (int, error) {
 	line := strings.TrimSpace(string(p))
@@ -322,6 +335,9 @@ func (w *logWriter) Write(p []byte) (int, error) {
 		}
 	}
 	line = strings.TrimPrefix(line, "memberlist: ")
+	if level > slog.LevelDebug && w.stopping.Load() && strings.Contains(line, net.ErrClosed.Error()) {
+		level = slog.LevelDebug
+	}
 	w.log.Log(context.Background(), level, line)
 	return len(p), nil
 }

@@ -144,16 +144,25 @@ func TestWrongKeyCannotJoin(t *testing.T) {
 }
 
 func TestLogWriterLevels(t *testing.T) {
-	tests := []struct{ in, level, msg string }{
-		{"[DEBUG] memberlist: Stream connection from=1.2.3.4", "DEBUG", "Stream connection from=1.2.3.4"},
-		{"[WARN] memberlist: Was able to connect", "WARN", "Was able to connect"},
-		{"[ERR] memberlist: Failed to send", "ERROR", "Failed to send"},
-		{"[INFO] memberlist: Suspect b", "INFO", "Suspect b"},
-		{"plain line", "INFO", "plain line"},
+	const closedPing = "[ERR] memberlist: Failed to send UDP ping: write udp 127.0.0.1:7946->127.0.0.1:7947: use of closed network connection"
+	tests := []struct {
+		in, level, msg string
+		stopping       bool // memberlist is shutting down
+	}{
+		{in: "[DEBUG] memberlist: Stream connection from=1.2.3.4", level: "DEBUG", msg: "Stream connection from=1.2.3.4"},
+		{in: "[WARN] memberlist: Was able to connect", level: "WARN", msg: "Was able to connect"},
+		{in: "[ERR] memberlist: Failed to send", level: "ERROR", msg: "Failed to send"},
+		{in: "[INFO] memberlist: Suspect b", level: "INFO", msg: "Suspect b"},
+		{in: "plain line", level: "INFO", msg: "plain line"},
+		{in: closedPing, level: "ERROR", msg: "Failed to send UDP ping"},
+		{in: closedPing, level: "DEBUG", msg: "Failed to send UDP ping", stopping: true},
+		{in: "[ERR] memberlist: Failed to send gossip to 127.0.0.1:7947: use of closed network connection", level: "DEBUG", msg: "Failed to send gossip", stopping: true},
+		{in: "[ERR] memberlist: Failed to send UDP ping: write udp: network is unreachable", level: "ERROR", msg: "network is unreachable", stopping: true},
 	}
 	for _, tt := range tests {
 		var buf syncBuffer
 		w := &logWriter{log: slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+		w.stopping.Store(tt.stopping)
 		if _, err := w.Write([]byte(tt.in + "\n")); err != nil {
 			t.Fatal(err)
 		}
@@ -161,5 +170,37 @@ func TestLogWriterLevels(t *testing.T) {
 		if !strings.Contains(got, "level="+tt.level) || !strings.Contains(got, tt.msg) || strings.Contains(got, "memberlist:") {
 			t.Errorf("%q logged as %q, want level %s and message %q", tt.in, got, tt.level, tt.msg)
 		}
+	}
+}
+
+// TestStopDemotesClosedSocketErrors checks that Stop marks the running instance's log
+// sink as stopping (before memberlist's Shutdown closes its sockets while probes may
+// still be in flight), so those errors do not reach the log as ERROR.
+func TestStopDemotesClosedSocketErrors(t *testing.T) {
+	var buf syncBuffer
+	m := NewManager(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), nil)
+	if err := m.Configure(Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")}); err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	lw := m.logs
+	m.mu.Unlock()
+	if lw == nil || lw.stopping.Load() {
+		t.Fatal("running instance has no log sink or is already stopping")
+	}
+	m.Stop()
+	if !lw.stopping.Load() {
+		t.Fatal("Stop did not mark the log sink as stopping")
+	}
+	// What memberlist's probe goroutine logs when it loses the race with Shutdown.
+	if _, err := lw.Write([]byte("[ERR] memberlist: Failed to send UDP ping: write udp 127.0.0.1:1->127.0.0.1:2: use of closed network connection\n")); err != nil {
+		t.Fatal(err)
+	}
+	logs := buf.String()
+	if strings.Contains(logs, "level=ERROR") {
+		t.Errorf("stopping logged an error:\n%s", logs)
+	}
+	if !strings.Contains(logs, `msg="gossip stopped"`) {
+		t.Errorf("Stop was not logged:\n%s", logs)
 	}
 }

@@ -245,8 +245,11 @@ type Status struct {
 	// Generation is the desired-state generation the latest step worked on; it
 	// grows with every SetNetmap and every effective SetEndpoints.
 	Generation uint64
-	// Revision and Hash identify the netmap the dataplane holds (zero and "" for
-	// default deny). They change only when an apply succeeds.
+	// Revision and Hash identify the netmap the dataplane enforces (zero and "" for
+	// default deny). They change when a step finds the kernel holding the netmap's
+	// desired state: after a successful apply, or after a read-back when the state
+	// already in force is what the new netmap asks for (then nothing is applied).
+	// A failed apply or read-back keeps the previous values.
 	Revision uint64
 	Hash     string
 	// Programmed is true once an apply has succeeded.
@@ -423,7 +426,12 @@ func (r *Reconciler) step(ctx context.Context) {
 		}
 		diff = Drift(desired, observed)
 		if diff == "" {
-			r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, nil)
+			// The kernel already holds what nm asks for (for example a netmap without
+			// peers or rules after default deny): nm is enforced without a change.
+			if !sameNetmap(prev, nm) {
+				r.log.Info("enforcing netmap; the dataplane already holds its state", "revision", revisionOf(nm), "hash", hashOf(nm))
+			}
+			r.setStatus(gen, revisionOf(nm), hashOf(nm), prev.Programmed, nil)
 			return
 		}
 	}
@@ -447,11 +455,7 @@ func (r *Reconciler) step(ctx context.Context) {
 		}
 	}
 	r.lastDesired = &desired
-	var hash string
-	if nm != nil {
-		hash = nm.Hash
-	}
-	r.setStatus(gen, revisionOf(nm), hash, true, nil)
+	r.setStatus(gen, revisionOf(nm), hashOf(nm), true, nil)
 }
 
 func sameNetmap(st Status, nm *netmap.Netmap) bool {
@@ -466,6 +470,13 @@ func revisionOf(nm *netmap.Netmap) uint64 {
 		return 0
 	}
 	return nm.Revision
+}
+
+func hashOf(nm *netmap.Netmap) string {
+	if nm == nil {
+		return ""
+	}
+	return nm.Hash
 }
 
 func (r *Reconciler) setStatus(gen, rev uint64, hash string, programmed bool, err error) {

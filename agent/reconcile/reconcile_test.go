@@ -3,6 +3,7 @@ package reconcile
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -388,5 +389,53 @@ func TestReconcilerGossipEndpoints(t *testing.T) {
 	}
 	if _, changed := r.SetEndpoints(map[dataplane.Key]netip.AddrPort{key(3): newEP, key(7): netip.MustParseAddrPort("198.51.100.7:1")}); changed {
 		t.Fatal("same endpoints reported as a change")
+	}
+}
+
+// TestReconcilerRecordsNetmapWithoutKernelChange covers a node that no rule mentions:
+// its netmap has no peers and no rules, so its desired state equals the default deny
+// already in force. The netmap is still enforced and must be recorded (revision and
+// hash), or the agent would report revision 0 forever.
+func TestReconcilerRecordsNetmapWithoutKernelChange(t *testing.T) {
+	r, dp, logs := start(t, time.Hour)
+	if st := wait(t, r, r.SetNetmap(nil)); st.Err != nil || st.Revision != 0 {
+		t.Fatalf("status after default deny = %+v", st)
+	}
+	peerless := func(rev uint64) *netmap.Netmap {
+		return &netmap.Netmap{
+			Revision:        rev,
+			Hash:            fmt.Sprintf("h%d", rev),
+			Self:            netmap.Node{Name: "a", Addresses: local.Addresses},
+			OverlayPrefixes: local.Routes,
+		}
+	}
+	tests := []struct {
+		name     string
+		nm       *netmap.Netmap
+		wantRev  uint64
+		wantHash string
+		applies  int // applies in total after the step
+	}{
+		{name: "peerless netmap after default deny", nm: peerless(6), wantRev: 6, wantHash: "h6", applies: 1},
+		{name: "next revision, same state", nm: peerless(7), wantRev: 7, wantHash: "h7", applies: 1},
+		{name: "netmap with peers applies", nm: testNetmap(), wantRev: 7, wantHash: "h7", applies: 2},
+		{name: "peerless again applies", nm: peerless(8), wantRev: 8, wantHash: "h8", applies: 3},
+		{name: "back to default deny, same state", nm: nil, wantRev: 0, wantHash: "", applies: 3},
+	}
+	for _, tt := range tests {
+		st := wait(t, r, r.SetNetmap(tt.nm))
+		if st.Err != nil || !st.Programmed || st.Revision != tt.wantRev || st.Hash != tt.wantHash {
+			t.Fatalf("%s: status = %+v, want revision %d hash %q", tt.name, st, tt.wantRev, tt.wantHash)
+		}
+		if got := dp.Stats().Applies; got != tt.applies {
+			t.Fatalf("%s: applies = %d, want %d", tt.name, got, tt.applies)
+		}
+		got, _ := dp.State()
+		if d := Drift(Desired(local, tt.nm, nil), got); d != "" {
+			t.Fatalf("%s: dataplane drifted: %s", tt.name, d)
+		}
+	}
+	if !strings.Contains(logs.String(), "already holds its state") {
+		t.Error("enforcing a netmap without a kernel change was not logged")
 	}
 }

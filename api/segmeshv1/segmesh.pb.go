@@ -1198,11 +1198,18 @@ func (*StatusRequest) Descriptor() ([]byte, []int) {
 }
 
 type StatusResponse struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	PolicyRevision uint64                 `protobuf:"varint,1,opt,name=policy_revision,json=policyRevision,proto3" json:"policy_revision,omitempty"`
-	Nodes          []*NodeStatus          `protobuf:"bytes,2,rep,name=nodes,proto3" json:"nodes,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Latest stored policy revision (0 when none was applied).
+	PolicyRevision uint64        `protobuf:"varint,1,opt,name=policy_revision,json=policyRevision,proto3" json:"policy_revision,omitempty"`
+	Nodes          []*NodeStatus `protobuf:"bytes,2,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// Revision whose netmaps the controller distributes: policy_revision, or the last
+	// valid revision when the stored one is unreadable or invalid (0: default deny).
+	ServingRevision uint64 `protobuf:"varint,3,opt,name=serving_revision,json=servingRevision,proto3" json:"serving_revision,omitempty"`
+	// Why the controller does not serve policy_revision, or why it could not compute
+	// netmaps for the current inventory; empty when healthy.
+	PolicyError   string `protobuf:"bytes,4,opt,name=policy_error,json=policyError,proto3" json:"policy_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -1247,6 +1254,20 @@ func (x *StatusResponse) GetNodes() []*NodeStatus {
 		return x.Nodes
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetServingRevision() uint64 {
+	if x != nil {
+		return x.ServingRevision
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetPolicyError() string {
+	if x != nil {
+		return x.PolicyError
+	}
+	return ""
 }
 
 type ListNodesRequest struct {
@@ -1507,7 +1528,11 @@ type ApplyPolicyResponse struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Revision uint64                 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
 	// True when the content equals the current revision and nothing was stored.
-	Unchanged     bool `protobuf:"varint,2,opt,name=unchanged,proto3" json:"unchanged,omitempty"`
+	Unchanged bool `protobuf:"varint,2,opt,name=unchanged,proto3" json:"unchanged,omitempty"`
+	// Tests that could pass only vacuously on the current inventory (an endpoint
+	// matches no enrolled node yet), as "file:line:col: message" lines; they do not
+	// block the apply. Every other test failure refuses it.
+	Warnings      []string `protobuf:"bytes,3,rep,name=warnings,proto3" json:"warnings,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1554,6 +1579,13 @@ func (x *ApplyPolicyResponse) GetUnchanged() bool {
 		return x.Unchanged
 	}
 	return false
+}
+
+func (x *ApplyPolicyResponse) GetWarnings() []string {
+	if x != nil {
+		return x.Warnings
+	}
+	return nil
 }
 
 type GetPolicyRequest struct {
@@ -1676,6 +1708,472 @@ func (x *GetPolicyResponse) GetAppliedBy() string {
 	return ""
 }
 
+// One stored policy revision, without its content.
+type PolicyRevision struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Revision    uint64                 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	AppliedUnix int64                  `protobuf:"varint,2,opt,name=applied_unix,json=appliedUnix,proto3" json:"applied_unix,omitempty"`
+	AppliedBy   string                 `protobuf:"bytes,3,opt,name=applied_by,json=appliedBy,proto3" json:"applied_by,omitempty"`
+	Filename    string                 `protobuf:"bytes,4,opt,name=filename,proto3" json:"filename,omitempty"`
+	// Hex SHA-256 of the policy file content.
+	Sha256 string `protobuf:"bytes,5,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// For a rollback: the revision whose content this revision restored; else 0.
+	RestoredFrom uint64 `protobuf:"varint,6,opt,name=restored_from,json=restoredFrom,proto3" json:"restored_from,omitempty"`
+	// Non-empty when the stored record cannot be decoded.
+	Error         string `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PolicyRevision) Reset() {
+	*x = PolicyRevision{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PolicyRevision) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PolicyRevision) ProtoMessage() {}
+
+func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PolicyRevision.ProtoReflect.Descriptor instead.
+func (*PolicyRevision) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *PolicyRevision) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *PolicyRevision) GetAppliedUnix() int64 {
+	if x != nil {
+		return x.AppliedUnix
+	}
+	return 0
+}
+
+func (x *PolicyRevision) GetAppliedBy() string {
+	if x != nil {
+		return x.AppliedBy
+	}
+	return ""
+}
+
+func (x *PolicyRevision) GetFilename() string {
+	if x != nil {
+		return x.Filename
+	}
+	return ""
+}
+
+func (x *PolicyRevision) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *PolicyRevision) GetRestoredFrom() uint64 {
+	if x != nil {
+		return x.RestoredFrom
+	}
+	return 0
+}
+
+func (x *PolicyRevision) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ListPolicyRevisionsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPolicyRevisionsRequest) Reset() {
+	*x = ListPolicyRevisionsRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPolicyRevisionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPolicyRevisionsRequest) ProtoMessage() {}
+
+func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPolicyRevisionsRequest.ProtoReflect.Descriptor instead.
+func (*ListPolicyRevisionsRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+}
+
+type ListPolicyRevisionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Oldest first.
+	Revisions       []*PolicyRevision `protobuf:"bytes,1,rep,name=revisions,proto3" json:"revisions,omitempty"`
+	ServingRevision uint64            `protobuf:"varint,2,opt,name=serving_revision,json=servingRevision,proto3" json:"serving_revision,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ListPolicyRevisionsResponse) Reset() {
+	*x = ListPolicyRevisionsResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPolicyRevisionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPolicyRevisionsResponse) ProtoMessage() {}
+
+func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPolicyRevisionsResponse.ProtoReflect.Descriptor instead.
+func (*ListPolicyRevisionsResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ListPolicyRevisionsResponse) GetRevisions() []*PolicyRevision {
+	if x != nil {
+		return x.Revisions
+	}
+	return nil
+}
+
+func (x *ListPolicyRevisionsResponse) GetServingRevision() uint64 {
+	if x != nil {
+		return x.ServingRevision
+	}
+	return 0
+}
+
+type RollbackPolicyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Revision whose content becomes the next revision.
+	Revision      uint64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RollbackPolicyRequest) Reset() {
+	*x = RollbackPolicyRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RollbackPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RollbackPolicyRequest) ProtoMessage() {}
+
+func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RollbackPolicyRequest.ProtoReflect.Descriptor instead.
+func (*RollbackPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *RollbackPolicyRequest) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type RollbackPolicyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new revision (or the revision in force when unchanged).
+	Revision uint64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	// True when the revision in force already holds that content and nothing was stored.
+	Unchanged bool `protobuf:"varint,2,opt,name=unchanged,proto3" json:"unchanged,omitempty"`
+	// As ApplyPolicyResponse.warnings.
+	Warnings      []string `protobuf:"bytes,3,rep,name=warnings,proto3" json:"warnings,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RollbackPolicyResponse) Reset() {
+	*x = RollbackPolicyResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RollbackPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RollbackPolicyResponse) ProtoMessage() {}
+
+func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RollbackPolicyResponse.ProtoReflect.Descriptor instead.
+func (*RollbackPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *RollbackPolicyResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *RollbackPolicyResponse) GetUnchanged() bool {
+	if x != nil {
+		return x.Unchanged
+	}
+	return false
+}
+
+func (x *RollbackPolicyResponse) GetWarnings() []string {
+	if x != nil {
+		return x.Warnings
+	}
+	return nil
+}
+
+// A policy file as the operator wrote it.
+type PolicyFile struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// File name used in error positions.
+	Filename      string `protobuf:"bytes,1,opt,name=filename,proto3" json:"filename,omitempty"`
+	Content       []byte `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PolicyFile) Reset() {
+	*x = PolicyFile{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PolicyFile) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PolicyFile) ProtoMessage() {}
+
+func (x *PolicyFile) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PolicyFile.ProtoReflect.Descriptor instead.
+func (*PolicyFile) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *PolicyFile) GetFilename() string {
+	if x != nil {
+		return x.Filename
+	}
+	return ""
+}
+
+func (x *PolicyFile) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
+type GetNetmapRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// When set, compile this policy against the controller's inventory instead of
+	// returning the published netmap; it is validated like ApplyPolicy (parse,
+	// compile, tests) and nothing is stored or distributed.
+	Candidate     *PolicyFile `protobuf:"bytes,2,opt,name=candidate,proto3" json:"candidate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetNetmapRequest) Reset() {
+	*x = GetNetmapRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetNetmapRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetNetmapRequest) ProtoMessage() {}
+
+func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetNetmapRequest.ProtoReflect.Descriptor instead.
+func (*GetNetmapRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *GetNetmapRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *GetNetmapRequest) GetCandidate() *PolicyFile {
+	if x != nil {
+		return x.Candidate
+	}
+	return nil
+}
+
+type GetNetmapResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The node's netmap; its gossip key is removed.
+	Netmap *Netmap `protobuf:"bytes,1,opt,name=netmap,proto3" json:"netmap,omitempty"`
+	// With a candidate: true when the candidate's netmap differs from the published one.
+	Changed bool `protobuf:"varint,2,opt,name=changed,proto3" json:"changed,omitempty"`
+	// The revision the netmap belongs to: serving_revision, or for a candidate the
+	// revision it would be stored as.
+	Revision      uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetNetmapResponse) Reset() {
+	*x = GetNetmapResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetNetmapResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetNetmapResponse) ProtoMessage() {}
+
+func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetNetmapResponse.ProtoReflect.Descriptor instead.
+func (*GetNetmapResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *GetNetmapResponse) GetNetmap() *Netmap {
+	if x != nil {
+		return x.Netmap
+	}
+	return nil
+}
+
+func (x *GetNetmapResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+func (x *GetNetmapResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 var File_segmesh_v1_segmesh_proto protoreflect.FileDescriptor
 
 const file_segmesh_v1_segmesh_proto_rawDesc = "" +
@@ -1781,10 +2279,12 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x0f\n" +
-	"\rStatusRequest\"g\n" +
+	"\rStatusRequest\"\xb5\x01\n" +
 	"\x0eStatusResponse\x12'\n" +
 	"\x0fpolicy_revision\x18\x01 \x01(\x04R\x0epolicyRevision\x12,\n" +
-	"\x05nodes\x18\x02 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"\x12\n" +
+	"\x05nodes\x18\x02 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\x12)\n" +
+	"\x10serving_revision\x18\x03 \x01(\x04R\x0fservingRevision\x12!\n" +
+	"\fpolicy_error\x18\x04 \x01(\tR\vpolicyError\"\x12\n" +
 	"\x10ListNodesRequest\"A\n" +
 	"\x11ListNodesResponse\x12,\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"\xd0\x01\n" +
@@ -1802,10 +2302,11 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\fexpires_unix\x18\x03 \x01(\x03R\vexpiresUnix\"J\n" +
 	"\x12ApplyPolicyRequest\x12\x1a\n" +
 	"\bfilename\x18\x01 \x01(\tR\bfilename\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\fR\acontent\"O\n" +
+	"\acontent\x18\x02 \x01(\fR\acontent\"k\n" +
 	"\x13ApplyPolicyResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x1c\n" +
-	"\tunchanged\x18\x02 \x01(\bR\tunchanged\".\n" +
+	"\tunchanged\x18\x02 \x01(\bR\tunchanged\x12\x1a\n" +
+	"\bwarnings\x18\x03 \x03(\tR\bwarnings\".\n" +
 	"\x10GetPolicyRequest\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\"\xa7\x01\n" +
 	"\x11GetPolicyResponse\x12\x1a\n" +
@@ -1814,7 +2315,37 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\acontent\x18\x03 \x01(\fR\acontent\x12!\n" +
 	"\fapplied_unix\x18\x04 \x01(\x03R\vappliedUnix\x12\x1d\n" +
 	"\n" +
-	"applied_by\x18\x05 \x01(\tR\tappliedBy*m\n" +
+	"applied_by\x18\x05 \x01(\tR\tappliedBy\"\xdd\x01\n" +
+	"\x0ePolicyRevision\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x04R\brevision\x12!\n" +
+	"\fapplied_unix\x18\x02 \x01(\x03R\vappliedUnix\x12\x1d\n" +
+	"\n" +
+	"applied_by\x18\x03 \x01(\tR\tappliedBy\x12\x1a\n" +
+	"\bfilename\x18\x04 \x01(\tR\bfilename\x12\x16\n" +
+	"\x06sha256\x18\x05 \x01(\tR\x06sha256\x12#\n" +
+	"\rrestored_from\x18\x06 \x01(\x04R\frestoredFrom\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"\x1c\n" +
+	"\x1aListPolicyRevisionsRequest\"\x82\x01\n" +
+	"\x1bListPolicyRevisionsResponse\x128\n" +
+	"\trevisions\x18\x01 \x03(\v2\x1a.segmesh.v1.PolicyRevisionR\trevisions\x12)\n" +
+	"\x10serving_revision\x18\x02 \x01(\x04R\x0fservingRevision\"3\n" +
+	"\x15RollbackPolicyRequest\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x04R\brevision\"n\n" +
+	"\x16RollbackPolicyResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x1c\n" +
+	"\tunchanged\x18\x02 \x01(\bR\tunchanged\x12\x1a\n" +
+	"\bwarnings\x18\x03 \x03(\tR\bwarnings\"B\n" +
+	"\n" +
+	"PolicyFile\x12\x1a\n" +
+	"\bfilename\x18\x01 \x01(\tR\bfilename\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\fR\acontent\"\\\n" +
+	"\x10GetNetmapRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x124\n" +
+	"\tcandidate\x18\x02 \x01(\v2\x16.segmesh.v1.PolicyFileR\tcandidate\"u\n" +
+	"\x11GetNetmapResponse\x12*\n" +
+	"\x06netmap\x18\x01 \x01(\v2\x12.segmesh.v1.NetmapR\x06netmap\x12\x18\n" +
+	"\achanged\x18\x02 \x01(\bR\achanged\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x04R\brevision*m\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_ANY\x10\x01\x12\x10\n" +
@@ -1825,13 +2356,16 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x06Enroll\x12\x19.segmesh.v1.EnrollRequest\x1a\x1a.segmesh.v1.EnrollResponse\"\x002\x8a\x01\n" +
 	"\fAgentService\x127\n" +
 	"\x04Sync\x12\x17.segmesh.v1.SyncRequest\x1a\x12.segmesh.v1.Netmap\"\x000\x01\x12A\n" +
-	"\x06Report\x12\x19.segmesh.v1.ReportRequest\x1a\x1a.segmesh.v1.ReportResponse\"\x002\x90\x03\n" +
+	"\x06Report\x12\x19.segmesh.v1.ReportRequest\x1a\x1a.segmesh.v1.ReportResponse\"\x002\xa1\x05\n" +
 	"\x0fOperatorService\x12A\n" +
 	"\x06Status\x12\x19.segmesh.v1.StatusRequest\x1a\x1a.segmesh.v1.StatusResponse\"\x00\x12J\n" +
 	"\tListNodes\x12\x1c.segmesh.v1.ListNodesRequest\x1a\x1d.segmesh.v1.ListNodesResponse\"\x00\x12P\n" +
 	"\vCreateToken\x12\x1e.segmesh.v1.CreateTokenRequest\x1a\x1f.segmesh.v1.CreateTokenResponse\"\x00\x12P\n" +
 	"\vApplyPolicy\x12\x1e.segmesh.v1.ApplyPolicyRequest\x1a\x1f.segmesh.v1.ApplyPolicyResponse\"\x00\x12J\n" +
-	"\tGetPolicy\x12\x1c.segmesh.v1.GetPolicyRequest\x1a\x1d.segmesh.v1.GetPolicyResponse\"\x00B!Z\x1fsegmesh/api/segmeshv1;segmeshv1b\x06proto3"
+	"\tGetPolicy\x12\x1c.segmesh.v1.GetPolicyRequest\x1a\x1d.segmesh.v1.GetPolicyResponse\"\x00\x12h\n" +
+	"\x13ListPolicyRevisions\x12&.segmesh.v1.ListPolicyRevisionsRequest\x1a'.segmesh.v1.ListPolicyRevisionsResponse\"\x00\x12Y\n" +
+	"\x0eRollbackPolicy\x12!.segmesh.v1.RollbackPolicyRequest\x1a\".segmesh.v1.RollbackPolicyResponse\"\x00\x12J\n" +
+	"\tGetNetmap\x12\x1c.segmesh.v1.GetNetmapRequest\x1a\x1d.segmesh.v1.GetNetmapResponse\"\x00B!Z\x1fsegmesh/api/segmeshv1;segmeshv1b\x06proto3"
 
 var (
 	file_segmesh_v1_segmesh_proto_rawDescOnce sync.Once
@@ -1846,42 +2380,50 @@ func file_segmesh_v1_segmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_segmesh_v1_segmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_segmesh_v1_segmesh_proto_goTypes = []any{
-	(Protocol)(0),               // 0: segmesh.v1.Protocol
-	(*EnrollRequest)(nil),       // 1: segmesh.v1.EnrollRequest
-	(*EnrollResponse)(nil),      // 2: segmesh.v1.EnrollResponse
-	(*Node)(nil),                // 3: segmesh.v1.Node
-	(*Peer)(nil),                // 4: segmesh.v1.Peer
-	(*PortRange)(nil),           // 5: segmesh.v1.PortRange
-	(*PortMatch)(nil),           // 6: segmesh.v1.PortMatch
-	(*AddressSet)(nil),          // 7: segmesh.v1.AddressSet
-	(*FilterRule)(nil),          // 8: segmesh.v1.FilterRule
-	(*Filter)(nil),              // 9: segmesh.v1.Filter
-	(*GossipConfig)(nil),        // 10: segmesh.v1.GossipConfig
-	(*Netmap)(nil),              // 11: segmesh.v1.Netmap
-	(*SyncRequest)(nil),         // 12: segmesh.v1.SyncRequest
-	(*ReportRequest)(nil),       // 13: segmesh.v1.ReportRequest
-	(*ReportResponse)(nil),      // 14: segmesh.v1.ReportResponse
-	(*NodeStatus)(nil),          // 15: segmesh.v1.NodeStatus
-	(*StatusRequest)(nil),       // 16: segmesh.v1.StatusRequest
-	(*StatusResponse)(nil),      // 17: segmesh.v1.StatusResponse
-	(*ListNodesRequest)(nil),    // 18: segmesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),   // 19: segmesh.v1.ListNodesResponse
-	(*CreateTokenRequest)(nil),  // 20: segmesh.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil), // 21: segmesh.v1.CreateTokenResponse
-	(*ApplyPolicyRequest)(nil),  // 22: segmesh.v1.ApplyPolicyRequest
-	(*ApplyPolicyResponse)(nil), // 23: segmesh.v1.ApplyPolicyResponse
-	(*GetPolicyRequest)(nil),    // 24: segmesh.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),   // 25: segmesh.v1.GetPolicyResponse
-	nil,                         // 26: segmesh.v1.EnrollResponse.LabelsEntry
-	nil,                         // 27: segmesh.v1.Node.LabelsEntry
-	nil,                         // 28: segmesh.v1.NodeStatus.LabelsEntry
-	nil,                         // 29: segmesh.v1.CreateTokenRequest.LabelsEntry
+	(Protocol)(0),                       // 0: segmesh.v1.Protocol
+	(*EnrollRequest)(nil),               // 1: segmesh.v1.EnrollRequest
+	(*EnrollResponse)(nil),              // 2: segmesh.v1.EnrollResponse
+	(*Node)(nil),                        // 3: segmesh.v1.Node
+	(*Peer)(nil),                        // 4: segmesh.v1.Peer
+	(*PortRange)(nil),                   // 5: segmesh.v1.PortRange
+	(*PortMatch)(nil),                   // 6: segmesh.v1.PortMatch
+	(*AddressSet)(nil),                  // 7: segmesh.v1.AddressSet
+	(*FilterRule)(nil),                  // 8: segmesh.v1.FilterRule
+	(*Filter)(nil),                      // 9: segmesh.v1.Filter
+	(*GossipConfig)(nil),                // 10: segmesh.v1.GossipConfig
+	(*Netmap)(nil),                      // 11: segmesh.v1.Netmap
+	(*SyncRequest)(nil),                 // 12: segmesh.v1.SyncRequest
+	(*ReportRequest)(nil),               // 13: segmesh.v1.ReportRequest
+	(*ReportResponse)(nil),              // 14: segmesh.v1.ReportResponse
+	(*NodeStatus)(nil),                  // 15: segmesh.v1.NodeStatus
+	(*StatusRequest)(nil),               // 16: segmesh.v1.StatusRequest
+	(*StatusResponse)(nil),              // 17: segmesh.v1.StatusResponse
+	(*ListNodesRequest)(nil),            // 18: segmesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 19: segmesh.v1.ListNodesResponse
+	(*CreateTokenRequest)(nil),          // 20: segmesh.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),         // 21: segmesh.v1.CreateTokenResponse
+	(*ApplyPolicyRequest)(nil),          // 22: segmesh.v1.ApplyPolicyRequest
+	(*ApplyPolicyResponse)(nil),         // 23: segmesh.v1.ApplyPolicyResponse
+	(*GetPolicyRequest)(nil),            // 24: segmesh.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),           // 25: segmesh.v1.GetPolicyResponse
+	(*PolicyRevision)(nil),              // 26: segmesh.v1.PolicyRevision
+	(*ListPolicyRevisionsRequest)(nil),  // 27: segmesh.v1.ListPolicyRevisionsRequest
+	(*ListPolicyRevisionsResponse)(nil), // 28: segmesh.v1.ListPolicyRevisionsResponse
+	(*RollbackPolicyRequest)(nil),       // 29: segmesh.v1.RollbackPolicyRequest
+	(*RollbackPolicyResponse)(nil),      // 30: segmesh.v1.RollbackPolicyResponse
+	(*PolicyFile)(nil),                  // 31: segmesh.v1.PolicyFile
+	(*GetNetmapRequest)(nil),            // 32: segmesh.v1.GetNetmapRequest
+	(*GetNetmapResponse)(nil),           // 33: segmesh.v1.GetNetmapResponse
+	nil,                                 // 34: segmesh.v1.EnrollResponse.LabelsEntry
+	nil,                                 // 35: segmesh.v1.Node.LabelsEntry
+	nil,                                 // 36: segmesh.v1.NodeStatus.LabelsEntry
+	nil,                                 // 37: segmesh.v1.CreateTokenRequest.LabelsEntry
 }
 var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
-	26, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
-	27, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
+	34, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
+	35, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
 	0,  // 2: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
 	5,  // 3: segmesh.v1.PortMatch.ports:type_name -> segmesh.v1.PortRange
 	6,  // 4: segmesh.v1.FilterRule.matches:type_name -> segmesh.v1.PortMatch
@@ -1892,31 +2434,40 @@ var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
 	4,  // 9: segmesh.v1.Netmap.peers:type_name -> segmesh.v1.Peer
 	9,  // 10: segmesh.v1.Netmap.filter:type_name -> segmesh.v1.Filter
 	10, // 11: segmesh.v1.Netmap.gossip:type_name -> segmesh.v1.GossipConfig
-	28, // 12: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
+	36, // 12: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
 	15, // 13: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
 	15, // 14: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	29, // 15: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
-	1,  // 16: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
-	12, // 17: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
-	13, // 18: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
-	16, // 19: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
-	18, // 20: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
-	20, // 21: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
-	22, // 22: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
-	24, // 23: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
-	2,  // 24: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
-	11, // 25: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
-	14, // 26: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
-	17, // 27: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
-	19, // 28: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
-	21, // 29: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
-	23, // 30: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
-	25, // 31: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
-	24, // [24:32] is the sub-list for method output_type
-	16, // [16:24] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	37, // 15: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
+	26, // 16: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
+	31, // 17: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
+	11, // 18: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
+	1,  // 19: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
+	12, // 20: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
+	13, // 21: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
+	16, // 22: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
+	18, // 23: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
+	20, // 24: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
+	22, // 25: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
+	24, // 26: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
+	27, // 27: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
+	29, // 28: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
+	32, // 29: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
+	2,  // 30: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
+	11, // 31: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
+	14, // 32: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
+	17, // 33: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
+	19, // 34: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
+	21, // 35: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
+	23, // 36: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
+	25, // 37: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
+	28, // 38: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
+	30, // 39: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
+	33, // 40: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
+	30, // [30:41] is the sub-list for method output_type
+	19, // [19:30] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_segmesh_v1_segmesh_proto_init() }
@@ -1930,7 +2481,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmesh_v1_segmesh_proto_rawDesc), len(file_segmesh_v1_segmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   29,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -22,13 +23,28 @@ import (
 )
 
 func main() {
-	if err := newRootCmd().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "segmesh-agent:", err)
-		os.Exit(1)
-	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, linuxDataplane))
 }
 
-func newRootCmd() *cobra.Command {
+// run executes the command line args and returns the exit code: 0 on success, 1
+// after printing "segmesh-agent: <error>" to stderr.
+func run(args []string, stdout, stderr io.Writer, newDP dataplaneFactory) int {
+	root := newRootCmd(newDP)
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(stderr, "segmesh-agent:", err)
+		return 1
+	}
+	return 0
+}
+
+// dataplaneFactory returns the constructor agent.Run and agent.Down use to open the
+// dataplane of an interface; tests replace linuxDataplane with a fake.
+type dataplaneFactory func(userspace bool, logger *slog.Logger) func(iface string) (dataplane.Dataplane, error)
+
+func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 	var (
 		opts      agent.Options
 		userspace bool
@@ -40,12 +56,15 @@ func newRootCmd() *cobra.Command {
 		Long: `segmesh-agent enrolls this host with the segmesh controller (once, with a join
 token), then keeps its WireGuard overlay and nftables filter equal to the netmap the
 controller sends. Later starts reuse the identity in --state-dir and need no token.
-On SIGINT or SIGTERM it stops; the last applied filter stays in force.`,
+--controller must be an https:// URL; the join token never travels in cleartext.
+On SIGINT or SIGTERM it stops. The nftables table stays, so nothing is open; a
+kernel WireGuard interface stays with its peers, a userspace (wireguard-go) one
+goes away with the process.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			logger, err := newLogger(logLevel)
+			logger, err := newLogger(logLevel, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -53,14 +72,14 @@ On SIGINT or SIGTERM it stops; the last applied filter stays in force.`,
 				opts.Token = os.Getenv("SEGMESH_TOKEN")
 			}
 			opts.Logger = logger
-			opts.NewDataplane = newDataplane(userspace, logger)
+			opts.NewDataplane = newDP(userspace, logger)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			return agent.Run(ctx, opts)
 		},
 	}
 	f := root.Flags()
-	f.StringVar(&opts.Controller, "controller", "", "controller URL, e.g. https://192.0.2.1:7443 (first start; later defaults to the enrolled one)")
+	f.StringVar(&opts.Controller, "controller", "", "controller URL, https only, e.g. https://192.0.2.1:7443 (first start; later defaults to the enrolled one)")
 	f.StringVar(&opts.Token, "token", "", "join token for the first start (default $SEGMESH_TOKEN)")
 	f.StringVar(&opts.StateDir, "state-dir", "", "directory for keys, certificates, identity and the last netmap (required)")
 	f.StringVar(&opts.Interface, "interface", "", "overlay interface name (default the enrolled one, else "+agent.DefaultInterface+")")
@@ -74,29 +93,34 @@ On SIGINT or SIGTERM it stops; the last applied filter stays in force.`,
 	_ = root.MarkFlagRequired("state-dir")
 
 	root.CompletionOptions.DisableDefaultCmd = true
-	root.AddCommand(newDownCmd(&logLevel))
+	root.AddCommand(newDownCmd(&logLevel, newDP))
 	return root
 }
 
-func newDownCmd(logLevel *string) *cobra.Command {
+func newDownCmd(logLevel *string, newDP dataplaneFactory) *cobra.Command {
 	var stateDir string
 	cmd := &cobra.Command{
 		Use:   "down --state-dir DIR",
 		Short: "remove the overlay interface and the nftables table of an enrolled agent",
 		Long: `down removes the overlay interface (named in the agent's state directory) and the
-nftables table "inet segmesh". Stop the agent first. The state directory is kept, so
-the next start needs no token.`,
+nftables table "inet segmesh" and prints what it removed. Stop the agent first. The
+state directory is kept, so the next start needs no token.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			logger, err := newLogger(*logLevel)
+			logger, err := newLogger(*logLevel, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
-			return agent.Down(ctx, stateDir, newDataplane(false, logger))
+			res, err := agent.Down(ctx, stateDir, newDP(false, logger))
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), res)
+			return nil
 		},
 	}
 	cmd.Flags().StringVar(&stateDir, "state-dir", "", "the agent's state directory (required)")
@@ -104,16 +128,18 @@ the next start needs no token.`,
 	return cmd
 }
 
-func newDataplane(userspace bool, logger *slog.Logger) func(string) (dataplane.Dataplane, error) {
+// linuxDataplane opens the Linux dataplane (kernel WireGuard or wireguard-go).
+func linuxDataplane(userspace bool, logger *slog.Logger) func(string) (dataplane.Dataplane, error) {
 	return func(iface string) (dataplane.Dataplane, error) {
 		return linux.New(linux.Options{Interface: iface, ForceUserspace: userspace, Logger: logger.With("component", "dataplane")})
 	}
 }
 
-func newLogger(level string) (*slog.Logger, error) {
+// newLogger returns a text logger to w at level ("debug", "info", "warn" or "error").
+func newLogger(level string, w io.Writer) (*slog.Logger, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
 }

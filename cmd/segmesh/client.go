@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -48,6 +49,10 @@ func loadCredentials(g *globalFlags) (credentials, error) {
 	if c.Controller == "" || c.CAPEM == "" || c.Token == "" {
 		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s lacks controller, ca_pem or token", g.credentials)}
 	}
+	// The bearer credential must never travel in clear text.
+	if u, err := url.Parse(c.Controller); err != nil || u.Scheme != "https" || u.Host == "" {
+		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: controller URL %q: want https://HOST:PORT (the operator credential is only sent over TLS)", c.Controller)}
+	}
 	return c, nil
 }
 
@@ -82,8 +87,11 @@ func callError(what string, err error) error {
 	var ce *connect.Error
 	if errors.As(err, &ce) {
 		switch ce.Code() {
-		case connect.CodeInvalidArgument, connect.CodeFailedPrecondition, connect.CodeAlreadyExists, connect.CodeNotFound:
+		case connect.CodeInvalidArgument:
+			// Policy and input errors: "file:line:col: message" lines, printed as they are.
 			return &exitError{code: 1, msg: ce.Message()}
+		case connect.CodeFailedPrecondition, connect.CodeAlreadyExists, connect.CodeNotFound:
+			return &exitError{code: 1, msg: fmt.Sprintf("segmesh: %s: %s", what, ce.Message())}
 		case connect.CodeUnauthenticated, connect.CodePermissionDenied:
 			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %s (check --credentials)", what, ce.Message())}
 		case connect.CodeUnavailable:

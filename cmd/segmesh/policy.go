@@ -15,7 +15,8 @@ import (
 
 func newPolicyCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{Use: "policy", Short: "Check, apply and show segmentation policy"}
-	cmd.AddCommand(newPolicyCheckCmd(), newPolicyApplyCmd(g), newPolicyShowCmd(g))
+	cmd.AddCommand(newPolicyCheckCmd(), newPolicyApplyCmd(g), newPolicyShowCmd(g), withControllerSources(newPolicyExplainCmd(), g), newPolicyDiffCmd(),
+		newPolicyHistoryCmd(g), newPolicyRollbackCmd(g), newPolicyRenderCmd(g))
 	return cmd
 }
 
@@ -30,7 +31,7 @@ func parsePolicyFile(path string) (*policy.Policy, []byte, error) {
 	if err != nil {
 		var list policy.ErrorList
 		if errors.As(err, &list) {
-			return nil, nil, &exitError{code: 1, msg: fmt.Sprintf("%s\n%s: %d error(s); nothing was applied", list.Error(), path, len(list))}
+			return nil, nil, &exitError{code: 1, msg: fmt.Sprintf("%s\n%s: %d error(s)", list.Error(), path, len(list))}
 		}
 		return nil, nil, &exitError{code: 1, msg: err.Error()}
 	}
@@ -38,11 +39,25 @@ func parsePolicyFile(path string) (*policy.Policy, []byte, error) {
 }
 
 func newPolicyCheckCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "check FILE...",
-		Short: "Validate policy files offline; prints file:line:col: message per error and exits 1 on any",
-		Args:  cobra.MinimumNArgs(1),
+	var inventory string
+	cmd := &cobra.Command{
+		Use:   "check FILE... [--inventory NODES.yaml]",
+		Short: "Validate policy files offline and run their tests; prints file:line:col: message per problem and exits 1 on any",
+		Long: `Check parses and validates each policy file and runs the assertions of its
+tests section: on a prototype inventory derived from the policy (one pair of
+nodes per selector, one node per explicit node name, one unlabeled node) and,
+with --inventory, on the nodes of NODES.yaml too. Every problem and every failed
+test is printed as file:line:col: message. Exit status: 0 when every file is
+valid and its tests pass, 1 otherwise, 2 when a file cannot be read.`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			var nodes []policy.Node
+			if inventory != "" {
+				var err error
+				if nodes, err = readInventory(inventory, 1); err != nil {
+					return err
+				}
+			}
 			var msgs []string
 			for _, path := range args {
 				p, _, err := parsePolicyFile(path)
@@ -54,7 +69,15 @@ func newPolicyCheckCmd() *cobra.Command {
 					}
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s: ok (%d segments, %d rules)\n", path, len(p.Segments), len(p.Rules))
+				ok, failures, err := checkPolicyTests(path, p, nodes)
+				if err != nil {
+					return err
+				}
+				if len(failures) > 0 {
+					msgs = append(msgs, strings.Join(failures, "\n"))
+					continue
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), ok)
 			}
 			if len(msgs) > 0 {
 				return &exitError{code: 1, msg: strings.Join(msgs, "\n")}
@@ -62,6 +85,8 @@ func newPolicyCheckCmd() *cobra.Command {
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&inventory, "inventory", "", "also run the tests against the nodes of this inventory file")
+	return cmd
 }
 
 func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
@@ -74,7 +99,7 @@ func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
 			// the controller validates again and is the authority.
 			_, data, err := parsePolicyFile(args[0])
 			if err != nil {
-				return err
+				return refusedNothingApplied(err)
 			}
 			client, err := operatorClient(g)
 			if err != nil {
@@ -84,8 +109,9 @@ func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
 			defer cancel()
 			resp, err := client.ApplyPolicy(ctx, connect.NewRequest(&segmeshv1.ApplyPolicyRequest{Filename: args[0], Content: data}))
 			if err != nil {
-				return callError("applying policy", err)
+				return refusedNothingApplied(callError("applying policy", err))
 			}
+			printWarnings(cmd.ErrOrStderr(), resp.Msg.GetWarnings())
 			if resp.Msg.GetUnchanged() {
 				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d already holds this policy\n", resp.Msg.GetRevision())
 				return nil
@@ -96,11 +122,21 @@ func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
 	}
 }
 
+// refusedNothingApplied adds to a refusal of the policy (exit code 1) the fact that
+// the controller kept the revision in force.
+func refusedNothingApplied(err error) error {
+	var ee *exitError
+	if errors.As(err, &ee) && ee.code == 1 {
+		return &exitError{code: 1, msg: ee.msg + "\nsegmesh: policy refused; nothing was applied, the revision in force stays"}
+	}
+	return err
+}
+
 func newPolicyShowCmd(g *globalFlags) *cobra.Command {
 	var revision uint64
 	cmd := &cobra.Command{
 		Use:   "show",
-		Short: "Print the policy file of the current (or a given) revision",
+		Short: "Print the policy file of the revision in force (or of a given revision)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			client, err := operatorClient(g)

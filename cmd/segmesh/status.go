@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/policy"
 )
 
 // nodeJSON is the JSON shape of one node in `status -o json` and `nodes list -o json`.
@@ -23,24 +24,34 @@ type nodeJSON struct {
 	Online          bool              `json:"online"`
 	DesiredRevision uint64            `json:"desired_revision"`
 	AppliedRevision uint64            `json:"applied_revision"`
-	Dataplane       string            `json:"dataplane"`
-	Endpoint        string            `json:"endpoint,omitempty"`
-	PublicKey       string            `json:"public_key,omitempty"`
-	LastSeen        string            `json:"last_seen,omitempty"` // RFC 3339
-	AlivePeers      []string          `json:"alive_peers"`
-	Error           string            `json:"error,omitempty"`
+	// DesiredHash is the hash of the netmap the controller holds for the node;
+	// AppliedHash the one the agent reports it programmed. Equal means converged.
+	DesiredHash string   `json:"desired_hash,omitempty"`
+	AppliedHash string   `json:"applied_hash,omitempty"`
+	Dataplane   string   `json:"dataplane"`
+	Endpoint    string   `json:"endpoint,omitempty"`
+	PublicKey   string   `json:"public_key,omitempty"`
+	LastSeen    string   `json:"last_seen,omitempty"` // RFC 3339
+	AlivePeers  []string `json:"alive_peers"`
+	Error       string   `json:"error,omitempty"`
 }
 
 // statusJSON is the shape of `status -o json`.
 type statusJSON struct {
-	PolicyRevision uint64     `json:"policy_revision"`
-	Nodes          []nodeJSON `json:"nodes"`
+	// PolicyRevision is the latest stored revision; ServingRevision the one whose
+	// netmaps the controller distributes (older when the latest is invalid, see
+	// PolicyError).
+	PolicyRevision  uint64     `json:"policy_revision"`
+	ServingRevision uint64     `json:"serving_revision"`
+	PolicyError     string     `json:"policy_error"`
+	Nodes           []nodeJSON `json:"nodes"`
 }
 
 func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
 	out := nodeJSON{
 		Name: n.GetName(), Labels: n.GetLabels(), Addresses: n.GetAddresses(), Online: n.GetOnline(),
 		DesiredRevision: n.GetDesiredRevision(), AppliedRevision: n.GetAppliedRevision(),
+		DesiredHash: n.GetDesiredHash(), AppliedHash: n.GetAppliedHash(),
 		Dataplane: n.GetDataplane(), Endpoint: n.GetEndpoint(), PublicKey: n.GetPublicKey(),
 		AlivePeers: n.GetAlivePeers(), Error: n.GetError(),
 	}
@@ -119,7 +130,8 @@ func newStatusCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return callError("reading status", err)
 			}
-			st := statusJSON{PolicyRevision: resp.Msg.GetPolicyRevision(), Nodes: []nodeJSON{}}
+			st := statusJSON{PolicyRevision: resp.Msg.GetPolicyRevision(), ServingRevision: resp.Msg.GetServingRevision(),
+				PolicyError: resp.Msg.GetPolicyError(), Nodes: []nodeJSON{}}
 			for _, n := range resp.Msg.GetNodes() {
 				st.Nodes = append(st.Nodes, toNodeJSON(n))
 			}
@@ -127,7 +139,14 @@ func newStatusCmd(g *globalFlags) *cobra.Command {
 				return writeJSON(cmd.OutOrStdout(), st)
 			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "policy revision: %d\n", st.PolicyRevision)
+			fmt.Fprintf(w, "policy revision: %d", st.PolicyRevision)
+			if st.ServingRevision != st.PolicyRevision {
+				fmt.Fprintf(w, " (NOT IN FORCE: serving revision %d)", st.ServingRevision)
+			}
+			fmt.Fprintln(w)
+			if st.PolicyError != "" {
+				fmt.Fprintf(w, "policy error:\n  %s\n", strings.ReplaceAll(st.PolicyError, "\n", "\n  "))
+			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NODE\tONLINE\tDESIRED\tAPPLIED\tSYNC\tDATAPLANE\tADDRESSES\tENDPOINT\tALIVE PEERS\tERROR")
 			for _, n := range st.Nodes {
@@ -155,10 +174,14 @@ func newNodesCmd(g *globalFlags) *cobra.Command {
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List enrolled nodes with labels and overlay addresses",
-		Args:  cobra.NoArgs,
+		Long: `List prints the enrolled nodes. -o yaml prints them in the inventory format
+(NODES.yaml) that the offline policy tools read with --inventory.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
-				return err
+			if output != "yaml" {
+				if err := checkOutput(output); err != nil {
+					return &exitError{code: 2, msg: fmt.Sprintf("segmesh: -o %q: want table, json or yaml", output)}
+				}
 			}
 			client, err := operatorClient(g)
 			if err != nil {
@@ -169,6 +192,14 @@ func newNodesCmd(g *globalFlags) *cobra.Command {
 			resp, err := client.ListNodes(ctx, connect.NewRequest(&segmeshv1.ListNodesRequest{}))
 			if err != nil {
 				return callError("listing nodes", err)
+			}
+			if output == "yaml" {
+				inv, err := inventoryFromStatus(resp.Msg.GetNodes())
+				if err != nil {
+					return &exitError{code: 2, msg: "segmesh: " + err.Error()}
+				}
+				_, err = cmd.OutOrStdout().Write(policy.MarshalInventory(inv))
+				return err
 			}
 			nodes := []nodeJSON{}
 			for _, n := range resp.Msg.GetNodes() {
@@ -185,7 +216,7 @@ func newNodesCmd(g *globalFlags) *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	addOutputFlag(list, &output)
+	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml (inventory file)")
 	cmd.AddCommand(list)
 	return cmd
 }

@@ -58,6 +58,9 @@ func parseLabels(kvs []string) (map[string]string, error) {
 		if !ok || k == "" {
 			return nil, &exitError{code: 2, msg: fmt.Sprintf("segmesh: --label %q: want key=value, e.g. --label role=db", kv)}
 		}
+		if strings.Contains(v, "=") {
+			return nil, &exitError{code: 2, msg: fmt.Sprintf("segmesh: --label %q: one label per flag; repeat it, e.g. --label role=web --label env=prod", kv)}
+		}
 		if _, dup := out[k]; dup {
 			return nil, &exitError{code: 2, msg: fmt.Sprintf("segmesh: --label %q: key %q given twice", kv, k)}
 		}

@@ -36,15 +36,27 @@ type Config struct {
 func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) (map[string]*segmeshv1.Netmap, error) {
 	var compiled *policy.Compiled
 	if pol != nil {
-		inv := make([]policy.Node, len(nodes))
-		for i, n := range nodes {
-			inv[i] = policy.Node{Name: n.Name, Labels: n.Labels, Addresses: n.Addresses}
-		}
 		var err error
-		if compiled, err = policy.Compile(pol, inv); err != nil {
+		if compiled, err = policy.Compile(pol, Inventory(nodes)); err != nil {
 			return nil, fmt.Errorf("compiling policy revision %d against %d nodes: %w", rev, len(nodes), err)
 		}
 	}
+	return FromCompiled(cfg, rev, compiled, nodes, prev), nil
+}
+
+// Inventory converts stored nodes to the inventory the policy compiler resolves
+// segments against (name, labels, overlay addresses), in the same order.
+func Inventory(nodes []store.Node) []policy.Node {
+	inv := make([]policy.Node, len(nodes))
+	for i, n := range nodes {
+		inv[i] = policy.Node{Name: n.Name, Labels: n.Labels, Addresses: n.Addresses}
+	}
+	return inv
+}
+
+// FromCompiled is Compute for a policy already compiled against Inventory(nodes);
+// a nil compiled is the default-deny policy.
+func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) map[string]*segmeshv1.Netmap {
 	byName := make(map[string]*store.Node, len(nodes))
 	for i := range nodes {
 		byName[nodes[i].Name] = &nodes[i]
@@ -68,7 +80,6 @@ func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, pre
 				Endpoint:  n.Endpoint,
 			},
 			Filter:          wire.FilterToProto(view.Filter),
-			Gossip:          gossip,
 			OverlayPrefixes: prefixes,
 		}
 		for _, name := range view.Peers {
@@ -83,6 +94,11 @@ func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, pre
 				AllowedIps: HostPrefixes(p.Addresses),
 			})
 		}
+		// Least privilege: only a node with peers gossips, so a node the policy
+		// isolates never learns the key (and with it the member list).
+		if len(nm.Peers) > 0 {
+			nm.Gossip = gossip
+		}
 		if old := prev(n.Name); old != nil && old.GetPolicyRevision() != rev {
 			nm.PolicyRevision = old.GetPolicyRevision()
 			if wire.NetmapHash(nm) == old.GetHash() {
@@ -94,7 +110,7 @@ func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, pre
 		nm.Hash = wire.NetmapHash(nm)
 		out[n.Name] = nm
 	}
-	return out, nil
+	return out
 }
 
 // HostPrefixes formats addresses as single-address prefixes ("100.64.0.2/32",

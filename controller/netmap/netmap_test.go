@@ -67,7 +67,8 @@ func TestDefaultDeny(t *testing.T) {
 		if nm.GetSelf().GetName() != n.Name || !slices.Equal(nm.GetSelf().GetAddresses(), HostPrefixes(n.Addresses)) {
 			t.Errorf("%s: self = %v", n.Name, nm.GetSelf())
 		}
-		if nm.GetGossip().GetPort() != 7946 || len(nm.GetGossip().GetKey()) != 32 || !slices.Equal(nm.OverlayPrefixes, []string{"100.64.0.0/10"}) {
+		// A node without peers never receives the gossip key (least privilege).
+		if nm.Gossip != nil || !slices.Equal(nm.OverlayPrefixes, []string{"100.64.0.0/10"}) {
 			t.Errorf("%s: gossip %v prefixes %v", n.Name, nm.Gossip, nm.OverlayPrefixes)
 		}
 	}
@@ -109,6 +110,10 @@ func TestPeersAndFilter(t *testing.T) {
 		}
 		if nm.PolicyRevision != 1 {
 			t.Errorf("%s: revision %d, want 1", tt.node, nm.PolicyRevision)
+		}
+		// Only nodes with peers gossip.
+		if hasGossip := nm.GetGossip().GetPort() == 7946 && len(nm.GetGossip().GetKey()) == 32; hasGossip != (len(tt.peers) > 0) {
+			t.Errorf("%s: gossip config %v with %d peers", tt.node, nm.GetGossip(), len(tt.peers))
 		}
 	}
 }

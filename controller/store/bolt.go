@@ -9,6 +9,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 var (
@@ -27,10 +28,16 @@ type Bolt struct{ db *bolt.DB }
 
 var _ Store = (*Bolt)(nil)
 
+// ErrLocked is returned (wrapped) by Open when another process holds the store file.
+var ErrLocked = errors.New("store locked")
+
 // Open opens (creating when absent) the bbolt store file at path with mode 0600.
-// It fails after one second when another process holds the file.
+// It fails with ErrLocked after one second when another process holds the file.
 func Open(path string) (*Bolt, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("opening store %s: %w: the file is locked, most likely by another segmesh-controller using the same --data-dir; stop it first", path, ErrLocked)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
 	}
@@ -174,14 +181,25 @@ func (t boltTx) LatestPolicy() (Policy, bool, error) {
 	return p, true, nil
 }
 
+func (t boltTx) PolicyRevisions() ([]uint64, error) {
+	var out []uint64
+	err := t.tx.Bucket(bucketPolicies).ForEach(func(k, _ []byte) error {
+		if len(k) != 8 {
+			return fmt.Errorf("policy key %x is not a revision number", k)
+		}
+		out = append(out, binary.BigEndian.Uint64(k))
+		return nil
+	})
+	return out, err
+}
+
 func (t boltTx) PutPolicy(p Policy) error {
-	latest, ok, err := t.LatestPolicy()
-	if err != nil {
-		return err
-	}
 	want := uint64(1)
-	if ok {
-		want = latest.Revision + 1
+	if k, _ := t.tx.Bucket(bucketPolicies).Cursor().Last(); k != nil {
+		if len(k) != 8 {
+			return fmt.Errorf("storing policy revision %d: latest key %x is not a revision number", p.Revision, k)
+		}
+		want = binary.BigEndian.Uint64(k) + 1
 	}
 	if p.Revision != want {
 		return fmt.Errorf("storing policy revision %d (want %d): %w", p.Revision, want, ErrRevision)

@@ -60,6 +60,8 @@ type Policy struct {
 	Content   []byte    `json:"content"`
 	AppliedAt time.Time `json:"applied_at"`
 	AppliedBy string    `json:"applied_by"`
+	// RestoredFrom is, for a rollback, the revision whose content this one restored.
+	RestoredFrom uint64 `json:"restored_from,omitempty"`
 }
 
 // AuditEntry records who changed what.
@@ -99,8 +101,12 @@ type Tx interface {
 	Policy(rev uint64) (p Policy, ok bool, err error)
 	// LatestPolicy returns the highest stored revision.
 	LatestPolicy() (p Policy, ok bool, err error)
+	// PolicyRevisions returns the numbers of every stored revision, ascending,
+	// without decoding them (a revision whose record does not decode is listed).
+	PolicyRevisions() ([]uint64, error)
 	// PutPolicy stores p; p.Revision must be the latest revision plus one (1 for
-	// the first), else it returns an error wrapping ErrRevision.
+	// the first), else it returns an error wrapping ErrRevision. A latest record
+	// that does not decode still counts as stored.
 	PutPolicy(p Policy) error
 
 	// AddressOwner returns the node that holds overlay address a.

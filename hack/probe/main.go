@@ -8,7 +8,10 @@
 //	probe udp ADDR:PORT [--timeout 2s]
 //
 // serve listens on every address of both families: a TCP connection is accepted and
-// answered with one byte ('!') and closed; a UDP datagram is echoed to its sender.
+// answered with one byte ('!'), then whatever the client sends is echoed back until
+// the client closes the connection or stays idle for 10 minutes (so a test can hold
+// a connection open and check that it still carries data); a UDP datagram is echoed
+// to its sender.
 // The clients exit 0 when the flow got through (TCP: connected and read the byte; UDP:
 // the echo came back), 1 when it was blocked (timeout, refused, unreachable, EPERM from
 // a local firewall), and 2 on a usage error. ADDR may be an IPv6 literal in brackets.
@@ -38,6 +41,9 @@ const (
 
 // reply is the byte a TCP server writes to every accepted connection.
 const reply = '!'
+
+// tcpIdleTimeout is how long the server keeps an idle TCP connection open.
+const tcpIdleTimeout = 10 * time.Minute
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -190,11 +196,30 @@ func acceptLoop(ln net.Listener) {
 			}
 			continue
 		}
-		go func() {
-			defer c.Close()
-			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-			_, _ = c.Write([]byte{reply})
-		}()
+		go serveTCP(c)
+	}
+}
+
+// serveTCP writes the reply byte, then echoes what the client sends until it closes
+// the connection or is idle for tcpIdleTimeout.
+func serveTCP(c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(tcpIdleTimeout))
+	if _, err := c.Write([]byte{reply}); err != nil {
+		return
+	}
+	buf := make([]byte, 4096)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+			_ = c.SetDeadline(time.Now().Add(tcpIdleTimeout))
+		}
+		if err != nil {
+			return
+		}
 	}
 }
 

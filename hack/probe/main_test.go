@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"net"
 	"strconv"
 	"testing"
@@ -108,6 +109,36 @@ func TestParsePorts(t *testing.T) {
 			if got[i] != tt.want[i] {
 				t.Errorf("parsePorts(%q) = %v, want %v", tt.in, got, tt.want)
 			}
+		}
+	}
+}
+
+// TestServeEchoesHeldConnection holds a TCP connection to the server: after the reply
+// byte it echoes every message, so a test can tell whether the connection still works.
+func TestServeEchoesHeldConnection(t *testing.T) {
+	srv, err := serve([]int{0}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	c, err := net.Dial("tcp", "127.0.0.1:"+port(srv.tcp[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	if _, err := io.ReadFull(c, buf[:1]); err != nil || buf[0] != reply {
+		t.Fatalf("first byte %q, %v; want %q", buf[0], err, reply)
+	}
+	for _, msg := range []string{"hello\n", "still there?\n"} {
+		if _, err := io.WriteString(c, msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf[:len(msg)]); err != nil || string(buf[:len(msg)]) != msg {
+			t.Fatalf("echo %q, %v; want %q", buf[:len(msg)], err, msg)
 		}
 	}
 }

@@ -55,8 +55,9 @@ func TestExamplePolicy(t *testing.T) {
 			}
 		}
 		// 5 nodes: 20 ordered pairs x (5 IPv4 + 3 IPv6 checks).
-		if len(cells) != 160 || allowed == 0 || allowed == len(cells) {
-			t.Errorf("matrix has %d cells, %d allowed: want 160 cells mixing allowed and denied", len(cells), allowed)
+		// 5 nodes: 20 ordered pairs x 5 checks x 2 address families.
+		if len(cells) != 200 || allowed == 0 || allowed == len(cells) {
+			t.Errorf("matrix has %d cells, %d allowed: want 200 cells mixing allowed and denied", len(cells), allowed)
 		}
 	})
 

@@ -136,7 +136,7 @@ func New(ctx context.Context, opts Options) (*Lab, error) {
 	return l, nil
 }
 
-// newID returns 4 random lowercase alphanumerics that no existing namespace uses.
+// newID returns 4 random lowercase alphanumerics that no existing lab uses.
 func newID() (string, error) {
 	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
 	for range 100 {
@@ -148,8 +148,10 @@ func newID() (string, error) {
 			b[i] = alphabet[int(b[i])%len(alphabet)]
 		}
 		id := string(b[:])
-		matches, _ := filepath.Glob("/run/netns/" + nsPrefix + id + "-*")
-		if len(matches) == 0 {
+		// Neither a namespace nor a UAPI socket of another lab may use the id.
+		nsUsed, _ := filepath.Glob("/run/netns/" + nsPrefix + id + "-*")
+		sockUsed, _ := filepath.Glob("/var/run/wireguard/sm" + id + "w*.sock")
+		if len(nsUsed) == 0 && len(sockUsed) == 0 {
 			return id, nil
 		}
 	}

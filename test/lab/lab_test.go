@@ -261,13 +261,29 @@ func TestProbeAcrossNamespaces(t *testing.T) {
 			t.Fatal(err)
 		}
 		n := &Node{Name: name, Host: h}
-		n.Probe, err = h.Start("probe", m.Bin(ProbeBin), "serve", "--tcp", joinInts(ProbeTCPPorts), "--udp", joinInts(ProbeUDPPorts))
+		// Cells lists nodes with an agent; the probe server stands in for one.
+		n.Agent, err = h.Start("probe", m.Bin(ProbeBin), "serve", "--tcp", joinInts(ProbeTCPPorts), "--udp", joinInts(ProbeUDPPorts))
 		if err != nil {
 			t.Fatal(err)
 		}
+		n.Probe = n.Agent
 		m.nodes = append(m.nodes, n)
 	}
 	b := netip.MustParseAddr("192.0.2.12")
+	// The underlay addresses stand in for overlay addresses.
+	st := &Status{Nodes: []NodeStatus{
+		{Name: "a", Addresses: []string{"192.0.2.11/32"}},
+		{Name: "b", Addresses: []string{"192.0.2.12/32"}},
+	}}
+	denyAll, err := ParsePolicy([]byte("version: 1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowAll, err := ParsePolicy([]byte("version: 1\nrules:\n  - {name: open, from: [all], to: [all], ports: [any]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4only := MatrixOptions{Checks4: []Check{TCP22, UDP514, ICMP}, Checks6: []Check{}, Timeout: 500 * time.Millisecond}
 	cells := func(want bool) []Cell {
 		var cs []Cell
 		for _, c := range []Check{TCP22, TCP5432, TCP8080, UDP514, ICMP} {
@@ -293,12 +309,21 @@ func TestProbeAcrossNamespaces(t *testing.T) {
 		t.Fatalf("open underlay: %v", err)
 	}
 
-	// Drop everything b receives on eth0 except from itself.
+	// A flow the policy denies that gets through ends WaitMatrix at once.
+	cs, rounds, err := m.WaitMatrix(ctx, denyAll, st, time.Minute, v4only)
+	if err == nil || !strings.Contains(err.Error(), "got through") || rounds != 1 || len(cs) != 6 {
+		t.Errorf("WaitMatrix(deny all) over an open underlay = %d cells, %d rounds, %v; want 6 cells, a leak error in round 1", len(cs), rounds, err)
+	}
+	if _, _, err := m.WaitMatrix(ctx, allowAll, st, 10*time.Second, v4only); err != nil {
+		t.Errorf("WaitMatrix(allow all) over an open underlay: %v", err)
+	}
+
+	// Drop everything b receives on eth0.
 	rules := "add table inet labtest\nadd chain inet labtest in { type filter hook input priority 0; policy accept; }\nadd rule inet labtest in iifname eth0 drop\n"
 	if _, err := m.Node("b").Host.Exec(ctx, "sh", "-c", "printf '"+rules+"' | nft -f -"); err != nil {
 		t.Fatal(err)
 	}
-	cs := cells(false)
+	cs = cells(false)
 	if err := m.Probe(ctx, cs, opts); err != nil {
 		t.Fatal(err)
 	}
@@ -311,5 +336,10 @@ func TestProbeAcrossNamespaces(t *testing.T) {
 	}
 	if !strings.Contains(sb.String(), "SRC") || !strings.Contains(sb.String(), "7 cells (0 allowed, 7 denied by policy): 7 match, 0 mismatch") {
 		t.Errorf("unexpected table:\n%s", sb.String())
+	}
+	// Allowed flows that stay blocked are re-probed until the timeout.
+	cs, rounds, err = m.WaitMatrix(ctx, allowAll, st, 1500*time.Millisecond, v4only)
+	if err == nil || !strings.Contains(err.Error(), "still mismatch") || rounds < 2 || len(Mismatches(cs)) != len(cs) {
+		t.Errorf("WaitMatrix(allow all) over a blocked underlay = %d rounds, %v; want a timeout after several rounds with every cell mismatching", rounds, err)
 	}
 }

@@ -37,16 +37,18 @@ var (
 	ICMP    = Check{Proto: "icmp"}
 )
 
-// DefaultChecks4 are probed over IPv4 overlay addresses, DefaultChecks6 over IPv6.
+// DefaultChecks4 are probed over IPv4 overlay addresses, DefaultChecks6 over IPv6:
+// the same checks, since a node-to-node rule covers both families.
 var (
 	DefaultChecks4 = []Check{TCP22, TCP5432, TCP8080, UDP514, ICMP}
-	DefaultChecks6 = []Check{TCP22, TCP8080, ICMP}
+	DefaultChecks6 = DefaultChecks4
 )
 
 // MatrixOptions tune Matrix; the zero value probes every ordered pair of distinct
 // started nodes with the default checks.
 type MatrixOptions struct {
-	// Checks4 and Checks6 default to DefaultChecks4 and DefaultChecks6.
+	// Checks4 and Checks6 default (when nil) to DefaultChecks4 and DefaultChecks6;
+	// an empty non-nil slice probes nothing over that family.
 	Checks4, Checks6 []Check
 	// Timeout is how long one probe waits for its flow; default 1 s.
 	Timeout time.Duration
@@ -117,6 +119,9 @@ func (m *Mesh) Cells(pol *Policy, st *Status, opts MatrixOptions) ([]Cell, error
 				family int
 				checks []Check
 			}{{4, checks4}, {6, checks6}} {
+				if len(fam.checks) == 0 {
+					continue
+				}
 				addr, ok := ds.Addr(fam.family)
 				if !ok {
 					return nil, fmt.Errorf("node %s has no IPv%d overlay address in status (%v)", dst.Name, fam.family, ds.Addresses)
@@ -218,11 +223,13 @@ func (m *Mesh) Matrix(ctx context.Context, pol *Policy, st *Status, opts MatrixO
 	return cells, nil
 }
 
-// WaitMatrix probes the whole matrix, then re-probes only mismatching cells until
-// every cell matches or timeout passes (for example while a policy change or the
-// first WireGuard handshakes propagate). It returns the final cells (each holding
-// its latest observation) and the number of rounds; the error is set on timeout
-// with mismatches left, or if ctx ended.
+// WaitMatrix probes the whole matrix, then re-probes the cells whose allowed flow
+// did not get through (or whose probe failed to run) until every cell matches or
+// timeout passes: the first packets of a flow may wait for a WireGuard handshake
+// or an endpoint update. A flow the policy denies that gets through is never
+// re-probed: it ends the wait at once with an error. It returns the cells (each
+// with its latest observation) and the number of probing rounds; the error is set
+// on a leak, on timeout with cells still mismatching, or if ctx ended.
 func (m *Mesh) WaitMatrix(ctx context.Context, pol *Policy, st *Status, timeout time.Duration, opts MatrixOptions) (cells []Cell, rounds int, err error) {
 	cells, err = m.Cells(pol, st, opts)
 	if err != nil {
@@ -243,11 +250,20 @@ func (m *Mesh) WaitMatrix(ctx context.Context, pol *Policy, st *Status, timeout 
 			return cells, rounds, err
 		}
 		var next []int
+		var leaks []string
 		for j, i := range pending {
 			cells[i] = batch[j]
-			if !batch[j].OK() {
+			c := batch[j]
+			switch {
+			case c.OK():
+			case c.Err == nil && c.Got && !c.Want:
+				leaks = append(leaks, fmt.Sprintf("%s -> %s %s (%s)", c.Src, c.Dst, c.Check, c.Addr))
+			default:
 				next = append(next, i)
 			}
+		}
+		if len(leaks) > 0 {
+			return cells, rounds, fmt.Errorf("%d flow(s) the policy denies got through: %s", len(leaks), strings.Join(leaks, ", "))
 		}
 		pending = next
 		if len(pending) == 0 {

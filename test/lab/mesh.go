@@ -348,6 +348,9 @@ type NodeStatus struct {
 	Endpoint        string            `json:"endpoint"`
 	PublicKey       string            `json:"public_key"`
 	Error           string            `json:"error"`
+	// DesiredHash and AppliedHash are the netmap hashes, when the CLI prints them.
+	DesiredHash string `json:"desired_hash"`
+	AppliedHash string `json:"applied_hash"`
 }
 
 // Node returns the status of the node called name, or nil.
@@ -393,7 +396,8 @@ func (m *Mesh) Status(ctx context.Context) (*Status, error) {
 
 // WaitConverged waits until every node whose agent was started is in status,
 // online, has both overlay addresses and applied_revision == policy_revision
-// (and, when minRevision > 0, policy_revision >= minRevision). It fails at once
+// (and, when minRevision > 0, policy_revision >= minRevision), and, when status
+// carries netmap hashes, applied_hash == desired_hash. It fails at once
 // if an agent or the controller exited.
 func (m *Mesh) WaitConverged(ctx context.Context, minRevision uint64, timeout time.Duration) (*Status, error) {
 	var last *Status
@@ -424,6 +428,9 @@ func (m *Mesh) WaitConverged(ctx context.Context, minRevision uint64, timeout ti
 				pending = append(pending, n.Name+": offline")
 			case ns.AppliedRevision != st.PolicyRevision:
 				pending = append(pending, fmt.Sprintf("%s: applied revision %d (error %q)", n.Name, ns.AppliedRevision, ns.Error))
+			case ns.DesiredHash != "" && ns.AppliedHash != ns.DesiredHash:
+				// Same revision, newer netmap (e.g. a peer enrolled after the apply).
+				pending = append(pending, fmt.Sprintf("%s: applied netmap %.12s, desired %.12s", n.Name, ns.AppliedHash, ns.DesiredHash))
 			case !has4 || !has6:
 				pending = append(pending, fmt.Sprintf("%s: addresses %v", n.Name, ns.Addresses))
 			}

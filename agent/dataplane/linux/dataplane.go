@@ -4,7 +4,13 @@
 // table `inet segmesh` (package nft) that enforces the node's filter.
 //
 // A Dataplane is bound to the network namespace of the thread that calls New; every
-// kernel object it creates lives there, whichever goroutine calls its methods.
+// kernel object it creates lives there, whichever goroutine calls its methods. It
+// holds an exclusive lock on that namespace (a file in LockDir) for its lifetime, so
+// two agents never fight over one table `inet segmesh`.
+//
+// When an Apply changes the filter, the Dataplane also deletes the conntrack entries
+// of the node's connections that the new filter would not accept as new connections,
+// so that revoking a rule cuts the established flows it allowed.
 package linux
 
 import (
@@ -12,6 +18,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
+	"reflect"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -52,6 +60,7 @@ type Dataplane struct {
 	foreignNS bool
 	nl        *netlink.Handle
 	fw        *nft.Firewall
+	lock      *nsLock
 
 	// closing is cancelled by Close; it stops Watch goroutines.
 	closing context.Context
@@ -63,6 +72,15 @@ type Dataplane struct {
 	kind    dataplane.Kind
 	user    *userDevice      // the wireguard-go device this process owns, if any
 	applied *dataplane.State // the last state Apply made the kernel hold (canonical)
+	// swept is what the last successful conntrack sweep judged entries by; nil
+	// before the first one, so the first Apply of a process always sweeps.
+	swept *sweepKey
+}
+
+// sweepKey is the input of a conntrack sweep (canonical filter and node addresses).
+type sweepKey struct {
+	filter    dataplane.Filter
+	addresses []netip.Prefix
 }
 
 var (
@@ -85,8 +103,12 @@ var processNS = func() string {
 var ErrClosed = errors.New("dataplane is closed")
 
 // New returns a Dataplane for opts.Interface in the network namespace of the calling
-// thread. It opens netlink, nftables and wgctrl sockets there but changes nothing in
-// the kernel. Errors: an invalid interface name, or a socket that cannot be opened.
+// thread. It takes the namespace's lock (see LockDir) and opens netlink, nftables and
+// wgctrl sockets there but changes nothing in the kernel. Errors: an invalid interface
+// name; *NamespaceBusyError when another Dataplane, in this or another process, holds
+// the namespace (message "another segmesh agent (pid N) already manages network
+// namespace NS (interface X); stop it first"); a lock file or socket that cannot be
+// opened.
 func New(opts Options) (*Dataplane, error) {
 	if opts.Interface == "" || len(opts.Interface) >= unix.IFNAMSIZ {
 		return nil, fmt.Errorf("interface name %q: must be 1 to %d bytes", opts.Interface, unix.IFNAMSIZ-1)
@@ -103,7 +125,13 @@ func New(opts Options) (*Dataplane, error) {
 	d.foreignNS = processNS == "" || d.ns.UniqueId() != processNS
 	fail := func(err error) (*Dataplane, error) {
 		d.closeSockets()
+		if d.lock != nil {
+			d.lock.release()
+		}
 		return nil, err
+	}
+	if d.lock, err = lockNetNS(d.ns, opts.Interface); err != nil {
+		return fail(err)
 	}
 	if d.nl, err = netlink.NewHandleAt(d.ns); err != nil {
 		return fail(fmt.Errorf("opening netlink socket: %w", err))
@@ -146,11 +174,16 @@ func (d *Dataplane) Kind() dataplane.Kind {
 }
 
 // Apply makes the kernel hold exactly s (see dataplane.Dataplane). Order: the nftables
-// table first (so traffic is filtered before the interface passes any), then the
-// WireGuard device and its configuration (private key, listen port, peers diffed one
-// by one), then MTU, addresses, link up and routes. s.Interface must equal
-// Options.Interface. A zero ListenPort keeps the device's current port; a zero peer
-// Endpoint keeps whatever endpoint the device has learned.
+// table first (so traffic is filtered before the interface passes any), then, when
+// the filter or the node's addresses changed (and on the first Apply of the
+// Dataplane), the conntrack entries of flows the filter no longer allows are deleted
+// (see cutRevokedFlows); then the WireGuard device and its configuration (private key,
+// listen port, peers diffed one by one), then MTU, addresses, link up and routes.
+// s.Interface must equal Options.Interface. A zero ListenPort keeps the device's
+// current port; a zero peer Endpoint keeps whatever endpoint the device has learned.
+// A failed conntrack sweep does not stop the later steps; Apply returns its error at
+// the end and sweeps again on the next call. Errors: *NamespaceBusyError (nothing
+// changed) when the namespace's lock file was taken over by another holder.
 func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	want := dataplane.Canonical(s)
 	if err := d.validate(want); err != nil {
@@ -166,6 +199,9 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 		return ErrClosed
 	}
 	name := d.opts.Interface
+	if err := d.lock.check(); err != nil {
+		return err
+	}
 
 	res, err := d.fw.Apply(want.Filter)
 	if err != nil {
@@ -173,6 +209,20 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	}
 	if res != nft.Unchanged {
 		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.String())
+	}
+	var sweepErr error
+	key := &sweepKey{filter: want.Filter, addresses: want.Addresses}
+	if res != nft.Unchanged || d.swept == nil || !reflect.DeepEqual(d.swept, key) {
+		n, err := d.cutRevokedFlows(want.Filter, want.Addresses)
+		if err != nil {
+			sweepErr = fmt.Errorf("cutting flows the filter no longer allows: %w", err)
+			d.swept = nil
+		} else {
+			d.swept = key
+		}
+		if n > 0 {
+			d.log.Info("cut flows the filter no longer allows", "conntrack_entries", n)
+		}
 	}
 	if err := ctx.Err(); err != nil {
 		return err
@@ -191,7 +241,7 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 		return fmt.Errorf("configuring interface %s: %w", name, err)
 	}
 	d.applied = &want
-	return nil
+	return sweepErr
 }
 
 // Read returns what the kernel holds, in canonical form. When the interface is
@@ -236,13 +286,19 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.State, error) {
 }
 
 // Down removes the nftables table and the interface, closing the wireguard-go device
-// if this process owns it. Missing table or interface are not errors.
+// if this process owns it. Missing table or interface are not errors. Down changes
+// nothing and returns *NamespaceBusyError when the namespace's lock file was taken
+// over by another holder (New already refuses while another agent runs).
 func (d *Dataplane) Down(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return ErrClosed
 	}
+	if err := d.lock.check(); err != nil {
+		return err
+	}
+	d.swept = nil
 	d.applied = nil
 	var errs []error
 	if err := d.fw.Delete(); err != nil {
@@ -266,8 +322,9 @@ func (d *Dataplane) Down(ctx context.Context) error {
 }
 
 // Close stops the wireguard-go device this process owns (its TUN interface disappears
-// with it), stops Watch, and closes sockets. Kernel WireGuard interfaces, addresses,
-// routes and the nftables table stay. Close is idempotent.
+// with it), stops Watch, closes sockets and releases the namespace's lock. Kernel
+// WireGuard interfaces, addresses, routes and the nftables table stay. Close is
+// idempotent.
 func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -281,6 +338,7 @@ func (d *Dataplane) Close() error {
 		d.user = nil
 	}
 	d.closeSockets()
+	d.lock.release()
 	return nil
 }
 

@@ -33,8 +33,9 @@ type userDevice struct {
 
 // ensureDevice makes the WireGuard interface exist (kernel WireGuard unless forced to
 // or unavailable, else wireguard-go) and returns its link. It reuses a kernel device
-// or a live userspace device (with a UAPI socket) left by an earlier process, and
-// replaces anything else holding the name. d.mu must be held.
+// left by an earlier process and replaces anything else holding the name: no other
+// process can serve a wireguard-go device here, since the namespace's lock is ours
+// and a wireguard-go device ends with its process. d.mu must be held.
 func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 	name := d.opts.Interface
 	link, err := d.linkByName()
@@ -57,13 +58,8 @@ func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 		}
 	}
 	if link != nil {
-		switch {
-		case link.Type() == "wireguard" && !d.opts.ForceUserspace:
+		if link.Type() == "wireguard" && !d.opts.ForceUserspace {
 			d.kind = dataplane.KindKernel
-			return link, nil
-		case link.Type() == "tuntap" && d.uapiAlive():
-			d.log.Info("using the userspace WireGuard device of another process", "interface", name)
-			d.kind = dataplane.KindUserspace
 			return link, nil
 		}
 		d.log.Warn("replacing interface", "interface", name, "type", link.Type())
@@ -124,12 +120,6 @@ func (d *Dataplane) reopenWgctrl() error {
 	_ = d.wg.Close()
 	d.wg = c
 	return nil
-}
-
-// uapiAlive reports whether some process serves a WireGuard device of our name.
-func (d *Dataplane) uapiAlive() bool {
-	_, err := d.wg.Device(d.opts.Interface)
-	return err == nil
 }
 
 // newUserDevice creates the TUN interface (in the dataplane's namespace), the

@@ -90,6 +90,9 @@ func TestOverlayEnforcesFilter(t *testing.T) {
 		Ingress: []policy.FilterRule{allow("peer", tcpPort(8080), icmp)}}
 	a.apply(t, a.state(aFilter, b))
 	b.apply(t, b.state(bFilter, a))
+	if msgs := a.log.take(); !hasPrefix(msgs, "programmed nftables") || !hasPrefix(msgs, "configured WireGuard") {
+		t.Fatalf("first Apply logged %q, want its changes", msgs)
+	}
 	for _, port := range []uint16{8080, 9090} {
 		b.listen(t, b.v4, port)
 		b.listen(t, b.v6, port)
@@ -145,7 +148,8 @@ func TestOverlayEnforcesFilter(t *testing.T) {
 		b.log.take()
 		a.apply(t, a.state(aFilter, b))
 		b.apply(t, b.state(bFilter, a))
-		if msgs := slices.Concat(a.log.take(), b.log.take()); len(msgs) > 0 {
+		msgs := slices.Concat(a.log.take(), b.log.take())
+		if hasPrefix(msgs, "programmed nftables") || hasPrefix(msgs, "configured WireGuard") {
 			t.Errorf("second Apply changed something: %q", msgs)
 		}
 		if err := a.dial(b.v4, 8080, 5*time.Second); err != nil {
@@ -318,7 +322,8 @@ func TestDriftIsNoticedWatchedAndRepaired(t *testing.T) {
 }
 
 // TestConvergesFromEarlierProcess applies with a second Dataplane over state left by a
-// first one: a stale table, stale peers, a device served by the other "process".
+// first one that has exited (closed): its stale table, and a stale interface of
+// another kind that took the name meanwhile.
 func TestConvergesFromEarlierProcess(t *testing.T) {
 	ns := nstest.New(t)
 	first := newNode(t, ns, netip.MustParseAddr("192.0.2.1"), 1)
@@ -332,6 +337,21 @@ func TestConvergesFromEarlierProcess(t *testing.T) {
 		Egress: []policy.FilterRule{allow("old", tcpPort(1))}}, p2, p3)
 	first.apply(t, old)
 
+	// The first process exits: its TUN disappears, its table stays; a plain TUN
+	// device without WireGuard takes the name.
+	if err := first.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "first device gone", func() error {
+		if _, err := ns.Exec("ip", "link", "show", first.iface); err == nil {
+			return os.ErrExist
+		}
+		return nil
+	})
+	ns.MustExec(t, "nft", "list", "set", "inet", "segmesh", "old_v4")
+	ns.MustExec(t, "ip", "tuntap", "add", "dev", first.iface, "mode", "tun")
+	ns.MustExec(t, "ip", "addr", "add", "100.64.9.9/32", "dev", first.iface)
+
 	second := *first
 	second.log = &recorder{}
 	second.dp = newDataplane(t, ns, first.iface, second.log)
@@ -342,20 +362,9 @@ func TestConvergesFromEarlierProcess(t *testing.T) {
 	if k := second.dp.Kind(); k != dataplane.KindUserspace {
 		t.Errorf("Kind = %q", k)
 	}
-
-	// The first process exits: its TUN disappears; the second re-creates its own.
-	first.dp.Close()
-	eventually(t, 5*time.Second, "first device gone", func() error {
-		got, err := second.dp.Read(context.Background())
-		if err != nil {
-			return err
-		}
-		if got.Interface != "" {
-			return os.ErrExist
-		}
-		return nil
-	})
-	second.apply(t, want)
+	if msgs := second.log.take(); !hasPrefix(msgs, "replacing interface") {
+		t.Errorf("Apply over a stale TUN logged %q, want it replaced", msgs)
+	}
 	if _, err := os.Stat(filepath.Join("/var/run/wireguard", first.iface+".sock")); err != nil {
 		t.Errorf("UAPI socket of the new device: %v", err)
 	}
@@ -432,4 +441,51 @@ func TestApplyRejectsInvalidState(t *testing.T) {
 	if out, err := ns.Exec("ip", "link", "show", n.iface); err == nil {
 		t.Errorf("interface exists after rejected applies: %s", out)
 	}
+}
+
+// TestKindMatchesInterface applies without ForceUserspace: the dataplane uses kernel
+// WireGuard where the kernel has it and wireguard-go otherwise, and Kind says which.
+func TestKindMatchesInterface(t *testing.T) {
+	ns := nstest.New(t)
+	iface := nstest.IfaceName(t)
+	var dp *Dataplane
+	ns.Do(t, func() (err error) {
+		dp, err = New(Options{Interface: iface})
+		return err
+	})
+	t.Cleanup(func() {
+		if err := dp.Down(context.Background()); err != nil {
+			t.Errorf("Down: %v", err)
+		}
+		dp.Close()
+	})
+	if k := dp.Kind(); k != "" {
+		t.Errorf("Kind before Apply = %q, want unknown", k)
+	}
+	key, _ := wgtypes.GeneratePrivateKey()
+	n := &node{iface: iface, key: key, v4: netip.MustParseAddr("100.64.0.1"), v6: netip.MustParseAddr("fd5e:6d65:7368::1")}
+	s := n.state(policy.Filter{})
+	s.MTU, s.ListenPort = 0, 0 // implementation defaults
+	if err := dp.Apply(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	checkRead(t, dp, s)
+	var linkType string
+	var mtu int
+	ns.Do(t, func() error {
+		l, err := netlink.LinkByName(iface)
+		if err != nil {
+			return err
+		}
+		linkType, mtu = l.Type(), l.Attrs().MTU
+		return nil
+	})
+	want := map[string]dataplane.Kind{"wireguard": dataplane.KindKernel, "tuntap": dataplane.KindUserspace}[linkType]
+	if got := dp.Kind(); got == "" || got != want {
+		t.Errorf("Kind = %q for a link of type %q", got, linkType)
+	}
+	if mtu != DefaultMTU {
+		t.Errorf("MTU = %d, want default %d", mtu, DefaultMTU)
+	}
+	t.Logf("WireGuard provided by %s", dp.Kind())
 }

@@ -64,6 +64,15 @@ const (
 	// OperatorServiceGetPolicyProcedure is the fully-qualified name of the OperatorService's GetPolicy
 	// RPC.
 	OperatorServiceGetPolicyProcedure = "/segmesh.v1.OperatorService/GetPolicy"
+	// OperatorServiceListPolicyRevisionsProcedure is the fully-qualified name of the OperatorService's
+	// ListPolicyRevisions RPC.
+	OperatorServiceListPolicyRevisionsProcedure = "/segmesh.v1.OperatorService/ListPolicyRevisions"
+	// OperatorServiceRollbackPolicyProcedure is the fully-qualified name of the OperatorService's
+	// RollbackPolicy RPC.
+	OperatorServiceRollbackPolicyProcedure = "/segmesh.v1.OperatorService/RollbackPolicy"
+	// OperatorServiceGetNetmapProcedure is the fully-qualified name of the OperatorService's GetNetmap
+	// RPC.
+	OperatorServiceGetNetmapProcedure = "/segmesh.v1.OperatorService/GetNetmap"
 )
 
 // EnrollServiceClient is a client for the segmesh.v1.EnrollService service.
@@ -243,6 +252,11 @@ type OperatorServiceClient interface {
 	CreateToken(context.Context, *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error)
 	ApplyPolicy(context.Context, *connect.Request[segmeshv1.ApplyPolicyRequest]) (*connect.Response[segmeshv1.ApplyPolicyResponse], error)
 	GetPolicy(context.Context, *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error)
+	ListPolicyRevisions(context.Context, *connect.Request[segmeshv1.ListPolicyRevisionsRequest]) (*connect.Response[segmeshv1.ListPolicyRevisionsResponse], error)
+	RollbackPolicy(context.Context, *connect.Request[segmeshv1.RollbackPolicyRequest]) (*connect.Response[segmeshv1.RollbackPolicyResponse], error)
+	// GetNetmap returns the netmap the controller publishes for one node, or, with a
+	// candidate policy, the netmap that policy would give the node (nothing stored).
+	GetNetmap(context.Context, *connect.Request[segmeshv1.GetNetmapRequest]) (*connect.Response[segmeshv1.GetNetmapResponse], error)
 }
 
 // NewOperatorServiceClient constructs a client for the segmesh.v1.OperatorService service. By
@@ -286,16 +300,37 @@ func NewOperatorServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(operatorServiceMethods.ByName("GetPolicy")),
 			connect.WithClientOptions(opts...),
 		),
+		listPolicyRevisions: connect.NewClient[segmeshv1.ListPolicyRevisionsRequest, segmeshv1.ListPolicyRevisionsResponse](
+			httpClient,
+			baseURL+OperatorServiceListPolicyRevisionsProcedure,
+			connect.WithSchema(operatorServiceMethods.ByName("ListPolicyRevisions")),
+			connect.WithClientOptions(opts...),
+		),
+		rollbackPolicy: connect.NewClient[segmeshv1.RollbackPolicyRequest, segmeshv1.RollbackPolicyResponse](
+			httpClient,
+			baseURL+OperatorServiceRollbackPolicyProcedure,
+			connect.WithSchema(operatorServiceMethods.ByName("RollbackPolicy")),
+			connect.WithClientOptions(opts...),
+		),
+		getNetmap: connect.NewClient[segmeshv1.GetNetmapRequest, segmeshv1.GetNetmapResponse](
+			httpClient,
+			baseURL+OperatorServiceGetNetmapProcedure,
+			connect.WithSchema(operatorServiceMethods.ByName("GetNetmap")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // operatorServiceClient implements OperatorServiceClient.
 type operatorServiceClient struct {
-	status      *connect.Client[segmeshv1.StatusRequest, segmeshv1.StatusResponse]
-	listNodes   *connect.Client[segmeshv1.ListNodesRequest, segmeshv1.ListNodesResponse]
-	createToken *connect.Client[segmeshv1.CreateTokenRequest, segmeshv1.CreateTokenResponse]
-	applyPolicy *connect.Client[segmeshv1.ApplyPolicyRequest, segmeshv1.ApplyPolicyResponse]
-	getPolicy   *connect.Client[segmeshv1.GetPolicyRequest, segmeshv1.GetPolicyResponse]
+	status              *connect.Client[segmeshv1.StatusRequest, segmeshv1.StatusResponse]
+	listNodes           *connect.Client[segmeshv1.ListNodesRequest, segmeshv1.ListNodesResponse]
+	createToken         *connect.Client[segmeshv1.CreateTokenRequest, segmeshv1.CreateTokenResponse]
+	applyPolicy         *connect.Client[segmeshv1.ApplyPolicyRequest, segmeshv1.ApplyPolicyResponse]
+	getPolicy           *connect.Client[segmeshv1.GetPolicyRequest, segmeshv1.GetPolicyResponse]
+	listPolicyRevisions *connect.Client[segmeshv1.ListPolicyRevisionsRequest, segmeshv1.ListPolicyRevisionsResponse]
+	rollbackPolicy      *connect.Client[segmeshv1.RollbackPolicyRequest, segmeshv1.RollbackPolicyResponse]
+	getNetmap           *connect.Client[segmeshv1.GetNetmapRequest, segmeshv1.GetNetmapResponse]
 }
 
 // Status calls segmesh.v1.OperatorService.Status.
@@ -323,6 +358,21 @@ func (c *operatorServiceClient) GetPolicy(ctx context.Context, req *connect.Requ
 	return c.getPolicy.CallUnary(ctx, req)
 }
 
+// ListPolicyRevisions calls segmesh.v1.OperatorService.ListPolicyRevisions.
+func (c *operatorServiceClient) ListPolicyRevisions(ctx context.Context, req *connect.Request[segmeshv1.ListPolicyRevisionsRequest]) (*connect.Response[segmeshv1.ListPolicyRevisionsResponse], error) {
+	return c.listPolicyRevisions.CallUnary(ctx, req)
+}
+
+// RollbackPolicy calls segmesh.v1.OperatorService.RollbackPolicy.
+func (c *operatorServiceClient) RollbackPolicy(ctx context.Context, req *connect.Request[segmeshv1.RollbackPolicyRequest]) (*connect.Response[segmeshv1.RollbackPolicyResponse], error) {
+	return c.rollbackPolicy.CallUnary(ctx, req)
+}
+
+// GetNetmap calls segmesh.v1.OperatorService.GetNetmap.
+func (c *operatorServiceClient) GetNetmap(ctx context.Context, req *connect.Request[segmeshv1.GetNetmapRequest]) (*connect.Response[segmeshv1.GetNetmapResponse], error) {
+	return c.getNetmap.CallUnary(ctx, req)
+}
+
 // OperatorServiceHandler is an implementation of the segmesh.v1.OperatorService service.
 type OperatorServiceHandler interface {
 	Status(context.Context, *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error)
@@ -330,6 +380,11 @@ type OperatorServiceHandler interface {
 	CreateToken(context.Context, *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error)
 	ApplyPolicy(context.Context, *connect.Request[segmeshv1.ApplyPolicyRequest]) (*connect.Response[segmeshv1.ApplyPolicyResponse], error)
 	GetPolicy(context.Context, *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error)
+	ListPolicyRevisions(context.Context, *connect.Request[segmeshv1.ListPolicyRevisionsRequest]) (*connect.Response[segmeshv1.ListPolicyRevisionsResponse], error)
+	RollbackPolicy(context.Context, *connect.Request[segmeshv1.RollbackPolicyRequest]) (*connect.Response[segmeshv1.RollbackPolicyResponse], error)
+	// GetNetmap returns the netmap the controller publishes for one node, or, with a
+	// candidate policy, the netmap that policy would give the node (nothing stored).
+	GetNetmap(context.Context, *connect.Request[segmeshv1.GetNetmapRequest]) (*connect.Response[segmeshv1.GetNetmapResponse], error)
 }
 
 // NewOperatorServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -369,6 +424,24 @@ func NewOperatorServiceHandler(svc OperatorServiceHandler, opts ...connect.Handl
 		connect.WithSchema(operatorServiceMethods.ByName("GetPolicy")),
 		connect.WithHandlerOptions(opts...),
 	)
+	operatorServiceListPolicyRevisionsHandler := connect.NewUnaryHandler(
+		OperatorServiceListPolicyRevisionsProcedure,
+		svc.ListPolicyRevisions,
+		connect.WithSchema(operatorServiceMethods.ByName("ListPolicyRevisions")),
+		connect.WithHandlerOptions(opts...),
+	)
+	operatorServiceRollbackPolicyHandler := connect.NewUnaryHandler(
+		OperatorServiceRollbackPolicyProcedure,
+		svc.RollbackPolicy,
+		connect.WithSchema(operatorServiceMethods.ByName("RollbackPolicy")),
+		connect.WithHandlerOptions(opts...),
+	)
+	operatorServiceGetNetmapHandler := connect.NewUnaryHandler(
+		OperatorServiceGetNetmapProcedure,
+		svc.GetNetmap,
+		connect.WithSchema(operatorServiceMethods.ByName("GetNetmap")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/segmesh.v1.OperatorService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case OperatorServiceStatusProcedure:
@@ -381,6 +454,12 @@ func NewOperatorServiceHandler(svc OperatorServiceHandler, opts ...connect.Handl
 			operatorServiceApplyPolicyHandler.ServeHTTP(w, r)
 		case OperatorServiceGetPolicyProcedure:
 			operatorServiceGetPolicyHandler.ServeHTTP(w, r)
+		case OperatorServiceListPolicyRevisionsProcedure:
+			operatorServiceListPolicyRevisionsHandler.ServeHTTP(w, r)
+		case OperatorServiceRollbackPolicyProcedure:
+			operatorServiceRollbackPolicyHandler.ServeHTTP(w, r)
+		case OperatorServiceGetNetmapProcedure:
+			operatorServiceGetNetmapHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -408,4 +487,16 @@ func (UnimplementedOperatorServiceHandler) ApplyPolicy(context.Context, *connect
 
 func (UnimplementedOperatorServiceHandler) GetPolicy(context.Context, *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.GetPolicy is not implemented"))
+}
+
+func (UnimplementedOperatorServiceHandler) ListPolicyRevisions(context.Context, *connect.Request[segmeshv1.ListPolicyRevisionsRequest]) (*connect.Response[segmeshv1.ListPolicyRevisionsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.ListPolicyRevisions is not implemented"))
+}
+
+func (UnimplementedOperatorServiceHandler) RollbackPolicy(context.Context, *connect.Request[segmeshv1.RollbackPolicyRequest]) (*connect.Response[segmeshv1.RollbackPolicyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.RollbackPolicy is not implemented"))
+}
+
+func (UnimplementedOperatorServiceHandler) GetNetmap(context.Context, *connect.Request[segmeshv1.GetNetmapRequest]) (*connect.Response[segmeshv1.GetNetmapResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.GetNetmap is not implemented"))
 }

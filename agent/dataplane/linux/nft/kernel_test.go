@@ -15,6 +15,7 @@ import (
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nstest"
+	"segmesh/api/nftrender"
 	"segmesh/policy"
 )
 
@@ -115,8 +116,8 @@ func TestApplyReadRoundTrip(t *testing.T) {
 			// nft(8) must be able to list what we wrote, including our userdata.
 			out := ns.MustExec(t, "nft", "list", "table", "inet", TableName)
 			for _, r := range slices.Concat(tt.f.Ingress, tt.f.Egress) {
-				if r.Origin != "" && len(r.Matches) > 0 && !strings.Contains(out, fmt.Sprintf("comment %q", commentFor(r.Origin))) {
-					t.Errorf("nft list lacks comment %q:\n%s", commentFor(r.Origin), out)
+				if r.Origin != "" && len(r.Matches) > 0 && !strings.Contains(out, fmt.Sprintf("comment %q", nftrender.Comment(r.Origin))) {
+					t.Errorf("nft list lacks comment %q:\n%s", nftrender.Comment(r.Origin), out)
 				}
 			}
 			// A fresh Firewall (a new process) reads the same filter, except for

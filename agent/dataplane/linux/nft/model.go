@@ -10,6 +10,7 @@ import (
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
+	"segmesh/api/nftrender"
 	"segmesh/policy"
 )
 
@@ -158,7 +159,7 @@ func policyRules(rules []policy.FilterRule, dir direction, sets map[string]bool)
 		}
 		base := func(f family, match int) ruleSpec {
 			s := ruleSpec{NFProto: f.nfproto, AddrLen: f.addrLen, Set: r.Set + f.suffix,
-				Comment: commentFor(r.Origin), HasPos: true, Pos: uint32(i)<<16 | uint32(match)}
+				Comment: nftrender.Comment(r.Origin), HasPos: true, Pos: uint32(i)<<16 | uint32(match)}
 			s.AddrOff = f.dstOff
 			if dir == dirIngress {
 				s.AddrOff = f.srcOff

@@ -37,6 +37,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"segmesh/api/nftrender"
 	"segmesh/policy"
 )
 
@@ -188,7 +189,7 @@ func (f *Firewall) record(filter policy.Filter) {
 	f.applied = &c
 	f.origins = map[string]string{}
 	for _, r := range slices.Concat(filter.Ingress, filter.Egress) {
-		if c := commentFor(r.Origin); c != r.Origin {
+		if c := nftrender.Comment(r.Origin); c != r.Origin {
 			f.origins[c] = r.Origin
 		}
 	}

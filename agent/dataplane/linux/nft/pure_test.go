@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"unicode/utf8"
 
 	"github.com/google/nftables/expr"
 	"pgregory.net/rapid"
@@ -107,21 +106,6 @@ func TestDesiredModelRejectsInvalidFilters(t *testing.T) {
 				t.Errorf("desiredModel error = %v, want it to contain %q", err, tt.want)
 			}
 		})
-	}
-}
-
-func TestCommentFor(t *testing.T) {
-	long := strings.Repeat("é", 200) // 400 bytes
-	tests := []struct{ origin, want string }{
-		{"web-to-db (policy.yaml:12:5)", "web-to-db (policy.yaml:12:5)"},
-		{"nul\x00inside", "nulinside"},
-		{long, strings.Repeat("é", 118) + "…"},
-	}
-	for _, tt := range tests {
-		got := commentFor(tt.origin)
-		if got != tt.want || len(got) > maxComment || !utf8.ValidString(got) {
-			t.Errorf("commentFor(%.20q) = %q (%d bytes), want %q", tt.origin, got, len(got), tt.want)
-		}
 	}
 }
 

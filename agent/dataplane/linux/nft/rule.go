@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"unicode/utf8"
 
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -63,8 +62,6 @@ type ruleSpec struct {
 const (
 	udataComment  = 0
 	udataPosition = 0x53
-	// maxComment keeps comment + position within the kernel's 256-byte rule userdata limit.
-	maxComment = 240
 	// posNoMatch marks the placeholder rule of a FilterRule without matches.
 	posNoMatch = 0xffff
 )
@@ -353,18 +350,4 @@ func (s *ruleSpec) decodeUserData(b []byte) error {
 		}
 	}
 	return nil
-}
-
-// commentFor returns the nft comment for a rule Origin: the Origin itself when it
-// fits the userdata limit, otherwise a prefix cut at a UTF-8 boundary plus "…".
-func commentFor(origin string) string {
-	origin = strings.ToValidUTF8(strings.ReplaceAll(origin, "\x00", ""), "?")
-	if len(origin) <= maxComment {
-		return origin
-	}
-	cut := maxComment - len("…")
-	for cut > 0 && !utf8.RuneStart(origin[cut]) {
-		cut--
-	}
-	return origin[:cut] + "…"
 }
