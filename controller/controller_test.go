@@ -427,6 +427,16 @@ func TestApplyPolicy(t *testing.T) {
 		t.Errorf("message %q does not point at the undefined segment (bad.yaml:12:10)", ce.Message())
 	}
 
+	// An external segment may not cover overlay addresses (it would select nodes by
+	// address, bypassing labels).
+	overlap := "version: 1\nsegments:\n  - name: partners\n    cidrs: [100.64.0.0/16]\n  - name: db\n    selectors: [{role: db}]\n" +
+		"rules:\n  - name: partners-ssh\n    from: [partners]\n    to: [db]\n    ports: [tcp/22]\n"
+	_, err = tc.op().ApplyPolicy(bg, connect.NewRequest(&segmeshv1.ApplyPolicyRequest{Filename: "overlap.yaml", Content: []byte(overlap)}))
+	ce = wantCode(t, err, connect.CodeInvalidArgument)
+	if !strings.HasPrefix(ce.Message(), "overlap.yaml:4:13: ") || !strings.Contains(ce.Message(), "overlaps the overlay prefix 100.64.0.0/10") {
+		t.Errorf("overlapping external cidr: message %q", ce.Message())
+	}
+
 	got, err := tc.op().GetPolicy(bg, connect.NewRequest(&segmeshv1.GetPolicyRequest{}))
 	if err != nil {
 		t.Fatal(err)

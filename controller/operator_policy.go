@@ -126,7 +126,7 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 	if len(revs) > 0 {
 		rev = revs[len(revs)-1] + 1
 	}
-	_, compiled, _, err := checkPolicy(filename, cand.GetContent(), netmap.Inventory(nodes))
+	_, compiled, _, err := checkPolicy(filename, cand.GetContent(), netmap.Inventory(nodes), c.opts.OverlayPrefixes)
 	if err != nil {
 		return nil, policyError(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 
 	"connectrpc.com/connect"
@@ -74,11 +75,15 @@ func (c *Controller) setComputeErr(msg string) {
 // test, one "file:line:col: test NAME: message" line each. A test that fails on
 // inv only because an endpoint matches no node of inv yet (NoMatch) does not
 // fail the check: it is returned as a warning line, so that a policy can be
-// applied before the nodes it names enroll.
-func checkPolicy(filename string, content []byte, inv []policy.Node) (*policy.Policy, *policy.Compiled, []string, error) {
+// applied before the nodes it names enroll. External CIDRs may not overlap the
+// overlay prefixes (policy.CheckExternal).
+func checkPolicy(filename string, content []byte, inv []policy.Node, overlay []netip.Prefix) (*policy.Policy, *policy.Compiled, []string, error) {
 	pol, err := policy.Parse(filename, content)
 	if err != nil {
 		return nil, nil, nil, err
+	}
+	if errs := policy.CheckExternal(pol, overlay); len(errs) > 0 {
+		return nil, nil, nil, errs
 	}
 	compiled, err := policy.Compile(pol, inv)
 	if err != nil {
@@ -151,7 +156,7 @@ func (c *Controller) loadPolicy() error {
 			problems = append(problems, fmt.Sprintf("stored policy revision %d is unreadable: %v", rev, err))
 			continue
 		}
-		pol, _, _, err := checkPolicy(p.Filename, p.Content, inv)
+		pol, _, _, err := checkPolicy(p.Filename, p.Content, inv, c.opts.OverlayPrefixes)
 		if err != nil {
 			problems = append(problems, fmt.Sprintf("stored policy revision %d is invalid:\n%v", rev, err))
 			continue
@@ -215,7 +220,7 @@ func (c *Controller) storePolicy(filename string, content []byte, action string,
 		return storeResult{revision: serving, unchanged: true}, nil
 	}
 	rev := latest + 1
-	pol, compiled, warnings, err := checkPolicy(filename, content, netmap.Inventory(nodes))
+	pol, compiled, warnings, err := checkPolicy(filename, content, netmap.Inventory(nodes), c.opts.OverlayPrefixes)
 	if err != nil {
 		return storeResult{}, policyError(err)
 	}

@@ -56,6 +56,8 @@ func (s Selector) Matches(labels map[string]string) bool {
 type CIDR struct {
 	Prefix netip.Prefix
 	Except []netip.Prefix
+	// Pos is where the prefix is written.
+	Pos Pos
 }
 
 // Rule allows new connections from every segment of From to every segment of To

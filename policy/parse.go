@@ -472,7 +472,7 @@ func (p *fileParser) parseCIDR(n ast.Node) (CIDR, bool) {
 	case *ast.MappingNode, *ast.MappingValueNode:
 	default:
 		pfx, ok := p.parsePrefix(v, "cidr")
-		return CIDR{Prefix: pfx}, ok
+		return CIDR{Prefix: pfx, Pos: p.pos(v)}, ok
 	}
 	m, ok := p.mapping(n, "cidrs entry", []string{"cidr", "except"})
 	if !ok {
@@ -485,7 +485,7 @@ func (p *fileParser) parseCIDR(n ast.Node) (CIDR, bool) {
 	}
 	pfx, pfxOK := p.parsePrefix(v.Value, "cidr")
 	valid := pfxOK
-	c := CIDR{Prefix: pfx}
+	c := CIDR{Prefix: pfx, Pos: p.pos(v.Value)}
 	if ev, ok := m["except"]; ok {
 		items, ok := p.nonEmptyList(ev.Value, "except", "list at least one CIDR or remove the field")
 		valid = valid && ok

@@ -184,8 +184,8 @@ rules:
 				Selectors: []Selector{{"role": "web"}, {"role": "frontend", "env": "prod"}},
 				Nodes:     []string{"ops-1"}},
 			{Name: "partner", Pos: Pos{"policy.yaml", 8, 5}, CIDRs: []CIDR{
-				{Prefix: netip.MustParsePrefix("192.0.2.0/24")},
-				{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Except: []netip.Prefix{netip.MustParsePrefix("198.51.100.128/25")}},
+				{Prefix: netip.MustParsePrefix("192.0.2.0/24"), Pos: Pos{"policy.yaml", 10, 9}},
+				{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Except: []netip.Prefix{netip.MustParsePrefix("198.51.100.128/25")}, Pos: Pos{"policy.yaml", 11, 15}},
 			}},
 		},
 		Rules: []Rule{
