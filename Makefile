@@ -2,6 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN ?= bin
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
 .PHONY: all build test unit e2e demo lint fmt deps clean
 
@@ -28,6 +29,7 @@ demo: deps
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 
 fmt:
 	gofmt -w .

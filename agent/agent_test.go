@@ -50,7 +50,6 @@ type controller struct {
 	enrollErrs  []*connect.Error // returned by the next Enroll calls, in order
 	enrolls     []*segmeshv1.EnrollRequest
 	syncs       []*segmeshv1.SyncRequest
-	syncNames   []string
 	reports     []*segmeshv1.ReportRequest
 	current     *segmeshv1.Netmap
 	push        chan *segmeshv1.Netmap

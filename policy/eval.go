@@ -3,7 +3,6 @@ package policy
 import (
 	"cmp"
 	"fmt"
-	"math/bits"
 	"net/netip"
 	"slices"
 	"strings"
@@ -44,24 +43,6 @@ func (b bitset) intersects(o bitset) bool {
 		}
 	}
 	return false
-}
-
-func (b bitset) empty() bool {
-	for _, w := range b {
-		if w != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-func (b bitset) each(fn func(i int)) {
-	for w, word := range b {
-		for word != 0 {
-			fn(w*64 + bits.TrailingZeros64(word))
-			word &= word - 1
-		}
-	}
 }
 
 func (b bitset) key() string {

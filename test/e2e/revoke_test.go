@@ -100,7 +100,8 @@ func hold(t *testing.T, m *lab.Mesh, st *lab.Status, from, to string, family int
 			return false, err
 		}
 		b := make([]byte, 1)
-		if err := c.SetDeadline(time.Now().Add(2 * time.Second)); err == nil {
+		err = c.SetDeadline(time.Now().Add(2 * time.Second))
+		if err == nil {
 			_, err = io.ReadFull(c, b)
 		}
 		if err == nil {

@@ -253,13 +253,6 @@ func (l *Lab) Host(name string) *Host {
 	return nil
 }
 
-// Hosts returns the hosts in creation order.
-func (l *Lab) Hosts() []*Host {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return append([]*Host(nil), l.hosts...)
-}
-
 // Namespaces returns the names of the namespaces the lab created and still owns.
 func (l *Lab) Namespaces() []string {
 	l.mu.Lock()
@@ -411,9 +404,6 @@ func (h *Host) Exec(ctx context.Context, args ...string) (string, error) {
 	}
 	return runCmd(ctx, "ip", append([]string{"netns", "exec", h.Namespace}, args...)...)
 }
-
-// Lab returns the lab the host belongs to.
-func (h *Host) Lab() *Lab { return h.lab }
 
 // ReadLog returns the content of a log file of the lab, or a note why it can't.
 func ReadLog(path string) string {

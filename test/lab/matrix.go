@@ -211,18 +211,6 @@ func (m *Mesh) probe(ctx context.Context, c *Cell, timeout time.Duration) (reach
 	return false, output, err
 }
 
-// Matrix lists and probes the matrix once; see Cells and Probe.
-func (m *Mesh) Matrix(ctx context.Context, pol *Policy, st *Status, opts MatrixOptions) ([]Cell, error) {
-	cells, err := m.Cells(pol, st, opts)
-	if err != nil {
-		return nil, err
-	}
-	if err := m.Probe(ctx, cells, opts); err != nil {
-		return cells, err
-	}
-	return cells, nil
-}
-
 // WaitMatrix probes the whole matrix, then re-probes the cells whose allowed flow
 // did not get through (or whose probe failed to run) until every cell matches or
 // timeout passes: the first packets of a flow may wait for a WireGuard handshake

@@ -95,12 +95,13 @@ func (l *nsLock) acquire() (*os.File, error) {
 			continue
 		}
 		content := fmt.Sprintf("%d\n%s\n", os.Getpid(), l.iface)
-		if err := f.Truncate(0); err == nil {
-			_, err = f.WriteAt([]byte(content), 0)
+		werr := f.Truncate(0)
+		if werr == nil {
+			_, werr = f.WriteAt([]byte(content), 0)
 		}
-		if err != nil {
+		if werr != nil {
 			f.Close()
-			return nil, fmt.Errorf("writing lock file %s: %w", l.path, err)
+			return nil, fmt.Errorf("writing lock file %s: %w", l.path, werr)
 		}
 		return f, nil
 	}
