@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"regexp"
 	"strings"
 	"time"
 
@@ -22,11 +21,6 @@ import (
 	"segmesh/controller/store"
 	"segmesh/policy"
 )
-
-// nodeNameRE is the syntax of node names.
-var nodeNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{0,62}$`)
-
-const nodeNameSyntax = "[a-z0-9][a-z0-9.-]{0,62}"
 
 // Messages of refused enrollments; agents print them as they are.
 const msgInvalidToken = "join token is not valid (unknown token or wrong secret)"
@@ -71,11 +65,11 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 	name := m.GetName()
 	if name == "" {
 		name = strings.ToLower(m.GetHostname())
-		if !nodeNameRE.MatchString(name) {
-			return nil, invalidArg("node name %q derived from the host name is not valid (want %s); choose a name with --name", name, nodeNameSyntax)
+		if !policy.ValidNodeName(name) {
+			return nil, invalidArg("node name %q derived from the host name is not valid (want %s); choose a name with --name", name, policy.NodeNameSyntax)
 		}
-	} else if !nodeNameRE.MatchString(name) {
-		return nil, invalidArg("node name %q is not valid (want %s)", name, nodeNameSyntax)
+	} else if !policy.ValidNodeName(name) {
+		return nil, invalidArg("node name %q is not valid (want %s)", name, policy.NodeNameSyntax)
 	}
 	if name == policy.AllSegment {
 		return nil, invalidArg("node name %q is reserved: policies use it for the built-in segment of every node; choose another --name", name)

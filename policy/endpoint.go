@@ -8,10 +8,6 @@ import (
 	"strings"
 )
 
-// nodeNameRE is the syntax of node names (the controller enforces the same at
-// enrollment). Segment names (nameRE) are a subset of it.
-var nodeNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-
 // ipv4RE matches what can only have been meant as an IPv4 address.
 var ipv4RE = regexp.MustCompile(`^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$`)
 
@@ -95,10 +91,10 @@ func ParseEndpoint(s string) (Endpoint, error) {
 			return Endpoint{}, err
 		}
 		e.Addr = a
-	case nodeNameRE.MatchString(host):
+	case ValidNodeName(host) || nameRE.MatchString(host):
 		e.Name = host
 	default:
-		return Endpoint{}, fmt.Errorf("invalid endpoint %q: want a segment or node name (%s), an IPv4 address or an IPv6 address, optionally with :PORT ([IPV6]:PORT)", s, `[a-z0-9][a-z0-9._-]{0,62}`)
+		return Endpoint{}, fmt.Errorf("invalid endpoint %q: want a segment name (%s), a node name (%s), an IPv4 address or an IPv6 address, optionally with :PORT ([IPV6]:PORT)", s, nameSyntax, NodeNameSyntax)
 	}
 	return e, nil
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -13,9 +12,6 @@ import (
 
 	"github.com/goccy/go-yaml/ast"
 )
-
-// inventoryNodeNameRE is the syntax of node names the controller assigns.
-var inventoryNodeNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{0,62}$`)
 
 // ParseInventory parses an inventory file (NODES.yaml), the offline stand-in for
 // the controller's node list:
@@ -117,8 +113,8 @@ func (p *fileParser) parseInventoryNode(n ast.Node) (Node, nodePositions, bool) 
 		valid = false
 	} else if s, ok := p.str(v.Value, "node name"); !ok {
 		valid = false
-	} else if !inventoryNodeNameRE.MatchString(s) {
-		p.errorf(p.pos(v.Value), "invalid node name %q: must match %s", s, `[a-z0-9][a-z0-9.-]{0,62}`)
+	} else if !ValidNodeName(s) {
+		p.errorf(p.pos(v.Value), "invalid node name %q: must match %s", s, NodeNameSyntax)
 		valid = false
 	} else {
 		nd.Name, pos.name = s, p.pos(v.Value)

@@ -4,8 +4,19 @@ import (
 	"cmp"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 )
+
+// NodeNameSyntax is the syntax of node names, as a regular expression without
+// anchors: 1 to 63 characters, lowercase letters, digits, '.' and '-', starting
+// with a letter or digit. The controller assigns and accepts only such names.
+const NodeNameSyntax = "[a-z0-9][a-z0-9.-]{0,62}"
+
+var nodeNameRE = regexp.MustCompile("^" + NodeNameSyntax + "$")
+
+// ValidNodeName reports whether s matches NodeNameSyntax.
+func ValidNodeName(s string) bool { return nodeNameRE.MatchString(s) }
 
 // nodeProblem is one problem of an inventory, reported at one node's field.
 type nodeProblem struct {

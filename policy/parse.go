@@ -86,10 +86,13 @@ func (p *fileParser) parseYAML(data []byte) (f *ast.File, ok bool) {
 	return f, true
 }
 
-// document parses data and returns the body of its single YAML document (nil when
+// document checks the limits of data (see prepare), parses it and returns the body of its single YAML document (nil when
 // the file holds none). what names the file kind in the error for a second document.
 // ok is false when the YAML does not parse (the error is recorded).
 func (p *fileParser) document(data []byte, what string) (body ast.Node, ok bool) {
+	if data, ok = p.prepare(data); !ok {
+		return nil, false
+	}
 	f, ok := p.parseYAML(data)
 	if !ok {
 		return nil, false
@@ -305,11 +308,47 @@ func (p *fileParser) str(n ast.Node, what string) (string, bool) {
 	switch v := n.(type) {
 	case *ast.StringNode:
 		return v.Value, true
+	case *ast.LiteralNode: // a block scalar (| or >)
+		return v.Value.Value, true
 	case *ast.IntegerNode, *ast.FloatNode, *ast.BoolNode:
 		p.errorf(p.pos(n), "%s must be a string, got %s (quote it: %q)", what, kindOf(n), v.GetToken().Value)
 		return "", false
 	}
+	if text, ok := unquotedIPv6(n); ok {
+		p.errorf(p.pos(n), "%s must be a string, got a mapping: YAML reads an unquoted IPv6 address or CIDR in a flow list as KEY: VALUE; quote it: %q", what, text)
+		return "", false
+	}
 	p.errorf(p.pos(n), "%s must be a string, got %s", what, kindOf(n))
+	return "", false
+}
+
+// unquotedIPv6 reports whether n is a mapping of one entry that YAML made of an
+// unquoted IPv6 address or CIDR in a flow list ([2001:db8::/32] reads as
+// [{2001: "db8::/32"}]), and returns the text as written.
+func unquotedIPv6(n ast.Node) (string, bool) {
+	var mv *ast.MappingValueNode
+	switch v := n.(type) {
+	case *ast.MappingValueNode:
+		mv = v
+	case *ast.MappingNode:
+		if len(v.Values) != 1 {
+			return "", false
+		}
+		mv = v.Values[0]
+	default:
+		return "", false
+	}
+	k, v := mv.Key.GetToken(), mv.Value.GetToken()
+	if k == nil || v == nil {
+		return "", false
+	}
+	text := k.Value + ":" + v.Value
+	if a, err := netip.ParseAddr(text); err == nil && a.Is6() {
+		return text, true
+	}
+	if pfx, err := netip.ParsePrefix(text); err == nil && pfx.Addr().Is6() {
+		return text, true
+	}
 	return "", false
 }
 
@@ -366,8 +405,8 @@ func (p *fileParser) parseSegment(n ast.Node, defined map[string]*Segment) *Segm
 		valid = valid && ok
 		for _, item := range items {
 			s, ok := p.str(item, "node name")
-			if ok && s == "" {
-				p.errorf(p.pos(item), "node name is empty")
+			if ok && !ValidNodeName(s) {
+				p.errorf(p.pos(item), "invalid node name %q: must match %s", s, NodeNameSyntax)
 				ok = false
 			}
 			if !ok {
@@ -470,6 +509,10 @@ func (p *fileParser) parseCIDR(n ast.Node) (CIDR, bool) {
 	case nil:
 		return CIDR{}, false
 	case *ast.MappingNode, *ast.MappingValueNode:
+		if _, ok := unquotedIPv6(v); ok {
+			pfx, ok := p.parsePrefix(v, "cidr") // reports the hint
+			return CIDR{Prefix: pfx, Pos: p.pos(v)}, ok
+		}
 	default:
 		pfx, ok := p.parsePrefix(v, "cidr")
 		return CIDR{Prefix: pfx, Pos: p.pos(v)}, ok
@@ -630,8 +673,9 @@ func (p *fileParser) parsePortEntry(n ast.Node) (PortMatch, bool) {
 		return PortMatch{}, false
 	}
 	switch v := n.(type) {
-	case *ast.StringNode:
-		pm, err := parsePort(v.Value)
+	case *ast.StringNode, *ast.LiteralNode:
+		text, _ := p.str(v, "port")
+		pm, err := parsePort(text)
 		if err != nil {
 			p.errorf(p.pos(n), "%v", err)
 			return PortMatch{}, false

@@ -61,7 +61,13 @@ func TestParseErrors(t *testing.T) {
 		{"selector not a mapping", "version: 1\nsegments:\n  - name: web\n    selectors: [role=web]\n", []string{`p.yaml:4:17: selector must be a mapping, got a string`}},
 		{"null selectors", "version: 1\nsegments:\n  - name: web\n    selectors:\n", []string{`p.yaml:4:16: selectors is empty; list at least one selector or remove the field`}},
 		{"empty nodes", "version: 1\nsegments:\n  - name: web\n    nodes: []\n", []string{`p.yaml:4:12: nodes is empty; list at least one node name or remove the field`}},
-		{"empty node name", "version: 1\nsegments:\n  - name: web\n    nodes: [\"\"]\n", []string{`p.yaml:4:13: node name is empty`}},
+		{"empty node name", "version: 1\nsegments:\n  - name: web\n    nodes: [\"\"]\n", []string{`p.yaml:4:13: invalid node name "": must match [a-z0-9][a-z0-9.-]{0,62}`}},
+		{"bad node names", "version: 1\nsegments:\n  - {name: ops, nodes: [Ops-1, \"ops 2\", \"ops_3\", \"-x\", \"a..b\", ok-1.lan]}\n", []string{
+			`p.yaml:3:25: invalid node name "Ops-1": must match [a-z0-9][a-z0-9.-]{0,62}`,
+			`p.yaml:3:32: invalid node name "ops 2": must match [a-z0-9][a-z0-9.-]{0,62}`,
+			`p.yaml:3:41: invalid node name "ops_3": must match [a-z0-9][a-z0-9.-]{0,62}`,
+			`p.yaml:3:50: invalid node name "-x": must match [a-z0-9][a-z0-9.-]{0,62}`,
+		}},
 		{"cidr mixed with selectors", "version: 1\nsegments:\n  - name: x\n    nodes: [a]\n    cidrs: [10.0.0.0/8]\n", []string{`p.yaml:5:5: a segment holds either nodes (selectors, nodes) or external addresses (cidrs), not both`}},
 		{"cidr host bits", "version: 1\nsegments:\n  - name: x\n    cidrs: [10.1.0.0/8, \"2001:db8::1/32\"]\n", []string{
 			`p.yaml:4:13: cidr 10.1.0.0/8 has host bits set (did you mean 10.0.0.0/8?)`,
@@ -123,6 +129,15 @@ func TestParseErrors(t *testing.T) {
 			`p.yaml:13:96: invalid port "x": want a number 1-65535 or a range FIRST-LAST in "tcp/x"`,
 			`p.yaml:13:103: invalid port "": want a number 1-65535 or a range FIRST-LAST in "tcp/"`,
 			`p.yaml:13:109: port must be a string such as tcp/443, got a boolean`,
+		}},
+		{"block scalars are strings", okSegs + "rules:\n  - name: |-\n      r\n    from: [web]\n    to:\n      - >-\n        apis\n    ports:\n      - >-\n        tcp/0\n", []string{
+			`p.yaml:14:9: undefined segment "apis" (did you mean "api"?)`,
+			`p.yaml:17:9: port 0 is out of range 1-65535 in "tcp/0"`,
+		}},
+		{"unquoted IPv6 in flow lists", "version: 1\nsegments:\n  - {name: e6, cidrs: [2001:db8::/32]}\n  - {name: e7, cidrs: [10.0.0.0/8, fd00::/8]}\ntests:\n  - {name: t, from: e6, only: [fd5e:6d65:7368::4]}\n", []string{
+			`p.yaml:3:24: cidr must be a string, got a mapping: YAML reads an unquoted IPv6 address or CIDR in a flow list as KEY: VALUE; quote it: "2001:db8::/32"`,
+			`p.yaml:4:36: cidr must be a string, got a mapping: YAML reads an unquoted IPv6 address or CIDR in a flow list as KEY: VALUE; quote it: "fd00::/8"`,
+			`p.yaml:6:32: only target must be a string, got a mapping: YAML reads an unquoted IPv6 address or CIDR in a flow list as KEY: VALUE; quote it: "fd5e:6d65:7368::4"`,
 		}},
 		{"empty ports", okSegs + "rules:\n  - name: r\n    from: [web]\n    to: [api]\n    ports: []\n", []string{`p.yaml:13:12: ports is empty; list at least one port such as tcp/443, icmp or any`}},
 		{"errors across sections are sorted", "rules: 1\nversion: 3\nsegments: 2\n", []string{

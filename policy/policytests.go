@@ -57,8 +57,9 @@ func (f TestFailure) Error() string {
 // that family only). Nodes are parties, and so are external addresses, cut into
 // ranges that the same external segments hold. A test fails with NoMatch when
 // From, To or a target of Only names neither a segment nor a node, matches
-// nothing, or when From and To have no pair of distinct parties with a common
-// family.
+// nothing, names an address inside the default overlay prefixes that no node
+// holds, or when From and To have no pair of distinct parties with a common
+// family, or when neither From nor To can hold a node (two external parties).
 //
 // On the prototype inventory, nodes that stand for explicit node names carry
 // the labels of the same-named node of nodes, if any. A test naming a node that
@@ -158,6 +159,14 @@ func (tr *testRunner) resolve(e Endpoint, what string) (partySet, *TestFailure, 
 				what, e, u.nameHint(e.Name))}, nil
 		}
 	}
+	if e.Addr.IsValid() && inPrototypeOverlay(e.Addr) {
+		// An overlay address means a node; outside an inventory node it is
+		// no party a policy could ever hold, and the test would pass vacuously.
+		if _, held := u.addrOwner[e.Addr]; !held {
+			return partySet{}, &TestFailure{NoMatch: true, Msg: fmt.Sprintf(
+				"%s %s matches no node: no node of the inventory holds this overlay address", what, e)}, nil
+		}
+	}
 	s, err := u.resolve(e)
 	if err != nil {
 		return partySet{}, &TestFailure{NoMatch: true, Msg: fmt.Sprintf("%s %s", what, err)}, nil
@@ -166,6 +175,16 @@ func (tr *testRunner) resolve(e Endpoint, what string) (partySet, *TestFailure, 
 		return partySet{}, &TestFailure{NoMatch: true, Msg: fmt.Sprintf("%s %s matches no node", what, e)}, nil
 	}
 	return s, nil, nil
+}
+
+// holdsNode reports whether s holds a node.
+func (tr *testRunner) holdsNode(s partySet) bool {
+	for _, c := range s.classes() {
+		if tr.u.classes[c].node {
+			return true
+		}
+	}
+	return false
 }
 
 // counterexample is one flow that breaks a test.
@@ -203,6 +222,14 @@ func (tr *testRunner) runTest(t *Test) (TestFailure, bool) {
 		return fail(f)
 	}
 	u := tr.u
+	if !tr.holdsNode(from) && !tr.holdsNode(to) {
+		// Like a rule between external segments, such a test checks nothing
+		// the overlay filters; it fails once, on the prototype run.
+		if tr.run != PrototypeRun {
+			return TestFailure{}, false
+		}
+		return fail(&TestFailure{Msg: fmt.Sprintf("connects no node: from %s and to %s hold only external addresses, and the overlay filters only traffic of nodes", t.From, t.To)})
+	}
 	type check struct {
 		set   PortSet
 		allow bool

@@ -109,7 +109,7 @@ func TestParseTestsErrors(t *testing.T) {
 			l(3) + `:9: to: ambiguous IPv6 address "2001:db8::1:443": write [2001:db8::1]:443 for port 443 of 2001:db8::1, or [2001:db8::1:443] for the address`,
 			l(6) + `:11: from must be a string, got a list; quote a bracketed IPv6 address: "[fd5e::4]"`,
 			l(7) + `:12: only target "[fd5e::5]:1" has a port; a test lists ports in allow and deny: write fd5e::5 and allow: [tcp/1] (or udp)`,
-			l(7) + `:27: only target: invalid endpoint "Web": want a segment or node name ([a-z0-9][a-z0-9._-]{0,62}), an IPv4 address or an IPv6 address, optionally with :PORT ([IPV6]:PORT)`,
+			l(7) + `:27: only target: invalid endpoint "Web": want a segment name ([a-z0-9][a-z0-9_-]{0,30}), a node name ([a-z0-9][a-z0-9.-]{0,62}), an IPv4 address or an IPv6 address, optionally with :PORT ([IPV6]:PORT)`,
 		}},
 	}
 	for _, tt := range tests {
@@ -240,6 +240,30 @@ func TestRunTests(t *testing.T) {
   - {name: d, from: admins, to: db, allow: [tcp/22]}
 `, true, []string{
 			at(0) + `test "a": from wbe is neither a segment nor a node (did you mean "web"?)`,
+		}},
+		{"overlay addresses no node holds, with an inventory", `  - {name: a, from: 100.64.0.99, to: db, deny: [any]}
+  - {name: b, from: db, to: 100.64.0.99, deny: [any]}
+  - {name: c, from: 100.64.0.99, only: []}
+  - {name: d, from: web, to: "fd5e:6d65:7368::99", deny: [any]}
+  - {name: e, from: web, only: [100.64.0.99]}
+  - {name: f, from: 100.64.0.4, to: db-1, deny: [any]}
+`, true, []string{
+			at(0) + `test "a": from 100.64.0.99 matches no node: no node of the inventory holds this overlay address`,
+			at(1) + `test "b": to 100.64.0.99 matches no node: no node of the inventory holds this overlay address`,
+			at(2) + `test "c": from 100.64.0.99 matches no node: no node of the inventory holds this overlay address`,
+			at(3) + `test "d": to fd5e:6d65:7368::99 matches no node: no node of the inventory holds this overlay address`,
+			at(4) + `test "e": only target 100.64.0.99 matches no node: no node of the inventory holds this overlay address`,
+			at(5) + `test "f": no flow from 100.64.0.4 to db-1: they hold no two distinct parties with a common address family`,
+		}},
+		{"tests between external parties", `  - {name: a, from: partner, to: partner, deny: [any]}
+  - {name: b, from: 192.0.2.1, to: 192.0.2.2, deny: [any]}
+  - {name: c, from: "2001:db8::1", to: 198.51.100.1, allow: [tcp/1]}
+  - {name: d, from: partner, to: web, deny: [tcp/80]}
+  - {name: e, from: 192.0.2.1, only: [web]}
+`, true, []string{
+			at(0) + `test "a": connects no node: from partner and to partner hold only external addresses, and the overlay filters only traffic of nodes (prototype inventory)`,
+			at(1) + `test "b": connects no node: from 192.0.2.1 and to 192.0.2.2 hold only external addresses, and the overlay filters only traffic of nodes (prototype inventory)`,
+			at(2) + `test "c": connects no node: from 2001:db8::1 and to 198.51.100.1 hold only external addresses, and the overlay filters only traffic of nodes (prototype inventory)`,
 		}},
 		{"segment without nodes in the inventory", `  - {name: a, from: ops, to: api, allow: [tcp/22]}
 `, true, nil},
@@ -373,6 +397,7 @@ func TestRunTestsNoMatch(t *testing.T) {
   - {name: noflow, from: db-1, to: db, deny: [any]}
   - {name: ghost, from: web, only: [db-9]}
   - {name: real, from: api, to: db, deny: [tcp/5432]}
+  - {name: ghostaddr, from: 100.64.0.99, to: db, deny: [any]}
 `)
 	inv := slices.DeleteFunc(testInventory(t), func(n Node) bool { return n.Labels["role"] == "ops" })
 	failures, err := RunTests(p, inv)
@@ -385,7 +410,7 @@ func TestRunTestsNoMatch(t *testing.T) {
 			got[f.Test] = f.NoMatch
 		}
 	}
-	want := map[string]bool{"typo": true, "empty": true, "noflow": true, "ghost": true, "real": false}
+	want := map[string]bool{"typo": true, "empty": true, "noflow": true, "ghost": true, "real": false, "ghostaddr": true}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("NoMatch per failing test = %v, want %v (%v)", got, want, failures)
 	}

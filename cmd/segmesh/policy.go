@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -36,57 +35,6 @@ func parsePolicyFile(path string) (*policy.Policy, []byte, error) {
 		return nil, nil, &exitError{code: 1, msg: err.Error()}
 	}
 	return p, data, nil
-}
-
-func newPolicyCheckCmd() *cobra.Command {
-	var inventory string
-	cmd := &cobra.Command{
-		Use:   "check FILE... [--inventory NODES.yaml]",
-		Short: "Validate policy files offline and run their tests; prints file:line:col: message per problem and exits 1 on any",
-		Long: `Check parses and validates each policy file and runs the assertions of its
-tests section: on a prototype inventory derived from the policy (one pair of
-nodes per selector, one node per explicit node name, one unlabeled node) and,
-with --inventory, on the nodes of NODES.yaml too. Every problem and every failed
-test is printed as file:line:col: message. Exit status: 0 when every file is
-valid and its tests pass, 1 otherwise, 2 when a file cannot be read.`,
-		Args: cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			var nodes []policy.Node
-			if inventory != "" {
-				var err error
-				if nodes, err = readInventory(inventory, 1); err != nil {
-					return err
-				}
-			}
-			var msgs []string
-			for _, path := range args {
-				p, _, err := parsePolicyFile(path)
-				if err != nil {
-					var ee *exitError
-					if errors.As(err, &ee) && ee.code == 1 {
-						msgs = append(msgs, ee.msg)
-						continue
-					}
-					return err
-				}
-				ok, failures, err := checkPolicyTests(path, p, nodes)
-				if err != nil {
-					return err
-				}
-				if len(failures) > 0 {
-					msgs = append(msgs, strings.Join(failures, "\n"))
-					continue
-				}
-				fmt.Fprintln(cmd.OutOrStdout(), ok)
-			}
-			if len(msgs) > 0 {
-				return &exitError{code: 1, msg: strings.Join(msgs, "\n")}
-			}
-			return nil
-		},
-	}
-	cmd.Flags().StringVar(&inventory, "inventory", "", "also run the tests against the nodes of this inventory file")
-	return cmd
 }
 
 func newPolicyApplyCmd(g *globalFlags) *cobra.Command {

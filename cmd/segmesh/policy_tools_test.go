@@ -100,6 +100,10 @@ broken-syntax.yaml:39:13: port 8080 has no protocol; did you mean tcp/8080 or ud
 broken-syntax.yaml:70:9: to: ambiguous IPv6 address "fd5e:6d65:7368::4:5432": write [fd5e:6d65:7368::4]:5432 for port 5432 of fd5e:6d65:7368::4, or [fd5e:6d65:7368::4:5432] for the address
 broken-syntax.yaml: 5 error(s)`
 
+const badNodesErrors = "bad-nodes.yaml:3:27: nodes \"a\" and \"b\" both hold overlay address 100.64.0.1\n" +
+	"bad-nodes.yaml:3:39: address \"100.64.0.0/24\" is a prefix; write the node's overlay address without /BITS (routed prefixes go in routes)\n" +
+	"bad-nodes.yaml: 2 error(s)"
+
 func TestPolicyCheckCLI(t *testing.T) {
 	setupFiles(t)
 	runCases(t, []cliCase{
@@ -113,11 +117,14 @@ broken-rules.yaml:85:5: test "db-reaches-only-ops": db-1 -> web-1 udp/514 is all
 broken-rules.yaml: 1 of 7 tests failed`},
 		{[]string{"policy", "check", "broken-syntax.yaml", "policy.yaml"}, 1,
 			"policy.yaml: ok (4 segments, 4 rules, 7 tests passed on the prototype inventory)\n", brokenSyntaxErrors},
-		{[]string{"policy", "check", "--inventory", "bad-nodes.yaml", "policy.yaml"}, 1, "",
-			"bad-nodes.yaml:3:27: nodes \"a\" and \"b\" both hold overlay address 100.64.0.1\n" +
-				"bad-nodes.yaml:3:39: address \"100.64.0.0/24\" is a prefix; write the node's overlay address without /BITS (routed prefixes go in routes)\n" +
-				"bad-nodes.yaml: 2 error(s)"},
+		{[]string{"policy", "check", "--inventory", "bad-nodes.yaml", "policy.yaml"}, 1, "", badNodesErrors +
+			"\npolicy.yaml: valid; tests not run: the inventory bad-nodes.yaml has errors"},
+		// A bad inventory does not hide the problems of the policy files.
+		{[]string{"policy", "check", "--inventory", "bad-nodes.yaml", "broken-syntax.yaml", "policy.yaml"}, 1, "", badNodesErrors + "\n" + brokenSyntaxErrors +
+			"\npolicy.yaml: valid; tests not run: the inventory bad-nodes.yaml has errors"},
 		{[]string{"policy", "check", "missing.yaml"}, 2, "", "segmesh: open missing.yaml: no such file or directory"},
+		{[]string{"policy", "check", "--inventory", "missing.yaml", "policy.yaml"}, 2, "", "segmesh: open missing.yaml: no such file or directory"},
+		{[]string{"policy", "check"}, 2, "", "segmesh: requires at least 1 arg(s), only received 0"},
 	})
 }
 
