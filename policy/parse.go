@@ -152,7 +152,9 @@ func (p *fileParser) parseFile(data []byte) *Policy {
 		switch {
 		case !isInt:
 			p.errorf(p.pos(n), "version must be an integer, got %s", kindOf(n))
-		case fmt.Sprint(in.Value) != "1":
+		case in.GetToken().Value != "1":
+			// Only the literal 1: 0x1, 01 and +1 are the same integer to YAML but
+			// not what a reader of the file expects to see.
 			p.errorf(p.pos(n), "unsupported version %s; want 1", in.GetToken().Value)
 		default:
 			pol.Version = 1
