@@ -82,6 +82,7 @@ func (s *syncer) syncOnce(ctx context.Context) (bool, error) {
 		Endpoint:  ep.String(),
 		Dataplane: string(s.a.dp.Kind()),
 		Version:   Version,
+		Interface: s.a.id.Interface,
 	}))
 	if err != nil {
 		return false, fmt.Errorf("opening netmap stream: %w", err)

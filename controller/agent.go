@@ -75,7 +75,7 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 			}
 		}
 	}
-	conn := c.live.connect(node.Name, req.Msg.GetDataplane(), c.now())
+	conn := c.live.connect(node.Name, req.Msg, c.now())
 	defer c.live.disconnect(node.Name, conn, c.now())
 	c.log.Info("agent connected", "node", node.Name, "peer", req.Peer().Addr, "endpoint", ep, "dataplane", req.Msg.GetDataplane(), "version", req.Msg.GetVersion())
 	defer c.log.Info("agent disconnected", "node", node.Name, "peer", req.Peer().Addr)
@@ -137,6 +137,7 @@ type liveTracker struct {
 type liveNode struct {
 	conns       map[uint64]bool
 	dataplane   string
+	iface       string
 	appliedRev  uint64
 	appliedHash string
 	err         string
@@ -156,14 +157,17 @@ func (l *liveTracker) get(name string) *liveNode {
 }
 
 // connect records an open stream of node and returns its id for disconnect.
-func (l *liveTracker) connect(name, dataplane string, now time.Time) uint64 {
+func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, now time.Time) uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.nextID++
 	n := l.get(name)
 	n.conns[l.nextID] = true
-	if dataplane != "" {
-		n.dataplane = dataplane
+	if req.GetDataplane() != "" {
+		n.dataplane = req.GetDataplane()
+	}
+	if req.GetInterface() != "" {
+		n.iface = req.GetInterface()
 	}
 	n.lastSeen = now
 	return l.nextID
@@ -191,6 +195,16 @@ func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.T
 	n.err = r.GetError()
 	n.alivePeers = slices.Sorted(slices.Values(r.GetAlivePeers()))
 	n.lastSeen = now
+}
+
+// iface returns the overlay interface name node's agent last reported, or "".
+func (l *liveTracker) iface(name string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if n, ok := l.nodes[name]; ok {
+		return n.iface
+	}
+	return ""
 }
 
 // fill copies the runtime status of node into st.

@@ -98,7 +98,7 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 		if !ok {
 			return nil, c.missingNode(name)
 		}
-		return connect.NewResponse(&segmeshv1.GetNetmapResponse{Netmap: withoutGossipKey(nm), Revision: serving}), nil
+		return connect.NewResponse(&segmeshv1.GetNetmapResponse{Netmap: withoutGossipKey(nm), Revision: serving, Interface: c.live.iface(name)}), nil
 	}
 
 	filename := cand.GetFilename()
@@ -136,7 +136,7 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 	}
 	prev, _ := c.hub.Latest(name)
 	return connect.NewResponse(&segmeshv1.GetNetmapResponse{
-		Netmap: withoutGossipKey(nm), Revision: rev, Changed: prev.GetHash() != nm.GetHash(),
+		Netmap: withoutGossipKey(nm), Revision: rev, Changed: prev.GetHash() != nm.GetHash(), Interface: c.live.iface(name),
 	}), nil
 }
 

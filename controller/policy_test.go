@@ -541,3 +541,22 @@ func TestRollbackRunsTestsAgainstCurrentInventory(t *testing.T) {
 		t.Errorf("%d revisions after a refused rollback, want 2", len(h))
 	}
 }
+
+// GetNetmap carries the overlay interface the node's agent reported on its stream,
+// so that `segmesh policy render` shows the ruleset exactly as the node holds it.
+func TestGetNetmapReportsAgentInterface(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	web := tc.enroll(tc.createToken(map[string]string{"role": "web"}, false), "web-1")
+	got, err := tc.netmapOf("web-1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.GetInterface() != "" {
+		t.Errorf("interface before any stream = %q, want empty", got.GetInterface())
+	}
+	stream := tc.sync(web, &segmeshv1.SyncRequest{Endpoint: "192.0.2.11:51820", Dataplane: "userspace", Interface: "smx0"})
+	stream.next(t) // the stream is registered once the first netmap arrives
+	if got, err = tc.netmapOf("web-1", nil); err != nil || got.GetInterface() != "smx0" {
+		t.Errorf("interface after the stream = %q, %v; want smx0", got.GetInterface(), err)
+	}
+}

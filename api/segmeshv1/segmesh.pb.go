@@ -840,9 +840,11 @@ func (x *Netmap) GetHash() string {
 type SyncRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Underlay "ip:port" this agent's WireGuard listens on now.
-	Endpoint      string `protobuf:"bytes,1,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
-	Dataplane     string `protobuf:"bytes,2,opt,name=dataplane,proto3" json:"dataplane,omitempty"` // "kernel" or "userspace"
-	Version       string `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	Endpoint  string `protobuf:"bytes,1,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Dataplane string `protobuf:"bytes,2,opt,name=dataplane,proto3" json:"dataplane,omitempty"` // "kernel" or "userspace"
+	Version   string `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	// Name of the overlay interface the agent programs (e.g. "segmesh0").
+	Interface     string `protobuf:"bytes,4,opt,name=interface,proto3" json:"interface,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -894,6 +896,13 @@ func (x *SyncRequest) GetDataplane() string {
 func (x *SyncRequest) GetVersion() string {
 	if x != nil {
 		return x.Version
+	}
+	return ""
+}
+
+func (x *SyncRequest) GetInterface() string {
+	if x != nil {
+		return x.Interface
 	}
 	return ""
 }
@@ -2118,7 +2127,10 @@ type GetNetmapResponse struct {
 	Changed bool `protobuf:"varint,2,opt,name=changed,proto3" json:"changed,omitempty"`
 	// The revision the netmap belongs to: serving_revision, or for a candidate the
 	// revision it would be stored as.
-	Revision      uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// The overlay interface the node's agent last reported; empty when it never
+	// connected since the controller started.
+	Interface     string `protobuf:"bytes,4,opt,name=interface,proto3" json:"interface,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2172,6 +2184,13 @@ func (x *GetNetmapResponse) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *GetNetmapResponse) GetInterface() string {
+	if x != nil {
+		return x.Interface
+	}
+	return ""
 }
 
 var File_segmesh_v1_segmesh_proto protoreflect.FileDescriptor
@@ -2244,11 +2263,12 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x06filter\x18\x04 \x01(\v2\x12.segmesh.v1.FilterR\x06filter\x120\n" +
 	"\x06gossip\x18\x05 \x01(\v2\x18.segmesh.v1.GossipConfigR\x06gossip\x12)\n" +
 	"\x10overlay_prefixes\x18\x06 \x03(\tR\x0foverlayPrefixes\x12\x12\n" +
-	"\x04hash\x18\a \x01(\tR\x04hash\"a\n" +
+	"\x04hash\x18\a \x01(\tR\x04hash\"\x7f\n" +
 	"\vSyncRequest\x12\x1a\n" +
 	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x1c\n" +
 	"\tdataplane\x18\x02 \x01(\tR\tdataplane\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\tR\aversion\"\xb2\x01\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x12\x1c\n" +
+	"\tinterface\x18\x04 \x01(\tR\tinterface\"\xb2\x01\n" +
 	"\rReportRequest\x12)\n" +
 	"\x10applied_revision\x18\x01 \x01(\x04R\x0fappliedRevision\x12!\n" +
 	"\fapplied_hash\x18\x02 \x01(\tR\vappliedHash\x12\x1c\n" +
@@ -2341,11 +2361,12 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\acontent\x18\x02 \x01(\fR\acontent\"\\\n" +
 	"\x10GetNetmapRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x124\n" +
-	"\tcandidate\x18\x02 \x01(\v2\x16.segmesh.v1.PolicyFileR\tcandidate\"u\n" +
+	"\tcandidate\x18\x02 \x01(\v2\x16.segmesh.v1.PolicyFileR\tcandidate\"\x93\x01\n" +
 	"\x11GetNetmapResponse\x12*\n" +
 	"\x06netmap\x18\x01 \x01(\v2\x12.segmesh.v1.NetmapR\x06netmap\x12\x18\n" +
 	"\achanged\x18\x02 \x01(\bR\achanged\x12\x1a\n" +
-	"\brevision\x18\x03 \x01(\x04R\brevision*m\n" +
+	"\brevision\x18\x03 \x01(\x04R\brevision\x12\x1c\n" +
+	"\tinterface\x18\x04 \x01(\tR\tinterface*m\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_ANY\x10\x01\x12\x10\n" +

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/base64"
 	"fmt"
 	"io"
@@ -228,13 +229,18 @@ The file name is part of the rule comments: pass the name you apply it with.`,
 	}
 	cmd.Flags().StringVar(&node, "node", "", "node name")
 	cmd.Flags().StringVar(&file, "file", "", "policy file to preview instead of the policy in force")
-	cmd.Flags().StringVar(&iface, "interface", "segmesh0", "the node's overlay interface (segmesh-agent --interface)")
+	cmd.Flags().StringVar(&iface, "interface", "", "the node's overlay interface (default: the one its agent reported, else segmesh0)")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	_ = cmd.MarkFlagRequired("node")
 	return cmd
 }
 
+// toRenderJSON renders r for interface iface; an empty iface means the interface the
+// node's agent reported to the controller, else the agent's default, segmesh0.
 func toRenderJSON(r *segmeshv1.GetNetmapResponse, iface string) (renderJSON, error) {
+	if iface == "" {
+		iface = cmp.Or(r.GetInterface(), "segmesh0")
+	}
 	nm := r.GetNetmap()
 	f, err := wire.FilterFromProto(nm.GetFilter())
 	if err != nil {

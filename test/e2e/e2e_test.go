@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -54,10 +55,51 @@ func TestExamplePolicy(t *testing.T) {
 				allowed++
 			}
 		}
-		// 5 nodes: 20 ordered pairs x (5 IPv4 + 3 IPv6 checks).
 		// 5 nodes: 20 ordered pairs x 5 checks x 2 address families.
 		if len(cells) != 200 || allowed == 0 || allowed == len(cells) {
 			t.Errorf("matrix has %d cells, %d allowed: want 200 cells mixing allowed and denied", len(cells), allowed)
+		}
+	})
+
+	// `segmesh policy render --node` shows exactly the ruleset each node's kernel
+	// holds (nft list) and exactly its WireGuard peers (wg show).
+	t.Run("RenderMatchesKernel", func(t *testing.T) {
+		for _, n := range m.Nodes() {
+			out, err := m.CLI(ctx, "policy", "render", "--node", n.Name, "-o", "json")
+			if err != nil {
+				t.Fatalf("render %s: %v", n.Name, err)
+			}
+			var r struct {
+				Interface string `json:"interface"`
+				Ruleset   string `json:"ruleset"`
+				Peers     []struct {
+					PublicKey string `json:"public_key"`
+				} `json:"peers"`
+			}
+			if err := json.Unmarshal([]byte(out), &r); err != nil {
+				t.Fatalf("render %s -o json: %v\n%s", n.Name, err, out)
+			}
+			kernel, err := n.Host.Exec(ctx, "nft", "list", "table", "inet", "segmesh")
+			if err != nil {
+				t.Fatalf("nft list in %s: %v", n.Name, err)
+			}
+			if r.Interface != n.Interface || r.Ruleset != kernel {
+				t.Errorf("%s: render (interface %q) differs from the kernel's table (interface %q):\n--- render\n%s\n--- kernel\n%s",
+					n.Name, r.Interface, n.Interface, r.Ruleset, kernel)
+			}
+			var rendered []string
+			for _, p := range r.Peers {
+				rendered = append(rendered, p.PublicKey)
+			}
+			peers, err := m.WireGuardPeers(ctx, n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			slices.Sort(rendered)
+			slices.Sort(peers)
+			if !slices.Equal(rendered, peers) {
+				t.Errorf("%s: render lists peers %v, wg show lists %v", n.Name, rendered, peers)
+			}
 		}
 	})
 
