@@ -11,6 +11,7 @@ package agent
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -84,6 +85,7 @@ type agent struct {
 	dir     *statefile.Dir
 	id      statefile.Identity
 	wgKey   dataplane.Key
+	tlsKey  *ecdsa.PrivateKey // signs gossip endpoint claims
 	dp      dataplane.Dataplane
 	rec     *reconcile.Reconciler
 	gossip  *gossip.Manager
@@ -92,6 +94,10 @@ type agent struct {
 	reportC chan struct{} // something in the report changed, coalesced
 
 	joins sync.WaitGroup // gossip joins in flight
+
+	// claims is the last gossip endpoint claim accepted from each peer, by peer
+	// name; only gossipStep (one goroutine) uses it.
+	claims map[string]gossip.Claim
 
 	mu       sync.Mutex
 	endpoint netip.AddrPort // last discovered; zero until known
@@ -159,6 +165,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		log:     opts.Logger,
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
+		claims:  map[string]gossip.Claim{},
 	}
 	var err error
 	if a.dir, err = statefile.Open(opts.StateDir, a.log); err != nil {
@@ -174,6 +181,9 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	}
 	if ctx.Err() != nil {
 		return nil, nil
+	}
+	if a.tlsKey, err = a.dir.TLSKey(); err != nil {
+		return nil, err
 	}
 	if err := checkControllerURL("the controller URL in "+a.dir.Path(), a.id.Controller); err != nil {
 		return nil, fmt.Errorf("%w (pass --controller to replace it)", err)

@@ -3,7 +3,11 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"log"
@@ -22,6 +26,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"segmesh/agent/dataplane"
@@ -181,6 +186,29 @@ func key(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
 
 func dkey(b byte) dataplane.Key { return dataplane.Key(key(b)) }
 
+// identities are the identity (TLS client) keys of test nodes, by the byte of their
+// WireGuard key: 1 is web-1, 2 and 3 are peers b and c, 9 is an intruder.
+var identities = func() map[byte]*ecdsa.PrivateKey {
+	out := map[byte]*ecdsa.PrivateKey{}
+	for _, b := range []byte{1, 2, 3, 9} {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			panic(err)
+		}
+		out[b] = k
+	}
+	return out
+}()
+
+// identityDER is the PKIX DER of test node b's identity key, as netmaps carry it.
+func identityDER(b byte) []byte {
+	der, err := x509.MarshalPKIXPublicKey(&identities[b].PublicKey)
+	if err != nil {
+		panic(err)
+	}
+	return der
+}
+
 var testFilter = &segmeshv1.Filter{
 	Sets: []*segmeshv1.AddressSet{{Name: "db", Prefixes: []string{"100.64.0.3/32"}}},
 	Ingress: []*segmeshv1.FilterRule{{Set: "db", Origin: "db-to-web (policy.yaml:9:5)",
@@ -194,8 +222,8 @@ func wireNetmap(rev uint64, gossipPort int) *segmeshv1.Netmap {
 		PolicyRevision: rev,
 		Self:           &segmeshv1.Node{Name: "web-1", Addresses: []string{"100.64.0.1/32", "fd5e:6d65:7368::1/128"}},
 		Peers: []*segmeshv1.Peer{
-			{Name: "b", PublicKey: key(2), AllowedIps: []string{"100.64.0.2/32", "fd5e:6d65:7368::2/128"}},
-			{Name: "c", PublicKey: key(3), Endpoint: "192.0.2.3:51820", AllowedIps: []string{"100.64.0.3/32"}},
+			{Name: "b", PublicKey: key(2), AllowedIps: []string{"100.64.0.2/32", "fd5e:6d65:7368::2/128"}, IdentityKey: identityDER(2)},
+			{Name: "c", PublicKey: key(3), Endpoint: "192.0.2.3:51820", AllowedIps: []string{"100.64.0.3/32"}, IdentityKey: identityDER(3)},
 		},
 		Filter:          testFilter,
 		OverlayPrefixes: []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"},
@@ -663,8 +691,8 @@ func TestGossipOverridesEndpointOfKnownPeer(t *testing.T) {
 	// Peer b (in the netmap, endpoint unknown there) and an intruder that holds the
 	// gossip key but is no peer.
 	newEP := netip.MustParseAddrPort("198.51.100.2:40000")
-	b := startMember(t, "b", dkey(2), newEP)
-	x := startMember(t, "x", dkey(9), netip.MustParseAddrPort("198.51.100.9:51820"))
+	b := startMember(t, "b", 2, newEP)
+	x := startMember(t, "x", 9, netip.MustParseAddrPort("198.51.100.9:51820"))
 	for _, m := range []*gossip.Manager{b, x} {
 		eventually(t, "join the agent's gossip", func() bool {
 			_, err := m.Join([]netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))})
@@ -687,10 +715,13 @@ func TestGossipOverridesEndpointOfKnownPeer(t *testing.T) {
 	}
 }
 
-func startMember(t *testing.T, name string, k dataplane.Key, ep netip.AddrPort) *gossip.Manager {
+// startMember runs a gossip member named name with test node k's WireGuard and
+// identity keys, advertising ep.
+func startMember(t *testing.T, name string, k byte, ep netip.AddrPort) *gossip.Manager {
 	t.Helper()
 	m := gossip.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
-	if err := m.Configure(gossip.Config{NodeName: name, BindAddr: netip.MustParseAddr("127.0.0.1"), Key: key(7), Meta: gossip.Meta{PublicKey: k, Endpoint: ep}}); err != nil {
+	cfg := gossip.Config{NodeName: name, BindAddr: netip.MustParseAddr("127.0.0.1"), Key: key(7), Meta: gossip.Meta{PublicKey: dkey(k), Endpoint: ep}, IdentityKey: identities[k]}
+	if err := m.Configure(cfg); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Stop)
@@ -722,41 +753,97 @@ func TestGossipView(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ep := netip.MustParseAddrPort
-	member := func(name string, k byte, e string) gossip.Member {
-		m := gossip.Member{Name: name, Meta: gossip.Meta{PublicKey: dkey(k)}}
-		if e != "" {
-			m.Meta.Endpoint = ep(e)
-		}
-		return m
+	noIdentity := wireNetmap(1, 0)
+	noIdentity.Peers[0].IdentityKey = nil
+	noIdentity.Hash = wire.NetmapHash(noIdentity)
+	nmNoIdentity, err := netmap.Parse(noIdentity)
+	if err != nil {
+		t.Fatal(err)
 	}
+	ep := netip.MustParseAddrPort
+	// claim is member name's claim with test node k's WireGuard key, endpoint e
+	// (none when empty) and timestamp ts, signed with test node signer's identity.
+	claim := func(name string, k byte, e string, ts int64, signer byte) gossip.Claim {
+		m := gossip.Meta{PublicKey: dkey(k)}
+		if e != "" {
+			m.Endpoint = ep(e)
+		}
+		c, err := gossip.SignClaim(name, m, time.Unix(0, ts), identities[signer])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	member := func(name string, c gossip.Claim) gossip.Member { return gossip.Member{Name: name, Claim: c} }
+	signed := func(name string, k byte, e string, ts int64) gossip.Member {
+		return member(name, claim(name, k, e, ts, k))
+	}
+	tampered := signed("b", 2, "198.51.100.2:1", 10)
+	tampered.Claim.Endpoint = ep("203.0.113.66:51820")
+	bNew := claim("b", 2, "198.51.100.2:2", 20, 2)
 	tests := []struct {
 		name      string
+		nm        *netmap.Netmap // nil: nm
+		accepted  map[string]gossip.Claim
 		members   []gossip.Member
 		endpoints map[dataplane.Key]netip.AddrPort
 		alive     []string
+		wantTS    map[string]int64 // timestamps of the accepted claims afterwards
 	}{
 		{name: "none"},
-		{name: "new endpoint of a peer", members: []gossip.Member{member("b", 2, "198.51.100.2:1")},
-			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:1")}, alive: []string{"b"}},
-		{name: "same endpoint as the netmap", members: []gossip.Member{member("c", 3, "192.0.2.3:51820")}, alive: []string{"c"}},
-		{name: "no endpoint advertised", members: []gossip.Member{member("c", 3, "")}, alive: []string{"c"}},
-		{name: "unknown key ignored", members: []gossip.Member{member("x", 9, "198.51.100.9:1")}},
-		{name: "peer's key under another name ignored", members: []gossip.Member{member("x", 2, "198.51.100.9:1")}},
-		{name: "sorted", members: []gossip.Member{member("c", 3, ""), member("b", 2, "")}, alive: []string{"b", "c"}},
+		{name: "valid claim accepted", members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)},
+			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:1")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
+		{name: "same endpoint as the netmap", members: []gossip.Member{signed("c", 3, "192.0.2.3:51820", 10)}, alive: []string{"c"}, wantTS: map[string]int64{"c": 10}},
+		{name: "no endpoint advertised", members: []gossip.Member{signed("c", 3, "", 10)}, alive: []string{"c"}, wantTS: map[string]int64{"c": 10}},
+		{name: "unknown key ignored", members: []gossip.Member{signed("x", 9, "198.51.100.9:1", 10)}},
+		{name: "peer's key under another name ignored", members: []gossip.Member{member("x", claim("x", 2, "198.51.100.9:1", 10, 2))}},
+		{name: "claim names another member", members: []gossip.Member{member("b", claim("c", 2, "198.51.100.9:1", 10, 2))}},
+		{name: "claim signed by another node's key refused", members: []gossip.Member{member("b", claim("b", 2, "198.51.100.9:1", 10, 3))}},
+		{name: "claim signed by an intruder refused", members: []gossip.Member{member("b", claim("b", 2, "198.51.100.9:1", 10, 9))}},
+		{name: "tampered endpoint refused", members: []gossip.Member{tampered}},
+		{name: "replayed older claim refused", accepted: map[string]gossip.Claim{"b": bNew},
+			members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
+		{name: "other claim with the accepted timestamp refused", accepted: map[string]gossip.Claim{"b": bNew},
+			members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 20)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
+		{name: "the accepted claim again still counts", accepted: map[string]gossip.Claim{"b": bNew},
+			members:   []gossip.Member{member("b", bNew)},
+			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:2")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
+		{name: "newer claim replaces the accepted one", accepted: map[string]gossip.Claim{"b": bNew},
+			members:   []gossip.Member{signed("b", 2, "198.51.100.2:3", 30)},
+			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:3")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 30}},
+		{name: "peer without identity key refused", nm: nmNoIdentity, members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)},
+			alive: []string{"b"}},
+		{name: "sorted", members: []gossip.Member{signed("c", 3, "", 10), signed("b", 2, "", 10)}, alive: []string{"b", "c"},
+			wantTS: map[string]int64{"b": 10, "c": 10}},
 	}
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			eps, alive := gossipView(nm, tt.members)
+			view := nm
+			if tt.nm != nil {
+				view = tt.nm
+			}
+			accepted := map[string]gossip.Claim{}
+			for k, v := range tt.accepted {
+				accepted[k] = v
+			}
+			eps, alive := gossipView(view, tt.members, accepted, logger)
 			if d := cmp.Diff(tt.endpoints, eps, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
 				t.Errorf("endpoints (-want +got):\n%s", d)
 			}
 			if !slices.Equal(alive, tt.alive) {
 				t.Errorf("alive = %v, want %v", alive, tt.alive)
 			}
+			gotTS := map[string]int64{}
+			for k, c := range accepted {
+				gotTS[k] = c.Timestamp
+			}
+			if d := cmp.Diff(tt.wantTS, gotTS, cmpopts.EquateEmpty()); d != "" {
+				t.Errorf("accepted claims (-want +got):\n%s", d)
+			}
 		})
 	}
-	if eps, alive := gossipView(nil, []gossip.Member{member("b", 2, "198.51.100.2:1")}); eps != nil || alive != nil {
+	if eps, alive := gossipView(nil, []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)}, map[string]gossip.Claim{}, logger); eps != nil || alive != nil {
 		t.Error("members counted without a netmap")
 	}
 }
@@ -1005,6 +1092,8 @@ func TestGossipOnlyWithPeers(t *testing.T) {
 		log:     logger,
 		id:      statefile.Identity{NodeName: "web-1", Controller: "https://127.0.0.1:7443", ListenPort: 51820},
 		wgKey:   dkey(1),
+		tlsKey:  identities[1],
+		claims:  map[string]gossip.Claim{},
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"sync/atomic"
@@ -13,21 +14,47 @@ import (
 )
 
 // gossipView relates gossip members to the netmap's peers. A member counts only when
-// its public key belongs to a peer of nm and its name is that peer's name; it then
-// is alive, and its advertised endpoint, when valid and different from the netmap's,
-// becomes an endpoint override. Members that are not peers are ignored: gossip can
-// never add a peer. alive is sorted.
-func gossipView(nm *netmap.Netmap, members []gossip.Member) (endpoints map[dataplane.Key]netip.AddrPort, alive []string) {
+// its claim's public key belongs to a peer of nm and both its member name and its
+// claim's name are that peer's name; members that are not peers are ignored, so
+// gossip can never add a peer. Such a member is alive when the peer has no identity
+// key in nm, or when its claim's signature verifies with that key.
+//
+// A member's advertised endpoint, when valid and different from the netmap's,
+// becomes an endpoint override only when its claim is accepted: the peer has an
+// identity key, the signature verifies with it, and the claim is newer than the last
+// one accepted from that peer (accepted, keyed by peer name, which gossipView
+// updates) or is that very claim again. Anything else (no identity key, a forged or
+// tampered claim, a replayed older one) is ignored and logged at debug level. alive
+// is sorted.
+func gossipView(nm *netmap.Netmap, members []gossip.Member, accepted map[string]gossip.Claim, log *slog.Logger) (endpoints map[dataplane.Key]netip.AddrPort, alive []string) {
 	if nm == nil {
 		return nil, nil
 	}
 	for _, m := range members {
-		p, ok := nm.Peer(m.Meta.PublicKey)
-		if !ok || (p.Name != "" && p.Name != m.Name) {
+		c := m.Claim
+		p, ok := nm.Peer(c.PublicKey)
+		if !ok || (p.Name != "" && p.Name != m.Name) || c.Name != m.Name {
+			continue
+		}
+		if p.IdentityKey == nil {
+			alive = append(alive, p.Name)
+			if c.Endpoint.IsValid() && c.Endpoint != p.Endpoint {
+				log.Debug("ignoring gossip endpoint: the netmap has no identity key for this peer", "peer", p.Name, "endpoint", c.Endpoint)
+			}
+			continue
+		}
+		if !c.Verify(p.IdentityKey) {
+			log.Debug("ignoring gossip endpoint claim: signature does not verify with the peer's identity key", "peer", p.Name, "endpoint", c.Endpoint)
 			continue
 		}
 		alive = append(alive, p.Name)
-		if ep := m.Meta.Endpoint; ep.IsValid() && !ep.Addr().IsUnspecified() && ep != p.Endpoint {
+		if last, seen := accepted[p.Name]; seen && (c.Timestamp < last.Timestamp || c.Timestamp == last.Timestamp && (c.Name != last.Name || c.Meta != last.Meta)) {
+			log.Debug("ignoring gossip endpoint claim: not newer than the last accepted one", "peer", p.Name, "endpoint", c.Endpoint,
+				"signed", time.Unix(0, c.Timestamp).UTC(), "last_signed", time.Unix(0, last.Timestamp).UTC())
+			continue
+		}
+		accepted[p.Name] = c
+		if ep := c.Endpoint; ep.IsValid() && !ep.Addr().IsUnspecified() && ep != p.Endpoint {
 			if endpoints == nil {
 				endpoints = map[dataplane.Key]netip.AddrPort{}
 			}
@@ -97,17 +124,18 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 		port = a.opts.GossipPort
 	}
 	err = a.gossip.Configure(gossip.Config{
-		NodeName: a.id.NodeName,
-		BindAddr: ep.Addr(),
-		Port:     port,
-		Key:      nm.Gossip.Key,
-		Meta:     gossip.Meta{PublicKey: publicKey(a.wgKey), Endpoint: ep},
+		NodeName:    a.id.NodeName,
+		BindAddr:    ep.Addr(),
+		Port:        port,
+		Key:         nm.Gossip.Key,
+		Meta:        gossip.Meta{PublicKey: publicKey(a.wgKey), Endpoint: ep},
+		IdentityKey: a.tlsKey,
 	})
 	if err != nil {
 		a.log.Warn("gossip unavailable; retrying every resync", "err", err)
 		return nil
 	}
-	endpoints, alive := gossipView(nm, a.gossip.Members())
+	endpoints, alive := gossipView(nm, a.gossip.Members(), a.claims, a.log)
 	if _, changed := a.rec.SetEndpoints(endpoints); changed {
 		a.log.Info("peer endpoints learned by gossip", "overrides", len(endpoints))
 	}

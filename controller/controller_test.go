@@ -683,3 +683,26 @@ func TestSecondControllerSameDataDir(t *testing.T) {
 		t.Errorf("operator.json changed by the refused second start:\n%s\n->\n%s", before, after)
 	}
 }
+
+func TestNetmapPeerCarriesIdentityKey(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	web := tc.enroll(tc.createToken(map[string]string{"role": "web"}, false), "web-1")
+	db := tc.enroll(tc.createToken(map[string]string{"role": "db"}, false), "db-1")
+	stream := tc.sync(web, &segmeshv1.SyncRequest{Dataplane: "userspace"})
+	apply(t, tc, policyWebDB)
+	var nm *segmeshv1.Netmap
+	for nm = stream.next(t); len(nm.GetPeers()) == 0; nm = stream.next(t) {
+	}
+	want, err := x509.MarshalPKIXPublicKey(&db.id.key.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := nm.GetPeers()[0]
+	if p.GetName() != "db-1" || !bytes.Equal(p.GetIdentityKey(), want) {
+		t.Fatalf("peer %s identity key = %x, want db-1 with the PKIX key of its CSR %x", p.GetName(), p.GetIdentityKey(), want)
+	}
+	k, err := x509.ParsePKIXPublicKey(p.GetIdentityKey())
+	if err != nil || !db.id.key.PublicKey.Equal(k) {
+		t.Fatalf("identity key parses to %v, %v; want db-1's CSR key", k, err)
+	}
+}

@@ -3,7 +3,10 @@ package controller
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/subtle"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -128,6 +131,7 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 			node = existing
 		}
 		node.PublicKey = m.GetPublicKey()
+		node.IdentityKey = identityKey(csr)
 		node.Labels = t.Labels
 		node.TokenID = t.ID
 		node.Hostname = m.GetHostname()
@@ -211,6 +215,15 @@ func allocate(tx store.Tx, prefixes []netip.Prefix, node string) ([]netip.Addr, 
 		out = append(out, a)
 	}
 	return out, nil
+}
+
+// identityKey returns the PKIX DER of csr's public key when it is ECDSA P-256 (the
+// key agents sign gossip endpoint claims with), else nil.
+func identityKey(csr *x509.CertificateRequest) []byte {
+	if k, ok := csr.PublicKey.(*ecdsa.PublicKey); ok && k.Curve == elliptic.P256() {
+		return bytes.Clone(csr.RawSubjectPublicKeyInfo)
+	}
+	return nil
 }
 
 // validateEndpoint checks that ep is "ip:port" with a non-zero port.

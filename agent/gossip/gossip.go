@@ -1,6 +1,7 @@
 // Package gossip runs the agents' encrypted memberlist cluster (SWIM, via
 // github.com/hashicorp/memberlist). Every member advertises its WireGuard public key
-// and WireGuard endpoint as node metadata; the agent uses the members it sees for
+// and WireGuard endpoint as node metadata, in a claim signed with its identity key
+// (the TLS client key the controller knows); the agent uses the members it sees for
 // peer liveness and to learn new endpoints of peers its netmap already authorises.
 // This package only reports what members say; it decides nothing about peers.
 package gossip
@@ -8,6 +9,10 @@ package gossip
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,51 +32,134 @@ import (
 	"segmesh/agent/dataplane"
 )
 
-// Meta is what a member advertises about itself.
+// Meta is what a member says about itself.
 type Meta struct {
 	PublicKey dataplane.Key
 	// Endpoint is the member's WireGuard underlay address.
 	Endpoint netip.AddrPort
 }
 
-// metaJSON is Meta's encoding in memberlist node metadata (at most 512 bytes).
-type metaJSON struct {
-	PublicKey []byte `json:"wg_public_key"`
-	Endpoint  string `json:"wg_endpoint"`
+// Claim is a member's signed endpoint claim, the memberlist node metadata: the
+// member's name and Meta, when it was signed, and an ECDSA signature by the
+// member's identity key (its TLS client key) over ClaimDigest. Only the signature
+// makes a claim trustworthy: anyone with the gossip key can send metadata.
+type Claim struct {
+	Name string
+	Meta
+	// Timestamp is when the claim was signed, in Unix nanoseconds; a receiver
+	// accepts only claims newer than the last one it accepted from the member.
+	Timestamp int64
+	// Signature is the ASN.1 ECDSA signature over ClaimDigest.
+	Signature []byte
 }
 
-// Encode returns m as memberlist node metadata.
-func (m Meta) Encode() []byte {
+// claimDomain separates endpoint-claim signatures from any other use of the key.
+const claimDomain = "segmesh-endpoint-claim-v1\x00"
+
+// ClaimDigest returns the SHA-256 that c.Signature signs: the domain string, then
+// the name and the endpoint as 2-byte big-endian length plus bytes, the 32-byte
+// WireGuard key and the timestamp as 8 bytes big-endian.
+func (c Claim) ClaimDigest() [sha256.Size]byte {
 	ep := ""
-	if m.Endpoint.IsValid() {
-		ep = m.Endpoint.String()
+	if c.Endpoint.IsValid() {
+		ep = c.Endpoint.String()
 	}
-	b, err := json.Marshal(metaJSON{PublicKey: m.PublicKey[:], Endpoint: ep})
+	b := make([]byte, 0, len(claimDomain)+2+len(c.Name)+len(c.PublicKey)+2+len(ep)+8)
+	b = append(b, claimDomain...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(c.Name)))
+	b = append(b, c.Name...)
+	b = append(b, c.PublicKey[:]...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(ep)))
+	b = append(b, ep...)
+	b = binary.BigEndian.AppendUint64(b, uint64(c.Timestamp))
+	return sha256.Sum256(b)
+}
+
+// SignClaim returns the claim of member name advertising m at time ts, signed with
+// key. Errors: a name longer than 255 bytes, a failed signature, or an encoding
+// longer than memberlist's metadata limit (512 bytes).
+func SignClaim(name string, m Meta, ts time.Time, key *ecdsa.PrivateKey) (Claim, error) {
+	if len(name) > maxNameLen {
+		return Claim{}, fmt.Errorf("signing endpoint claim: name of %d bytes, at most %d", len(name), maxNameLen)
+	}
+	c := Claim{Name: name, Meta: m, Timestamp: ts.UnixNano()}
+	d := c.ClaimDigest()
+	sig, err := ecdsa.SignASN1(rand.Reader, key, d[:])
 	if err != nil {
-		panic(fmt.Sprintf("gossip: encoding meta: %v", err)) // cannot happen for these types
+		return Claim{}, fmt.Errorf("signing endpoint claim of %s: %w", name, err)
+	}
+	c.Signature = sig
+	if n := len(c.Encode()); n > memberlist.MetaMaxSize {
+		return Claim{}, fmt.Errorf("signing endpoint claim of %s: %d bytes encoded, at most %d", name, n, memberlist.MetaMaxSize)
+	}
+	return c, nil
+}
+
+// Verify reports whether c carries a valid signature by pub. A nil pub verifies
+// nothing.
+func (c Claim) Verify(pub *ecdsa.PublicKey) bool {
+	if pub == nil || len(c.Signature) == 0 {
+		return false
+	}
+	d := c.ClaimDigest()
+	return ecdsa.VerifyASN1(pub, d[:], c.Signature)
+}
+
+// maxNameLen bounds the member name in a claim, so that the encoding stays within
+// memberlist's 512-byte metadata limit.
+const maxNameLen = 255
+
+// claimJSON is Claim's encoding in memberlist node metadata (at most 512 bytes:
+// name 255, key 44, endpoint 47, timestamp 20, signature at most 96 in base64,
+// plus 80 bytes of field names and punctuation).
+type claimJSON struct {
+	Name      string `json:"n"`
+	PublicKey []byte `json:"k"`
+	Endpoint  string `json:"e,omitempty"`
+	Timestamp int64  `json:"t"`
+	Signature []byte `json:"s"`
+}
+
+// Encode returns c as memberlist node metadata.
+func (c Claim) Encode() []byte {
+	ep := ""
+	if c.Endpoint.IsValid() {
+		ep = c.Endpoint.String()
+	}
+	b, err := json.Marshal(claimJSON{Name: c.Name, PublicKey: c.PublicKey[:], Endpoint: ep, Timestamp: c.Timestamp, Signature: c.Signature})
+	if err != nil {
+		panic(fmt.Sprintf("gossip: encoding claim: %v", err)) // cannot happen for these types
 	}
 	return b
 }
 
-// DecodeMeta parses node metadata written by Encode.
-func DecodeMeta(b []byte) (Meta, error) {
-	var j metaJSON
+// DecodeClaim parses node metadata written by Encode. It checks the shape only,
+// not the signature (see Claim.Verify).
+func DecodeClaim(b []byte) (Claim, error) {
+	var j claimJSON
 	if err := json.Unmarshal(b, &j); err != nil {
-		return Meta{}, fmt.Errorf("decoding member meta: %w", err)
+		return Claim{}, fmt.Errorf("decoding member claim: %w", err)
 	}
-	var m Meta
-	if len(j.PublicKey) != len(m.PublicKey) {
-		return Meta{}, fmt.Errorf("decoding member meta: public key of %d bytes", len(j.PublicKey))
+	var c Claim
+	if len(j.PublicKey) != len(c.PublicKey) {
+		return Claim{}, fmt.Errorf("decoding member claim: public key of %d bytes", len(j.PublicKey))
 	}
-	copy(m.PublicKey[:], j.PublicKey)
+	if len(j.Name) > maxNameLen {
+		return Claim{}, fmt.Errorf("decoding member claim: name of %d bytes", len(j.Name))
+	}
+	if len(j.Signature) == 0 {
+		return Claim{}, errors.New("decoding member claim: no signature")
+	}
+	copy(c.PublicKey[:], j.PublicKey)
 	if j.Endpoint != "" {
 		ep, err := netip.ParseAddrPort(j.Endpoint)
 		if err != nil {
-			return Meta{}, fmt.Errorf("decoding member meta: endpoint: %w", err)
+			return Claim{}, fmt.Errorf("decoding member claim: endpoint: %w", err)
 		}
-		m.Endpoint = ep
+		c.Endpoint = ep
 	}
-	return m, nil
+	c.Name, c.Timestamp, c.Signature = j.Name, j.Timestamp, j.Signature
+	return c, nil
 }
 
 // Config configures one memberlist instance.
@@ -86,10 +174,14 @@ type Config struct {
 	// gossip; an empty key disables gossip.
 	Key  []byte
 	Meta Meta
+	// IdentityKey signs the advertised claims (the agent's TLS client key); required
+	// when Key is set.
+	IdentityKey *ecdsa.PrivateKey
 }
 
 func (c Config) sameCluster(o Config) bool {
-	return c.NodeName == o.NodeName && c.BindAddr == o.BindAddr && c.Port == o.Port && bytes.Equal(c.Key, o.Key)
+	return c.NodeName == o.NodeName && c.BindAddr == o.BindAddr && c.Port == o.Port && bytes.Equal(c.Key, o.Key) &&
+		c.IdentityKey != nil && o.IdentityKey != nil && c.IdentityKey.Equal(o.IdentityKey)
 }
 
 // Member is another alive member of the cluster.
@@ -97,7 +189,8 @@ type Member struct {
 	Name string
 	// Addr is the member's gossip address.
 	Addr netip.AddrPort
-	Meta Meta
+	// Claim is what the member advertises, its signature not yet verified.
+	Claim Claim
 }
 
 // Manager owns at most one memberlist instance and restarts it when the cluster
@@ -112,6 +205,7 @@ type Manager struct {
 	ml       *memberlist.Memberlist
 	delegate *delegate
 	logs     *logWriter // the running instance's log sink
+	lastTS   int64      // timestamp of the last signed claim, kept across restarts
 }
 
 // NewManager returns a stopped manager. onChange is called, from memberlist's
@@ -129,7 +223,8 @@ func NewManager(logger *slog.Logger, onChange func()) *Manager {
 
 // Configure starts memberlist with cfg, restarts it when the cluster configuration
 // changed, updates the advertised metadata when only that changed, and stops it when
-// cfg.Key is empty. If binding cfg.BindAddr fails (for example an endpoint behind
+// cfg.Key is empty. Every new advertisement is a claim signed with cfg.IdentityKey
+// at the current time (strictly later than the previous one). If binding cfg.BindAddr fails (for example an endpoint behind
 // NAT), it binds the wildcard address and still advertises cfg.BindAddr.
 func (m *Manager) Configure(cfg Config) error {
 	m.mu.Lock()
@@ -138,11 +233,18 @@ func (m *Manager) Configure(cfg Config) error {
 		m.stopLocked()
 		return nil
 	}
+	if cfg.IdentityKey == nil {
+		return errors.New("starting gossip: no identity key to sign endpoint claims with")
+	}
 	if m.ml != nil && m.cfg.sameCluster(cfg) {
 		if m.cfg.Meta == cfg.Meta {
 			return nil
 		}
-		m.delegate.setMeta(cfg.Meta.Encode())
+		meta, err := m.signLocked(cfg)
+		if err != nil {
+			return err
+		}
+		m.delegate.setMeta(meta)
 		m.cfg.Meta = cfg.Meta
 		if err := m.ml.UpdateNode(5 * time.Second); err != nil {
 			return fmt.Errorf("advertising new gossip metadata: %w", err)
@@ -150,7 +252,11 @@ func (m *Manager) Configure(cfg Config) error {
 		return nil
 	}
 	m.stopLocked()
-	d := &delegate{onChange: m.onChange, meta: cfg.Meta.Encode()}
+	meta, err := m.signLocked(cfg)
+	if err != nil {
+		return err
+	}
+	d := &delegate{onChange: m.onChange, meta: meta}
 	lw := &logWriter{log: m.log}
 	ml, err := memberlist.Create(m.memberlistConfig(cfg, cfg.BindAddr, d, lw))
 	if err != nil && !cfg.BindAddr.IsUnspecified() {
@@ -186,6 +292,21 @@ func (m *Manager) memberlistConfig(cfg Config, bind netip.Addr, d *delegate, lw 
 	c.DeadNodeReclaimTime = 10 * time.Second
 	c.Logger = log.New(lw, "", 0)
 	return c
+}
+
+// signLocked returns cfg's claim, signed now (strictly after the previous claim),
+// encoded as node metadata.
+func (m *Manager) signLocked(cfg Config) ([]byte, error) {
+	ts := time.Now()
+	if ts.UnixNano() <= m.lastTS {
+		ts = time.Unix(0, m.lastTS+1)
+	}
+	c, err := SignClaim(cfg.NodeName, cfg.Meta, ts, cfg.IdentityKey)
+	if err != nil {
+		return nil, err
+	}
+	m.lastTS = c.Timestamp
+	return c.Encode(), nil
 }
 
 // Join contacts the given gossip addresses that are not alive members already and
@@ -232,13 +353,13 @@ func (m *Manager) Members() []Member {
 		if n.Name == self || n.State != memberlist.StateAlive {
 			continue
 		}
-		meta, err := DecodeMeta(n.Meta)
+		claim, err := DecodeClaim(n.Meta)
 		if err != nil {
 			m.log.Debug("ignoring gossip member with bad metadata", "member", n.Name, "err", err)
 			continue
 		}
 		a, _ := netip.AddrFromSlice(n.Addr)
-		out = append(out, Member{Name: n.Name, Addr: netip.AddrPortFrom(a.Unmap(), n.Port), Meta: meta})
+		out = append(out, Member{Name: n.Name, Addr: netip.AddrPortFrom(a.Unmap(), n.Port), Claim: claim})
 	}
 	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.Name, b.Name) })
 	return out

@@ -2,15 +2,39 @@ package gossip
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/memberlist"
 )
 
 var loopback = netip.MustParseAddr("127.0.0.1")
+
+// testIdentity signs every test member's claims.
+var testIdentity = func() *ecdsa.PrivateKey {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		panic(err)
+	}
+	return k
+}()
+
+func newIdentity(t *testing.T) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
 
 func testKey(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
 
@@ -64,29 +88,89 @@ func eventually(t *testing.T, what string, cond func() bool) {
 func memberMeta(m *Manager, name string) (Meta, bool) {
 	for _, mem := range m.Members() {
 		if mem.Name == name {
-			return mem.Meta, true
+			if !mem.Claim.Verify(&testIdentity.PublicKey) || mem.Claim.Name != name {
+				return Meta{}, false
+			}
+			return mem.Claim.Meta, true
 		}
 	}
 	return Meta{}, false
 }
 
-func TestMetaRoundTrip(t *testing.T) {
-	for _, m := range []Meta{metaFor(1, "192.0.2.1:51820"), metaFor(2, "[2001:db8::1]:4000"), {PublicKey: metaFor(3, "1.2.3.4:5").PublicKey}} {
-		got, err := DecodeMeta(m.Encode())
-		if err != nil || got != m {
-			t.Errorf("round trip of %+v = %+v, %v", m, got, err)
+func TestClaimSignVerifyEncode(t *testing.T) {
+	other := newIdentity(t)
+	ts := time.Unix(1700000000, 42)
+	signed := func(name string, m Meta) Claim {
+		c, err := SignClaim(name, m, ts, testIdentity)
+		if err != nil {
+			t.Fatal(err)
 		}
+		return c
 	}
-	for _, bad := range []string{"", "{}", `{"wg_public_key":"AAAA"}`, `{"wg_public_key":"` + strings.Repeat("A", 43) + `=","wg_endpoint":"nope"}`} {
-		if _, err := DecodeMeta([]byte(bad)); err == nil {
-			t.Errorf("DecodeMeta(%q) succeeded", bad)
+	good := signed("web-1", metaFor(1, "192.0.2.1:51820"))
+	tests := []struct {
+		name  string
+		claim Claim
+		key   *ecdsa.PublicKey
+		want  bool
+	}{
+		{name: "valid", claim: good, key: &testIdentity.PublicKey, want: true},
+		{name: "valid IPv6", claim: signed("db-1", metaFor(2, "[2001:db8::1]:4000")), key: &testIdentity.PublicKey, want: true},
+		{name: "valid without endpoint", claim: signed("db-1", Meta{PublicKey: metaFor(3, "1.2.3.4:5").PublicKey}), key: &testIdentity.PublicKey, want: true},
+		{name: "longest name", claim: signed(strings.Repeat("n", maxNameLen), metaFor(2, "[2001:db8:1:2:3:4:5:6]:65535")), key: &testIdentity.PublicKey, want: true},
+		{name: "another key", claim: good, key: &other.PublicKey},
+		{name: "no key", claim: good},
+		{name: "tampered endpoint", claim: func() Claim { c := good; c.Endpoint = netip.MustParseAddrPort("203.0.113.1:51820"); return c }(), key: &testIdentity.PublicKey},
+		{name: "tampered name", claim: func() Claim { c := good; c.Name = "web-2"; return c }(), key: &testIdentity.PublicKey},
+		{name: "tampered key", claim: func() Claim { c := good; c.PublicKey[0] ^= 1; return c }(), key: &testIdentity.PublicKey},
+		{name: "tampered timestamp", claim: func() Claim { c := good; c.Timestamp++; return c }(), key: &testIdentity.PublicKey},
+		{name: "no signature", claim: func() Claim { c := good; c.Signature = nil; return c }(), key: &testIdentity.PublicKey},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.claim.Verify(tt.key); got != tt.want {
+				t.Fatalf("Verify = %v, want %v", got, tt.want)
+			}
+			if !tt.want {
+				return
+			}
+			b := tt.claim.Encode()
+			if len(b) > memberlist.MetaMaxSize {
+				t.Fatalf("encoded claim has %d bytes, limit %d", len(b), memberlist.MetaMaxSize)
+			}
+			got, err := DecodeClaim(b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := cmp.Diff(tt.claim, got, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
+				t.Fatalf("round trip (-want +got):\n%s", d)
+			}
+			if !got.Verify(tt.key) {
+				t.Fatal("decoded claim does not verify")
+			}
+		})
+	}
+	if _, err := SignClaim(strings.Repeat("n", maxNameLen+1), metaFor(1, "192.0.2.1:1"), ts, testIdentity); err == nil {
+		t.Error("SignClaim accepted a name longer than the limit")
+	}
+	for _, bad := range []string{"", "{}", `{"k":"AAAA","s":"AA=="}`, `{"k":"` + strings.Repeat("A", 43) + `=","e":"nope","s":"AA=="}`, `{"k":"` + strings.Repeat("A", 43) + `="}`} {
+		if _, err := DecodeClaim([]byte(bad)); err == nil {
+			t.Errorf("DecodeClaim(%q) succeeded", bad)
 		}
 	}
 }
 
+func TestConfigureNeedsIdentityKey(t *testing.T) {
+	m := NewManager(slog.New(slog.NewTextHandler(&syncBuffer{}, nil)), nil)
+	t.Cleanup(m.Stop)
+	if err := m.Configure(Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")}); err == nil || !strings.Contains(err.Error(), "identity key") {
+		t.Fatalf("Configure without an identity key = %v, want an error", err)
+	}
+}
+
 func TestClusterSeesMetaAndUpdates(t *testing.T) {
-	a := newManager(t, Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")})
-	b := newManager(t, Config{NodeName: "b", BindAddr: loopback, Key: testKey(1), Meta: metaFor(2, "192.0.2.2:51820")})
+	a := newManager(t, Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), IdentityKey: testIdentity, Meta: metaFor(1, "192.0.2.1:51820")})
+	b := newManager(t, Config{NodeName: "b", BindAddr: loopback, Key: testKey(1), IdentityKey: testIdentity, Meta: metaFor(2, "192.0.2.2:51820")})
 	if n, err := b.Join([]netip.AddrPort{a.LocalAddr()}); err != nil || n != 1 {
 		t.Fatalf("Join = %d, %v", n, err)
 	}
@@ -100,7 +184,7 @@ func TestClusterSeesMetaAndUpdates(t *testing.T) {
 	b.mu.Lock()
 	before := b.ml
 	b.mu.Unlock()
-	if err := b.Configure(Config{NodeName: "b", BindAddr: loopback, Key: testKey(1), Meta: metaFor(2, "198.51.100.2:40000")}); err != nil {
+	if err := b.Configure(Config{NodeName: "b", BindAddr: loopback, Key: testKey(1), IdentityKey: testIdentity, Meta: metaFor(2, "198.51.100.2:40000")}); err != nil {
 		t.Fatal(err)
 	}
 	b.mu.Lock()
@@ -115,7 +199,7 @@ func TestClusterSeesMetaAndUpdates(t *testing.T) {
 	})
 
 	// A new key restarts gossip: b is no longer in a's cluster.
-	if err := b.Configure(Config{NodeName: "b", BindAddr: loopback, Key: testKey(2), Meta: metaFor(2, "198.51.100.2:40000")}); err != nil {
+	if err := b.Configure(Config{NodeName: "b", BindAddr: loopback, Key: testKey(2), IdentityKey: testIdentity, Meta: metaFor(2, "198.51.100.2:40000")}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "a drops b after its key change", func() bool { _, ok := memberMeta(a, "b"); return !ok })
@@ -133,8 +217,8 @@ func TestClusterSeesMetaAndUpdates(t *testing.T) {
 }
 
 func TestWrongKeyCannotJoin(t *testing.T) {
-	a := newManager(t, Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")})
-	c := newManager(t, Config{NodeName: "c", BindAddr: loopback, Key: testKey(9), Meta: metaFor(3, "192.0.2.3:51820")})
+	a := newManager(t, Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), IdentityKey: testIdentity, Meta: metaFor(1, "192.0.2.1:51820")})
+	c := newManager(t, Config{NodeName: "c", BindAddr: loopback, Key: testKey(9), IdentityKey: testIdentity, Meta: metaFor(3, "192.0.2.3:51820")})
 	if _, err := c.Join([]netip.AddrPort{a.LocalAddr()}); err == nil {
 		t.Fatal("join with a wrong key succeeded")
 	}
@@ -179,7 +263,7 @@ func TestLogWriterLevels(t *testing.T) {
 func TestStopDemotesClosedSocketErrors(t *testing.T) {
 	var buf syncBuffer
 	m := NewManager(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), nil)
-	if err := m.Configure(Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")}); err != nil {
+	if err := m.Configure(Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), IdentityKey: testIdentity, Meta: metaFor(1, "192.0.2.1:51820")}); err != nil {
 		t.Fatal(err)
 	}
 	m.mu.Lock()

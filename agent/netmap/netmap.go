@@ -4,6 +4,9 @@
 package netmap
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/x509"
 	"fmt"
 	"net/netip"
 
@@ -44,6 +47,10 @@ type Peer struct {
 	// Endpoint is the underlay address; zero when the controller does not know it.
 	Endpoint   netip.AddrPort
 	AllowedIPs []netip.Prefix
+	// IdentityKey is the ECDSA P-256 key that signs the peer's gossip endpoint
+	// claims; nil when the controller does not know it (gossip then never sets the
+	// peer's endpoint).
+	IdentityKey *ecdsa.PublicKey
 }
 
 // Gossip configures memberlist.
@@ -67,8 +74,8 @@ func (n *Netmap) Peer(k dataplane.Key) (Peer, bool) {
 }
 
 // Parse verifies nm's hash and converts it. It returns an error naming the field
-// (and peer) that is invalid: a hash mismatch, a malformed key, endpoint, prefix or
-// filter, a duplicate peer key, or a gossip key that is not 16, 24 or 32 bytes.
+// (and peer) that is invalid: a hash mismatch, a malformed key, identity key (not
+// PKIX ECDSA P-256), endpoint, prefix or filter, a duplicate peer key, or a gossip key that is not 16, 24 or 32 bytes.
 func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 	if nm == nil {
 		return nil, fmt.Errorf("netmap: nil message")
@@ -116,7 +123,13 @@ func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 		if err != nil {
 			return nil, fmt.Errorf("netmap: peer %s: allowed IPs: %w", name, err)
 		}
-		out.Peers = append(out.Peers, Peer{Name: p.GetName(), PublicKey: k, Endpoint: ep, AllowedIPs: ips})
+		var idKey *ecdsa.PublicKey
+		if len(p.GetIdentityKey()) != 0 {
+			if idKey, err = parseIdentityKey(p.GetIdentityKey()); err != nil {
+				return nil, fmt.Errorf("netmap: peer %s: identity key: %w", name, err)
+			}
+		}
+		out.Peers = append(out.Peers, Peer{Name: p.GetName(), PublicKey: k, Endpoint: ep, AllowedIPs: ips, IdentityKey: idKey})
 	}
 	if out.Filter, err = wire.FilterFromProto(nm.GetFilter()); err != nil {
 		return nil, fmt.Errorf("netmap: filter: %w", err)
@@ -145,6 +158,19 @@ func parseKey(b []byte) (dataplane.Key, error) {
 	}
 	copy(k[:], b)
 	return k, nil
+}
+
+// parseIdentityKey parses the PKIX DER of an ECDSA P-256 public key.
+func parseIdentityKey(der []byte) (*ecdsa.PublicKey, error) {
+	k, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		return nil, err
+	}
+	ek, ok := k.(*ecdsa.PublicKey)
+	if !ok || ek.Curve != elliptic.P256() {
+		return nil, fmt.Errorf("want an ECDSA P-256 key, got %T", k)
+	}
+	return ek, nil
 }
 
 // parseEndpoint parses "ip:port"; the empty string is the zero AddrPort.

@@ -2,6 +2,10 @@ package netmap
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"net/netip"
 	"strings"
 	"testing"
@@ -12,12 +16,37 @@ import (
 	"segmesh/api/wire"
 )
 
+// idKey is peer b's identity key in valid().
+var idKey = func() *ecdsa.PublicKey {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		panic(err)
+	}
+	return &k.PublicKey
+}()
+
+func pkix(t testing.TB, c elliptic.Curve) []byte {
+	k, err := ecdsa.GenerateKey(c, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&k.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
 func valid() *segmeshv1.Netmap {
+	idDER, err := x509.MarshalPKIXPublicKey(idKey)
+	if err != nil {
+		panic(err)
+	}
 	return &segmeshv1.Netmap{
 		PolicyRevision: 3,
 		Self:           &segmeshv1.Node{Name: "a", Addresses: []string{"100.64.0.1/32"}, PublicKey: bytes.Repeat([]byte{1}, 32), Endpoint: "192.0.2.1:51820"},
 		Peers: []*segmeshv1.Peer{
-			{Name: "b", PublicKey: bytes.Repeat([]byte{2}, 32), Endpoint: "[::ffff:192.0.2.2]:51820", AllowedIps: []string{"100.64.0.2/32"}},
+			{Name: "b", PublicKey: bytes.Repeat([]byte{2}, 32), Endpoint: "[::ffff:192.0.2.2]:51820", AllowedIps: []string{"100.64.0.2/32"}, IdentityKey: idDER},
 			{Name: "c", PublicKey: bytes.Repeat([]byte{3}, 32), AllowedIps: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"}},
 		},
 		Filter: &segmeshv1.Filter{
@@ -61,6 +90,8 @@ func TestParse(t *testing.T) {
 		{name: "unknown set", in: hashed(func(nm *segmeshv1.Netmap) { nm.Filter.Ingress[0].Set = "x" }), want: "filter"},
 		{name: "gossip key length", in: hashed(func(nm *segmeshv1.Netmap) { nm.Gossip.Key = []byte{1, 2, 3} }), want: "gossip key: 3 bytes"},
 		{name: "gossip port", in: hashed(func(nm *segmeshv1.Netmap) { nm.Gossip.Port = 70000 }), want: "gossip port"},
+		{name: "identity key not DER", in: hashed(func(nm *segmeshv1.Netmap) { nm.Peers[0].IdentityKey = []byte{1, 2} }), want: "peer b: identity key"},
+		{name: "identity key not P-256", in: hashed(func(nm *segmeshv1.Netmap) { nm.Peers[0].IdentityKey = pkix(t, elliptic.P384()) }), want: "peer b: identity key: want an ECDSA P-256"},
 		{name: "overlay prefix", in: hashed(func(nm *segmeshv1.Netmap) { nm.OverlayPrefixes = []string{"x"} }), want: "overlay prefixes"},
 	}
 	for _, tt := range tests {
@@ -84,6 +115,9 @@ func TestParse(t *testing.T) {
 			p, ok := got.Peer(got.Peers[1].PublicKey)
 			if !ok || p.Name != "c" || got.Peers[1].Endpoint.IsValid() {
 				t.Errorf("Peer lookup = %+v, %v", p, ok)
+			}
+			if k := got.Peers[0].IdentityKey; k == nil || !k.Equal(idKey) || got.Peers[1].IdentityKey != nil {
+				t.Errorf("identity keys = %v, %v; want b's and none for c", k, got.Peers[1].IdentityKey)
 			}
 			if got.Gossip.Enabled() != (tt.in.GetGossip() != nil) {
 				t.Errorf("gossip enabled = %v", got.Gossip.Enabled())

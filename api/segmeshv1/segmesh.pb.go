@@ -345,7 +345,11 @@ type Peer struct {
 	// Underlay "ip:port"; empty when unknown.
 	Endpoint string `protobuf:"bytes,3,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
 	// Prefixes routed to this peer (its overlay addresses, /32 and /128).
-	AllowedIps    []string `protobuf:"bytes,4,rep,name=allowed_ips,json=allowedIps,proto3" json:"allowed_ips,omitempty"`
+	AllowedIps []string `protobuf:"bytes,4,rep,name=allowed_ips,json=allowedIps,proto3" json:"allowed_ips,omitempty"`
+	// PKIX DER of the peer's ECDSA P-256 TLS client public key, which signs its
+	// gossip endpoint claims; empty when the controller does not know it (agents then
+	// never take an endpoint for this peer from gossip).
+	IdentityKey   []byte `protobuf:"bytes,5,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -404,6 +408,13 @@ func (x *Peer) GetEndpoint() string {
 func (x *Peer) GetAllowedIps() []string {
 	if x != nil {
 		return x.AllowedIps
+	}
+	return nil
+}
+
+func (x *Peer) GetIdentityKey() []byte {
+	if x != nil {
+		return x.IdentityKey
 	}
 	return nil
 }
@@ -2226,14 +2237,15 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\bendpoint\x18\x05 \x01(\tR\bendpoint\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"v\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x99\x01\n" +
 	"\x04Peer\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x1a\n" +
 	"\bendpoint\x18\x03 \x01(\tR\bendpoint\x12\x1f\n" +
 	"\vallowed_ips\x18\x04 \x03(\tR\n" +
-	"allowedIps\"5\n" +
+	"allowedIps\x12!\n" +
+	"\fidentity_key\x18\x05 \x01(\fR\videntityKey\"5\n" +
 	"\tPortRange\x12\x14\n" +
 	"\x05first\x18\x01 \x01(\rR\x05first\x12\x12\n" +
 	"\x04last\x18\x02 \x01(\rR\x04last\"j\n" +

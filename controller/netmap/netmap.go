@@ -88,10 +88,11 @@ func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []sto
 				continue
 			}
 			nm.Peers = append(nm.Peers, &segmeshv1.Peer{
-				Name:       p.Name,
-				PublicKey:  p.PublicKey,
-				Endpoint:   p.Endpoint,
-				AllowedIps: HostPrefixes(p.Addresses),
+				Name:        p.Name,
+				PublicKey:   p.PublicKey,
+				Endpoint:    p.Endpoint,
+				AllowedIps:  HostPrefixes(p.Addresses),
+				IdentityKey: p.IdentityKey,
 			})
 		}
 		// Least privilege: only a node with peers gossips, so a node the policy

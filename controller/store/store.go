@@ -30,6 +30,10 @@ type Node struct {
 	Addresses []netip.Addr `json:"addresses"`
 	// PublicKey is the node's 32-byte WireGuard public key.
 	PublicKey []byte `json:"public_key"`
+	// IdentityKey is the PKIX DER of the node's ECDSA P-256 TLS client public key
+	// (from its enrollment CSR), which signs its gossip endpoint claims; nil in
+	// records written before it was kept, or for a key of another type.
+	IdentityKey []byte `json:"identity_key,omitempty"`
 	// Endpoint is the underlay "ip:port" of the node's WireGuard; empty when unknown.
 	Endpoint   string    `json:"endpoint,omitempty"`
 	Hostname   string    `json:"hostname,omitempty"`

@@ -30,7 +30,7 @@ func TestRoundTripAndPersistence(t *testing.T) {
 	node := Node{
 		Name: "db-1", Labels: map[string]string{"role": "db"},
 		Addresses: []netip.Addr{netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("fd5e::2")},
-		PublicKey: make([]byte, 32), Endpoint: "192.0.2.1:51820", EnrolledAt: now, TokenID: "00aa",
+		PublicKey: make([]byte, 32), IdentityKey: []byte{0x30, 0x59, 1}, Endpoint: "192.0.2.1:51820", EnrolledAt: now, TokenID: "00aa",
 	}
 	tok := Token{ID: "00aa", SecretHash: []byte{1, 2}, Labels: map[string]string{"role": "db"}, CreatedAt: now, ExpiresAt: now.Add(time.Hour), UsedBy: "db-1", UsedAt: now, Uses: 1}
 	pol := Policy{Revision: 1, Filename: "p.yaml", Content: []byte("segments: {}\n"), AppliedAt: now, AppliedBy: "operator"}
@@ -278,4 +278,21 @@ func TestUndecodableRevision(t *testing.T) {
 			t.Errorf("PutPolicy(%d) after a corrupt latest: err = %v, wantErr %v", tt.rev, err, tt.wantErr)
 		}
 	}
+}
+
+// TestNodeWithoutIdentityKey: a node record written before identity keys were kept
+// decodes with no identity key.
+func TestNodeWithoutIdentityKey(t *testing.T) {
+	s, _ := openTemp(t)
+	old := `{"name":"db-1","addresses":["100.64.0.2"],"public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","enrolled_at":"2026-01-02T03:04:05Z","token_id":"00aa"}`
+	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketNodes).Put([]byte("db-1"), []byte(old)) }); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.View(func(tx Tx) error {
+		n, ok, err := tx.Node("db-1")
+		if err != nil || !ok || n.Name != "db-1" || len(n.PublicKey) != 32 || n.IdentityKey != nil {
+			t.Errorf("Node(db-1) = %+v, %v, %v; want the node without an identity key", n, ok, err)
+		}
+		return nil
+	})
 }
