@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"segmesh/agent/internal/testlog"
 	"slices"
 	"strings"
 	"sync"
@@ -235,26 +236,9 @@ func wireNetmap(rev uint64, gossipPort int) *segmeshv1.Netmap {
 	return nm
 }
 
-type logBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type run struct {
 	dp     *fake.Dataplane
-	logs   *logBuffer
+	logs   *testlog.Buffer
 	cancel context.CancelFunc
 	done   chan error
 	ifaces chan string
@@ -269,7 +253,7 @@ func start(t *testing.T, opts Options) *run {
 // startWith is start with a given fake dataplane.
 func startWith(t *testing.T, dp *fake.Dataplane, opts Options) *run {
 	t.Helper()
-	r := &run{dp: dp, logs: &logBuffer{}, done: make(chan error, 1), ifaces: make(chan string, 4)}
+	r := &run{dp: dp, logs: &testlog.Buffer{}, done: make(chan error, 1), ifaces: make(chan string, 4)}
 	opts.Logger = slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	opts.NewDataplane = func(iface string) (dataplane.Dataplane, error) {
 		r.ifaces <- iface

@@ -7,8 +7,8 @@ import (
 	"crypto/rand"
 	"log/slog"
 	"net/netip"
+	"segmesh/agent/internal/testlog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -47,26 +47,9 @@ func metaFor(b byte, ep string) Meta {
 	return m
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func newManager(t *testing.T, cfg Config) *Manager {
 	t.Helper()
-	m := NewManager(slog.New(slog.NewTextHandler(&syncBuffer{}, nil)), nil)
+	m := NewManager(slog.New(slog.NewTextHandler(&testlog.Buffer{}, nil)), nil)
 	if err := m.Configure(cfg); err != nil {
 		t.Fatalf("Configure(%s): %v", cfg.NodeName, err)
 	}
@@ -161,7 +144,7 @@ func TestClaimSignVerifyEncode(t *testing.T) {
 }
 
 func TestConfigureNeedsIdentityKey(t *testing.T) {
-	m := NewManager(slog.New(slog.NewTextHandler(&syncBuffer{}, nil)), nil)
+	m := NewManager(slog.New(slog.NewTextHandler(&testlog.Buffer{}, nil)), nil)
 	t.Cleanup(m.Stop)
 	if err := m.Configure(Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), Meta: metaFor(1, "192.0.2.1:51820")}); err == nil || !strings.Contains(err.Error(), "identity key") {
 		t.Fatalf("Configure without an identity key = %v, want an error", err)
@@ -244,7 +227,7 @@ func TestLogWriterLevels(t *testing.T) {
 		{in: "[ERR] memberlist: Failed to send UDP ping: write udp: network is unreachable", level: "ERROR", msg: "network is unreachable", stopping: true},
 	}
 	for _, tt := range tests {
-		var buf syncBuffer
+		var buf testlog.Buffer
 		w := &logWriter{log: slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))}
 		w.stopping.Store(tt.stopping)
 		if _, err := w.Write([]byte(tt.in + "\n")); err != nil {
@@ -261,7 +244,7 @@ func TestLogWriterLevels(t *testing.T) {
 // sink as stopping (before memberlist's Shutdown closes its sockets while probes may
 // still be in flight), so those errors do not reach the log as ERROR.
 func TestStopDemotesClosedSocketErrors(t *testing.T) {
-	var buf syncBuffer
+	var buf testlog.Buffer
 	m := NewManager(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), nil)
 	if err := m.Configure(Config{NodeName: "a", BindAddr: loopback, Key: testKey(1), IdentityKey: testIdentity, Meta: metaFor(1, "192.0.2.1:51820")}); err != nil {
 		t.Fatal(err)

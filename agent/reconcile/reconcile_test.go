@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"segmesh/agent/internal/testlog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -200,28 +200,10 @@ func TestDrift(t *testing.T) {
 	}
 }
 
-// logBuffer collects log lines for assertions.
-type logBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func start(t *testing.T, resync time.Duration) (*Reconciler, *fake.Dataplane, *logBuffer) {
+func start(t *testing.T, resync time.Duration) (*Reconciler, *fake.Dataplane, *testlog.Buffer) {
 	t.Helper()
 	dp := fake.New(dataplane.KindUserspace)
-	logs := &logBuffer{}
+	logs := &testlog.Buffer{}
 	r := New(dp, local, slog.New(slog.NewTextHandler(logs, nil)))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -17,38 +16,6 @@ import (
 
 	"segmesh/test/lab"
 )
-
-// narrowedPolicy is examples/policy.yaml with web-to-api moved from tcp/8080 to
-// tcp/22: web and api nodes stay WireGuard peers, so only the filter (and the
-// conntrack entries it no longer allows) can cut a held tcp/8080 connection.
-const narrowedPolicy = `version: 1
-segments:
-  - name: web
-    selectors: [{role: web}]
-  - name: api
-    selectors: [{role: api}]
-  - name: db
-    selectors: [{role: db}]
-  - name: ops
-    selectors: [{role: ops}]
-rules:
-  - name: web-to-api-ssh
-    from: [web]
-    to: [api]
-    ports: [tcp/22]
-  - name: api-to-db
-    from: [api]
-    to: [db]
-    ports: [tcp/5432]
-  - name: ops-admin
-    from: [ops]
-    to: [web, api, db]
-    ports: [tcp/22, icmp]
-  - name: db-syslog
-    from: [db]
-    to: [ops]
-    ports: [udp/514]
-`
 
 // heldConn is a TCP connection from one lab node to another node's probe server,
 // which echoes what it receives after its greeting byte (hack/probe serve).
@@ -129,10 +96,7 @@ func hold(t *testing.T, m *lab.Mesh, st *lab.Status, from, to string, family int
 func TestRevokedRuleCutsEstablishedFlows(t *testing.T) {
 	m, st, pol := upExample(t)
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "narrowed.yaml")
-	if err := os.WriteFile(path, []byte(narrowedPolicy), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	path := filepath.Join(moduleRoot, "test", "e2e", "testdata", "policy-narrowed.yaml")
 	narrowed, err := lab.LoadPolicy(path)
 	if err != nil {
 		t.Fatal(err)
