@@ -102,6 +102,8 @@ func run() int {
 		d.step("removing the lab (namespaces smlab-%s-*, processes, interfaces)", mesh.Lab.ID)
 		if err := mesh.Close(); err != nil {
 			fmt.Fprintf(os.Stderr, "lab: cleanup: %v\n", err)
+		} else {
+			fmt.Fprintln(d.out, "lab removed: no namespace, interface or process of it is left")
 		}
 		if *keep {
 			fmt.Fprintf(d.out, "lab directory kept: %s\n", mesh.Lab.Dir)
