@@ -48,6 +48,7 @@ import (
 // controller is a small in-test controller: EnrollService and AgentService over
 // real TLS (HTTP/2, client certificates verified against its CA).
 type controller struct {
+	segmeshv1connect.UnimplementedAgentServiceHandler
 	t   *testing.T
 	ca  *testpki.CA
 	url string

@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/controller/store"
 )
 
@@ -29,7 +30,10 @@ func withClientIdentity(h http.Handler) http.Handler {
 	})
 }
 
-type agentService struct{ c *Controller }
+type agentService struct {
+	segmeshv1connect.UnimplementedAgentServiceHandler
+	c *Controller
+}
 
 // authenticate returns the enrolled node that holds the verified client
 // certificate of the call, or an Unauthenticated error.

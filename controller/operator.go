@@ -19,6 +19,7 @@ import (
 
 	"segmesh/api/jointoken"
 	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/controller/internal/atomicfile"
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
@@ -89,7 +90,10 @@ func operatorAuth(token string) connect.UnaryInterceptorFunc {
 	}
 }
 
-type operatorService struct{ c *Controller }
+type operatorService struct {
+	segmeshv1connect.UnimplementedOperatorServiceHandler
+	c *Controller
+}
 
 // Status implements OperatorService.Status.
 func (s *operatorService) Status(ctx context.Context, _ *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error) {
