@@ -19,8 +19,13 @@ var (
 	bucketMeta     = []byte("meta")
 	bucketIPAM     = []byte("ipam")
 	bucketAudit    = []byte("audit")
-	bucketPubkeys  = []byte("pubkeys") // WireGuard public key -> node name
-	allBuckets     = [][]byte{bucketNodes, bucketTokens, bucketPolicies, bucketMeta, bucketIPAM, bucketAudit, bucketPubkeys}
+	bucketPubkeys  = []byte("pubkeys")    // WireGuard public key -> node name
+	bucketQuar     = []byte("quarantine") // released overlay address -> RFC 3339 time it is free again
+	bucketOps      = []byte("operators")
+	bucketOpTokens = []byte("operator-tokens") // SHA-256 of a bearer token -> operator name
+	allBuckets     = [][]byte{bucketNodes, bucketTokens, bucketPolicies, bucketMeta, bucketIPAM, bucketAudit, bucketPubkeys, bucketQuar, bucketOps, bucketOpTokens}
+
+	metaAuditHead = []byte("audit-head") // "SEQ HASH" of the last appended audit record
 )
 
 // Bolt is the embedded Store: one bbolt file, fsynced on every commit.
@@ -145,6 +150,117 @@ func (t boltTx) PutNode(n Node) error {
 	return nil
 }
 
+func (t boltTx) DeleteNode(name string, quarantineUntil time.Time) error {
+	n, ok, err := t.Node(name)
+	if err != nil || !ok {
+		return err
+	}
+	if len(n.PublicKey) > 0 {
+		if owner := t.tx.Bucket(bucketPubkeys).Get(n.PublicKey); string(owner) == name {
+			if err := t.tx.Bucket(bucketPubkeys).Delete(n.PublicKey); err != nil {
+				return fmt.Errorf("deleting node %s: %w", name, err)
+			}
+		}
+	}
+	ipam, quar := t.tx.Bucket(bucketIPAM), t.tx.Bucket(bucketQuar)
+	until, _ := quarantineUntil.UTC().MarshalText()
+	for _, a := range n.Addresses {
+		if owner := ipam.Get(a.AsSlice()); string(owner) == name {
+			if err := ipam.Delete(a.AsSlice()); err != nil {
+				return fmt.Errorf("deleting node %s: releasing %s: %w", name, a, err)
+			}
+		}
+		if err := quar.Put(a.AsSlice(), until); err != nil {
+			return fmt.Errorf("deleting node %s: quarantining %s: %w", name, a, err)
+		}
+	}
+	if err := t.tx.Bucket(bucketNodes).Delete([]byte(name)); err != nil {
+		return fmt.Errorf("deleting node %s: %w", name, err)
+	}
+	return nil
+}
+
+func (t boltTx) AddressQuarantine(a netip.Addr) (time.Time, bool, error) {
+	v := t.tx.Bucket(bucketQuar).Get(a.AsSlice())
+	if v == nil {
+		return time.Time{}, false, nil
+	}
+	var until time.Time
+	if err := until.UnmarshalText(v); err != nil {
+		return time.Time{}, false, fmt.Errorf("decoding quarantine of %s: %w", a, err)
+	}
+	return until, true, nil
+}
+
+func (t boltTx) Tokens() ([]Token, error) {
+	var out []Token
+	err := t.tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
+		var tok Token
+		if err := json.Unmarshal(v, &tok); err != nil {
+			return fmt.Errorf("decoding token %s: %w", k, err)
+		}
+		out = append(out, tok)
+		return nil
+	})
+	return out, err
+}
+
+func (t boltTx) Operator(name string) (Operator, bool, error) {
+	var o Operator
+	ok, err := getJSON(t.tx, bucketOps, []byte(name), &o)
+	return o, ok, err
+}
+
+func (t boltTx) Operators() ([]Operator, error) {
+	var out []Operator
+	err := t.tx.Bucket(bucketOps).ForEach(func(k, v []byte) error {
+		var o Operator
+		if err := json.Unmarshal(v, &o); err != nil {
+			return fmt.Errorf("decoding operator %s: %w", k, err)
+		}
+		out = append(out, o)
+		return nil
+	})
+	return out, err
+}
+
+func (t boltTx) OperatorByTokenHash(hash []byte) (Operator, bool, error) {
+	if len(hash) == 0 {
+		return Operator{}, false, nil
+	}
+	name := t.tx.Bucket(bucketOpTokens).Get(hash)
+	if name == nil {
+		return Operator{}, false, nil
+	}
+	return t.Operator(string(name))
+}
+
+func (t boltTx) PutOperator(o Operator) error {
+	if o.Name == "" || len(o.TokenHash) == 0 {
+		return errors.New("storing operator: empty name or token hash")
+	}
+	old, ok, err := t.Operator(o.Name)
+	if err != nil {
+		return err
+	}
+	idx := t.tx.Bucket(bucketOpTokens)
+	if ok && string(old.TokenHash) != string(o.TokenHash) {
+		if err := idx.Delete(old.TokenHash); err != nil {
+			return fmt.Errorf("storing operator %s: %w", o.Name, err)
+		}
+	}
+	if owner := idx.Get(o.TokenHash); owner != nil && string(owner) != o.Name {
+		return fmt.Errorf("storing operator %s: token already belongs to operator %s", o.Name, owner)
+	}
+	if err := idx.Put(o.TokenHash, []byte(o.Name)); err != nil {
+		return fmt.Errorf("storing operator %s: %w", o.Name, err)
+	}
+	if err := putJSON(t.tx.Bucket(bucketOps), []byte(o.Name), o); err != nil {
+		return fmt.Errorf("storing operator %s: %w", o.Name, err)
+	}
+	return nil
+}
+
 func (t boltTx) Token(id string) (Token, bool, error) {
 	var tok Token
 	ok, err := getJSON(t.tx, bucketTokens, []byte(id), &tok)
@@ -247,7 +363,29 @@ func (t boltTx) AppendAudit(e AuditEntry) error {
 	if err != nil {
 		return fmt.Errorf("appending audit entry: %w", err)
 	}
-	return putJSON(b, revKey(seq), e)
+	_, prev, err := t.AuditHead()
+	if err != nil {
+		return err
+	}
+	e.Seq, e.PrevHash = seq, prev
+	e.Hash = AuditHash(e)
+	if err := putJSON(b, revKey(seq), e); err != nil {
+		return fmt.Errorf("appending audit entry: %w", err)
+	}
+	return t.tx.Bucket(bucketMeta).Put(metaAuditHead, fmt.Appendf(nil, "%d %s", seq, e.Hash))
+}
+
+func (t boltTx) AuditHead() (uint64, string, error) {
+	v := t.tx.Bucket(bucketMeta).Get(metaAuditHead)
+	if v == nil {
+		return 0, "", nil
+	}
+	var seq uint64
+	var hash string
+	if _, err := fmt.Sscanf(string(v), "%d %s", &seq, &hash); err != nil {
+		return 0, "", fmt.Errorf("decoding the audit head %q: %w", v, err)
+	}
+	return seq, hash, nil
 }
 
 func (t boltTx) Audit() ([]AuditEntry, error) {

@@ -40,7 +40,20 @@ type Node struct {
 	EnrolledAt time.Time `json:"enrolled_at"`
 	// TokenID is the hex ID of the join token the node last enrolled with.
 	TokenID string `json:"token_id"`
+	// RevokedAt is when an operator revoked the node (zero: active); RevokedBy
+	// names the operator credential.
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+	RevokedBy string    `json:"revoked_by,omitempty"`
+	// CertNotAfter is the expiry of the node's current client certificate.
+	CertNotAfter time.Time `json:"cert_not_after,omitzero"`
+	// KeyRotation is the generation of the last WireGuard key rotation an
+	// operator requested; KeyRotationDone the last one the agent completed.
+	KeyRotation     uint64 `json:"key_rotation,omitempty"`
+	KeyRotationDone uint64 `json:"key_rotation_done,omitempty"`
 }
+
+// Revoked reports whether an operator revoked the node.
+func (n Node) Revoked() bool { return !n.RevokedAt.IsZero() }
 
 // Token is a join token as stored: never the secret, only its SHA-256.
 type Token struct {
@@ -55,6 +68,27 @@ type Token struct {
 	UsedAt time.Time `json:"used_at,omitzero"`
 	// Uses counts successful enrollments with the token.
 	Uses int `json:"uses,omitempty"`
+	// Creator names the operator credential that created the token.
+	Creator string `json:"creator,omitempty"`
+	// RevokedAt is when an operator revoked the token (zero: not revoked).
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// Operator roles.
+const (
+	RoleAdmin  = "admin"
+	RoleViewer = "viewer"
+)
+
+// Operator is an operator credential as stored: never the bearer token, only its
+// SHA-256.
+type Operator struct {
+	Name      string    `json:"name"`
+	Role      string    `json:"role"`
+	TokenHash []byte    `json:"token_hash"`
+	CreatedAt time.Time `json:"created_at"`
+	CreatedBy string    `json:"created_by,omitempty"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
 }
 
 // Policy is one stored policy revision.
@@ -68,12 +102,22 @@ type Policy struct {
 	RestoredFrom uint64 `json:"restored_from,omitempty"`
 }
 
-// AuditEntry records who changed what.
+// AuditEntry records who changed what. Seq, PrevHash and Hash are set by
+// Tx.AppendAudit: Seq counts from 1, PrevHash is the Hash of record Seq-1 ("" for
+// the first) and Hash the hex SHA-256 of the record's canonical encoding (see
+// AuditHash), so that editing or removing a record breaks the chain.
 type AuditEntry struct {
+	Seq    uint64    `json:"seq"`
 	Time   time.Time `json:"time"`
 	Actor  string    `json:"actor"`
 	Action string    `json:"action"`
-	Detail string    `json:"detail"`
+	// Object is what the action concerns, e.g. "node:web-1", "token:ab12".
+	Object string `json:"object,omitempty"`
+	// Result is "ok" or "refused: REASON".
+	Result   string `json:"result,omitempty"`
+	Detail   string `json:"detail"`
+	PrevHash string `json:"prev_hash"`
+	Hash     string `json:"hash"`
 }
 
 // Store is a transactional state store. Close releases it; a Store must not be used
@@ -97,9 +141,23 @@ type Tx interface {
 	NodeByPublicKey(key []byte) (name string, ok bool, err error)
 	// PutNode creates or replaces the node named n.Name.
 	PutNode(n Node) error
+	// DeleteNode removes the node, its public key index entry and its address
+	// claims; each of its addresses stays quarantined (see AddressQuarantine) until
+	// quarantineUntil. Deleting a missing node is a no-op.
+	DeleteNode(name string, quarantineUntil time.Time) error
 
 	Token(id string) (t Token, ok bool, err error)
 	PutToken(t Token) error
+	// Tokens returns every token sorted by ID.
+	Tokens() ([]Token, error)
+
+	Operator(name string) (o Operator, ok bool, err error)
+	// Operators returns every operator credential sorted by name.
+	Operators() ([]Operator, error)
+	// OperatorByTokenHash returns the operator whose TokenHash is hash.
+	OperatorByTokenHash(hash []byte) (o Operator, ok bool, err error)
+	// PutOperator creates or replaces the operator named o.Name.
+	PutOperator(o Operator) error
 
 	// Policy returns revision rev (rev >= 1).
 	Policy(rev uint64) (p Policy, ok bool, err error)
@@ -119,12 +177,18 @@ type Tx interface {
 	// ErrAddressInUse when another node holds it (claiming again for the same node
 	// is a no-op).
 	ClaimAddress(a netip.Addr, node string) error
+	// AddressQuarantine returns until when a released address stays reserved.
+	AddressQuarantine(a netip.Addr) (until time.Time, ok bool, err error)
 
 	// Meta returns the value stored under key, nil when absent.
 	Meta(key string) ([]byte, error)
 	PutMeta(key string, value []byte) error
 
+	// AppendAudit sets e.Seq, e.PrevHash and e.Hash and appends e.
 	AppendAudit(e AuditEntry) error
 	// Audit returns the audit log, oldest first.
 	Audit() ([]AuditEntry, error)
+	// AuditHead returns the sequence number and hash of the last appended record
+	// as recorded at append time (0, "" for an empty log).
+	AuditHead() (seq uint64, hash string, err error)
 }
