@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"unicode/utf8"
 
 	"github.com/goccy/go-yaml/ast"
 )
@@ -124,18 +123,8 @@ func (p *fileParser) parseInventoryNode(n ast.Node) (Node, nodePositions, bool) 
 			lm, ok := p.mapping(v.Value, "labels", nil)
 			valid = valid && ok
 			for k, mv := range lm {
-				if k == "" {
-					p.errorf(p.pos(mv.Key), "label key is empty")
-					valid = false
-					continue
-				}
-				s, ok := p.str(mv.Value, fmt.Sprintf("value of label %q", k))
+				s, ok := p.label(k, mv)
 				if !ok {
-					valid = false
-					continue
-				}
-				if !utf8.ValidString(k) || !utf8.ValidString(s) {
-					p.errorf(p.pos(mv.Key), "label %q is not valid UTF-8", k)
 					valid = false
 					continue
 				}

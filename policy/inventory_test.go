@@ -59,7 +59,7 @@ func TestParseInventoryErrors(t *testing.T) {
 		{"bad values", "nodes:\n  - name: Web_1\n    labels: {role: 1, \"\": x}\n    addresses: [100.64.0.300, 100.64.0.0/10, \"fe80::1%eth0\", \"::ffff:1.2.3.4\", 0.0.0.0]\n    routes: [10.1.0.0/8, 10.0.0.1]\n    extra: 1\n", []string{
 			`n.yaml:2:11: invalid node name "Web_1": must match [a-z0-9][a-z0-9.-]{0,62}`,
 			`n.yaml:3:20: value of label "role" must be a string, got an integer (quote it: "1")`,
-			`n.yaml:3:23: label key is empty`,
+			`n.yaml:3:23: label key is empty; ` + keyRules,
 			`n.yaml:4:17: invalid address "100.64.0.300": IPv4 field has value >255`,
 			`n.yaml:4:31: address "100.64.0.0/10" is a prefix; write the node's overlay address without /BITS (routed prefixes go in routes)`,
 			`n.yaml:4:46: address "fe80::1%eth0" has a zone; overlay and external addresses have none, write fe80::1`,
@@ -68,6 +68,11 @@ func TestParseInventoryErrors(t *testing.T) {
 			`n.yaml:5:14: route 10.1.0.0/8 has host bits set (did you mean 10.0.0.0/8?)`,
 			`n.yaml:5:26: route "10.0.0.1" is an address, not a CIDR (did you mean 10.0.0.1/32?)`,
 			`n.yaml:6:5: unknown field "extra" in node`,
+		}},
+		{"label syntax", "nodes:\n  - name: a\n    labels: {\" role\": web, tier: \"front end\", ok.example/x: \"\", zone: \"a\\xffb\"}\n    addresses: [100.64.0.1]\n", []string{
+			`n.yaml:3:14: label key " role" is not valid: it holds a space at character 1; ` + keyRules + ` (did you mean "role"?)`,
+			`n.yaml:3:34: value "front end" of label "tier" is not valid: it holds a space at character 6; ` + valueRules,
+			`n.yaml:3:71: value "aÿb" of label "zone" is not valid: it holds the non-ASCII character 'ÿ'; ` + valueRules,
 		}},
 		{"missing name", "nodes:\n  - labels: {a: b}\n", []string{`n.yaml:2:5: node is missing its name`}},
 		{"conflicts name both nodes", `nodes:
@@ -98,7 +103,7 @@ func TestParseInventoryErrors(t *testing.T) {
 
 func TestMarshalInventory(t *testing.T) {
 	nodes := []Node{
-		{Name: "web-1", Labels: map[string]string{"role": "web", "env": "prod", `odd "key"`: "a: b\n#c"}, Addresses: []netip.Addr{netip.MustParseAddr("100.64.0.1"), netip.MustParseAddr("fd5e:6d65:7368::1")}},
+		{Name: "web-1", Labels: map[string]string{"role": "web", "env": "prod", "example.com/tier": "1", "null": "true", "dmz": ""}, Addresses: []netip.Addr{netip.MustParseAddr("100.64.0.1"), netip.MustParseAddr("fd5e:6d65:7368::1")}},
 		{Name: "api-1", Addresses: []netip.Addr{netip.MustParseAddr("100.64.0.3")}, Routes: pfxs("10.1.0.0/16")},
 	}
 	got := string(MarshalInventory(nodes))
@@ -107,7 +112,7 @@ func TestMarshalInventory(t *testing.T) {
     addresses: ["100.64.0.3"]
     routes: ["10.1.0.0/16"]
   - name: "web-1"
-    labels: {"env": "prod", "odd \"key\"": "a: b\n#c", "role": "web"}
+    labels: {"dmz": "", "env": "prod", "example.com/tier": "1", "null": "true", "role": "web"}
     addresses: ["100.64.0.1", "fd5e:6d65:7368::1"]
 `
 	if got != want {

@@ -36,7 +36,8 @@ func TestInputLimits(t *testing.T) {
 		{"flow past the limit across lines", "version: 1\nsegments:\n" + strings.Repeat("  [\n", MaxNesting+1), `p.yaml:67:3: flow collections ([ and {) nested deeper than 64 levels; policy and inventory files need far fewer`},
 		{"block past the limit", deepBlock(MaxNesting + 1), `p.yaml:66:65: block collections nested deeper than 64 levels; policy and inventory files need far fewer`},
 		{"block sequences past the limit", "version: 1\nsegments:\n  " + strings.Repeat("- ", MaxNesting) + "x\n", `p.yaml:3:131: block collections nested deeper than 64 levels`},
-		{"brackets in quotes, comments and block scalars", notFlow, ``},
+		// Not refused for nesting: the first error is the label syntax's.
+		{"brackets in quotes, comments and block scalars", notFlow, `p.yaml:4:24: value "[[[[" of label "role" is not valid: it holds '['`},
 		{"too large", "version: 1\n" + strings.Repeat("#\n", MaxFileSize/2), `p.yaml:1:1: file is 4194315 bytes; policy and inventory files are limited to 4194304 bytes (4 MiB)`},
 	}
 	for _, tt := range tests {

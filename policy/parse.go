@@ -456,12 +456,7 @@ func (p *fileParser) parseSelector(n ast.Node) (Selector, bool) {
 	sel := make(Selector, len(m))
 	valid := true
 	for k, mv := range m {
-		if k == "" {
-			p.errorf(p.pos(mv.Key), "label key is empty")
-			valid = false
-			continue
-		}
-		v, ok := p.str(mv.Value, fmt.Sprintf("value of label %q", k))
+		v, ok := p.label(k, mv)
 		if !ok {
 			valid = false
 			continue
@@ -469,6 +464,26 @@ func (p *fileParser) parseSelector(n ast.Node) (Selector, bool) {
 		sel[k] = v
 	}
 	return sel, valid
+}
+
+// label checks one label of a selector or an inventory node, key k of entry mv,
+// against the label syntax (CheckLabelKey, CheckLabelValue), reporting each
+// problem at the key or the value. It returns the value.
+func (p *fileParser) label(k string, mv *ast.MappingValueNode) (string, bool) {
+	valid := true
+	if err := CheckLabelKey(k); err != nil {
+		p.errorf(p.pos(mv.Key), "%v", err)
+		valid = false
+	}
+	v, ok := p.str(mv.Value, fmt.Sprintf("value of label %q", k))
+	if !ok {
+		return "", false
+	}
+	if err := CheckLabelValue(k, v); err != nil {
+		p.errorf(p.pos(mv.Value), "%v", err)
+		valid = false
+	}
+	return v, valid
 }
 
 // parsePrefix parses a masked CIDR prefix, hinting the canonical form.
