@@ -106,7 +106,7 @@ func TestDownKernel(t *testing.T) {
 	down := func(dp dataplane.Dataplane) string {
 		t.Helper()
 		var stdout, stderr bytes.Buffer
-		if code := run([]string{"down", "--state-dir", dir}, &stdout, &stderr, factory(dp)); code != 0 {
+		if code := run([]string{"down", "--state-dir", dir}, nil, &stdout, &stderr, factory(dp)); code != 0 {
 			t.Fatalf("down: exit %d: %s", code, stderr.String())
 		}
 		return stdout.String()

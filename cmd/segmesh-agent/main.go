@@ -1,7 +1,7 @@
 // Command segmesh-agent runs the segmesh host agent: it enrolls the host with the
 // controller, builds the WireGuard overlay and enforces the node's nftables filter.
 //
-//	segmesh-agent --controller https://192.0.2.1:7443 --token TOKEN --state-dir /var/lib/segmesh
+//	segmesh-agent --controller https://192.0.2.1:7443 --token-file /etc/segmesh/token --state-dir /var/lib/segmesh
 //	segmesh-agent down --state-dir /var/lib/segmesh
 package main
 
@@ -23,14 +23,16 @@ import (
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, linuxDataplane))
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr, linuxDataplane))
 }
 
 // run executes the command line args and returns the exit code: 0 on success, 1
-// after printing "segmesh-agent: <error>" to stderr.
-func run(args []string, stdout, stderr io.Writer, newDP dataplaneFactory) int {
+// after printing "segmesh-agent: <error>" to stderr. stdin is read only for
+// --token-file -.
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer, newDP dataplaneFactory) int {
 	root := newRootCmd(newDP)
 	root.SetArgs(args)
+	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	if err := root.Execute(); err != nil {
@@ -49,9 +51,10 @@ func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 		opts      agent.Options
 		userspace bool
 		logLevel  string
+		tokenFile string
 	)
 	root := &cobra.Command{
-		Use:   "segmesh-agent --controller URL --token TOKEN --state-dir DIR",
+		Use:   "segmesh-agent --controller URL --token-file FILE --state-dir DIR",
 		Short: "segmesh host agent: WireGuard overlay and nftables segmentation",
 		Long: `segmesh-agent enrolls this host with the segmesh controller (once, with a join
 token), then keeps its WireGuard overlay and nftables filter equal to the netmap the
@@ -68,9 +71,16 @@ goes away with the process.`,
 			if err != nil {
 				return err
 			}
-			if opts.Token == "" {
-				opts.Token = os.Getenv("SEGMESH_TOKEN")
+			tok, err := resolveToken(tokenSources{
+				Flag:    opts.Token,
+				FlagSet: cmd.Flags().Changed("token"),
+				File:    tokenFile,
+				Env:     os.Getenv(tokenEnv),
+			}, cmd.InOrStdin())
+			if err != nil {
+				return err
 			}
+			opts.Token = tok
 			opts.Logger = logger
 			opts.NewDataplane = newDP(userspace, logger)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
@@ -80,7 +90,8 @@ goes away with the process.`,
 	}
 	f := root.Flags()
 	f.StringVar(&opts.Controller, "controller", "", "controller URL, https only, e.g. https://192.0.2.1:7443 (first start; later defaults to the enrolled one)")
-	f.StringVar(&opts.Token, "token", "", "join token for the first start (default $SEGMESH_TOKEN)")
+	f.StringVar(&opts.Token, "token", "", "join token; visible to every local user in the process list (/proc/PID/cmdline) for the agent's whole life: prefer --token-file or $"+tokenEnv)
+	f.StringVar(&tokenFile, "token-file", "", "read the join token from FILE (mode 0600 or stricter; \"-\" reads standard input)")
 	f.StringVar(&opts.StateDir, "state-dir", "", "directory for keys, certificates, identity and the last netmap (required)")
 	f.StringVar(&opts.Interface, "interface", "", "overlay interface name (default the enrolled one, else "+agent.DefaultInterface+")")
 	f.StringVar(&opts.Name, "name", "", "node name to enroll with (default: the controller derives it from the host name)")
