@@ -30,6 +30,9 @@ type Segment struct {
 	// Nodes are explicit member node names (a union with Selectors). A name
 	// without a node in the inventory selects nothing.
 	Nodes []string
+	// NodesPos[i] is where Nodes[i] is written (Parse sets it; it may be nil
+	// in a Policy built otherwise, and then Pos stands for it).
+	NodesPos []Pos
 	// CIDRs make the segment external: it holds addresses, never nodes.
 	CIDRs []CIDR
 }
@@ -68,6 +71,10 @@ type Rule struct {
 	Pos  Pos
 	From []string
 	To   []string
+	// FromPos and ToPos are where the from and to keys are written (Parse
+	// sets them; in a Policy built otherwise they may be zero, and then Pos
+	// stands for them).
+	FromPos, ToPos Pos
 	// Ports are in file order; Compile merges and sorts them.
 	Ports []PortMatch
 }

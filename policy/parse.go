@@ -416,6 +416,7 @@ func (p *fileParser) parseSegment(n ast.Node, defined map[string]*Segment) *Segm
 				continue
 			}
 			seg.Nodes = append(seg.Nodes, s)
+			seg.NodesPos = append(seg.NodesPos, p.pos(item))
 		}
 	}
 	if v, ok := m["cidrs"]; ok {
@@ -582,6 +583,12 @@ func (p *fileParser) parseRule(n ast.Node, segs map[string]*Segment, names map[s
 	var fromOK, toOK bool
 	r.From, fromExternal, fromOK = p.parseRefs(n, m, "from", segs)
 	r.To, toExternal, toOK = p.parseRefs(n, m, "to", segs)
+	if v, ok := m["from"]; ok {
+		r.FromPos = p.pos(v.Key)
+	}
+	if v, ok := m["to"]; ok {
+		r.ToPos = p.pos(v.Key)
+	}
 	valid = valid && fromOK && toOK
 	if valid && fromExternal && toExternal {
 		p.errorf(r.Pos, "rule %q connects no node: from and to are both external (cidrs) segments", r.Name)

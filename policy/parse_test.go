@@ -216,22 +216,24 @@ rules:
 		Segments: []Segment{
 			{Name: "web", Pos: Pos{"policy.yaml", 3, 5},
 				Selectors: []Selector{{"role": "web"}, {"role": "frontend", "env": "prod"}},
-				Nodes:     []string{"ops-1"}},
+				Nodes:     []string{"ops-1"}, NodesPos: []Pos{{"policy.yaml", 7, 13}}},
 			{Name: "partner", Pos: Pos{"policy.yaml", 8, 5}, CIDRs: []CIDR{
 				{Prefix: netip.MustParsePrefix("192.0.2.0/24"), Pos: Pos{"policy.yaml", 10, 9}},
 				{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Except: []netip.Prefix{netip.MustParsePrefix("198.51.100.128/25")}, Pos: Pos{"policy.yaml", 11, 15}},
 			}},
 		},
 		Rules: []Rule{
-			{Name: "partner-in", Pos: Pos{"policy.yaml", 14, 5}, From: []string{"partner"}, To: []string{"web"}, Ports: []PortMatch{
-				{Protocol: ProtoTCP, Ports: []PortRange{{443, 443}}},
-				{Protocol: ProtoTCP, Ports: []PortRange{{8000, 8100}}},
-				{Protocol: ProtoUDP, Ports: []PortRange{{53, 53}}},
-				{Protocol: ProtoICMP},
-				{Protocol: ProtoAny},
-				{Protocol: ProtoUDP},
-			}},
-			{Name: "everyone", Pos: Pos{"policy.yaml", 18, 5}, From: []string{"all"}, To: []string{"all"}, Ports: []PortMatch{{Protocol: ProtoICMP}}},
+			{Name: "partner-in", Pos: Pos{"policy.yaml", 14, 5}, From: []string{"partner"}, To: []string{"web"},
+				FromPos: Pos{"policy.yaml", 15, 5}, ToPos: Pos{"policy.yaml", 16, 5}, Ports: []PortMatch{
+					{Protocol: ProtoTCP, Ports: []PortRange{{443, 443}}},
+					{Protocol: ProtoTCP, Ports: []PortRange{{8000, 8100}}},
+					{Protocol: ProtoUDP, Ports: []PortRange{{53, 53}}},
+					{Protocol: ProtoICMP},
+					{Protocol: ProtoAny},
+					{Protocol: ProtoUDP},
+				}},
+			{Name: "everyone", Pos: Pos{"policy.yaml", 18, 5}, From: []string{"all"}, To: []string{"all"},
+				FromPos: Pos{"policy.yaml", 19, 5}, ToPos: Pos{"policy.yaml", 20, 5}, Ports: []PortMatch{{Protocol: ProtoICMP}}},
 		},
 	}
 	if !reflect.DeepEqual(got, want) {
