@@ -28,6 +28,12 @@ type Netmap struct {
 	// controller sent no key.
 	Gossip          Gossip
 	OverlayPrefixes []netip.Prefix
+	// Revoked is true when an operator revoked this node; Peers, Filter and Gossip
+	// are then always empty (default deny), whatever the message held.
+	Revoked bool
+	// KeyRotation is the WireGuard key rotation generation the operator requested;
+	// 0 for none.
+	KeyRotation uint64
 }
 
 // Node is this node as the controller sees it.
@@ -75,7 +81,12 @@ func (n *Netmap) Peer(k dataplane.Key) (Peer, bool) {
 
 // Parse verifies nm's hash and converts it. It returns an error naming the field
 // (and peer) that is invalid: a hash mismatch, a malformed key, identity key (not
-// PKIX ECDSA P-256), endpoint, prefix or filter, a duplicate peer key, or a gossip key that is not 16, 24 or 32 bytes.
+// PKIX ECDSA P-256), endpoint, prefix or filter, a duplicate peer key, or a gossip
+// key that is not 16, 24 or 32 bytes.
+//
+// A revoked netmap (revoked set) needs only a valid hash, self and overlay
+// prefixes: its peers, filter and gossip configuration are dropped unread, so that
+// it always means default deny.
 func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 	if nm == nil {
 		return nil, fmt.Errorf("netmap: nil message")
@@ -83,7 +94,7 @@ func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 	if got := wire.NetmapHash(nm); got != nm.GetHash() {
 		return nil, fmt.Errorf("netmap revision %d: hash mismatch: message says %q, content hashes to %q", nm.GetPolicyRevision(), nm.GetHash(), got)
 	}
-	out := &Netmap{Revision: nm.GetPolicyRevision(), Hash: nm.GetHash()}
+	out := &Netmap{Revision: nm.GetPolicyRevision(), Hash: nm.GetHash(), Revoked: nm.GetRevoked(), KeyRotation: nm.GetKeyRotation()}
 	self := nm.GetSelf()
 	if self.GetName() == "" {
 		return nil, fmt.Errorf("netmap: self: empty name")
@@ -100,6 +111,12 @@ func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 	}
 	if out.Self.Endpoint, err = parseEndpoint(self.GetEndpoint()); err != nil {
 		return nil, fmt.Errorf("netmap: self endpoint: %w", err)
+	}
+	if out.OverlayPrefixes, err = wire.ParsePrefixes(nm.GetOverlayPrefixes()); err != nil {
+		return nil, fmt.Errorf("netmap: overlay prefixes: %w", err)
+	}
+	if out.Revoked {
+		return out, nil
 	}
 	seen := map[dataplane.Key]string{}
 	for i, p := range nm.GetPeers() {
@@ -144,9 +161,6 @@ func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 			return nil, fmt.Errorf("netmap: gossip port %d out of range", g.GetPort())
 		}
 		out.Gossip = Gossip{Key: append([]byte(nil), g.GetKey()...), Port: int(g.GetPort())}
-	}
-	if out.OverlayPrefixes, err = wire.ParsePrefixes(nm.GetOverlayPrefixes()); err != nil {
-		return nil, fmt.Errorf("netmap: overlay prefixes: %w", err)
 	}
 	return out, nil
 }

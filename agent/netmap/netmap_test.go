@@ -157,3 +157,49 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestParseRevoked: a revoked netmap parses with no peers, so that it can be
+// stored and applied as default deny; whatever peers, filter or gossip it carries
+// (even malformed) are dropped, never programmed.
+func TestParseRevoked(t *testing.T) {
+	tests := []struct {
+		name string
+		in   *segmeshv1.Netmap
+		want string
+	}{
+		{name: "as the controller sends it", in: func() *segmeshv1.Netmap {
+			nm := &segmeshv1.Netmap{PolicyRevision: 4, Self: &segmeshv1.Node{Name: "a", Addresses: []string{"100.64.0.1/32"}}, Revoked: true, KeyRotation: 2}
+			nm.Hash = wire.NetmapHash(nm)
+			return nm
+		}()},
+		{name: "with peers, filter and gossip", in: hashed(func(nm *segmeshv1.Netmap) { nm.Revoked = true; nm.KeyRotation = 2 })},
+		{name: "with a malformed peer", in: hashed(func(nm *segmeshv1.Netmap) { nm.Revoked = true; nm.KeyRotation = 2; nm.Peers[0].PublicKey = []byte{1} })},
+		{name: "hash still checked", in: func() *segmeshv1.Netmap {
+			nm := hashed(func(nm *segmeshv1.Netmap) { nm.Revoked = true })
+			nm.Revoked = false
+			return nm
+		}(), want: "hash mismatch"},
+		{name: "self still checked", in: hashed(func(nm *segmeshv1.Netmap) { nm.Revoked = true; nm.Self.Name = "" }), want: "self: empty name"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := Parse(tt.in)
+			if tt.want != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.want) {
+					t.Fatalf("Parse = %v, want %q", err, tt.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !got.Revoked || got.KeyRotation != 2 || len(got.Peers) != 0 || len(got.Filter.Sets) != 0 || len(got.Filter.Ingress) != 0 ||
+				len(got.Filter.Egress) != 0 || got.Gossip.Enabled() || got.Self.Name != "a" {
+				t.Fatalf("Parse = %+v, want revoked with no peers, empty filter, no gossip", got)
+			}
+		})
+	}
+	if nm, err := Parse(hashed(func(nm *segmeshv1.Netmap) { nm.KeyRotation = 5 })); err != nil || nm.Revoked || nm.KeyRotation != 5 {
+		t.Fatalf("key rotation: %+v, %v", nm, err)
+	}
+}

@@ -30,7 +30,8 @@ import (
 // NAT mappings and liveness survive idle periods.
 const PersistentKeepalive = 25
 
-// Local is the node-local part of the desired state, fixed for the agent's lifetime.
+// Local is the node-local part of the desired state. Only the private key changes
+// during the agent's lifetime (Reconciler.SetPrivateKey, after a key rotation).
 type Local struct {
 	Interface  string
 	PrivateKey dataplane.Key
@@ -44,7 +45,8 @@ type Local struct {
 }
 
 // Desired returns the canonical dataplane state for nm. A nil nm yields default deny:
-// the interface with its addresses and routes, no peers and an empty filter.
+// the interface with its addresses and routes, no peers and an empty filter; so
+// does a revoked nm (its addresses and routes apply).
 //
 // endpoints maps a WireGuard public key to an endpoint learned by gossip. An entry
 // only replaces the endpoint of a peer that nm already lists; entries for other keys
@@ -66,6 +68,9 @@ func Desired(l Local, nm *netmap.Netmap, endpoints map[dataplane.Key]netip.AddrP
 	}
 	if len(nm.OverlayPrefixes) > 0 {
 		s.Routes = nm.OverlayPrefixes
+	}
+	if nm.Revoked {
+		return dataplane.Canonical(s)
 	}
 	for _, p := range nm.Peers {
 		ep := p.Endpoint
@@ -263,13 +268,13 @@ type Status struct {
 // Reconciler drives one dataplane. Create it with New, start Run once, and feed it
 // with SetNetmap, SetEndpoints and Trigger from any goroutine.
 type Reconciler struct {
-	dp    dataplane.Dataplane
-	local Local
-	log   *slog.Logger
+	dp  dataplane.Dataplane
+	log *slog.Logger
 
 	trigger chan struct{}
 
 	mu        sync.Mutex
+	local     Local
 	gen       uint64
 	nm        *netmap.Netmap
 	endpoints map[dataplane.Key]netip.AddrPort
@@ -300,6 +305,20 @@ func (r *Reconciler) SetNetmap(nm *netmap.Netmap) uint64 {
 	r.mu.Lock()
 	r.gen++
 	r.nm = nm
+	g := r.gen
+	r.mu.Unlock()
+	r.Trigger()
+	return g
+}
+
+// SetPrivateKey makes k the WireGuard private key of the desired state (after a key
+// rotation) and triggers a step; peers, addresses and the filter stay as they are,
+// so the dataplane changes only the device's key. It returns the generation to
+// pass to Wait.
+func (r *Reconciler) SetPrivateKey(k dataplane.Key) uint64 {
+	r.mu.Lock()
+	r.gen++
+	r.local.PrivateKey = k
 	g := r.gen
 	r.mu.Unlock()
 	r.Trigger()
@@ -407,11 +426,11 @@ func (r *Reconciler) Run(ctx context.Context, resync time.Duration) {
 
 func (r *Reconciler) step(ctx context.Context) {
 	r.mu.Lock()
-	gen, nm, eps := r.gen, r.nm, r.endpoints
+	gen, nm, eps, local := r.gen, r.nm, r.endpoints, r.local
 	prev := r.status
 	r.mu.Unlock()
 
-	desired := Desired(r.local, nm, eps)
+	desired := Desired(local, nm, eps)
 	needApply := prev.Err != nil || r.lastDesired == nil || !equal(*r.lastDesired, desired)
 	var diff string
 	if !needApply {

@@ -421,3 +421,40 @@ func TestReconcilerRecordsNetmapWithoutKernelChange(t *testing.T) {
 		t.Error("enforcing a netmap without a kernel change was not logged")
 	}
 }
+
+// TestReconcilerSetPrivateKey: a key rotation changes only the device's private
+// key; peers, addresses and the filter stay, and the netmap stays enforced.
+func TestReconcilerSetPrivateKey(t *testing.T) {
+	r, dp, _ := start(t, time.Hour)
+	nm := testNetmap()
+	wait(t, r, r.SetNetmap(nm))
+	before, _ := dp.State()
+	st := wait(t, r, r.SetPrivateKey(key(8)))
+	if st.Err != nil || st.Hash != "h7" {
+		t.Fatalf("status after the key change = %+v", st)
+	}
+	after, _ := dp.State()
+	if after.PrivateKey != key(8) {
+		t.Fatal("private key not programmed")
+	}
+	want := before
+	want.PrivateKey = key(8)
+	if d := cmp.Diff(want, after, cmpOpts); d != "" {
+		t.Fatalf("the key change changed more than the key (-want +got):\n%s", d)
+	}
+	l := local
+	l.PrivateKey = key(8)
+	if d := Drift(Desired(l, nm, nil), after); d != "" {
+		t.Fatal(d)
+	}
+}
+
+// TestDesiredRevoked: a revoked netmap is default deny even if it lists peers.
+func TestDesiredRevoked(t *testing.T) {
+	nm := testNetmap()
+	nm.Revoked = true
+	got := Desired(local, nm, map[dataplane.Key]netip.AddrPort{key(2): netip.MustParseAddrPort("192.0.2.9:1")})
+	if d := cmp.Diff(Desired(local, nil, nil), got, cmpOpts); d != "" {
+		t.Fatalf("revoked netmap (-default deny +got):\n%s", d)
+	}
+}
