@@ -37,8 +37,9 @@ func readInventory(path string, code int) ([]policy.Node, error) {
 
 // checkPolicyTests runs the tests of p (from path) against the prototype
 // inventory and, when nodes is not nil, against nodes. It returns the summary
-// printed for a passing file, or the failures one per line.
-func checkPolicyTests(path string, p *policy.Policy, nodes []policy.Node) (string, []string, error) {
+// printed for a passing file (counting warnings, the number of warnings
+// printed for it), or the failures one per line.
+func checkPolicyTests(path string, p *policy.Policy, nodes []policy.Node, warnings int) (string, []string, error) {
 	failures, err := policy.RunTests(p, nodes)
 	if err != nil {
 		return "", nil, &exitError{code: 1, msg: fmt.Sprintf("%s: %v", path, err)}
@@ -57,7 +58,28 @@ func checkPolicyTests(path string, p *policy.Policy, nodes []policy.Node) (strin
 	if nodes != nil {
 		on += fmt.Sprintf(" and %d nodes", len(nodes))
 	}
+	switch warnings {
+	case 0:
+	case 1:
+		on += "; 1 warning"
+	default:
+		on += fmt.Sprintf("; %d warnings", warnings)
+	}
 	return fmt.Sprintf("%s: ok (%d segments, %d rules, %d tests passed on %s)", path, len(p.Segments), len(p.Rules), len(p.Tests), on), nil, nil
+}
+
+// printPolicyWarnings prints to w what in p selects no node of the inventory
+// nodes (policy.Warnings), one "file:line:col: warning: message" line each, and
+// returns how many it printed. Without an inventory (nodes nil) it prints nothing.
+func printPolicyWarnings(w io.Writer, p *policy.Policy, nodes []policy.Node) int {
+	if nodes == nil {
+		return 0
+	}
+	ws := policy.Warnings(p, nodes)
+	for _, warning := range ws {
+		fmt.Fprintln(w, warning.String())
+	}
+	return len(ws)
 }
 
 func newPolicyCheckCmd() *cobra.Command {
@@ -71,7 +93,15 @@ nodes per selector, one node per explicit node name, one unlabeled node) and,
 with --inventory, on the nodes of NODES.yaml too. Every problem and every failed
 test is printed as file:line:col: message; with an invalid inventory, the
 problems of the inventory and of each policy file are printed, and tests are
-not run. Exit status: 0 when every file is valid and its tests pass, 1
+not run.
+
+With --inventory, what selects no node of NODES.yaml is printed on standard
+error as file:line:col: warning: message, and does not fail the check: a
+segment that holds no node, a node name of a segment that is not in the
+inventory, and a rule whose from or to holds no node (external cidrs segments
+never count as empty). The controller reports the same warnings on apply.
+
+Exit status: 0 when every file is valid and its tests pass (warnings or not), 1
 otherwise, 2 on usage errors and when a file cannot be read.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -103,7 +133,8 @@ otherwise, 2 on usage errors and when a file cannot be read.`,
 					msgs = append(msgs, fmt.Sprintf("%s: valid; tests not run: the inventory %s has errors", path, inventory))
 					continue
 				}
-				ok, failures, err := checkPolicyTests(path, p, nodes)
+				warnings := printPolicyWarnings(cmd.ErrOrStderr(), p, nodes)
+				ok, failures, err := checkPolicyTests(path, p, nodes, warnings)
 				if err != nil {
 					return err
 				}
@@ -119,7 +150,7 @@ otherwise, 2 on usage errors and when a file cannot be read.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&inventory, "inventory", "", "also run the tests against the nodes of this inventory file")
+	cmd.Flags().StringVar(&inventory, "inventory", "", "also run the tests against the nodes of this inventory file, and warn about what selects none of them")
 	return cmd
 }
 

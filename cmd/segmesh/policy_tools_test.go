@@ -47,6 +47,15 @@ func brokenSyntax(example string) string {
 	return r.Replace(example)
 }
 
+// withWarnings adds to the example policy a segment whose selector no lab node
+// matches, with a rule from it, and a segment naming a node that is not in the lab.
+func withWarnings(example string) string {
+	return strings.NewReplacer(
+		"      - {role: ops}\n", "      - {role: ops}\n  - name: admins\n    nodes: [ops-1, opz-2]\n  - name: staging\n    selectors:\n      - {role: web, env: staging}\n",
+		"rules:\n", "rules:\n  - name: staging-to-api\n    from: [staging]\n    to: [api]\n    ports: [tcp/8080]\n",
+	).Replace(example)
+}
+
 // setupFiles writes the example policy, its broken copies, a changed copy and
 // the lab inventory into a temporary directory and makes it the working directory.
 func setupFiles(t *testing.T) {
@@ -62,12 +71,14 @@ func setupFiles(t *testing.T) {
 	dir := t.TempDir()
 	changed := strings.NewReplacer("    ports: [tcp/5432]", "    ports: [tcp/5432, tcp/6432]", "ports: [tcp/22, icmp]", "ports: [tcp/22]").Replace(string(example))
 	for name, content := range map[string]string{
-		"policy.yaml":        string(example),
-		"broken-rules.yaml":  brokenRules(string(example)),
-		"broken-syntax.yaml": brokenSyntax(string(example)),
-		"changed.yaml":       changed,
-		"nodes.yaml":         string(nodes),
-		"bad-nodes.yaml":     "nodes:\n  - {name: a, addresses: [100.64.0.1]}\n  - {name: b, addresses: [100.64.0.1, 100.64.0.0/24]}\n",
+		"policy.yaml":          string(example),
+		"broken-rules.yaml":    brokenRules(string(example)),
+		"broken-syntax.yaml":   brokenSyntax(string(example)),
+		"changed.yaml":         changed,
+		"warnings.yaml":        withWarnings(string(example)),
+		"broken-warnings.yaml": withWarnings(brokenRules(string(example))),
+		"nodes.yaml":           string(nodes),
+		"bad-nodes.yaml":       "nodes:\n  - {name: a, addresses: [100.64.0.1]}\n  - {name: b, addresses: [100.64.0.1, 100.64.0.0/24]}\n",
 	} {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
 			t.Fatal(err)
@@ -212,5 +223,64 @@ peers:
 	}
 	if d.Identical || len(d.Added) != 1 || d.Added[0].From != "db" || d.Added[0].To != "web" || d.Added[0].Ports != "udp/514" || d.Added[0].Count != 4 || len(d.Peers) != 4 {
 		t.Errorf("diff -o json = %s", out)
+	}
+}
+
+// runCLIStderr is runCLI with everything the command line writes to standard
+// error, in the order main prints it: what the command wrote, then its exit message.
+func runCLIStderr(t *testing.T, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	root := newRootCmd()
+	var out, errOut bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs(args)
+	err := root.Execute()
+	var ee *exitError
+	switch {
+	case err == nil:
+		return out.String(), errOut.String(), 0
+	case errors.As(err, &ee):
+		return out.String(), errOut.String() + ee.msg, ee.code
+	default:
+		return out.String(), errOut.String() + "segmesh: " + err.Error(), 2
+	}
+}
+
+// checkWarnings are the warnings of warnings.yaml (or FILE.yaml) on the lab inventory.
+func checkWarnings(file string) string {
+	return strings.ReplaceAll(`FILE:33:20: warning: segment "admins" names node "opz-2", which is not in the inventory (did you mean "ops-1"?)
+FILE:34:5: warning: segment "staging" selects no node of the inventory (no node has the label env=staging)
+FILE:40:5: warning: rule "staging-to-api" allows nothing: its from selects no node of the inventory (segment "staging" is empty)
+`, "FILE", file)
+}
+
+// TestPolicyCheckWarningsCLI checks that with --inventory, what selects no node
+// is a positioned warning on standard error and the check still passes; without
+// an inventory there is nothing to warn about.
+func TestPolicyCheckWarningsCLI(t *testing.T) {
+	setupFiles(t)
+	for _, tt := range []cliCase{
+		{[]string{"policy", "check", "warnings.yaml"}, 0,
+			"warnings.yaml: ok (6 segments, 5 rules, 7 tests passed on the prototype inventory)\n", ""},
+		{[]string{"policy", "check", "--inventory", "nodes.yaml", "warnings.yaml", "policy.yaml"}, 0,
+			"warnings.yaml: ok (6 segments, 5 rules, 7 tests passed on the prototype inventory and 5 nodes; 3 warnings)\n" +
+				"policy.yaml: ok (4 segments, 4 rules, 7 tests passed on the prototype inventory and 5 nodes)\n",
+			checkWarnings("warnings.yaml")},
+		// Warnings come with the failures of the tests, and do not hide them.
+		{[]string{"policy", "check", "--inventory", "nodes.yaml", "broken-warnings.yaml"}, 1, "",
+			checkWarnings("broken-warnings.yaml") +
+				`broken-warnings.yaml:94:5: test "db-reaches-only-ops": role=db#1 -> env=staging,role=web#1 udp/514 is allowed by rule db-syslog (broken-warnings.yaml:59:5), want flows only to ops (prototype inventory)
+broken-warnings.yaml:94:5: test "db-reaches-only-ops": db-1 -> web-1 udp/514 is allowed by rule db-syslog (broken-warnings.yaml:59:5), want flows only to ops
+broken-warnings.yaml: 1 of 7 tests failed`},
+		// No warnings from an invalid inventory: there is nothing to check against.
+		{[]string{"policy", "check", "--inventory", "bad-nodes.yaml", "warnings.yaml"}, 1, "", badNodesErrors +
+			"\nwarnings.yaml: valid; tests not run: the inventory bad-nodes.yaml has errors"},
+	} {
+		out, errs, code := runCLIStderr(t, tt.args...)
+		if code != tt.code || out != tt.out || errs != tt.errs {
+			t.Errorf("segmesh %s: exit %d\nstdout:\n%s\nstderr:\n%s\nwant exit %d\nstdout:\n%s\nstderr:\n%s",
+				strings.Join(tt.args, " "), code, out, errs, tt.code, tt.out, tt.errs)
+		}
 	}
 }
