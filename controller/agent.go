@@ -1,7 +1,10 @@
 package controller
 
 import (
+	"bytes"
 	"context"
+	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
@@ -13,18 +16,19 @@ import (
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/controller/netmap"
+	"segmesh/controller/pki"
 	"segmesh/controller/store"
 )
 
-type clientNameKey struct{}
+type clientCertKey struct{}
 
-// withClientIdentity puts the common name of a verified TLS client certificate
-// into the request context for the AgentService handlers.
+// withClientIdentity puts the verified TLS client certificate (the leaf of the
+// first verified chain) into the request context for the AgentService handlers.
 func withClientIdentity(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
-			cn := r.TLS.VerifiedChains[0][0].Subject.CommonName
-			r = r.WithContext(context.WithValue(r.Context(), clientNameKey{}, cn))
+			r = r.WithContext(context.WithValue(r.Context(), clientCertKey{}, r.TLS.VerifiedChains[0][0]))
 		}
 		h.ServeHTTP(w, r)
 	})
@@ -36,12 +40,18 @@ type agentService struct {
 }
 
 // authenticate returns the enrolled node that holds the verified client
-// certificate of the call, or an Unauthenticated error.
+// certificate of the call. It runs on every call and before every message of a
+// stream, so that revocation, renewal and expiry take effect at once, not at the
+// next TLS handshake. Errors: PermissionDenied when the node was revoked or
+// deleted (see isCutOff), Unauthenticated when there is no client certificate,
+// when the certificate is not the node's current one (renewed, or the name
+// re-enrolled) or when it expired.
 func (s *agentService) authenticate(ctx context.Context) (store.Node, error) {
-	name, _ := ctx.Value(clientNameKey{}).(string)
-	if name == "" {
+	cert, _ := ctx.Value(clientCertKey{}).(*x509.Certificate)
+	if cert == nil {
 		return store.Node{}, connect.NewError(connect.CodeUnauthenticated, errors.New("agent calls need the node's client certificate (mutual TLS)"))
 	}
+	name := cert.Subject.CommonName
 	var n store.Node
 	var ok bool
 	err := s.c.store.View(func(tx store.Tx) error {
@@ -52,16 +62,38 @@ func (s *agentService) authenticate(ctx context.Context) (store.Node, error) {
 	if err != nil {
 		return n, connect.NewError(connect.CodeInternal, fmt.Errorf("looking up node %s: %w", name, err))
 	}
-	if !ok {
-		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("node %q is not enrolled", name))
+	now := s.c.now()
+	switch {
+	case !ok:
+		return n, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is not enrolled (deleted by an operator?); its credentials are no longer valid", name))
+	case n.Revoked():
+		return n, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked at %s by %s; it needs `segmesh nodes delete %s` and a new join token to come back", name, n.RevokedAt.UTC().Format(timeFormat), orUnknown(n.RevokedBy), name))
+	case len(n.IdentityKey) > 0 && !bytes.Equal(cert.RawSubjectPublicKeyInfo, n.IdentityKey):
+		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this certificate is no longer node %q's: the node renewed its certificate or enrolled again", name))
+	case !now.Before(cert.NotAfter):
+		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("the certificate of node %q expired at %s; the agent needs a new join token", name, cert.NotAfter.UTC().Format(timeFormat)))
 	}
 	return n, nil
+}
+
+// isCutOff reports whether err is authenticate's answer for a revoked or deleted
+// node.
+func isCutOff(err error) bool { return connect.CodeOf(err) == connect.CodePermissionDenied }
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "an operator"
+	}
+	return s
 }
 
 // Sync implements AgentService.Sync: it records the agent's endpoint (a change
 // is persisted and recomputes netmaps), marks the node online, sends the node's
 // current netmap at once and then every netmap whose hash differs from the last
-// one sent, until the agent goes away or the controller shuts down.
+// one sent, until the agent goes away or the controller shuts down. Before each
+// netmap it authenticates the node again; a node revoked or deleted meanwhile is
+// sent a revoked netmap (no peers, default deny) and the stream ends with
+// PermissionDenied.
 func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.Netmap]) error {
 	c := s.c
 	node, err := s.authenticate(ctx)
@@ -94,6 +126,16 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 			return connect.NewError(connect.CodeUnavailable, errors.New("controller is shutting down"))
 		case <-sub.Wake():
 		}
+		if _, err := s.authenticate(ctx); err != nil {
+			if isCutOff(err) {
+				rev, _ := c.policyInForce()
+				if err := stream.Send(netmap.Revoked(rev, node.Name)); err != nil {
+					c.log.Debug("sending the revoked netmap", "node", node.Name, "err", err)
+				}
+			}
+			c.log.Info("agent stream closed: credentials no longer valid", "node", node.Name, "reason", err)
+			return err
+		}
 		if nm, ok := sub.Next(); ok {
 			if err := stream.Send(nm); err != nil {
 				return fmt.Errorf("sending netmap to %s: %w", node.Name, err)
@@ -101,6 +143,121 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 			c.log.Debug("netmap sent", "node", node.Name, "revision", nm.GetPolicyRevision(), "hash", nm.GetHash())
 		}
 	}
+}
+
+// RenewCertificate implements AgentService.RenewCertificate: over the node's
+// current, valid certificate it issues a certificate for a new TLS key (a CSR
+// with the node's name as common name) valid for Options.NodeCertTTL. The new key
+// becomes the node's identity at once, so the old certificate is refused from
+// then on (authenticate). InvalidArgument for a bad CSR, a wrong name or the
+// same key.
+func (s *agentService) RenewCertificate(ctx context.Context, req *connect.Request[segmeshv1.RenewCertificateRequest]) (*connect.Response[segmeshv1.RenewCertificateResponse], error) {
+	c := s.c
+	node, err := s.authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	csr, err := pki.ParseCSR(req.Msg.GetCsrDer())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	if csr.Subject.CommonName != node.Name {
+		return nil, invalidArg("certificate request is for %q, this node is %q", csr.Subject.CommonName, node.Name)
+	}
+	idKey := identityKey(csr)
+	if idKey == nil {
+		return nil, invalidArg("the certificate request's key must be ECDSA P-256")
+	}
+	if bytes.Equal(idKey, node.IdentityKey) {
+		return nil, invalidArg("renewal needs a new TLS key; the request is for the current one")
+	}
+	now := c.now()
+	notAfter := now.Add(c.opts.NodeCertTTL)
+	der, err := c.ca.SignClient(csr, node.Name, notAfter)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, err)
+	}
+	err = c.store.Update(func(tx store.Tx) error {
+		n, ok, err := tx.Node(node.Name)
+		if err != nil {
+			return err
+		}
+		if !ok || n.Revoked() || !bytes.Equal(n.IdentityKey, node.IdentityKey) {
+			return connect.NewError(connect.CodeAborted, fmt.Errorf("node %s changed during the renewal; retry", node.Name))
+		}
+		n.IdentityKey, n.CertNotAfter = idKey, notAfter
+		if err := tx.PutNode(n); err != nil {
+			return err
+		}
+		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: "node:" + n.Name, Action: "node.cert.renew", Object: "node:" + n.Name, Result: "ok",
+			Detail: "new TLS key; certificate valid until " + notAfter.UTC().Format(timeFormat)})
+	})
+	if err != nil {
+		if ce := new(connect.Error); errors.As(err, &ce) {
+			return nil, ce
+		}
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing the renewed identity of %s: %w", node.Name, err))
+	}
+	c.log.Info("node certificate renewed", "node", node.Name, "not_after", notAfter)
+	c.requestRecompute() // peers verify gossip claims with the node's identity key
+	return connect.NewResponse(&segmeshv1.RenewCertificateResponse{CertificateDer: der, NotAfterUnix: notAfter.Unix()}), nil
+}
+
+// RotateKey implements AgentService.RotateKey: it stores the node's new
+// WireGuard public key for the rotation generation an operator requested
+// (RotateNodeKey) and republishes the netmaps, so peers switch to the new key.
+// FailedPrecondition when that generation was not requested or was completed with
+// another key, InvalidArgument for a bad key, AlreadyExists when another node
+// holds it.
+func (s *agentService) RotateKey(ctx context.Context, req *connect.Request[segmeshv1.RotateKeyRequest]) (*connect.Response[segmeshv1.RotateKeyResponse], error) {
+	c := s.c
+	node, err := s.authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	key, gen := req.Msg.GetPublicKey(), req.Msg.GetGeneration()
+	if len(key) != 32 || bytes.Equal(key, make([]byte, 32)) {
+		return nil, invalidArg("WireGuard public key must be 32 bytes and not all zeros")
+	}
+	now := c.now()
+	changed := false
+	err = c.store.Update(func(tx store.Tx) error {
+		n, ok, err := tx.Node(node.Name)
+		if err != nil || !ok {
+			return err
+		}
+		switch {
+		case gen == 0 || gen != n.KeyRotation:
+			return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("no key rotation %d was requested for node %s (requested: %d)", gen, n.Name, n.KeyRotation))
+		case gen == n.KeyRotationDone && bytes.Equal(n.PublicKey, key):
+			return nil // a retry of a rotation that went through
+		case gen == n.KeyRotationDone:
+			return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("key rotation %d of node %s was already completed with another key", gen, n.Name))
+		}
+		if owner, taken, err := tx.NodeByPublicKey(key); err != nil {
+			return err
+		} else if taken && owner != n.Name {
+			return connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("WireGuard public key already belongs to node %q", owner))
+		}
+		n.PublicKey, n.KeyRotationDone = key, gen
+		if err := tx.PutNode(n); err != nil {
+			return err
+		}
+		changed = true
+		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: "node:" + n.Name, Action: "node.key.rotate", Object: "node:" + n.Name, Result: "ok",
+			Detail: fmt.Sprintf("generation %d, new WireGuard key %s", gen, base64.StdEncoding.EncodeToString(key))})
+	})
+	if err != nil {
+		if ce := new(connect.Error); errors.As(err, &ce) {
+			return nil, ce
+		}
+		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing the new key of %s: %w", node.Name, err))
+	}
+	if changed {
+		c.log.Info("node WireGuard key rotated", "node", node.Name, "generation", gen)
+		c.recomputeNow()
+	}
+	return connect.NewResponse(&segmeshv1.RotateKeyResponse{}), nil
 }
 
 // setEndpoint persists a node's new endpoint and schedules a recompute.

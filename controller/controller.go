@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"golang.org/x/net/netutil"
 
 	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/controller/fanout"
@@ -58,6 +59,24 @@ func DefaultOverlayPrefixes() []netip.Prefix {
 
 const metaGossipKey = "gossip-key"
 
+// Defaults of the identity life cycle.
+const (
+	// DefaultNodeCertTTL is the lifetime of node client certificates; agents renew
+	// them over their stream when a third of it is left.
+	DefaultNodeCertTTL = 30 * 24 * time.Hour
+	// DefaultAddressQuarantine is how long the overlay addresses of a deleted node
+	// stay reserved, so that no other node inherits the trust peers placed in them.
+	DefaultAddressQuarantine = 7 * 24 * time.Hour
+	// DefaultMaxConnections caps the controller's open TCP connections.
+	DefaultMaxConnections = 20000
+	// AdminOperator names the operator credential written to operator.json at
+	// first start.
+	AdminOperator = "admin"
+)
+
+// timeFormat is how the controller writes times into messages.
+const timeFormat = time.RFC3339
+
 // Options configures a Controller. Zero fields take the defaults above.
 type Options struct {
 	// DataDir holds all state; created with mode 0700 when missing. Required.
@@ -76,7 +95,15 @@ type Options struct {
 	TokenTTL time.Duration
 	// GossipPort is the memberlist port agents are told to use.
 	GossipPort int
-	Logger     *slog.Logger
+	// NodeCertTTL is the lifetime of the node client certificates it issues.
+	NodeCertTTL time.Duration
+	// AddressQuarantine is how long a deleted node's overlay addresses stay
+	// reserved before another node may get them.
+	AddressQuarantine time.Duration
+	// MaxConnections caps concurrent TCP connections (agents, operators and
+	// enrolling hosts together); further clients wait in the kernel's backlog.
+	MaxConnections int
+	Logger         *slog.Logger
 }
 
 // Controller is a configured controller bound to its listen address. Create it
@@ -89,8 +116,8 @@ type Controller struct {
 	ca            *pki.Authority
 	ln            net.Listener
 	advertiseURL  string
-	operatorToken string
 	netmapCfg     netmap.Config
+	enrollLimits  *refusalLimiter
 	hub           *fanout.Hub
 	live          *liveTracker
 	recomputeKick chan struct{}
@@ -120,6 +147,7 @@ func New(opts Options) (_ *Controller, err error) {
 		log:           opts.Logger,
 		hub:           fanout.New(),
 		live:          newLiveTracker(),
+		enrollLimits:  newRefusalLimiter(),
 		recomputeKick: make(chan struct{}, 1),
 		now:           time.Now,
 		shutdown:      make(chan struct{}),
@@ -163,8 +191,11 @@ func New(opts Options) (_ *Controller, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading PKI: %w", err)
 	}
-	c.operatorToken, err = loadOrCreateOperator(filepath.Join(opts.DataDir, OperatorFile), c.advertiseURL, c.ca.CACertPEM())
+	adminToken, err := loadOrCreateOperator(filepath.Join(opts.DataDir, OperatorFile), c.advertiseURL, c.ca.CACertPEM())
 	if err != nil {
+		return nil, err
+	}
+	if err := c.bootstrapAdmin(adminToken); err != nil {
 		return nil, err
 	}
 
@@ -235,6 +266,24 @@ func applyDefaults(o *Options) error {
 	}
 	if o.GossipPort < 1 || o.GossipPort > 65535 {
 		return fmt.Errorf("gossip port %d is out of range 1-65535", o.GossipPort)
+	}
+	if o.NodeCertTTL == 0 {
+		o.NodeCertTTL = DefaultNodeCertTTL
+	}
+	if o.NodeCertTTL < time.Second || o.NodeCertTTL > pki.ClientValidity {
+		return fmt.Errorf("node certificate lifetime %v: want between 1s and %v", o.NodeCertTTL, pki.ClientValidity)
+	}
+	if o.AddressQuarantine == 0 {
+		o.AddressQuarantine = DefaultAddressQuarantine
+	}
+	if o.AddressQuarantine < 0 {
+		return fmt.Errorf("address quarantine %v is negative", o.AddressQuarantine)
+	}
+	if o.MaxConnections == 0 {
+		o.MaxConnections = DefaultMaxConnections
+	}
+	if o.MaxConnections < 1 {
+		return fmt.Errorf("maximum connections %d: want at least 1", o.MaxConnections)
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -310,7 +359,7 @@ func (c *Controller) run(ctx context.Context) error {
 
 	srv := c.httpServer()
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.ServeTLS(c.ln, "", "") }()
+	go func() { serveErr <- srv.ServeTLS(netutil.LimitListener(c.ln, c.opts.MaxConnections), "", "") }()
 
 	select {
 	case err := <-serveErr:
@@ -332,12 +381,11 @@ func (c *Controller) run(ctx context.Context) error {
 
 func (c *Controller) httpServer() *http.Server {
 	mux := http.NewServeMux()
-	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(1<<20)))
-	path, h := segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(1<<20))
+	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit)))
+	path, h := segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit))
 	mux.Handle(path, withClientIdentity(h))
-	mux.Handle(segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c},
-		connect.WithReadMaxBytes(16<<20),
-		connect.WithInterceptors(operatorAuth(c.operatorToken))))
+	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit))
+	mux.Handle(path, c.withOperatorAuth(h))
 	return &http.Server{
 		Handler: mux,
 		TLSConfig: &tls.Config{
@@ -346,9 +394,20 @@ func (c *Controller) httpServer() *http.Server {
 			ClientCAs:      c.ca.CAPool(),
 			ClientAuth:     tls.VerifyClientCertIfGiven,
 		},
-		// Pings detect agents that vanished without closing their stream.
-		HTTP2:             &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
+		// Pings detect agents that vanished without closing their stream. The
+		// receive buffers bound what a client can make the controller hold before
+		// its call is authenticated: at most 256 KiB per stream, 1 MiB per
+		// connection.
+		HTTP2: &http.HTTP2Config{
+			SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second,
+			MaxReceiveBufferPerStream: 256 << 10, MaxReceiveBufferPerConnection: 1 << 20,
+			MaxConcurrentStreams: 64,
+		},
 		ReadHeaderTimeout: 10 * time.Second,
+		// A connection without a request in flight for this long is closed; an
+		// agent's open stream keeps its connection busy.
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 64 << 10,
 		ErrorLog:          slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
 	}
 }

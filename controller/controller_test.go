@@ -110,7 +110,7 @@ func TestEnrollGoodToken(t *testing.T) {
 		for _, e := range audit {
 			actions = append(actions, e.Action)
 		}
-		if !slices.Equal(actions, []string{"token.create", "node.enroll"}) {
+		if !slices.Equal(actions, []string{"operator.create", "token.create", "node.enroll"}) {
 			t.Errorf("audit actions = %v", actions)
 		}
 		return err
@@ -159,7 +159,7 @@ func TestEnrollRefused(t *testing.T) {
 		{"other controller's token", foreign.String(), "x-1", newIdentity(t), "", 0, connect.CodePermissionDenied, "different controller"},
 		{"reused single-use token", used, "db-2", newIdentity(t), "", 0, connect.CodePermissionDenied,
 			`join token was already used by node "db-1" at ` + tc.clock.Now().UTC().Format(time.RFC3339) + " (it is single-use; create a new one with `segmesh token create`)"},
-		{"name taken by another key", good, "db-1", otherKey, "", 0, connect.CodeAlreadyExists, `node "db-1" is already enrolled with a different WireGuard public key`},
+		{"name taken by another host", good, "db-1", otherKey, "", 0, connect.CodePermissionDenied, `node "db-1" is already enrolled; enrolling it again needs its current identity`},
 		{"key taken by another node", good, "db-9", sameKey, "", 0, connect.CodeAlreadyExists, `WireGuard public key already belongs to node "db-1"`},
 		{"bad name", good, "DB_1", newIdentity(t), "", 0, connect.CodeInvalidArgument, `node name "DB_1" is not valid`},
 		{"bad key", good, "x-1", shortKey, "", 0, connect.CodeInvalidArgument, "32 bytes"},
@@ -348,7 +348,7 @@ func TestAgentAuth(t *testing.T) {
 	// A CA-signed certificate for a name that is not enrolled.
 	ghost := newIdentity(t)
 	csr, _ := x509.ParseCertificateRequest(ghost.csr)
-	der, err := tc.c.ca.SignClient(csr, "ghost")
+	der, err := tc.c.ca.SignClient(csr, "ghost", time.Now().Add(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -356,7 +356,7 @@ func TestAgentAuth(t *testing.T) {
 	g.cert.Certificate = [][]byte{der}
 	g.cert.PrivateKey = ghost.key
 	_, err = tc.agent(g).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
-	ce := wantCode(t, err, connect.CodeUnauthenticated)
+	ce := wantCode(t, err, connect.CodePermissionDenied)
 	if !strings.Contains(ce.Message(), `"ghost" is not enrolled`) {
 		t.Errorf("message %q", ce.Message())
 	}
@@ -367,11 +367,35 @@ func TestAgentAuth(t *testing.T) {
 		}
 		err = stream.Err()
 	}
-	wantCode(t, err, connect.CodeUnauthenticated)
+	wantCode(t, err, connect.CodePermissionDenied)
 
 	// The enrolled node is accepted.
 	if _, err := tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{})); err != nil {
 		t.Fatalf("Report with a valid certificate: %v", err)
+	}
+
+	// A CA-signed certificate with the node's name but another key (an old
+	// certificate of a renewed node, or one obtained by a re-enrollment attempt) is
+	// refused although it verifies at the TLS layer.
+	other := newIdentity(t)
+	csr, _ = x509.ParseCertificateRequest(other.csr)
+	der, err = tc.c.ca.SignClient(csr, "a-1", time.Now().Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := &enrolledAgent{name: "a-1", cert: a.cert}
+	stale.cert.Certificate = [][]byte{der}
+	stale.cert.PrivateKey = other.key
+	_, err = tc.agent(stale).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
+	if ce := wantCode(t, err, connect.CodeUnauthenticated); !strings.Contains(ce.Message(), "no longer node \"a-1\"'s") {
+		t.Errorf("stale certificate: message %q", ce.Message())
+	}
+
+	// Past the certificate's expiry (the controller's clock), every call is refused.
+	tc.clock.Advance(DefaultNodeCertTTL + time.Minute)
+	_, err = tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
+	if ce := wantCode(t, err, connect.CodeUnauthenticated); !strings.Contains(ce.Message(), "expired at") {
+		t.Errorf("expired certificate: message %q", ce.Message())
 	}
 }
 
@@ -441,7 +465,7 @@ func TestApplyPolicy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Msg.Revision != 1 || string(got.Msg.Content) != policyWebDB || got.Msg.Filename != "policy.yaml" || got.Msg.AppliedBy != "operator" {
+	if got.Msg.Revision != 1 || string(got.Msg.Content) != policyWebDB || got.Msg.Filename != "policy.yaml" || got.Msg.AppliedBy != AdminOperator {
 		t.Errorf("GetPolicy after a rejected apply = rev %d file %q by %q", got.Msg.Revision, got.Msg.Filename, got.Msg.AppliedBy)
 	}
 	st, err := tc.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{}))

@@ -36,50 +36,113 @@ func ipamCursorKey(p netip.Prefix) string { return "ipam/cursor/" + p.String() }
 
 // Enroll implements EnrollService.Enroll: it checks the join token, allocates
 // the node's overlay addresses and records node and token use in one
-// transaction, then signs the node's client certificate. Errors: Unauthenticated for an unknown token or a wrong secret,
-// PermissionDenied for an expired, used or foreign token, InvalidArgument for a
-// bad name, key, endpoint or CSR, AlreadyExists when the name or the WireGuard
-// key belongs to another node, ResourceExhausted when the overlay is full.
+// transaction, then signs the node's client certificate (valid for
+// Options.NodeCertTTL).
+//
+// A name that is already enrolled can enroll again only with proof of possession
+// of that node's current identity: the CSR must be for the node's current TLS key
+// (a CSR is signed with its key) and the WireGuard key must be unchanged. A join
+// token plus public data (name, WireGuard public key) is never enough; an operator
+// who wants to hand the name to a new host runs `segmesh nodes delete` first.
+//
+// Errors: Unauthenticated for an unknown token or a wrong secret,
+// PermissionDenied for an expired, used, revoked or foreign token, for a revoked
+// node, and for a re-enrollment without proof of possession, InvalidArgument for
+// a bad name, key, endpoint or CSR, AlreadyExists when the WireGuard key belongs
+// to another node, ResourceExhausted when the overlay is full or when the caller's
+// address or the token ID had too many refusals (see refusalLimiter).
 func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmeshv1.EnrollRequest]) (*connect.Response[segmeshv1.EnrollResponse], error) {
 	c := s.c
 	m := req.Msg
+	now := c.now()
+	source := sourceAddr(req.Peer().Addr)
 	tok, err := jointoken.Decode(m.GetToken())
+	tokenID := ""
+	if err == nil {
+		tokenID = tok.IDString()
+	}
+	if c.enrollLimits.blocked(now, source, tokenID) {
+		c.refuseEnrollment(now, source, tokenID, m.GetName(), "rate limited")
+		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("too many refused enrollments from this address or with this token; wait a minute before retrying"))
+	}
+	name, resp, err := s.enroll(ctx, now, m, tok, err)
 	if err != nil {
-		return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("join token is not valid: %w", err))
+		if ce := new(connect.Error); errors.As(err, &ce) && ce.Code() != connect.CodeInternal && ce.Code() != connect.CodeResourceExhausted {
+			c.enrollLimits.refused(now, source, tokenID)
+			c.refuseEnrollment(now, source, tokenID, name, ce.Message())
+		}
+		return nil, err
+	}
+	return resp, nil
+}
+
+// refuseEnrollment logs and audits one refused enrollment, within the refusal log
+// budget.
+func (c *Controller) refuseEnrollment(now time.Time, source netip.Addr, tokenID, name, reason string) {
+	ok, suppressed := c.enrollLimits.logAllowed(now)
+	if !ok {
+		return
+	}
+	c.log.Info("enrollment refused", "name", name, "token_id", tokenID, "source", source, "reason", reason, "suppressed_since_last", suppressed)
+	actor := "token:" + tokenID
+	if tokenID == "" {
+		actor = "unknown"
+	}
+	detail := fmt.Sprintf("from %s", source)
+	if suppressed > 0 {
+		detail += fmt.Sprintf("; %d more refusals since the previous record were not recorded", suppressed)
+	}
+	if err := c.store.Update(func(tx store.Tx) error {
+		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actor, Action: "node.enroll", Object: "node:" + name, Result: "refused: " + reason, Detail: detail})
+	}); err != nil {
+		c.log.Error("recording a refused enrollment in the audit log", "err", err)
+	}
+}
+
+// enroll does the work of Enroll; tokErr is the error of decoding tok. It returns
+// the node name it worked on (for the refusal record).
+func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.EnrollRequest, tok jointoken.Token, tokErr error) (string, *connect.Response[segmeshv1.EnrollResponse], error) {
+	c := s.c
+	name := m.GetName()
+	if tokErr != nil {
+		return name, nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("join token is not valid: %w", tokErr))
 	}
 	if !tok.MatchesCA(c.ca.CACertDER()) {
-		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("join token was issued by a different controller (its CA fingerprint does not match this controller's CA)"))
+		return name, nil, connect.NewError(connect.CodePermissionDenied, errors.New("join token was issued by a different controller (its CA fingerprint does not match this controller's CA)"))
 	}
 	if len(m.GetPublicKey()) != 32 {
-		return nil, invalidArg("WireGuard public key must be 32 bytes, got %d", len(m.GetPublicKey()))
+		return name, nil, invalidArg("WireGuard public key must be 32 bytes, got %d", len(m.GetPublicKey()))
 	}
 	if bytes.Equal(m.GetPublicKey(), make([]byte, 32)) {
-		return nil, invalidArg("WireGuard public key is all zeros")
+		return name, nil, invalidArg("WireGuard public key is all zeros")
 	}
 	if ep := m.GetEndpoint(); ep != "" {
 		if err := validateEndpoint(ep); err != nil {
-			return nil, connect.NewError(connect.CodeInvalidArgument, err)
+			return name, nil, connect.NewError(connect.CodeInvalidArgument, err)
 		}
 	}
 	csr, err := pki.ParseCSR(m.GetCsrDer())
 	if err != nil {
-		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+		return name, nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
-	name := m.GetName()
+	idKey := identityKey(csr)
+	if idKey == nil {
+		return name, nil, invalidArg("the certificate request's key must be ECDSA P-256")
+	}
 	if name == "" {
 		name = strings.ToLower(m.GetHostname())
 		if !policy.ValidNodeName(name) {
-			return nil, invalidArg("node name %q derived from the host name is not valid (want %s); choose a name with --name", name, policy.NodeNameSyntax)
+			return name, nil, invalidArg("node name %q derived from the host name is not valid (want %s); choose a name with --name", name, policy.NodeNameSyntax)
 		}
 	} else if !policy.ValidNodeName(name) {
-		return nil, invalidArg("node name %q is not valid (want %s)", name, policy.NodeNameSyntax)
+		return name, nil, invalidArg("node name %q is not valid (want %s)", name, policy.NodeNameSyntax)
 	}
 	if name == policy.AllSegment {
-		return nil, invalidArg("node name %q is reserved: policies use it for the built-in segment of every node; choose another --name", name)
+		return name, nil, invalidArg("node name %q is reserved: policies use it for the built-in segment of every node; choose another --name", name)
 	}
 
-	now := c.now()
 	secretHash := tok.SecretHash()
+	notAfter := now.Add(c.opts.NodeCertTTL)
 	var node store.Node
 	var labels map[string]string
 	var created bool
@@ -97,22 +160,28 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 		if subtle.ConstantTimeCompare(want, secretHash[:]) != 1 || !ok {
 			return connect.NewError(connect.CodeUnauthenticated, errors.New(msgInvalidToken))
 		}
+		if !t.RevokedAt.IsZero() {
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token was revoked at %s; create a new one with `segmesh token create`", t.RevokedAt.UTC().Format(timeFormat)))
+		}
 		if !now.Before(t.ExpiresAt) {
-			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token expired at %s; create a new one with `segmesh token create` (--ttl sets its lifetime)", t.ExpiresAt.UTC().Format(time.RFC3339)))
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token expired at %s; create a new one with `segmesh token create` (--ttl sets its lifetime)", t.ExpiresAt.UTC().Format(timeFormat)))
 		}
 		existing, exists, err := tx.Node(name)
 		if err != nil {
 			return err
 		}
-		if exists && !bytes.Equal(existing.PublicKey, m.GetPublicKey()) {
-			return connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node %q is already enrolled with a different WireGuard public key; enroll under another name", name))
+		if exists {
+			if err := checkReenrollment(existing, m.GetPublicKey(), idKey); err != nil {
+				return err
+			}
 		}
-		// A single-use token may be presented again only by the node it enrolled
-		// (same name and key): an agent retrying after losing the response.
+		// A single-use token may be presented again only by the node it enrolled,
+		// with proof of possession (checked above): an agent retrying after losing
+		// the response, or re-enrolling after its certificate expired.
 		if !t.Reusable && t.UsedBy != "" && !(exists && t.UsedBy == name) {
 			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf(
 				"join token was already used by node %q at %s (it is single-use; create a new one with `segmesh token create`)",
-				t.UsedBy, t.UsedAt.UTC().Format(time.RFC3339)))
+				t.UsedBy, t.UsedAt.UTC().Format(timeFormat)))
 		}
 		if !exists {
 			owner, taken, err := tx.NodeByPublicKey(m.GetPublicKey())
@@ -122,16 +191,16 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 			if taken {
 				return connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("WireGuard public key already belongs to node %q", owner))
 			}
-			node = store.Node{Name: name, EnrolledAt: now}
-			if node.Addresses, err = allocate(tx, c.opts.OverlayPrefixes, name); err != nil {
+			node = store.Node{Name: name, EnrolledAt: now, PublicKey: m.GetPublicKey()}
+			if node.Addresses, err = allocate(tx, c.opts.OverlayPrefixes, name, now); err != nil {
 				return err
 			}
 			created = true
 		} else {
 			node = existing
 		}
-		node.PublicKey = m.GetPublicKey()
-		node.IdentityKey = identityKey(csr)
+		node.IdentityKey = idKey
+		node.CertNotAfter = notAfter
 		node.Labels = t.Labels
 		node.TokenID = t.ID
 		node.Hostname = m.GetHostname()
@@ -154,27 +223,26 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 			action = "node.reenroll"
 		}
 		return tx.AppendAudit(store.AuditEntry{
-			Time: now, Actor: "token:" + t.ID, Action: action,
-			Detail: fmt.Sprintf("node %s addresses %v labels %v hostname %q", name, node.Addresses, t.Labels, m.GetHostname()),
+			Time: now, Actor: "token:" + t.ID, Action: action, Object: "node:" + name, Result: "ok",
+			Detail: fmt.Sprintf("addresses %v labels %v hostname %q", node.Addresses, t.Labels, m.GetHostname()),
 		})
 	})
 	if err != nil {
 		if ce := new(connect.Error); errors.As(err, &ce) {
-			c.log.Info("enrollment refused", "name", name, "token_id", tok.IDString(), "peer", req.Peer().Addr, "reason", ce.Message())
-			return nil, ce
+			return name, nil, ce
 		}
 		if errors.Is(err, ipam.ErrExhausted) {
-			return nil, connect.NewError(connect.CodeResourceExhausted, err)
+			return name, nil, connect.NewError(connect.CodeResourceExhausted, err)
 		}
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("enrolling node %s: %w", name, err))
+		return name, nil, connect.NewError(connect.CodeInternal, fmt.Errorf("enrolling node %s: %w", name, err))
 	}
-	certDER, err := c.ca.SignClient(csr, name)
+	certDER, err := c.ca.SignClient(csr, name, notAfter)
 	if err != nil {
-		return nil, connect.NewError(connect.CodeInternal, err)
+		return name, nil, connect.NewError(connect.CodeInternal, err)
 	}
-	c.log.Info("node enrolled", "name", name, "new", created, "addresses", node.Addresses, "labels", labels, "token_id", tok.IDString())
+	c.log.Info("node enrolled", "name", name, "new", created, "addresses", node.Addresses, "labels", labels, "token_id", tok.IDString(), "cert_not_after", notAfter)
 	c.requestRecompute()
-	return connect.NewResponse(&segmeshv1.EnrollResponse{
+	return name, connect.NewResponse(&segmeshv1.EnrollResponse{
 		NodeName:        name,
 		Addresses:       netmap.HostPrefixes(node.Addresses),
 		CertificateDer:  certDER,
@@ -184,9 +252,27 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 	}), nil
 }
 
+// checkReenrollment allows enrolling an existing node again only when the
+// request proves possession of its current identity: a CSR for its current TLS
+// key (idKey, PKIX DER) and the same WireGuard key. Everything else is refused
+// with PermissionDenied, naming what the operator can do.
+func checkReenrollment(n store.Node, wgKey, idKey []byte) error {
+	if n.Revoked() {
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked at %s; it cannot enroll again until an operator runs `segmesh nodes delete %s`", n.Name, n.RevokedAt.UTC().Format(timeFormat), n.Name))
+	}
+	if len(n.IdentityKey) == 0 || !bytes.Equal(n.IdentityKey, idKey) {
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is already enrolled; enrolling it again needs its current identity (the TLS key in its agent's state directory), or an operator must run `segmesh nodes delete %s` first; choose another name for a new host", n.Name, n.Name))
+	}
+	if !bytes.Equal(n.PublicKey, wgKey) {
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is enrolled with a different WireGuard public key; rotate keys with `segmesh nodes rotate-key %s`", n.Name, n.Name))
+	}
+	return nil
+}
+
 // allocate claims the next free address of every prefix for node, advancing each
 // prefix's cursor, inside tx.
-func allocate(tx store.Tx, prefixes []netip.Prefix, node string) ([]netip.Addr, error) {
+// Addresses of deleted nodes are skipped while quarantined (until after now).
+func allocate(tx store.Tx, prefixes []netip.Prefix, node string, now time.Time) ([]netip.Addr, error) {
 	var out []netip.Addr
 	for _, p := range prefixes {
 		var cursor netip.Addr
@@ -200,8 +286,11 @@ func allocate(tx store.Tx, prefixes []netip.Prefix, node string) ([]netip.Addr, 
 			}
 		}
 		a, err := ipam.Next(p, cursor, func(a netip.Addr) (bool, error) {
-			_, used, err := tx.AddressOwner(a)
-			return used, err
+			if _, used, err := tx.AddressOwner(a); used || err != nil {
+				return used, err
+			}
+			until, quarantined, err := tx.AddressQuarantine(a)
+			return quarantined && now.Before(until), err
 		})
 		if err != nil {
 			return nil, fmt.Errorf("allocating an overlay address for node %s: %w", node, err)

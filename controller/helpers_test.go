@@ -74,6 +74,9 @@ func startController(t *testing.T, dir string) *testController {
 	}
 	clock := &fakeClock{t: time.Now()}
 	c.now = clock.Now
+	// Tests refuse many enrollments from 127.0.0.1; TestEnrollmentThrottled
+	// checks the default budget.
+	c.enrollLimits.burst = 1000
 	tc := &testController{t: t, dir: dir, c: c, clock: clock, done: make(chan error, 1)}
 	raw, err := os.ReadFile(filepath.Join(dir, OperatorFile))
 	if err != nil {

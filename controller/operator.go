@@ -3,7 +3,6 @@ package controller
 import (
 	"context"
 	"crypto/rand"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -34,9 +33,6 @@ type OperatorCredential struct {
 	CAPEM      string `json:"ca_pem"`
 	Token      string `json:"token"`
 }
-
-// operatorActor names the operator credential in the audit log.
-const operatorActor = "operator"
 
 // loadOrCreateOperator returns the operator token from path, creating the file
 // (mode 0600) with a new random token when missing, and rewriting it when the
@@ -73,21 +69,6 @@ func loadOrCreateOperator(path, controllerURL string, caPEM []byte) (string, err
 		return "", fmt.Errorf("writing operator credential: %w", err)
 	}
 	return cred.Token, nil
-}
-
-// operatorAuth rejects calls whose "Authorization: Bearer" token is not the
-// operator token, with CodeUnauthenticated.
-func operatorAuth(token string) connect.UnaryInterceptorFunc {
-	want := []byte(token)
-	return func(next connect.UnaryFunc) connect.UnaryFunc {
-		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-			got, ok := strings.CutPrefix(req.Header().Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(got), want) != 1 {
-				return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("operator credential missing or wrong (send \"Authorization: Bearer <token>\" from operator.json)"))
-			}
-			return next(ctx, req)
-		}
-	}
 }
 
 type operatorService struct {
@@ -139,6 +120,15 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 			Addresses:       netmap.HostPrefixes(n.Addresses),
 			Endpoint:        n.Endpoint,
 			PublicKey:       base64.StdEncoding.EncodeToString(n.PublicKey),
+			State:           nodeState(n),
+			RevokedBy:       n.RevokedBy,
+			EnrolledUnix:    n.EnrolledAt.Unix(),
+		}
+		if n.Revoked() {
+			st.RevokedUnix = n.RevokedAt.Unix()
+		}
+		if !n.CertNotAfter.IsZero() {
+			st.CertExpiresUnix = n.CertNotAfter.Unix()
 		}
 		if nm, ok := c.hub.Latest(n.Name); ok {
 			st.DesiredHash = nm.GetHash()
@@ -204,15 +194,15 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 	hash := tok.SecretHash()
 	rec := store.Token{
 		ID: tok.IDString(), SecretHash: hash[:], Labels: m.GetLabels(),
-		CreatedAt: now, ExpiresAt: now.Add(ttl), Reusable: m.GetReusable(),
+		CreatedAt: now, ExpiresAt: now.Add(ttl), Reusable: m.GetReusable(), Creator: actorOf(ctx),
 	}
 	err = c.store.Update(func(tx store.Tx) error {
 		if err := tx.PutToken(rec); err != nil {
 			return err
 		}
 		return tx.AppendAudit(store.AuditEntry{
-			Time: now, Actor: operatorActor, Action: "token.create",
-			Detail: fmt.Sprintf("token %s labels %v expires %s reusable %v", rec.ID, rec.Labels, rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
+			Time: now, Actor: actorOf(ctx), Action: "token.create", Object: "token:" + rec.ID, Result: "ok",
+			Detail: fmt.Sprintf("labels %v expires %s reusable %v", rec.Labels, rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
 		})
 	})
 	if err != nil {
@@ -230,7 +220,7 @@ func (s *operatorService) ApplyPolicy(ctx context.Context, req *connect.Request[
 	if filename == "" {
 		filename = "policy.yaml"
 	}
-	res, err := s.c.storePolicy(filename, req.Msg.GetContent(), "policy.apply", 0)
+	res, err := s.c.storePolicy(actorOf(ctx), filename, req.Msg.GetContent(), "policy.apply", 0)
 	if err != nil {
 		return nil, err
 	}

@@ -68,7 +68,7 @@ func (s *operatorService) RollbackPolicy(ctx context.Context, req *connect.Reque
 	case !ok:
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("policy revision %d does not exist", rev))
 	}
-	res, err := s.c.storePolicy(p.Filename, p.Content, "policy.rollback", rev)
+	res, err := s.c.storePolicy(actorOf(ctx), p.Filename, p.Content, "policy.rollback", rev)
 	if err != nil {
 		var ce *connect.Error
 		if errors.As(err, &ce) && ce.Code() == connect.CodeInvalidArgument {

@@ -184,13 +184,13 @@ type storeResult struct {
 	warnings  []string // see checkPolicy
 }
 
-// storePolicy validates content (parse, compile against the inventory, tests),
+// storePolicy, on behalf of actor (an operator credential name), validates content (parse, compile against the inventory, tests),
 // stores it as the next revision with an audit entry (action, and RestoredFrom
 // for a rollback) and publishes the new netmaps, all under computeMu. When the
 // revision in force is the latest and holds content already, nothing is stored.
 // A policy that fails is answered with CodeInvalidArgument, one problem per
 // line, and changes nothing: the previous revision stays in force.
-func (c *Controller) storePolicy(filename string, content []byte, action string, restoredFrom uint64) (storeResult, error) {
+func (c *Controller) storePolicy(actor, filename string, content []byte, action string, restoredFrom uint64) (storeResult, error) {
 	c.computeMu.Lock()
 	defer c.computeMu.Unlock()
 	serving, _ := c.policyInForce()
@@ -231,10 +231,10 @@ func (c *Controller) storePolicy(filename string, content []byte, action string,
 		detail = fmt.Sprintf("revision %d restores revision %d (%s, %d bytes)", rev, restoredFrom, filename, len(content))
 	}
 	err = c.store.Update(func(tx store.Tx) error {
-		if err := tx.PutPolicy(store.Policy{Revision: rev, Filename: filename, Content: content, AppliedAt: now, AppliedBy: operatorActor, RestoredFrom: restoredFrom}); err != nil {
+		if err := tx.PutPolicy(store.Policy{Revision: rev, Filename: filename, Content: content, AppliedAt: now, AppliedBy: actor, RestoredFrom: restoredFrom}); err != nil {
 			return err
 		}
-		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: operatorActor, Action: action, Detail: detail})
+		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actor, Action: action, Object: fmt.Sprintf("policy:%d", rev), Result: "ok", Detail: detail})
 	})
 	if err != nil {
 		return storeResult{}, connect.NewError(connect.CodeInternal, fmt.Errorf("storing policy revision %d: %w", rev, err))

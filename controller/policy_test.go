@@ -166,7 +166,7 @@ func TestHistoryAndRollback(t *testing.T) {
 	var rows []row
 	for _, r := range h {
 		rows = append(rows, row{r.Revision, r.RestoredFrom, r.Sha256, r.Filename})
-		if r.AppliedUnix == 0 || r.AppliedBy != "operator" || r.Error != "" {
+		if r.AppliedUnix == 0 || r.AppliedBy != AdminOperator || r.Error != "" {
 			t.Errorf("revision %d: applied %d by %q error %q", r.Revision, r.AppliedUnix, r.AppliedBy, r.Error)
 		}
 	}

@@ -39,6 +39,11 @@ func (c *Controller) recomputeLoop(ctx context.Context) {
 func (c *Controller) recomputeNow() {
 	c.computeMu.Lock()
 	defer c.computeMu.Unlock()
+	c.recomputeLocked()
+}
+
+// recomputeLocked is recomputeNow for a caller that holds computeMu.
+func (c *Controller) recomputeLocked() {
 	start := time.Now()
 	rev, pol := c.policyInForce()
 	var nodes []store.Node

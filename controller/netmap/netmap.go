@@ -45,13 +45,26 @@ func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, pre
 }
 
 // Inventory converts stored nodes to the inventory the policy compiler resolves
-// segments against (name, labels, overlay addresses), in the same order.
+// segments against (name, labels, overlay addresses), in the same order. Revoked
+// nodes are left out: no segment holds them, so no netmap lists them as a peer or
+// a set element.
 func Inventory(nodes []store.Node) []policy.Node {
-	inv := make([]policy.Node, len(nodes))
-	for i, n := range nodes {
-		inv[i] = policy.Node{Name: n.Name, Labels: n.Labels, Addresses: n.Addresses}
+	inv := make([]policy.Node, 0, len(nodes))
+	for _, n := range nodes {
+		if n.Revoked() {
+			continue
+		}
+		inv = append(inv, policy.Node{Name: n.Name, Labels: n.Labels, Addresses: n.Addresses})
 	}
 	return inv
+}
+
+// Revoked returns the netmap of a revoked node: its name, Revoked set, nothing
+// else (no peers, default deny, no gossip key), with Hash set.
+func Revoked(rev uint64, name string) *segmeshv1.Netmap {
+	nm := &segmeshv1.Netmap{PolicyRevision: rev, Self: &segmeshv1.Node{Name: name}, Filter: &segmeshv1.Filter{}, Revoked: true}
+	nm.Hash = wire.NetmapHash(nm)
+	return nm
 }
 
 // FromCompiled is Compute for a policy already compiled against Inventory(nodes);
@@ -66,6 +79,13 @@ func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []sto
 	out := make(map[string]*segmeshv1.Netmap, len(nodes))
 	for i := range nodes {
 		n := &nodes[i]
+		if n.Revoked() {
+			out[n.Name] = Revoked(rev, n.Name)
+			if old := prev(n.Name); old.GetRevoked() {
+				out[n.Name] = old
+			}
+			continue
+		}
 		var view policy.NodeView
 		if compiled != nil {
 			view, _ = compiled.Node(n.Name) // a node the compiler does not know gets nothing
@@ -81,10 +101,11 @@ func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []sto
 			},
 			Filter:          wire.FilterToProto(view.Filter),
 			OverlayPrefixes: prefixes,
+			KeyRotation:     n.KeyRotation,
 		}
 		for _, name := range view.Peers {
 			p, ok := byName[name]
-			if !ok || name == n.Name {
+			if !ok || name == n.Name || p.Revoked() {
 				continue
 			}
 			nm.Peers = append(nm.Peers, &segmeshv1.Peer{

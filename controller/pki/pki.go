@@ -289,15 +289,24 @@ func ParseCSR(der []byte) (*x509.CertificateRequest, error) {
 }
 
 // SignClient issues a TLS client certificate (DER) for the key in csr with
-// CommonName commonName, ExtKeyUsage ClientAuth, valid for ClientValidity. The
-// request's own subject and extensions are ignored. csr must come from ParseCSR.
-func (a *Authority) SignClient(csr *x509.CertificateRequest, commonName string) ([]byte, error) {
+// CommonName commonName and ExtKeyUsage ClientAuth, valid until notAfter (at most
+// ClientValidity from now). NotBefore lies a tenth of the lifetime, at most five
+// minutes, in the past, to tolerate clock skew. The request's own subject and
+// extensions are ignored. csr must come from ParseCSR.
+func (a *Authority) SignClient(csr *x509.CertificateRequest, commonName string, notAfter time.Time) ([]byte, error) {
 	now := a.now()
+	if notAfter.After(now.Add(ClientValidity)) {
+		notAfter = now.Add(ClientValidity)
+	}
+	if !notAfter.After(now) {
+		return nil, fmt.Errorf("signing client certificate for %s: expiry %s is not in the future", commonName, notAfter.UTC().Format(time.RFC3339))
+	}
+	skew := min(5*time.Minute, notAfter.Sub(now)/10)
 	tmpl := &x509.Certificate{
 		SerialNumber: mustSerial(),
 		Subject:      pkix.Name{CommonName: commonName},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(ClientValidity),
+		NotBefore:    now.Add(-skew),
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}

@@ -111,7 +111,7 @@ func TestSignClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	der, err := a.SignClient(csr, "db-1")
+	der, err := a.SignClient(csr, "db-1", time.Now().Add(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,8 +131,21 @@ func TestSignClient(t *testing.T) {
 	if _, err := cert.Verify(x509.VerifyOptions{Roots: a.CAPool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err == nil {
 		t.Error("client certificate verified for server auth")
 	}
-	if d := time.Until(cert.NotAfter); d < 364*24*time.Hour || d > 366*24*time.Hour {
-		t.Errorf("client certificate valid for %v, want about a year", d)
+	if d := time.Until(cert.NotAfter); d < 59*time.Minute || d > time.Hour {
+		t.Errorf("client certificate valid for %v, want the hour asked for", d)
+	}
+	if skew := time.Until(cert.NotBefore); skew < -5*time.Minute-time.Second || skew > -4*time.Minute {
+		t.Errorf("NotBefore %v from now, want a tenth of the lifetime (6 min) capped at 5 min in the past", skew)
+	}
+	if _, err := a.SignClient(csr, "db-1", time.Now().Add(-time.Second)); err == nil {
+		t.Error("a certificate that expired before it was issued was signed")
+	}
+	long, err := a.SignClient(csr, "db-1", time.Now().Add(10*ClientValidity))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := x509.ParseCertificate(long); time.Until(c.NotAfter) > ClientValidity {
+		t.Errorf("lifetime %v exceeds ClientValidity", time.Until(c.NotAfter))
 	}
 }
 

@@ -1,0 +1,141 @@
+package controller
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"connectrpc.com/connect"
+
+	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/controller/store"
+)
+
+// Operator authentication and roles.
+//
+// Every OperatorService call carries "Authorization: Bearer TOKEN". The controller
+// keeps only the SHA-256 of each token (store.Operator). The check runs as HTTP
+// middleware in front of the connect handler, before a single byte of the request
+// body is read, so an unauthenticated client costs the controller no more than its
+// request headers; the body is then capped per procedure (operatorBodyLimit).
+
+// viewerProcedures are the OperatorService procedures a viewer may call: reads
+// only. Every other procedure, including ones added later, needs an admin.
+var viewerProcedures = map[string]bool{
+	segmeshv1connect.OperatorServiceStatusProcedure:              true,
+	segmeshv1connect.OperatorServiceListNodesProcedure:           true,
+	segmeshv1connect.OperatorServiceGetPolicyProcedure:           true,
+	segmeshv1connect.OperatorServiceListPolicyRevisionsProcedure: true,
+	segmeshv1connect.OperatorServiceGetNetmapProcedure:           true,
+	segmeshv1connect.OperatorServiceListTokensProcedure:          true,
+	segmeshv1connect.OperatorServiceListOperatorsProcedure:       true,
+	segmeshv1connect.OperatorServiceListAuditProcedure:           true,
+	segmeshv1connect.OperatorServiceVerifyAuditProcedure:         true,
+}
+
+// Request body limits in bytes. Policy files travel in ApplyPolicy and GetNetmap
+// (a candidate policy); everything else is a few names and labels.
+const (
+	policyBodyLimit = 8 << 20
+	smallBodyLimit  = 64 << 10
+	enrollBodyLimit = 64 << 10
+	agentBodyLimit  = 1 << 20
+)
+
+// operatorBodyLimit returns the largest request body procedure accepts.
+func operatorBodyLimit(procedure string) int64 {
+	switch procedure {
+	case segmeshv1connect.OperatorServiceApplyPolicyProcedure, segmeshv1connect.OperatorServiceGetNetmapProcedure:
+		return policyBodyLimit
+	}
+	return smallBodyLimit
+}
+
+type operatorKey struct{}
+
+// operatorOf returns the operator credential that authenticated the call (see
+// withOperatorAuth); a zero Operator outside an authenticated call.
+func operatorOf(ctx context.Context) store.Operator {
+	o, _ := ctx.Value(operatorKey{}).(store.Operator)
+	return o
+}
+
+// actorOf names the caller in the audit log: the operator credential's name.
+func actorOf(ctx context.Context) string {
+	if o := operatorOf(ctx); o.Name != "" {
+		return o.Name
+	}
+	return "controller"
+}
+
+// tokenHash is the SHA-256 under which an operator bearer token is stored.
+func tokenHash(token string) []byte {
+	sum := sha256.Sum256([]byte(token))
+	return sum[:]
+}
+
+// withOperatorAuth authenticates and authorises every call to h (the
+// OperatorService handler) from its headers alone: Unauthenticated for a missing,
+// unknown or revoked credential, PermissionDenied when the credential's role may
+// not call the procedure, ResourceExhausted when the declared body is larger than
+// the procedure accepts. Only then is the body, capped, handed to h.
+func (c *Controller) withOperatorAuth(h http.Handler) http.Handler {
+	ew := connect.NewErrorWriter()
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fail := func(err *connect.Error) {
+			w.Header().Set("Connection", "close") // drop a client that fails authentication
+			_ = ew.Write(w, r, err)
+		}
+		op, err := c.authenticateOperator(r.Header.Get("Authorization"))
+		if err != nil {
+			fail(err)
+			return
+		}
+		procedure := r.URL.Path
+		if op.Role != store.RoleAdmin && !viewerProcedures[procedure] {
+			fail(connect.NewError(connect.CodePermissionDenied, fmt.Errorf("operator %q has role %s, which may only read; %s needs an admin credential", op.Name, op.Role, procedureName(procedure))))
+			return
+		}
+		limit := operatorBodyLimit(procedure)
+		if r.ContentLength > limit {
+			fail(connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes for %s", r.ContentLength, limit, procedureName(procedure))))
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, limit)
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), operatorKey{}, op)))
+	})
+}
+
+// procedureName turns "/segmesh.v1.OperatorService/ApplyPolicy" into "ApplyPolicy".
+func procedureName(procedure string) string {
+	return procedure[strings.LastIndexByte(procedure, '/')+1:]
+}
+
+// authenticateOperator resolves an Authorization header value to an active
+// operator credential.
+func (c *Controller) authenticateOperator(header string) (store.Operator, *connect.Error) {
+	token, ok := strings.CutPrefix(header, "Bearer ")
+	if !ok || token == "" {
+		return store.Operator{}, connect.NewError(connect.CodeUnauthenticated, errors.New("operator credential missing (send \"Authorization: Bearer <token>\" from an operator credential file such as operator.json)"))
+	}
+	var op store.Operator
+	var found bool
+	err := c.store.View(func(tx store.Tx) error {
+		var err error
+		op, found, err = tx.OperatorByTokenHash(tokenHash(token))
+		return err
+	})
+	if err != nil {
+		return store.Operator{}, connect.NewError(connect.CodeInternal, fmt.Errorf("looking up the operator credential: %w", err))
+	}
+	if !found {
+		return store.Operator{}, connect.NewError(connect.CodeUnauthenticated, errors.New("operator credential is not valid (unknown token)"))
+	}
+	if !op.RevokedAt.IsZero() {
+		return store.Operator{}, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("operator credential %q was revoked at %s", op.Name, op.RevokedAt.UTC().Format(timeFormat)))
+	}
+	return op, nil
+}
