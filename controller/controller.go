@@ -408,6 +408,6 @@ func (c *Controller) httpServer() *http.Server {
 		// agent's open stream keeps its connection busy.
 		IdleTimeout:    2 * time.Minute,
 		MaxHeaderBytes: 64 << 10,
-		ErrorLog:          slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
+		ErrorLog:       slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
 	}
 }

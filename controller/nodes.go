@@ -285,4 +285,3 @@ func (s *operatorService) RotateNodeKey(ctx context.Context, req *connect.Reques
 	c.recomputeNow()
 	return connect.NewResponse(&segmeshv1.RotateNodeKeyResponse{Generation: gen}), nil
 }
-
