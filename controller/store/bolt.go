@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -29,46 +30,151 @@ var (
 )
 
 // Bolt is the embedded Store: one bbolt file, fsynced on every commit.
-type Bolt struct{ db *bolt.DB }
+type Bolt struct {
+	db   *bolt.DB
+	path string
+}
 
 var _ Store = (*Bolt)(nil)
 
 // ErrLocked is returned (wrapped) by Open when another process holds the store file.
 var ErrLocked = errors.New("store locked")
 
-// Open opens (creating when absent) the bbolt store file at path with mode 0600.
-// It fails with ErrLocked after one second when another process holds the file.
-func Open(path string) (*Bolt, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
-	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, fmt.Errorf("opening store %s: %w: the file is locked, most likely by another segmesh-controller using the same --data-dir; stop it first", path, ErrLocked)
+// OpenOptions configures OpenWith.
+type OpenOptions struct {
+	// CACertPath is the controller CA certificate (PEM) of the data directory the
+	// store belongs to, DATA_DIR/ca.crt. When that file exists, a missing or empty
+	// store is refused (ErrLost: the store was lost, and a new one would be an empty
+	// controller) and so is a store whose owner record names another CA
+	// (ErrNotOwner). When it does not exist, a store that has an owner record is
+	// refused (ErrNotOwner: the CA was lost). A store without an owner record (new,
+	// or written before owner records) passes; Bind records its owner. Empty: no
+	// owner checks.
+	CACertPath string
+	// ReadOnly opens the file with a shared lock, never creates nor writes it
+	// (Update fails), and fails when the file is missing or empty.
+	ReadOnly bool
+	// LockTimeout is how long to wait for the file lock; default 1 s.
+	LockTimeout time.Duration
+}
+
+// Open opens (creating when absent) the bbolt store file at path with mode 0600,
+// with the integrity checks of OpenWith but no owner checks.
+func Open(path string) (*Bolt, error) { return OpenWith(path, OpenOptions{}) }
+
+// OpenWith opens the bbolt store file at path, creating it with mode 0600 when it
+// is missing or empty (unless opts refuse that), and checks it before it writes
+// anything: a file that is not a bbolt store, is truncated, or fails the
+// consistency check (bbolt's Tx.Check plus a read of every page, key and value) is refused with
+// an error wrapping ErrDamaged; see OpenOptions for the owner checks (ErrLost,
+// ErrNotOwner). Every refusal says what to do and leaves the file unchanged. It
+// fails with ErrLocked when another process holds the file for opts.LockTimeout.
+// The check reads the whole file: about a second per few hundred MB.
+func OpenWith(path string, opts OpenOptions) (*Bolt, error) {
+	if opts.LockTimeout <= 0 {
+		opts.LockTimeout = time.Second
 	}
+	state, err := preflight(path)
 	if err != nil {
+		return nil, err
+	}
+	if opts.CACertPath != "" && state != fileBolt {
+		if _, err := os.Stat(opts.CACertPath); err == nil {
+			return nil, lostError(path)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("opening store %s: checking for the controller CA: %w", path, err)
+		}
+	}
+	if opts.ReadOnly && state != fileBolt {
+		return nil, fmt.Errorf("opening store %s read-only: the file is missing or empty", path)
+	}
+
+	var file capturedFile
+	var db *bolt.DB
+	err = protect(func() error {
+		var err error
+		db, err = bolt.Open(path, 0o600, &bolt.Options{
+			Timeout:         opts.LockTimeout,
+			ReadOnly:        opts.ReadOnly,
+			PreLoadFreelist: true, // read the freelist here, where a damaged one is caught
+			OpenFile:        file.open,
+		})
+		return err
+	})
+	var p *panicError
+	switch {
+	case errors.As(err, &p):
+		file.release()
+		return nil, damagedError(path, fmt.Errorf("reading its header and freelist failed: %w", p))
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("opening store %s: %w: the file is locked, most likely by another segmesh-controller using the same --data-dir; stop it first", path, ErrLocked)
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch):
+		return nil, damagedError(path, err)
+	case err != nil:
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
+	s := &Bolt{db: db, path: path}
+	if err := s.initialise(opts); err != nil {
+		_ = db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// initialise checks an open store (see OpenWith) and, when writable, creates the
+// buckets that are missing (all of them in a new file).
+func (s *Bolt) initialise(opts OpenOptions) error {
+	if err := checkConsistency(s.db, s.path); err != nil {
+		return err
+	}
+	if opts.CACertPath != "" {
+		if err := checkOwnerAtOpen(s.db, s.path, opts.CACertPath); err != nil {
+			return err
+		}
+	}
+	if opts.ReadOnly {
+		return nil
+	}
+	var missing [][]byte
+	_ = s.db.View(func(tx *bolt.Tx) error {
 		for _, b := range allBuckets {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+			if tx.Bucket(b) == nil {
+				missing = append(missing, b)
+			}
+		}
+		return nil
+	})
+	if len(missing) == 0 {
+		return nil // an empty commit would still write a meta page
+	}
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		for _, b := range missing {
+			if _, err := tx.CreateBucket(b); err != nil {
 				return fmt.Errorf("creating bucket %s: %w", b, err)
 			}
 		}
 		return nil
 	})
 	if err != nil {
-		_ = db.Close()
-		return nil, fmt.Errorf("initialising store %s: %w", path, err)
+		return fmt.Errorf("initialising store %s: %w", s.path, err)
 	}
-	return &Bolt{db: db}, nil
+	return nil
 }
 
-// View implements Store.
+// View implements Store. A panic inside the transaction (a damaged page, or a
+// bug in fn) is returned as an error wrapping ErrDamaged.
 func (s *Bolt) View(fn func(Tx) error) error {
-	return s.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx}) })
+	return transactionError(s.path, protect(func() error {
+		return s.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx}) })
+	}))
 }
 
-// Update implements Store.
+// Update implements Store. A panic inside the transaction is returned as an
+// error wrapping ErrDamaged, and nothing is committed.
 func (s *Bolt) Update(fn func(Tx) error) error {
-	return s.db.Update(func(tx *bolt.Tx) error { return fn(boltTx{tx}) })
+	return transactionError(s.path, protect(func() error {
+		return s.db.Update(func(tx *bolt.Tx) error { return fn(boltTx{tx}) })
+	}))
 }
 
 // Close implements Store.
