@@ -204,7 +204,7 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				}
 			},
 			readOnly: true,
-			want: ErrLost,
+			want:     ErrLost,
 		},
 		{
 			name: "not a bbolt file",
@@ -246,8 +246,8 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				}
 			},
 			readOnly: true,
-			want:    ErrDamaged,
-			wantMsg: []string{"truncated"},
+			want:     ErrDamaged,
+			wantMsg:  []string{"truncated"},
 		},
 		{
 			name: "random bytes over a leaf page in the middle",
@@ -255,7 +255,7 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				d.populate(t)
 				overwrite(t, d.db, middle(pagesOfType(t, d.db, "leaf")), int(page), 2)
 			},
-			want:   ErrDamaged,
+			want: ErrDamaged,
 		},
 		{
 			name: "random bytes over a leaf page's element headers",
@@ -263,7 +263,7 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				d.populate(t)
 				overwrite(t, d.db, middle(pagesOfType(t, d.db, "leaf"))+16, 200, 3)
 			},
-			want:   ErrDamaged,
+			want: ErrDamaged,
 		},
 		{
 			name: "random bytes over a branch page",
@@ -271,7 +271,7 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				d.populate(t)
 				overwrite(t, d.db, middle(pagesOfType(t, d.db, "branch")), int(page), 4)
 			},
-			want:   ErrDamaged,
+			want: ErrDamaged,
 		},
 		{
 			name: "random bytes over a branch page's child pointers",
@@ -280,7 +280,7 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				overwrite(t, d.db, middle(pagesOfType(t, d.db, "branch"))+16, 64, 5)
 			},
 			readOnly: true,
-			want: ErrDamaged,
+			want:     ErrDamaged,
 		},
 		{
 			name: "random bytes over the freelist",
@@ -288,7 +288,7 @@ func TestOpenRefusesLostDamagedOrForeignStores(t *testing.T) {
 				d.populate(t)
 				overwrite(t, d.db, middle(pagesOfType(t, d.db, "freelist")), 64, 6)
 			},
-			want:   ErrDamaged,
+			want: ErrDamaged,
 		},
 		{
 			name: "store copied from another data directory",
