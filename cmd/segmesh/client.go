@@ -81,8 +81,10 @@ func operatorClient(g *globalFlags) (segmeshv1connect.OperatorServiceClient, err
 		connect.WithInterceptors(auth)), nil
 }
 
-// callError turns an RPC error into an exitError: refusals of the input exit 1,
-// everything else (unreachable controller, bad credential) exits 2.
+// callError turns an RPC error into an exitError. A refusal (the input is invalid,
+// the object does not exist or is in the wrong state, the credential's role does
+// not allow the change) exits 1; a connection or credential problem (unreachable
+// controller, unknown or revoked credential) exits 2.
 func callError(what string, err error) error {
 	var ce *connect.Error
 	if errors.As(err, &ce) {
@@ -92,15 +94,36 @@ func callError(what string, err error) error {
 			return &exitError{code: 1, msg: ce.Message()}
 		case connect.CodeFailedPrecondition, connect.CodeAlreadyExists, connect.CodeNotFound:
 			return &exitError{code: 1, msg: fmt.Sprintf("segmesh: %s: %s", what, ce.Message())}
-		case connect.CodeUnauthenticated, connect.CodePermissionDenied:
-			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %s (check --credentials)", what, ce.Message())}
+		case connect.CodePermissionDenied:
+			return &exitError{code: 1, msg: fmt.Sprintf("segmesh: %s: refused: the role of this operator credential does not allow it (%s); a viewer only reads, changes need an admin credential", what, ce.Message())}
+		case connect.CodeUnauthenticated:
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %s (check --credentials: the credential may be unknown to this controller or revoked)", what, ce.Message())}
 		case connect.CodeUnavailable:
 			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: controller unreachable: %v (check --controller and that segmesh-controller runs)", what, ce.Unwrap())}
+		case connect.CodeResourceExhausted:
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: the controller is busy: %s (try again shortly)", what, ce.Message())}
 		}
 	}
 	return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %v", what, err)}
 }
 
-func callContext() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), requestTimeout)
+// invoke makes one unary operator call: it loads the credential, dials the
+// controller, calls method (a method expression such as
+// segmeshv1connect.OperatorServiceClient.RevokeNode) with req under
+// requestTimeout, and maps an error with callError(what, err). what says what was
+// being done, e.g. "revoking node web-1".
+func invoke[Req, Resp any](g *globalFlags, what string,
+	method func(segmeshv1connect.OperatorServiceClient, context.Context, *connect.Request[Req]) (*connect.Response[Resp], error),
+	req *Req) (*Resp, error) {
+	client, err := operatorClient(g)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	resp, err := method(client, ctx, connect.NewRequest(req))
+	if err != nil {
+		return nil, callError(what, err)
+	}
+	return resp.Msg, nil
 }

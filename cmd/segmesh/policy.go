@@ -5,10 +5,10 @@ import (
 	"fmt"
 	"os"
 
-	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/policy"
 )
 
@@ -49,22 +49,17 @@ func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return refusedNothingApplied(err)
 			}
-			client, err := operatorClient(g)
+			resp, err := invoke(g, "applying policy", segmeshv1connect.OperatorServiceClient.ApplyPolicy,
+				&segmeshv1.ApplyPolicyRequest{Filename: args[0], Content: data})
 			if err != nil {
-				return err
+				return refusedNothingApplied(err)
 			}
-			ctx, cancel := callContext()
-			defer cancel()
-			resp, err := client.ApplyPolicy(ctx, connect.NewRequest(&segmeshv1.ApplyPolicyRequest{Filename: args[0], Content: data}))
-			if err != nil {
-				return refusedNothingApplied(callError("applying policy", err))
-			}
-			printWarnings(cmd.ErrOrStderr(), resp.Msg.GetWarnings())
-			if resp.Msg.GetUnchanged() {
-				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d already holds this policy\n", resp.Msg.GetRevision())
+			printWarnings(cmd.ErrOrStderr(), resp.GetWarnings())
+			if resp.GetUnchanged() {
+				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d already holds this policy\n", resp.GetRevision())
 				return nil
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "applied revision %d\n", resp.Msg.GetRevision())
+			fmt.Fprintf(cmd.OutOrStdout(), "applied revision %d\n", resp.GetRevision())
 			return nil
 		},
 	}
@@ -73,9 +68,15 @@ func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
 // refusedNothingApplied adds to a refusal of the policy (exit code 1) the fact that
 // the controller kept the revision in force.
 func refusedNothingApplied(err error) error {
+	return refusedNothingChanged(err, "policy refused; nothing was applied, the revision in force stays")
+}
+
+// refusedNothingChanged adds the line "segmesh: NOTE" to a refusal (exit code 1), to
+// say what stays as it was; other errors are returned as they are.
+func refusedNothingChanged(err error, note string) error {
 	var ee *exitError
 	if errors.As(err, &ee) && ee.code == 1 {
-		return &exitError{code: 1, msg: ee.msg + "\nsegmesh: policy refused; nothing was applied, the revision in force stays"}
+		return &exitError{code: 1, msg: ee.msg + "\nsegmesh: " + note}
 	}
 	return err
 }
@@ -87,18 +88,13 @@ func newPolicyShowCmd(g *globalFlags) *cobra.Command {
 		Short: "Print the policy file of the revision in force (or of a given revision)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			client, err := operatorClient(g)
+			resp, err := invoke(g, "reading policy", segmeshv1connect.OperatorServiceClient.GetPolicy,
+				&segmeshv1.GetPolicyRequest{Revision: revision})
 			if err != nil {
 				return err
 			}
-			ctx, cancel := callContext()
-			defer cancel()
-			resp, err := client.GetPolicy(ctx, connect.NewRequest(&segmeshv1.GetPolicyRequest{Revision: revision}))
-			if err != nil {
-				return callError("reading policy", err)
-			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "# revision %d (%s)\n", resp.Msg.GetRevision(), resp.Msg.GetFilename())
-			_, err = cmd.OutOrStdout().Write(resp.Msg.GetContent())
+			fmt.Fprintf(cmd.ErrOrStderr(), "# revision %d (%s)\n", resp.GetRevision(), resp.GetFilename())
+			_, err = cmd.OutOrStdout().Write(resp.GetContent())
 			return err
 		},
 	}

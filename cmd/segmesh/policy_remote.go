@@ -7,14 +7,12 @@ import (
 	"io"
 	"net/netip"
 	"strings"
-	"text/tabwriter"
-	"time"
 
-	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
 	"segmesh/api/nftrender"
 	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/api/wire"
 	"segmesh/policy"
 )
@@ -44,8 +42,7 @@ type historyJSON struct {
 const shortHashLen = 12
 
 func newPolicyHistoryCmd(g *globalFlags) *cobra.Command {
-	var output string
-	cmd := &cobra.Command{
+	return readCmd(&cobra.Command{
 		Use:   "history",
 		Short: "List the stored policy revisions: when, by whom, from which file, content hash",
 		Long: `History lists every policy revision the controller stored, oldest first: when
@@ -53,59 +50,44 @@ it was applied and by whom, the file name, the first 12 hex digits of the SHA-25
 of its content (equal hashes: equal files), and notes: the revision in force, the
 revision a rollback restored, or why a stored record cannot be read.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
-				return err
-			}
-			client, err := operatorClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := callContext()
-			defer cancel()
-			resp, err := client.ListPolicyRevisions(ctx, connect.NewRequest(&segmeshv1.ListPolicyRevisionsRequest{}))
-			if err != nil {
-				return callError("listing policy revisions", err)
-			}
-			h := historyJSON{ServingRevision: resp.Msg.GetServingRevision(), Revisions: []revisionJSON{}}
-			for _, r := range resp.Msg.GetRevisions() {
-				rj := revisionJSON{
-					Revision: r.GetRevision(), AppliedBy: r.GetAppliedBy(), Filename: r.GetFilename(), SHA256: r.GetSha256(),
-					RestoredFrom: r.GetRestoredFrom(), InForce: r.GetRevision() == h.ServingRevision, Error: r.GetError(),
-				}
-				if ts := r.GetAppliedUnix(); ts != 0 {
-					rj.Applied = time.Unix(ts, 0).UTC().Format(time.RFC3339)
-				}
-				h.Revisions = append(h.Revisions, rj)
-			}
-			if output == "json" {
-				return writeJSON(cmd.OutOrStdout(), h)
-			}
-			if len(h.Revisions) == 0 {
-				fmt.Fprintln(cmd.OutOrStdout(), "no policy has been applied yet (default deny)")
-				return nil
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "REVISION\tAPPLIED\tBY\tFILE\tSHA256\tNOTE")
-			for _, r := range h.Revisions {
-				var notes []string
-				if r.InForce {
-					notes = append(notes, "in force")
-				}
-				if r.RestoredFrom != 0 {
-					notes = append(notes, fmt.Sprintf("rollback to %d", r.RestoredFrom))
-				}
-				if r.Error != "" {
-					notes = append(notes, "unreadable: "+r.Error)
-				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", r.Revision, orDash(r.Applied), orDash(r.AppliedBy), orDash(r.Filename),
-					orDash(r.SHA256[:min(len(r.SHA256), shortHashLen)]), orDash(strings.Join(notes, "; ")))
-			}
-			return tw.Flush()
-		},
+	}, func([]string) (any, func(io.Writer) error, error) {
+		resp, err := invoke(g, "listing policy revisions", segmeshv1connect.OperatorServiceClient.ListPolicyRevisions,
+			&segmeshv1.ListPolicyRevisionsRequest{})
+		if err != nil {
+			return nil, nil, err
+		}
+		h := historyJSON{ServingRevision: resp.GetServingRevision(), Revisions: []revisionJSON{}}
+		for _, r := range resp.GetRevisions() {
+			h.Revisions = append(h.Revisions, revisionJSON{
+				Revision: r.GetRevision(), Applied: unixTime(r.GetAppliedUnix()), AppliedBy: r.GetAppliedBy(), Filename: r.GetFilename(),
+				SHA256: r.GetSha256(), RestoredFrom: r.GetRestoredFrom(), InForce: r.GetRevision() == h.ServingRevision, Error: r.GetError(),
+			})
+		}
+		return h, h.writeTable, nil
+	})
+}
+
+func (h historyJSON) writeTable(w io.Writer) error {
+	if len(h.Revisions) == 0 {
+		_, err := fmt.Fprintln(w, "no policy has been applied yet (default deny)")
+		return err
 	}
-	addOutputFlag(cmd, &output)
-	return cmd
+	rows := make([][]string, 0, len(h.Revisions))
+	for _, r := range h.Revisions {
+		var notes []string
+		if r.InForce {
+			notes = append(notes, "in force")
+		}
+		if r.RestoredFrom != 0 {
+			notes = append(notes, fmt.Sprintf("rollback to %d", r.RestoredFrom))
+		}
+		if r.Error != "" {
+			notes = append(notes, "unreadable: "+r.Error)
+		}
+		rows = append(rows, []string{fmt.Sprint(r.Revision), r.Applied, r.AppliedBy, r.Filename,
+			r.SHA256[:min(len(r.SHA256), shortHashLen)], strings.Join(notes, "; ")})
+	}
+	return writeTable(w, []string{"REVISION", "APPLIED", "BY", "FILE", "SHA256", "NOTE"}, rows)
 }
 
 func newPolicyRollbackCmd(g *globalFlags) *cobra.Command {
@@ -122,22 +104,17 @@ the revision it restored. Prints the new revision.`,
 			if _, err := fmt.Sscan(args[0], &rev); err != nil || rev == 0 || fmt.Sprint(rev) != args[0] {
 				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: revision %q: want a revision number from `segmesh policy history`", args[0])}
 			}
-			client, err := operatorClient(g)
+			resp, err := invoke(g, "rolling back policy", segmeshv1connect.OperatorServiceClient.RollbackPolicy,
+				&segmeshv1.RollbackPolicyRequest{Revision: rev})
 			if err != nil {
 				return err
 			}
-			ctx, cancel := callContext()
-			defer cancel()
-			resp, err := client.RollbackPolicy(ctx, connect.NewRequest(&segmeshv1.RollbackPolicyRequest{Revision: rev}))
-			if err != nil {
-				return callError("rolling back policy", err)
-			}
-			printWarnings(cmd.ErrOrStderr(), resp.Msg.GetWarnings())
-			if resp.Msg.GetUnchanged() {
-				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d in force already holds the policy of revision %d\n", resp.Msg.GetRevision(), rev)
+			printWarnings(cmd.ErrOrStderr(), resp.GetWarnings())
+			if resp.GetUnchanged() {
+				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d in force already holds the policy of revision %d\n", resp.GetRevision(), rev)
 				return nil
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "applied revision %d (the policy of revision %d)\n", resp.Msg.GetRevision(), rev)
+			fmt.Fprintf(cmd.OutOrStdout(), "applied revision %d (the policy of revision %d)\n", resp.GetRevision(), rev)
 			return nil
 		},
 	}
@@ -177,9 +154,9 @@ type renderJSON struct {
 }
 
 func newPolicyRenderCmd(g *globalFlags) *cobra.Command {
-	var node, file, iface, output string
-	cmd := &cobra.Command{
-		Use:   "render --node NAME [--file NEW.yaml] [-o json]",
+	var node, file, iface string
+	cmd := readCmd(&cobra.Command{
+		Use:   "render --node NAME [--file NEW.yaml] [-o table|json|yaml]",
 		Short: "Show the exact WireGuard peers and nftables ruleset a node receives, before or after apply",
 		Long: `Render asks the controller for the netmap of node NAME and prints its WireGuard
 peers (name, public key, endpoint, allowed IPs) and the nftables ruleset the
@@ -190,47 +167,33 @@ it compiles NEW.yaml against the controller's inventory, with the same checks as
 apply, and shows what the node would receive (nothing is stored or distributed).
 The file name is part of the rule comments: pass the name you apply it with.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := outputFormat(output); err != nil {
-				return err
-			}
-			req := &segmeshv1.GetNetmapRequest{Node: node}
-			if file != "" {
-				_, data, err := parsePolicyFile(file)
-				if err != nil {
-					return err
-				}
-				req.Candidate = &segmeshv1.PolicyFile{Filename: file, Content: data}
-			}
-			client, err := operatorClient(g)
+	}, func([]string) (any, func(io.Writer) error, error) {
+		req := &segmeshv1.GetNetmapRequest{Node: node}
+		if file != "" {
+			_, data, err := parsePolicyFile(file)
 			if err != nil {
-				return err
+				return nil, nil, err
 			}
-			ctx, cancel := callContext()
-			defer cancel()
-			resp, err := client.GetNetmap(ctx, connect.NewRequest(req))
-			if err != nil {
-				return callError("reading netmap of node "+node, err)
-			}
-			out, err := toRenderJSON(resp.Msg, iface)
-			if err != nil {
-				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: netmap of node %s: %v", node, err)}
-			}
-			if file != "" {
-				out.File = file
-				changed := resp.Msg.GetChanged()
-				out.Changed = &changed
-			}
-			if output == "json" {
-				return writeJSON(cmd.OutOrStdout(), out)
-			}
-			return writeRender(cmd.OutOrStdout(), out)
-		},
-	}
+			req.Candidate = &segmeshv1.PolicyFile{Filename: file, Content: data}
+		}
+		resp, err := invoke(g, "reading netmap of node "+node, segmeshv1connect.OperatorServiceClient.GetNetmap, req)
+		if err != nil {
+			return nil, nil, err
+		}
+		out, err := toRenderJSON(resp, iface)
+		if err != nil {
+			return nil, nil, &exitError{code: 2, msg: fmt.Sprintf("segmesh: netmap of node %s: %v", node, err)}
+		}
+		if file != "" {
+			out.File = file
+			changed := resp.GetChanged()
+			out.Changed = &changed
+		}
+		return out, out.writeText, nil
+	})
 	cmd.Flags().StringVar(&node, "node", "", "node name")
 	cmd.Flags().StringVar(&file, "file", "", "policy file to preview instead of the policy in force")
 	cmd.Flags().StringVar(&iface, "interface", "", "the node's overlay interface (default: the one its agent reported, else segmesh0)")
-	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	_ = cmd.MarkFlagRequired("node")
 	return cmd
 }
@@ -264,7 +227,9 @@ func toRenderJSON(r *segmeshv1.GetNetmapResponse, iface string) (renderJSON, err
 	return out, nil
 }
 
-func writeRender(w io.Writer, r renderJSON) error {
+// writeText prints r for people: a header line, the addresses, the WireGuard peer
+// table and the nftables ruleset.
+func (r renderJSON) writeText(w io.Writer) error {
 	if r.File == "" {
 		fmt.Fprintf(w, "node %s at policy revision %d (its netmap last changed at revision %d; hash %s)\n", r.Node, r.Revision, r.NetmapRevision, r.Hash)
 	} else {
@@ -277,12 +242,11 @@ func writeRender(w io.Writer, r renderJSON) error {
 	fmt.Fprintf(w, "addresses: %s\n\n", strings.Join(r.Addresses, ", "))
 	fmt.Fprintf(w, "WireGuard peers (%d):\n", len(r.Peers))
 	if len(r.Peers) > 0 {
-		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tPUBLIC KEY\tENDPOINT\tALLOWED IPS")
+		rows := make([][]string, 0, len(r.Peers))
 		for _, p := range r.Peers {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, p.PublicKey, orDash(p.Endpoint), strings.Join(p.AllowedIPs, ","))
+			rows = append(rows, []string{p.Name, p.PublicKey, p.Endpoint, strings.Join(p.AllowedIPs, ",")})
 		}
-		if err := tw.Flush(); err != nil {
+		if err := writeTable(w, []string{"NAME", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS"}, rows); err != nil {
 			return err
 		}
 	}
@@ -293,10 +257,14 @@ func writeRender(w io.Writer, r renderJSON) error {
 
 // inventoryFromStatus converts the controller's node list to a policy inventory:
 // names, labels and overlay addresses (the controller reports them as /32 and
-// /128 prefixes).
+// /128 prefixes). Revoked nodes are left out: they are in no netmap, so the
+// policy selects them nowhere.
 func inventoryFromStatus(nodes []*segmeshv1.NodeStatus) ([]policy.Node, error) {
 	out := make([]policy.Node, 0, len(nodes))
 	for _, n := range nodes {
+		if n.GetState() == nodeStateRevoked {
+			continue
+		}
 		pn := policy.Node{Name: n.GetName(), Labels: n.GetLabels()}
 		for _, s := range n.GetAddresses() {
 			p, err := netip.ParsePrefix(s)
@@ -312,17 +280,11 @@ func inventoryFromStatus(nodes []*segmeshv1.NodeStatus) ([]policy.Node, error) {
 
 // controllerInventory fetches the controller's nodes as a policy inventory.
 func controllerInventory(g *globalFlags) ([]policy.Node, error) {
-	client, err := operatorClient(g)
+	resp, err := invoke(g, "listing nodes", segmeshv1connect.OperatorServiceClient.ListNodes, &segmeshv1.ListNodesRequest{})
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := callContext()
-	defer cancel()
-	resp, err := client.ListNodes(ctx, connect.NewRequest(&segmeshv1.ListNodesRequest{}))
-	if err != nil {
-		return nil, callError("listing nodes", err)
-	}
-	inv, err := inventoryFromStatus(resp.Msg.GetNodes())
+	inv, err := inventoryFromStatus(resp.GetNodes())
 	if err != nil {
 		return nil, &exitError{code: 2, msg: "segmesh: " + err.Error()}
 	}
@@ -331,27 +293,22 @@ func controllerInventory(g *globalFlags) ([]policy.Node, error) {
 
 // controllerPolicy fetches and parses the policy revision in force.
 func controllerPolicy(g *globalFlags) (*policy.Policy, *segmeshv1.GetPolicyResponse, error) {
-	client, err := operatorClient(g)
+	resp, err := invoke(g, "reading the policy in force", segmeshv1connect.OperatorServiceClient.GetPolicy, &segmeshv1.GetPolicyRequest{})
 	if err != nil {
 		return nil, nil, err
 	}
-	ctx, cancel := callContext()
-	defer cancel()
-	resp, err := client.GetPolicy(ctx, connect.NewRequest(&segmeshv1.GetPolicyRequest{}))
+	p, err := policy.Parse(resp.GetFilename(), resp.GetContent())
 	if err != nil {
-		return nil, nil, callError("reading the policy in force", err)
+		return nil, nil, &exitError{code: 2, msg: fmt.Sprintf("segmesh: policy revision %d in force does not parse here (is this segmesh older than the controller?):\n%v", resp.GetRevision(), err)}
 	}
-	p, err := policy.Parse(resp.Msg.GetFilename(), resp.Msg.GetContent())
-	if err != nil {
-		return nil, nil, &exitError{code: 2, msg: fmt.Sprintf("segmesh: policy revision %d in force does not parse here (is this segmesh older than the controller?):\n%v", resp.Msg.GetRevision(), err)}
-	}
-	return p, resp.Msg, nil
+	return p, resp, nil
 }
 
 // withControllerSources makes the offline `policy explain FILE --inventory
 // NODES.yaml` command also work against the controller: without FILE it explains
 // the policy in force, without --inventory it uses the controller's nodes. Its
-// output is the offline command's; a line on stderr says what was fetched.
+// table (text) and JSON output are the offline command's, and it takes -o yaml
+// too; a line on stderr says what was fetched.
 func withControllerSources(explain *cobra.Command, g *globalFlags) *cobra.Command {
 	offline := explain.RunE
 	explain.Use = "explain [FILE] [--inventory NODES.yaml] --from A --to B --port tcp/5432"
@@ -360,7 +317,8 @@ func withControllerSources(explain *cobra.Command, g *globalFlags) *cobra.Comman
 
 Without FILE, explain uses the policy in force on the controller; without
 --inventory, the controller's nodes (connection flags --controller and
---credentials). A line on stderr names what it fetched.`
+--credentials). A line on stderr names what it fetched. Against the controller,
+-o also takes yaml (the JSON document as YAML).`
 	if f := explain.Flags().Lookup("inventory"); f != nil {
 		delete(f.Annotations, cobra.BashCompOneRequiredFlag)
 	}
@@ -372,8 +330,9 @@ Without FILE, explain uses the policy in force on the controller; without
 		if len(args) == 1 && inventory != "" {
 			return offline(cmd, args)
 		}
-		output, _ := cmd.Flags().GetString("output")
-		if err := outputFormat(output); err != nil {
+		flag, _ := cmd.Flags().GetString("output")
+		output, err := parseOutputFormat(flag)
+		if err != nil {
 			return err
 		}
 		var p *policy.Policy
@@ -409,11 +368,10 @@ Without FILE, explain uses the policy in force on the controller; without
 			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: explain: %v", err)}
 		}
 		// Printed as the offline command prints it (policy_tools.go).
-		if output == "json" {
-			return writeToolJSON(cmd.OutOrStdout(), x)
-		}
-		_, err = io.WriteString(cmd.OutOrStdout(), x.Text())
-		return err
+		return output.write(cmd.OutOrStdout(), x, func(w io.Writer) error {
+			_, err := io.WriteString(w, x.Text())
+			return err
+		})
 	}
 	return explain
 }

@@ -238,7 +238,7 @@ func TestPolicyHistoryAndRollback(t *testing.T) {
 		{"3", v1, shortSHA(remotePolicy), "in force; rollback to 1"},
 	} {
 		f := strings.Fields(lines[i+1])
-		if f[0] != want.rev || f[2] != "operator" || f[3] != want.file || f[4] != want.sha || strings.Join(f[5:], " ") != want.note {
+		if f[0] != want.rev || f[2] != "admin" || f[3] != want.file || f[4] != want.sha || strings.Join(f[5:], " ") != want.note {
 			t.Errorf("history row %d = %q, want revision %s file %s sha %s note %q", i+1, lines[i+1], want.rev, want.file, want.sha, want.note)
 		}
 		if _, err := time.Parse(time.RFC3339, f[1]); err != nil {
