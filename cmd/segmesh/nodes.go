@@ -175,7 +175,12 @@ policy's tests against the changed inventory; when one would fail, the change is
 refused (exit 1) with the controller's message naming the test, and nothing
 changes. Memberships then update as set elements only. Prints the node's labels
 after the change.`,
-		Args: cobra.MinimumNArgs(2),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 2 {
+				return &exitError{code: 2, msg: "segmesh: nodes label takes a node NAME and at least one KEY=VALUE or KEY-, e.g. `segmesh nodes label web-1 role=db env-`"}
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
 			set, remove, err := parseLabelChanges(args[1:])

@@ -377,7 +377,7 @@ func TestExitCodes(t *testing.T) {
 		{"revoked credential", func(f *fakeController) {
 			f.fail(segmeshv1connect.OperatorServiceListTokensProcedure, connect.NewError(connect.CodeUnauthenticated, errors.New("unknown or revoked credential")))
 		}, []string{"token", "list"}, 2, []string{"listing tokens: unknown or revoked credential (check --credentials"}},
-		{"label without change", nil, []string{"nodes", "label", "web-1"}, 2, []string{"requires at least 2 arg(s)"}},
+		{"label without change", nil, []string{"nodes", "label", "web-1"}, 2, []string{"nodes label takes a node NAME and at least one KEY=VALUE or KEY-"}},
 		{"label bad syntax", nil, []string{"nodes", "label", "web-1", "role"}, 2, []string{"want KEY=VALUE"}},
 		{"revoke without name", nil, []string{"nodes", "revoke"}, 2, []string{"segmesh nodes revoke takes one argument, NAME"}},
 		{"two names", nil, []string{"token", "revoke", "a", "b"}, 2, []string{"segmesh token revoke takes one argument, ID"}},
