@@ -89,18 +89,24 @@ func damagedError(path string, detail error) error {
 // Owner returns the store's owner record; ok is false for a store that has none
 // yet (new, or written by a version that did not record one).
 func (s *Bolt) Owner() (o Owner, ok bool, err error) {
-	err = s.View(func(tx Tx) error {
-		raw, err := tx.Meta(string(metaOwner))
-		if err != nil || raw == nil {
-			return err
-		}
-		if err := json.Unmarshal(raw, &o); err != nil {
-			return fmt.Errorf("decoding the store's owner record: %w", err)
-		}
-		ok = true
-		return nil
+	err = protect(func() error {
+		return s.db.View(func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucketMeta)
+			if b == nil {
+				return nil // a read-only store written before the meta bucket
+			}
+			raw := b.Get(metaOwner)
+			if raw == nil {
+				return nil
+			}
+			if err := json.Unmarshal(raw, &o); err != nil {
+				return fmt.Errorf("store %s: %w: its owner record does not decode (%w)", s.path, ErrDamaged, err)
+			}
+			ok = true
+			return nil
+		})
 	})
-	return o, ok, err
+	return o, ok, transactionError(s.path, err)
 }
 
 // Bind ties the store to the data directory whose controller CA certificate is
