@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/goccy/go-yaml"
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
 
@@ -406,6 +407,18 @@ func TestNodesListYAMLAndRemoteExplain(t *testing.T) {
 				if !strings.Contains(errOut, "policy revision 1 ("+file+") in force, 3 nodes") {
 					t.Errorf("stderr %q does not name the fetched revision and nodes", errOut)
 				}
+			}
+			// Against the controller, -o yaml is the JSON document as YAML (YAML
+			// reads JSON too, so both decode to the same value).
+			var fromJSON, fromYAML any
+			if err := yaml.Unmarshal([]byte(e.ok(append([]string{"policy", "explain", "-o", "json"}, q...)...)), &fromJSON); err != nil {
+				t.Fatal(err)
+			}
+			if err := yaml.Unmarshal([]byte(e.ok(append([]string{"policy", "explain", "-o", "yaml"}, q...)...)), &fromYAML); err != nil {
+				t.Fatal(err)
+			}
+			if d := cmp.Diff(fromJSON, fromYAML); d != "" || fromJSON == nil {
+				t.Errorf("explain -o yaml differs from -o json (-json +yaml):\n%s", d)
 			}
 			// FILE against the controller's nodes is the same as well.
 			if got, want := e.ok(append([]string{"policy", "explain", file}, q...)...),
