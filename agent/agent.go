@@ -4,6 +4,13 @@
 // dataplane against them (plus peer endpoints learned by gossip), and reports the
 // revision it enforces.
 //
+// It also looks after its identity for the life of the host: it renews its node
+// certificate with a fresh TLS key before it expires, rotates its WireGuard key
+// when an operator asks for it, re-enrolls with a new join token after its
+// certificate expired (keeping its keys), and, when an operator revoked the node,
+// drops every peer, keeps a default-deny filter (also across restarts) and stops
+// gossip and reporting.
+//
 // Run wires the subpackages together: statefile (state directory), enroll (first
 // contact, CA pinning), netmap (validation), reconcile (desired state and drift
 // repair) and gossip (memberlist).
@@ -12,6 +19,7 @@ package agent
 import (
 	"context"
 	"crypto/ecdsa"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,7 +58,10 @@ type Options struct {
 	// token must never travel in cleartext). Required on the first start; later
 	// starts default to the enrolled one.
 	Controller string
-	// Token is the join token; needed only on the first start.
+	// Token is the join token. It is needed on the first start; later starts ignore
+	// it, except to re-enroll under the enrolled name (with the current TLS and
+	// WireGuard keys) when the node certificate has expired, or when the node was
+	// revoked and an operator deleted it since.
 	Token string
 	// StateDir holds keys, certificates, identity and the last netmap. Required.
 	StateDir string
@@ -69,8 +80,8 @@ type Options struct {
 	// GossipPort overrides the memberlist port from the netmap, for binding and for
 	// joining peers; 0 uses the netmap's.
 	GossipPort int
-	// Resync is the period of dataplane read-back (drift repair), status reports and
-	// gossip re-joins; defaults to DefaultResync.
+	// Resync is the period of dataplane read-back (drift repair), status reports,
+	// gossip re-joins and certificate expiry checks; defaults to DefaultResync.
 	Resync time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
@@ -80,18 +91,20 @@ type Options struct {
 
 // agent is one Run.
 type agent struct {
-	opts    Options
-	log     *slog.Logger
-	dir     *statefile.Dir
+	opts Options
+	log  *slog.Logger
+	dir  *statefile.Dir
+	// id is set up before the loops start and not changed after (the key
+	// generation lives in keyGen).
 	id      statefile.Identity
-	wgKey   dataplane.Key
-	tlsKey  *ecdsa.PrivateKey // signs gossip endpoint claims
 	dp      dataplane.Dataplane
 	rec     *reconcile.Reconciler
 	gossip  *gossip.Manager
 	syncer  *syncer
 	gossipC chan struct{} // member changes and new netmaps, coalesced
 	reportC chan struct{} // something in the report changed, coalesced
+	rotateC chan struct{} // a netmap may ask for a key rotation, coalesced
+	renewC  chan struct{} // check the certificate now, coalesced
 
 	joins sync.WaitGroup // gossip joins in flight
 
@@ -102,6 +115,12 @@ type agent struct {
 	mu       sync.Mutex
 	endpoint netip.AddrPort // last discovered; zero until known
 	alive    []string       // netmap peers gossip sees alive, sorted
+	wgKey    dataplane.Key  // current WireGuard private key
+	tlsKey   *ecdsa.PrivateKey
+	cert     *tls.Certificate // current node certificate for tlsKey (Leaf set)
+	keyGen   uint64           // completed key rotation generation
+	revoked  bool             // the netmap in force says an operator revoked this node
+	expired  bool             // the node certificate expired (logged once)
 }
 
 // Run runs the agent until ctx ends, then stops cleanly and returns nil. What stays
@@ -165,6 +184,8 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		log:     opts.Logger,
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
+		rotateC: make(chan struct{}, 1),
+		renewC:  make(chan struct{}, 1),
 		claims:  map[string]gossip.Claim{},
 	}
 	var err error
@@ -182,6 +203,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if ctx.Err() != nil {
 		return nil, nil
 	}
+	a.keyGen = a.id.KeyGeneration
 	if a.tlsKey, err = a.dir.TLSKey(); err != nil {
 		return nil, err
 	}
@@ -239,14 +261,25 @@ func (a *agent) run(ctx context.Context) {
 	}
 	signal(a.gossipC)
 
+	if err := a.loadCertificate(); err != nil {
+		a.log.Error("cannot talk to the controller", "err", err)
+		<-ctx.Done()
+		return
+	}
+	if !a.reenrollIfNeeded(ctx) {
+		return
+	}
 	if s, err = newSyncer(a); err != nil {
 		a.log.Error("cannot talk to the controller", "err", err)
 		<-ctx.Done()
 		return
 	}
 	a.syncer = s
+	signal(a.rotateC) // a rotation a restart interrupted, or one the stored netmap asks for
 	wg.Go(func() { a.gossipLoop(ctx) })
 	wg.Go(func() { a.syncer.reportLoop(ctx) })
+	wg.Go(func() { a.renewLoop(ctx) })
+	wg.Go(func() { a.rotateLoop(ctx) })
 	a.syncer.connectLoop(ctx)
 }
 
@@ -262,9 +295,13 @@ func (a *agent) storedNetmap() *netmap.Netmap {
 	if err == nil {
 		var nm *netmap.Netmap
 		if nm, err = netmap.Parse(pb); err == nil {
-			if nm.Self.Name != a.id.NodeName {
+			switch {
+			case nm.Self.Name != a.id.NodeName:
 				err = fmt.Errorf("netmap is for node %q, this node is %q", nm.Self.Name, a.id.NodeName)
-			} else {
+			case nm.Revoked:
+				a.markRevoked("the stored netmap says so")
+				return nm
+			default:
 				a.log.Info("applying stored netmap before contacting the controller", "revision", nm.Revision, "hash", nm.Hash, "peers", len(nm.Peers))
 				return nm
 			}

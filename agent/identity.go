@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"errors"
 	"fmt"
 	"net"
@@ -32,9 +33,6 @@ func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identi
 	if o.Name != "" && o.Name != id.NodeName {
 		return id, fmt.Errorf("state directory %s is enrolled as node %q, not %q: drop --name, or use a new state directory to enroll another node", a.dir.Path(), id.NodeName, o.Name)
 	}
-	if o.Token != "" {
-		a.log.Info("already enrolled; ignoring the join token", "node", id.NodeName)
-	}
 	changed := false
 	update := func(field string, cur *string, v string) {
 		if v != "" && v != *cur {
@@ -57,16 +55,12 @@ func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identi
 	return id, nil
 }
 
-// enroll performs the one-time enrollment, retrying with backoff while the
-// controller is unavailable and giving up at once when it refuses.
+// enroll performs the first enrollment, retrying with backoff while the controller
+// is unavailable and giving up at once when it refuses.
 func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity, error) {
 	o := a.opts
 	if o.Controller == "" || o.Token == "" {
-		return statefile.Identity{}, fmt.Errorf("state directory %s holds no identity: the first start needs --controller and --token (or SEGMESH_TOKEN)", a.dir.Path())
-	}
-	tok, err := jointoken.Decode(o.Token)
-	if err != nil {
-		return statefile.Identity{}, fmt.Errorf("reading the join token: %w", err)
+		return statefile.Identity{}, fmt.Errorf("state directory %s holds no identity: the first start needs --controller and a join token (--token-file FILE, $SEGMESH_TOKEN or --token)", a.dir.Path())
 	}
 	tlsKey, err := a.dir.TLSKey()
 	if err != nil {
@@ -83,17 +77,42 @@ func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity
 	if id.ListenPort == 0 {
 		id.ListenPort = DefaultListenPort
 	}
+	res, err := a.enrollWithRetry(ctx, id, o.Name, pub, tlsKey)
+	if err != nil || res == nil {
+		return id, err
+	}
+	id.NodeName = res.NodeName
+	id.Addresses = res.Addresses
+	id.Labels = res.Labels
+	id.OverlayPrefixes = res.OverlayPrefixes
+	if err := a.dir.SaveEnrollment(id, res.CADER, res.CertDER); err != nil {
+		return id, err
+	}
+	a.log.Info("enrolled", "node", id.NodeName, "addresses", id.Addresses, "labels", id.Labels)
+	return id, nil
+}
+
+// enrollWithRetry calls EnrollService.Enroll with the join token in Options for
+// node name (empty: the controller derives it), WireGuard public key pub and TLS key
+// tlsKey, at id's controller; it retries with backoff while the controller is
+// unavailable and returns at once when it refuses. It returns nil, nil when ctx
+// ends first.
+func (a *agent) enrollWithRetry(ctx context.Context, id statefile.Identity, name string, pub wgtypes.Key, tlsKey *ecdsa.PrivateKey) (*enroll.Result, error) {
+	tok, err := jointoken.Decode(a.opts.Token)
+	if err != nil {
+		return nil, fmt.Errorf("reading the join token: %w", err)
+	}
 	hostname, _ := os.Hostname()
-	bo := newBackoff(time.Second, 30*time.Second)
+	bo := newBackoff(time.Second, maxBackoff)
 	for {
-		ep, err := discoverEndpoint(o.Endpoint, o.Controller, id.ListenPort)
-		var res *enroll.Result
+		ep, err := discoverEndpoint(a.opts.Endpoint, id.Controller, id.ListenPort)
 		if err == nil {
 			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			var res *enroll.Result
 			res, err = enroll.Enroll(actx, enroll.Request{
-				Controller: o.Controller,
+				Controller: id.Controller,
 				Token:      tok,
-				Name:       o.Name,
+				Name:       name,
 				Hostname:   hostname,
 				PublicKey:  pub[:],
 				Endpoint:   ep.String(),
@@ -101,27 +120,19 @@ func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity
 			})
 			cancel()
 			if err == nil {
-				id.NodeName = res.NodeName
-				id.Addresses = res.Addresses
-				id.Labels = res.Labels
-				id.OverlayPrefixes = res.OverlayPrefixes
-				if err := a.dir.SaveEnrollment(id, res.CADER, res.CertDER); err != nil {
-					return id, err
-				}
-				a.log.Info("enrolled", "node", id.NodeName, "addresses", id.Addresses, "labels", id.Labels, "endpoint", ep)
-				return id, nil
+				return res, nil
 			}
 		}
 		if ctx.Err() != nil {
-			return id, nil
+			return nil, nil
 		}
-		if err != nil && !enroll.Retryable(err) && !errors.Is(err, errNoRoute) {
-			return id, err
+		if !enroll.Retryable(err) && !errors.Is(err, errNoRoute) {
+			return nil, err
 		}
 		d := bo.next()
 		a.log.Warn("enrollment failed; retrying", "err", err, "in", d.Round(time.Millisecond))
 		if !sleep(ctx, d) {
-			return id, nil
+			return nil, nil
 		}
 	}
 }

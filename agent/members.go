@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -104,7 +105,9 @@ func (a *agent) gossipLoop(ctx context.Context) {
 //
 // Memberlist runs only while nm configures gossip and lists at least one peer: a node
 // without peers has nobody to gossip with, so it opens no gossip port (least
-// privilege), even when the controller sent it the key.
+// privilege), even when the controller sent it the key. A revoked node's netmap has
+// neither, so its gossip stops. A new WireGuard key (rotation) is advertised in a
+// new claim; a new TLS key (renewal) restarts memberlist with the new signing key.
 func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 	if nm == nil || !nm.Gossip.Enabled() || len(nm.Peers) == 0 {
 		if err := a.gossip.Configure(gossip.Config{}); err != nil {
@@ -123,13 +126,14 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 	if a.opts.GossipPort != 0 {
 		port = a.opts.GossipPort
 	}
+	wgKey, tlsKey := a.keys()
 	err = a.gossip.Configure(gossip.Config{
 		NodeName:    a.id.NodeName,
 		BindAddr:    ep.Addr(),
 		Port:        port,
 		Key:         nm.Gossip.Key,
-		Meta:        gossip.Meta{PublicKey: publicKey(a.wgKey), Endpoint: ep},
-		IdentityKey: a.tlsKey,
+		Meta:        gossip.Meta{PublicKey: publicKey(wgKey), Endpoint: ep},
+		IdentityKey: tlsKey,
 	})
 	if err != nil {
 		a.log.Warn("gossip unavailable; retrying every resync", "err", err)
@@ -178,6 +182,14 @@ func (a *agent) setAlive(alive []string) {
 	if changed {
 		signal(a.reportC)
 	}
+}
+
+// keys returns the current WireGuard private key and TLS key (the gossip claim
+// signing key); rotation and renewal change them.
+func (a *agent) keys() (dataplane.Key, *ecdsa.PrivateKey) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.wgKey, a.tlsKey
 }
 
 func (a *agent) alivePeers() []string {

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -20,71 +21,160 @@ import (
 	"segmesh/api/segmeshv1/segmeshv1connect"
 )
 
-// syncer holds the mutual-TLS connection to the controller: the netmap stream and
-// the status reports.
-type syncer struct {
-	a      *agent
-	hc     *http.Client
-	client segmeshv1connect.AgentServiceClient
+// maxBackoff is the longest wait between two attempts to reach the controller; a
+// revoked node, or one whose certificate expired, waits this long every time.
+const maxBackoff = 30 * time.Second
 
-	mu         sync.Mutex
-	netmapErr  error // why the latest netmap from the controller was rejected
-	lastReport *segmeshv1.ReportRequest
-	reportMu   sync.Mutex // serialises reports so that they arrive in order
+// errReconnect ends a netmap stream on purpose (a renewed certificate): the loop
+// reconnects at once, over a new connection.
+var errReconnect = errors.New("reconnecting with the renewed certificate")
+
+// syncer holds the mutual-TLS connection to the controller: the netmap stream, the
+// status reports, certificate renewal and key rotation calls.
+type syncer struct {
+	a *agent
+
+	mu           sync.Mutex
+	hc           *http.Client
+	client       segmeshv1connect.AgentServiceClient
+	cancelStream context.CancelCauseFunc // ends the open netmap stream; nil when none
+	netmapErr    error                   // why the latest netmap from the controller was rejected
+	lastReport   *segmeshv1.ReportRequest
+	reportMu     sync.Mutex // serialises reports so that they arrive in order
 }
 
 func newSyncer(a *agent) (*syncer, error) {
-	cert, pool, err := a.dir.ClientCertificate()
+	pool, err := a.dir.CAPool()
 	if err != nil {
 		return nil, err
 	}
-	hc := enroll.NewHTTPClient(&tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
-		RootCAs:      pool,
-		ServerName:   enroll.ServerName,
+	s := &syncer{a: a}
+	s.hc = s.newHTTPClient(pool)
+	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, a.id.Controller)
+	return s, nil
+}
+
+// newHTTPClient returns a client whose TLS handshakes present the agent's current
+// node certificate (GetClientCertificate reads it at every handshake).
+func (s *syncer) newHTTPClient(pool *x509.CertPool) *http.Client {
+	return enroll.NewHTTPClient(&tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return s.a.certificate(), nil
+		},
+		RootCAs:    pool,
+		ServerName: enroll.ServerName,
 	})
-	return &syncer{a: a, hc: hc, client: segmeshv1connect.NewAgentServiceClient(hc, a.id.Controller)}, nil
+}
+
+// agentClient returns the current AgentService client.
+func (s *syncer) agentClient() segmeshv1connect.AgentServiceClient {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.client
+}
+
+// reconnect drops every connection made with the previous certificate: it puts a
+// new HTTP client in place, closes the old one's idle connections and ends the open
+// netmap stream, which connectLoop reopens at once.
+func (s *syncer) reconnect() {
+	pool, err := s.a.dir.CAPool()
+	s.mu.Lock()
+	old, cancel := s.hc, s.cancelStream
+	if err == nil {
+		s.hc = s.newHTTPClient(pool)
+		s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.a.id.Controller)
+	}
+	s.mu.Unlock()
+	if err != nil {
+		s.a.log.Warn("reloading the CA certificate; keeping the connection", "err", err)
+	}
+	if cancel != nil {
+		cancel(errReconnect)
+	}
+	if err == nil {
+		old.CloseIdleConnections()
+	}
 }
 
 // close drops the idle connections to the controller.
-func (s *syncer) close() { s.hc.CloseIdleConnections() }
+func (s *syncer) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hc.CloseIdleConnections()
+}
 
 // connectLoop keeps a Sync stream open until ctx ends, reconnecting with backoff
-// (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap).
+// (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap). A
+// revoked node, or one whose certificate expired, tries only every 30 s: it keeps
+// its default-deny or last netmap meanwhile and does not hammer the controller.
 func (s *syncer) connectLoop(ctx context.Context) {
-	bo := newBackoff(time.Second, 30*time.Second)
+	a := s.a
+	bo := newBackoff(time.Second, maxBackoff)
 	for {
+		if a.certificateExpired() {
+			if !sleep(ctx, maxBackoff) {
+				return
+			}
+			continue
+		}
 		received, err := s.syncOnce(ctx)
 		if ctx.Err() != nil {
 			return
 		}
+		if errors.Is(err, errReconnect) {
+			a.log.Info("reconnecting to the controller with the renewed certificate")
+			bo.reset()
+			continue
+		}
+		s.checkRevoked(ctx, err)
 		if received {
 			bo.reset()
 		}
 		d := bo.next()
-		s.a.log.Warn("controller stream ended; reconnecting", "controller", s.a.id.Controller, "err", err, "in", d.Round(time.Millisecond))
+		switch {
+		case a.isRevoked():
+			d = maxBackoff
+			a.log.Debug("node is revoked; asking the controller again later", "err", err, "in", d)
+		case a.certificateExpired():
+			continue // logged by certificateExpired
+		default:
+			a.log.Warn("controller stream ended; reconnecting", "controller", a.id.Controller, "err", err, "in", d.Round(time.Millisecond))
+		}
 		if !sleep(ctx, d) {
 			return
 		}
 	}
 }
 
-// syncOnce runs one Sync stream; it reports whether a netmap arrived.
+// syncOnce runs one Sync stream; it reports whether a netmap arrived. The error is
+// errReconnect when reconnect ended the stream.
 func (s *syncer) syncOnce(ctx context.Context) (bool, error) {
 	ep, err := s.a.currentEndpoint()
 	if err != nil {
 		return false, err
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stream, err := s.client.Sync(ctx, connect.NewRequest(&segmeshv1.SyncRequest{
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	s.mu.Lock()
+	s.cancelStream = cancel
+	client := s.client
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.cancelStream = nil
+		s.mu.Unlock()
+	}()
+	stream, err := client.Sync(ctx, connect.NewRequest(&segmeshv1.SyncRequest{
 		Endpoint:  ep.String(),
 		Dataplane: string(s.a.dp.Kind()),
 		Version:   Version,
 		Interface: s.a.id.Interface,
 	}))
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errReconnect) {
+			return false, errReconnect
+		}
 		return false, fmt.Errorf("opening netmap stream: %w", err)
 	}
 	defer stream.Close()
@@ -96,6 +186,9 @@ func (s *syncer) syncOnce(ctx context.Context) (bool, error) {
 		received = true
 		s.handleNetmap(ctx, stream.Msg())
 	}
+	if errors.Is(context.Cause(ctx), errReconnect) {
+		return received, errReconnect
+	}
 	if err := stream.Err(); err != nil {
 		return received, fmt.Errorf("netmap stream: %w", err)
 	}
@@ -104,6 +197,8 @@ func (s *syncer) syncOnce(ctx context.Context) (bool, error) {
 
 // handleNetmap validates, persists and applies one netmap, then reports. An invalid
 // netmap is rejected (and the rejection reported); the previous one stays in force.
+// A revoked netmap puts the node at default deny (see enterRevoked); a netmap that
+// asks for a key rotation wakes rotateLoop.
 func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap) {
 	a := s.a
 	nm, err := netmap.Parse(pb)
@@ -117,6 +212,13 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap) {
 		a.log.Error("rejected netmap from the controller; keeping the previous one", "revision", pb.GetPolicyRevision(), "err", err)
 		s.report(ctx, true)
 		return
+	}
+	if nm.Revoked {
+		a.enterRevoked(ctx, pb, nm, "the controller sent a revoked netmap")
+		return
+	}
+	if a.clearRevoked() {
+		a.log.Warn("the controller sent a netmap for this node again; it is no longer revoked", "node", a.id.NodeName, "revision", nm.Revision)
 	}
 	cur := a.rec.Netmap()
 	if cur == nil || cur.Hash != nm.Hash || a.rec.Status().Err != nil {
@@ -132,7 +234,16 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap) {
 			a.log.Error("applying netmap failed", "revision", nm.Revision, "err", st.Err)
 		}
 	}
+	signal(a.rotateC)
 	s.report(ctx, true)
+}
+
+// checkRevoked puts the node at default deny when err is the controller saying that
+// the node is revoked (see isRevokedError).
+func (s *syncer) checkRevoked(ctx context.Context, err error) {
+	if isRevokedError(err) {
+		s.a.enterRevoked(ctx, nil, nil, "the controller refused a call: "+connectMessage(err))
+	}
 }
 
 // reportLoop reports every resync interval, and whenever the reconcile status or the
@@ -155,8 +266,12 @@ func (s *syncer) reportLoop(ctx context.Context) {
 }
 
 // report sends the current status; unless force, only when it differs from the last
-// report that reached the controller.
+// report that reached the controller. A revoked node, or one whose certificate
+// expired, does not report.
 func (s *syncer) report(ctx context.Context, force bool) {
+	if s.a.isRevoked() || s.a.certificateExpired() {
+		return
+	}
 	s.reportMu.Lock()
 	defer s.reportMu.Unlock()
 	req := s.buildReport()
@@ -165,9 +280,10 @@ func (s *syncer) report(ctx context.Context, force bool) {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := s.client.Report(rctx, connect.NewRequest(req)); err != nil {
+	if _, err := s.agentClient().Report(rctx, connect.NewRequest(req)); err != nil {
 		if ctx.Err() == nil {
 			s.a.log.Debug("reporting status failed", "err", err)
+			s.checkRevoked(ctx, err)
 		}
 		s.lastReport = nil
 		return
