@@ -11,7 +11,12 @@ import (
 // controller: the wire contract the fake of operator_cli_test.go stands in for.
 func TestLifecycleAgainstController(t *testing.T) {
 	e := newMesh(t)
-	e.ok("policy", "apply", writeFile(t, "policy.yaml", remotePolicy))
+	e.ok("policy", "apply", writeFile(t, "policy.yaml", remotePolicy+`tests:
+  - name: web-reaches-db
+    from: web-1
+    to: db-1
+    allow: [tcp/5432]
+`))
 
 	// A viewer reads and is refused every change, with exit code 1.
 	viewer := filepath.Join(t.TempDir(), "viewer.json")
@@ -26,6 +31,17 @@ func TestLifecycleAgainstController(t *testing.T) {
 		if code != 1 || !strings.Contains(errOut, "does not allow it") {
 			t.Errorf("viewer %v: exit %d %q, want exit 1 saying the role does not allow it", args, code, errOut)
 		}
+	}
+
+	// A relabel that breaks a policy test is refused with the controller's message,
+	// exit 1, and changes nothing.
+	_, errOut, code := e.run("nodes", "label", "db-1", "role=cache")
+	if code != 1 || !strings.Contains(errOut, "web-reaches-db") || !strings.Contains(errOut, "the labels of db-1 are unchanged") {
+		t.Errorf("breaking relabel: exit %d %q, want exit 1 naming the test", code, errOut)
+	}
+	var db nodeJSON
+	if err := json.Unmarshal([]byte(e.ok("nodes", "show", "db-1", "-o", "json")), &db); err != nil || db.Labels["role"] != "db" {
+		t.Errorf("db-1 after the refused relabel: %+v, %v", db.Labels, err)
 	}
 
 	// Relabel: the result is printed; ops-1 keeps its label.
