@@ -16,7 +16,7 @@ import (
 // FuzzParse checks that Parse never panics, that it returns either a policy or a
 // sorted, positioned ErrorList, and that every policy it accepts compiles, has
 // every rule match a packet on its prototype inventory, runs its tests, explains
-// and diffs without error, and is identical to itself.
+// and diffs without error, is identical to itself, and has its warnings positioned.
 func FuzzParse(f *testing.F) {
 	seeds := []string{"", "version: 1\n", "version: 1\nsegments: [{name: a, nodes: [x]}]\nrules: [{name: r, from: [a], to: [all], ports: [tcp/1-2, icmp]}]\n",
 		"version: 1\nsegments: [{name: a, nodes: [x]}, {name: b, cidrs: [\"2001:db8::/32\"]}]\nrules: [{name: r, from: [a], to: [b], ports: [udp]}]\n" +
@@ -90,6 +90,11 @@ func FuzzParse(f *testing.F) {
 		}
 		if _, err := RunTests(p, inv); err != nil {
 			t.Fatalf("RunTests: %v", err)
+		}
+		for _, w := range append(Warnings(p, inv), Warnings(p, nil)...) {
+			if w.Pos.File != "f.yaml" || w.Pos.Line < 1 || w.Pos.Col < 1 || w.Msg == "" {
+				t.Fatalf("bad warning %q (%+v)", w.String(), w.Pos)
+			}
 		}
 		if d, err := Diff(p, p, nil); err != nil || !d.Identical() {
 			t.Fatalf("Diff of a policy with itself: %v\n%s", err, d.Text())
