@@ -95,7 +95,7 @@ func callError(what string, err error) error {
 		case connect.CodeFailedPrecondition, connect.CodeAlreadyExists, connect.CodeNotFound:
 			return &exitError{code: 1, msg: fmt.Sprintf("segmesh: %s: %s", what, ce.Message())}
 		case connect.CodePermissionDenied:
-			return &exitError{code: 1, msg: fmt.Sprintf("segmesh: %s: refused: the role of this operator credential does not allow it (%s); a viewer only reads, changes need an admin credential", what, ce.Message())}
+			return &exitError{code: 1, msg: fmt.Sprintf("segmesh: %s: refused, the role of this operator credential does not allow it: %s", what, ce.Message())}
 		case connect.CodeUnauthenticated:
 			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s: %s (check --credentials: the credential may be unknown to this controller or revoked)", what, ce.Message())}
 		case connect.CodeUnavailable:

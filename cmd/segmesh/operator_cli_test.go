@@ -370,7 +370,7 @@ func TestExitCodes(t *testing.T) {
 			"relabel refused; the labels of web-1 are unchanged"}},
 		{"viewer refused", func(f *fakeController) {
 			f.fail(segmeshv1connect.OperatorServiceRevokeNodeProcedure, connect.NewError(connect.CodePermissionDenied, errors.New("operator alice has role viewer")))
-		}, []string{"nodes", "revoke", "web-1"}, 1, []string{"revoking node web-1: refused: the role of this operator credential does not allow it", "operator alice has role viewer", "admin credential"}},
+		}, []string{"nodes", "revoke", "web-1"}, 1, []string{"revoking node web-1: refused, the role of this operator credential does not allow it: operator alice has role viewer"}},
 		{"unknown node", func(f *fakeController) {
 			f.fail(segmeshv1connect.OperatorServiceDeleteNodeProcedure, connect.NewError(connect.CodeNotFound, errors.New(`node "ghost" is not enrolled`)))
 		}, []string{"nodes", "delete", "ghost"}, 1, []string{`deleting node ghost: node "ghost" is not enrolled`}},
