@@ -86,7 +86,12 @@ func (c *Controller) withOperatorAuth(h http.Handler) http.Handler {
 	ew := connect.NewErrorWriter()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fail := func(err *connect.Error) {
-			w.Header().Set("Connection", "close") // drop a client that fails authentication
+			if r.ProtoMajor == 1 {
+				// Close rather than drain an unread HTTP/1 body. (HTTP/2 resets the
+				// stream by itself; a Connection header there would start a
+				// graceful shutdown that waits for the body.)
+				w.Header().Set("Connection", "close")
+			}
 			_ = ew.Write(w, r, err)
 		}
 		op, err := c.authenticateOperator(r.Header.Get("Authorization"))

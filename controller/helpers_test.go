@@ -67,8 +67,18 @@ func (w testLogWriter) Write(p []byte) (int, error) {
 
 func startController(t *testing.T, dir string) *testController {
 	t.Helper()
+	return startControllerWith(t, dir, nil)
+}
+
+// startControllerWith is startController with Options changed by edit (when not nil).
+func startControllerWith(t *testing.T, dir string, edit func(*Options)) *testController {
+	t.Helper()
 	logger := slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	c, err := New(Options{DataDir: dir, Listen: "127.0.0.1:0", Logger: logger})
+	opts := Options{DataDir: dir, Listen: "127.0.0.1:0", Logger: logger}
+	if edit != nil {
+		edit(&opts)
+	}
+	c, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,6 +274,11 @@ func (tc *testController) sync(a *enrolledAgent, req *segmeshv1.SyncRequest) *ne
 
 func (s *netmapStream) next(t *testing.T) *segmeshv1.Netmap {
 	t.Helper()
+	select { // netmaps that arrived before the stream ended come first
+	case nm := <-s.ch:
+		return nm
+	default:
+	}
 	select {
 	case nm := <-s.ch:
 		return nm

@@ -175,9 +175,10 @@ func (s *operatorService) LabelNode(ctx context.Context, req *connect.Request[se
 	if maps.Equal(labels, old.Labels) || len(labels) == 0 && len(old.Labels) == 0 {
 		return connect.NewResponse(&segmeshv1.LabelNodeResponse{Labels: old.Labels, Unchanged: true}), nil
 	}
+	oldInv := netmap.Inventory(nodes)
 	nodes[i].Labels = labels
 	if _, pol := c.policyInForce(); pol != nil {
-		if err := checkInventory(pol, netmap.Inventory(nodes)); err != nil {
+		if err := checkInventory(pol, oldInv, netmap.Inventory(nodes)); err != nil {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("relabeling node %s to %s would break the policy in force; nothing was changed:\n%w", name, formatLabelMap(labels), err))
 		}
 	}
@@ -208,24 +209,37 @@ func (s *operatorService) LabelNode(ctx context.Context, req *connect.Request[se
 	return connect.NewResponse(&segmeshv1.LabelNodeResponse{Labels: labels}), nil
 }
 
-// checkInventory compiles pol against inv and runs its tests there, as
-// checkPolicy does for a new policy: it returns the compile error or the failing
-// tests, one line each. Tests that pass only vacuously do not fail it.
-func checkInventory(pol *policy.Policy, inv []policy.Node) error {
+// checkInventory compiles pol against the changed inventory inv and runs its
+// tests there: it returns the compile error or the failing tests, one line each.
+// A test that would pass only vacuously on inv (an endpoint matches no node) fails
+// too, unless it already did on the inventory before the change, oldInv: an
+// inventory change must not quietly empty what a test guards.
+func checkInventory(pol *policy.Policy, oldInv, inv []policy.Node) error {
 	if _, err := policy.Compile(pol, inv); err != nil {
 		return err
 	}
-	if inv == nil {
-		inv = []policy.Node{}
+	vacuousBefore := map[string]bool{}
+	before, err := policy.RunTests(pol, append([]policy.Node{}, oldInv...))
+	if err != nil {
+		return err
 	}
-	failures, err := policy.RunTests(pol, inv)
+	for _, f := range before {
+		if f.Inventory == policy.InventoryRun && f.NoMatch {
+			vacuousBefore[f.Error()] = true
+		}
+	}
+	failures, err := policy.RunTests(pol, append([]policy.Node{}, inv...))
 	if err != nil {
 		return err
 	}
 	var fails []string
 	for _, f := range failures {
-		if f.Inventory == policy.InventoryRun && !f.NoMatch {
-			fails = append(fails, f.Error())
+		if f.Inventory == policy.InventoryRun && !vacuousBefore[f.Error()] {
+			msg := f.Error()
+			if f.NoMatch {
+				msg += " (no node left for it to check)"
+			}
+			fails = append(fails, msg)
 		}
 	}
 	if len(fails) > 0 {
