@@ -72,5 +72,7 @@ its store; later starts reuse them.`,
 	f.IntVar(&opts.GossipPort, "gossip-port", controller.DefaultGossipPort, "memberlist gossip port agents use")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	_ = cmd.MarkFlagRequired("data-dir")
+	cmd.AddCommand(newBackupCommand())
+	cmd.CompletionOptions.DisableDefaultCmd = true
 	return cmd
 }
