@@ -168,3 +168,21 @@ func BenchmarkDiff10k(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkWarnings10k measures Warnings on the 10,000-node inventory with a
+// policy that also has empty segments, missing node names and dead rules.
+func BenchmarkWarnings10k(b *testing.B) {
+	p, nodes := benchPolicy(10000)
+	for i := range 20 {
+		p.Segments = append(p.Segments, Segment{Name: fmt.Sprintf("empty%d", i), Pos: Pos{"bench.yaml", 500 + i, 5},
+			Selectors: []Selector{{"role": fmt.Sprintf("missing%d", i)}}, Nodes: []string{fmt.Sprintf("ghost-%d", i)}})
+		p.Rules = append(p.Rules, Rule{Name: fmt.Sprintf("dead%d", i), Pos: Pos{"bench.yaml", 600 + i, 5},
+			From: []string{fmt.Sprintf("empty%d", i)}, To: []string{"all"}, Ports: []PortMatch{{Protocol: ProtoTCP}}})
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if ws := Warnings(p, nodes); len(ws) != 60 {
+			b.Fatalf("%d warnings, want 60", len(ws))
+		}
+	}
+}

@@ -19,9 +19,13 @@ type Warning struct {
 // String formats the warning as "file:line:col: warning: message".
 func (w Warning) String() string { return w.Pos.String() + ": warning: " + w.Msg }
 
-// maxHintNodes bounds the inventory size up to which Warnings hints the
-// closest node name (each hint compares the name with every node's).
-const maxHintNodes = 2000
+// Bounds on the node-name hints of Warnings, each of which compares a name
+// with every node's: the inventory size up to which it hints, and how many
+// missing names it hints at most.
+const (
+	maxHintNodes = 2000
+	maxHints     = 50
+)
 
 // Warnings returns what in p selects no node of the inventory nodes, sorted by
 // position then message:
@@ -54,6 +58,7 @@ func Warnings(p *Policy, nodes []Node) []Warning {
 		names[nodes[i].Name] = true
 	}
 	var nameList []string // for hints; built on first use
+	hints := 0
 	// empty[name] reports whether a node segment holds no node; external
 	// segments are absent. "all" is empty exactly when the inventory is.
 	empty := map[string]bool{AllSegment: len(nodes) == 0}
@@ -73,7 +78,7 @@ func Warnings(p *Policy, nodes []Node) []Warning {
 				pos = s.NodesPos[i]
 			}
 			hint := ""
-			if len(nodes) <= maxHintNodes {
+			if hints++; hints <= maxHints && len(nodes) <= maxHintNodes {
 				if nameList == nil {
 					nameList = slices.Collect(maps.Keys(names))
 				}

@@ -205,3 +205,21 @@ func TestWarningsProperty(t *testing.T) {
 		}
 	})
 }
+
+// TestWarningsHintBudget checks that only the first maxHints missing node
+// names get a hint, which bounds the cost on large inventories.
+func TestWarningsHintBudget(t *testing.T) {
+	p := &Policy{}
+	for i := range maxHints + 1 {
+		p.Segments = append(p.Segments, Segment{Name: fmt.Sprintf("s%d", i), Pos: Pos{"p.yaml", i + 1, 5}, Nodes: []string{fmt.Sprintf("web-%d", i+2)}})
+	}
+	hinted := 0
+	for _, w := range Warnings(p, []Node{{Name: "web-1"}}) {
+		if strings.Contains(w.Msg, `(did you mean "web-1"?)`) {
+			hinted++
+		}
+	}
+	if hinted != maxHints {
+		t.Errorf("%d names hinted, want %d", hinted, maxHints)
+	}
+}
