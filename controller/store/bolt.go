@@ -105,7 +105,7 @@ func OpenWith(path string, opts OpenOptions) (*Bolt, error) {
 	switch {
 	case errors.As(err, &p):
 		file.release()
-		return nil, damagedError(path, fmt.Errorf("reading its header and freelist failed: %w", p))
+		return nil, damagedError(path, fmt.Errorf("reading its freelist failed: %w", p))
 	case errors.Is(err, bolterrors.ErrTimeout):
 		return nil, fmt.Errorf("opening store %s: %w: the file is locked, most likely by another segmesh-controller using the same --data-dir; stop it first", path, ErrLocked)
 	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch):

@@ -398,7 +398,7 @@ type panicError struct {
 	site  string // "function file:line" of the frame that panicked
 }
 
-func (e *panicError) Error() string { return fmt.Sprintf("panic: %v (at %s)", e.value, e.site) }
+func (e *panicError) Error() string { return fmt.Sprintf("%v (a panic in %s)", e.value, e.site) }
 
 // protect runs fn with memory faults turned into panics (a damaged page can point
 // outside the memory-mapped file) and returns a panic as a *panicError. bbolt rolls
@@ -437,7 +437,7 @@ func transactionError(path string, err error) error {
 	if !errors.As(err, &p) {
 		return err
 	}
-	return fmt.Errorf("store %s: %w: a transaction was aborted by a %w; the file may be damaged: "+
+	return fmt.Errorf("store %s: %w: a transaction was aborted: %w; the file may be damaged: "+
 		"stop the controller and start it again, which checks the store, and if the store is refused, restore it from a backup (see docs/operations.md)",
 		path, ErrDamaged, p)
 }
