@@ -101,7 +101,9 @@ func (c *Controller) withOperatorAuth(h http.Handler) http.Handler {
 		}
 		procedure := r.URL.Path
 		if op.Role != store.RoleAdmin && !viewerProcedures[procedure] {
-			fail(connect.NewError(connect.CodePermissionDenied, fmt.Errorf("operator %q has role %s, which may only read; %s needs an admin credential", op.Name, op.Role, procedureName(procedure))))
+			err := connect.NewError(connect.CodePermissionDenied, fmt.Errorf("operator %q has role %s, which may only read; %s needs an admin credential", op.Name, op.Role, procedureName(procedure)))
+			c.auditRefusal(op.Name, procedure, err)
+			fail(err)
 			return
 		}
 		limit := operatorBodyLimit(procedure)
@@ -143,4 +145,37 @@ func (c *Controller) authenticateOperator(header string) (store.Operator, *conne
 		return store.Operator{}, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("operator credential %q was revoked at %s", op.Name, op.RevokedAt.UTC().Format(timeFormat)))
 	}
 	return op, nil
+}
+
+// auditRefusals records, for every change an authenticated operator asked for
+// and the controller refused, who asked for what and why. Reads are not
+// recorded.
+func (c *Controller) auditRefusals() connect.UnaryInterceptorFunc {
+	return func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			resp, err := next(ctx, req)
+			procedure := req.Spec().Procedure
+			if err != nil && !viewerProcedures[procedure] && connect.CodeOf(err) != connect.CodeInternal {
+				c.auditRefusal(actorOf(ctx), procedure, err)
+			}
+			return resp, err
+		}
+	}
+}
+
+// auditRefusal appends a refused operator call to the audit log.
+func (c *Controller) auditRefusal(actor, procedure string, refusal error) {
+	msg := refusal.Error()
+	if ce := new(connect.Error); errors.As(refusal, &ce) {
+		msg = ce.Message()
+	}
+	if len(msg) > 2000 {
+		msg = msg[:2000] + "…"
+	}
+	err := c.store.Update(func(tx store.Tx) error {
+		return tx.AppendAudit(store.AuditEntry{Time: c.now(), Actor: actor, Action: "operator." + procedureName(procedure), Result: "refused: " + msg})
+	})
+	if err != nil {
+		c.log.Error("recording a refused operator call in the audit log", "err", err)
+	}
 }

@@ -169,8 +169,9 @@ func New(opts Options) (_ *Controller, err error) {
 	}
 
 	// The store comes first: it is the lock that keeps a second controller on the same
-	// data directory from touching anything (certificates, operator.json).
-	st, err := store.Open(filepath.Join(opts.DataDir, StoreFile))
+	// data directory from touching anything (certificates, operator.json). A store
+	// that was lost (ca.crt exists), is damaged or belongs to another CA is refused.
+	st, err := store.OpenWith(filepath.Join(opts.DataDir, StoreFile), store.OpenOptions{CACertPath: filepath.Join(opts.DataDir, pki.CACertFile)})
 	if err != nil {
 		return nil, err
 	}
@@ -190,6 +191,9 @@ func New(opts Options) (_ *Controller, err error) {
 	c.ca, err = pki.LoadOrCreate(opts.DataDir, serverSANs(opts, c.advertiseURL), c.log)
 	if err != nil {
 		return nil, fmt.Errorf("loading PKI: %w", err)
+	}
+	if err := st.Bind(c.ca.CACertDER()); err != nil {
+		return nil, err
 	}
 	adminToken, err := loadOrCreateOperator(filepath.Join(opts.DataDir, OperatorFile), c.advertiseURL, c.ca.CACertPEM())
 	if err != nil {
@@ -220,6 +224,9 @@ func New(opts Options) (_ *Controller, err error) {
 	}
 	c.netmapCfg = netmap.Config{GossipKey: gossipKey, GossipPort: uint32(opts.GossipPort), OverlayPrefixes: opts.OverlayPrefixes}
 
+	if err := c.checkEnrolled(); err != nil {
+		return nil, err
+	}
 	if err := c.loadPolicy(); err != nil {
 		return nil, err
 	}
@@ -239,21 +246,8 @@ func applyDefaults(o *Options) error {
 	if len(o.OverlayPrefixes) == 0 {
 		o.OverlayPrefixes = DefaultOverlayPrefixes()
 	}
-	families := map[bool]netip.Prefix{}
-	for i, p := range o.OverlayPrefixes {
-		if !p.IsValid() {
-			return fmt.Errorf("overlay prefix %d is invalid", i)
-		}
-		if p != p.Masked() {
-			return fmt.Errorf("overlay prefix %s has host bits set (want %s)", p, p.Masked())
-		}
-		if other, ok := families[p.Addr().Is4()]; ok {
-			return fmt.Errorf("overlay prefixes %s and %s are of the same address family; give at most one per family", other, p)
-		}
-		families[p.Addr().Is4()] = p
-		if p.Addr().Is4() && p.Bits() > 30 || p.Addr().Is6() && p.Bits() > 126 {
-			return fmt.Errorf("overlay prefix %s is too small", p)
-		}
+	if err := checkOverlayPrefixes(o.OverlayPrefixes); err != nil {
+		return fmt.Errorf("--overlay-prefix: %w", err)
 	}
 	if o.TokenTTL == 0 {
 		o.TokenTTL = DefaultTokenTTL
@@ -289,6 +283,24 @@ func applyDefaults(o *Options) error {
 		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	return nil
+}
+
+// checkEnrolled refuses to start when an enrolled node holds an overlay address
+// outside the configured prefixes (the controller was restarted with other
+// --overlay-prefix values): those nodes would keep addresses no route covers.
+func (c *Controller) checkEnrolled() error {
+	addrs := map[string][]netip.Addr{}
+	err := c.store.View(func(tx store.Tx) error {
+		nodes, err := tx.Nodes()
+		for _, n := range nodes {
+			addrs[n.Name] = n.Addresses
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("reading the enrolled nodes: %w", err)
+	}
+	return checkEnrolledAddresses(c.opts.OverlayPrefixes, addrs)
 }
 
 // advertiseURL returns explicit when set (validated), else the URL derived from
@@ -384,7 +396,8 @@ func (c *Controller) httpServer() *http.Server {
 	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit)))
 	path, h := segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit))
 	mux.Handle(path, withClientIdentity(h))
-	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit))
+	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit),
+		connect.WithInterceptors(c.auditRefusals()))
 	mux.Handle(path, c.withOperatorAuth(h))
 	return &http.Server{
 		Handler: mux,

@@ -224,7 +224,7 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 		}
 		return tx.AppendAudit(store.AuditEntry{
 			Time: now, Actor: "token:" + t.ID, Action: action, Object: "node:" + name, Result: "ok",
-			Detail: fmt.Sprintf("addresses %v labels %v hostname %q", node.Addresses, t.Labels, m.GetHostname()),
+			Detail: fmt.Sprintf("addresses %v labels %s hostname %q", node.Addresses, formatLabelMap(t.Labels), m.GetHostname()),
 		})
 	})
 	if err != nil {

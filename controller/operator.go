@@ -7,11 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"os"
-	"regexp"
-	"slices"
-	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -23,6 +19,7 @@ import (
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
+	"segmesh/policy"
 )
 
 // OperatorCredential is the JSON content of DATA_DIR/operator.json: the
@@ -146,29 +143,10 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 	return out, rev, nil
 }
 
-var (
-	labelKeyRE   = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$`)
-	labelValueRE = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$`)
-)
-
-// validateLabels checks label keys (1-63 characters of letters, digits and
-// "._/-", starting and ending with a letter or digit) and values (the same
-// without "/", or empty).
-func validateLabels(labels map[string]string) error {
-	var problems []string
-	for _, k := range slices.Sorted(maps.Keys(labels)) {
-		if !labelKeyRE.MatchString(k) {
-			problems = append(problems, fmt.Sprintf("label key %q is not valid (1-63 letters, digits, '.', '_', '/', '-'; starting and ending with a letter or digit)", k))
-		}
-		if v := labels[k]; !labelValueRE.MatchString(v) {
-			problems = append(problems, fmt.Sprintf("label %s=%q: value is not valid (up to 63 letters, digits, '.', '_', '-'; starting and ending with a letter or digit)", k, v))
-		}
-	}
-	if len(problems) > 0 {
-		return errors.New(strings.Join(problems, "\n"))
-	}
-	return nil
-}
+// validateLabels checks labels with the one label syntax of the policy language
+// (policy.CheckLabels), so that a token or a relabel never sets a label that no
+// selector could match, and no selector names one that no node could carry.
+func validateLabels(labels map[string]string) error { return policy.CheckLabels(labels) }
 
 // CreateToken implements OperatorService.CreateToken.
 func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error) {
@@ -202,7 +180,7 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 		}
 		return tx.AppendAudit(store.AuditEntry{
 			Time: now, Actor: actorOf(ctx), Action: "token.create", Object: "token:" + rec.ID, Result: "ok",
-			Detail: fmt.Sprintf("labels %v expires %s reusable %v", rec.Labels, rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
+			Detail: fmt.Sprintf("labels %s expires %s reusable %v", formatLabelMap(rec.Labels), rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
 		})
 	})
 	if err != nil {

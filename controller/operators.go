@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 
 	"connectrpc.com/connect"
 
@@ -175,11 +176,13 @@ func tokenInfo(t store.Token) *segmeshv1.TokenInfo {
 }
 
 // ListTokens implements OperatorService.ListTokens: every join token with its
-// labels, expiry and uses; never a secret (the store has only its hash).
+// labels, expiry and uses, oldest first; never a secret (the store has only its
+// hash).
 func (s *operatorService) ListTokens(ctx context.Context, _ *connect.Request[segmeshv1.ListTokensRequest]) (*connect.Response[segmeshv1.ListTokensResponse], error) {
 	out := &segmeshv1.ListTokensResponse{}
 	err := s.c.store.View(func(tx store.Tx) error {
 		toks, err := tx.Tokens()
+		slices.SortStableFunc(toks, func(a, b store.Token) int { return a.CreatedAt.Compare(b.CreatedAt) })
 		for _, t := range toks {
 			out.Tokens = append(out.Tokens, tokenInfo(t))
 		}
@@ -212,7 +215,7 @@ func (s *operatorService) RevokeToken(ctx context.Context, req *connect.Request[
 		if err := tx.PutToken(t); err != nil {
 			return err
 		}
-		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actorOf(ctx), Action: "token.revoke", Object: "token:" + id, Result: "ok", Detail: fmt.Sprintf("labels %v, %d uses", t.Labels, t.Uses)})
+		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actorOf(ctx), Action: "token.revoke", Object: "token:" + id, Result: "ok", Detail: fmt.Sprintf("labels %s, %d uses", formatLabelMap(t.Labels), t.Uses)})
 	})
 	if err != nil {
 		return nil, internalOr("revoking token "+id, err)

@@ -76,7 +76,9 @@ func (c *Controller) setComputeErr(msg string) {
 // inv only because an endpoint matches no node of inv yet (NoMatch) does not
 // fail the check: it is returned as a warning line, so that a policy can be
 // applied before the nodes it names enroll. External CIDRs may not overlap the
-// overlay prefixes (policy.CheckExternal).
+// overlay prefixes (policy.CheckExternal). Segments and rules that select no node
+// of inv are warnings too (policy.Warnings). Every warning is a
+// "file:line:col: warning: message" line.
 func checkPolicy(filename string, content []byte, inv []policy.Node, overlay []netip.Prefix) (*policy.Policy, *policy.Compiled, []string, error) {
 	pol, err := policy.Parse(filename, content)
 	if err != nil {
@@ -99,13 +101,16 @@ func checkPolicy(filename string, content []byte, inv []policy.Node, overlay []n
 	var fails, warnings []string
 	for _, f := range failures {
 		if f.Inventory == policy.InventoryRun && f.NoMatch {
-			warnings = append(warnings, f.Error()+" (vacuous on the current inventory)")
+			warnings = append(warnings, fmt.Sprintf("%s: warning: test %q: %s (vacuous on the current inventory)", f.Pos, f.Test, f.Msg))
 			continue
 		}
 		fails = append(fails, f.Error())
 	}
 	if len(fails) > 0 {
 		return nil, nil, nil, errors.New(strings.Join(fails, "\n"))
+	}
+	for _, w := range policy.Warnings(pol, inv) {
+		warnings = append(warnings, w.String())
 	}
 	return pol, compiled, warnings, nil
 }

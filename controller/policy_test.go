@@ -495,7 +495,28 @@ func TestApplyRunsPolicyTests(t *testing.T) {
 	if err != nil {
 		t.Fatalf("apply with passing tests: %v", err)
 	}
-	if resp.Msg.Revision != 2 || len(resp.Msg.Warnings) != 1 || !strings.HasPrefix(resp.Msg.Warnings[0], `policy.yaml:23:5: test "db-9-later": `) {
+	if resp.Msg.Revision != 2 || len(resp.Msg.Warnings) != 1 || !strings.HasPrefix(resp.Msg.Warnings[0], `policy.yaml:23:5: warning: test "db-9-later": `) {
+		t.Errorf("apply = revision %d warnings %q", resp.Msg.Revision, resp.Msg.Warnings)
+	}
+	// A rule whose segment selects no enrolled node is a warning with its position;
+	// the policy still applies.
+	empty := strings.Replace(passing, "tests:\n", `  - name: nobody
+    from: [ghosts]
+    to: [db]
+    ports: [tcp/1]
+tests:
+`, 1)
+	empty = strings.Replace(empty, "segments:\n", "segments:\n  - name: ghosts\n    selectors: [{role: ghost}]\n", 1)
+	resp, err = tc.op().ApplyPolicy(bg, connect.NewRequest(&segmeshv1.ApplyPolicyRequest{Filename: "policy.yaml", Content: []byte(empty)}))
+	if err != nil {
+		t.Fatalf("apply with an empty segment: %v", err)
+	}
+	var segWarn, ruleWarn bool
+	for _, w := range resp.Msg.Warnings {
+		segWarn = segWarn || strings.Contains(w, `: warning: segment "ghosts" selects no node`)
+		ruleWarn = ruleWarn || strings.Contains(w, `: warning: rule "nobody" allows nothing`)
+	}
+	if resp.Msg.Revision != 3 || !segWarn || !ruleWarn {
 		t.Errorf("apply = revision %d warnings %q", resp.Msg.Revision, resp.Msg.Warnings)
 	}
 }

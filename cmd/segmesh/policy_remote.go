@@ -120,10 +120,11 @@ the revision it restored. Prints the new revision.`,
 	}
 }
 
-// printWarnings prints the controller's warnings about an applied policy.
+// printWarnings prints the controller's warnings about an applied policy, each a
+// "file:line:col: warning: message" line, as they are.
 func printWarnings(w io.Writer, warnings []string) {
 	for _, l := range warnings {
-		fmt.Fprintln(w, "warning:", l)
+		fmt.Fprintln(w, l)
 	}
 }
 
