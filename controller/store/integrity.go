@@ -113,23 +113,32 @@ func (s *Bolt) Owner() (o Owner, ok bool, err error) {
 // caCertDER (DER): a store without an owner record gets one (fingerprint and the
 // current time); a store that records another CA is refused with an error
 // wrapping ErrNotOwner and is left unchanged. The controller calls Bind once its
-// CA is loaded or created; binding again to the same CA is a no-op.
+// CA is loaded or created; binding again to the same CA writes nothing.
 func (s *Bolt) Bind(caCertDER []byte) error {
 	want := CAFingerprint(caCertDER)
+	check := func(o Owner) error {
+		if o.CAFingerprint != want {
+			return notOwnerError(s.path, o, "the data directory's CA (ca.crt) has SHA-256 "+want)
+		}
+		return nil
+	}
+	o, ok, err := s.Owner()
+	if err != nil {
+		return err
+	}
+	if ok {
+		return check(o)
+	}
 	return s.Update(func(tx Tx) error {
 		raw, err := tx.Meta(string(metaOwner))
 		if err != nil {
 			return err
 		}
-		if raw != nil {
-			var o Owner
+		if raw != nil { // bound meanwhile
 			if err := json.Unmarshal(raw, &o); err != nil {
-				return fmt.Errorf("store %s: %w: its owner record does not decode (%w). To recover, %s", s.path, ErrDamaged, err, remedy)
+				return fmt.Errorf("store %s: %w: its owner record does not decode (%w)", s.path, ErrDamaged, err)
 			}
-			if o.CAFingerprint != want {
-				return notOwnerError(s.path, o, "the data directory's CA (ca.crt) has SHA-256 "+want)
-			}
-			return nil
+			return check(o)
 		}
 		rec, err := json.Marshal(Owner{CAFingerprint: want, CreatedAt: time.Now().UTC()})
 		if err != nil {

@@ -456,8 +456,12 @@ func TestBind(t *testing.T) {
 		t.Fatal(err)
 	}
 	first, _, _ := s.Owner()
+	before := snap(t, d.db)
 	if err := s.Bind(d.caDER); err != nil {
 		t.Fatalf("Bind again to the same CA: %v", err)
+	}
+	if after := snap(t, d.db); !bytes.Equal(before.content, after.content) {
+		t.Error("binding again to the same CA wrote to the store")
 	}
 	err = s.Bind([]byte("another CA"))
 	if !errors.Is(err, ErrNotOwner) || !strings.Contains(err.Error(), CAFingerprint(d.caDER)) || !strings.Contains(err.Error(), CAFingerprint([]byte("another CA"))) {
