@@ -187,24 +187,26 @@ func checkOwnerAtOpen(db *bolt.DB, path, caPath string) error {
 	}
 	var o Owner
 	var found bool
-	err = db.View(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketMeta)
-		if b == nil {
+	err = protect(func() error {
+		return db.View(func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucketMeta)
+			if b == nil {
+				return nil
+			}
+			raw := b.Get(metaOwner)
+			if raw == nil {
+				return nil
+			}
+			found = true
+			if err := json.Unmarshal(raw, &o); err != nil {
+				return fmt.Errorf("its owner record does not decode: %w", err)
+			}
 			return nil
-		}
-		raw := b.Get(metaOwner)
-		if raw == nil {
-			return nil
-		}
-		found = true
-		if err := json.Unmarshal(raw, &o); err != nil {
-			return damagedError(path, fmt.Errorf("its owner record does not decode: %w", err))
-		}
-		return nil
+		})
 	})
 	switch {
 	case err != nil:
-		return err
+		return damagedError(path, err)
 	case !found:
 		return nil // a new store, or one written before owner records: Bind records it
 	case !haveCA:
@@ -240,20 +242,20 @@ func parseMeta(b []byte) (boltMeta, error) {
 	if len(b) < metaEnd {
 		return boltMeta{}, errors.New("shorter than a meta page")
 	}
-	le := binary.NativeEndian // bbolt writes its structs in the machine's byte order
+	ne := binary.NativeEndian // bbolt writes its structs in the machine's byte order
 	m := b[pageHeaderSize:]
-	if le.Uint32(m[0:]) != boltMagic {
+	if ne.Uint32(m[0:]) != boltMagic {
 		return boltMeta{}, errors.New("no bbolt magic number")
 	}
-	if v := le.Uint32(m[4:]); v != boltVersion {
+	if v := ne.Uint32(m[4:]); v != boltVersion {
 		return boltMeta{}, fmt.Errorf("bbolt format version %d, want %d", v, boltVersion)
 	}
 	h := fnv.New64a()
 	_, _ = h.Write(b[pageHeaderSize:metaChecksumAt])
-	if le.Uint64(b[metaChecksumAt:]) != h.Sum64() {
+	if ne.Uint64(b[metaChecksumAt:]) != h.Sum64() {
 		return boltMeta{}, errors.New("meta page checksum mismatch")
 	}
-	meta := boltMeta{pageSize: le.Uint32(m[8:]), pgid: le.Uint64(m[40:]), txid: le.Uint64(m[48:])}
+	meta := boltMeta{pageSize: ne.Uint32(m[8:]), pgid: ne.Uint64(m[40:]), txid: ne.Uint64(m[48:])}
 	if meta.pageSize < minPageSize || meta.pageSize > maxPageSize || meta.pageSize&(meta.pageSize-1) != 0 {
 		return boltMeta{}, fmt.Errorf("page size %d is not a power of two in [%d, %d]", meta.pageSize, minPageSize, maxPageSize)
 	}
