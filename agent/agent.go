@@ -192,6 +192,9 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if a.dir, err = statefile.Open(opts.StateDir, a.log); err != nil {
 		return nil, err
 	}
+	if err := a.dir.RecoverRenewal(); err != nil {
+		return nil, err
+	}
 	wgKey, err := a.dir.WireGuardKey()
 	if err != nil {
 		return nil, err

@@ -6,8 +6,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"io"
 	"log"
@@ -62,6 +64,64 @@ type controller struct {
 	push        chan *segmeshv1.Netmap
 	firstAccess func() // called once, at the first request of any kind
 	accessed    bool
+
+	// certLifetime is the validity of issued node certificates, from the moment of
+	// issue; 0 issues them as testpki.SignCSR does (valid for a day).
+	certLifetime time.Duration
+	syncErr      *connect.Error   // returned by Sync (after sending current, if any)
+	reportErr    *connect.Error   // returned by Report
+	renewErrs    []*connect.Error // returned by the next RenewCertificate calls
+	rotateErrs   []*connect.Error // returned by the next RotateKey calls
+	renews       []*segmeshv1.RenewCertificateRequest
+	rotates      []*segmeshv1.RotateKeyRequest
+	issued       [][]byte            // DER of every certificate issued, in order
+	presented    map[string][]string // RPC name -> hex SHA-256 of the client certificate, per call
+}
+
+type tlsStateKey struct{}
+
+// clientCertID is the hex SHA-256 of the client certificate of the call, or "".
+func clientCertID(ctx context.Context) string {
+	cs, _ := ctx.Value(tlsStateKey{}).(*tls.ConnectionState)
+	if cs == nil || len(cs.PeerCertificates) == 0 {
+		return ""
+	}
+	return certID(cs.PeerCertificates[0].Raw)
+}
+
+func certID(der []byte) string {
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:])
+}
+
+func (c *controller) record(ctx context.Context, rpc string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.presented == nil {
+		c.presented = map[string][]string{}
+	}
+	c.presented[rpc] = append(c.presented[rpc], clientCertID(ctx))
+}
+
+// sign issues a node certificate for the CSR, with certLifetime when set.
+func (c *controller) sign(csr []byte, name string) ([]byte, error) {
+	c.mu.Lock()
+	life := c.certLifetime
+	c.mu.Unlock()
+	var der []byte
+	var err error
+	if life == 0 {
+		der, err = c.ca.SignCSR(csr, name)
+	} else {
+		now := time.Now()
+		der, err = c.ca.SignCSRFor(csr, name, now.Add(-time.Second), now.Add(life))
+	}
+	if err == nil {
+		c.mu.Lock()
+		c.issued = append(c.issued, der)
+		c.mu.Unlock()
+	}
+	return der, err
 }
 
 func newController(t *testing.T) *controller {
@@ -79,7 +139,7 @@ func newController(t *testing.T) *controller {
 		if first && hook != nil {
 			hook()
 		}
-		mux.ServeHTTP(w, r)
+		mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), tlsStateKey{}, r.TLS)))
 	}))
 	srv.EnableHTTP2 = true
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
@@ -114,7 +174,7 @@ func (c *controller) Enroll(_ context.Context, req *connect.Request[segmeshv1.En
 		return nil, refuse
 	}
 	name := req.Msg.GetName()
-	cert, err := c.ca.SignCSR(req.Msg.GetCsrDer(), name)
+	cert, err := c.sign(req.Msg.GetCsrDer(), name)
 	if err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
@@ -129,14 +189,18 @@ func (c *controller) Enroll(_ context.Context, req *connect.Request[segmeshv1.En
 }
 
 func (c *controller) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.Netmap]) error {
+	c.record(ctx, "Sync")
 	c.mu.Lock()
 	c.syncs = append(c.syncs, req.Msg)
-	cur := c.current
+	cur, refuse := c.current, c.syncErr
 	c.mu.Unlock()
 	if cur != nil {
 		if err := stream.Send(cur); err != nil {
 			return err
 		}
+	}
+	if refuse != nil {
+		return refuse
 	}
 	for {
 		select {
@@ -145,19 +209,65 @@ func (c *controller) Sync(ctx context.Context, req *connect.Request[segmeshv1.Sy
 		case nm := <-c.push:
 			c.mu.Lock()
 			c.current = nm
+			refuse := c.syncErr
 			c.mu.Unlock()
 			if err := stream.Send(nm); err != nil {
 				return err
+			}
+			if refuse != nil {
+				return refuse
 			}
 		}
 	}
 }
 
-func (c *controller) Report(_ context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
+func (c *controller) Report(ctx context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
+	c.record(ctx, "Report")
 	c.mu.Lock()
-	c.reports = append(c.reports, req.Msg)
+	refuse := c.reportErr
+	if refuse == nil {
+		c.reports = append(c.reports, req.Msg)
+	}
 	c.mu.Unlock()
+	if refuse != nil {
+		return nil, refuse
+	}
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
+}
+
+func (c *controller) RenewCertificate(ctx context.Context, req *connect.Request[segmeshv1.RenewCertificateRequest]) (*connect.Response[segmeshv1.RenewCertificateResponse], error) {
+	c.record(ctx, "RenewCertificate")
+	c.mu.Lock()
+	c.renews = append(c.renews, req.Msg)
+	var refuse *connect.Error
+	if len(c.renewErrs) > 0 {
+		refuse, c.renewErrs = c.renewErrs[0], c.renewErrs[1:]
+	}
+	c.mu.Unlock()
+	if refuse != nil {
+		return nil, refuse
+	}
+	der, err := c.sign(req.Msg.GetCsrDer(), "web-1")
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return connect.NewResponse(&segmeshv1.RenewCertificateResponse{CertificateDer: der, NotAfterUnix: cert.NotAfter.Unix()}), nil
+}
+
+func (c *controller) RotateKey(ctx context.Context, req *connect.Request[segmeshv1.RotateKeyRequest]) (*connect.Response[segmeshv1.RotateKeyResponse], error) {
+	c.record(ctx, "RotateKey")
+	c.mu.Lock()
+	c.rotates = append(c.rotates, req.Msg)
+	var refuse *connect.Error
+	if len(c.rotateErrs) > 0 {
+		refuse, c.rotateErrs = c.rotateErrs[0], c.rotateErrs[1:]
+	}
+	c.mu.Unlock()
+	if refuse != nil {
+		return nil, refuse
+	}
+	return connect.NewResponse(&segmeshv1.RotateKeyResponse{}), nil
 }
 
 func (c *controller) setNetmap(nm *segmeshv1.Netmap) {

@@ -244,11 +244,13 @@ func (s *syncer) renew(ctx context.Context) error {
 	resp, err := s.agentClient().RenewCertificate(rctx, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
 	if err != nil {
 		s.checkRevoked(ctx, err)
+		a.discardNextTLSKey()
 		return fmt.Errorf("asking the controller for a new certificate: %w", err)
 	}
 	der := resp.Msg.GetCertificateDer()
 	leaf, err := a.checkNodeCertificate(der, key)
 	if err != nil {
+		a.discardNextTLSKey()
 		return fmt.Errorf("checking the renewed certificate: %w", err)
 	}
 	// The controller refuses the previous certificate from now on: use the new one
@@ -264,6 +266,12 @@ func (s *syncer) renew(ctx context.Context) error {
 	signal(a.gossipC)
 	s.reconnect()
 	return nil
+}
+
+func (a *agent) discardNextTLSKey() {
+	if err := a.dir.DiscardNextTLSKey(); err != nil {
+		a.log.Warn("removing the key of a failed renewal", "err", err)
+	}
 }
 
 // checkNodeCertificate parses der and checks that it is a client certificate for

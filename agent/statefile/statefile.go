@@ -22,9 +22,10 @@
 // backup, copied, edited by hand or written by an older agent) and logs it.
 //
 // A certificate renewal writes tls.key.next, then node.crt, then renames tls.key.next
-// over tls.key. Open finishes a renewal a crash interrupted: when node.crt is for the
-// key in tls.key.next it completes the rename, otherwise it removes tls.key.next. So
-// tls.key and node.crt always belong together.
+// over tls.key. RecoverRenewal (which the agent calls at start) finishes a renewal a
+// crash interrupted: when node.crt is for the key in tls.key.next it completes the
+// rename, otherwise it removes tls.key.next. So tls.key and node.crt always belong
+// together.
 package statefile
 
 import (
@@ -96,8 +97,7 @@ type Dir struct {
 	log  *slog.Logger
 }
 
-// Open creates the directory if needed, makes sure its mode is 0700 and finishes a
-// certificate renewal that a crash interrupted (see the package documentation).
+// Open creates the directory if needed and makes sure its mode is 0700.
 func Open(path string, logger *slog.Logger) (*Dir, error) {
 	if path == "" {
 		return nil, errors.New("state directory: empty path")
@@ -111,11 +111,7 @@ func Open(path string, logger *slog.Logger) (*Dir, error) {
 	if err := os.Chmod(path, 0o700); err != nil {
 		return nil, fmt.Errorf("setting mode of state directory: %w", err)
 	}
-	d := &Dir{path: path, log: logger}
-	if err := d.recoverRenewal(); err != nil {
-		return nil, err
-	}
-	return d, nil
+	return &Dir{path: path, log: logger}, nil
 }
 
 // Path returns the directory's path.
@@ -250,7 +246,7 @@ func (d *Dir) NewNextTLSKey() (*ecdsa.PrivateKey, error) {
 
 // CommitCertificate stores certDER (the renewed node certificate, for the key in
 // tls.key.next) as node.crt and then renames tls.key.next over tls.key, so that a
-// crash at any point leaves a matching key and certificate once Open ran. Errors:
+// crash at any point leaves a matching key and certificate once RecoverRenewal ran. Errors:
 // no tls.key.next, a certificate that is not for its key, or a failed write.
 func (d *Dir) CommitCertificate(certDER []byte) error {
 	next, err := d.loadTLSKey(NextTLSKeyFile)
@@ -269,18 +265,27 @@ func (d *Dir) CommitCertificate(certDER []byte) error {
 	return nil
 }
 
-// recoverRenewal finishes or discards a renewal interrupted by a crash.
-func (d *Dir) recoverRenewal() error {
+// DiscardNextTLSKey removes tls.key.next (a renewal that failed); it is not an
+// error when there is none.
+func (d *Dir) DiscardNextTLSKey() error {
+	if err := os.Remove(d.file(NextTLSKeyFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("removing %s: %w", d.file(NextTLSKeyFile), err)
+	}
+	return nil
+}
+
+// RecoverRenewal finishes a certificate renewal a crash interrupted, or discards
+// it: when tls.key.next exists and node.crt is for its key, it renames tls.key.next
+// over tls.key; otherwise (also when tls.key.next is unreadable) it removes
+// tls.key.next. Call it only while no renewal runs, i.e. when the agent starts.
+func (d *Dir) RecoverRenewal() error {
 	next, err := d.loadTLSKey(NextTLSKeyFile)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	discard := func(reason string) error {
 		d.log.Warn("discarding the key of an interrupted certificate renewal", "file", d.file(NextTLSKeyFile), "reason", reason)
-		if err := os.Remove(d.file(NextTLSKeyFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("removing %s: %w", d.file(NextTLSKeyFile), err)
-		}
-		return nil
+		return d.DiscardNextTLSKey()
 	}
 	if err != nil {
 		return discard(err.Error())

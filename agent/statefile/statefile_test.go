@@ -316,7 +316,7 @@ func TestEveryFileIs0600(t *testing.T) {
 // TestLooseFilesTightenedOnRead: a state file with a looser mode (restored from a
 // backup, copied, edited by hand) is set to 0600 by the reader that reads it, and
 // the change is logged with the file and its old mode. (tls.key.next is read only
-// by Open, which removes or renames it; TestRenewalIsCrashSafe covers it.)
+// by RecoverRenewal, which removes or renames it; TestRenewalIsCrashSafe covers it.)
 func TestLooseFilesTightenedOnRead(t *testing.T) {
 	tests := []struct {
 		file string
@@ -354,8 +354,8 @@ func TestLooseFilesTightenedOnRead(t *testing.T) {
 }
 
 // TestRenewalIsCrashSafe: after a crash at any point of a renewal (tls.key.next
-// written; node.crt written; both and the rename), Open leaves a tls.key and a
-// node.crt that belong together.
+// written; node.crt written; both and the rename), RecoverRenewal leaves a tls.key
+// and a node.crt that belong together.
 func TestRenewalIsCrashSafe(t *testing.T) {
 	ca := testpki.NewCA(t, "ca")
 	setup := func(t *testing.T) (*Dir, *ecdsa.PrivateKey) {
@@ -424,8 +424,11 @@ func TestRenewalIsCrashSafe(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			if err := d2.RecoverRenewal(); err != nil {
+				t.Fatal(err)
+			}
 			if _, err := os.Stat(filepath.Join(d.Path(), NextTLSKeyFile)); !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("tls.key.next left after Open: %v", err)
+				t.Errorf("tls.key.next left after RecoverRenewal: %v", err)
 			}
 			cert, _, err := d2.ClientCertificate() // fails when key and certificate do not match
 			if err != nil {

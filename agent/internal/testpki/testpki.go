@@ -76,8 +76,14 @@ func (ca *CA) ServerCert(t testing.TB, dnsNames ...string) tls.Certificate {
 }
 
 // SignCSR issues a client certificate with common name cn for the key in the
-// PKCS #10 request csrDER, as the controller does at enrollment.
+// PKCS #10 request csrDER, as the controller does at enrollment, valid from an hour
+// ago for a day.
 func (ca *CA) SignCSR(csrDER []byte, cn string) ([]byte, error) {
+	return ca.SignCSRFor(csrDER, cn, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour))
+}
+
+// SignCSRFor is SignCSR with the validity period [notBefore, notAfter].
+func (ca *CA) SignCSRFor(csrDER []byte, cn string, notBefore, notAfter time.Time) ([]byte, error) {
 	csr, err := x509.ParseCertificateRequest(csrDER)
 	if err != nil {
 		return nil, fmt.Errorf("parsing CSR: %w", err)
@@ -92,8 +98,8 @@ func (ca *CA) SignCSR(csrDER []byte, cn string) ([]byte, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: n,
 		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
