@@ -224,7 +224,9 @@ func TestRevokedNodeReenrolls(t *testing.T) {
 	c.mu.Unlock()
 	enrolls, _ := c.counts()
 	r := start(t, Options{StateDir: dir, Token: c.token()})
-	eventually(t, "refusal logged", func() bool { return strings.Contains(r.logs.String(), "re-enrollment failed; the agent stays at default deny") })
+	eventually(t, "refusal logged", func() bool {
+		return strings.Contains(r.logs.String(), "re-enrollment failed; the agent stays at default deny")
+	})
 	if !holds(r.dp, deny) {
 		t.Fatal("refused re-enrollment left default deny")
 	}

@@ -60,6 +60,22 @@ func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 token), then keeps its WireGuard overlay and nftables filter equal to the netmap the
 controller sends. Later starts reuse the identity in --state-dir and need no token.
 --controller must be an https:// URL; the join token never travels in cleartext.
+
+The join token comes from exactly one of: --token-file FILE (mode 0600 or stricter;
+"-" reads standard input), $SEGMESH_TOKEN, or --token. Prefer the first two: a
+--token stays visible to every local user in the process list for the agent's whole
+life.
+
+Every file in --state-dir is mode 0600 (the directory 0700); a looser file is
+tightened when read. The agent renews its node certificate with a fresh TLS key when
+a third of its lifetime remains. If the certificate expired anyway, the agent keeps
+enforcing its last netmap (fail static) and needs a new join token: started with one,
+it re-enrolls under the same name with its current keys. When an operator asks for a
+key rotation (segmesh nodes rotate-key), the agent generates a new WireGuard key on
+the host and switches to it. When an operator revokes the node, the agent drops every
+peer, keeps a default-deny filter (also after a restart) and stops gossip; it comes
+back only after "segmesh nodes delete NAME" and a new join token.
+
 On SIGINT or SIGTERM it stops. The nftables table stays, so nothing is open; a
 kernel WireGuard interface stays with its peers, a userspace (wireguard-go) one
 goes away with the process.`,
@@ -91,14 +107,14 @@ goes away with the process.`,
 	f := root.Flags()
 	f.StringVar(&opts.Controller, "controller", "", "controller URL, https only, e.g. https://192.0.2.1:7443 (first start; later defaults to the enrolled one)")
 	f.StringVar(&opts.Token, "token", "", "join token; visible to every local user in the process list (/proc/PID/cmdline) for the agent's whole life: prefer --token-file or $"+tokenEnv)
-	f.StringVar(&tokenFile, "token-file", "", "read the join token from FILE (mode 0600 or stricter; \"-\" reads standard input)")
+	f.StringVar(&tokenFile, "token-file", "", "read the join token (first start, or re-enrollment after the certificate expired or the node was deleted) from FILE, mode 0600 or stricter; \"-\" reads standard input")
 	f.StringVar(&opts.StateDir, "state-dir", "", "directory for keys, certificates, identity and the last netmap (required)")
 	f.StringVar(&opts.Interface, "interface", "", "overlay interface name (default the enrolled one, else "+agent.DefaultInterface+")")
 	f.StringVar(&opts.Name, "name", "", "node name to enroll with (default: the controller derives it from the host name)")
 	f.IntVar(&opts.ListenPort, "listen-port", 0, fmt.Sprintf("WireGuard UDP port (default the enrolled one, else %d)", agent.DefaultListenPort))
 	f.StringVar(&opts.Endpoint, "endpoint", "", "underlay HOST:PORT to advertise (default: local address towards the controller, with the listen port)")
 	f.IntVar(&opts.GossipPort, "gossip-port", 0, "memberlist port to bind and to join peers on (default: the controller's, 7946)")
-	f.DurationVar(&opts.Resync, "resync", agent.DefaultResync, "period of dataplane read-back, status reports and gossip re-joins")
+	f.DurationVar(&opts.Resync, "resync", agent.DefaultResync, "period of dataplane read-back, status reports, gossip re-joins and certificate expiry checks")
 	f.BoolVar(&userspace, "userspace", false, "use embedded wireguard-go even when the kernel has WireGuard")
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = root.MarkFlagRequired("state-dir")
