@@ -3,10 +3,12 @@ package agent
 import (
 	"bytes"
 	"crypto/ecdsa"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -17,6 +19,9 @@ import (
 	"connectrpc.com/connect"
 
 	"segmesh/agent/dataplane"
+	"segmesh/agent/dataplane/fake"
+	"segmesh/agent/gossip"
+	"segmesh/agent/netmap"
 	"segmesh/agent/reconcile"
 	"segmesh/agent/statefile"
 	"segmesh/api/segmeshv1"
@@ -220,6 +225,7 @@ func TestRevokedNodeReenrolls(t *testing.T) {
 	// Not deleted yet: refused.
 	c.mu.Lock()
 	c.enrollErrs = []*connect.Error{connect.NewError(connect.CodeFailedPrecondition, errors.New(`node "web-1" is revoked; an operator must delete it first`))}
+	c.current = revokedWire(3)
 	c.syncErr = revokedErr()
 	c.mu.Unlock()
 	enrolls, _ := c.counts()
@@ -596,4 +602,56 @@ func TestStartFinishesInterruptedRenewal(t *testing.T) {
 	if k, err := stateDir(t, dir).TLSKey(); err != nil || !k.Equal(next) {
 		t.Fatalf("tls.key is not the renewed key (%v)", err)
 	}
+}
+
+// TestGossipAdvertisesNewKeys: after a key rotation the agent's gossip claim
+// carries the new WireGuard public key, and after a renewal it is signed with the
+// new TLS key, so that peers (whose netmaps the controller updates) keep counting
+// the node.
+func TestGossipAdvertisesNewKeys(t *testing.T) {
+	logger := slog.New(slog.DiscardHandler)
+	a := &agent{
+		opts:    Options{Endpoint: "127.0.0.1:51820"},
+		log:     logger,
+		id:      statefile.Identity{NodeName: "web-1", Controller: "https://127.0.0.1:7443", ListenPort: 51820},
+		wgKey:   dkey(1),
+		tlsKey:  identities[1],
+		claims:  map[string]gossip.Claim{},
+		gossipC: make(chan struct{}, 1),
+		reportC: make(chan struct{}, 1),
+	}
+	a.rec = reconcile.New(fake.New(dataplane.KindUserspace), reconcile.Local{Interface: "smt0"}, logger)
+	a.gossip = gossip.NewManager(logger, nil)
+	t.Cleanup(a.gossip.Stop)
+	nm, err := netmap.Parse(wireNetmap(1, freePort(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := startMember(t, "b", 2, netip.MustParseAddrPort("198.51.100.2:51820"))
+	// sees reports whether b sees web-1 advertising WireGuard key wg, signed by sig.
+	sees := func(wg dataplane.Key, sig *ecdsa.PrivateKey) func() bool {
+		return func() bool {
+			if _, err := b.Join([]netip.AddrPort{a.gossip.LocalAddr()}); err != nil {
+				return false
+			}
+			for _, m := range b.Members() {
+				if m.Name == "web-1" && m.Claim.PublicKey == publicKey(wg) && m.Claim.Verify(&sig.PublicKey) {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	a.gossipStep(nm)
+	eventually(t, "the first claim", sees(dkey(1), identities[1]))
+
+	a.mu.Lock()
+	a.wgKey = dkey(5) // what commitKey does
+	a.mu.Unlock()
+	a.gossipStep(nm)
+	eventually(t, "the claim with the rotated WireGuard key", sees(dkey(5), identities[1]))
+
+	a.setCertificate(&tls.Certificate{}, identities[3]) // what renew does
+	a.gossipStep(nm)
+	eventually(t, "the claim signed with the renewed TLS key", sees(dkey(5), identities[3]))
 }
