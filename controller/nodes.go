@@ -211,9 +211,10 @@ func (s *operatorService) LabelNode(ctx context.Context, req *connect.Request[se
 
 // checkInventory compiles pol against the changed inventory inv and runs its
 // tests there: it returns the compile error or the failing tests, one line each.
-// A test that would pass only vacuously on inv (an endpoint matches no node) fails
-// too, unless it already did on the inventory before the change, oldInv: an
-// inventory change must not quietly empty what a test guards.
+// A test whose endpoint the change leaves without any node (TestFailure.
+// EmptyEndpoint) fails too, unless it was already empty on the inventory before
+// the change, oldInv: an inventory change must not quietly empty what a test
+// guards.
 func checkInventory(pol *policy.Policy, oldInv, inv []policy.Node) error {
 	if _, err := policy.Compile(pol, inv); err != nil {
 		return err
@@ -225,7 +226,7 @@ func checkInventory(pol *policy.Policy, oldInv, inv []policy.Node) error {
 	}
 	for _, f := range before {
 		if f.Inventory == policy.InventoryRun && f.NoMatch {
-			vacuousBefore[f.Error()] = true
+			vacuousBefore[f.Test] = true
 		}
 	}
 	failures, err := policy.RunTests(pol, append([]policy.Node{}, inv...))
@@ -234,12 +235,12 @@ func checkInventory(pol *policy.Policy, oldInv, inv []policy.Node) error {
 	}
 	var fails []string
 	for _, f := range failures {
-		if f.Inventory == policy.InventoryRun && !vacuousBefore[f.Error()] {
-			msg := f.Error()
-			if f.NoMatch {
-				msg += " (no node left for it to check)"
-			}
-			fails = append(fails, msg)
+		switch {
+		case f.Inventory != policy.InventoryRun:
+		case !f.NoMatch:
+			fails = append(fails, f.Error())
+		case f.EmptyEndpoint && !vacuousBefore[f.Test]:
+			fails = append(fails, f.Error()+" (the change leaves it no node to check)")
 		}
 	}
 	if len(fails) > 0 {

@@ -30,6 +30,10 @@ type TestFailure struct {
 	// may tolerate it on a real inventory that is still filling up; the prototype
 	// inventory never has an empty segment.
 	NoMatch bool
+	// EmptyEndpoint is set, with NoMatch, when the reason is that an endpoint holds
+	// no node of this inventory (as opposed to a name it does not know, or a test
+	// whose endpoints hold no two distinct parties).
+	EmptyEndpoint bool
 }
 
 // Error formats the failure as `file:line:col: test "NAME": MESSAGE`, followed by
@@ -163,7 +167,7 @@ func (tr *testRunner) resolve(e Endpoint, what string) (partySet, *TestFailure, 
 		// An overlay address means a node; outside an inventory node it is
 		// no party a policy could ever hold, and the test would pass vacuously.
 		if _, held := u.addrOwner[e.Addr]; !held {
-			return partySet{}, &TestFailure{NoMatch: true, Msg: fmt.Sprintf(
+			return partySet{}, &TestFailure{NoMatch: true, EmptyEndpoint: true, Msg: fmt.Sprintf(
 				"%s %s matches no node: no node of the inventory holds this overlay address", what, e)}, nil
 		}
 	}
@@ -172,7 +176,7 @@ func (tr *testRunner) resolve(e Endpoint, what string) (partySet, *TestFailure, 
 		return partySet{}, &TestFailure{NoMatch: true, Msg: fmt.Sprintf("%s %s", what, err)}, nil
 	}
 	if s.empty() {
-		return partySet{}, &TestFailure{NoMatch: true, Msg: fmt.Sprintf("%s %s matches no node", what, e)}, nil
+		return partySet{}, &TestFailure{NoMatch: true, EmptyEndpoint: true, Msg: fmt.Sprintf("%s %s matches no node", what, e)}, nil
 	}
 	return s, nil, nil
 }

@@ -326,7 +326,10 @@ func TestEnrollmentRefused(t *testing.T) {
 			n := m.Node("second")
 			runCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
 			defer cancel()
-			out, err := n.Host.Exec(runCtx, m.AgentCommand(n, tt.token)...)
+			if err := n.WriteToken(tt.token); err != nil {
+				t.Fatal(err)
+			}
+			out, err := n.Host.Exec(runCtx, m.AgentCommand(n)...)
 			var xe *lab.ExecError
 			if !errors.As(err, &xe) || xe.ExitCode <= 0 {
 				t.Fatalf("agent with a %s: %v (output %q); want it to exit non-zero on its own", tt.name, err, out)
@@ -345,6 +348,40 @@ func TestEnrollmentRefused(t *testing.T) {
 			}
 		})
 	}
+
+	// A stranger with a valid token and the public name of an enrolled node cannot
+	// take it over (issue 6, defect 1): refused, and the node is unchanged.
+	t.Run("takeover of an enrolled name", func(t *testing.T) {
+		before, err := m.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fresh, err := m.CreateToken(ctx, map[string]string{"role": "attacker"}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := m.Node("second")
+		if err := n.WriteToken(fresh); err != nil {
+			t.Fatal(err)
+		}
+		args := m.AgentCommand(n)
+		args[slices.Index(args, "--name")+1] = "first"
+		runCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		defer cancel()
+		_, err = n.Host.Exec(runCtx, args...)
+		var xe *lab.ExecError
+		if !errors.As(err, &xe) || xe.ExitCode <= 0 || !strings.Contains(xe.Stderr, "already enrolled") {
+			t.Fatalf("agent taking over node first: %v; want a refusal saying it is already enrolled", err)
+		}
+		after, err := m.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, a := before.Node("first"), after.Node("first")
+		if a == nil || fmt.Sprint(a.Labels, a.Addresses, a.Endpoint, a.PublicKey) != fmt.Sprint(b.Labels, b.Addresses, b.Endpoint, b.PublicKey) {
+			t.Errorf("node first changed by the refused takeover:\nbefore %+v\nafter  %+v", b, a)
+		}
+	})
 
 	t.Run("reusable token enrolls two nodes", func(t *testing.T) {
 		reusable, err := m.CreateToken(ctx, labels, true)

@@ -68,6 +68,12 @@ func examplePolicy() string { return filepath.Join(moduleRoot, "examples", "poli
 // log if the test failed, then removes the lab and fails the test if that fails.
 func newMesh(t *testing.T, nodes []lab.NodeSpec) *lab.Mesh {
 	t.Helper()
+	return newMeshWith(t, nodes, nil)
+}
+
+// newMeshWith is newMesh with extra controller arguments.
+func newMeshWith(t *testing.T, nodes []lab.NodeSpec, controllerArgs []string) *lab.Mesh {
+	t.Helper()
 	if setupErr != nil {
 		t.Fatal(setupErr)
 	}
@@ -80,9 +86,10 @@ func newMesh(t *testing.T, nodes []lab.NodeSpec) *lab.Mesh {
 		t.Logf("lab directory (kept): %s", dir)
 	}
 	opts := lab.MeshOptions{
-		Options: lab.Options{Dir: dir},
-		BinDir:  binDir,
-		Nodes:   nodes,
+		Options:        lab.Options{Dir: dir},
+		BinDir:         binDir,
+		Nodes:          nodes,
+		ControllerArgs: controllerArgs,
 	}
 	if lvl := os.Getenv("SEGMESH_E2E_LOG_LEVEL"); lvl != "" {
 		opts.AgentArgs = []string{"--log-level", lvl}

@@ -93,7 +93,7 @@ func (m *Mesh) Cells(pol *Policy, st *Status, opts MatrixOptions) ([]Cell, error
 	}
 	var nodes []*Node
 	for _, n := range m.nodes {
-		if n.Agent != nil {
+		if n.Agent != nil && !n.Revoked {
 			nodes = append(nodes, n)
 		}
 	}

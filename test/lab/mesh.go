@@ -96,6 +96,9 @@ type Node struct {
 	// Agent is the agent process once StartAgent ran; Probe the probe server.
 	Agent *Process
 	Probe *Process
+	// Revoked is set by a test that revoked or deleted the node: Cells and
+	// WaitConverged leave it out.
+	Revoked bool
 }
 
 // Info returns the node as the policy evaluator sees it (the labels the lab bound).
@@ -247,11 +250,24 @@ func (m *Mesh) CreateToken(ctx context.Context, labels map[string]string, reusab
 	return tok, nil
 }
 
-// AgentCommand is the command line that runs the agent of n with token.
-func (m *Mesh) AgentCommand(n *Node, token string) []string {
+// TokenFile is where StartAgent keeps the node's join token (mode 0600), so that
+// the token never appears on a command line.
+func (n *Node) TokenFile() string { return filepath.Join(n.Host.Dir, "join-token") }
+
+// WriteToken stores token in TokenFile with mode 0600.
+func (n *Node) WriteToken(token string) error {
+	if err := os.WriteFile(n.TokenFile(), []byte(token+"\n"), 0o600); err != nil {
+		return fmt.Errorf("writing the join token of %s: %w", n.Name, err)
+	}
+	return nil
+}
+
+// AgentCommand is the command line that runs the agent of n with its join token
+// in TokenFile.
+func (m *Mesh) AgentCommand(n *Node) []string {
 	return append([]string{m.Bin(AgentBin),
 		"--controller", m.URL,
-		"--token", token,
+		"--token-file", n.TokenFile(),
 		"--state-dir", n.StateDir,
 		"--interface", n.Interface,
 		"--name", n.Name,
@@ -264,7 +280,10 @@ func (m *Mesh) StartAgent(n *Node, token string) error {
 	if n.Agent != nil {
 		return fmt.Errorf("starting agent on %s: already started; use n.Agent.Restart", n.Name)
 	}
-	p, err := n.Host.Start("agent", m.AgentCommand(n, token)...)
+	if err := n.WriteToken(token); err != nil {
+		return err
+	}
+	p, err := n.Host.Start("agent", m.AgentCommand(n)...)
 	if err != nil {
 		return err
 	}
@@ -415,7 +434,7 @@ func (m *Mesh) WaitConverged(ctx context.Context, minRevision uint64, timeout ti
 		}
 		var pending []string
 		for _, n := range m.nodes {
-			if n.Agent == nil {
+			if n.Agent == nil || n.Revoked {
 				continue
 			}
 			ns := st.Node(n.Name)
