@@ -533,6 +533,7 @@ func TestFirstStartEnrollsAppliesAndReports(t *testing.T) {
 	}
 	for name, mode := range map[string]os.FileMode{
 		"": 0o700, statefile.WireGuardKeyFile: 0o600, statefile.TLSKeyFile: 0o600, statefile.IdentityFile: 0o600, statefile.NetmapFile: 0o600,
+		statefile.CAFile: 0o600, statefile.CertFile: 0o600,
 	} {
 		st, err := os.Stat(filepath.Join(dir, name))
 		if err != nil || st.Mode().Perm() != mode {

@@ -90,6 +90,9 @@ func (a *agent) enterRevoked(ctx context.Context, pb *segmeshv1.Netmap, nm *netm
 			return
 		}
 	}
+	if cur := a.rec.Netmap(); a.isRevoked() && cur != nil && cur.Revoked && cur.Hash == nm.Hash && a.rec.Status().Err == nil {
+		return // the controller said so again (every reconnect): nothing changes
+	}
 	if err := a.dir.SaveNetmap(pb); err != nil {
 		a.log.Error("storing the revoked netmap; a restart applies the previous netmap until the controller refuses the node again", "err", err)
 	}
