@@ -193,10 +193,7 @@ func (s *agentService) RenewCertificate(ctx context.Context, req *connect.Reques
 			Detail: "new TLS key; certificate valid until " + notAfter.UTC().Format(timeFormat)})
 	})
 	if err != nil {
-		if ce := new(connect.Error); errors.As(err, &ce) {
-			return nil, ce
-		}
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing the renewed identity of %s: %w", node.Name, err))
+		return nil, internalOr("storing the renewed identity of "+node.Name, err)
 	}
 	c.log.Info("node certificate renewed", "node", node.Name, "not_after", notAfter)
 	c.requestRecompute() // peers verify gossip claims with the node's identity key
@@ -248,10 +245,7 @@ func (s *agentService) RotateKey(ctx context.Context, req *connect.Request[segme
 			Detail: fmt.Sprintf("generation %d, new WireGuard key %s", gen, base64.StdEncoding.EncodeToString(key))})
 	})
 	if err != nil {
-		if ce := new(connect.Error); errors.As(err, &ce) {
-			return nil, ce
-		}
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("storing the new key of %s: %w", node.Name, err))
+		return nil, internalOr("storing the new key of "+node.Name, err)
 	}
 	if changed {
 		c.log.Info("node WireGuard key rotated", "node", node.Name, "generation", gen)

@@ -82,10 +82,7 @@ func (c *Controller) cutOff(ctx context.Context, name, action string, change fun
 		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actorOf(ctx), Action: action, Object: "node:" + name, Result: "ok", Detail: detail})
 	})
 	if err != nil {
-		if ce := new(connect.Error); errors.As(err, &ce) {
-			return ce
-		}
-		return connect.NewError(connect.CodeInternal, fmt.Errorf("%s %s: %w", action, name, err))
+		return internalOr(action+" "+name, err)
 	}
 	if key != nil {
 		c.netmapCfg.GossipKey = key
@@ -199,10 +196,7 @@ func (s *operatorService) LabelNode(ctx context.Context, req *connect.Request[se
 			Detail: fmt.Sprintf("labels %s -> %s", formatLabelMap(old.Labels), formatLabelMap(labels))})
 	})
 	if err != nil {
-		if ce := new(connect.Error); errors.As(err, &ce) {
-			return nil, ce
-		}
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("relabeling %s: %w", name, err))
+		return nil, internalOr("relabeling "+name, err)
 	}
 	c.recomputeLocked()
 	c.log.Info("node relabeled", "node", name, "labels", labels, "by", actorOf(ctx))
@@ -292,10 +286,7 @@ func (s *operatorService) RotateNodeKey(ctx context.Context, req *connect.Reques
 		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actorOf(ctx), Action: "node.key.rotate-request", Object: "node:" + name, Result: "ok", Detail: fmt.Sprintf("generation %d", gen)})
 	})
 	if err != nil {
-		if ce := new(connect.Error); errors.As(err, &ce) {
-			return nil, ce
-		}
-		return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("requesting a key rotation of %s: %w", name, err))
+		return nil, internalOr("requesting a key rotation of "+name, err)
 	}
 	c.recomputeNow()
 	return connect.NewResponse(&segmeshv1.RotateNodeKeyResponse{Generation: gen}), nil
