@@ -36,6 +36,7 @@ type syncer struct {
 
 	mu           sync.Mutex
 	hc           *http.Client
+	retired      []*http.Client // clients with the previous certificate, to close once idle
 	client       segmeshv1connect.AgentServiceClient
 	cancelStream context.CancelCauseFunc // ends the open netmap stream; nil when none
 	netmapErr    error                   // why the latest netmap from the controller was rejected
@@ -75,30 +76,43 @@ func (s *syncer) agentClient() segmeshv1connect.AgentServiceClient {
 }
 
 // reconnect drops every connection made with the previous certificate: it puts a
-// new HTTP client in place, closes the old one's idle connections and ends the open
-// netmap stream, which connectLoop reopens at once.
+// new HTTP client in place and ends the open netmap stream, which connectLoop
+// reopens at once (and then closes the old client's connections).
 func (s *syncer) reconnect() {
 	pool, err := s.a.dir.CAPool()
+	if err != nil {
+		s.a.log.Warn("reloading the CA certificate; the next connection presents the renewed certificate", "err", err)
+	}
 	s.mu.Lock()
-	old, cancel := s.hc, s.cancelStream
+	cancel := s.cancelStream
 	if err == nil {
+		s.retired = append(s.retired, s.hc)
 		s.hc = s.newHTTPClient(pool)
 		s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.a.id.Controller)
 	}
 	s.mu.Unlock()
-	if err != nil {
-		s.a.log.Warn("reloading the CA certificate; keeping the connection", "err", err)
-	}
 	if cancel != nil {
 		cancel(errReconnect)
 	}
-	if err == nil {
-		old.CloseIdleConnections()
+	s.closeRetired()
+}
+
+// closeRetired closes the idle connections of the clients reconnect replaced. A
+// connection still busy (a report in flight) is closed by the transport's idle
+// timeout later.
+func (s *syncer) closeRetired() {
+	s.mu.Lock()
+	retired := s.retired
+	s.retired = nil
+	s.mu.Unlock()
+	for _, hc := range retired {
+		hc.CloseIdleConnections()
 	}
 }
 
 // close drops the idle connections to the controller.
 func (s *syncer) close() {
+	s.closeRetired()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.hc.CloseIdleConnections()
@@ -124,6 +138,7 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		}
 		if errors.Is(err, errReconnect) {
 			a.log.Info("reconnecting to the controller with the renewed certificate")
+			s.closeRetired() // the old stream is closed now
 			bo.reset()
 			continue
 		}

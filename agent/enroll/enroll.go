@@ -244,14 +244,17 @@ func verifyPinned(tok jointoken.Token, chain []*x509.Certificate) error {
 
 // NewHTTPClient returns an HTTP/2 client for the controller with the given TLS
 // configuration. Idle connections are health-checked with HTTP/2 pings so that a
-// controller that vanished is noticed within about 45 s even on a quiet stream.
+// controller that vanished is noticed within about 45 s even on a quiet stream;
+// connections idle for 5 minutes are closed.
 func NewHTTPClient(tlsConf *tls.Config) *http.Client {
 	t := &http.Transport{
 		Proxy:               nil,
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:     tlsConf,
 		TLSHandshakeTimeout: 10 * time.Second,
-		ForceAttemptHTTP2:   true,
+		// A connection left idle (one with a replaced certificate) goes away.
+		IdleConnTimeout:   5 * time.Minute,
+		ForceAttemptHTTP2: true,
 		HTTP2: &http.HTTP2Config{
 			SendPingTimeout: 30 * time.Second,
 			PingTimeout:     15 * time.Second,
