@@ -9,7 +9,6 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -25,13 +24,12 @@ import (
 
 // ---------------------------------------------------------------- revocation
 
-// isRevokedError reports whether err is the controller refusing a call because an
-// operator revoked this node: connect code PermissionDenied with a message that
-// says "revoked".
+// isRevokedError reports whether err is the controller cutting this node off: the
+// controller answers every AgentService call of a node an operator revoked (or
+// deleted) with connect code PermissionDenied, and uses that code for nothing else
+// on that service.
 func isRevokedError(err error) bool {
-	var ce *connect.Error
-	return errors.As(err, &ce) && ce.Code() == connect.CodePermissionDenied &&
-		strings.Contains(strings.ToLower(ce.Message()), "revoked")
+	return connect.CodeOf(err) == connect.CodePermissionDenied
 }
 
 // connectMessage is the controller's message in err without the code prefix, or
@@ -58,9 +56,9 @@ func (a *agent) markRevoked(reason string) {
 	a.revoked = true
 	a.mu.Unlock()
 	if !was {
-		a.log.Error(fmt.Sprintf("this node was revoked by an operator: the agent dropped every peer, keeps a default-deny filter, "+
+		a.log.Error(fmt.Sprintf("this node was revoked by an operator (or deleted): the agent dropped every peer, keeps a default-deny filter, "+
 			"stopped gossip and status reports, and asks the controller only every %s; to bring this host back, an operator must "+
-			"run `segmesh nodes delete %s` and then start the agent with a new join token (--token-file FILE)", maxBackoff, a.id.NodeName),
+			"run `segmesh nodes delete %s` (unless done already) and then start the agent with a new join token (--token-file FILE)", maxBackoff, a.id.NodeName),
 			"node", a.id.NodeName, "reason", reason)
 	}
 }
@@ -391,7 +389,8 @@ func (a *agent) rotateLoop(ctx context.Context) {
 // controller is told its public key (RotateKey), (3) the completed generation is
 // stored in identity.json, (4) the pending key is renamed over wireguard.key and
 // programmed. A pending key with a generation still to do is retried at (2) with
-// the same key; one whose generation is recorded is finished at (4).
+// the same key (the controller accepts a repeated call with the same key); one
+// whose generation is recorded is finished at (4).
 func (a *agent) rotateStep(ctx context.Context) error {
 	nm := a.rec.Netmap()
 	if nm == nil || nm.Revoked || a.certificateExpired() {
@@ -428,10 +427,12 @@ func (a *agent) rotate(ctx context.Context, gen uint64) error {
 		a.syncer.checkRevoked(ctx, err)
 		return fmt.Errorf("telling the controller the new WireGuard key (generation %d): %w", gen, err)
 	}
+	// Recorded before the switch: a retry after a failure here repeats the call with
+	// the same key, which the controller accepts.
 	id := a.id
 	id.KeyGeneration = gen
 	if err := a.dir.SaveIdentity(id); err != nil {
-		a.log.Error("recording the completed key rotation failed; a restart rotates again", "generation", gen, "err", err)
+		return fmt.Errorf("recording the completed key rotation %d: %w", gen, err)
 	}
 	a.mu.Lock()
 	a.keyGen = gen

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -137,6 +138,12 @@ func TestRevokedGoesToDefaultDeny(t *testing.T) {
 			c.mu.Unlock()
 			c.push <- wireNetmap(4, 0)
 		}},
+		{name: "stream refused for a deleted node", revoke: func(c *controller) {
+			c.mu.Lock()
+			c.syncErr = connect.NewError(connect.CodePermissionDenied, errors.New(`node "web-1" is not enrolled (deleted by an operator?); its credentials are no longer valid`))
+			c.mu.Unlock()
+			c.push <- wireNetmap(4, 0)
+		}},
 		{name: "report refused", revoke: func(c *controller) {
 			c.mu.Lock()
 			c.reportErr = revokedErr()
@@ -167,7 +174,7 @@ func TestRevokedGoesToDefaultDeny(t *testing.T) {
 			eventually(t, "gossip stopped", func() bool { return portFree(port) })
 			eventually(t, "operator told", func() bool {
 				l := r.logs.String()
-				return strings.Contains(l, "level=ERROR") && strings.Contains(l, "revoked by an operator") && strings.Contains(l, "`segmesh nodes delete web-1`") &&
+				return strings.Contains(l, "level=ERROR") && strings.Contains(l, "revoked by an operator") && strings.Contains(l, "`segmesh nodes delete web-1` (unless done already)") &&
 					strings.Contains(l, "new join token")
 			})
 			// (A netmap the controller still streams un-revokes the node until the
@@ -202,6 +209,25 @@ func TestRevokedGoesToDefaultDeny(t *testing.T) {
 				t.Fatalf("restart of a revoked node applied %+v, want default deny", h[0])
 			}
 		})
+	}
+}
+
+func TestIsRevokedError(t *testing.T) {
+	tests := []struct {
+		err  error
+		want bool
+	}{
+		{revokedErr(), true},
+		{fmt.Errorf("netmap stream: %w", revokedErr()), true},
+		{connect.NewError(connect.CodeUnauthenticated, errors.New("this certificate is no longer node \"web-1\"'s")), false},
+		{unavailable(), false},
+		{errors.New("permission denied"), false},
+		{nil, false},
+	}
+	for _, tt := range tests {
+		if got := isRevokedError(tt.err); got != tt.want {
+			t.Errorf("isRevokedError(%v) = %v, want %v", tt.err, got, tt.want)
+		}
 	}
 }
 
