@@ -331,8 +331,7 @@ Without FILE, explain uses the policy in force on the controller; without
 		if len(args) == 1 && inventory != "" {
 			return offline(cmd, args)
 		}
-		flag, _ := cmd.Flags().GetString("output")
-		output, err := parseOutputFormat(flag)
+		output, err := parseOutputFormat(cmd.Flags().Lookup("output").Value.String())
 		if err != nil {
 			return err
 		}

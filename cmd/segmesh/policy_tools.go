@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -154,14 +153,6 @@ otherwise, 2 on usage errors and when a file cannot be read.`,
 	return cmd
 }
 
-// outputFormat validates an -o value.
-func outputFormat(s string) error {
-	if s != "text" && s != "json" {
-		return &exitError{code: 2, msg: fmt.Sprintf("segmesh: unknown output format %q: want text or json", s)}
-	}
-	return nil
-}
-
 // asToolError turns a policy-file error (exit 1) into exit code 2, the error code
 // of the tools whose exit code 1 carries a result.
 func asToolError(err error) error {
@@ -172,16 +163,8 @@ func asToolError(err error) error {
 	return err
 }
 
-// writeToolJSON writes v as indented JSON without HTML escaping ("->" stays readable).
-func writeToolJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.SetEscapeHTML(false)
-	return enc.Encode(v)
-}
-
 func newPolicyExplainCmd() *cobra.Command {
-	var inventory, from, to, port, output string
+	var inventory, from, to, port string
 	cmd := &cobra.Command{
 		Use:   "explain FILE --inventory NODES.yaml --from A --to B --port tcp/5432",
 		Short: "Say whether the policy in FILE allows a packet, by which rules, or which rules came closest",
@@ -197,34 +180,30 @@ closest, with the part (from, to, packet) that does not match.
 
 Exit status: 0 when the explanation is printed (whatever the verdict), 2 on errors.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := outputFormat(output); err != nil {
-				return err
-			}
-			p, _, err := parsePolicyFile(args[0])
-			if err != nil {
-				return asToolError(err)
-			}
-			nodes, err := readInventory(inventory, 2)
-			if err != nil {
-				return err
-			}
-			x, err := policy.Explain(p, nodes, policy.Query{From: from, To: to, Packet: port})
-			if err != nil {
-				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: explain: %v", err)}
-			}
-			if output == "json" {
-				return writeToolJSON(cmd.OutOrStdout(), x)
-			}
-			_, err = io.WriteString(cmd.OutOrStdout(), x.Text())
+	}
+	output := addOutputFlag(cmd, "")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		p, _, err := parsePolicyFile(args[0])
+		if err != nil {
+			return asToolError(err)
+		}
+		nodes, err := readInventory(inventory, 2)
+		if err != nil {
 			return err
-		},
+		}
+		x, err := policy.Explain(p, nodes, policy.Query{From: from, To: to, Packet: port})
+		if err != nil {
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: explain: %v", err)}
+		}
+		return output.write(cmd.OutOrStdout(), x, func(w io.Writer) error {
+			_, err := io.WriteString(w, x.Text())
+			return err
+		})
 	}
 	cmd.Flags().StringVar(&inventory, "inventory", "", "inventory file NODES.yaml (nodes with names, labels, addresses)")
 	cmd.Flags().StringVar(&from, "from", "", "source: a segment, node or address")
 	cmd.Flags().StringVar(&to, "to", "", "destination: a segment, node or address, optionally with :PORT ([IPV6]:PORT)")
 	cmd.Flags().StringVar(&port, "port", "", "packet: tcp/PORT, udp/PORT or icmp (tcp or udp when --to has the port)")
-	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	for _, f := range []string{"inventory", "from", "to"} {
 		_ = cmd.MarkFlagRequired(f)
 	}
@@ -241,7 +220,7 @@ type diffJSON struct {
 }
 
 func newPolicyDiffCmd() *cobra.Command {
-	var inventory, output string
+	var inventory string
 	cmd := &cobra.Command{
 		Use:   "diff OLD NEW [--inventory NODES.yaml]",
 		Short: "Show the flows and peers a policy change adds and removes; exit 1 when they differ",
@@ -255,55 +234,50 @@ differ only in order, comments or layout are identical.
 Exit status: 0 when identical, 1 when different, 2 on errors (so it can gate a
 merge in CI).`,
 		Args: cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := outputFormat(output); err != nil {
+	}
+	output := addOutputFlag(cmd, "")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		var pols [2]*policy.Policy
+		var msgs []string
+		for i, path := range args {
+			p, _, err := parsePolicyFile(path)
+			var ee *exitError
+			if errors.As(err, &ee) && ee.code == 1 {
+				msgs = append(msgs, ee.msg)
+				continue
+			} else if err != nil {
 				return err
 			}
-			var pols [2]*policy.Policy
-			var msgs []string
-			for i, path := range args {
-				p, _, err := parsePolicyFile(path)
-				var ee *exitError
-				if errors.As(err, &ee) && ee.code == 1 {
-					msgs = append(msgs, ee.msg)
-					continue
-				} else if err != nil {
-					return err
-				}
-				pols[i] = p
-			}
-			if len(msgs) > 0 {
-				return &exitError{code: 2, msg: strings.Join(msgs, "\n")}
-			}
-			var nodes []policy.Node
-			on := "prototype inventory"
-			if inventory != "" {
-				var err error
-				if nodes, err = readInventory(inventory, 2); err != nil {
-					return err
-				}
-				on = inventory
-			}
-			d, err := policy.Diff(pols[0], pols[1], nodes)
-			if err != nil {
-				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: diff: %v", err)}
-			}
-			w := cmd.OutOrStdout()
-			if output == "json" {
-				err = writeToolJSON(w, diffJSON{Old: args[0], New: args[1], Inventory: on, Identical: d.Identical(), DiffResult: d})
-			} else {
-				_, err = fmt.Fprintf(w, "%s -> %s on %s:\n%s", args[0], args[1], on, d.Text())
-			}
-			if err != nil {
+			pols[i] = p
+		}
+		if len(msgs) > 0 {
+			return &exitError{code: 2, msg: strings.Join(msgs, "\n")}
+		}
+		var nodes []policy.Node
+		on := "prototype inventory"
+		if inventory != "" {
+			var err error
+			if nodes, err = readInventory(inventory, 2); err != nil {
 				return err
 			}
-			if !d.Identical() {
-				return &exitError{code: 1}
-			}
-			return nil
-		},
+			on = inventory
+		}
+		d, err := policy.Diff(pols[0], pols[1], nodes)
+		if err != nil {
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: diff: %v", err)}
+		}
+		err = output.write(cmd.OutOrStdout(), diffJSON{Old: args[0], New: args[1], Inventory: on, Identical: d.Identical(), DiffResult: d}, func(w io.Writer) error {
+			_, err := fmt.Fprintf(w, "%s -> %s on %s:\n%s", args[0], args[1], on, d.Text())
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if !d.Identical() {
+			return &exitError{code: 1}
+		}
+		return nil
 	}
 	cmd.Flags().StringVar(&inventory, "inventory", "", "inventory file NODES.yaml (default: the prototype inventory of both policies)")
-	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	return cmd
 }

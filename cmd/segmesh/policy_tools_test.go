@@ -157,8 +157,8 @@ func TestPolicyExplainCLI(t *testing.T) {
 		{[]string{"policy", "explain", "policy.yaml", "--inventory", "nodes.yaml", "--from", "web-1", "--to", "fd5e:6d65:7368::3:8080", "--port", "tcp"}, 2, "",
 			`segmesh: explain: to: ambiguous IPv6 address "fd5e:6d65:7368::3:8080": write [fd5e:6d65:7368::3]:8080 for port 8080 of fd5e:6d65:7368::3, or [fd5e:6d65:7368::3:8080] for the address`},
 		{[]string{"policy", "explain", "broken-syntax.yaml", "--inventory", "nodes.yaml", "--from", "web", "--to", "api", "--port", "tcp/8080"}, 2, "", brokenSyntaxErrors},
-		{[]string{"policy", "explain", "policy.yaml", "--inventory", "nodes.yaml", "--from", "web", "--to", "api", "--port", "tcp/8080", "-o", "yaml"}, 2, "",
-			`segmesh: unknown output format "yaml": want text or json`},
+		{[]string{"policy", "explain", "policy.yaml", "--inventory", "nodes.yaml", "--from", "web", "--to", "api", "--port", "tcp/8080", "-o", "xml"}, 2, "",
+			`segmesh: invalid argument "xml" for "-o, --output" flag: want table, json or yaml`},
 	})
 	out, _, code := runCLI(t, "policy", "explain", "policy.yaml", "--inventory", "nodes.yaml", "--from", "web", "--to", "[fd5e:6d65:7368::3]:8080", "--port", "tcp", "-o", "json")
 	var x struct {
@@ -174,6 +174,11 @@ func TestPolicyExplainCLI(t *testing.T) {
 	if x.Verdict != "allowed" || len(x.Cases) != 1 || strings.Join(x.Cases[0].Flows, ",") != "web-1 -> api-1 over IPv6,web-2 -> api-1 over IPv6" ||
 		x.Cases[0].Rules[0].Pos != "policy.yaml:35:5" {
 		t.Errorf("explain -o json = %s", out)
+	}
+	// -o yaml is the same document.
+	yout, _, code := runCLI(t, "policy", "explain", "policy.yaml", "--inventory", "nodes.yaml", "--from", "web", "--to", "[fd5e:6d65:7368::3]:8080", "--port", "tcp", "-o", "yaml")
+	if code != 0 || !strings.Contains(yout, "verdict: allowed") || !strings.Contains(yout, "pos: policy.yaml:35:5") {
+		t.Errorf("explain -o yaml: exit %d\n%s", code, yout)
 	}
 }
 
