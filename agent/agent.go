@@ -108,6 +108,11 @@ type agent struct {
 
 	joins sync.WaitGroup // gossip joins in flight
 
+	// netmapMu orders the netmap transitions (a netmap from the stream, a
+	// revocation learned from a refused call) so that the last decision is also
+	// the last netmap stored and set.
+	netmapMu sync.Mutex
+
 	// claims is the last gossip endpoint claim accepted from each peer, by peer
 	// name; only gossipStep (one goroutine) uses it.
 	claims map[string]gossip.Claim

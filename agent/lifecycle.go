@@ -77,25 +77,31 @@ func (a *agent) clearRevoked() bool {
 // makes one from the identity, when the controller refused a call instead of
 // sending one) so that a restart stays there, applies it and stops gossip.
 func (a *agent) enterRevoked(ctx context.Context, pb *segmeshv1.Netmap, nm *netmap.Netmap, reason string) {
+	a.netmapMu.Lock()
 	if pb == nil {
 		if a.isRevoked() {
+			a.netmapMu.Unlock()
 			return
 		}
 		pb = a.revokedNetmap()
 		var err error
 		if nm, err = netmap.Parse(pb); err != nil {
+			a.netmapMu.Unlock()
 			a.log.Error("building the revoked netmap", "err", err)
 			return
 		}
 	}
 	if cur := a.rec.Netmap(); a.isRevoked() && cur != nil && cur.Revoked && cur.Hash == nm.Hash && a.rec.Status().Err == nil {
+		a.netmapMu.Unlock()
 		return // the controller said so again (every reconnect): nothing changes
 	}
 	if err := a.dir.SaveNetmap(pb); err != nil {
 		a.log.Error("storing the revoked netmap; a restart applies the previous netmap until the controller refuses the node again", "err", err)
 	}
 	a.markRevoked(reason)
-	st, err := a.rec.Wait(ctx, a.rec.SetNetmap(nm))
+	gen := a.rec.SetNetmap(nm)
+	a.netmapMu.Unlock()
+	st, err := a.rec.Wait(ctx, gen)
 	if err != nil {
 		return
 	}

@@ -232,15 +232,21 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap) {
 		a.enterRevoked(ctx, pb, nm, "the controller sent a revoked netmap")
 		return
 	}
+	a.netmapMu.Lock()
 	if a.clearRevoked() {
 		a.log.Warn("the controller sent a netmap for this node again; it is no longer revoked", "node", a.id.NodeName, "revision", nm.Revision)
 	}
 	cur := a.rec.Netmap()
+	gen := uint64(0)
 	if cur == nil || cur.Hash != nm.Hash || a.rec.Status().Err != nil {
 		if err := a.dir.SaveNetmap(pb); err != nil {
 			a.log.Error("storing netmap; a restart would apply an older one", "revision", nm.Revision, "err", err)
 		}
-		st, err := a.rec.Wait(ctx, a.rec.SetNetmap(nm))
+		gen = a.rec.SetNetmap(nm)
+	}
+	a.netmapMu.Unlock()
+	if gen != 0 {
+		st, err := a.rec.Wait(ctx, gen)
 		if err != nil {
 			return
 		}

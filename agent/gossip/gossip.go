@@ -313,16 +313,14 @@ func (m *Manager) signLocked(cfg Config) ([]byte, error) {
 // returns how many were reached. Joining nothing is not an error.
 func (m *Manager) Join(addrs []netip.AddrPort) (int, error) {
 	m.mu.Lock()
-	ml := m.ml
+	ml, d := m.ml, m.delegate
 	m.mu.Unlock()
 	if ml == nil {
 		return 0, errors.New("joining gossip: not running")
 	}
 	known := map[netip.AddrPort]bool{}
-	for _, n := range ml.Members() {
-		if a, ok := netip.AddrFromSlice(n.Addr); ok {
-			known[netip.AddrPortFrom(a.Unmap(), n.Port)] = true
-		}
+	for _, n := range d.snapshot() {
+		known[n.addr] = true
 	}
 	var todo []string
 	for _, a := range addrs {
@@ -340,26 +338,26 @@ func (m *Manager) Join(addrs []netip.AddrPort) (int, error) {
 	return n, nil
 }
 
-// Members returns the other alive members whose metadata decodes, sorted by name.
+// Members returns the other members that joined and did not leave or die (alive
+// or suspect) whose metadata decodes, sorted by name.
 func (m *Manager) Members() []Member {
 	m.mu.Lock()
-	ml, self := m.ml, m.cfg.NodeName
+	d, self := m.delegate, m.cfg.NodeName
 	m.mu.Unlock()
-	if ml == nil {
+	if d == nil {
 		return nil
 	}
 	var out []Member
-	for _, n := range ml.Members() {
-		if n.Name == self || n.State != memberlist.StateAlive {
+	for _, n := range d.snapshot() {
+		if n.name == self {
 			continue
 		}
-		claim, err := DecodeClaim(n.Meta)
+		claim, err := DecodeClaim(n.meta)
 		if err != nil {
-			m.log.Debug("ignoring gossip member with bad metadata", "member", n.Name, "err", err)
+			m.log.Debug("ignoring gossip member with bad metadata", "member", n.name, "err", err)
 			continue
 		}
-		a, _ := netip.AddrFromSlice(n.Addr)
-		out = append(out, Member{Name: n.Name, Addr: netip.AddrPortFrom(a.Unmap(), n.Port), Claim: claim})
+		out = append(out, Member{Name: n.name, Addr: n.addr, Claim: claim})
 	}
 	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.Name, b.Name) })
 	return out
@@ -405,11 +403,55 @@ func (m *Manager) stopLocked() {
 	m.onChange()
 }
 
-// delegate serves our metadata and forwards membership events.
+// delegate serves our metadata, keeps a copy of the members and forwards
+// membership events.
+//
+// The copy exists because memberlist.Members returns pointers to nodes that its
+// packet handlers keep updating; the event callbacks, by contrast, run under
+// memberlist's node lock, so copying the node there is race-free.
 type delegate struct {
 	onChange func()
 	mu       sync.Mutex
 	meta     []byte
+	members  map[string]member
+}
+
+// member is a copy of what memberlist knows about a node.
+type member struct {
+	name string
+	addr netip.AddrPort
+	meta []byte
+}
+
+func (d *delegate) snapshot() []member {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]member, 0, len(d.members))
+	for _, m := range d.members {
+		out = append(out, m)
+	}
+	return out
+}
+
+func (d *delegate) put(n *memberlist.Node) {
+	a, _ := netip.AddrFromSlice(n.Addr)
+	m := member{name: n.Name, addr: netip.AddrPortFrom(a.Unmap(), n.Port), meta: slices.Clone(n.Meta)}
+	d.mu.Lock()
+	if d.members == nil {
+		d.members = map[string]member{}
+	}
+	d.members[n.Name] = m
+	d.mu.Unlock()
+	d.onChange()
+}
+
+func (d *delegate) NotifyJoin(n *memberlist.Node)   { d.put(n) }
+func (d *delegate) NotifyUpdate(n *memberlist.Node) { d.put(n) }
+func (d *delegate) NotifyLeave(n *memberlist.Node) {
+	d.mu.Lock()
+	delete(d.members, n.Name)
+	d.mu.Unlock()
+	d.onChange()
 }
 
 func (d *delegate) setMeta(b []byte) {
@@ -431,9 +473,6 @@ func (d *delegate) NotifyMsg([]byte)                           {}
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
 func (d *delegate) LocalState(join bool) []byte                { return nil }
 func (d *delegate) MergeRemoteState(buf []byte, join bool)     {}
-func (d *delegate) NotifyJoin(*memberlist.Node)                { d.onChange() }
-func (d *delegate) NotifyLeave(*memberlist.Node)               { d.onChange() }
-func (d *delegate) NotifyUpdate(*memberlist.Node)              { d.onChange() }
 
 // logWriter turns memberlist's "[LEVEL] memberlist: message" lines into slog records.
 // Once stopping is set, errors about closed sockets are demoted to debug: they come
