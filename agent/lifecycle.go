@@ -138,7 +138,7 @@ func (a *agent) certificate() *tls.Certificate {
 // loadCertificate loads the node certificate and its TLS key from the state
 // directory.
 func (a *agent) loadCertificate() error {
-	cert, _, err := a.dir.ClientCertificate()
+	cert, err := a.dir.ClientCertificate()
 	if err != nil {
 		return err
 	}

@@ -342,7 +342,7 @@ func TestCertificateRenewal(t *testing.T) {
 	}
 	// What is on disk after the stop: the last issued certificate and its key.
 	d := stateDir(t, dir)
-	cert, _, err := d.ClientCertificate()
+	cert, err := d.ClientCertificate()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -419,29 +419,27 @@ func (d *Dir) certificateDER() ([]byte, error) {
 	return blk.Bytes, nil
 }
 
-// ClientCertificate loads the node certificate with the TLS key, for mutual TLS
-// (its Leaf is set), and the CA certificate as a pool, for verifying the controller.
-func (d *Dir) ClientCertificate() (tls.Certificate, *x509.CertPool, error) {
+// ClientCertificate loads the node certificate with the TLS key, for mutual TLS;
+// its Leaf is set. Errors: a missing or unreadable file, or a key that does not
+// belong to the certificate.
+func (d *Dir) ClientCertificate() (tls.Certificate, error) {
 	certPEM, err := d.read(CertFile)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("loading node certificate: %w", err)
+		return tls.Certificate{}, fmt.Errorf("loading node certificate: %w", err)
 	}
 	keyPEM, err := d.read(TLSKeyFile)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("loading node certificate: %w", err)
+		return tls.Certificate{}, fmt.Errorf("loading node certificate: %w", err)
 	}
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("loading node certificate %s with key %s: %w", d.file(CertFile), d.file(TLSKeyFile), err)
+		return tls.Certificate{}, fmt.Errorf("loading node certificate %s with key %s: %w", d.file(CertFile), d.file(TLSKeyFile), err)
 	}
-	pool, err := d.CAPool()
-	if err != nil {
-		return tls.Certificate{}, nil, err
-	}
-	return cert, pool, nil
+	return cert, nil
 }
 
-// CAPool returns the stored controller CA certificate as a pool.
+// CAPool returns the stored controller CA certificate as a pool, for verifying the
+// controller and renewed node certificates.
 func (d *Dir) CAPool() (*x509.CertPool, error) {
 	caPEM, err := d.read(CAFile)
 	if err != nil {

@@ -227,7 +227,11 @@ func TestEnrollmentRoundTrip(t *testing.T) {
 	if err != nil || got.NodeName != "web-1" || got.Labels["role"] != "web" || got.ListenPort != 51820 || got.Controller != id.Controller {
 		t.Fatalf("identity = %+v, %v", got, err)
 	}
-	tc, pool, err := d.ClientCertificate()
+	tc, err := d.ClientCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := d.CAPool()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -326,7 +330,7 @@ func TestLooseFilesTightenedOnRead(t *testing.T) {
 		{NextWireGuardKeyFile, func(d *Dir) error { _, _, err := d.NextWireGuardKey(); return err }},
 		{TLSKeyFile, func(d *Dir) error { _, err := d.TLSKey(); return err }},
 		{CAFile, func(d *Dir) error { _, err := d.CAPool(); return err }},
-		{CertFile, func(d *Dir) error { _, _, err := d.ClientCertificate(); return err }},
+		{CertFile, func(d *Dir) error { _, err := d.ClientCertificate(); return err }},
 		{IdentityFile, func(d *Dir) error { _, err := d.Identity(); return err }},
 		{NetmapFile, func(d *Dir) error { _, err := d.Netmap(); return err }},
 	}
@@ -430,7 +434,7 @@ func TestRenewalIsCrashSafe(t *testing.T) {
 			if _, err := os.Stat(filepath.Join(d.Path(), NextTLSKeyFile)); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("tls.key.next left after RecoverRenewal: %v", err)
 			}
-			cert, _, err := d2.ClientCertificate() // fails when key and certificate do not match
+			cert, err := d2.ClientCertificate() // fails when key and certificate do not match
 			if err != nil {
 				t.Fatal(err)
 			}
