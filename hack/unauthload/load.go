@@ -31,13 +31,16 @@ type target struct {
 	wrongBearer bool
 }
 
-// targets: two operator procedures (the policy one has the largest body limit)
-// and the enrollment procedure, which is unauthenticated by design.
+// targets: two operator procedures (the policy one has the largest body limit),
+// the enrollment procedure, which is unauthenticated by design, and an agent
+// procedure called without a client certificate (TLS asks for one but does not
+// require it; the handler checks it).
 var targets = []target{
 	{name: "ApplyPolicy/no-bearer", path: segmeshv1connect.OperatorServiceApplyPolicyProcedure},
 	{name: "ApplyPolicy/wrong-bearer", path: segmeshv1connect.OperatorServiceApplyPolicyProcedure, wrongBearer: true},
 	{name: "CreateToken/wrong-bearer", path: segmeshv1connect.OperatorServiceCreateTokenProcedure, wrongBearer: true},
 	{name: "Enroll", path: segmeshv1connect.EnrollServiceEnrollProcedure},
+	{name: "Report/no-client-cert", path: segmeshv1connect.AgentServiceReportProcedure},
 }
 
 // scenario is a target over one HTTP version, with the body length declared in

@@ -18,8 +18,9 @@
 // removed.
 //
 // Scenarios: ApplyPolicy without a bearer token, ApplyPolicy and CreateToken with
-// a wrong one, and EnrollService.Enroll (unauthenticated by design, 64 KiB
-// limit), each over HTTP/2 and HTTP/1.1, with the body length declared
+// a wrong one, EnrollService.Enroll (unauthenticated by design, 64 KiB limit)
+// and AgentService.Report without a client certificate, each over HTTP/2 and
+// HTTP/1.1, with the body length declared
 // (Content-Length) or not (chunked). The table gives, per scenario: idle RSS,
 // peak RSS (VmHWM after the reset, so a spike between samples counts), peak minus
 // idle, the sampled peak, RSS after the load, requests sent and answered, the
