@@ -47,6 +47,14 @@ type agentService struct {
 // when the certificate is not the node's current one (renewed, or the name
 // re-enrolled) or when it expired.
 func (s *agentService) authenticate(ctx context.Context) (store.Node, error) {
+	return s.authenticateFor(ctx, false)
+}
+
+// authenticateFor is authenticate; renewal also accepts the certificate of the
+// node's previous identity key (store.Node.PrevIdentityKey), so that an agent
+// that crashed between the renewal and storing its new certificate can renew
+// again. The first call with the new key forgets the previous one.
+func (s *agentService) authenticateFor(ctx context.Context, renewal bool) (store.Node, error) {
 	cert, _ := ctx.Value(clientCertKey{}).(*x509.Certificate)
 	if cert == nil {
 		return store.Node{}, connect.NewError(connect.CodeUnauthenticated, errors.New("agent calls need the node's client certificate (mutual TLS)"))
@@ -68,12 +76,43 @@ func (s *agentService) authenticate(ctx context.Context) (store.Node, error) {
 		return n, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is not enrolled (deleted by an operator?); its credentials are no longer valid", name))
 	case n.Revoked():
 		return n, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked at %s by %s; it needs `segmesh nodes delete %s` and a new join token to come back", name, n.RevokedAt.UTC().Format(timeFormat), orUnknown(n.RevokedBy), name))
-	case len(n.IdentityKey) > 0 && !bytes.Equal(cert.RawSubjectPublicKeyInfo, n.IdentityKey):
-		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this certificate is no longer node %q's: the node renewed its certificate or enrolled again", name))
 	case !now.Before(cert.NotAfter):
 		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("the certificate of node %q expired at %s; the agent needs a new join token", name, cert.NotAfter.UTC().Format(timeFormat)))
+	case len(n.IdentityKey) == 0 || bytes.Equal(cert.RawSubjectPublicKeyInfo, n.IdentityKey):
+	case renewal && len(n.PrevIdentityKey) > 0 && bytes.Equal(cert.RawSubjectPublicKeyInfo, n.PrevIdentityKey):
+		return n, nil
+	default:
+		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this certificate is no longer node %q's: the node renewed its certificate or enrolled again", name))
+	}
+	if len(n.PrevIdentityKey) > 0 {
+		if err := s.c.forgetPrevIdentity(name, n.IdentityKey); err != nil {
+			return n, connect.NewError(connect.CodeInternal, err)
+		}
+		n.PrevIdentityKey = nil
 	}
 	return n, nil
+}
+
+// forgetPrevIdentity clears node name's previous identity key once it used
+// current (still its identity key).
+func (c *Controller) forgetPrevIdentity(name string, current []byte) error {
+	return c.store.Update(func(tx store.Tx) error {
+		n, ok, err := tx.Node(name)
+		if err != nil || !ok || !bytes.Equal(n.IdentityKey, current) {
+			return err
+		}
+		n.PrevIdentityKey = nil
+		return tx.PutNode(n)
+	})
+}
+
+// callerKey returns the PKIX DER of the public key of the call's client
+// certificate (nil without one).
+func callerKey(ctx context.Context) []byte {
+	if cert, _ := ctx.Value(clientCertKey{}).(*x509.Certificate); cert != nil {
+		return bytes.Clone(cert.RawSubjectPublicKeyInfo)
+	}
+	return nil
 }
 
 // isCutOff reports whether err is authenticate's answer for a revoked or deleted
@@ -149,11 +188,12 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 // current, valid certificate it issues a certificate for a new TLS key (a CSR
 // with the node's name as common name) valid for Options.NodeCertTTL. The new key
 // becomes the node's identity at once, so the old certificate is refused from
-// then on (authenticate). InvalidArgument for a bad CSR, a wrong name or the
+// then on for everything but another renewal, and for that too once the node used
+// the new one (authenticateFor). InvalidArgument for a bad CSR, a wrong name or the
 // same key.
 func (s *agentService) RenewCertificate(ctx context.Context, req *connect.Request[segmeshv1.RenewCertificateRequest]) (*connect.Response[segmeshv1.RenewCertificateResponse], error) {
 	c := s.c
-	node, err := s.authenticate(ctx)
+	node, err := s.authenticateFor(ctx, true)
 	if err != nil {
 		return nil, err
 	}
@@ -185,7 +225,9 @@ func (s *agentService) RenewCertificate(ctx context.Context, req *connect.Reques
 		if !ok || n.Revoked() || !bytes.Equal(n.IdentityKey, node.IdentityKey) {
 			return connect.NewError(connect.CodeAborted, fmt.Errorf("node %s changed during the renewal; retry", node.Name))
 		}
-		n.IdentityKey, n.CertNotAfter = idKey, notAfter
+		// The key this call authenticated with stays good for renewals until the
+		// new one is used.
+		n.PrevIdentityKey, n.IdentityKey, n.CertNotAfter = callerKey(ctx), idKey, notAfter
 		if err := tx.PutNode(n); err != nil {
 			return err
 		}

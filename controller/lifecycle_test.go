@@ -392,10 +392,23 @@ func TestRenewCertificate(t *testing.T) {
 	if resp.Msg.NotAfterUnix != tc.clock.Now().Add(time.Hour).Unix() {
 		t.Errorf("not after %d", resp.Msg.NotAfterUnix)
 	}
+	// An agent that crashed before storing the renewed certificate still has
+	// only the old one: it may not do anything with it but renew again.
+	_, err = tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
+	wantCode(t, err, connect.CodeUnauthenticated)
+	key, csr = csrFor(t, "a-1")
+	resp, err = tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
+	if err != nil {
+		t.Fatalf("renewing again with the previous certificate: %v", err)
+	}
 	renewed := &enrolledAgent{name: "a-1", cert: tls.Certificate{Certificate: [][]byte{resp.Msg.CertificateDer}, PrivateKey: key}}
 	if _, err := tc.agent(renewed).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{})); err != nil {
 		t.Fatalf("renewed certificate refused: %v", err)
 	}
+	// Once the new certificate was used, the old one cannot even renew.
+	_, again := csrFor(t, "a-1")
+	_, err = tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: again}))
+	wantCode(t, err, connect.CodeUnauthenticated)
 	_, err = tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
 	wantCode(t, err, connect.CodeUnauthenticated)
 	if n, _ := tc.node("a-1"); n.CertNotAfter.Unix() != resp.Msg.NotAfterUnix {

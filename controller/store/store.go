@@ -34,6 +34,11 @@ type Node struct {
 	// (from its enrollment CSR), which signs its gossip endpoint claims; nil in
 	// records written before it was kept, or for a key of another type.
 	IdentityKey []byte `json:"identity_key,omitempty"`
+	// PrevIdentityKey is the identity key before the last certificate renewal,
+	// kept until the node first authenticates with the new one: a certificate for
+	// it may only renew again (an agent that crashed before it stored the renewed
+	// certificate).
+	PrevIdentityKey []byte `json:"prev_identity_key,omitempty"`
 	// Endpoint is the underlay "ip:port" of the node's WireGuard; empty when unknown.
 	Endpoint   string    `json:"endpoint,omitempty"`
 	Hostname   string    `json:"hostname,omitempty"`
