@@ -25,12 +25,18 @@ type clientCertKey struct{}
 
 // withClientIdentity puts the verified TLS client certificate (the leaf of the
 // first verified chain) into the request context for the AgentService handlers.
+// A call without one is refused from the TLS state alone, before its body is
+// read; bodies are capped at agentBodyLimit.
 func withClientIdentity(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
-			r = r.WithContext(context.WithValue(r.Context(), clientCertKey{}, r.TLS.VerifiedChains[0][0]))
+		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+			writeRefusal(w, r, connect.NewError(connect.CodeUnauthenticated, errors.New("agent calls need the node's client certificate (mutual TLS)")))
+			return
 		}
-		h.ServeHTTP(w, r)
+		if !limitBody(w, r, agentBodyLimit, false) {
+			return
+		}
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), clientCertKey{}, r.TLS.VerifiedChains[0][0])))
 	})
 }
 

@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 
+	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/controller/store"
 )
@@ -43,7 +45,61 @@ const (
 	smallBodyLimit  = 64 << 10
 	enrollBodyLimit = 64 << 10
 	agentBodyLimit  = 1 << 20
+	// bodyReadTimeout bounds how long an enrollment or operator call may take to
+	// send its body, so that slow bodies cannot hold connections and streams.
+	bodyReadTimeout = 30 * time.Second
 )
+
+// operatorProcedureSet holds every OperatorService procedure, from the service
+// descriptor; other paths under the service are answered 404 without an audit
+// record.
+var operatorProcedureSet = func() map[string]bool {
+	svc := segmeshv1.File_segmesh_v1_segmesh_proto.Services().ByName("OperatorService")
+	out := map[string]bool{}
+	for i := range svc.Methods().Len() {
+		out["/"+string(svc.FullName())+"/"+string(svc.Methods().Get(i).Name())] = true
+	}
+	return out
+}()
+
+var errorWriter = connect.NewErrorWriter()
+
+// limitBody refuses a request whose declared body exceeds limit with
+// ResourceExhausted, caps what the handler can read to limit, and, when
+// deadline is set, gives the client bodyReadTimeout to send it (over HTTP/2 the
+// deadline is the stream's).
+func limitBody(w http.ResponseWriter, r *http.Request, limit int64, deadline bool) bool {
+	if r.ContentLength > limit {
+		writeRefusal(w, r, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes for %s", r.ContentLength, limit, procedureName(r.URL.Path))))
+		return false
+	}
+	if deadline {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyReadTimeout))
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, limit)
+	return true
+}
+
+// writeRefusal answers r with err in r's protocol without reading its body.
+func writeRefusal(w http.ResponseWriter, r *http.Request, err *connect.Error) {
+	if r.ProtoMajor == 1 {
+		// Close rather than drain an unread HTTP/1 body. (HTTP/2 resets the
+		// stream by itself; a Connection header there would start a graceful
+		// shutdown that waits for the body.)
+		w.Header().Set("Connection", "close")
+	}
+	_ = errorWriter.Write(w, r, err)
+}
+
+// withEnrollLimits caps EnrollService bodies (enrollBodyLimit, bodyReadTimeout)
+// before the handler reads them: enrollment is unauthenticated by design.
+func withEnrollLimits(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if limitBody(w, r, enrollBodyLimit, true) {
+			h.ServeHTTP(w, r)
+		}
+	})
+}
 
 // operatorBodyLimit returns the largest request body procedure accepts.
 func operatorBodyLimit(procedure string) int64 {
@@ -83,36 +139,26 @@ func tokenHash(token string) []byte {
 // not call the procedure, ResourceExhausted when the declared body is larger than
 // the procedure accepts. Only then is the body, capped, handed to h.
 func (c *Controller) withOperatorAuth(h http.Handler) http.Handler {
-	ew := connect.NewErrorWriter()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fail := func(err *connect.Error) {
-			if r.ProtoMajor == 1 {
-				// Close rather than drain an unread HTTP/1 body. (HTTP/2 resets the
-				// stream by itself; a Connection header there would start a
-				// graceful shutdown that waits for the body.)
-				w.Header().Set("Connection", "close")
-			}
-			_ = ew.Write(w, r, err)
-		}
 		op, err := c.authenticateOperator(r.Header.Get("Authorization"))
 		if err != nil {
-			fail(err)
+			writeRefusal(w, r, err)
 			return
 		}
 		procedure := r.URL.Path
+		if !operatorProcedureSet[procedure] {
+			http.NotFound(w, r)
+			return
+		}
 		if op.Role != store.RoleAdmin && !viewerProcedures[procedure] {
 			err := connect.NewError(connect.CodePermissionDenied, fmt.Errorf("operator %q has role %s, which may only read; %s needs an admin credential", op.Name, op.Role, procedureName(procedure)))
 			c.auditRefusal(op.Name, procedure, err)
-			fail(err)
+			writeRefusal(w, r, err)
 			return
 		}
-		limit := operatorBodyLimit(procedure)
-		if r.ContentLength > limit {
-			fail(connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes for %s", r.ContentLength, limit, procedureName(procedure))))
-			return
+		if limitBody(w, r, operatorBodyLimit(procedure), true) {
+			h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), operatorKey{}, op)))
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, limit)
-		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), operatorKey{}, op)))
 	})
 }
 
@@ -163,8 +209,13 @@ func (c *Controller) auditRefusals() connect.UnaryInterceptorFunc {
 	}
 }
 
-// auditRefusal appends a refused operator call to the audit log.
+// auditRefusal appends a refused operator call to the audit log, within the
+// actor's budget (refusalAudits): a credential cannot grow the log without bound
+// by asking for refused changes.
 func (c *Controller) auditRefusal(actor, procedure string, refusal error) {
+	if !c.refusalAudits.allow(actor, c.now()) {
+		return
+	}
 	msg := refusal.Error()
 	if ce := new(connect.Error); errors.As(refusal, &ce) {
 		msg = ce.Message()

@@ -69,6 +69,10 @@ const (
 	DefaultAddressQuarantine = 7 * 24 * time.Hour
 	// DefaultMaxConnections caps the controller's open TCP connections.
 	DefaultMaxConnections = 20000
+	// DefaultMaxConnectionsPerSource caps open TCP connections per source
+	// address (IPv6: per /64): a site behind one NAT address with this many
+	// agents needs a higher value.
+	DefaultMaxConnectionsPerSource = 1000
 	// AdminOperator names the operator credential written to operator.json at
 	// first start.
 	AdminOperator = "admin"
@@ -103,6 +107,10 @@ type Options struct {
 	// MaxConnections caps concurrent TCP connections (agents, operators and
 	// enrolling hosts together); further clients wait in the kernel's backlog.
 	MaxConnections int
+	// MaxConnectionsPerSource caps concurrent TCP connections from one source
+	// (an IPv4 address or an IPv6 /64); loopback is exempt. Further connections
+	// from it are closed at once.
+	MaxConnectionsPerSource int
 	Logger         *slog.Logger
 }
 
@@ -118,6 +126,7 @@ type Controller struct {
 	advertiseURL  string
 	netmapCfg     netmap.Config
 	enrollLimits  *refusalLimiter
+	refusalAudits *actorLimiter
 	hub           *fanout.Hub
 	live          *liveTracker
 	recomputeKick chan struct{}
@@ -148,6 +157,7 @@ func New(opts Options) (_ *Controller, err error) {
 		hub:           fanout.New(),
 		live:          newLiveTracker(),
 		enrollLimits:  newRefusalLimiter(),
+		refusalAudits: newActorLimiter(),
 		recomputeKick: make(chan struct{}, 1),
 		now:           time.Now,
 		shutdown:      make(chan struct{}),
@@ -279,6 +289,12 @@ func applyDefaults(o *Options) error {
 	if o.MaxConnections < 1 {
 		return fmt.Errorf("maximum connections %d: want at least 1", o.MaxConnections)
 	}
+	if o.MaxConnectionsPerSource == 0 {
+		o.MaxConnectionsPerSource = DefaultMaxConnectionsPerSource
+	}
+	if o.MaxConnectionsPerSource < 1 {
+		return fmt.Errorf("maximum connections per source %d: want at least 1", o.MaxConnectionsPerSource)
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
@@ -371,7 +387,8 @@ func (c *Controller) run(ctx context.Context) error {
 
 	srv := c.httpServer()
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.ServeTLS(netutil.LimitListener(c.ln, c.opts.MaxConnections), "", "") }()
+	ln := newSourceLimitListener(netutil.LimitListener(c.ln, c.opts.MaxConnections), c.opts.MaxConnectionsPerSource)
+	go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
 
 	select {
 	case err := <-serveErr:
@@ -393,8 +410,9 @@ func (c *Controller) run(ctx context.Context) error {
 
 func (c *Controller) httpServer() *http.Server {
 	mux := http.NewServeMux()
-	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit)))
-	path, h := segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit))
+	path, h := segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit))
+	mux.Handle(path, withEnrollLimits(h))
+	path, h = segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit))
 	mux.Handle(path, withClientIdentity(h))
 	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit),
 		connect.WithInterceptors(c.auditRefusals()))
@@ -414,13 +432,15 @@ func (c *Controller) httpServer() *http.Server {
 		HTTP2: &http.HTTP2Config{
 			SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second,
 			MaxReceiveBufferPerStream: 256 << 10, MaxReceiveBufferPerConnection: 1 << 20,
-			MaxConcurrentStreams: 64,
+			// An agent needs three streams (netmaps, reports, renewal).
+			MaxConcurrentStreams: 16,
 		},
 		ReadHeaderTimeout: 10 * time.Second,
 		// A connection without a request in flight for this long is closed; an
 		// agent's open stream keeps its connection busy.
 		IdleTimeout:    2 * time.Minute,
-		MaxHeaderBytes: 64 << 10,
+		// A bearer token is 43 bytes; nothing the controller serves needs more.
+		MaxHeaderBytes: 16 << 10,
 		ErrorLog:       slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
 	}
 }

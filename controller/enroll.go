@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -61,14 +62,20 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 	if err == nil {
 		tokenID = tok.IDString()
 	}
-	if c.enrollLimits.blocked(now, source, tokenID) {
+	if c.enrollLimits.sourceBlocked(now, source) {
 		c.refuseEnrollment(now, source, tokenID, m.GetName(), "rate limited")
-		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("too many refused enrollments from this address or with this token; wait a minute before retrying"))
+		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("too many refused enrollments from this address; wait a minute before retrying"))
 	}
 	name, resp, err := s.enroll(ctx, now, m, tok, err)
 	if err != nil {
 		if ce := new(connect.Error); errors.As(err, &ce) && ce.Code() != connect.CodeInternal && ce.Code() != connect.CodeResourceExhausted {
-			c.enrollLimits.refused(now, source, tokenID)
+			// Every refusal counts against the source; only a wrong secret counts
+			// against the token ID.
+			charged := ""
+			if ce.Code() == connect.CodeUnauthenticated {
+				charged = tokenID
+			}
+			c.enrollLimits.refused(now, source, charged)
 			c.refuseEnrollment(now, source, tokenID, name, ce.Message())
 		}
 		return nil, err
@@ -82,6 +89,11 @@ func (c *Controller) refuseEnrollment(now time.Time, source netip.Addr, tokenID,
 	ok, suppressed := c.enrollLimits.logAllowed(now)
 	if !ok {
 		return
+	}
+	// The name comes from an unauthenticated client: record it quoted and
+	// bounded, so that it can neither forge lines nor grow the log.
+	if !policy.ValidNodeName(name) {
+		name = boundedQuote(name, 64)
 	}
 	c.log.Info("enrollment refused", "name", name, "token_id", tokenID, "source", source, "reason", reason, "suppressed_since_last", suppressed)
 	actor := "token:" + tokenID
@@ -97,6 +109,14 @@ func (c *Controller) refuseEnrollment(now time.Time, source netip.Addr, tokenID,
 	}); err != nil {
 		c.log.Error("recording a refused enrollment in the audit log", "err", err)
 	}
+}
+
+// boundedQuote returns s as a Go string literal of at most max bytes of s.
+func boundedQuote(s string, max int) string {
+	if len(s) > max {
+		return strconv.Quote(s[:max]) + "…"
+	}
+	return strconv.Quote(s)
 }
 
 // enroll does the work of Enroll; tokErr is the error of decoding tok. It returns
@@ -121,14 +141,6 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 			return name, nil, connect.NewError(connect.CodeInvalidArgument, err)
 		}
 	}
-	csr, err := pki.ParseCSR(m.GetCsrDer())
-	if err != nil {
-		return name, nil, connect.NewError(connect.CodeInvalidArgument, err)
-	}
-	idKey := identityKey(csr)
-	if idKey == nil {
-		return name, nil, invalidArg("the certificate request's key must be ECDSA P-256")
-	}
 	if name == "" {
 		name = strings.ToLower(m.GetHostname())
 		if !policy.ValidNodeName(name) {
@@ -146,7 +158,8 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 	var node store.Node
 	var labels map[string]string
 	var created bool
-	err = c.store.Update(func(tx store.Tx) error {
+	var csr *x509.CertificateRequest
+	err := c.store.Update(func(tx store.Tx) error {
 		t, ok, err := tx.Token(tok.IDString())
 		if err != nil {
 			return err
@@ -158,7 +171,18 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 			want = make([]byte, len(secretHash))
 		}
 		if subtle.ConstantTimeCompare(want, secretHash[:]) != 1 || !ok {
+			if c.enrollLimits.tokenBlocked(now, tok.IDString()) {
+				return connect.NewError(connect.CodeResourceExhausted, errors.New("too many wrong secrets for this join token; wait a minute before retrying"))
+			}
 			return connect.NewError(connect.CodeUnauthenticated, errors.New(msgInvalidToken))
+		}
+		// Only a token holder gets the certificate request parsed and checked.
+		if csr, err = pki.ParseCSR(m.GetCsrDer()); err != nil {
+			return connect.NewError(connect.CodeInvalidArgument, err)
+		}
+		idKey := identityKey(csr)
+		if idKey == nil {
+			return invalidArg("the certificate request's key must be ECDSA P-256")
 		}
 		if !t.RevokedAt.IsZero() {
 			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token was revoked at %s; create a new one with `segmesh token create`", t.RevokedAt.UTC().Format(timeFormat)))
@@ -200,31 +224,41 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 			node = existing
 		}
 		node.IdentityKey = idKey
+		node.PrevIdentityKey = nil
 		node.CertNotAfter = notAfter
-		node.Labels = t.Labels
-		node.TokenID = t.ID
 		node.Hostname = m.GetHostname()
+		if created {
+			// The token binds the labels of a new node. An enrolled node keeps
+			// the labels it has (an operator may have changed them, and
+			// relabeling goes through the policy's tests).
+			node.Labels = t.Labels
+			node.TokenID = t.ID
+		}
 		if m.GetEndpoint() != "" {
 			node.Endpoint = m.GetEndpoint()
 		}
 		if err := tx.PutNode(node); err != nil {
 			return err
 		}
-		t.Uses++
-		if t.UsedBy == "" {
-			t.UsedBy, t.UsedAt = name, now
+		// A node presenting the token that enrolled it again (a retry) does not
+		// use it up again.
+		if created || t.UsedBy != name {
+			t.Uses++
+			if t.UsedBy == "" {
+				t.UsedBy, t.UsedAt = name, now
+			}
+			if err := tx.PutToken(t); err != nil {
+				return err
+			}
 		}
-		if err := tx.PutToken(t); err != nil {
-			return err
-		}
-		labels = t.Labels
+		labels = node.Labels
 		action := "node.enroll"
 		if !created {
 			action = "node.reenroll"
 		}
 		return tx.AppendAudit(store.AuditEntry{
 			Time: now, Actor: "token:" + t.ID, Action: action, Object: "node:" + name, Result: "ok",
-			Detail: fmt.Sprintf("addresses %v labels %s hostname %q", node.Addresses, formatLabelMap(t.Labels), m.GetHostname()),
+			Detail: fmt.Sprintf("addresses %v labels %s hostname %s", node.Addresses, formatLabelMap(node.Labels), boundedQuote(m.GetHostname(), 64)),
 		})
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"maps"
 	"net/netip"
 	"sync"
 	"time"
@@ -43,26 +44,33 @@ func newRefusalLimiter() *refusalLimiter {
 	}
 }
 
-// sourceAddr returns the IP of a "host:port" peer address (zero when unparsable).
+// sourceAddr returns the source key (see sourceKey: an IPv4 address or an IPv6
+// /64) of a "host:port" peer address (zero when unparsable).
 func sourceAddr(peer string) netip.Addr {
 	ap, err := netip.ParseAddrPort(peer)
 	if err != nil {
 		return netip.Addr{}
 	}
-	return ap.Addr().Unmap()
+	return sourceKey(ap.Addr())
 }
 
-// blocked reports whether source or tokenID used up its refusal budget at now.
-func (l *refusalLimiter) blocked(now time.Time, source netip.Addr, tokenID string) bool {
+// sourceBlocked reports whether source used up its refusal budget at now: its
+// enrollments are refused before anything is looked up.
+func (l *refusalLimiter) sourceBlocked(now time.Time, source netip.Addr) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if lim := l.bySource[source]; lim != nil && lim.TokensAt(now) < 1 {
-		return true
-	}
-	if lim := l.byToken[tokenID]; lim != nil && lim.TokensAt(now) < 1 {
-		return true
-	}
-	return false
+	lim := l.bySource[source]
+	return lim != nil && lim.TokensAt(now) < 1
+}
+
+// tokenBlocked reports whether tokenID used up its refusal budget at now. It is
+// asked only after a wrong secret, so that guessing a token's secret from many
+// sources is slow while its holder, with the right secret, is never throttled.
+func (l *refusalLimiter) tokenBlocked(now time.Time, tokenID string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	lim := l.byToken[tokenID]
+	return lim != nil && lim.TokensAt(now) < 1
 }
 
 // refused charges one refusal to source and tokenID (when not empty).
@@ -75,11 +83,17 @@ func (l *refusalLimiter) refused(now time.Time, source netip.Addr, tokenID strin
 	}
 }
 
+// charge takes one refusal from k's limiter in m, creating it when needed. When
+// m is full it first forgets the keys whose budget refilled (they owe nothing),
+// and only when none did, all of them.
 func charge[K comparable](m map[K]*rate.Limiter, k K, now time.Time, burst int) {
 	lim := m[k]
 	if lim == nil {
 		if len(m) >= refusalKeys {
-			clear(m)
+			maps.DeleteFunc(m, func(_ K, l *rate.Limiter) bool { return l.TokensAt(now) >= float64(l.Burst()) })
+			if len(m) >= refusalKeys {
+				clear(m)
+			}
 		}
 		lim = rate.NewLimiter(refusalRate, burst)
 		m[k] = lim
@@ -99,4 +113,34 @@ func (l *refusalLimiter) logAllowed(now time.Time) (bool, int) {
 	n := l.suppressed
 	l.suppressed = 0
 	return true, n
+}
+
+// Refused operator calls are audited within a budget per credential: burst
+// refusalAuditBurst, then refusalAuditRate per second.
+const (
+	refusalAuditBurst = 20
+	refusalAuditRate  = 1.0
+)
+
+// actorLimiter is a rate limit per actor name (operator credentials: few).
+type actorLimiter struct {
+	mu   sync.Mutex
+	lims map[string]*rate.Limiter
+}
+
+func newActorLimiter() *actorLimiter { return &actorLimiter{lims: map[string]*rate.Limiter{}} }
+
+// allow reports whether actor may have one more event at now.
+func (l *actorLimiter) allow(actor string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	lim := l.lims[actor]
+	if lim == nil {
+		if len(l.lims) >= refusalKeys {
+			clear(l.lims)
+		}
+		lim = rate.NewLimiter(refusalAuditRate, refusalAuditBurst)
+		l.lims[actor] = lim
+	}
+	return lim.AllowN(now, 1)
 }
