@@ -111,7 +111,7 @@ type Options struct {
 	// (an IPv4 address or an IPv6 /64); loopback is exempt. Further connections
 	// from it are closed at once.
 	MaxConnectionsPerSource int
-	Logger         *slog.Logger
+	Logger                  *slog.Logger
 }
 
 // Controller is a configured controller bound to its listen address. Create it
@@ -438,7 +438,7 @@ func (c *Controller) httpServer() *http.Server {
 		ReadHeaderTimeout: 10 * time.Second,
 		// A connection without a request in flight for this long is closed; an
 		// agent's open stream keeps its connection busy.
-		IdleTimeout:    2 * time.Minute,
+		IdleTimeout: 2 * time.Minute,
 		// A bearer token is 43 bytes; nothing the controller serves needs more.
 		MaxHeaderBytes: 16 << 10,
 		ErrorLog:       slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),

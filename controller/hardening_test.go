@@ -163,8 +163,6 @@ func TestTokenHolderNotThrottledByGuessers(t *testing.T) {
 	}
 }
 
-
-
 // TestSourceKeysAndConnectionLimit: IPv6 sources are grouped per /64, and a
 // source over its connection limit gets its next connection closed at once.
 func TestSourceKeysAndConnectionLimit(t *testing.T) {
