@@ -117,6 +117,10 @@ type agent struct {
 	// name; only gossipStep (one goroutine) uses it.
 	claims map[string]gossip.Claim
 
+	// enrolledNow is set when this run enrolled the node (a join token given for
+	// that is no news to log).
+	enrolledNow bool
+
 	mu       sync.Mutex
 	endpoint netip.AddrPort // last discovered; zero until known
 	alive    []string       // netmap peers gossip sees alive, sorted
@@ -125,6 +129,7 @@ type agent struct {
 	cert     *tls.Certificate // current node certificate for tlsKey (Leaf set)
 	keyGen   uint64           // completed key rotation generation
 	revoked  bool             // the netmap in force says an operator revoked this node
+	told     bool             // the operator was told about the revocation (markRevoked)
 	expired  bool             // the node certificate expired (logged once)
 }
 
@@ -306,6 +311,14 @@ func (a *agent) storedNetmap() *netmap.Netmap {
 			switch {
 			case nm.Self.Name != a.id.NodeName:
 				err = fmt.Errorf("netmap is for node %q, this node is %q", nm.Self.Name, a.id.NodeName)
+			case nm.Revoked && a.opts.Token != "":
+				// reenrollIfNeeded tries the join token next; no need for the
+				// operator's instructions yet.
+				a.mu.Lock()
+				a.revoked = true
+				a.mu.Unlock()
+				a.log.Info("this node was revoked; applying default deny and trying the join token to enroll again", "node", a.id.NodeName)
+				return nm
 			case nm.Revoked:
 				a.markRevoked("the stored netmap says so")
 				return nm

@@ -503,6 +503,9 @@ func TestFirstStartEnrollsAppliesAndReports(t *testing.T) {
 	if got, _ := r.dp.State(); reconcile.Drift(want, got) != "" {
 		t.Fatalf("dataplane:\n%s", reconcile.Drift(want, got))
 	}
+	if logs := r.logs.String(); strings.Contains(logs, "ignoring the join token") {
+		t.Errorf("the first start says it ignores the join token it just enrolled with:\n%s", logs)
+	}
 	if len(want.Peers) != 2 || want.ListenPort != 51999 || want.Interface != "smt0" || len(want.Filter.Ingress) != 1 {
 		t.Fatalf("unexpected desired state %+v", want)
 	}

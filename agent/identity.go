@@ -89,6 +89,7 @@ func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity
 		return id, err
 	}
 	a.log.Info("enrolled", "node", id.NodeName, "addresses", id.Addresses, "labels", id.Labels)
+	a.enrolledNow = true
 	return id, nil
 }
 

@@ -52,10 +52,10 @@ func (a *agent) isRevoked() bool {
 // operator what that means and how to bring the host back.
 func (a *agent) markRevoked(reason string) {
 	a.mu.Lock()
-	was := a.revoked
-	a.revoked = true
+	told := a.told
+	a.revoked, a.told = true, true
 	a.mu.Unlock()
-	if !was {
+	if !told {
 		a.log.Error(fmt.Sprintf("this node was revoked by an operator (or deleted): the agent dropped every peer, keeps a default-deny filter, "+
 			"stopped gossip and status reports, and asks the controller only every %s; to bring this host back, an operator must "+
 			"run `segmesh nodes delete %s` (unless done already) and then start the agent with a new join token (--token-file FILE)", maxBackoff, a.id.NodeName),
@@ -69,7 +69,7 @@ func (a *agent) clearRevoked() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	was := a.revoked
-	a.revoked = false
+	a.revoked, a.told = false, false
 	return was
 }
 
@@ -319,7 +319,9 @@ func (a *agent) reenrollIfNeeded(ctx context.Context) bool {
 		return true
 	}
 	if !expired && !revoked {
-		a.log.Info("already enrolled; ignoring the join token", "node", a.id.NodeName)
+		if !a.enrolledNow {
+			a.log.Info("already enrolled; ignoring the join token", "node", a.id.NodeName)
+		}
 		return true
 	}
 	why := "the node certificate expired"
@@ -338,6 +340,9 @@ func (a *agent) reenrollIfNeeded(ctx context.Context) bool {
 			state = "stays at default deny"
 		}
 		a.log.Error("re-enrollment failed; the agent "+state, "node", a.id.NodeName, "because", why, "err", err)
+		if revoked {
+			a.markRevoked("re-enrollment refused: " + connectMessage(err))
+		}
 		return true
 	}
 	id := a.id
