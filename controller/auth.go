@@ -10,10 +10,13 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/controller/store"
+	"segmesh/policy"
 )
 
 // Operator authentication and roles.
@@ -152,7 +155,7 @@ func (c *Controller) withOperatorAuth(h http.Handler) http.Handler {
 		}
 		if op.Role != store.RoleAdmin && !viewerProcedures[procedure] {
 			err := connect.NewError(connect.CodePermissionDenied, fmt.Errorf("operator %q has role %s, which may only read; %s needs an admin credential", op.Name, op.Role, procedureName(procedure)))
-			c.auditRefusal(op.Name, procedure, err)
+			c.auditRefusal(op.Name, procedure, "", err)
 			writeRefusal(w, r, err)
 			return
 		}
@@ -193,6 +196,43 @@ func (c *Controller) authenticateOperator(header string) (store.Operator, *conne
 	return op, nil
 }
 
+// auditActions names each changing OperatorService procedure in the audit log
+// with the action its success records, and the kind of object its request names.
+var auditActions = map[string]struct{ action, object string }{
+	segmeshv1connect.OperatorServiceCreateTokenProcedure:    {"token.create", ""},
+	segmeshv1connect.OperatorServiceRevokeTokenProcedure:    {"token.revoke", "token"},
+	segmeshv1connect.OperatorServiceApplyPolicyProcedure:    {"policy.apply", ""},
+	segmeshv1connect.OperatorServiceRollbackPolicyProcedure: {"policy.rollback", "policy"},
+	segmeshv1connect.OperatorServiceRevokeNodeProcedure:     {"node.revoke", "node"},
+	segmeshv1connect.OperatorServiceDeleteNodeProcedure:     {"node.delete", "node"},
+	segmeshv1connect.OperatorServiceLabelNodeProcedure:      {"node.label", "node"},
+	segmeshv1connect.OperatorServiceRotateNodeKeyProcedure:  {"node.key.rotate-request", "node"},
+	segmeshv1connect.OperatorServiceCreateOperatorProcedure: {"operator.create", "operator"},
+	segmeshv1connect.OperatorServiceRevokeOperatorProcedure: {"operator.revoke", "operator"},
+	segmeshv1connect.OperatorServiceBackupProcedure:         {"store.backup", ""},
+}
+
+// auditObject returns "KIND:VALUE" for the name, id or revision field of msg,
+// quoted and bounded when it is not a plain word; "" when kind is empty or msg
+// has none.
+func auditObject(kind string, msg any) string {
+	m, ok := msg.(proto.Message)
+	if kind == "" || !ok {
+		return ""
+	}
+	fields := m.ProtoReflect().Descriptor().Fields()
+	for _, name := range []protoreflect.Name{"name", "id", "revision"} {
+		if f := fields.ByName(name); f != nil {
+			v := m.ProtoReflect().Get(f).String()
+			if !policy.ValidNodeName(v) && strings.Trim(v, "0123456789abcdef") != "" {
+				v = boundedQuote(v, 64)
+			}
+			return kind + ":" + v
+		}
+	}
+	return ""
+}
+
 // auditRefusals records, for every change an authenticated operator asked for
 // and the controller refused, who asked for what and why. Reads are not
 // recorded.
@@ -202,7 +242,7 @@ func (c *Controller) auditRefusals() connect.UnaryInterceptorFunc {
 			resp, err := next(ctx, req)
 			procedure := req.Spec().Procedure
 			if err != nil && !viewerProcedures[procedure] && connect.CodeOf(err) != connect.CodeInternal {
-				c.auditRefusal(actorOf(ctx), procedure, err)
+				c.auditRefusal(actorOf(ctx), procedure, auditObject(auditActions[procedure].object, req.Any()), err)
 			}
 			return resp, err
 		}
@@ -212,7 +252,7 @@ func (c *Controller) auditRefusals() connect.UnaryInterceptorFunc {
 // auditRefusal appends a refused operator call to the audit log, within the
 // actor's budget (refusalAudits): a credential cannot grow the log without bound
 // by asking for refused changes.
-func (c *Controller) auditRefusal(actor, procedure string, refusal error) {
+func (c *Controller) auditRefusal(actor, procedure, object string, refusal error) {
 	if !c.refusalAudits.allow(actor, c.now()) {
 		return
 	}
@@ -224,7 +264,11 @@ func (c *Controller) auditRefusal(actor, procedure string, refusal error) {
 		msg = msg[:2000] + "…"
 	}
 	err := c.store.Update(func(tx store.Tx) error {
-		return tx.AppendAudit(store.AuditEntry{Time: c.now(), Actor: actor, Action: "operator." + procedureName(procedure), Result: "refused: " + msg})
+		action := auditActions[procedure].action
+		if action == "" {
+			action = "operator." + procedureName(procedure)
+		}
+		return tx.AppendAudit(store.AuditEntry{Time: c.now(), Actor: actor, Action: action, Object: object, Result: "refused: " + msg})
 	})
 	if err != nil {
 		c.log.Error("recording a refused operator call in the audit log", "err", err)

@@ -537,7 +537,7 @@ func TestOperatorRoles(t *testing.T) {
 	// The audit log names who did what.
 	var actors []string
 	for _, r := range tc.audit(nil) {
-		if r.Action == "operator.create" || r.Action == "operator.revoke" {
+		if (r.Action == "operator.create" || r.Action == "operator.revoke") && r.Result == "ok" {
 			actors = append(actors, r.Actor+" "+r.Action+" "+r.Object)
 		}
 	}
@@ -628,6 +628,11 @@ func TestTokensListAndRevoke(t *testing.T) {
 	}
 	_, err = tc.op().RevokeToken(bg, connect.NewRequest(&segmeshv1.RevokeTokenRequest{Id: "ffff"}))
 	wantCode(t, err, connect.CodeNotFound)
+	// The refusal is audited under the action and object a success would have.
+	recs := tc.audit(nil)
+	if r := recs[len(recs)-1]; r.Action != "token.revoke" || r.Object != "token:ffff" || !strings.HasPrefix(r.Result, "refused: no join token") {
+		t.Errorf("refused revocation audited as %s %s %q", r.Action, r.Object, r.Result)
+	}
 }
 
 // TestAuditVerify: the chain verifies; a record edited in the store file is

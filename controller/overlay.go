@@ -239,7 +239,8 @@ func checkEnrolledAddresses(prefixes []netip.Prefix, addrs map[string][]netip.Ad
 		noun = "nodes have overlay addresses"
 	}
 	return fmt.Errorf("%d enrolled %s outside the overlay prefixes %s: %s%s; "+
-		"start the controller with the overlay prefixes (--overlay-prefix) those nodes were enrolled with, "+
-		"or delete those nodes (segmesh nodes delete NAME) and enroll them again with a new join token",
+		"start the controller with the overlay prefixes those nodes were enrolled with (give --overlay-prefix once per "+
+		"address family: a single one replaces both defaults); to move to new prefixes, start with the old ones, "+
+		"delete those nodes (segmesh nodes delete NAME), restart with the new ones and enroll the nodes again with new join tokens",
 		len(outside), noun, strings.Join(ps, ", "), strings.Join(listed, ", "), more)
 }

@@ -186,8 +186,9 @@ func lastOf(p netip.Prefix) netip.Addr {
 func TestCheckEnrolledAddresses(t *testing.T) {
 	addr := netip.MustParseAddr
 	def := DefaultOverlayPrefixes()
-	const todo = "; start the controller with the overlay prefixes (--overlay-prefix) those nodes were enrolled with, " +
-		"or delete those nodes (segmesh nodes delete NAME) and enroll them again with a new join token"
+	const todo = "; start the controller with the overlay prefixes those nodes were enrolled with (give --overlay-prefix once per " +
+		"address family: a single one replaces both defaults); to move to new prefixes, start with the old ones, " +
+		"delete those nodes (segmesh nodes delete NAME), restart with the new ones and enroll the nodes again with new join tokens"
 	many := map[string][]netip.Addr{}
 	for i := range 12 {
 		many[fmt.Sprintf("n%02d", i)] = []netip.Addr{netip.AddrFrom4([4]byte{10, 0, 0, byte(i + 1)})}

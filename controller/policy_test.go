@@ -37,13 +37,16 @@ func (tc *testController) history() []*segmeshv1.PolicyRevision {
 	return resp.Msg.Revisions
 }
 
+// auditActions returns the actions of the audit records that succeeded, in order.
 func (tc *testController) auditActions() []string {
 	tc.t.Helper()
 	var actions []string
 	err := tc.c.store.View(func(tx store.Tx) error {
 		audit, err := tx.Audit()
 		for _, e := range audit {
-			actions = append(actions, e.Action)
+			if e.Result == "ok" || e.Result == "" {
+				actions = append(actions, e.Action)
+			}
 		}
 		return err
 	})

@@ -49,7 +49,7 @@ its store; later starts reuse them.`,
 			for _, s := range prefixes {
 				p, err := netip.ParsePrefix(s)
 				if err != nil {
-					return fmt.Errorf("--overlay-prefix %q: %w", s, err)
+					return fmt.Errorf("--overlay-prefix %q is not a prefix (want ADDRESS/BITS, e.g. 100.64.0.0/10 or fd5e:6d65:7368::/48): %w", s, err)
 				}
 				opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
 			}
@@ -66,7 +66,7 @@ its store; later starts reuse them.`,
 	f.StringVar(&opts.DataDir, "data-dir", "", "directory for the CA, certificates, operator credential and store (created 0700)")
 	f.StringVar(&opts.Listen, "listen", controller.DefaultListen, "address to serve on (host:port)")
 	f.StringVar(&opts.AdvertiseURL, "advertise-url", "", "controller URL written to operator.json (default https://<listen host or 127.0.0.1>:<port>)")
-	f.StringArrayVar(&prefixes, "overlay-prefix", []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"}, "overlay prefix to allocate node addresses from, at most one per address family (repeatable)")
+	f.StringArrayVar(&prefixes, "overlay-prefix", []string{"100.64.0.0/10", "fd5e:6d65:7368::/48"}, "overlay prefix to allocate node addresses from, at most one per address family (repeatable; giving any replaces both defaults)")
 	f.StringArrayVar(&opts.SANs, "san", nil, "extra host name or IP address for the server certificate (repeatable)")
 	f.DurationVar(&opts.TokenTTL, "token-ttl", controller.DefaultTokenTTL, "default lifetime of join tokens")
 	f.IntVar(&opts.GossipPort, "gossip-port", controller.DefaultGossipPort, "memberlist gossip port agents use")
