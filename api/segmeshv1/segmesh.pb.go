@@ -1630,8 +1630,13 @@ type CreateTokenRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Labels map[string]string      `protobuf:"bytes,1,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Seconds until expiry; 0 means the controller default.
-	TtlSeconds    int64 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
-	Reusable      bool  `protobuf:"varint,3,opt,name=reusable,proto3" json:"reusable,omitempty"`
+	TtlSeconds int64 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	Reusable   bool  `protobuf:"varint,3,opt,name=reusable,proto3" json:"reusable,omitempty"`
+	// When set, the token enrolls only a node of this name. A name that a segment
+	// of the policy in force lists explicitly (nodes:) can only be enrolled with a
+	// token bound to it, so that a token holder cannot claim a name the policy
+	// trusts.
+	Name          string `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1685,6 +1690,13 @@ func (x *CreateTokenRequest) GetReusable() bool {
 		return x.Reusable
 	}
 	return false
+}
+
+func (x *CreateTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
 }
 
 type CreateTokenResponse struct {
@@ -1762,7 +1774,9 @@ type TokenInfo struct {
 	// Operator credential name that created it.
 	Creator string `protobuf:"bytes,8,opt,name=creator,proto3" json:"creator,omitempty"`
 	// 0 unless revoked.
-	RevokedUnix   int64 `protobuf:"varint,9,opt,name=revoked_unix,json=revokedUnix,proto3" json:"revoked_unix,omitempty"`
+	RevokedUnix int64 `protobuf:"varint,9,opt,name=revoked_unix,json=revokedUnix,proto3" json:"revoked_unix,omitempty"`
+	// The node name the token is bound to; empty for any name.
+	Name          string `protobuf:"bytes,10,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1858,6 +1872,13 @@ func (x *TokenInfo) GetRevokedUnix() int64 {
 		return x.RevokedUnix
 	}
 	return 0
+}
+
+func (x *TokenInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
 }
 
 type ListTokensRequest struct {
@@ -2958,7 +2979,11 @@ func (x *ListAuditResponse) GetRecords() []*AuditRecord {
 }
 
 type VerifyAuditRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "SEQ:HASH" of a head recorded earlier outside the controller (a previous
+	// VerifyAuditResponse): the check then also fails unless record SEQ still has
+	// HASH, which catches a log rewritten with recomputed hashes. Empty: no anchor.
+	ExpectHead    string `protobuf:"bytes,1,opt,name=expect_head,json=expectHead,proto3" json:"expect_head,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2993,6 +3018,13 @@ func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
 	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
 }
 
+func (x *VerifyAuditRequest) GetExpectHead() string {
+	if x != nil {
+		return x.ExpectHead
+	}
+	return ""
+}
+
 type VerifyAuditResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Ok    bool                   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
@@ -3000,8 +3032,13 @@ type VerifyAuditResponse struct {
 	Records uint64 `protobuf:"varint,2,opt,name=records,proto3" json:"records,omitempty"`
 	// Sequence number of the first record that was edited or follows a removed
 	// one; 0 when ok.
-	FirstBadSeq   uint64 `protobuf:"varint,3,opt,name=first_bad_seq,json=firstBadSeq,proto3" json:"first_bad_seq,omitempty"`
-	Problem       string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
+	FirstBadSeq uint64 `protobuf:"varint,3,opt,name=first_bad_seq,json=firstBadSeq,proto3" json:"first_bad_seq,omitempty"`
+	Problem     string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
+	// The last record: keep "head_seq:head_hash" outside the controller and pass
+	// it as expect_head later. The chain alone cannot tell a log rewritten with
+	// recomputed hashes by someone with write access to the store.
+	HeadSeq       uint64 `protobuf:"varint,5,opt,name=head_seq,json=headSeq,proto3" json:"head_seq,omitempty"`
+	HeadHash      string `protobuf:"bytes,6,opt,name=head_hash,json=headHash,proto3" json:"head_hash,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3060,6 +3097,20 @@ func (x *VerifyAuditResponse) GetFirstBadSeq() uint64 {
 func (x *VerifyAuditResponse) GetProblem() string {
 	if x != nil {
 		return x.Problem
+	}
+	return ""
+}
+
+func (x *VerifyAuditResponse) GetHeadSeq() uint64 {
+	if x != nil {
+		return x.HeadSeq
+	}
+	return 0
+}
+
+func (x *VerifyAuditResponse) GetHeadHash() string {
+	if x != nil {
+		return x.HeadHash
 	}
 	return ""
 }
@@ -3993,19 +4044,20 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\fpolicy_error\x18\x04 \x01(\tR\vpolicyError\"\x12\n" +
 	"\x10ListNodesRequest\"A\n" +
 	"\x11ListNodesResponse\x12,\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"\xd0\x01\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"\xe4\x01\n" +
 	"\x12CreateTokenRequest\x12B\n" +
 	"\x06labels\x18\x01 \x03(\v2*.segmesh.v1.CreateTokenRequest.LabelsEntryR\x06labels\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
 	"ttlSeconds\x12\x1a\n" +
-	"\breusable\x18\x03 \x01(\bR\breusable\x1a9\n" +
+	"\breusable\x18\x03 \x01(\bR\breusable\x12\x12\n" +
+	"\x04name\x18\x04 \x01(\tR\x04name\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"^\n" +
 	"\x13CreateTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12!\n" +
-	"\fexpires_unix\x18\x03 \x01(\x03R\vexpiresUnix\"\xdd\x02\n" +
+	"\fexpires_unix\x18\x03 \x01(\x03R\vexpiresUnix\"\xf1\x02\n" +
 	"\tTokenInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x129\n" +
 	"\x06labels\x18\x02 \x03(\v2!.segmesh.v1.TokenInfo.LabelsEntryR\x06labels\x12!\n" +
@@ -4015,7 +4067,9 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x04uses\x18\x06 \x01(\x03R\x04uses\x12\x17\n" +
 	"\aused_by\x18\a \x01(\tR\x06usedBy\x12\x18\n" +
 	"\acreator\x18\b \x01(\tR\acreator\x12!\n" +
-	"\frevoked_unix\x18\t \x01(\x03R\vrevokedUnix\x1a9\n" +
+	"\frevoked_unix\x18\t \x01(\x03R\vrevokedUnix\x12\x12\n" +
+	"\x04name\x18\n" +
+	" \x01(\tR\x04name\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x13\n" +
@@ -4086,13 +4140,17 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"since_unix\x18\x01 \x01(\x03R\tsinceUnix\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\"F\n" +
 	"\x11ListAuditResponse\x121\n" +
-	"\arecords\x18\x01 \x03(\v2\x17.segmesh.v1.AuditRecordR\arecords\"\x14\n" +
-	"\x12VerifyAuditRequest\"}\n" +
+	"\arecords\x18\x01 \x03(\v2\x17.segmesh.v1.AuditRecordR\arecords\"5\n" +
+	"\x12VerifyAuditRequest\x12\x1f\n" +
+	"\vexpect_head\x18\x01 \x01(\tR\n" +
+	"expectHead\"\xb5\x01\n" +
 	"\x13VerifyAuditResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
 	"\arecords\x18\x02 \x01(\x04R\arecords\x12\"\n" +
 	"\rfirst_bad_seq\x18\x03 \x01(\x04R\vfirstBadSeq\x12\x18\n" +
-	"\aproblem\x18\x04 \x01(\tR\aproblem\"\x0f\n" +
+	"\aproblem\x18\x04 \x01(\tR\aproblem\x12\x19\n" +
+	"\bhead_seq\x18\x05 \x01(\x04R\aheadSeq\x12\x1b\n" +
+	"\thead_hash\x18\x06 \x01(\tR\bheadHash\"\x0f\n" +
 	"\rBackupRequest\"!\n" +
 	"\vBackupChunk\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"J\n" +
