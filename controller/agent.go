@@ -33,7 +33,7 @@ func withClientIdentity(h http.Handler) http.Handler {
 			writeRefusal(w, r, connect.NewError(connect.CodeUnauthenticated, errors.New("agent calls need the node's client certificate (mutual TLS)")))
 			return
 		}
-		if !limitBody(w, r, agentBodyLimit, false) {
+		if !limitBody(w, r, agentBodyLimit, 0) {
 			return
 		}
 		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), clientCertKey{}, r.TLS.VerifiedChains[0][0])))

@@ -48,9 +48,11 @@ const (
 	smallBodyLimit  = 64 << 10
 	enrollBodyLimit = 64 << 10
 	agentBodyLimit  = 1 << 20
-	// bodyReadTimeout bounds how long an enrollment or operator call may take to
-	// send its body, so that slow bodies cannot hold connections and streams.
-	bodyReadTimeout = 30 * time.Second
+	// operatorReadTimeout and enrollReadTimeout bound how long a call may take to
+	// send its body, so that slow bodies cannot hold connections, streams and
+	// memory (an enrollment is a few KiB).
+	operatorReadTimeout = 30 * time.Second
+	enrollReadTimeout   = 10 * time.Second
 )
 
 // operatorProcedureSet holds every OperatorService procedure, from the service
@@ -69,15 +71,15 @@ var errorWriter = connect.NewErrorWriter()
 
 // limitBody refuses a request whose declared body exceeds limit with
 // ResourceExhausted, caps what the handler can read to limit, and, when
-// deadline is set, gives the client bodyReadTimeout to send it (over HTTP/2 the
+// deadline is not zero, gives the client that long to send it (over HTTP/2 the
 // deadline is the stream's).
-func limitBody(w http.ResponseWriter, r *http.Request, limit int64, deadline bool) bool {
+func limitBody(w http.ResponseWriter, r *http.Request, limit int64, deadline time.Duration) bool {
 	if r.ContentLength > limit {
 		writeRefusal(w, r, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes for %s", r.ContentLength, limit, procedureName(r.URL.Path))))
 		return false
 	}
-	if deadline {
-		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyReadTimeout))
+	if deadline > 0 {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(deadline))
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, limit)
 	return true
@@ -94,11 +96,11 @@ func writeRefusal(w http.ResponseWriter, r *http.Request, err *connect.Error) {
 	_ = errorWriter.Write(w, r, err)
 }
 
-// withEnrollLimits caps EnrollService bodies (enrollBodyLimit, bodyReadTimeout)
+// withEnrollLimits caps EnrollService bodies (enrollBodyLimit, enrollReadTimeout)
 // before the handler reads them: enrollment is unauthenticated by design.
 func withEnrollLimits(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if limitBody(w, r, enrollBodyLimit, true) {
+		if limitBody(w, r, enrollBodyLimit, enrollReadTimeout) {
 			h.ServeHTTP(w, r)
 		}
 	})
@@ -159,7 +161,7 @@ func (c *Controller) withOperatorAuth(h http.Handler) http.Handler {
 			writeRefusal(w, r, err)
 			return
 		}
-		if limitBody(w, r, operatorBodyLimit(procedure), true) {
+		if limitBody(w, r, operatorBodyLimit(procedure), operatorReadTimeout) {
 			h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), operatorKey{}, op)))
 		}
 	})

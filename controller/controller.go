@@ -126,6 +126,7 @@ type Controller struct {
 	advertiseURL  string
 	netmapCfg     netmap.Config
 	enrollLimits  *refusalLimiter
+	enrollSlots   *slotLimiter
 	refusalAudits *actorLimiter
 	hub           *fanout.Hub
 	live          *liveTracker
@@ -157,6 +158,7 @@ func New(opts Options) (_ *Controller, err error) {
 		hub:           fanout.New(),
 		live:          newLiveTracker(),
 		enrollLimits:  newRefusalLimiter(),
+		enrollSlots:   newSlotLimiter(),
 		refusalAudits: newActorLimiter(),
 		recomputeKick: make(chan struct{}, 1),
 		now:           time.Now,
@@ -410,7 +412,10 @@ func (c *Controller) run(ctx context.Context) error {
 
 func (c *Controller) httpServer() *http.Server {
 	mux := http.NewServeMux()
-	path, h := segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit))
+	// No request compression for the unauthenticated service: 60 KB of gzip
+	// inflate to 60 MiB.
+	path, h := segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit),
+		connect.WithCompression("gzip", nil, nil))
 	mux.Handle(path, withEnrollLimits(h))
 	path, h = segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit))
 	mux.Handle(path, withClientIdentity(h))

@@ -62,11 +62,17 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 	if err == nil {
 		tokenID = tok.IDString()
 	}
-	if c.enrollLimits.sourceBlocked(now, source) {
-		c.refuseEnrollment(now, source, tokenID, m.GetName(), "rate limited")
+	release, ok := c.enrollSlots.acquire(source)
+	if !ok {
+		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("too many enrollments in progress; retry in a few seconds"))
+	}
+	defer release()
+	name, secretOK, resp, err := s.enroll(ctx, now, m, tok, err)
+	if err != nil && !secretOK && c.enrollLimits.sourceBlocked(now, source) {
+		// Without the right secret, a source past its budget learns nothing more.
+		c.refuseEnrollment(now, source, tokenID, name, "rate limited")
 		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("too many refused enrollments from this address; wait a minute before retrying"))
 	}
-	name, resp, err := s.enroll(ctx, now, m, tok, err)
 	if err != nil {
 		if ce := new(connect.Error); errors.As(err, &ce) && ce.Code() != connect.CodeInternal && ce.Code() != connect.CodeResourceExhausted {
 			// Every refusal counts against the source; only a wrong secret counts
@@ -121,37 +127,37 @@ func boundedQuote(s string, max int) string {
 
 // enroll does the work of Enroll; tokErr is the error of decoding tok. It returns
 // the node name it worked on (for the refusal record).
-func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.EnrollRequest, tok jointoken.Token, tokErr error) (string, *connect.Response[segmeshv1.EnrollResponse], error) {
+// secretOK reports whether the request carried a token's right secret: Enroll
+// throttles a source that used up its refusal budget only for requests without
+// one, so that hosts behind one NAT address cannot lock each other out (the
+// secret check is cheap).
+func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.EnrollRequest, tok jointoken.Token, tokErr error) (name string, secretOK bool, _ *connect.Response[segmeshv1.EnrollResponse], _ error) {
 	c := s.c
-	name := m.GetName()
+	name = m.GetName()
 	if tokErr != nil {
-		return name, nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("join token is not valid: %w", tokErr))
+		return name, false, nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("join token is not valid: %w", tokErr))
 	}
 	if !tok.MatchesCA(c.ca.CACertDER()) {
-		return name, nil, connect.NewError(connect.CodePermissionDenied, errors.New("join token was issued by a different controller (its CA fingerprint does not match this controller's CA)"))
+		return name, secretOK, nil, connect.NewError(connect.CodePermissionDenied, errors.New("join token was issued by a different controller (its CA fingerprint does not match this controller's CA)"))
 	}
 	if len(m.GetPublicKey()) != 32 {
-		return name, nil, invalidArg("WireGuard public key must be 32 bytes, got %d", len(m.GetPublicKey()))
+		return name, secretOK, nil, invalidArg("WireGuard public key must be 32 bytes, got %d", len(m.GetPublicKey()))
 	}
 	if bytes.Equal(m.GetPublicKey(), make([]byte, 32)) {
-		return name, nil, invalidArg("WireGuard public key is all zeros")
+		return name, secretOK, nil, invalidArg("WireGuard public key is all zeros")
 	}
 	if ep := m.GetEndpoint(); ep != "" {
 		if err := validateEndpoint(ep); err != nil {
-			return name, nil, connect.NewError(connect.CodeInvalidArgument, err)
+			return name, secretOK, nil, connect.NewError(connect.CodeInvalidArgument, err)
 		}
 	}
-	if name == "" {
-		name = strings.ToLower(m.GetHostname())
-		if !policy.ValidNodeName(name) {
-			return name, nil, invalidArg("node name %q derived from the host name is not valid (want %s); choose a name with --name", name, policy.NodeNameSyntax)
+	if name != "" {
+		if err := checkNodeName(name, ""); err != nil {
+			return name, secretOK, nil, err
 		}
-	} else if !policy.ValidNodeName(name) {
-		return name, nil, invalidArg("node name %q is not valid (want %s)", name, policy.NodeNameSyntax)
 	}
-	if name == policy.AllSegment {
-		return name, nil, invalidArg("node name %q is reserved: policies use it for the built-in segment of every node; choose another --name", name)
-	}
+	_, pol := c.policyInForce()
+	named := policyNamedNodes(pol)
 
 	secretHash := tok.SecretHash()
 	notAfter := now.Add(c.opts.NodeCertTTL)
@@ -176,6 +182,20 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 			}
 			return connect.NewError(connect.CodeUnauthenticated, errors.New(msgInvalidToken))
 		}
+		secretOK = true
+		// The name: the one asked for, else the token's, else the host name's.
+		switch {
+		case name == "" && t.Name != "":
+			name = t.Name
+		case name == "":
+			name = strings.ToLower(m.GetHostname())
+			if err := checkNodeName(name, " derived from the host name"); err != nil {
+				return err
+			}
+		}
+		if t.Name != "" && name != t.Name {
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token is bound to node name %q, not %q", t.Name, name))
+		}
 		// Only a token holder gets the certificate request parsed and checked.
 		if csr, err = pki.ParseCSR(m.GetCsrDer()); err != nil {
 			return connect.NewError(connect.CodeInvalidArgument, err)
@@ -198,6 +218,9 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 			if err := checkReenrollment(existing, m.GetPublicKey(), idKey); err != nil {
 				return err
 			}
+		} else if seg, trusted := named[name]; trusted && t.Name != name {
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf(
+				"node name %q is named in segment %q of the policy in force, so it enrolls only with a join token bound to that name: `segmesh token create --name %s ...`", name, seg, name))
 		}
 		// A single-use token may be presented again only by the node it enrolled,
 		// with proof of possession (checked above): an agent retrying after losing
@@ -263,20 +286,20 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 	})
 	if err != nil {
 		if ce := new(connect.Error); errors.As(err, &ce) {
-			return name, nil, ce
+			return name, secretOK, nil, ce
 		}
 		if errors.Is(err, ipam.ErrExhausted) {
-			return name, nil, connect.NewError(connect.CodeResourceExhausted, err)
+			return name, secretOK, nil, connect.NewError(connect.CodeResourceExhausted, err)
 		}
-		return name, nil, connect.NewError(connect.CodeInternal, fmt.Errorf("enrolling node %s: %w", name, err))
+		return name, secretOK, nil, connect.NewError(connect.CodeInternal, fmt.Errorf("enrolling node %s: %w", name, err))
 	}
 	certDER, err := c.ca.SignClient(csr, name, notAfter)
 	if err != nil {
-		return name, nil, connect.NewError(connect.CodeInternal, err)
+		return name, secretOK, nil, connect.NewError(connect.CodeInternal, err)
 	}
 	c.log.Info("node enrolled", "name", name, "new", created, "addresses", node.Addresses, "labels", labels, "token_id", tok.IDString(), "cert_not_after", notAfter)
 	c.requestRecompute()
-	return name, connect.NewResponse(&segmeshv1.EnrollResponse{
+	return name, secretOK, connect.NewResponse(&segmeshv1.EnrollResponse{
 		NodeName:        name,
 		Addresses:       netmap.HostPrefixes(node.Addresses),
 		CertificateDer:  certDER,
@@ -284,6 +307,35 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 		Labels:          labels,
 		OverlayPrefixes: wire.PrefixStrings(c.opts.OverlayPrefixes),
 	}), nil
+}
+
+// checkNodeName refuses a node name that is not valid or is reserved; what says
+// where the name came from, for the message.
+func checkNodeName(name, what string) error {
+	if !policy.ValidNodeName(name) {
+		return invalidArg("node name %q%s is not valid (want %s); choose a name with --name", name, what, policy.NodeNameSyntax)
+	}
+	if name == policy.AllSegment {
+		return invalidArg("node name %q is reserved: policies use it for the built-in segment of every node; choose another --name", name)
+	}
+	return nil
+}
+
+// policyNamedNodes returns the node names that segments of pol list explicitly
+// (nodes:), each with the first segment that lists it.
+func policyNamedNodes(pol *policy.Policy) map[string]string {
+	out := map[string]string{}
+	if pol == nil {
+		return out
+	}
+	for _, seg := range pol.Segments {
+		for _, n := range seg.Nodes {
+			if _, ok := out[n]; !ok {
+				out[n] = seg.Name
+			}
+		}
+	}
+	return out
 }
 
 // checkReenrollment allows enrolling an existing node again only when the

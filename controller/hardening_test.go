@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -231,3 +232,96 @@ type addrConn struct {
 }
 
 func (c addrConn) RemoteAddr() net.Addr { return net.TCPAddrFromAddrPort(c.remote) }
+
+// TestPolicyNamedNodeNeedsBoundToken: a name that the policy in force lists in a
+// segment is enrolled only with a token bound to it; a token bound to a name
+// enrolls nothing else.
+func TestPolicyNamedNodeNeedsBoundToken(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	apply(t, tc, `version: 1
+segments:
+  - name: ops
+    nodes: [ops-1]
+  - name: web
+    selectors: [{role: web}]
+rules:
+  - name: ops-admin
+    from: [ops]
+    to: [web]
+    ports: [tcp/22]
+`)
+	guest := tc.createToken(map[string]string{"role": "guest"}, true)
+	_, err := tc.tryEnroll(guest, "ops-1", newIdentity(t), "")
+	if ce := wantCode(t, err, connect.CodePermissionDenied); !strings.Contains(ce.Message(), `segment "ops"`) || !strings.Contains(ce.Message(), "--name ops-1") {
+		t.Errorf("message %q", ce.Message())
+	}
+	resp, err := tc.op().CreateToken(bg, connect.NewRequest(&segmeshv1.CreateTokenRequest{Name: "ops-1"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := resp.Msg.Token
+	_, err = tc.tryEnroll(bound, "web-9", newIdentity(t), "")
+	if ce := wantCode(t, err, connect.CodePermissionDenied); !strings.Contains(ce.Message(), `bound to node name "ops-1"`) {
+		t.Errorf("message %q", ce.Message())
+	}
+	got, err := tc.tryEnroll(bound, "", newIdentity(t), "")
+	if err != nil || got.NodeName != "ops-1" {
+		t.Fatalf("enrollment with the bound token and no name: %v %v", got, err)
+	}
+	if toks := tc.listTokens(); !slices.ContainsFunc(toks, func(ti *segmeshv1.TokenInfo) bool { return ti.Name == "ops-1" }) {
+		t.Errorf("token list does not show the bound name: %v", toks)
+	}
+	_, err = tc.op().CreateToken(bg, connect.NewRequest(&segmeshv1.CreateTokenRequest{Name: "Bad Name"}))
+	wantCode(t, err, connect.CodeInvalidArgument)
+}
+
+// TestEnrollRefusesCompressedBodies: enrollment is unauthenticated, so it takes
+// no compressed request (a gzip bomb costs CPU before any check).
+func TestEnrollRefusesCompressedBodies(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	req, _ := http.NewRequest(http.MethodPost, tc.url+segmeshv1connect.EnrollServiceEnrollProcedure, strings.NewReader("\x1f\x8b"))
+	req.Header.Set("Content-Type", "application/proto")
+	req.Header.Set("Content-Encoding", "gzip")
+	resp, err := tc.httpClient(nil).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusTooManyRequests {
+		t.Errorf("gzip enrollment: HTTP %d, want a refusal of the encoding", resp.StatusCode)
+	}
+}
+
+func TestSlotLimiter(t *testing.T) {
+	l := newSlotLimiter()
+	src := netip.MustParseAddr("192.0.2.1")
+	var release []func()
+	for range enrollSlotsPerSource {
+		r, ok := l.acquire(src)
+		if !ok {
+			t.Fatal("slot refused below the per-source limit")
+		}
+		release = append(release, r)
+	}
+	if _, ok := l.acquire(src); ok {
+		t.Error("slot granted above the per-source limit")
+	}
+	release[0]()
+	release[0]() // twice is harmless
+	if r, ok := l.acquire(src); !ok {
+		t.Error("slot not given back")
+	} else {
+		r()
+	}
+	lo := netip.MustParseAddr("127.0.0.1")
+	n := 0
+	for {
+		if _, ok := l.acquire(lo); !ok {
+			break
+		}
+		n++
+	}
+	if want := enrollSlotsTotal - (enrollSlotsPerSource - 1); n != want {
+		t.Errorf("loopback got %d slots, want the rest of the total, %d", n, want)
+	}
+}

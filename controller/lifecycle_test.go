@@ -673,29 +673,40 @@ func TestAuditVerify(t *testing.T) {
 }
 
 // TestEnrollmentThrottled is defect 5 of issue 6: refusals are rate limited per
-// source address, so guessing secrets is slow.
+// source address, so guessing secrets is slow; a host with the right secret
+// behind the same address is not locked out.
 func TestEnrollmentThrottled(t *testing.T) {
 	tc := startController(t, t.TempDir())
 	tc.c.enrollLimits.burst = refusalBurst
 	good := tc.createToken(nil, false)
-	wrong := good[:len(good)-2] + "AA"
-	if wrong == good {
-		wrong = good[:len(good)-2] + "BB"
-	}
+	tok, _ := jointoken.Decode(good)
+	wrongTok := tok
+	wrongTok.Secret[0] ^= 1
+	unknown := tok
+	unknown.ID[0] ^= 1
 	var codes []connect.Code
-	for range refusalBurst + 3 {
-		_, err := tc.tryEnroll(wrong, "x-1", newIdentity(t), "")
+	for i := range refusalBurst + 3 {
+		try := wrongTok.String()
+		if i%2 == 1 {
+			try = unknown.String() // another token ID: only the source budget applies
+		}
+		_, err := tc.tryEnroll(try, "x-1", newIdentity(t), "")
 		codes = append(codes, connect.CodeOf(err))
 	}
-	if codes[0] == connect.CodeResourceExhausted || codes[len(codes)-1] != connect.CodeResourceExhausted {
+	if codes[0] == connect.CodeResourceExhausted || codes[len(codes)-1] != connect.CodeResourceExhausted || codes[len(codes)-2] != connect.CodeResourceExhausted {
 		t.Fatalf("codes %v: want refusals first, then resource_exhausted", codes)
 	}
-	// Even the right secret waits while the budget is used up ...
-	_, err := tc.tryEnroll(good, "x-1", newIdentity(t), "")
-	wantCode(t, err, connect.CodeResourceExhausted)
-	// ... and goes through once it refilled.
-	tc.clock.Advance(refusalBurst * time.Second)
+	for _, bad := range []string{"smjt1_garbage", unknown.String()} {
+		_, err := tc.tryEnroll(bad, "x-1", newIdentity(t), "")
+		wantCode(t, err, connect.CodeResourceExhausted)
+	}
+	// The right secret from the same address goes through.
 	if _, err := tc.tryEnroll(good, "x-1", newIdentity(t), ""); err != nil {
+		t.Fatalf("enrollment with the right secret from a throttled address: %v", err)
+	}
+	// Once the budget refilled, refusals say what is wrong again.
+	tc.clock.Advance(refusalBurst * time.Second)
+	if _, err := tc.tryEnroll(unknown.String(), "x-2", newIdentity(t), ""); connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("enrollment after the budget refilled: %v", err)
 	}
 	var audited int

@@ -155,6 +155,11 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 	if err := validateLabels(m.GetLabels()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
+	if n := m.GetName(); n != "" {
+		if err := checkNodeName(n, ""); err != nil {
+			return nil, err
+		}
+	}
 	ttl := c.opts.TokenTTL
 	switch {
 	case m.GetTtlSeconds() < 0:
@@ -172,7 +177,7 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 	hash := tok.SecretHash()
 	rec := store.Token{
 		ID: tok.IDString(), SecretHash: hash[:], Labels: m.GetLabels(),
-		CreatedAt: now, ExpiresAt: now.Add(ttl), Reusable: m.GetReusable(), Creator: actorOf(ctx),
+		CreatedAt: now, ExpiresAt: now.Add(ttl), Reusable: m.GetReusable(), Creator: actorOf(ctx), Name: m.GetName(),
 	}
 	err = c.store.Update(func(tx store.Tx) error {
 		if err := tx.PutToken(rec); err != nil {
@@ -180,7 +185,7 @@ func (s *operatorService) CreateToken(ctx context.Context, req *connect.Request[
 		}
 		return tx.AppendAudit(store.AuditEntry{
 			Time: now, Actor: actorOf(ctx), Action: "token.create", Object: "token:" + rec.ID, Result: "ok",
-			Detail: fmt.Sprintf("labels %s expires %s reusable %v", formatLabelMap(rec.Labels), rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
+			Detail: fmt.Sprintf("name %q labels %s expires %s reusable %v", rec.Name, formatLabelMap(rec.Labels), rec.ExpiresAt.UTC().Format(time.RFC3339), rec.Reusable),
 		})
 	})
 	if err != nil {

@@ -167,7 +167,7 @@ func (s *operatorService) RevokeOperator(ctx context.Context, req *connect.Reque
 func tokenInfo(t store.Token) *segmeshv1.TokenInfo {
 	info := &segmeshv1.TokenInfo{
 		Id: t.ID, Labels: t.Labels, CreatedUnix: t.CreatedAt.Unix(), ExpiresUnix: t.ExpiresAt.Unix(),
-		Reusable: t.Reusable, Uses: int64(t.Uses), UsedBy: t.UsedBy, Creator: t.Creator,
+		Reusable: t.Reusable, Uses: int64(t.Uses), UsedBy: t.UsedBy, Creator: t.Creator, Name: t.Name,
 	}
 	if !t.RevokedAt.IsZero() {
 		info.RevokedUnix = t.RevokedAt.Unix()

@@ -144,3 +144,48 @@ func (l *actorLimiter) allow(actor string, now time.Time) bool {
 	}
 	return lim.AllowN(now, 1)
 }
+
+// Enrollments in progress, which hold an unauthenticated body in memory: at most
+// enrollSlotsTotal at once, and enrollSlotsPerSource per source (loopback, the
+// controller's own host, shares only the total).
+const (
+	enrollSlotsTotal     = 64
+	enrollSlotsPerSource = 4
+)
+
+// slotLimiter bounds concurrent calls, in total and per source.
+type slotLimiter struct {
+	mu        sync.Mutex
+	total     int
+	perSource map[netip.Addr]int
+}
+
+func newSlotLimiter() *slotLimiter { return &slotLimiter{perSource: map[netip.Addr]int{}} }
+
+// acquire takes a slot for a call from source; it returns false when none is
+// free, else the function that gives the slot back.
+func (l *slotLimiter) acquire(source netip.Addr) (func(), bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	loopback := source.IsLoopback()
+	if l.total >= enrollSlotsTotal || !loopback && l.perSource[source] >= enrollSlotsPerSource {
+		return nil, false
+	}
+	l.total++
+	if !loopback {
+		l.perSource[source]++
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			l.total--
+			if !loopback {
+				if l.perSource[source]--; l.perSource[source] <= 0 {
+					delete(l.perSource, source)
+				}
+			}
+		})
+	}, true
+}

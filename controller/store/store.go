@@ -75,6 +75,8 @@ type Token struct {
 	Uses int `json:"uses,omitempty"`
 	// Creator names the operator credential that created the token.
 	Creator string `json:"creator,omitempty"`
+	// Name, when set, is the only node name the token enrolls.
+	Name string `json:"name,omitempty"`
 	// RevokedAt is when an operator revoked the token (zero: not revoked).
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
 }
