@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
+	"segmesh/policy"
 )
 
 type clientCertKey struct{}
@@ -147,12 +149,17 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 	}
 	ep := req.Msg.GetEndpoint()
 	if ep != "" {
-		if err := validateEndpoint(ep); err != nil {
+		if err := validateEndpoint(ep, c.opts.OverlayPrefixes); err != nil {
 			return connect.NewError(connect.CodeInvalidArgument, err)
 		}
 		if ep != node.Endpoint {
+			// Every change is a write and a netmap for each peer: a node may
+			// roam, not churn.
+			if !c.endpointChanges.allow(node.Name, c.now()) {
+				return connect.NewError(connect.CodeResourceExhausted, errors.New("endpoint changes too often; retry in a few seconds"))
+			}
 			if err := c.setEndpoint(node.Name, ep); err != nil {
-				return connect.NewError(connect.CodeInternal, err)
+				return internalOr("storing the endpoint", err)
 			}
 		}
 	}
@@ -272,6 +279,8 @@ func (s *agentService) RotateKey(ctx context.Context, req *connect.Request[segme
 			return err
 		}
 		switch {
+		case n.Revoked():
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked", n.Name))
 		case gen == 0 || gen != n.KeyRotation:
 			return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("no key rotation %d was requested for node %s (requested: %d)", gen, n.Name, n.KeyRotation))
 		case gen == n.KeyRotationDone && bytes.Equal(n.PublicKey, key):
@@ -302,12 +311,16 @@ func (s *agentService) RotateKey(ctx context.Context, req *connect.Request[segme
 	return connect.NewResponse(&segmeshv1.RotateKeyResponse{}), nil
 }
 
-// setEndpoint persists a node's new endpoint and schedules a recompute.
+// setEndpoint persists a node's new endpoint and schedules a recompute. A node
+// revoked meanwhile is refused with PermissionDenied.
 func (c *Controller) setEndpoint(name, ep string) error {
 	err := c.store.Update(func(tx store.Tx) error {
 		n, ok, err := tx.Node(name)
 		if err != nil || !ok {
 			return err
+		}
+		if n.Revoked() {
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked", name))
 		}
 		n.Endpoint = ep
 		return tx.PutNode(n)
@@ -359,6 +372,64 @@ func (l *liveTracker) get(name string) *liveNode {
 	return n
 }
 
+// What agents report is shown to operators (status, render): it is bounded and
+// checked so that a node cannot inject lines or terminal escapes.
+const (
+	maxReportedError = 1024
+	maxAlivePeers    = 4096
+)
+
+// reportedDataplane returns d when it is a dataplane kind, else "".
+func reportedDataplane(d string) string {
+	if d == "kernel" || d == "userspace" {
+		return d
+	}
+	return ""
+}
+
+// reportedInterface returns iface when it is a Linux interface name (1-15
+// printable bytes without '/' or white space), else "".
+func reportedInterface(iface string) string {
+	if len(iface) == 0 || len(iface) > 15 {
+		return ""
+	}
+	for _, r := range iface {
+		if r <= ' ' || r > '~' || r == '/' {
+			return ""
+		}
+	}
+	return iface
+}
+
+// reportedText makes s one printable line of at most max bytes: control
+// characters become spaces.
+func reportedText(s string, max int) string {
+	s = strings.Map(func(r rune) rune {
+		if r < ' ' || r == 0x7f || (r >= 0x80 && r < 0xa0) {
+			return ' '
+		}
+		return r
+	}, strings.ToValidUTF8(s, "?"))
+	if len(s) > max {
+		s = strings.ToValidUTF8(s[:max], "") + "…"
+	}
+	return s
+}
+
+// reportedPeers keeps the valid node names of peers, at most maxAlivePeers.
+func reportedPeers(peers []string) []string {
+	var out []string
+	for _, p := range peers {
+		if len(out) == maxAlivePeers {
+			break
+		}
+		if policy.ValidNodeName(p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // connect records an open stream of node and returns its id for disconnect.
 func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, now time.Time) uint64 {
 	l.mu.Lock()
@@ -366,11 +437,11 @@ func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, now time.
 	l.nextID++
 	n := l.get(name)
 	n.conns[l.nextID] = true
-	if req.GetDataplane() != "" {
-		n.dataplane = req.GetDataplane()
+	if d := reportedDataplane(req.GetDataplane()); d != "" {
+		n.dataplane = d
 	}
-	if req.GetInterface() != "" {
-		n.iface = req.GetInterface()
+	if i := reportedInterface(req.GetInterface()); i != "" {
+		n.iface = i
 	}
 	n.lastSeen = now
 	return l.nextID
@@ -391,12 +462,12 @@ func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.T
 	defer l.mu.Unlock()
 	n := l.get(name)
 	n.appliedRev = r.GetAppliedRevision()
-	n.appliedHash = r.GetAppliedHash()
-	if r.GetDataplane() != "" {
-		n.dataplane = r.GetDataplane()
+	n.appliedHash = reportedText(r.GetAppliedHash(), 64)
+	if d := reportedDataplane(r.GetDataplane()); d != "" {
+		n.dataplane = d
 	}
-	n.err = r.GetError()
-	n.alivePeers = slices.Sorted(slices.Values(r.GetAlivePeers()))
+	n.err = reportedText(r.GetError(), maxReportedError)
+	n.alivePeers = slices.Sorted(slices.Values(reportedPeers(r.GetAlivePeers())))
 	n.lastSeen = now
 }
 

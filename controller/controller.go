@@ -118,20 +118,25 @@ type Options struct {
 // with New and serve with Run; Run releases the listener and the store when it
 // returns.
 type Controller struct {
-	opts          Options
-	log           *slog.Logger
-	store         store.Store
-	ca            *pki.Authority
-	ln            net.Listener
-	advertiseURL  string
-	netmapCfg     netmap.Config
-	enrollLimits  *refusalLimiter
-	enrollSlots   *slotLimiter
-	refusalAudits *actorLimiter
-	hub           *fanout.Hub
-	live          *liveTracker
-	recomputeKick chan struct{}
-	now           func() time.Time
+	opts         Options
+	log          *slog.Logger
+	store        store.Store
+	ca           *pki.Authority
+	ln           net.Listener
+	advertiseURL string
+	netmapCfg    netmap.Config
+	enrollLimits *refusalLimiter
+	enrollSlots  *slotLimiter
+	// candidateSlots bounds concurrent compilations of candidate policies
+	// (GetNetmap with a candidate).
+	candidateSlots chan struct{}
+	// endpointChanges budgets endpoint changes per node.
+	endpointChanges *actorLimiter
+	refusalAudits   *actorLimiter
+	hub             *fanout.Hub
+	live            *liveTracker
+	recomputeKick   chan struct{}
+	now             func() time.Time
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
@@ -153,16 +158,18 @@ func New(opts Options) (_ *Controller, err error) {
 		return nil, err
 	}
 	c := &Controller{
-		opts:          opts,
-		log:           opts.Logger,
-		hub:           fanout.New(),
-		live:          newLiveTracker(),
-		enrollLimits:  newRefusalLimiter(),
-		enrollSlots:   newSlotLimiter(),
-		refusalAudits: newActorLimiter(),
-		recomputeKick: make(chan struct{}, 1),
-		now:           time.Now,
-		shutdown:      make(chan struct{}),
+		opts:            opts,
+		log:             opts.Logger,
+		hub:             fanout.New(),
+		live:            newLiveTracker(),
+		enrollLimits:    newRefusalLimiter(),
+		enrollSlots:     newSlotLimiter(),
+		candidateSlots:  make(chan struct{}, 2),
+		endpointChanges: newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
+		refusalAudits:   newActorLimiter(),
+		recomputeKick:   make(chan struct{}, 1),
+		now:             time.Now,
+		shutdown:        make(chan struct{}),
 	}
 	var cleanup []func()
 	defer func() {

@@ -147,7 +147,7 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 		return name, secretOK, nil, invalidArg("WireGuard public key is all zeros")
 	}
 	if ep := m.GetEndpoint(); ep != "" {
-		if err := validateEndpoint(ep); err != nil {
+		if err := validateEndpoint(ep, c.opts.OverlayPrefixes); err != nil {
 			return name, secretOK, nil, connect.NewError(connect.CodeInvalidArgument, err)
 		}
 	}
@@ -401,14 +401,28 @@ func identityKey(csr *x509.CertificateRequest) []byte {
 	return nil
 }
 
-// validateEndpoint checks that ep is "ip:port" with a non-zero port.
-func validateEndpoint(ep string) error {
+// validateEndpoint checks that ep is "ip:port" with a non-zero port and a
+// unicast address a peer on another host can send to: not unspecified,
+// loopback, multicast, link-local or the IPv4 broadcast address (peers would
+// send their WireGuard packets to their own host's services or to a whole
+// network), and not inside the overlay prefixes (WireGuard does not run over
+// itself).
+func validateEndpoint(ep string, overlay []netip.Prefix) error {
 	ap, err := netip.ParseAddrPort(ep)
 	if err != nil {
 		return fmt.Errorf("endpoint %q is not ip:port: %w", ep, err)
 	}
-	if ap.Port() == 0 || !ap.Addr().IsValid() || ap.Addr().IsUnspecified() {
+	a := ap.Addr().Unmap()
+	switch {
+	case ap.Port() == 0 || !a.IsValid() || a.IsUnspecified():
 		return fmt.Errorf("endpoint %q: want a specific IP address and a non-zero port", ep)
+	case a.IsLoopback() || a.IsMulticast() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || a.Zone() != "":
+		return fmt.Errorf("endpoint %q: a loopback, link-local, multicast or broadcast address is no endpoint peers on other hosts can reach; advertise the host's underlay address (--endpoint)", ep)
+	}
+	for _, p := range overlay {
+		if p.Contains(a) {
+			return fmt.Errorf("endpoint %q lies in the overlay prefix %s; advertise the host's underlay address (--endpoint)", ep, p)
+		}
 	}
 	return nil
 }

@@ -325,3 +325,71 @@ func TestSlotLimiter(t *testing.T) {
 		t.Errorf("loopback got %d slots, want the rest of the total, %d", n, want)
 	}
 }
+
+func TestValidateEndpoint(t *testing.T) {
+	overlay := DefaultOverlayPrefixes()
+	for _, tt := range []struct {
+		ep string
+		ok bool
+	}{
+		{"192.0.2.1:51820", true},
+		{"[2001:db8::1]:51820", true},
+		{"[::ffff:192.0.2.1]:51820", true},
+		{"192.0.2.1:0", false},
+		{"0.0.0.0:51820", false},
+		{"127.0.0.1:53", false},
+		{"[::1]:22", false},
+		{"224.0.0.1:5353", false},
+		{"255.255.255.255:9", false},
+		{"169.254.1.1:51820", false},
+		{"[fe80::1]:51820", false},
+		{"100.64.0.2:51820", false},
+		{"[fd5e:6d65:7368::2]:51820", false},
+		{"192.0.2.1", false},
+	} {
+		if err := validateEndpoint(tt.ep, overlay); (err == nil) != tt.ok {
+			t.Errorf("validateEndpoint(%s) = %v, want ok %v", tt.ep, err, tt.ok)
+		}
+	}
+}
+
+// TestEndpointChurnThrottled: a node that changes its endpoint on every stream is
+// refused once it used up its budget, so it cannot make every peer recompute.
+func TestEndpointChurnThrottled(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	a := tc.enroll(tc.createToken(nil, false), "a-1")
+	var last error
+	for i := range endpointChangeBurst + 3 {
+		stream, err := tc.agent(a).Sync(bg, connect.NewRequest(&segmeshv1.SyncRequest{Endpoint: "192.0.2.1:" + strconv.Itoa(40000+i)}))
+		if err == nil {
+			stream.Receive()
+			err = stream.Err()
+			stream.Close()
+		}
+		last = err
+	}
+	if connect.CodeOf(last) != connect.CodeResourceExhausted {
+		t.Errorf("stream %d with a new endpoint: %v, want resource_exhausted", endpointChangeBurst+3, last)
+	}
+}
+
+// TestReportCannotInjectIntoStatus: what an agent reports reaches operators
+// bounded and without control characters.
+func TestReportCannotInjectIntoStatus(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	a := tc.enroll(tc.createToken(nil, false), "a-1")
+	evil := "ok\n\x1b[2K\rdb-1    revoked    fake row" + strings.Repeat("x", 5000)
+	_, err := tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{
+		Error: evil, Dataplane: "\x1b[31mkernel", AlivePeers: []string{"b-1", "x\ny", strings.Repeat("p", 300)},
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := tc.status().Nodes[0]
+	if strings.ContainsAny(n.Error, "\n\r\x1b") || len(n.Error) > maxReportedError+len("…") {
+		t.Errorf("reported error shown as %q", n.Error)
+	}
+	if n.Dataplane != "" || len(n.AlivePeers) != 1 || n.AlivePeers[0] != "b-1" {
+		t.Errorf("dataplane %q alive peers %q", n.Dataplane, n.AlivePeers)
+	}
+}

@@ -364,6 +364,12 @@ func TestLabelNode(t *testing.T) {
 	if ce := wantCode(t, err, connect.CodeFailedPrecondition); !strings.Contains(ce.Message(), "web-reaches-db") {
 		t.Errorf("message %q", ce.Message())
 	}
+	// An enrollment can break a test (its token's labels are the operator's
+	// choice); relabels that have nothing to do with it still go through.
+	tc.enroll(tc.createToken(map[string]string{"role": "web", "admin": "yes"}, false), "web-9")
+	if _, err := tc.op().LabelNode(bg, connect.NewRequest(&segmeshv1.LabelNodeRequest{Name: "spare-1", Set: map[string]string{"env": "x"}})); err != nil {
+		t.Errorf("a relabel unrelated to a test an enrollment broke was refused: %v", err)
+	}
 	for _, bad := range []map[string]string{{" role": "x"}, {"role": strings.Repeat("x", 64)}, {"röle": "x"}} {
 		_, err := tc.op().LabelNode(bg, connect.NewRequest(&segmeshv1.LabelNodeRequest{Name: "db-1", Set: bad}))
 		wantCode(t, err, connect.CodeInvalidArgument)

@@ -204,23 +204,25 @@ func (s *operatorService) LabelNode(ctx context.Context, req *connect.Request[se
 }
 
 // checkInventory compiles pol against the changed inventory inv and runs its
-// tests there: it returns the compile error or the failing tests, one line each.
-// A test whose endpoint the change leaves without any node (TestFailure.
-// EmptyEndpoint) fails too, unless it was already empty on the inventory before
-// the change, oldInv: an inventory change must not quietly empty what a test
-// guards.
+// tests there: it returns the compile error or the tests that the change makes
+// fail, one line each. A test whose endpoint the change leaves without any node
+// (TestFailure.EmptyEndpoint) fails too: an inventory change must not quietly
+// empty what a test guards. Tests that already failed on the inventory before
+// the change, oldInv (an enrollment may have broken one), do not count: they are
+// not this change's doing, and refusing every relabel because of them would lock
+// the operator out of the fix.
 func checkInventory(pol *policy.Policy, oldInv, inv []policy.Node) error {
 	if _, err := policy.Compile(pol, inv); err != nil {
 		return err
 	}
-	vacuousBefore := map[string]bool{}
+	failedBefore := map[string]bool{}
 	before, err := policy.RunTests(pol, append([]policy.Node{}, oldInv...))
 	if err != nil {
 		return err
 	}
 	for _, f := range before {
-		if f.Inventory == policy.InventoryRun && f.NoMatch {
-			vacuousBefore[f.Test] = true
+		if f.Inventory == policy.InventoryRun {
+			failedBefore[f.Test] = true
 		}
 	}
 	failures, err := policy.RunTests(pol, append([]policy.Node{}, inv...))
@@ -230,10 +232,10 @@ func checkInventory(pol *policy.Policy, oldInv, inv []policy.Node) error {
 	var fails []string
 	for _, f := range failures {
 		switch {
-		case f.Inventory != policy.InventoryRun:
+		case f.Inventory != policy.InventoryRun || failedBefore[f.Test]:
 		case !f.NoMatch:
 			fails = append(fails, f.Error())
-		case f.EmptyEndpoint && !vacuousBefore[f.Test]:
+		case f.EmptyEndpoint:
 			fails = append(fails, f.Error()+" (the change leaves it no node to check)")
 		}
 	}

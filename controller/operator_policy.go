@@ -105,10 +105,18 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 	if filename == "" {
 		filename = "policy.yaml"
 	}
-	// computeMu orders this computation with stored revisions, so that the
-	// previous netmap it compares with is the one published for the inventory.
+	// A candidate is compiled on a snapshot of the inventory, outside computeMu:
+	// a read (a viewer may ask) must never hold up a revocation or an apply. At
+	// most candidateSlots compile at once.
+	select {
+	case c.candidateSlots <- struct{}{}:
+		defer func() { <-c.candidateSlots }()
+	default:
+		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("other candidate policies are being compiled; retry in a moment"))
+	}
 	c.computeMu.Lock()
-	defer c.computeMu.Unlock()
+	cfg := c.netmapCfg
+	c.computeMu.Unlock()
 	var nodes []store.Node
 	var revs []uint64
 	err := c.store.View(func(tx store.Tx) error {
@@ -130,7 +138,7 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 	if err != nil {
 		return nil, policyError(err)
 	}
-	nm := netmap.FromCompiled(c.netmapCfg, rev, compiled, nodes, c.previousNetmap)[name]
+	nm := netmap.FromCompiled(cfg, rev, compiled, nodes, c.previousNetmap)[name]
 	if nm == nil {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q is not enrolled", name))
 	}

@@ -122,13 +122,28 @@ const (
 	refusalAuditRate  = 1.0
 )
 
-// actorLimiter is a rate limit per actor name (operator credentials: few).
+// Endpoint changes a node may make: endpointChangeBurst at once, then
+// endpointChangeRate per second (roaming is rare; churn costs every peer).
+const (
+	endpointChangeBurst = 10
+	endpointChangeRate  = 0.2
+)
+
+// actorLimiter is a rate limit per actor name (operator credentials, nodes).
 type actorLimiter struct {
-	mu   sync.Mutex
-	lims map[string]*rate.Limiter
+	mu    sync.Mutex
+	lims  map[string]*rate.Limiter
+	rate  rate.Limit
+	burst int
 }
 
-func newActorLimiter() *actorLimiter { return &actorLimiter{lims: map[string]*rate.Limiter{}} }
+func newActorLimiter() *actorLimiter {
+	return newActorLimiterWith(refusalAuditRate, refusalAuditBurst)
+}
+
+func newActorLimiterWith(r float64, burst int) *actorLimiter {
+	return &actorLimiter{lims: map[string]*rate.Limiter{}, rate: rate.Limit(r), burst: burst}
+}
 
 // allow reports whether actor may have one more event at now.
 func (l *actorLimiter) allow(actor string, now time.Time) bool {
@@ -139,7 +154,7 @@ func (l *actorLimiter) allow(actor string, now time.Time) bool {
 		if len(l.lims) >= refusalKeys {
 			clear(l.lims)
 		}
-		lim = rate.NewLimiter(refusalAuditRate, refusalAuditBurst)
+		lim = rate.NewLimiter(l.rate, l.burst)
 		l.lims[actor] = lim
 	}
 	return lim.AllowN(now, 1)
