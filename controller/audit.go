@@ -2,6 +2,8 @@ package controller
 
 import (
 	"context"
+	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -49,8 +51,21 @@ func (s *operatorService) ListAudit(ctx context.Context, req *connect.Request[se
 
 // VerifyAudit implements OperatorService.VerifyAudit: it checks the stored log
 // against its hash chain (store.VerifyAudit) and reports the first record that
-// was edited or removed.
-func (s *operatorService) VerifyAudit(ctx context.Context, _ *connect.Request[segmeshv1.VerifyAuditRequest]) (*connect.Response[segmeshv1.VerifyAuditResponse], error) {
+// was edited or removed, and the head. With expect_head ("SEQ:HASH" from an
+// earlier answer, kept outside the controller) record SEQ must still have HASH:
+// that catches a log rewritten with recomputed hashes, which the chain alone
+// cannot. InvalidArgument for a malformed expect_head.
+func (s *operatorService) VerifyAudit(ctx context.Context, req *connect.Request[segmeshv1.VerifyAuditRequest]) (*connect.Response[segmeshv1.VerifyAuditResponse], error) {
+	var wantSeq uint64
+	var wantHash string
+	if e := req.Msg.GetExpectHead(); e != "" {
+		seq, hash, ok := strings.Cut(e, ":")
+		n, err := strconv.ParseUint(seq, 10, 64)
+		if !ok || err != nil || n == 0 || len(hash) != 64 {
+			return nil, invalidArg("expected head %q: want SEQ:HASH as printed by `segmesh audit verify`", e)
+		}
+		wantSeq, wantHash = n, hash
+	}
 	out := &segmeshv1.VerifyAuditResponse{}
 	err := s.c.store.View(func(tx store.Tx) error {
 		es, err := tx.Audit()
@@ -62,9 +77,20 @@ func (s *operatorService) VerifyAudit(ctx context.Context, _ *connect.Request[se
 			return err
 		}
 		out.Records = uint64(len(es))
+		out.HeadSeq, out.HeadHash = seq, hash
 		if p := store.VerifyAudit(es, seq, hash); p != nil {
 			out.FirstBadSeq, out.Problem = p.Seq, p.Reason
 			return nil
+		}
+		if wantSeq != 0 {
+			switch {
+			case wantSeq > uint64(len(es)):
+				out.FirstBadSeq, out.Problem = uint64(len(es))+1, fmt.Sprintf("the log ends at record %d, before the expected head %d: records were removed", len(es), wantSeq)
+				return nil
+			case es[wantSeq-1].Hash != wantHash:
+				out.FirstBadSeq, out.Problem = wantSeq, "the log up to the expected head was rewritten: record "+strconv.FormatUint(wantSeq, 10)+" no longer has the expected hash"
+				return nil
+			}
 		}
 		out.Ok = true
 		return nil

@@ -385,7 +385,7 @@ func TestRenewCertificate(t *testing.T) {
 	if d := cert.NotAfter.Sub(tc.clock.Now()); d > time.Hour || d < 59*time.Minute {
 		t.Errorf("certificate lifetime %v, want the configured hour", d)
 	}
-	key, csr := csrFor(t, "a-1")
+	_, csr := csrFor(t, "a-1")
 	_, wrongName := csrFor(t, "b-1")
 	if _, err := tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: wrongName})); connect.CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("renewal for another name: %v", err)
@@ -402,7 +402,7 @@ func TestRenewCertificate(t *testing.T) {
 	// only the old one: it may not do anything with it but renew again.
 	_, err = tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
 	wantCode(t, err, connect.CodeUnauthenticated)
-	key, csr = csrFor(t, "a-1")
+	key, csr := csrFor(t, "a-1")
 	resp, err = tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
 	if err != nil {
 		t.Fatalf("renewing again with the previous certificate: %v", err)
@@ -724,4 +724,62 @@ func TestEnrollmentThrottled(t *testing.T) {
 	if audited == 0 || audited > 2*int(refusalLogRate)+1 {
 		t.Errorf("%d refusals audited, want between 1 and the log budget", audited)
 	}
+}
+
+// TestAuditVerifyAgainstHead: someone with write access to the store who edits a
+// record and recomputes every later hash and the head passes the chain check;
+// the head an operator kept outside the controller catches it.
+func TestAuditVerifyAgainstHead(t *testing.T) {
+	dir := t.TempDir()
+	tc := startController(t, dir)
+	tc.createToken(nil, false)
+	tc.createToken(nil, false)
+	v, err := tc.op().VerifyAudit(bg, connect.NewRequest(&segmeshv1.VerifyAuditRequest{}))
+	if err != nil || !v.Msg.Ok || v.Msg.HeadSeq != 3 || len(v.Msg.HeadHash) != 64 {
+		t.Fatalf("VerifyAudit: %v %v", v, err)
+	}
+	head := fmt.Sprintf("%d:%s", v.Msg.HeadSeq, v.Msg.HeadHash)
+	tc.stop()
+
+	// Rewrite record 2 and rechain everything after it.
+	db, err := bolt.Open(dir+"/"+StoreFile, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("audit"))
+		prev := ""
+		return b.ForEach(func(k, raw []byte) error {
+			var e store.AuditEntry
+			if err := json.Unmarshal(raw, &e); err != nil {
+				return err
+			}
+			if e.Seq == 2 {
+				e.Actor = "mallory"
+			}
+			e.PrevHash = prev
+			e.Hash = store.AuditHash(e)
+			prev = e.Hash
+			out, _ := json.Marshal(e)
+			if err := b.Put(k, out); err != nil {
+				return err
+			}
+			return tx.Bucket([]byte("meta")).Put([]byte("audit-head"), fmt.Appendf(nil, "%d %s", e.Seq, e.Hash))
+		})
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc2 := startController(t, dir)
+	v, err = tc2.op().VerifyAudit(bg, connect.NewRequest(&segmeshv1.VerifyAuditRequest{}))
+	if err != nil || !v.Msg.Ok {
+		t.Fatalf("a consistently rewritten chain: %v %v (the chain alone is expected to pass)", v, err)
+	}
+	v, err = tc2.op().VerifyAudit(bg, connect.NewRequest(&segmeshv1.VerifyAuditRequest{ExpectHead: head}))
+	if err != nil || v.Msg.Ok || v.Msg.FirstBadSeq != 3 || !strings.Contains(v.Msg.Problem, "rewritten") {
+		t.Fatalf("VerifyAudit against the kept head: %v %v", v, err)
+	}
+	_, err = tc2.op().VerifyAudit(bg, connect.NewRequest(&segmeshv1.VerifyAuditRequest{ExpectHead: "3"}))
+	wantCode(t, err, connect.CodeInvalidArgument)
 }

@@ -73,6 +73,7 @@ its store; later starts reuse them.`,
 	f.DurationVar(&opts.NodeCertTTL, "node-cert-ttl", controller.DefaultNodeCertTTL, "lifetime of node client certificates; agents renew them when a third is left")
 	f.DurationVar(&opts.AddressQuarantine, "address-quarantine", controller.DefaultAddressQuarantine, "how long a deleted node's overlay addresses stay reserved")
 	f.IntVar(&opts.MaxConnections, "max-connections", controller.DefaultMaxConnections, "maximum concurrent TCP connections (agents, operators, enrolling hosts)")
+	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	_ = cmd.MarkFlagRequired("data-dir")
 	cmd.AddCommand(newBackupCommand())

@@ -33,6 +33,9 @@ type verifyJSON struct {
 	// FirstBadSeq is the first record that was edited or follows a removed one; 0 when ok.
 	FirstBadSeq uint64 `json:"first_bad_seq"`
 	Problem     string `json:"problem,omitempty"`
+	// Head is "SEQ:HASH" of the last record: keep it outside the controller and
+	// pass it as --expect-head later.
+	Head string `json:"head"`
 }
 
 func newAuditCmd(g *globalFlags) *cobra.Command {
@@ -94,6 +97,7 @@ func parseSince(s string, now time.Time) (time.Time, error) {
 
 func newAuditVerifyCmd(g *globalFlags) *cobra.Command {
 	var output *outFormat
+	var expect string
 	cmd := &cobra.Command{
 		Use:   "verify",
 		Short: "Check the audit log's hash chain; exit 1 and name the first edited or removed record when it is broken",
@@ -101,17 +105,28 @@ func newAuditVerifyCmd(g *globalFlags) *cobra.Command {
 store: each record holds the SHA-256 of the one before. It prints
 "audit log verified: N records, chain intact" and exits 0, or
 "audit log tampered: record SEQ: PROBLEM" for the first record that was edited or
-follows a removed one, and exits 1.`,
+follows a removed one, and exits 1.
+
+The chain catches a record edited or removed by someone who did not also
+recompute every later hash. It also prints the head (SEQ:HASH of the last
+record): keep it outside the controller (a ticket, a SIEM) and pass it later
+with --expect-head; the check then also fails when the log up to that record
+was rewritten, hashes and all.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			resp, err := invoke(g, "verifying the audit log", segmeshv1connect.OperatorServiceClient.VerifyAudit, &segmeshv1.VerifyAuditRequest{})
+			resp, err := invoke(g, "verifying the audit log", segmeshv1connect.OperatorServiceClient.VerifyAudit, &segmeshv1.VerifyAuditRequest{ExpectHead: expect})
 			if err != nil {
 				return err
 			}
-			v := verifyJSON{OK: resp.GetOk(), Records: resp.GetRecords(), FirstBadSeq: resp.GetFirstBadSeq(), Problem: resp.GetProblem()}
+			v := verifyJSON{OK: resp.GetOk(), Records: resp.GetRecords(), FirstBadSeq: resp.GetFirstBadSeq(), Problem: resp.GetProblem(),
+				Head: fmt.Sprintf("%d:%s", resp.GetHeadSeq(), resp.GetHeadHash())}
 			err = output.write(cmd.OutOrStdout(), v, func(w io.Writer) error {
 				if v.OK {
-					_, err := fmt.Fprintf(w, "audit log verified: %d records, chain intact\n", v.Records)
+					anchored := ""
+					if expect != "" {
+						anchored = ", and it holds the expected head " + expect
+					}
+					_, err := fmt.Fprintf(w, "audit log verified: %d records, chain intact%s\nhead: %s (keep it outside the controller; check against it later with --expect-head)\n", v.Records, anchored, v.Head)
 					return err
 				}
 				_, err := fmt.Fprintf(w, "audit log tampered: record %d: %s\n", v.FirstBadSeq, v.Problem)
@@ -124,5 +139,6 @@ follows a removed one, and exits 1.`,
 		},
 	}
 	output = addOutputFlag(cmd, "")
+	cmd.Flags().StringVar(&expect, "expect-head", "", "SEQ:HASH printed by an earlier verify; fail unless record SEQ still has HASH")
 	return cmd
 }

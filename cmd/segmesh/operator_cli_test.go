@@ -58,7 +58,7 @@ func withFixtures(f *fakeController) *fakeController {
 		{Seq: 1, TimeUnixNano: t1*1e9 + 5, Actor: "admin", Action: "token.create", Object: "token:tok1", Result: "ok", Hash: "h1"},
 		{Seq: 2, TimeUnixNano: t2 * 1e9, Actor: "admin", Action: "node.revoke", Object: "node:db-1", Result: "ok", Detail: "gossip-key-rotated", PrevHash: "h1", Hash: "h2"},
 	}}))
-	f.reply(segmeshv1connect.OperatorServiceVerifyAuditProcedure, connect.NewResponse(&segmeshv1.VerifyAuditResponse{Ok: true, Records: 2}))
+	f.reply(segmeshv1connect.OperatorServiceVerifyAuditProcedure, connect.NewResponse(&segmeshv1.VerifyAuditResponse{Ok: true, Records: 2, HeadSeq: 2, HeadHash: "abababababababababababababababababababababababababababababababab"}))
 	f.reply(segmeshv1connect.OperatorServiceListPolicyRevisionsProcedure, connect.NewResponse(&segmeshv1.ListPolicyRevisionsResponse{
 		ServingRevision: 1, Revisions: []*segmeshv1.PolicyRevision{{Revision: 1, AppliedUnix: t1, AppliedBy: "admin", Filename: "p.yaml", Sha256: strings.Repeat("ab", 32)}}}))
 	return f
@@ -83,12 +83,12 @@ func TestReadCommandTables(t *testing.T) {
 			{"db-1", "revoked", "false", "3", "0", "-", "-", "100.64.0.3/32,fd5e:6d65:7368::3/128", "-", "0", "-"},
 		}},
 		{[]string{"token", "list"}, [][]string{
-			{"ID", "LABELS", "CREATED", "EXPIRES", "USES", "USED_BY", "CREATOR", "STATE"},
-			{"tok1", "role=web", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "1/1", "web-1", "admin", "used"},
-			{"tok2", "-", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "2", "db-1", "ci", "valid"},
-			{"tok3", "-", "2026-11-30T00:53:20Z", "2001-01-01T00:00:00Z", "0/1", "-", "admin", "expired"},
-			{"tok4", "-", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "0/1", "-", "admin", "revoked"},
-			{"tok5", "-", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "0/1", "-", "admin", "valid"},
+			{"ID", "NAME", "LABELS", "CREATED", "EXPIRES", "USES", "USED_BY", "CREATOR", "STATE"},
+			{"tok1", "-", "role=web", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "1/1", "web-1", "admin", "used"},
+			{"tok2", "-", "-", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "2", "db-1", "ci", "valid"},
+			{"tok3", "-", "-", "2026-11-30T00:53:20Z", "2001-01-01T00:00:00Z", "0/1", "-", "admin", "expired"},
+			{"tok4", "-", "-", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "0/1", "-", "admin", "revoked"},
+			{"tok5", "-", "-", "2026-11-30T00:53:20Z", "2100-01-01T00:00:00Z", "0/1", "-", "admin", "valid"},
 		}},
 		{[]string{"operators", "list"}, [][]string{
 			{"NAME", "ROLE", "CREATED", "CREATED_BY", "STATE", "REVOKED"},
@@ -100,7 +100,10 @@ func TestReadCommandTables(t *testing.T) {
 			{"1", "2026-11-30T00:53:20Z", "admin", "token.create", "token:tok1", "ok", "-"},
 			{"2", "2026-12-01T00:53:20Z", "admin", "node.revoke", "node:db-1", "ok", "gossip-key-rotated"},
 		}},
-		{[]string{"audit", "verify"}, [][]string{{"audit", "log", "verified:", "2", "records,", "chain", "intact"}}},
+		{[]string{"audit", "verify"}, [][]string{
+			{"audit", "log", "verified:", "2", "records,", "chain", "intact"},
+			{"head:", "2:abababababababababababababababababababababababababababababababab", "(keep", "it", "outside", "the", "controller;", "check", "against", "it", "later", "with", "--expect-head)"},
+		}},
 		{[]string{"policy", "history"}, [][]string{
 			{"REVISION", "APPLIED", "BY", "FILE", "SHA256", "NOTE"},
 			{"1", "2026-11-30T00:53:20Z", "admin", "p.yaml", "abababababab", "in", "force"},
@@ -192,7 +195,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 			{Seq: 1, Time: "2026-11-30T00:53:20.000000005Z", Actor: "admin", Action: "token.create", Object: "token:tok1", Result: "ok", Hash: "h1"},
 			{Seq: 2, Time: "2026-12-01T00:53:20Z", Actor: "admin", Action: "node.revoke", Object: "node:db-1", Result: "ok", Detail: "gossip-key-rotated", PrevHash: "h1", Hash: "h2"},
 		}, []string{`"prev_hash"`, `"seq"`}},
-		{[]string{"audit", "verify"}, verifyJSON{OK: true, Records: 2}, []string{`"first_bad_seq": 0`}},
+		{[]string{"audit", "verify"}, verifyJSON{OK: true, Records: 2, Head: "2:abababababababababababababababababababababababababababababababab"}, []string{`"first_bad_seq": 0`}},
 		{[]string{"policy", "history"}, historyJSON{ServingRevision: 1, Revisions: []revisionJSON{
 			{Revision: 1, Applied: "2026-11-30T00:53:20Z", AppliedBy: "admin", Filename: "p.yaml", SHA256: strings.Repeat("ab", 32), InForce: true}}},
 			[]string{`"serving_revision"`, `"in_force": true`}},

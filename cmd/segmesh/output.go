@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/goccy/go-yaml"
 	"github.com/spf13/cobra"
@@ -95,14 +97,17 @@ func (f outFormat) write(w io.Writer, v any, table func(io.Writer) error) error 
 }
 
 // writeTable prints an aligned table: the header, then one line per row. Empty
-// cells print as "-" so that columns stay countable with awk or strings.Fields.
+// cells print as "-" so that columns stay countable with awk or strings.Fields;
+// control characters in a cell (which a table could only get from a value a
+// node or an enrolling host chose) are escaped, so that no value can forge a
+// row or move the terminal's cursor.
 func writeTable(w io.Writer, header []string, rows [][]string) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, strings.Join(header, "\t"))
 	for _, row := range rows {
 		cells := make([]string, len(row))
 		for i, c := range row {
-			cells[i] = orDash(c)
+			cells[i] = orDash(printable(c))
 		}
 		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
@@ -147,4 +152,22 @@ func readCmd(cmd *cobra.Command, doc func(args []string) (any, func(io.Writer) e
 		return output.write(cmd.OutOrStdout(), v, table)
 	}
 	return cmd
+}
+
+// printable escapes the control characters of s (as strconv.Quote would) and
+// leaves everything else as it is.
+func printable(s string) string {
+	if !strings.ContainsFunc(s, unicode.IsControl) {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }

@@ -18,6 +18,7 @@ func newTokenCmd(g *globalFlags) *cobra.Command {
 		labels   []string
 		ttl      time.Duration
 		reusable bool
+		name     string
 	)
 	create := &cobra.Command{
 		Use:   "create",
@@ -29,7 +30,7 @@ func newTokenCmd(g *globalFlags) *cobra.Command {
 				return err
 			}
 			resp, err := invoke(g, "creating token", segmeshv1connect.OperatorServiceClient.CreateToken,
-				&segmeshv1.CreateTokenRequest{Labels: lm, TtlSeconds: int64(ttl / time.Second), Reusable: reusable})
+				&segmeshv1.CreateTokenRequest{Labels: lm, TtlSeconds: int64(ttl / time.Second), Reusable: reusable, Name: name})
 			if err != nil {
 				return err
 			}
@@ -40,6 +41,7 @@ func newTokenCmd(g *globalFlags) *cobra.Command {
 	create.Flags().StringArrayVar(&labels, "label", nil, "label k=v bound to nodes enrolled with this token (repeatable)")
 	create.Flags().DurationVar(&ttl, "ttl", 0, "validity, e.g. 1h (default: the controller's --token-ttl)")
 	create.Flags().BoolVar(&reusable, "reusable", false, "allow enrolling more than one node with this token")
+	create.Flags().StringVar(&name, "name", "", "bind the token to this node name (needed for a name that a segment of the policy lists under nodes:)")
 	cmd.AddCommand(create, newTokenListCmd(g), newTokenRevokeCmd(g))
 	return cmd
 }
@@ -53,9 +55,11 @@ type tokenJSON struct {
 	ExpiresAt string            `json:"expires_at,omitempty"`
 	Reusable  bool              `json:"reusable"`
 	// Uses counts successful enrollments; UsedBy names the first node enrolled.
-	Uses      int64  `json:"uses"`
-	UsedBy    string `json:"used_by,omitempty"`
-	Creator   string `json:"creator,omitempty"` // operator credential name
+	Uses    int64  `json:"uses"`
+	UsedBy  string `json:"used_by,omitempty"`
+	Creator string `json:"creator,omitempty"` // operator credential name
+	// Name is the node name the token is bound to; empty for any name.
+	Name      string `json:"name,omitempty"`
 	RevokedAt string `json:"revoked_at,omitempty"`
 	// State is "valid", "used" (single-use, spent), "expired" or "revoked".
 	State string `json:"state"`
@@ -65,6 +69,7 @@ func toTokenJSON(t *segmeshv1.TokenInfo, now time.Time) tokenJSON {
 	out := tokenJSON{
 		ID: t.GetId(), Labels: t.GetLabels(), CreatedAt: unixTime(t.GetCreatedUnix()), ExpiresAt: unixTime(t.GetExpiresUnix()),
 		Reusable: t.GetReusable(), Uses: t.GetUses(), UsedBy: t.GetUsedBy(), Creator: t.GetCreator(), RevokedAt: unixTime(t.GetRevokedUnix()),
+		Name: t.GetName(),
 	}
 	if out.Labels == nil {
 		out.Labels = map[string]string{}
@@ -104,9 +109,9 @@ func newTokenListCmd(g *globalFlags) *cobra.Command {
 				if !t.Reusable {
 					uses += "/1"
 				}
-				rows = append(rows, []string{t.ID, formatLabels(t.Labels), t.CreatedAt, t.ExpiresAt, uses, t.UsedBy, t.Creator, t.State})
+				rows = append(rows, []string{t.ID, t.Name, formatLabels(t.Labels), t.CreatedAt, t.ExpiresAt, uses, t.UsedBy, t.Creator, t.State})
 			}
-			return writeTable(w, []string{"ID", "LABELS", "CREATED", "EXPIRES", "USES", "USED_BY", "CREATOR", "STATE"}, rows)
+			return writeTable(w, []string{"ID", "NAME", "LABELS", "CREATED", "EXPIRES", "USES", "USED_BY", "CREATOR", "STATE"}, rows)
 		}, nil
 	})
 }
