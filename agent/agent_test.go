@@ -724,7 +724,8 @@ func TestStartErrors(t *testing.T) {
 		want string
 	}{
 		{name: "other name", opts: Options{StateDir: dir, Name: "db-1"}, want: `enrolled as node "web-1", not "db-1"`},
-		{name: "first start without token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url}, want: "needs --controller and a join token"},
+		{name: "first start without token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url}, want: "needs a join token (--token-file FILE"},
+		{name: "first start without anything", opts: Options{StateDir: filepath.Join(t.TempDir(), "s2")}, want: "needs --controller URL and a join token"},
 		{name: "malformed token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url, Token: "nope"}, want: "malformed join token"},
 		{name: "token for another CA", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url, Token: other.token()}, want: "controller CA does not match the join token"},
 		{name: "long interface name", opts: Options{StateDir: dir, Interface: "much-too-long-name"}, want: "1 to 15 bytes"},

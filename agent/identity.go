@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"strings"
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -60,7 +61,14 @@ func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identi
 func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity, error) {
 	o := a.opts
 	if o.Controller == "" || o.Token == "" {
-		return statefile.Identity{}, fmt.Errorf("state directory %s holds no identity: the first start needs --controller and a join token (--token-file FILE, $SEGMESH_TOKEN or --token)", a.dir.Path())
+		var missing []string
+		if o.Controller == "" {
+			missing = append(missing, "--controller URL")
+		}
+		if o.Token == "" {
+			missing = append(missing, "a join token (--token-file FILE, $SEGMESH_TOKEN or --token)")
+		}
+		return statefile.Identity{}, fmt.Errorf("state directory %s holds no identity: the first start needs %s", a.dir.Path(), strings.Join(missing, " and "))
 	}
 	tlsKey, err := a.dir.TLSKey()
 	if err != nil {

@@ -86,7 +86,11 @@ func (s *agentService) authenticateFor(ctx context.Context, renewal bool) (store
 		return n, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked at %s by %s; it needs `segmesh nodes delete %s` and a new join token to come back", name, n.RevokedAt.UTC().Format(timeFormat), orUnknown(n.RevokedBy), name))
 	case !now.Before(cert.NotAfter):
 		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("the certificate of node %q expired at %s; the agent needs a new join token", name, cert.NotAfter.UTC().Format(timeFormat)))
-	case len(n.IdentityKey) == 0 || bytes.Equal(cert.RawSubjectPublicKeyInfo, n.IdentityKey):
+	case len(n.IdentityKey) == 0:
+		// Enrolled before identity keys were kept: no certificate can be tied
+		// to the node, so none is accepted.
+		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("node %q was enrolled before the controller kept node identity keys; `segmesh nodes delete %s` and enroll it again", name, name))
+	case bytes.Equal(cert.RawSubjectPublicKeyInfo, n.IdentityKey):
 	case renewal && len(n.PrevIdentityKey) > 0 && bytes.Equal(cert.RawSubjectPublicKeyInfo, n.PrevIdentityKey):
 		return n, nil
 	default:

@@ -120,7 +120,7 @@ func TestTokenSources(t *testing.T) {
 		{name: "file 0400", args: []string{"--token-file", readOnly}, want: []string{reached}},
 		{name: "stdin", args: []string{"--token-file", "-"}, stdin: "nope-stdin\n", want: []string{reached}},
 		{name: "env", env: "nope-env", want: []string{reached}},
-		{name: "no token at all", want: []string{"needs --controller and a join token (--token-file FILE"}},
+		{name: "no token at all", want: []string{"needs a join token (--token-file FILE"}},
 		{name: "group-readable file", args: []string{"--token-file", groupReadable},
 			want: []string{"--token-file " + groupReadable + " has mode 0640", "chmod 600 " + groupReadable}},
 		{name: "world-readable file", args: []string{"--token-file", worldReadable},

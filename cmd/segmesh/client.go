@@ -47,7 +47,13 @@ func loadCredentials(g *globalFlags) (credentials, error) {
 		c.Controller = g.controller
 	}
 	if c.Controller == "" || c.CAPEM == "" || c.Token == "" {
-		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s lacks controller, ca_pem or token", g.credentials)}
+		var missing []string
+		for _, f := range []struct{ name, v string }{{"controller", c.Controller}, {"ca_pem", c.CAPEM}, {"token", c.Token}} {
+			if f.v == "" {
+				missing = append(missing, f.name)
+			}
+		}
+		return c, &exitError{code: 2, msg: fmt.Sprintf("segmesh: %s lacks %s (a credential file is the controller's operator.json or one written by `segmesh operators create`)", g.credentials, strings.Join(missing, " and "))}
 	}
 	// The bearer credential must never travel in clear text.
 	if u, err := url.Parse(c.Controller); err != nil || u.Scheme != "https" || u.Host == "" {

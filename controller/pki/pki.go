@@ -103,7 +103,7 @@ func (a *Authority) loadOrCreateCA() error {
 	case certErr != nil:
 		return fmt.Errorf("reading CA certificate: %w", certErr)
 	case keyErr != nil:
-		return fmt.Errorf("reading CA key (the CA certificate exists, so the key is required): %w", keyErr)
+		return fmt.Errorf("reading CA key (the CA certificate exists, so the key is required; put back ca.key from a copy of this data directory, see docs/operations.md): %w", keyErr)
 	}
 	cert, err := parseCertPEM(certPEM)
 	if err != nil {
