@@ -1183,10 +1183,10 @@ func TestStopSaysWhatStays(t *testing.T) {
 	}
 }
 
-// TestGossipOnlyWithPeers: memberlist runs only while the netmap configures gossip
-// and lists a peer; a peerless node opens no gossip port even with the key.
-func TestGossipOnlyWithPeers(t *testing.T) {
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+// newGossipAgent is an agent web-1 with a fake dataplane and a gossip manager,
+// for tests of the gossip step without the controller.
+func newGossipAgent(t *testing.T, logger *slog.Logger) *agent {
+	t.Helper()
 	a := &agent{
 		opts:    Options{Endpoint: "127.0.0.1:51820"},
 		log:     logger,
@@ -1200,6 +1200,14 @@ func TestGossipOnlyWithPeers(t *testing.T) {
 	a.rec = reconcile.New(fake.New(dataplane.KindUserspace), reconcile.Local{Interface: "smt0"}, logger)
 	a.gossip = gossip.NewManager(logger, nil)
 	t.Cleanup(a.gossip.Stop)
+	return a
+}
+
+// TestGossipOnlyWithPeers: memberlist runs only while the netmap configures gossip
+// and lists a peer; a peerless node opens no gossip port even with the key.
+func TestGossipOnlyWithPeers(t *testing.T) {
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	a := newGossipAgent(t, logger)
 	parse := func(pb *segmeshv1.Netmap) *netmap.Netmap {
 		pb.Hash = wire.NetmapHash(pb)
 		nm, err := netmap.Parse(pb)

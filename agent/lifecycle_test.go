@@ -20,8 +20,6 @@ import (
 	"connectrpc.com/connect"
 
 	"segmesh/agent/dataplane"
-	"segmesh/agent/dataplane/fake"
-	"segmesh/agent/gossip"
 	"segmesh/agent/netmap"
 	"segmesh/agent/reconcile"
 	"segmesh/agent/statefile"
@@ -639,19 +637,7 @@ func TestStartFinishesInterruptedRenewal(t *testing.T) {
 // the node.
 func TestGossipAdvertisesNewKeys(t *testing.T) {
 	logger := slog.New(slog.DiscardHandler)
-	a := &agent{
-		opts:    Options{Endpoint: "127.0.0.1:51820"},
-		log:     logger,
-		id:      statefile.Identity{NodeName: "web-1", Controller: "https://127.0.0.1:7443", ListenPort: 51820},
-		wgKey:   dkey(1),
-		tlsKey:  identities[1],
-		claims:  map[string]gossip.Claim{},
-		gossipC: make(chan struct{}, 1),
-		reportC: make(chan struct{}, 1),
-	}
-	a.rec = reconcile.New(fake.New(dataplane.KindUserspace), reconcile.Local{Interface: "smt0"}, logger)
-	a.gossip = gossip.NewManager(logger, nil)
-	t.Cleanup(a.gossip.Stop)
+	a := newGossipAgent(t, logger)
 	nm, err := netmap.Parse(wireNetmap(1, freePort(t)))
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,13 @@ import (
 // output, the message main would print to standard error and the exit code.
 func runCLI(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
+	out, _, msg, code := execCLI(args)
+	return out, msg, code
+}
+
+// execCLI runs the command line and returns its standard output, what it wrote
+// to standard error, the exit message main would print and the exit code.
+func execCLI(args []string) (stdout, stderr, msg string, code int) {
 	root := newRootCmd()
 	var out, errOut bytes.Buffer
 	root.SetOut(&out)
@@ -23,11 +30,11 @@ func runCLI(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	var ee *exitError
 	switch {
 	case err == nil:
-		return out.String(), errOut.String(), 0
+		return out.String(), errOut.String(), errOut.String(), 0
 	case errors.As(err, &ee):
-		return out.String(), ee.msg, ee.code
+		return out.String(), errOut.String(), ee.msg, ee.code
 	default:
-		return out.String(), "segmesh: " + err.Error(), 2
+		return out.String(), errOut.String(), "segmesh: " + err.Error(), 2
 	}
 }
 
@@ -235,21 +242,11 @@ peers:
 // error, in the order main prints it: what the command wrote, then its exit message.
 func runCLIStderr(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
-	root := newRootCmd()
-	var out, errOut bytes.Buffer
-	root.SetOut(&out)
-	root.SetErr(&errOut)
-	root.SetArgs(args)
-	err := root.Execute()
-	var ee *exitError
-	switch {
-	case err == nil:
-		return out.String(), errOut.String(), 0
-	case errors.As(err, &ee):
-		return out.String(), errOut.String() + ee.msg, ee.code
-	default:
-		return out.String(), errOut.String() + "segmesh: " + err.Error(), 2
+	out, errOut, msg, code := execCLI(args)
+	if code == 0 {
+		return out, errOut, 0
 	}
+	return out, errOut + msg, code
 }
 
 // checkWarnings are the warnings of warnings.yaml (or FILE.yaml) on the lab inventory.
