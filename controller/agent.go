@@ -91,7 +91,7 @@ func (s *agentService) authenticateFor(ctx context.Context, renewal bool) (store
 		// to the node, so none is accepted.
 		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("node %q was enrolled before the controller kept node identity keys; `segmesh nodes delete %s` and enroll it again", name, name))
 	case bytes.Equal(cert.RawSubjectPublicKeyInfo, n.IdentityKey):
-	case renewal && len(n.PrevIdentityKey) > 0 && bytes.Equal(cert.RawSubjectPublicKeyInfo, n.PrevIdentityKey):
+	case renewal && len(n.PrevIdentityKey) > 0 && bytes.Equal(cert.RawSubjectPublicKeyInfo, n.PrevIdentityKey) && now.Before(n.PrevIdentityUntil):
 		return n, nil
 	default:
 		return n, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this certificate is no longer node %q's: the node renewed its certificate or enrolled again", name))
@@ -113,10 +113,16 @@ func (c *Controller) forgetPrevIdentity(name string, current []byte) error {
 		if err != nil || !ok || !bytes.Equal(n.IdentityKey, current) {
 			return err
 		}
-		n.PrevIdentityKey = nil
+		n.PrevIdentityKey, n.PrevIdentityUntil = nil, time.Time{}
 		return tx.PutNode(n)
 	})
 }
+
+// prevIdentityGrace is how long after a renewal the previous certificate may
+// still renew (once the new one was used, not at all): long enough for a host
+// that crashed mid-renewal to come back, short enough to leave a thief of the old
+// key little time.
+const prevIdentityGrace = 24 * time.Hour
 
 // callerKey returns the PKIX DER of the public key of the call's client
 // certificate (nil without one).
@@ -245,6 +251,7 @@ func (s *agentService) RenewCertificate(ctx context.Context, req *connect.Reques
 		// The key this call authenticated with stays good for renewals until the
 		// new one is used.
 		n.PrevIdentityKey, n.IdentityKey, n.CertNotAfter = callerKey(ctx), idKey, notAfter
+		n.PrevIdentityUntil = now.Add(prevIdentityGrace)
 		if err := tx.PutNode(n); err != nil {
 			return err
 		}

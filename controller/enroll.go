@@ -247,7 +247,7 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 			node = existing
 		}
 		node.IdentityKey = idKey
-		node.PrevIdentityKey = nil
+		node.PrevIdentityKey, node.PrevIdentityUntil = nil, time.Time{}
 		node.CertNotAfter = notAfter
 		node.Hostname = m.GetHostname()
 		if created {

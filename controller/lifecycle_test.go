@@ -399,9 +399,11 @@ func TestRenewCertificate(t *testing.T) {
 		t.Errorf("not after %d", resp.Msg.NotAfterUnix)
 	}
 	// An agent that crashed before storing the renewed certificate still has
-	// only the old one: it may not do anything with it but renew again.
+	// only the old one: it may not do anything with it but renew again, within
+	// the grace.
 	_, err = tc.agent(a).Report(bg, connect.NewRequest(&segmeshv1.ReportRequest{}))
 	wantCode(t, err, connect.CodeUnauthenticated)
+	tc.clock.Advance(10 * time.Minute)
 	key, csr := csrFor(t, "a-1")
 	resp, err = tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
 	if err != nil {
@@ -419,6 +421,24 @@ func TestRenewCertificate(t *testing.T) {
 	wantCode(t, err, connect.CodeUnauthenticated)
 	if n, _ := tc.node("a-1"); n.CertNotAfter.Unix() != resp.Msg.NotAfterUnix {
 		t.Errorf("stored expiry %v", n.CertNotAfter)
+	}
+}
+
+// TestPreviousCertificateGraceEnds: past prevIdentityGrace a previous
+// certificate cannot renew, even if the new one was never used (a thief of the
+// old key gets no lasting foothold).
+func TestPreviousCertificateGraceEnds(t *testing.T) {
+	tc := startControllerWith(t, t.TempDir(), func(o *Options) { o.NodeCertTTL = 3 * prevIdentityGrace })
+	a := tc.enroll(tc.createToken(nil, false), "a-1")
+	_, csr := csrFor(t, "a-1")
+	if _, err := tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr})); err != nil {
+		t.Fatal(err)
+	}
+	tc.clock.Advance(prevIdentityGrace + time.Minute)
+	_, late := csrFor(t, "a-1")
+	_, err := tc.agent(a).RenewCertificate(bg, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: late}))
+	if ce := wantCode(t, err, connect.CodeUnauthenticated); !strings.Contains(ce.Message(), "no longer") {
+		t.Errorf("message %q", ce.Message())
 	}
 }
 
@@ -782,4 +802,33 @@ func TestAuditVerifyAgainstHead(t *testing.T) {
 	}
 	_, err = tc2.op().VerifyAudit(bg, connect.NewRequest(&segmeshv1.VerifyAuditRequest{ExpectHead: "3"}))
 	wantCode(t, err, connect.CodeInvalidArgument)
+}
+
+// TestGossipKeyRotatedWhenNodeLosesPeers: a node relabeled out of every rule
+// loses the gossip key, and the others get a new one, so that it can read no
+// further gossip (least privilege, as for a revoked node).
+func TestGossipKeyRotatedWhenNodeLosesPeers(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	web := tc.createToken(map[string]string{"role": "web"}, true)
+	a, b := tc.enroll(web, "web-1"), tc.enroll(web, "web-2")
+	tc.enroll(web, "web-3")
+	apply(t, tc, policyMesh)
+	as := tc.sync(a, &segmeshv1.SyncRequest{})
+	bs := tc.sync(b, &segmeshv1.SyncRequest{})
+	before := as.nextWhere(t, func(nm *segmeshv1.Netmap) bool { return len(nm.Peers) == 2 }).GetGossip().GetKey()
+	bs.nextWhere(t, func(nm *segmeshv1.Netmap) bool { return len(nm.Peers) == 2 })
+	if _, err := tc.op().LabelNode(bg, connect.NewRequest(&segmeshv1.LabelNodeRequest{Name: "web-2", Set: map[string]string{"role": "spare"}})); err != nil {
+		t.Fatal(err)
+	}
+	isolated := bs.nextWhere(t, func(nm *segmeshv1.Netmap) bool { return len(nm.Peers) == 0 })
+	if isolated.Gossip != nil {
+		t.Errorf("the isolated node kept a gossip configuration")
+	}
+	after := as.nextWhere(t, func(nm *segmeshv1.Netmap) bool { return len(nm.Peers) == 1 }).GetGossip().GetKey()
+	if len(after) != 32 || bytes.Equal(after, before) {
+		t.Errorf("gossip key not rotated after web-2 lost its peers")
+	}
+	if !slices.Contains(tc.auditActions(), "gossip.rotate") {
+		t.Errorf("audit lacks the rotation: %v", tc.auditActions())
+	}
 }

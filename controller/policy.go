@@ -229,7 +229,6 @@ func (c *Controller) storePolicy(actor, filename string, content []byte, action 
 	if err != nil {
 		return storeResult{}, policyError(err)
 	}
-	nms := netmap.FromCompiled(c.netmapCfg, rev, compiled, nodes, c.previousNetmap)
 	now := c.now()
 	detail := fmt.Sprintf("revision %d from %s (%d bytes, %d segments, %d rules, %d tests)", rev, filename, len(content), len(pol.Segments), len(pol.Rules), len(pol.Tests))
 	if restoredFrom != 0 {
@@ -246,7 +245,7 @@ func (c *Controller) storePolicy(actor, filename string, content []byte, action 
 	}
 	// Publish before switching the revision in force, so that a concurrent status
 	// never pairs the new revision with the old netmap hashes.
-	changed := c.hub.Publish(nms)
+	changed := c.publishLocked(rev, compiled, nodes)
 	c.polMu.Lock()
 	c.pol = policyState{serving: rev, parsed: pol, latest: rev}
 	c.polMu.Unlock()

@@ -1,8 +1,10 @@
 package controller
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"segmesh/api/segmeshv1"
@@ -65,7 +67,7 @@ func (c *Controller) recomputeLocked() {
 			return
 		}
 	}
-	changed := c.hub.Publish(netmap.FromCompiled(c.netmapCfg, rev, compiled, nodes, c.previousNetmap))
+	changed := c.publishLocked(rev, compiled, nodes)
 	c.setComputeErr("")
 	c.log.Debug("netmaps computed", "revision", rev, "nodes", len(nodes), "changed", len(changed), "took", time.Since(start))
 }
@@ -74,4 +76,40 @@ func (c *Controller) recomputeLocked() {
 func (c *Controller) previousNetmap(node string) *segmeshv1.Netmap {
 	nm, _ := c.hub.Latest(node)
 	return nm
+}
+
+// publishLocked computes every node's netmap from compiled (revision rev) and
+// publishes them; the caller holds computeMu. When a node that held the gossip
+// key loses it (it no longer has a peer: relabeled or isolated by the policy), the
+// key is rotated first, so that it can read no further gossip: the netmaps are
+// computed again with the new key. It returns the nodes whose netmap changed.
+func (c *Controller) publishLocked(rev uint64, compiled *policy.Compiled, nodes []store.Node) []string {
+	nms := netmap.FromCompiled(c.netmapCfg, rev, compiled, nodes, c.previousNetmap)
+	var lost []string
+	for name, nm := range nms {
+		if old := c.previousNetmap(name); nm.GetGossip() == nil && !nm.GetRevoked() && bytes.Equal(old.GetGossip().GetKey(), c.netmapCfg.GossipKey) {
+			lost = append(lost, name)
+		}
+	}
+	if len(lost) > 0 {
+		slices.Sort(lost)
+		now := c.now()
+		var key []byte
+		err := c.store.Update(func(tx store.Tx) error {
+			var err error
+			if key, err = newGossipKey(tx); err != nil {
+				return err
+			}
+			return tx.AppendAudit(store.AuditEntry{Time: now, Actor: "controller", Action: "gossip.rotate", Result: "ok",
+				Detail: fmt.Sprintf("nodes %v no longer have peers", lost)})
+		})
+		if err != nil {
+			c.log.Error("rotating the gossip key for nodes that lost their peers; they keep it until the next change", "nodes", lost, "err", err)
+		} else {
+			c.netmapCfg.GossipKey = key
+			c.log.Info("gossip key rotated: nodes lost their peers", "nodes", lost)
+			nms = netmap.FromCompiled(c.netmapCfg, rev, compiled, nodes, c.previousNetmap)
+		}
+	}
+	return c.hub.Publish(nms)
 }

@@ -39,6 +39,8 @@ type Node struct {
 	// it may only renew again (an agent that crashed before it stored the renewed
 	// certificate).
 	PrevIdentityKey []byte `json:"prev_identity_key,omitempty"`
+	// PrevIdentityUntil ends the grace of PrevIdentityKey.
+	PrevIdentityUntil time.Time `json:"prev_identity_until,omitzero"`
 	// Endpoint is the underlay "ip:port" of the node's WireGuard; empty when unknown.
 	Endpoint   string    `json:"endpoint,omitempty"`
 	Hostname   string    `json:"hostname,omitempty"`
