@@ -96,10 +96,19 @@ func writeRefusal(w http.ResponseWriter, r *http.Request, err *connect.Error) {
 	_ = errorWriter.Write(w, r, err)
 }
 
-// withEnrollLimits caps EnrollService bodies (enrollBodyLimit, enrollReadTimeout)
-// before the handler reads them: enrollment is unauthenticated by design.
-func withEnrollLimits(h http.Handler) http.Handler {
+// withEnrollLimits guards EnrollService, which is unauthenticated by design,
+// before connect reads a byte of the body (connect decodes the whole request
+// before the handler runs): a call needs a free enrollment slot (slotLimiter:
+// bounded in total and per source), and its body is capped at enrollBodyLimit
+// and must arrive within enrollReadTimeout.
+func (c *Controller) withEnrollLimits(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		release, ok := c.enrollSlots.acquire(sourceAddr(r.RemoteAddr))
+		if !ok {
+			writeRefusal(w, r, connect.NewError(connect.CodeResourceExhausted, errors.New("too many enrollments in progress; retry in a few seconds")))
+			return
+		}
+		defer release()
 		if limitBody(w, r, enrollBodyLimit, enrollReadTimeout) {
 			h.ServeHTTP(w, r)
 		}

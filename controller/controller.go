@@ -423,7 +423,7 @@ func (c *Controller) httpServer() *http.Server {
 	// inflate to 60 MiB.
 	path, h := segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit),
 		connect.WithCompression("gzip", nil, nil))
-	mux.Handle(path, withEnrollLimits(h))
+	mux.Handle(path, c.withEnrollLimits(h))
 	path, h = segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit))
 	mux.Handle(path, withClientIdentity(h))
 	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit),

@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"crypto/tls"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -392,4 +393,43 @@ func TestReportCannotInjectIntoStatus(t *testing.T) {
 	if n.Dataplane != "" || len(n.AlivePeers) != 1 || n.AlivePeers[0] != "b-1" {
 		t.Errorf("dataplane %q alive peers %q", n.Dataplane, n.AlivePeers)
 	}
+}
+
+// TestEnrollSlotTakenBeforeBody: the enrollment slot is taken before the body is
+// read, so clients trickling bodies cannot make the controller buffer them: with
+// every slot held by a slow body, the next enrollment is refused at once.
+func TestEnrollSlotTakenBeforeBody(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	tc.c.enrollSlots.maxTotal = 1
+	slow := &slowBody{release: make(chan struct{})}
+	first := make(chan int, 1)
+	post := func(body io.Reader, done chan<- int) {
+		req, _ := http.NewRequest(http.MethodPost, tc.url+segmeshv1connect.EnrollServiceEnrollProcedure, body)
+		req.Header.Set("Content-Type", "application/proto")
+		resp, err := tc.httpClient(nil).Do(req)
+		if err != nil {
+			done <- -1
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}
+	go post(slow, first)
+	eventually(t, "the slow enrollment holds the slot", func() bool {
+		tc.c.enrollSlots.mu.Lock()
+		defer tc.c.enrollSlots.mu.Unlock()
+		return tc.c.enrollSlots.total == 1
+	})
+	second := make(chan int, 1)
+	go post(strings.NewReader(""), second)
+	select {
+	case code := <-second:
+		if code != http.StatusTooManyRequests {
+			t.Errorf("enrollment while every slot is held: HTTP %d, want 429", code)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("enrollment while every slot is held was not refused at once")
+	}
+	slow.Close()
+	<-first
 }

@@ -168,14 +168,19 @@ const (
 	enrollSlotsPerSource = 4
 )
 
-// slotLimiter bounds concurrent calls, in total and per source.
+// slotLimiter bounds concurrent calls, in total (maxTotal) and per source
+// (maxPerSource).
 type slotLimiter struct {
+	maxTotal, maxPerSource int
+
 	mu        sync.Mutex
 	total     int
 	perSource map[netip.Addr]int
 }
 
-func newSlotLimiter() *slotLimiter { return &slotLimiter{perSource: map[netip.Addr]int{}} }
+func newSlotLimiter() *slotLimiter {
+	return &slotLimiter{maxTotal: enrollSlotsTotal, maxPerSource: enrollSlotsPerSource, perSource: map[netip.Addr]int{}}
+}
 
 // acquire takes a slot for a call from source; it returns false when none is
 // free, else the function that gives the slot back.
@@ -183,7 +188,7 @@ func (l *slotLimiter) acquire(source netip.Addr) (func(), bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	loopback := source.IsLoopback()
-	if l.total >= enrollSlotsTotal || !loopback && l.perSource[source] >= enrollSlotsPerSource {
+	if l.total >= l.maxTotal || !loopback && l.perSource[source] >= l.maxPerSource {
 		return nil, false
 	}
 	l.total++
