@@ -165,10 +165,7 @@ func (c *controller) token() string {
 func (c *controller) Enroll(_ context.Context, req *connect.Request[segmeshv1.EnrollRequest]) (*connect.Response[segmeshv1.EnrollResponse], error) {
 	c.mu.Lock()
 	c.enrolls = append(c.enrolls, req.Msg)
-	var refuse *connect.Error
-	if len(c.enrollErrs) > 0 {
-		refuse, c.enrollErrs = c.enrollErrs[0], c.enrollErrs[1:]
-	}
+	refuse := popErr(&c.enrollErrs)
 	c.mu.Unlock()
 	if refuse != nil {
 		return nil, refuse
@@ -235,14 +232,22 @@ func (c *controller) Report(ctx context.Context, req *connect.Request[segmeshv1.
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
 }
 
+// popErr returns and removes the first of errs (the errors injected for the next
+// calls), or nil. The caller holds c.mu.
+func popErr(errs *[]*connect.Error) *connect.Error {
+	if len(*errs) == 0 {
+		return nil
+	}
+	e := (*errs)[0]
+	*errs = (*errs)[1:]
+	return e
+}
+
 func (c *controller) RenewCertificate(ctx context.Context, req *connect.Request[segmeshv1.RenewCertificateRequest]) (*connect.Response[segmeshv1.RenewCertificateResponse], error) {
 	c.record(ctx, "RenewCertificate")
 	c.mu.Lock()
 	c.renews = append(c.renews, req.Msg)
-	var refuse *connect.Error
-	if len(c.renewErrs) > 0 {
-		refuse, c.renewErrs = c.renewErrs[0], c.renewErrs[1:]
-	}
+	refuse := popErr(&c.renewErrs)
 	c.mu.Unlock()
 	if refuse != nil {
 		return nil, refuse
@@ -259,10 +264,7 @@ func (c *controller) RotateKey(ctx context.Context, req *connect.Request[segmesh
 	c.record(ctx, "RotateKey")
 	c.mu.Lock()
 	c.rotates = append(c.rotates, req.Msg)
-	var refuse *connect.Error
-	if len(c.rotateErrs) > 0 {
-		refuse, c.rotateErrs = c.rotateErrs[0], c.rotateErrs[1:]
-	}
+	refuse := popErr(&c.rotateErrs)
 	c.mu.Unlock()
 	if refuse != nil {
 		return nil, refuse
