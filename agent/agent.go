@@ -408,7 +408,7 @@ func Down(ctx context.Context, stateDir string, newDP func(iface string) (datapl
 		res.Unknown = true
 		return res, nil
 	}
-	res.InterfaceRemoved = before.Interface != ""
-	res.TableRemoved = reconcile.Drift(dataplane.State{Filter: before.Filter}, dataplane.State{Filter: after.Filter}) != ""
+	res.InterfaceRemoved = before.State.Interface != ""
+	res.TableRemoved = len(dataplane.Diff(dataplane.State{Filter: before.State.Filter}, dataplane.State{Filter: after.State.Filter})) > 0
 	return res, nil
 }

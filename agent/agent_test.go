@@ -452,7 +452,7 @@ func expected(t *testing.T, dir string, pb *segmeshv1.Netmap, endpoints map[data
 
 func holds(dp *fake.Dataplane, want dataplane.State) bool {
 	got, up := dp.State()
-	return up && reconcile.Drift(want, got) == ""
+	return up && len(dataplane.Diff(want, got)) == 0
 }
 
 // enrolled runs a first start against c that applies pb, then stops, leaving an
@@ -502,8 +502,8 @@ func TestFirstStartEnrollsAppliesAndReports(t *testing.T) {
 		return rep != nil && rep.GetAppliedRevision() == 3 && rep.GetAppliedHash() == pb.GetHash() && rep.GetDataplane() == "userspace" && rep.GetError() == ""
 	})
 	want := expected(t, dir, pb, nil)
-	if got, _ := r.dp.State(); reconcile.Drift(want, got) != "" {
-		t.Fatalf("dataplane:\n%s", reconcile.Drift(want, got))
+	if got, _ := r.dp.State(); len(dataplane.Diff(want, got)) > 0 {
+		t.Fatalf("dataplane:\n%s", driftText(want, got))
 	}
 	if logs := r.logs.String(); strings.Contains(logs, "ignoring the join token") {
 		t.Errorf("the first start says it ignores the join token it just enrolled with:\n%s", logs)
@@ -606,10 +606,10 @@ func TestRestartAppliesStoredNetmapBeforeContactingController(t *testing.T) {
 	if atContact == nil {
 		t.Fatal("controller never contacted")
 	}
-	if d := reconcile.Drift(want, *atContact); d != "" {
+	if d := driftText(want, *atContact); d != "" {
 		t.Fatalf("at first controller contact the dataplane did not hold the stored netmap:\n%s", d)
 	}
-	if h := r.dp.History(); len(h) == 0 || reconcile.Drift(want, h[0]) != "" {
+	if h := r.dp.History(); len(h) == 0 || len(dataplane.Diff(want, h[0])) > 0 {
 		t.Fatal("first apply was not the stored netmap")
 	}
 	if n, _ := c.counts(); n != 1 {
@@ -1263,4 +1263,13 @@ func TestBackoff(t *testing.T) {
 	if d := b.next(); d > 1200*time.Millisecond {
 		t.Errorf("after reset: %v", d)
 	}
+}
+
+// driftText joins the differences of got from want with "; " ("" when equal).
+func driftText(want, got dataplane.State) string {
+	var parts []string
+	for _, d := range dataplane.Diff(want, got) {
+		parts = append(parts, d.String())
+	}
+	return strings.Join(parts, "; ")
 }

@@ -21,7 +21,6 @@ import (
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/netmap"
-	"segmesh/agent/reconcile"
 	"segmesh/agent/statefile"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/wire"
@@ -455,7 +454,7 @@ func TestExpiredCertificate(t *testing.T) {
 	c.mu.Unlock()
 	r = start(t, Options{StateDir: dir, Token: c.token()})
 	eventually(t, "reports again", func() bool { return c.reportCount() > reports })
-	if h := r.dp.History(); reconcile.Drift(want, h[0]) != "" {
+	if h := r.dp.History(); len(dataplane.Diff(want, h[0])) > 0 {
 		t.Error("the restart did not apply the last netmap before re-enrolling")
 	}
 	c.mu.Lock()

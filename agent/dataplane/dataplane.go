@@ -80,8 +80,9 @@ type Dataplane interface {
 	// Apply makes the kernel hold exactly s. It returns a wrapped error naming the
 	// step that failed; the filter is either fully applied or unchanged.
 	Apply(ctx context.Context, s State) error
-	// Read returns what the kernel holds now, in canonical form (see Canonical).
-	Read(ctx context.Context) (State, error)
+	// Read returns what the kernel holds now, in canonical form (see Canonical), and
+	// how it differs from what the last successful Apply made it hold.
+	Read(ctx context.Context) (Observed, error)
 	// Kind reports how WireGuard is provided; valid after the first Apply.
 	Kind() Kind
 	// Down removes the interface and the nftables table. It is not an error when

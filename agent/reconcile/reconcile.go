@@ -10,7 +10,6 @@ package reconcile
 
 import (
 	"context"
-	"encoding/base64"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -19,8 +18,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/google/go-cmp/cmp"
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/netmap"
@@ -86,163 +83,6 @@ func Desired(l Local, nm *netmap.Netmap, endpoints map[dataplane.Key]netip.AddrP
 	}
 	s.Filter = nm.Filter
 	return dataplane.Canonical(s)
-}
-
-// Drift describes how observed differs from desired, one "; "-separated item per
-// difference (for example "addresses missing [100.64.0.1/32]; peer AbC...=: endpoint
-// 192.0.2.1:51820, want 192.0.2.9:51820"), or returns "" when they are equal. A peer
-// whose desired endpoint is unknown (zero) may hold any endpoint: the kernel learns it
-// from the peer's handshake. The private key is compared but never printed.
-func Drift(desired, observed dataplane.State) string {
-	d := dataplane.Canonical(desired)
-	o := dataplane.Canonical(observed)
-	var out []string
-	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
-	if d.Interface != o.Interface {
-		add("interface %q, want %q", o.Interface, d.Interface)
-	}
-	if d.PrivateKey != o.PrivateKey {
-		add("private key differs")
-	}
-	if d.ListenPort != o.ListenPort {
-		add("listen port %d, want %d", o.ListenPort, d.ListenPort)
-	}
-	if d.MTU != o.MTU {
-		add("MTU %d, want %d", o.MTU, d.MTU)
-	}
-	prefixDiff(add, "addresses", d.Addresses, o.Addresses)
-	prefixDiff(add, "routes", d.Routes, o.Routes)
-	for _, dp := range d.Peers {
-		op, ok := peerByKey(o.Peers, dp.PublicKey)
-		name := "peer " + keyString(dp.PublicKey)
-		if !ok {
-			add("%s missing", name)
-			continue
-		}
-		if dp.Endpoint.IsValid() && dp.Endpoint != op.Endpoint {
-			add("%s: endpoint %v, want %v", name, op.Endpoint, dp.Endpoint)
-		}
-		prefixDiff(add, name+": allowed IPs", dp.AllowedIPs, op.AllowedIPs)
-		if dp.PersistentKeepalive != op.PersistentKeepalive {
-			add("%s: persistent keepalive %d, want %d", name, op.PersistentKeepalive, dp.PersistentKeepalive)
-		}
-	}
-	for _, op := range o.Peers {
-		if _, ok := peerByKey(d.Peers, op.PublicKey); !ok {
-			add("unexpected peer %s (allowed IPs %v)", keyString(op.PublicKey), op.AllowedIPs)
-		}
-	}
-	if !cmp.Equal(d.Filter, o.Filter, cmpOpts) {
-		add("filter differs: %s", filterDiff(d.Filter, o.Filter))
-	}
-	return strings.Join(out, "; ")
-}
-
-func prefixDiff(add func(string, ...any), what string, want, have []netip.Prefix) {
-	var missing, extra []netip.Prefix
-	for _, p := range want {
-		if !slices.Contains(have, p) {
-			missing = append(missing, p)
-		}
-	}
-	for _, p := range have {
-		if !slices.Contains(want, p) {
-			extra = append(extra, p)
-		}
-	}
-	if len(missing) > 0 {
-		add("%s missing %v", what, missing)
-	}
-	if len(extra) > 0 {
-		add("%s unexpected %v", what, extra)
-	}
-}
-
-// filterDiff names the sets and rule lists that differ.
-func filterDiff(want, have dataplane.Filter) string {
-	var out []string
-	sets := map[string]bool{}
-	for _, s := range want.Sets {
-		sets[s.Name] = true
-	}
-	for _, s := range have.Sets {
-		sets[s.Name] = true
-	}
-	find := func(ss []dataplane.AddressSet, name string) (dataplane.AddressSet, bool) {
-		for _, s := range ss {
-			if s.Name == name {
-				return s, true
-			}
-		}
-		return dataplane.AddressSet{}, false
-	}
-	for _, name := range slices.Sorted(maps.Keys(sets)) {
-		w, wok := find(want.Sets, name)
-		h, hok := find(have.Sets, name)
-		switch {
-		case !hok:
-			out = append(out, fmt.Sprintf("set %s missing", name))
-		case !wok:
-			out = append(out, fmt.Sprintf("unexpected set %s", name))
-		case !slices.Equal(w.Prefixes, h.Prefixes):
-			out = append(out, fmt.Sprintf("set %s holds %v, want %v", name, h.Prefixes, w.Prefixes))
-		}
-	}
-	for _, dir := range []struct {
-		name       string
-		want, have []dataplane.FilterRule
-	}{{"ingress", want.Ingress, have.Ingress}, {"egress", want.Egress, have.Egress}} {
-		if !cmp.Equal(dir.want, dir.have, cmpOpts) {
-			out = append(out, fmt.Sprintf("%s rules %s, want %s", dir.name, ruleList(dir.have), ruleList(dir.want)))
-		}
-	}
-	return strings.Join(out, ", ")
-}
-
-func ruleList(rs []dataplane.FilterRule) string {
-	if len(rs) == 0 {
-		return "[]"
-	}
-	var parts []string
-	for _, r := range rs {
-		var ms []string
-		for _, m := range r.Matches {
-			if len(m.Ports) == 0 {
-				ms = append(ms, string(m.Protocol))
-			}
-			for _, p := range m.Ports {
-				if p.First == p.Last {
-					ms = append(ms, fmt.Sprintf("%s/%d", m.Protocol, p.First))
-				} else {
-					ms = append(ms, fmt.Sprintf("%s/%d-%d", m.Protocol, p.First, p.Last))
-				}
-			}
-		}
-		parts = append(parts, fmt.Sprintf("%s %s (%s)", r.Set, strings.Join(ms, ","), r.Origin))
-	}
-	return "[" + strings.Join(parts, "; ") + "]"
-}
-
-func keyString(k dataplane.Key) string { return base64.StdEncoding.EncodeToString(k[:]) }
-
-var cmpOpts = cmp.Options{
-	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
-	cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b }),
-	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
-}
-
-// equal reports whether a and b (both canonical) are identical, endpoints included.
-func equal(a, b dataplane.State) bool {
-	return a.PrivateKey == b.PrivateKey && cmp.Equal(a, b, cmpOpts)
-}
-
-func peerByKey(ps []dataplane.Peer, k dataplane.Key) (dataplane.Peer, bool) {
-	for _, p := range ps {
-		if p.PublicKey == k {
-			return p, true
-		}
-	}
-	return dataplane.Peer{}, false
 }
 
 // Status is the outcome of the latest reconcile step.
@@ -431,8 +271,8 @@ func (r *Reconciler) step(ctx context.Context) {
 	r.mu.Unlock()
 
 	desired := Desired(local, nm, eps)
-	needApply := prev.Err != nil || r.lastDesired == nil || !equal(*r.lastDesired, desired)
-	var diff string
+	needApply := prev.Err != nil || r.lastDesired == nil || !dataplane.Equal(*r.lastDesired, desired)
+	var diff []dataplane.Difference
 	if !needApply {
 		observed, err := r.dp.Read(ctx)
 		if err != nil {
@@ -443,8 +283,8 @@ func (r *Reconciler) step(ctx context.Context) {
 			r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, fmt.Errorf("reading dataplane: %w", err))
 			return
 		}
-		diff = Drift(desired, observed)
-		if diff == "" {
+		diff = observed.Drift
+		if len(diff) == 0 {
 			// The kernel already holds what nm asks for (for example a netmap without
 			// peers or rules after default deny): nm is enforced without a change.
 			if !sameNetmap(prev, nm) {
@@ -463,8 +303,8 @@ func (r *Reconciler) step(ctx context.Context) {
 		r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, err)
 		return
 	}
-	if diff != "" {
-		r.log.Warn("drift repaired", "interface", desired.Interface, "diff", diff)
+	if len(diff) > 0 {
+		r.log.Warn("drift repaired", "interface", desired.Interface, "diff", joinDiff(diff))
 	}
 	if r.lastDesired == nil || !sameNetmap(prev, nm) {
 		if nm == nil {
@@ -504,4 +344,13 @@ func (r *Reconciler) setStatus(gen, rev uint64, hash string, programmed bool, er
 	r.status = Status{Generation: gen, Revision: rev, Hash: hash, Programmed: programmed, Err: err, Kind: r.dp.Kind()}
 	close(r.changed)
 	r.changed = make(chan struct{})
+}
+
+// joinDiff joins differences with "; ".
+func joinDiff(ds []dataplane.Difference) string {
+	parts := make([]string, len(ds))
+	for i, d := range ds {
+		parts[i] = d.String()
+	}
+	return strings.Join(parts, "; ")
 }

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"segmesh/agent/internal/testlog"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +15,7 @@ import (
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/fake"
+	"segmesh/agent/internal/testlog"
 	"segmesh/agent/netmap"
 )
 
@@ -32,6 +33,16 @@ func pfx(ss ...string) []netip.Prefix {
 		out = append(out, netip.MustParsePrefix(s))
 	}
 	return out
+}
+
+// drift is the joined Diff of observed from desired; "" when they are equal.
+func drift(desired, observed dataplane.State) string {
+	return joinDiff(dataplane.Diff(desired, observed))
+}
+
+var cmpOpts = cmp.Options{
+	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+	cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b }),
 }
 
 var local = Local{
@@ -157,24 +168,24 @@ func TestDrift(t *testing.T) {
 			},
 			want: "endpoint 203.0.113.3:1234, want 192.0.2.3:51820",
 		},
-		{name: "missing peer", mutate: func(s *dataplane.State) { s.Peers = s.Peers[:1] }, want: "peer AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM= missing"},
+		{name: "missing peer", mutate: func(s *dataplane.State) { s.Peers = s.Peers[:1] }, want: "peer: AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM= missing"},
 		{name: "unexpected peer", mutate: func(s *dataplane.State) {
 			s.Peers = append(s.Peers, dataplane.Peer{PublicKey: key(4), AllowedIPs: pfx("0.0.0.0/0")})
-		}, want: "unexpected peer BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ= (allowed IPs [0.0.0.0/0])"},
-		{name: "keepalive", mutate: func(s *dataplane.State) { s.Peers[0].PersistentKeepalive = 0 }, want: "persistent keepalive 0, want 25"},
+		}, want: "peer: unexpected BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ= (allowed IPs [0.0.0.0/0])"},
+		{name: "keepalive", mutate: func(s *dataplane.State) { s.Peers[0].PersistentKeepalive = 0 }, want: "persistent keepalive 0 s, want 25 s"},
 		{name: "MTU", mutate: func(s *dataplane.State) { s.MTU = 1500 }, want: "MTU 1500, want 1420"},
 		{name: "set member added", mutate: func(s *dataplane.State) {
 			s.Filter.Sets[0].Prefixes = pfx("100.64.0.3/32", "100.64.0.9/32")
-		}, want: "set db holds [100.64.0.3/32 100.64.0.9/32], want [100.64.0.3/32]"},
+		}, want: "nftables: set db: unexpected [100.64.0.9/32]"},
 		{name: "rule added by someone else", mutate: func(s *dataplane.State) {
 			s.Filter.Ingress = append(s.Filter.Ingress, dataplane.FilterRule{Set: "db", Origin: "drift: accept", Matches: []dataplane.PortMatch{{Protocol: dataplane.ProtoAny}}})
 		}, want: "ingress rules [db tcp/5432 (r1); db any (drift: accept)], want [db tcp/5432 (r1)]"},
 		{name: "extra allowed IP", mutate: func(s *dataplane.State) {
 			s.Peers[0].AllowedIPs = append(s.Peers[0].AllowedIPs, netip.MustParsePrefix("0.0.0.0/0"))
 		}, want: "0.0.0.0/0"},
-		{name: "filter flushed", mutate: func(s *dataplane.State) { s.Filter = dataplane.Filter{} }, want: "filter differs: set db missing, ingress rules [], want [db tcp/5432 (r1)]"},
-		{name: "route removed", mutate: func(s *dataplane.State) { s.Routes = s.Routes[1:] }, want: "routes missing [100.64.0.0/10]"},
-		{name: "address added", mutate: func(s *dataplane.State) { s.Addresses = append(s.Addresses, netip.MustParsePrefix("10.0.0.1/32")) }, want: "addresses unexpected [10.0.0.1/32]"},
+		{name: "filter flushed", mutate: func(s *dataplane.State) { s.Filter = dataplane.Filter{} }, want: "nftables: set db missing; nftables: ingress rules [], want [db tcp/5432 (r1)]"},
+		{name: "route removed", mutate: func(s *dataplane.State) { s.Routes = s.Routes[1:] }, want: "route: missing [100.64.0.0/10]"},
+		{name: "address added", mutate: func(s *dataplane.State) { s.Addresses = append(s.Addresses, netip.MustParsePrefix("10.0.0.1/32")) }, want: "address: unexpected [10.0.0.1/32]"},
 		{
 			name:    "private key differs but is not printed",
 			mutate:  func(s *dataplane.State) { s.PrivateKey = key(1) },
@@ -186,7 +197,7 @@ func TestDrift(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			observed := dataplane.Canonical(desired)
 			tt.mutate(&observed)
-			got := Drift(desired, observed)
+			got := drift(desired, observed)
 			if tt.want == "" && got != "" {
 				t.Fatalf("Drift = %q, want none", got)
 			}
@@ -260,7 +271,7 @@ func TestReconcilerAppliesNetmap(t *testing.T) {
 	}
 }
 
-func TestReconcilerRepairsDrift(t *testing.T) {
+func TestReconcilerRepairsdrift(t *testing.T) {
 	tests := []struct {
 		name   string
 		resync time.Duration
@@ -283,7 +294,7 @@ func TestReconcilerRepairsDrift(t *testing.T) {
 			applies := dp.Stats().Applies
 
 			dp.Mutate(tt.mutate)
-			if got, _ := dp.State(); Drift(want, got) == "" {
+			if got, _ := dp.State(); drift(want, got) == "" {
 				t.Fatal("mutation did not cause drift")
 			}
 			if tt.notify {
@@ -291,7 +302,7 @@ func TestReconcilerRepairsDrift(t *testing.T) {
 			}
 			eventually(t, "drift repair", func() bool {
 				got, _ := dp.State()
-				return Drift(want, got) == ""
+				return drift(want, got) == ""
 			})
 			if dp.Stats().Applies != applies+1 {
 				t.Errorf("applies = %d, want %d", dp.Stats().Applies, applies+1)
@@ -301,7 +312,7 @@ func TestReconcilerRepairsDrift(t *testing.T) {
 	}
 }
 
-func TestReconcilerNoApplyWithoutDrift(t *testing.T) {
+func TestReconcilerNoApplyWithoutdrift(t *testing.T) {
 	r, dp, _ := start(t, time.Hour)
 	wait(t, r, r.SetNetmap(testNetmap()))
 	// A peer with an unknown endpoint gets one from its handshake: not drift.
@@ -336,7 +347,7 @@ func TestReconcilerErrors(t *testing.T) {
 		return st.Err == nil && st.Revision == 8
 	})
 	got, _ := dp.State()
-	if d := Drift(Desired(local, nm2, nil), got); d != "" {
+	if d := drift(Desired(local, nm2, nil), got); d != "" {
 		t.Fatalf("after retry:\n%s", d)
 	}
 
@@ -362,7 +373,11 @@ func TestReconcilerGossipEndpoints(t *testing.T) {
 	if len(got.Peers) != 2 {
 		t.Fatalf("peers = %d, want 2 (gossip must not add peers)", len(got.Peers))
 	}
-	p, _ := peerByKey(got.Peers, key(3))
+	i := slices.IndexFunc(got.Peers, func(p dataplane.Peer) bool { return p.PublicKey == key(3) })
+	if i < 0 {
+		t.Fatal("peer c is missing")
+	}
+	p := got.Peers[i]
 	if p.Endpoint != newEP {
 		t.Fatalf("peer c endpoint = %v, want %v", p.Endpoint, newEP)
 	}
@@ -413,7 +428,7 @@ func TestReconcilerRecordsNetmapWithoutKernelChange(t *testing.T) {
 			t.Fatalf("%s: applies = %d, want %d", tt.name, got, tt.applies)
 		}
 		got, _ := dp.State()
-		if d := Drift(Desired(local, tt.nm, nil), got); d != "" {
+		if d := drift(Desired(local, tt.nm, nil), got); d != "" {
 			t.Fatalf("%s: dataplane drifted: %s", tt.name, d)
 		}
 	}
@@ -444,7 +459,7 @@ func TestReconcilerSetPrivateKey(t *testing.T) {
 	}
 	l := local
 	l.PrivateKey = key(8)
-	if d := Drift(Desired(l, nm, nil), after); d != "" {
+	if d := drift(Desired(l, nm, nil), after); d != "" {
 		t.Fatal(d)
 	}
 }

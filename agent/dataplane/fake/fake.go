@@ -19,7 +19,8 @@ type Dataplane struct {
 
 	mu       sync.Mutex
 	state    dataplane.State
-	up       bool // the interface "exists"
+	applied  *dataplane.State // the last state Apply stored; nil before and after Down
+	up       bool             // the interface "exists"
 	applyErr error
 	readErr  error
 	applies  int
@@ -50,6 +51,7 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	}
 	c := dataplane.Canonical(s)
 	d.state = c
+	d.applied = &c
 	d.up = true
 	d.applies++
 	d.history = append(d.history, dataplane.Canonical(c))
@@ -61,22 +63,27 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	return nil
 }
 
-// Read returns a deep copy of the stored state; the zero State when nothing was
-// applied or after Down; or the error injected with FailRead.
-func (d *Dataplane) Read(ctx context.Context) (dataplane.State, error) {
+// Read returns a deep copy of the stored state (the zero State when nothing was
+// applied or after Down) with its differences from the last applied state (nil
+// before the first Apply and after Down); or the error injected with FailRead.
+func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	if err := ctx.Err(); err != nil {
-		return dataplane.State{}, err
+		return dataplane.Observed{}, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.reads++
 	if d.readErr != nil {
-		return dataplane.State{}, d.readErr
+		return dataplane.Observed{}, d.readErr
 	}
-	if !d.up {
-		return dataplane.State{}, nil
+	var o dataplane.Observed
+	if d.up {
+		o.State = dataplane.Canonical(d.state)
 	}
-	return dataplane.Canonical(d.state), nil
+	if d.applied != nil {
+		o.Drift = dataplane.Diff(*d.applied, o.State)
+	}
+	return o, nil
 }
 
 // Kind returns the kind given to New.
@@ -87,6 +94,7 @@ func (d *Dataplane) Down(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.state = dataplane.State{}
+	d.applied = nil
 	d.up = false
 	d.downs++
 	return nil

@@ -14,7 +14,7 @@ import (
 func TestFakeRecordsCanonicalState(t *testing.T) {
 	ctx := context.Background()
 	d := New(dataplane.KindKernel)
-	if s, err := d.Read(ctx); err != nil || !reflect.DeepEqual(s, dataplane.State{}) {
+	if s, err := d.Read(ctx); err != nil || !reflect.DeepEqual(s, dataplane.Observed{}) {
 		t.Fatalf("Read before Apply = %+v, %v; want the zero state", s, err)
 	}
 	in := dataplane.State{
@@ -26,13 +26,22 @@ func TestFakeRecordsCanonicalState(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, err := d.Read(ctx)
-	if err != nil || !reflect.DeepEqual(got, dataplane.Canonical(in)) {
+	if err != nil || !reflect.DeepEqual(got.State, dataplane.Canonical(in)) || len(got.Drift) != 0 {
 		t.Fatalf("Read = %+v, want Canonical of the applied state", got)
 	}
 	in.Addresses[0] = netip.MustParsePrefix("192.0.2.1/32") // the fake must hold a copy
 	if got2, _ := d.Read(ctx); !reflect.DeepEqual(got, got2) {
 		t.Fatal("mutating the caller's state changed the fake")
 	}
+
+	d.Mutate(func(s *dataplane.State) { s.Addresses = s.Addresses[1:] })
+	if got2, _ := d.Read(ctx); len(got2.Drift) != 1 || got2.Drift[0].Part != dataplane.PartAddress {
+		t.Fatalf("Read after Mutate: drift %v, want one address difference", got2.Drift)
+	}
+	if err := d.Apply(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = d.Read(ctx)
 
 	boom := errors.New("boom")
 	d.FailApply(boom)
@@ -53,7 +62,7 @@ func TestFakeRecordsCanonicalState(t *testing.T) {
 	if s, _ := d.State(); len(s.Peers) != 1 {
 		t.Fatalf("Mutate did not drift: %+v", s)
 	}
-	if st := d.Stats(); st.Applies != 1 || len(d.History()) != 1 {
+	if st := d.Stats(); st.Applies != 2 || len(d.History()) != 2 {
 		t.Fatalf("stats %+v, history %d", st, len(d.History()))
 	}
 	if err := d.Down(ctx); err != nil {

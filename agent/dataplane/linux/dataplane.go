@@ -244,18 +244,32 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	return sweepErr
 }
 
-// Read returns what the kernel holds, in canonical form. When the interface is
-// missing, Interface is "" and the WireGuard fields are zero; when it is not a
-// WireGuard device, the WireGuard fields are zero. Differences of the nftables table
-// from anything Apply writes show up as extra Filter.Ingress rules whose Origin starts
-// with "drift:" (see nft.Firewall.Read). MTU and ListenPort read as 0 when the last
-// Apply asked for 0 and the kernel holds the default MTU or any port.
-func (d *Dataplane) Read(ctx context.Context) (dataplane.State, error) {
+// Read returns what the kernel holds, in canonical form, and its differences from
+// the state the last successful Apply programmed (nil before the first Apply). When the
+// interface is missing, Interface is "" and the WireGuard fields are zero; when it is
+// not a WireGuard device, the WireGuard fields are zero. Differences of the nftables
+// table from anything Apply writes show up as extra Filter.Ingress rules whose Origin
+// starts with "drift:" (see nft.Firewall.Read). MTU and ListenPort read as 0 when the
+// last Apply asked for 0 and the kernel holds the default MTU or any port.
+func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
-		return dataplane.State{}, ErrClosed
+		return dataplane.Observed{}, ErrClosed
 	}
+	s, err := d.read(ctx)
+	if err != nil {
+		return dataplane.Observed{}, err
+	}
+	o := dataplane.Observed{State: s}
+	if d.applied != nil {
+		o.Drift = dataplane.Diff(*d.applied, s)
+	}
+	return o, nil
+}
+
+// read returns what the kernel holds (see Read). d.mu must be held.
+func (d *Dataplane) read(ctx context.Context) (dataplane.State, error) {
 	var s dataplane.State
 	var err error
 	if s.Filter, err = d.fw.Read(); err != nil {

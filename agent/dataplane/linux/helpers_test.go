@@ -165,12 +165,16 @@ func (n *node) apply(t testing.TB, s dataplane.State) {
 
 func checkRead(t testing.TB, dp *Dataplane, s dataplane.State) {
 	t.Helper()
-	got, err := dp.Read(context.Background())
+	obs, err := dp.Read(context.Background())
 	if err != nil {
 		t.Fatalf("Read: %v", err)
 	}
+	got := obs.State
 	if d := cmp.Diff(dataplane.Canonical(s), got, cmpOpts); d != "" || got.PrivateKey != s.PrivateKey {
 		t.Fatalf("Read differs from applied state (-want +got):\n%s", d)
+	}
+	if len(obs.Drift) > 0 {
+		t.Fatalf("Read reports drift right after Apply: %v", obs.Drift)
 	}
 }
 

@@ -310,8 +310,11 @@ func TestDriftIsNoticedWatchedAndRepaired(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if cmp.Equal(dataplane.Canonical(want), got, cmpOpts) {
+			if cmp.Equal(dataplane.Canonical(want), got.State, cmpOpts) {
 				t.Fatal("Read after drift equals the desired state")
+			}
+			if len(got.Drift) == 0 {
+				t.Fatal("Read after drift reports no differences")
 			}
 			n.apply(t, want)
 			cancel()
@@ -380,10 +383,11 @@ func TestDownAndClose(t *testing.T) {
 			t.Fatalf("Down #%d: %v", i+1, err)
 		}
 	}
-	got, err := n.dp.Read(ctx)
+	obs, err := n.dp.Read(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
+	got := obs.State
 	if got.Interface != "" || got.Peers != nil || len(got.Filter.Ingress) != 1 || got.Filter.Ingress[0].Set != "" {
 		t.Errorf("Read after Down = %+v, want no interface and a missing-table drift rule", got)
 	}
