@@ -1,0 +1,173 @@
+package firewall
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// SetElements are intervals of one set.
+type SetElements struct {
+	Set       string
+	Intervals []Interval
+}
+
+// Plan is how to turn the kernel's table into the desired one in one batch.
+type Plan struct {
+	// Replace is true when the table's structure (flags, chains, rules, set
+	// definitions) differs or the table is missing: the whole table is recreated.
+	Replace bool
+	// Delete and Add are, when Replace is false, the set elements to delete and to
+	// add, per set, sorted by set name.
+	Delete, Add []SetElements
+}
+
+// Empty reports whether the kernel already holds the desired table.
+func (p Plan) Empty() bool { return !p.Replace && len(p.Delete) == 0 && len(p.Add) == 0 }
+
+// Elements returns the number of intervals the plan adds and deletes.
+func (p Plan) Elements() (added, deleted int) {
+	for _, s := range p.Add {
+		added += len(s.Intervals)
+	}
+	for _, s := range p.Delete {
+		deleted += len(s.Intervals)
+	}
+	return added, deleted
+}
+
+// PlanUpdate returns how to turn have (the kernel's table; nil when it is missing)
+// into want. Work is linear in the number of set elements.
+func PlanUpdate(have, want *Table) Plan {
+	if !SameStructure(have, want) {
+		return Plan{Replace: true}
+	}
+	var p Plan
+	for i := range want.Sets {
+		w, h := want.Sets[i].Elements, have.Sets[i].Elements
+		if slices.Equal(w, h) {
+			continue
+		}
+		name := want.Sets[i].Name
+		if d := minusIntervals(h, w); len(d) > 0 {
+			p.Delete = append(p.Delete, SetElements{Set: name, Intervals: d})
+		}
+		if a := minusIntervals(w, h); len(a) > 0 {
+			p.Add = append(p.Add, SetElements{Set: name, Intervals: a})
+		}
+	}
+	return p
+}
+
+// SameStructure reports whether a and b (both sorted) have the same flags, chains,
+// rules and set definitions, i.e. differ at most in set elements. A nil table has
+// no structure in common with any.
+func SameStructure(a, b *Table) bool {
+	if a == nil || b == nil || a.Flags != b.Flags || len(a.Chains) != len(b.Chains) || len(a.Sets) != len(b.Sets) {
+		return false
+	}
+	for i := range a.Chains {
+		if !sameChain(a.Chains[i], b.Chains[i]) {
+			return false
+		}
+	}
+	for i := range a.Sets {
+		x, y := a.Sets[i], b.Sets[i]
+		if x.Name != y.Name || x.Type != y.Type || x.Interval != y.Interval || x.Foreign != y.Foreign {
+			return false
+		}
+	}
+	return true
+}
+
+func sameChain(a, b Chain) bool {
+	if a.Name != b.Name || (a.Base == nil) != (b.Base == nil) || a.Base != nil && *a.Base != *b.Base {
+		return false
+	}
+	return slices.Equal(a.Rules, b.Rules)
+}
+
+// maxListed bounds the elements or rules one difference names.
+const maxListed = 4
+
+// Compare lists how have (the kernel's table, nil when missing) differs from want,
+// one human-readable item per difference (e.g. "chain ingress: rule 3 is ..., want
+// ..." or "set web_v4: 2 elements missing (100.64.0.2, 100.64.0.3)"); nil when they are
+// equal.
+func Compare(want, have *Table) []string {
+	if have == nil {
+		return []string{fmt.Sprintf("table inet %s is missing", TableName)}
+	}
+	var out []string
+	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
+	if have.Flags != want.Flags {
+		add("table flags are %#x, want %#x", have.Flags, want.Flags)
+	}
+	for _, w := range want.Chains {
+		h := have.Chain(w.Name)
+		switch {
+		case h == nil:
+			add("chain %s is missing", w.Name)
+		case (w.Base == nil) != (h.Base == nil) || w.Base != nil && *w.Base != *h.Base:
+			add("chain %s has another type, hook, priority or policy", w.Name)
+		}
+		if h != nil && !slices.Equal(w.Rules, h.Rules) {
+			add("chain %s: %s", w.Name, ruleDiff(w.Rules, h.Rules))
+		}
+	}
+	for _, h := range have.Chains {
+		if want.Chain(h.Name) == nil {
+			add("unexpected chain %s (%d rules)", h.Name, len(h.Rules))
+		}
+	}
+	for _, w := range want.Sets {
+		h := have.Set(w.Name)
+		switch {
+		case h == nil:
+			add("set %s is missing", w.Name)
+			continue
+		case h.Type != w.Type || h.Interval != w.Interval || h.Foreign != w.Foreign:
+			add("set %s has another type or flags", w.Name)
+		}
+		if missing := minusIntervals(w.Elements, h.Elements); len(missing) > 0 {
+			add("set %s: %s missing", w.Name, elementList(missing))
+		}
+		if extra := minusIntervals(h.Elements, w.Elements); len(extra) > 0 {
+			add("set %s: %s unexpected", w.Name, elementList(extra))
+		}
+	}
+	for _, h := range have.Sets {
+		if want.Set(h.Name) == nil {
+			add("unexpected set %s", h.Name)
+		}
+	}
+	return out
+}
+
+// ruleDiff describes the first difference of two rule lists.
+func ruleDiff(want, have []Rule) string {
+	for i := range min(len(want), len(have)) {
+		if want[i] != have[i] {
+			return fmt.Sprintf("rule %d is %q, want %q", i, have[i].String(), want[i].String())
+		}
+	}
+	if len(have) > len(want) {
+		return fmt.Sprintf("unexpected rule %d %q", len(want), have[len(want)].String())
+	}
+	return fmt.Sprintf("rule %d %q is missing", len(have), want[len(have)].String())
+}
+
+func elementList(ivs []Interval) string {
+	var parts []string
+	for _, iv := range ivs[:min(len(ivs), maxListed)] {
+		parts = append(parts, elementText(iv))
+	}
+	if len(ivs) > maxListed {
+		parts = append(parts, fmt.Sprintf("and %d more", len(ivs)-maxListed))
+	}
+	noun := "elements"
+	if len(ivs) == 1 {
+		noun = "element"
+	}
+	return fmt.Sprintf("%d %s (%s)", len(ivs), noun, strings.Join(parts, ", "))
+}

@@ -1,0 +1,112 @@
+package firewall
+
+import (
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"segmesh/policy"
+)
+
+func TestFilterRoundTrip(t *testing.T) {
+	for _, tc := range Cases() {
+		t.Run(tc.Name, func(t *testing.T) {
+			tab := mustBuild(t, tc.Iface, tc.F)
+			got := tab.Filter(&tc.F)
+			want := tc.F
+			slices.SortFunc(want.Sets, func(a, b policy.AddressSet) int { return strings.Compare(a.Name, b.Name) })
+			if !reflect.DeepEqual(normal(got), normal(want)) {
+				t.Fatalf("Filter(hint) = %+v\nwant %+v", got, want)
+			}
+			// Without a hint, every set holds prefixes covering the same intervals and
+			// building it again yields the same table (comments may be cut).
+			again := mustBuild(t, tc.Iface, tab.Filter(nil))
+			if d := Compare(tab, again); d != nil {
+				t.Fatalf("rebuilt from Filter(nil) differs: %v", d)
+			}
+		})
+	}
+}
+
+// normal maps empty slices to nil so that DeepEqual compares content.
+func normal(f policy.Filter) policy.Filter {
+	var out policy.Filter
+	for _, s := range f.Sets {
+		s.Prefixes = slices.Clone(s.Prefixes)
+		slices.SortFunc(s.Prefixes, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
+		if len(s.Prefixes) == 0 {
+			s.Prefixes = nil
+		}
+		out.Sets = append(out.Sets, s)
+	}
+	fix := func(rs []policy.FilterRule) []policy.FilterRule {
+		var o []policy.FilterRule
+		for _, r := range rs {
+			if len(r.Matches) == 0 {
+				r.Matches = nil
+			}
+			o = append(o, r)
+		}
+		return o
+	}
+	out.Ingress, out.Egress = fix(f.Ingress), fix(f.Egress)
+	return out
+}
+
+func TestPlanUpdate(t *testing.T) {
+	base := Cases()[2] // every-match-kind
+	want := mustBuild(t, base.Iface, base.F)
+
+	if p := PlanUpdate(nil, want); !p.Replace {
+		t.Errorf("missing table: %+v, want Replace", p)
+	}
+	if p := PlanUpdate(mustBuild(t, base.Iface, base.F), want); !p.Empty() {
+		t.Errorf("same table: %+v, want empty", p)
+	}
+
+	grown := base.F
+	grown.Sets = slices.Clone(base.F.Sets)
+	grown.Sets[0].Prefixes = append(slices.Clone(grown.Sets[0].Prefixes), netip.MustParsePrefix("100.64.0.77/32"))
+	grown.Sets[1].Prefixes = grown.Sets[1].Prefixes[1:] // db loses 100.64.0.9
+	p := PlanUpdate(want, mustBuild(t, base.Iface, grown))
+	if p.Replace {
+		t.Fatalf("membership change replaces the table")
+	}
+	if added, deleted := p.Elements(); added != 1 || deleted != 1 ||
+		p.Add[0].Set != "web_v4" || p.Delete[0].Set != "db_v4" {
+		t.Errorf("plan %+v, want +1 in web_v4 and -1 in db_v4", p)
+	}
+	diff := Compare(want, mustBuild(t, base.Iface, grown))
+	if !slices.Contains(diff, "set db_v4: 1 element (100.64.0.9) missing") ||
+		!slices.Contains(diff, "set web_v4: 1 element (100.64.0.77) unexpected") {
+		t.Errorf("Compare = %q", diff)
+	}
+
+	// Any change of rules, chains or set definitions replaces the table.
+	for name, mutate := range map[string]func(*Table){
+		"rule changed":   func(t *Table) { t.Chain(ChainIngress).Rules[3].DPort.Last++ },
+		"rule removed":   func(t *Table) { c := t.Chain(ChainEgress); c.Rules = slices.Delete(c.Rules, 2, 3) },
+		"chain policy":   func(t *Table) { t.Chain(ChainInput).Base.Policy = VerdictDrop },
+		"set flags":      func(t *Table) { t.Sets[0].Interval = false },
+		"foreign set":    func(t *Table) { t.Sets = append(t.Sets, Set{Name: "zz", Type: TypeIPv4}) },
+		"table flags":    func(t *Table) { t.Flags = 1 },
+		"foreign chain":  func(t *Table) { t.Chains = append(t.Chains, Chain{Name: "zz"}) },
+		"unknown rule":   func(t *Table) { c := t.Chain(ChainTransit); c.Rules = append(c.Rules, Rule{Unknown: "handle 9: counter"}) },
+		"missing chain":  func(t *Table) { t.Chains = t.Chains[1:] },
+		"missing set":    func(t *Table) { t.Sets = t.Sets[1:] },
+		"interface name": func(t *Table) { t.Chain(ChainInput).Rules[0].IIFName = "eth0" },
+	} {
+		t.Run(name, func(t *testing.T) {
+			have := mustBuild(t, base.Iface, base.F)
+			mutate(have)
+			if p := PlanUpdate(have, want); !p.Replace {
+				t.Errorf("plan %+v, want Replace", p)
+			}
+			if d := Compare(want, have); len(d) == 0 {
+				t.Error("Compare reports no difference")
+			}
+		})
+	}
+}

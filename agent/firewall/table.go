@@ -1,0 +1,389 @@
+package firewall
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"segmesh/policy"
+)
+
+// TableName is the name of segmesh's table in the inet family.
+const TableName = "segmesh"
+
+// Chain names of the table.
+const (
+	ChainInput   = "input"
+	ChainOutput  = "output"
+	ChainForward = "forward"
+	ChainIngress = "ingress"
+	ChainEgress  = "egress"
+	ChainTransit = "transit"
+)
+
+// Family is a network protocol family as nftables numbers it (NFPROTO_*); 0 means
+// any family.
+type Family uint8
+
+// Families.
+const (
+	FamilyAny  Family = 0
+	FamilyIPv4 Family = 2  // NFPROTO_IPV4
+	FamilyIPv6 Family = 10 // NFPROTO_IPV6
+)
+
+// setSuffix is the suffix of a policy set's half of family f.
+func (f Family) setSuffix() string {
+	if f == FamilyIPv6 {
+		return "_v6"
+	}
+	return "_v4"
+}
+
+// Hook is a netfilter hook of the inet family (NF_INET_*).
+type Hook uint32
+
+// Hooks the table uses.
+const (
+	HookInput   Hook = 1 // NF_INET_LOCAL_IN
+	HookForward Hook = 2 // NF_INET_FORWARD
+	HookOutput  Hook = 3 // NF_INET_LOCAL_OUT
+)
+
+func (h Hook) String() string {
+	switch h {
+	case 0:
+		return "prerouting"
+	case HookInput:
+		return "input"
+	case HookForward:
+		return "forward"
+	case HookOutput:
+		return "output"
+	case 4:
+		return "postrouting"
+	}
+	return fmt.Sprintf("hook-%d", uint32(h))
+}
+
+// CtState is a mask of conntrack states with the kernel's bit values (NF_CT_STATE_*).
+type CtState uint32
+
+// Conntrack states.
+const (
+	CtInvalid     CtState = 1
+	CtEstablished CtState = 2
+	CtRelated     CtState = 4
+	CtNew         CtState = 8
+	CtUntracked   CtState = 64
+)
+
+// Verdict is a rule's terminal statement or a base chain's policy.
+type Verdict uint8
+
+// Verdicts.
+const (
+	VerdictNone Verdict = iota // no statement: the packet goes on to the next rule
+	VerdictAccept
+	VerdictDrop
+	VerdictJump
+)
+
+func (v Verdict) String() string {
+	switch v {
+	case VerdictNone:
+		return "continue"
+	case VerdictAccept:
+		return "accept"
+	case VerdictDrop:
+		return "drop"
+	case VerdictJump:
+		return "jump"
+	}
+	return fmt.Sprintf("verdict-%d", uint8(v))
+}
+
+// AddrField says which address of the network header a rule looks up in its set.
+type AddrField uint8
+
+// Address fields.
+const (
+	AddrNone AddrField = iota
+	AddrSource
+	AddrDestination
+)
+
+// IANA IP protocol numbers the table matches.
+const (
+	ProtoICMP   uint8 = 1
+	ProtoTCP    uint8 = 6
+	ProtoUDP    uint8 = 17
+	ProtoICMPv6 uint8 = 58
+)
+
+// ICMP echo request types.
+const (
+	ICMPEchoRequest   uint8 = 8
+	ICMPv6EchoRequest uint8 = 128
+)
+
+// Rule is one kernel rule: the conjunction, in this order, of optional matches
+// (interface name, conntrack state, family with an address set lookup, layer-4
+// protocol, destination port or ICMP type) and an optional verdict, plus its comment
+// and position. Rules compare with ==.
+type Rule struct {
+	IIFName, OIFName string
+	// CtState matches "ct state & CtState != 0"; 0 means no conntrack match.
+	CtState CtState
+	// Family restricts the rule to one family; it is set whenever Addr is.
+	Family Family
+	// Addr and Set: the packet's Addr address must be in the interval set Set.
+	Addr AddrField
+	Set  string
+	// L4Proto is the IP protocol number; 0 means any.
+	L4Proto uint8
+	// HasDPort and DPort: the destination port must be in DPort (TCP or UDP).
+	HasDPort bool
+	DPort    policy.PortRange
+	// HasICMPType and ICMPType: the ICMP (or ICMPv6) type must be ICMPType.
+	HasICMPType bool
+	ICMPType    uint8
+	Verdict     Verdict
+	// Jump is the target chain of VerdictJump.
+	Jump string
+	// Comment is the rule's nft comment (see Comment).
+	Comment string
+	// HasPos and Pos: the position of the FilterRule this rule renders, rule index
+	// << 16 | match index (PosNoMatch for the placeholder of a rule without matches).
+	HasPos bool
+	Pos    uint32
+	// Unknown describes a kernel rule of a shape this package never builds (read-back
+	// only); such a rule is never rendered to the kernel.
+	Unknown string
+}
+
+// PosNoMatch is the match index of the verdict-less placeholder rule that keeps a
+// FilterRule without matches in the table.
+const PosNoMatch = 0xffff
+
+// SetType is the key type of a set, as nftables names it.
+type SetType string
+
+// Key types of the table's sets.
+const (
+	TypeIPv4 SetType = "ipv4_addr"
+	TypeIPv6 SetType = "ipv6_addr"
+)
+
+// Set is a named set of the table.
+type Set struct {
+	Name string
+	Type SetType
+	// Interval is the interval flag; every set Build makes has it.
+	Interval bool
+	// Foreign lists set flags this package never uses (anonymous, constant, map,
+	// timeout, dynamic, concatenation, counter), read-back only; "" for Build's sets.
+	Foreign string
+	// Elements are sorted, non-overlapping intervals of addresses of the set's family.
+	Elements []Interval
+}
+
+// BaseChain is the hook part of a base chain.
+type BaseChain struct {
+	// Type is the chain type, e.g. "filter".
+	Type     string
+	Hook     Hook
+	Priority int32
+	// Policy is VerdictAccept or VerdictDrop.
+	Policy Verdict
+}
+
+// Chain is a chain of the table; Base is nil for a regular chain.
+type Chain struct {
+	Name  string
+	Base  *BaseChain
+	Rules []Rule
+}
+
+// Table is the whole table `inet segmesh`: sets and chains, each sorted by name
+// (the order in which the agent creates them and nft(8) lists them).
+type Table struct {
+	// Flags are the table's flags; Build's table has none.
+	Flags  uint32
+	Sets   []Set
+	Chains []Chain
+}
+
+// Set returns the set named name, or nil.
+func (t *Table) Set(name string) *Set {
+	i, ok := slices.BinarySearchFunc(t.Sets, name, func(s Set, n string) int { return strings.Compare(s.Name, n) })
+	if !ok {
+		return nil
+	}
+	return &t.Sets[i]
+}
+
+// Chain returns the chain named name, or nil.
+func (t *Table) Chain(name string) *Chain {
+	i, ok := slices.BinarySearchFunc(t.Chains, name, func(c Chain, n string) int { return strings.Compare(c.Name, n) })
+	if !ok {
+		return nil
+	}
+	return &t.Chains[i]
+}
+
+// Sort orders sets and chains by name (after a read-back, which may list them in any
+// order).
+func (t *Table) Sort() {
+	slices.SortFunc(t.Sets, func(a, b Set) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(t.Chains, func(a, b Chain) int { return strings.Compare(a.Name, b.Name) })
+}
+
+var (
+	ctEstablished = Rule{CtState: CtEstablished | CtRelated, Verdict: VerdictAccept}
+	ctInvalid     = Rule{CtState: CtInvalid, Verdict: VerdictDrop}
+	finalDrop     = Rule{Verdict: VerdictDrop}
+)
+
+func baseChain(h Hook) *BaseChain {
+	return &BaseChain{Type: "filter", Hook: h, Priority: 0, Policy: VerdictAccept}
+}
+
+// fixedChains returns every chain of the table for iface, the ingress and egress
+// chains without their policy rules.
+func fixedChains(iface string) []Chain {
+	return []Chain{
+		{Name: ChainEgress},
+		{Name: ChainForward, Base: baseChain(HookForward), Rules: []Rule{
+			{IIFName: iface, Verdict: VerdictJump, Jump: ChainTransit},
+			{OIFName: iface, Verdict: VerdictJump, Jump: ChainTransit}}},
+		{Name: ChainIngress},
+		{Name: ChainInput, Base: baseChain(HookInput), Rules: []Rule{{IIFName: iface, Verdict: VerdictJump, Jump: ChainIngress}}},
+		{Name: ChainOutput, Base: baseChain(HookOutput), Rules: []Rule{{OIFName: iface, Verdict: VerdictJump, Jump: ChainEgress}}},
+		{Name: ChainTransit, Rules: []Rule{ctEstablished, finalDrop}},
+	}
+}
+
+// MaxInterface is the longest interface name in bytes (IFNAMSIZ - 1).
+const MaxInterface = 15
+
+// maxSetName leaves room for the family suffix within NFT_SET_MAXNAMELEN (256 with NUL).
+const maxSetName = 255 - len("_v4")
+
+// Build returns the table that enforces f on overlay interface iface. Errors: an
+// interface name of 0 or more than 15 bytes; a set name that is empty, too long
+// (more than 252 bytes) or holds a NUL, or is defined twice; an invalid prefix; a rule
+// naming an undefined set, with ports for a protocol without ports, an empty port
+// range or an unknown protocol; more than 65,534 rules or matches per rule.
+func Build(iface string, f policy.Filter) (*Table, error) {
+	if iface == "" || len(iface) > MaxInterface || strings.ContainsRune(iface, 0) {
+		return nil, fmt.Errorf("interface name %q: must be 1 to %d bytes without NUL", iface, MaxInterface)
+	}
+	t := &Table{Chains: fixedChains(iface)}
+	defined := map[string]bool{}
+	for _, s := range f.Sets {
+		if s.Name == "" || len(s.Name) > maxSetName || strings.ContainsRune(s.Name, 0) {
+			return nil, fmt.Errorf("set name %q: must be 1 to %d bytes without NUL", s.Name, maxSetName)
+		}
+		if defined[s.Name] {
+			return nil, fmt.Errorf("set %q is defined twice", s.Name)
+		}
+		defined[s.Name] = true
+		var v4, v6 []netip.Prefix
+		for _, p := range s.Prefixes {
+			switch {
+			case !p.IsValid():
+				return nil, fmt.Errorf("set %q: invalid prefix", s.Name)
+			case p.Addr().Is4():
+				v4 = append(v4, p)
+			default:
+				v6 = append(v6, p)
+			}
+		}
+		t.Sets = append(t.Sets,
+			Set{Name: s.Name + "_v4", Type: TypeIPv4, Interval: true, Elements: PrefixIntervals(v4)},
+			Set{Name: s.Name + "_v6", Type: TypeIPv6, Interval: true, Elements: PrefixIntervals(v6)})
+	}
+	slices.SortStableFunc(t.Sets, func(a, b Set) int { return cmp.Compare(a.Name, b.Name) })
+	in, err := policyRules(f.Ingress, AddrSource, defined)
+	if err != nil {
+		return nil, fmt.Errorf("ingress: %w", err)
+	}
+	out, err := policyRules(f.Egress, AddrDestination, defined)
+	if err != nil {
+		return nil, fmt.Errorf("egress: %w", err)
+	}
+	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, in, []Rule{finalDrop})
+	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, out, []Rule{finalDrop})
+	return t, nil
+}
+
+var families = []Family{FamilyIPv4, FamilyIPv6}
+
+// policyRules renders FilterRules: for each rule, each match, each family (IPv4
+// first), each port range one Rule. A FilterRule without matches becomes one
+// verdict-less placeholder per family so that it survives a read-back.
+func policyRules(rules []policy.FilterRule, addr AddrField, sets map[string]bool) ([]Rule, error) {
+	if len(rules) >= PosNoMatch {
+		return nil, fmt.Errorf("%d rules: at most %d supported", len(rules), PosNoMatch-1)
+	}
+	var out []Rule
+	for i, r := range rules {
+		if !sets[r.Set] {
+			return nil, fmt.Errorf("rule %d (%s): set %q is not defined", i, r.Origin, r.Set)
+		}
+		if len(r.Matches) >= PosNoMatch {
+			return nil, fmt.Errorf("rule %d (%s): %d matches: at most %d supported", i, r.Origin, len(r.Matches), PosNoMatch-1)
+		}
+		base := func(f Family, match int) Rule {
+			return Rule{Family: f, Addr: addr, Set: r.Set + f.setSuffix(), Comment: Comment(r.Origin),
+				HasPos: true, Pos: uint32(i)<<16 | uint32(match)}
+		}
+		if len(r.Matches) == 0 {
+			for _, f := range families {
+				out = append(out, base(f, PosNoMatch))
+			}
+			continue
+		}
+		for j, m := range r.Matches {
+			for _, f := range families {
+				s := base(f, j)
+				s.Verdict = VerdictAccept
+				switch m.Protocol {
+				case policy.ProtoAny, policy.ProtoICMP:
+					if len(m.Ports) > 0 {
+						return nil, fmt.Errorf("rule %d (%s): protocol %s takes no ports", i, r.Origin, m.Protocol)
+					}
+					if m.Protocol == policy.ProtoICMP {
+						s.L4Proto, s.HasICMPType, s.ICMPType = ProtoICMP, true, ICMPEchoRequest
+						if f == FamilyIPv6 {
+							s.L4Proto, s.ICMPType = ProtoICMPv6, ICMPv6EchoRequest
+						}
+					}
+					out = append(out, s)
+				case policy.ProtoTCP, policy.ProtoUDP:
+					s.L4Proto = ProtoTCP
+					if m.Protocol == policy.ProtoUDP {
+						s.L4Proto = ProtoUDP
+					}
+					if len(m.Ports) == 0 {
+						out = append(out, s)
+					}
+					for _, pr := range m.Ports {
+						if pr.First > pr.Last {
+							return nil, fmt.Errorf("rule %d (%s): port range %d-%d is empty", i, r.Origin, pr.First, pr.Last)
+						}
+						ps := s
+						ps.HasDPort, ps.DPort = true, pr
+						out = append(out, ps)
+					}
+				default:
+					return nil, fmt.Errorf("rule %d (%s): unknown protocol %q", i, r.Origin, m.Protocol)
+				}
+			}
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,193 @@
+package firewall
+
+import (
+	"fmt"
+	"strings"
+)
+
+// String returns the table as nft(8) lists it (`nft list table inet segmesh`, nftables
+// 1.0), ending with a newline; the text loads with `nft -f`. Sets come first, then
+// chains, each sorted by name and separated by an empty line. A double quote in an
+// interface name or comment, which nft(8) cannot quote, is written as a single quote.
+// A rule read back from the kernel in a shape Build never makes (Rule.Unknown) is
+// written as an nft comment line, so the text then no longer loads as it was.
+func (t *Table) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table inet %s {\n", TableName)
+	if t.Flags != 0 {
+		fmt.Fprintf(&b, "\t# flags %#x\n", t.Flags)
+	}
+	first := true
+	sep := func() {
+		if !first {
+			b.WriteString("\n")
+		}
+		first = false
+	}
+	for _, s := range t.Sets {
+		sep()
+		writeSet(&b, s)
+	}
+	for _, c := range t.Chains {
+		sep()
+		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
+		if c.Base != nil {
+			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %s; policy %s;\n", c.Base.Type, c.Base.Hook,
+				priorityText(c.Base.Priority), c.Base.Policy)
+		}
+		for _, r := range c.Rules {
+			fmt.Fprintf(&b, "\t\t%s\n", r.String())
+		}
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+func priorityText(p int32) string {
+	switch {
+	case p == 0:
+		return "filter"
+	case p > 0:
+		return fmt.Sprintf("filter + %d", p)
+	}
+	return fmt.Sprintf("filter - %d", -p)
+}
+
+func writeSet(b *strings.Builder, s Set) {
+	fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.Name, s.Type)
+	if s.Interval {
+		b.WriteString("\t\tflags interval\n")
+	}
+	if s.Foreign != "" {
+		fmt.Fprintf(b, "\t\t# also %s\n", s.Foreign)
+	}
+	if len(s.Elements) == 0 {
+		b.WriteString("\t}\n")
+		return
+	}
+	// nft(8) (calculate_delim in src/expression.c) puts two IPv4 addresses per line
+	// and one IPv6 address per line.
+	perLine := 1
+	if s.Type == TypeIPv4 {
+		perLine = 2
+	}
+	b.WriteString("\t\telements = { ")
+	for i, iv := range s.Elements {
+		if i > 0 {
+			if i%perLine == 0 {
+				b.WriteString(",\n\t\t\t     ")
+			} else {
+				b.WriteString(", ")
+			}
+		}
+		b.WriteString(elementText(iv))
+	}
+	b.WriteString(" }\n\t}\n")
+}
+
+// elementText writes an interval as nft(8) does: an address, a prefix, or a range.
+func elementText(iv Interval) string {
+	if p, ok := iv.Prefix(); ok {
+		if p.IsSingleIP() {
+			return p.Addr().String()
+		}
+		return p.String()
+	}
+	return iv.First.String() + "-" + iv.Last.String()
+}
+
+// String returns the rule as nft(8) lists it.
+func (r Rule) String() string {
+	if r.Unknown != "" {
+		return "# rule segmesh does not write: " + r.Unknown
+	}
+	var parts []string
+	add := func(format string, args ...any) { parts = append(parts, fmt.Sprintf(format, args...)) }
+	if r.IIFName != "" {
+		add("iifname %s", quote(r.IIFName))
+	}
+	if r.OIFName != "" {
+		add("oifname %s", quote(r.OIFName))
+	}
+	if r.CtState != 0 {
+		add("ct state %s", ctStateText(r.CtState))
+	}
+	if r.Addr != AddrNone {
+		fam, dir := "ip", "saddr"
+		if r.Family == FamilyIPv6 {
+			fam = "ip6"
+		}
+		if r.Addr == AddrDestination {
+			dir = "daddr"
+		}
+		add("%s %s @%s", fam, dir, r.Set)
+	} else if r.Family != FamilyAny {
+		add("meta nfproto %s", map[Family]string{FamilyIPv4: "ipv4", FamilyIPv6: "ipv6"}[r.Family])
+	}
+	switch {
+	case r.HasDPort:
+		if r.DPort.First == r.DPort.Last {
+			add("%s dport %d", protoName(r.L4Proto), r.DPort.First)
+		} else {
+			add("%s dport %d-%d", protoName(r.L4Proto), r.DPort.First, r.DPort.Last)
+		}
+	case r.HasICMPType:
+		name := "icmp"
+		if r.L4Proto == ProtoICMPv6 {
+			name = "icmpv6"
+		}
+		if r.ICMPType == ICMPEchoRequest && name == "icmp" || r.ICMPType == ICMPv6EchoRequest && name == "icmpv6" {
+			add("%s type echo-request", name)
+		} else {
+			add("%s type %d", name, r.ICMPType)
+		}
+	case r.L4Proto != 0:
+		add("meta l4proto %s", protoName(r.L4Proto))
+	}
+	switch r.Verdict {
+	case VerdictAccept, VerdictDrop:
+		add("%s", r.Verdict)
+	case VerdictJump:
+		add("jump %s", r.Jump)
+	}
+	if r.Comment != "" {
+		add("comment %s", quote(r.Comment))
+	}
+	return strings.Join(parts, " ")
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case ProtoTCP:
+		return "tcp"
+	case ProtoUDP:
+		return "udp"
+	case ProtoICMP:
+		return "icmp"
+	case ProtoICMPv6:
+		return "ipv6-icmp"
+	}
+	return fmt.Sprint(p)
+}
+
+// ctStateText names the states of mask m in nft(8)'s order.
+func ctStateText(m CtState) string {
+	var names []string
+	for _, s := range []struct {
+		bit  CtState
+		name string
+	}{{CtInvalid, "invalid"}, {CtEstablished, "established"}, {CtRelated, "related"}, {CtNew, "new"}, {CtUntracked, "untracked"}} {
+		if m&s.bit != 0 {
+			names = append(names, s.name)
+			m &^= s.bit
+		}
+	}
+	if m != 0 {
+		names = append(names, fmt.Sprintf("%#x", uint32(m)))
+	}
+	return strings.Join(names, ",")
+}
+
+// quote returns s as an nft string literal.
+func quote(s string) string { return `"` + strings.ReplaceAll(s, `"`, "'") + `"` }
