@@ -379,8 +379,8 @@ func (r DownResult) String() string {
 //
 // What existed is found by reading the dataplane before and after Down: the
 // interface existed when the first read names it (dataplane.Dataplane.Read leaves
-// Interface empty for a missing interface); the table existed when the filter read
-// before Down differs from the one read after it, when no table exists.
+// Interface empty for a missing interface); the table existed when the first read
+// found it (dataplane.Observed.Firewall) and the second did not.
 func Down(ctx context.Context, stateDir string, newDP func(iface string) (dataplane.Dataplane, error)) (DownResult, error) {
 	if st, err := os.Stat(stateDir); err != nil || !st.IsDir() {
 		return DownResult{}, fmt.Errorf("taking down: no state directory %s", stateDir)
@@ -409,6 +409,6 @@ func Down(ctx context.Context, stateDir string, newDP func(iface string) (datapl
 		return res, nil
 	}
 	res.InterfaceRemoved = before.State.Interface != ""
-	res.TableRemoved = len(dataplane.Diff(dataplane.State{Filter: before.State.Filter}, dataplane.State{Filter: after.State.Filter})) > 0
+	res.TableRemoved = before.Firewall && !after.Firewall
 	return res, nil
 }

@@ -38,6 +38,9 @@ func (d Difference) String() string { return d.Part + ": " + d.Detail }
 type Observed struct {
 	// State is what the kernel holds, in canonical form.
 	State State
+	// Firewall reports whether the nftables table exists (State.Filter is empty both
+	// when the table is missing and when it holds default deny).
+	Firewall bool
 	// Drift lists how the kernel differs from the state the last successful Apply
 	// made it hold; it is empty when the kernel still holds it, and nil before any
 	// Apply of this Dataplane.

@@ -86,14 +86,17 @@ func TestPlanUpdate(t *testing.T) {
 
 	// Any change of rules, chains or set definitions replaces the table.
 	for name, mutate := range map[string]func(*Table){
-		"rule changed":   func(t *Table) { t.Chain(ChainIngress).Rules[3].DPort.Last++ },
-		"rule removed":   func(t *Table) { c := t.Chain(ChainEgress); c.Rules = slices.Delete(c.Rules, 2, 3) },
-		"chain policy":   func(t *Table) { t.Chain(ChainInput).Base.Policy = VerdictDrop },
-		"set flags":      func(t *Table) { t.Sets[0].Interval = false },
-		"foreign set":    func(t *Table) { t.Sets = append(t.Sets, Set{Name: "zz", Type: TypeIPv4}) },
-		"table flags":    func(t *Table) { t.Flags = 1 },
-		"foreign chain":  func(t *Table) { t.Chains = append(t.Chains, Chain{Name: "zz"}) },
-		"unknown rule":   func(t *Table) { c := t.Chain(ChainTransit); c.Rules = append(c.Rules, Rule{Unknown: "handle 9: counter"}) },
+		"rule changed":  func(t *Table) { t.Chain(ChainIngress).Rules[3].DPort.Last++ },
+		"rule removed":  func(t *Table) { c := t.Chain(ChainEgress); c.Rules = slices.Delete(c.Rules, 2, 3) },
+		"chain policy":  func(t *Table) { t.Chain(ChainInput).Base.Policy = VerdictDrop },
+		"set flags":     func(t *Table) { t.Sets[0].Interval = false },
+		"foreign set":   func(t *Table) { t.Sets = append(t.Sets, Set{Name: "zz", Type: TypeIPv4}) },
+		"table flags":   func(t *Table) { t.Flags = 1 },
+		"foreign chain": func(t *Table) { t.Chains = append(t.Chains, Chain{Name: "zz"}) },
+		"unknown rule": func(t *Table) {
+			c := t.Chain(ChainTransit)
+			c.Rules = append(c.Rules, Rule{Unknown: "handle 9: counter"})
+		},
 		"missing chain":  func(t *Table) { t.Chains = t.Chains[1:] },
 		"missing set":    func(t *Table) { t.Sets = t.Sets[1:] },
 		"interface name": func(t *Table) { t.Chain(ChainInput).Rules[0].IIFName = "eth0" },

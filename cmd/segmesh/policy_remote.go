@@ -10,7 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"segmesh/api/nftrender"
+	"segmesh/agent/firewall"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/api/wire"
@@ -210,9 +210,13 @@ func toRenderJSON(r *segmeshv1.GetNetmapResponse, iface string) (renderJSON, err
 	if err != nil {
 		return renderJSON{}, fmt.Errorf("invalid filter: %w", err)
 	}
+	table, err := firewall.Build(iface, f)
+	if err != nil {
+		return renderJSON{}, fmt.Errorf("rendering the ruleset for interface %q: %w", iface, err)
+	}
 	out := renderJSON{
 		Node: nm.GetSelf().GetName(), Revision: r.GetRevision(), NetmapRevision: nm.GetPolicyRevision(), Hash: nm.GetHash(),
-		Addresses: nm.GetSelf().GetAddresses(), Peers: []peerJSON{}, Interface: iface, Ruleset: nftrender.Render(iface, f),
+		Addresses: nm.GetSelf().GetAddresses(), Peers: []peerJSON{}, Interface: iface, Ruleset: table.String(),
 	}
 	if out.Addresses == nil {
 		out.Addresses = []string{}

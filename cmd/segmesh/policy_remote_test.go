@@ -29,7 +29,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
 
-	"segmesh/api/nftrender"
+	"segmesh/agent/firewall"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/api/wire"
@@ -293,14 +293,18 @@ func TestPolicyRender(t *testing.T) {
 	if cur.Revision != 1 || cur.NetmapRevision != 1 || cur.Changed != nil || len(cur.Hash) != 64 {
 		t.Errorf("render = revision %d netmap revision %d changed %v hash %q", cur.Revision, cur.NetmapRevision, cur.Changed, cur.Hash)
 	}
-	// The ruleset is nftrender's rendering of web-1's compiled filter.
+	// The ruleset is the agent firewall's table for web-1's compiled filter.
 	want := policy.Filter{
 		Sets: []policy.AddressSet{{Name: "db", Prefixes: mustPrefixes(t, "100.64.0.3/32", "fd5e:6d65:7368::3/128")}},
 		Egress: []policy.FilterRule{{Set: "db", Origin: "web-to-db (" + file + ":10:5)",
 			Matches: []policy.PortMatch{{Protocol: policy.ProtoTCP, Ports: []policy.PortRange{{First: 5432, Last: 5432}}}}}},
 	}
-	if cur.Ruleset != nftrender.Render("segmesh0", want) {
-		t.Errorf("ruleset:\n%s\nwant:\n%s", cur.Ruleset, nftrender.Render("segmesh0", want))
+	table, err := firewall.Build("segmesh0", want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur.Ruleset != table.String() {
+		t.Errorf("ruleset:\n%s\nwant:\n%s", cur.Ruleset, table.String())
 	}
 
 	// Text output carries the same peer and ruleset.

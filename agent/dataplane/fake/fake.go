@@ -78,7 +78,7 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	}
 	var o dataplane.Observed
 	if d.up {
-		o.State = dataplane.Canonical(d.state)
+		o.State, o.Firewall = dataplane.Canonical(d.state), true
 	}
 	if d.applied != nil {
 		o.Drift = dataplane.Diff(*d.applied, o.State)

@@ -8,7 +8,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"segmesh/agent/dataplane"
+	"segmesh/agent/firewall"
 )
 
 // The filter accepts established and related packets before it looks at the policy,
@@ -23,11 +23,12 @@ import (
 const dumpRetries = 3
 
 // cutRevokedFlows deletes, in both families, every conntrack entry whose original
-// tuple has one of the node's addresses at exactly one end and that filter does not
-// allow (see dataplane.Allows; the original direction says who opened it). It
-// returns how many entries it deleted. d.mu must be held.
-func (d *Dataplane) cutRevokedFlows(filter dataplane.Filter, addresses []netip.Prefix) (uint, error) {
-	rv := revoked{filter: filter, self: map[netip.Addr]bool{}}
+// tuple has one of the node's addresses at exactly one end and whose first packet
+// table would not accept (firewall.Table.Trace of the connection's opening packet;
+// the original direction says who opened it). It returns how many entries it
+// deleted. d.mu must be held.
+func (d *Dataplane) cutRevokedFlows(table *firewall.Table, addresses []netip.Prefix) (uint, error) {
+	rv := revoked{table: table, iface: d.opts.Interface, self: map[netip.Addr]bool{}}
 	for _, p := range addresses {
 		rv.self[p.Addr()] = true
 	}
@@ -53,39 +54,36 @@ func (d *Dataplane) cutRevokedFlows(filter dataplane.Filter, addresses []netip.P
 	return total, nil
 }
 
-// revoked matches the conntrack entries of the node's flows that filter denies.
+// revoked matches the conntrack entries of the node's flows that table denies.
 type revoked struct {
-	filter dataplane.Filter
-	self   map[netip.Addr]bool
+	table *firewall.Table
+	iface string
+	self  map[netip.Addr]bool
 }
 
 func (r revoked) MatchConntrackFlow(ct *netlink.ConntrackFlow) bool {
-	fl, ok := flowOf(ct, r.self)
-	return ok && !dataplane.Allows(r.filter, fl)
+	p, ok := openingOf(ct, r.iface, r.self)
+	return ok && !r.table.Trace(p).Accepted()
 }
 
-// flowOf describes a conntrack entry as a dataplane.Flow from the node's point of
-// view. ok is false when neither or both ends of the original tuple are the node's
-// addresses (transit or local traffic, which the filter does not judge).
-func flowOf(ct *netlink.ConntrackFlow, self map[netip.Addr]bool) (fl dataplane.Flow, ok bool) {
+// openingOf describes the first packet of a conntrack entry's connection as the
+// table on iface sees it. ok is false when neither or both ends of the original tuple
+// are the node's addresses (transit or local traffic, which the filter does not judge).
+func openingOf(ct *netlink.ConntrackFlow, iface string, self map[netip.Addr]bool) (p firewall.Packet, ok bool) {
 	src, okSrc := netip.AddrFromSlice(ct.Forward.SrcIP)
 	dst, okDst := netip.AddrFromSlice(ct.Forward.DstIP)
 	if !okSrc || !okDst {
-		return fl, false
+		return p, false
 	}
 	if ct.FamilyType == unix.AF_INET {
 		src, dst = src.Unmap(), dst.Unmap()
 	}
 	srcSelf, dstSelf := self[src], self[dst]
 	if srcSelf == dstSelf {
-		return fl, false
+		return p, false
 	}
-	fl = dataplane.Flow{Ingress: dstSelf, Remote: dst, Protocol: ct.Forward.Protocol}
 	if dstSelf {
-		fl.Remote = src
+		return firewall.Opening(iface, true, dst, src, ct.Forward.Protocol, ct.Forward.DstPort), true
 	}
-	if fl.Protocol == unix.IPPROTO_TCP || fl.Protocol == unix.IPPROTO_UDP {
-		fl.DstPort = ct.Forward.DstPort
-	}
-	return fl, true
+	return firewall.Opening(iface, false, src, dst, ct.Forward.Protocol, ct.Forward.DstPort), true
 }

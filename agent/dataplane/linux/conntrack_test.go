@@ -13,7 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"segmesh/agent/dataplane"
+	"segmesh/agent/firewall"
 	"segmesh/policy"
 )
 
@@ -219,7 +219,7 @@ func TestRevokedFlowsAreCut(t *testing.T) {
 	}
 }
 
-func TestFlowOf(t *testing.T) {
+func TestOpeningOf(t *testing.T) {
 	self := map[netip.Addr]bool{
 		netip.MustParseAddr("100.64.0.1"):        true,
 		netip.MustParseAddr("fd5e:6d65:7368::1"): true,
@@ -229,29 +229,36 @@ func TestFlowOf(t *testing.T) {
 			SrcIP: net.ParseIP(src), DstIP: net.ParseIP(dst), SrcPort: sport, DstPort: dport, Protocol: proto}}
 	}
 	addr := netip.MustParseAddr
+	in := func(remote, local string, proto uint8, port uint16) firewall.Packet {
+		return firewall.Opening("sm0", true, addr(local), addr(remote), proto, port)
+	}
+	out := func(remote, local string, proto uint8, port uint16) firewall.Packet {
+		return firewall.Opening("sm0", false, addr(local), addr(remote), proto, port)
+	}
 	tests := []struct {
 		name   string
 		ct     *netlink.ConntrackFlow
-		want   dataplane.Flow
+		want   firewall.Packet
 		wantOK bool
 	}{
 		{"inbound tcp", ct(unix.AF_INET, unix.IPPROTO_TCP, "100.64.0.2", "100.64.0.1", 40000, 8080),
-			dataplane.Flow{Ingress: true, Remote: addr("100.64.0.2"), Protocol: 6, DstPort: 8080}, true},
+			in("100.64.0.2", "100.64.0.1", 6, 8080), true},
 		{"outbound udp", ct(unix.AF_INET, unix.IPPROTO_UDP, "100.64.0.1", "100.64.0.3", 40000, 514),
-			dataplane.Flow{Remote: addr("100.64.0.3"), Protocol: 17, DstPort: 514}, true},
+			out("100.64.0.3", "100.64.0.1", 17, 514), true},
 		{"outbound IPv6 tcp", ct(unix.AF_INET6, unix.IPPROTO_TCP, "fd5e:6d65:7368::1", "fd5e:6d65:7368::2", 1, 22),
-			dataplane.Flow{Remote: addr("fd5e:6d65:7368::2"), Protocol: 6, DstPort: 22}, true},
-		{"inbound icmpv6 has no port", ct(unix.AF_INET6, unix.IPPROTO_ICMPV6, "fd5e:6d65:7368::2", "fd5e:6d65:7368::1", 0, 7),
-			dataplane.Flow{Ingress: true, Remote: addr("fd5e:6d65:7368::2"), Protocol: 58}, true},
-		{"local traffic to self", ct(unix.AF_INET, unix.IPPROTO_TCP, "100.64.0.1", "100.64.0.1", 1, 2), dataplane.Flow{}, false},
-		{"not the node's", ct(unix.AF_INET, unix.IPPROTO_TCP, "192.0.2.1", "192.0.2.2", 1, 2), dataplane.Flow{}, false},
-		{"no addresses", &netlink.ConntrackFlow{FamilyType: unix.AF_INET}, dataplane.Flow{}, false},
+			out("fd5e:6d65:7368::2", "fd5e:6d65:7368::1", 6, 22), true},
+		{"inbound icmpv6 is an echo request", ct(unix.AF_INET6, unix.IPPROTO_ICMPV6, "fd5e:6d65:7368::2", "fd5e:6d65:7368::1", 0, 7),
+			firewall.Packet{Hook: firewall.HookInput, IIF: "sm0", Src: addr("fd5e:6d65:7368::2"), Dst: addr("fd5e:6d65:7368::1"),
+				Protocol: 58, ICMPType: firewall.ICMPv6EchoRequest, CtState: firewall.CtNew}, true},
+		{"local traffic to self", ct(unix.AF_INET, unix.IPPROTO_TCP, "100.64.0.1", "100.64.0.1", 1, 2), firewall.Packet{}, false},
+		{"not the node's", ct(unix.AF_INET, unix.IPPROTO_TCP, "192.0.2.1", "192.0.2.2", 1, 2), firewall.Packet{}, false},
+		{"no addresses", &netlink.ConntrackFlow{FamilyType: unix.AF_INET}, firewall.Packet{}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, ok := flowOf(tt.ct, self)
+			got, ok := openingOf(tt.ct, "sm0", self)
 			if ok != tt.wantOK || got != tt.want {
-				t.Errorf("flowOf = %+v, %v; want %+v, %v", got, ok, tt.want, tt.wantOK)
+				t.Errorf("openingOf = %+v, %v; want %+v, %v", got, ok, tt.want, tt.wantOK)
 			}
 		})
 	}

@@ -19,7 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"reflect"
+	"slices"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -30,6 +30,7 @@ import (
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nsutil"
 	"segmesh/agent/dataplane/linux/nft"
+	"segmesh/agent/firewall"
 )
 
 // DefaultMTU is the overlay link MTU used when State.MTU is 0: 1500 minus the
@@ -72,15 +73,21 @@ type Dataplane struct {
 	kind    dataplane.Kind
 	user    *userDevice      // the wireguard-go device this process owns, if any
 	applied *dataplane.State // the last state Apply made the kernel hold (canonical)
+	table   *firewall.Table  // the nftables table of applied
 	// swept is what the last successful conntrack sweep judged entries by; nil
 	// before the first one, so the first Apply of a process always sweeps.
 	swept *sweepKey
 }
 
-// sweepKey is the input of a conntrack sweep (canonical filter and node addresses).
+// sweepKey is the input of a conntrack sweep (the table and the node's addresses).
 type sweepKey struct {
-	filter    dataplane.Filter
+	table     *firewall.Table
 	addresses []netip.Prefix
+}
+
+func (k *sweepKey) same(o *sweepKey) bool {
+	return k != nil && o != nil && slices.Equal(k.addresses, o.addresses) &&
+		(k.table == o.table || firewall.Compare(k.table, o.table) == nil)
 }
 
 var (
@@ -189,6 +196,10 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if err := d.validate(want); err != nil {
 		return fmt.Errorf("invalid state: %w", err)
 	}
+	table, err := firewall.Build(d.opts.Interface, want.Filter)
+	if err != nil {
+		return fmt.Errorf("invalid state: filter: %w", err)
+	}
 	mtu := want.MTU
 	if mtu == 0 {
 		mtu = DefaultMTU
@@ -203,7 +214,7 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 		return err
 	}
 
-	res, err := d.fw.Apply(want.Filter)
+	res, err := d.fw.Apply(table)
 	if err != nil {
 		return fmt.Errorf("programming nftables table inet %s: %w", nft.TableName, err)
 	}
@@ -211,9 +222,9 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.String())
 	}
 	var sweepErr error
-	key := &sweepKey{filter: want.Filter, addresses: want.Addresses}
-	if res != nft.Unchanged || d.swept == nil || !reflect.DeepEqual(d.swept, key) {
-		n, err := d.cutRevokedFlows(want.Filter, want.Addresses)
+	key := &sweepKey{table: table, addresses: want.Addresses}
+	if res != nft.Unchanged || !d.swept.same(key) {
+		n, err := d.cutRevokedFlows(table, want.Addresses)
 		if err != nil {
 			sweepErr = fmt.Errorf("cutting flows the filter no longer allows: %w", err)
 			d.swept = nil
@@ -240,47 +251,69 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if err := d.configureLink(link, want, mtu); err != nil {
 		return fmt.Errorf("configuring interface %s: %w", name, err)
 	}
-	d.applied = &want
+	d.applied, d.table = &want, table
 	return sweepErr
 }
 
 // Read returns what the kernel holds, in canonical form, and its differences from
 // the state the last successful Apply programmed (nil before the first Apply). When the
 // interface is missing, Interface is "" and the WireGuard fields are zero; when it is
-// not a WireGuard device, the WireGuard fields are zero. Differences of the nftables
-// table from anything Apply writes show up as extra Filter.Ingress rules whose Origin
-// starts with "drift:" (see nft.Firewall.Read). MTU and ListenPort read as 0 when the
-// last Apply asked for 0 and the kernel holds the default MTU or any port.
+// not a WireGuard device, the WireGuard fields are zero. The nftables part of the
+// drift compares the kernel's table with the one Apply built (firewall.Compare), so
+// it names rules, chains and sets the Filter cannot express; Filter is the applied
+// filter when the table matches, else what the kernel's table enforces. MTU and
+// ListenPort read as 0 when the last Apply asked for 0 and the kernel holds the
+// default MTU or any port.
 func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return dataplane.Observed{}, ErrClosed
 	}
-	s, err := d.read(ctx)
+	kernel, err := d.fw.Read()
 	if err != nil {
+		return dataplane.Observed{}, fmt.Errorf("reading nftables table inet %s: %w", nft.TableName, err)
+	}
+	o := dataplane.Observed{Firewall: kernel != nil}
+	var tableDiff []string
+	if d.table != nil {
+		tableDiff = firewall.Compare(d.table, kernel)
+	}
+	switch {
+	case d.applied != nil && len(tableDiff) == 0:
+		o.State.Filter = d.applied.Filter
+	case kernel != nil && d.applied != nil:
+		o.State.Filter = kernel.Filter(&d.applied.Filter)
+	case kernel != nil:
+		o.State.Filter = kernel.Filter(nil)
+	}
+	if err := ctx.Err(); err != nil {
 		return dataplane.Observed{}, err
 	}
-	o := dataplane.Observed{State: s}
+	if err := d.readLinks(&o.State); err != nil {
+		return dataplane.Observed{}, err
+	}
+	o.State = dataplane.Canonical(o.State)
 	if d.applied != nil {
-		o.Drift = dataplane.Diff(*d.applied, s)
+		want, have := *d.applied, o.State
+		want.Filter, have.Filter = dataplane.Filter{}, dataplane.Filter{}
+		o.Drift = dataplane.Diff(want, have)
+		for _, t := range tableDiff {
+			o.Drift = append(o.Drift, dataplane.Difference{Part: dataplane.PartNftables, Detail: t})
+		}
+		if o.Drift == nil {
+			o.Drift = []dataplane.Difference{}
+		}
 	}
 	return o, nil
 }
 
-// read returns what the kernel holds (see Read). d.mu must be held.
-func (d *Dataplane) read(ctx context.Context) (dataplane.State, error) {
-	var s dataplane.State
-	var err error
-	if s.Filter, err = d.fw.Read(); err != nil {
-		return s, fmt.Errorf("reading nftables table inet %s: %w", nft.TableName, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return s, err
-	}
+// readLinks fills the interface, WireGuard, address and route fields of s (see
+// Read). d.mu must be held.
+func (d *Dataplane) readLinks(s *dataplane.State) error {
 	link, err := d.linkByName()
 	if err != nil || link == nil {
-		return dataplane.Canonical(s), err
+		return err
 	}
 	s.Interface = d.opts.Interface
 	s.MTU = link.Attrs().MTU
@@ -288,15 +321,15 @@ func (d *Dataplane) read(ctx context.Context) (dataplane.State, error) {
 		s.MTU = 0
 	}
 	if s.Addresses, err = d.addresses(link); err != nil {
-		return s, err
+		return err
 	}
 	if s.Routes, err = d.routes(link); err != nil {
-		return s, err
+		return err
 	}
-	if err := d.readWireGuard(&s); err != nil {
-		return s, fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
+	if err := d.readWireGuard(s); err != nil {
+		return fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
 	}
-	return dataplane.Canonical(s), nil
+	return nil
 }
 
 // Down removes the nftables table and the interface, closing the wireguard-go device
@@ -313,7 +346,7 @@ func (d *Dataplane) Down(ctx context.Context) error {
 		return err
 	}
 	d.swept = nil
-	d.applied = nil
+	d.applied, d.table = nil, nil
 	var errs []error
 	if err := d.fw.Delete(); err != nil {
 		errs = append(errs, err)

@@ -388,8 +388,8 @@ func TestDownAndClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := obs.State
-	if got.Interface != "" || got.Peers != nil || len(got.Filter.Ingress) != 1 || got.Filter.Ingress[0].Set != "" {
-		t.Errorf("Read after Down = %+v, want no interface and a missing-table drift rule", got)
+	if got.Interface != "" || got.Peers != nil || obs.Firewall || obs.Drift != nil || len(got.Filter.Ingress) != 0 {
+		t.Errorf("Read after Down = %+v, want no interface, no table and no drift", obs)
 	}
 	if out, err := ns.Exec("ip", "link", "show", n.iface); err == nil {
 		t.Errorf("interface still exists: %s", out)

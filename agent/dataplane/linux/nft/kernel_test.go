@@ -13,15 +13,10 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nstest"
-	"segmesh/api/nftrender"
+	"segmesh/agent/firewall"
 	"segmesh/policy"
 )
-
-var cmpOpts = cmp.Options{
-	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
-}
 
 func prefixes(ss ...string) []netip.Prefix {
 	var out []netip.Prefix
@@ -70,9 +65,18 @@ func newFirewall(t *testing.T) (*Firewall, nstest.NS) {
 	return fw, ns
 }
 
+func build(t *testing.T, f policy.Filter) *firewall.Table {
+	t.Helper()
+	tab, err := firewall.Build("smdp0", f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tab
+}
+
 func mustApply(t *testing.T, fw *Firewall, f policy.Filter, want Result) {
 	t.Helper()
-	got, err := fw.Apply(f)
+	got, err := fw.Apply(build(t, f))
 	if err != nil {
 		t.Fatalf("Apply: %v", err)
 	}
@@ -81,14 +85,25 @@ func mustApply(t *testing.T, fw *Firewall, f policy.Filter, want Result) {
 	}
 }
 
+// checkRead asserts that the table decoded from the kernel equals the model built
+// from want, both through fw's cache and through a fresh snapshot.
 func checkRead(t *testing.T, fw *Firewall, want policy.Filter) {
 	t.Helper()
 	got, err := fw.Read()
 	if err != nil {
 		t.Fatalf("Read: %v", err)
 	}
-	if d := cmp.Diff(dataplane.CanonicalFilter(want), dataplane.CanonicalFilter(got), cmpOpts); d != "" {
-		t.Fatalf("Read differs from applied filter (-want +got):\n%s", d)
+	if d := firewall.Compare(build(t, want), got); d != nil {
+		t.Fatalf("Read differs from the applied table: %q", d)
+	}
+	fw.mu.Lock()
+	fresh, err := fw.snapshot()
+	fw.mu.Unlock()
+	if err != nil {
+		t.Fatalf("snapshot: %v", err)
+	}
+	if d := cmp.Diff(build(t, want), fresh, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
+		t.Fatalf("kernel table differs from the model (-want +got):\n%s", d)
 	}
 }
 
@@ -116,8 +131,8 @@ func TestApplyReadRoundTrip(t *testing.T) {
 			// nft(8) must be able to list what we wrote, including our userdata.
 			out := ns.MustExec(t, "nft", "list", "table", "inet", TableName)
 			for _, r := range slices.Concat(tt.f.Ingress, tt.f.Egress) {
-				if r.Origin != "" && len(r.Matches) > 0 && !strings.Contains(out, fmt.Sprintf("comment %q", nftrender.Comment(r.Origin))) {
-					t.Errorf("nft list lacks comment %q:\n%s", nftrender.Comment(r.Origin), out)
+				if r.Origin != "" && len(r.Matches) > 0 && !strings.Contains(out, fmt.Sprintf("comment %q", firewall.Comment(r.Origin))) {
+					t.Errorf("nft list lacks comment %q:\n%s", firewall.Comment(r.Origin), out)
 				}
 			}
 			// A fresh Firewall (a new process) reads the same filter, except for
@@ -131,8 +146,8 @@ func TestApplyReadRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(got.Ingress) != len(tt.f.Ingress) || len(got.Egress) != len(tt.f.Egress) || len(got.Sets) != len(tt.f.Sets) {
-				t.Errorf("fresh Read = %+v", got)
+			if d := firewall.Compare(build(t, tt.f), got); d != nil {
+				t.Errorf("fresh Read differs: %q", d)
 			}
 			mustApply(t, fw2, tt.f, Unchanged)
 		})
@@ -145,7 +160,7 @@ func TestMembershipChangeTouchesOnlyElements(t *testing.T) {
 	mustApply(t, fw, f, Replaced)
 	handles := func() map[string][]uint64 {
 		out := map[string][]uint64{}
-		for _, c := range []string{chainInput, chainOutput, chainForward, chainIngress, chainEgress, chainTransit} {
+		for _, c := range []string{firewall.ChainInput, firewall.ChainOutput, firewall.ChainForward, firewall.ChainIngress, firewall.ChainEgress, firewall.ChainTransit} {
 			h, err := fw.RuleHandles(c)
 			if err != nil {
 				t.Fatal(err)
@@ -198,13 +213,13 @@ func TestDriftIsReadAndRepaired(t *testing.T) {
 		cmd  func(h map[string][]uint64) [][]string
 	}{
 		{"policy rule deleted", func(h map[string][]uint64) [][]string {
-			return [][]string{{"nft", "delete", "rule", "inet", TableName, chainIngress, "handle", fmt.Sprint(h[chainIngress][3])}}
+			return [][]string{{"nft", "delete", "rule", "inet", TableName, firewall.ChainIngress, "handle", fmt.Sprint(h[firewall.ChainIngress][3])}}
 		}},
 		{"jump rule deleted", func(h map[string][]uint64) [][]string {
-			return [][]string{{"nft", "delete", "rule", "inet", TableName, chainInput, "handle", fmt.Sprint(h[chainInput][0])}}
+			return [][]string{{"nft", "delete", "rule", "inet", TableName, firewall.ChainInput, "handle", fmt.Sprint(h[firewall.ChainInput][0])}}
 		}},
 		{"rule added", func(map[string][]uint64) [][]string {
-			return [][]string{{"nft", "insert", "rule", "inet", TableName, chainIngress, "tcp", "dport", "22", "accept"}}
+			return [][]string{{"nft", "insert", "rule", "inet", TableName, firewall.ChainIngress, "tcp", "dport", "22", "accept"}}
 		}},
 		{"table flushed", func(map[string][]uint64) [][]string {
 			return [][]string{{"nft", "flush", "table", "inet", TableName}}
@@ -219,7 +234,7 @@ func TestDriftIsReadAndRepaired(t *testing.T) {
 			return [][]string{{"nft", "delete", "element", "inet", TableName, "db_v6", "{ fd5e:6d65:7368::9 }"}}
 		}},
 		{"chain policy changed", func(map[string][]uint64) [][]string {
-			return [][]string{{"nft", "add", "chain", "inet", TableName, chainInput, "{ type filter hook input priority filter; policy drop; }"}}
+			return [][]string{{"nft", "add", "chain", "inet", TableName, firewall.ChainInput, "{ type filter hook input priority filter; policy drop; }"}}
 		}},
 		{"chain added", func(map[string][]uint64) [][]string {
 			return [][]string{{"nft", "add", "chain", "inet", TableName, "extra"}}
@@ -237,7 +252,7 @@ func TestDriftIsReadAndRepaired(t *testing.T) {
 			f := sampleFilter()
 			mustApply(t, fw, f, Replaced)
 			h := map[string][]uint64{}
-			for _, c := range []string{chainInput, chainIngress} {
+			for _, c := range []string{firewall.ChainInput, firewall.ChainIngress} {
 				hs, err := fw.RuleHandles(c)
 				if err != nil {
 					t.Fatal(err)
@@ -251,15 +266,52 @@ func TestDriftIsReadAndRepaired(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if cmp.Equal(dataplane.CanonicalFilter(f), dataplane.CanonicalFilter(got), cmpOpts) {
-				t.Fatalf("Read after drift equals the applied filter:\n%s", ns.MustExec(t, "nft", "list", "ruleset"))
+			if d := firewall.Compare(build(t, f), got); d == nil {
+				t.Fatalf("Read after drift equals the applied table:\n%s", ns.MustExec(t, "nft", "list", "ruleset"))
 			}
-			res, err := fw.Apply(f)
+			res, err := fw.Apply(build(t, f))
 			if err != nil || res == Unchanged {
 				t.Fatalf("repairing Apply = %v, %v", res, err)
 			}
 			checkRead(t, fw, f)
 		})
+	}
+}
+
+// TestReadSkippedWhileGenerationUnchanged: reads and re-applies use the table read
+// (or written) last as long as the kernel's ruleset generation stays the same, and
+// see any change made behind the Firewall's back.
+func TestReadSkippedWhileGenerationUnchanged(t *testing.T) {
+	fw, ns := newFirewall(t)
+	f := sampleFilter()
+	mustApply(t, fw, f, Replaced)
+	count := func() int {
+		fw.mu.Lock()
+		defer fw.mu.Unlock()
+		return fw.snapshots
+	}
+	before := count()
+	for range 3 {
+		if got, err := fw.Read(); err != nil || firewall.Compare(build(t, f), got) != nil {
+			t.Fatalf("Read = %v, %v", got, err)
+		}
+		mustApply(t, fw, f, Unchanged)
+	}
+	if n := count() - before; n != 0 {
+		t.Fatalf("%d snapshots while nothing changed, want 0", n)
+	}
+	ns.MustExec(t, "nft", "add", "element", "inet", TableName, "web_v4", "{ 100.64.9.9 }")
+	got, err := fw.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := firewall.Compare(build(t, f), got); len(d) != 1 || !strings.Contains(d[0], "100.64.9.9") {
+		t.Fatalf("Read after an element was added: %q", d)
+	}
+	ns.MustExec(t, "nft", "add", "table", "inet", "unrelated") // any table moves the generation
+	mustApply(t, fw, f, ElementsUpdated)
+	if n := count() - before; n != 2 {
+		t.Fatalf("%d snapshots after two changes, want 2", n)
 	}
 }
 
@@ -300,7 +352,7 @@ func TestWatchFiresOnChanges(t *testing.T) {
 	ns.MustExec(t, "nft", "add", "table", "inet", "unrelated") // not ours: no event expected
 	for _, c := range [][]string{
 		{"nft", "add", "element", "inet", TableName, "web_v4", "{ 100.64.9.9 }"},
-		{"nft", "flush", "chain", "inet", TableName, chainEgress},
+		{"nft", "flush", "chain", "inet", TableName, firewall.ChainEgress},
 		{"nft", "delete", "table", "inet", TableName},
 	} {
 		ns.MustExec(t, c...)

@@ -4,12 +4,12 @@ import (
 	"errors"
 	"net/netip"
 	"slices"
-	"strings"
 	"testing"
 
 	"github.com/google/nftables/expr"
 	"pgregory.net/rapid"
 
+	"segmesh/agent/firewall"
 	"segmesh/policy"
 )
 
@@ -27,25 +27,23 @@ func TestDecodeRuleRoundTrip(t *testing.T) {
 		},
 		Egress: []policy.FilterRule{{Set: "web", Origin: "out", Matches: []policy.PortMatch{{Protocol: policy.ProtoUDP, Ports: []policy.PortRange{{First: 53, Last: 53}}}}}},
 	}
-	m, err := desiredModel("smdp0", f)
+	tab, err := firewall.Build("smdp0", f)
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := 0
-	for chain, rules := range m.Rules {
-		for i, r := range rules {
-			got, err := decodeRule(r.exprs(), r.userData())
+	for _, c := range tab.Chains {
+		for i, r := range c.Rules {
+			got, err := decodeRule(ruleExprs(r), userData(r))
 			if err != nil {
-				t.Fatalf("%s[%d] %+v: %v", chain, i, r, err)
+				t.Fatalf("%s[%d] %+v: %v", c.Name, i, r, err)
 			}
 			if got != r {
-				t.Errorf("%s[%d]: decoded %+v, want %+v", chain, i, got, r)
+				t.Errorf("%s[%d]: decoded %+v, want %+v", c.Name, i, got, r)
 			}
-			n++
 		}
 	}
 	// 2 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders + final drop
-	if got := len(m.Rules[chainIngress]); got != 2+8+2+2+1 {
+	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 2+8+2+2+1 {
 		t.Errorf("ingress has %d rules, want 15", got)
 	}
 }
@@ -82,33 +80,6 @@ func TestDecodeRuleRejectsOtherShapes(t *testing.T) {
 	}
 }
 
-func TestDesiredModelRejectsInvalidFilters(t *testing.T) {
-	set := []policy.AddressSet{{Name: "s"}}
-	tests := []struct {
-		name string
-		f    policy.Filter
-		want string
-	}{
-		{"undefined set", policy.Filter{Ingress: []policy.FilterRule{{Set: "nope"}}}, "not defined"},
-		{"duplicate set", policy.Filter{Sets: []policy.AddressSet{{Name: "s"}, {Name: "s"}}}, "twice"},
-		{"empty set name", policy.Filter{Sets: []policy.AddressSet{{}}}, "set name"},
-		{"ports on icmp", policy.Filter{Sets: set, Egress: []policy.FilterRule{{Set: "s", Matches: []policy.PortMatch{
-			{Protocol: policy.ProtoICMP, Ports: []policy.PortRange{{First: 1, Last: 1}}}}}}}, "takes no ports"},
-		{"reversed range", policy.Filter{Sets: set, Egress: []policy.FilterRule{{Set: "s", Matches: []policy.PortMatch{
-			{Protocol: policy.ProtoTCP, Ports: []policy.PortRange{{First: 9, Last: 1}}}}}}}, "empty"},
-		{"unknown protocol", policy.Filter{Sets: set, Egress: []policy.FilterRule{{Set: "s", Matches: []policy.PortMatch{
-			{Protocol: "sctp"}}}}}, "unknown protocol"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			_, err := desiredModel("smdp0", tt.f)
-			if err == nil || !strings.Contains(err.Error(), tt.want) {
-				t.Errorf("desiredModel error = %v, want it to contain %q", err, tt.want)
-			}
-		})
-	}
-}
-
 func TestIntervals(t *testing.T) {
 	pp := func(ss ...string) []netip.Prefix {
 		var out []netip.Prefix
@@ -121,18 +92,18 @@ func TestIntervals(t *testing.T) {
 	tests := []struct {
 		name string
 		in   []netip.Prefix
-		want []interval
+		want []firewall.Interval
 	}{
 		{"empty", nil, nil},
-		{"hosts", pp("100.64.0.2/32", "100.64.0.1/32"), []interval{{a("100.64.0.1"), a("100.64.0.1")}, {a("100.64.0.2"), a("100.64.0.2")}}},
-		{"contained", pp("10.0.0.0/8", "10.1.0.0/16", "10.0.0.0/8"), []interval{{a("10.0.0.0"), a("10.255.255.255")}}},
-		{"unmasked", pp("10.1.2.3/24"), []interval{{a("10.1.2.0"), a("10.1.2.255")}}},
-		{"all v4", pp("0.0.0.0/0"), []interval{{a("0.0.0.0"), a("255.255.255.255")}}},
-		{"v6", pp("fd5e:6d65:7368::/48"), []interval{{a("fd5e:6d65:7368::"), a("fd5e:6d65:7368:ffff:ffff:ffff:ffff:ffff")}}},
+		{"hosts", pp("100.64.0.2/32", "100.64.0.1/32"), []firewall.Interval{{First: a("100.64.0.1"), Last: a("100.64.0.1")}, {First: a("100.64.0.2"), Last: a("100.64.0.2")}}},
+		{"contained", pp("10.0.0.0/8", "10.1.0.0/16", "10.0.0.0/8"), []firewall.Interval{{First: a("10.0.0.0"), Last: a("10.255.255.255")}}},
+		{"unmasked", pp("10.1.2.3/24"), []firewall.Interval{{First: a("10.1.2.0"), Last: a("10.1.2.255")}}},
+		{"all v4", pp("0.0.0.0/0"), []firewall.Interval{{First: a("0.0.0.0"), Last: a("255.255.255.255")}}},
+		{"v6", pp("fd5e:6d65:7368::/48"), []firewall.Interval{{First: a("fd5e:6d65:7368::"), Last: a("fd5e:6d65:7368:ffff:ffff:ffff:ffff:ffff")}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := prefixIntervals(tt.in)
+			got := firewall.PrefixIntervals(tt.in)
 			if !slices.Equal(got, tt.want) {
 				t.Errorf("prefixIntervals = %v, want %v", got, tt.want)
 			}
@@ -170,7 +141,7 @@ func TestIntervalsProperty(t *testing.T) {
 			_ = i
 			ps = append(ps, netip.PrefixFrom(addr, bits))
 		}
-		ivs := prefixIntervals(ps)
+		ivs := firewall.PrefixIntervals(ps)
 		addrLen := 4
 		if v6 {
 			addrLen = 16
@@ -182,20 +153,20 @@ func TestIntervalsProperty(t *testing.T) {
 			if i > 0 && ivs[i-1].Last.Compare(iv.First) >= 0 {
 				t.Fatalf("intervals overlap or are unsorted: %v", ivs)
 			}
-			cover := intervalPrefixes(iv)
-			if got := prefixIntervals(cover); len(got) != len(cover) || got[0].First != iv.First || got[len(got)-1].Last != iv.Last {
-				t.Fatalf("intervalPrefixes(%v) = %v", iv, cover)
+			cover := firewall.IntervalPrefixes(iv)
+			if got := firewall.PrefixIntervals(cover); len(got) != len(cover) || got[0].First != iv.First || got[len(got)-1].Last != iv.Last {
+				t.Fatalf("IntervalPrefixes(%v) = %v", iv, cover)
 			}
 			for j := 1; j < len(cover); j++ {
-				if lastAddr(cover[j-1]).Next() != cover[j].Addr() {
-					t.Fatalf("intervalPrefixes(%v) = %v has a gap", iv, cover)
+				if firewall.LastAddr(cover[j-1]).Next() != cover[j].Addr() {
+					t.Fatalf("IntervalPrefixes(%v) = %v has a gap", iv, cover)
 				}
 			}
 		}
 		// Every input address is covered by some interval.
 		for _, p := range ps {
 			a := p.Masked().Addr()
-			if !slices.ContainsFunc(ivs, func(iv interval) bool { return iv.First.Compare(a) <= 0 && iv.Last.Compare(a) >= 0 }) {
+			if !slices.ContainsFunc(ivs, func(iv firewall.Interval) bool { return iv.First.Compare(a) <= 0 && iv.Last.Compare(a) >= 0 }) {
 				t.Fatalf("%v not covered by %v", p, ivs)
 			}
 		}

@@ -1,4 +1,4 @@
-package nftrender_test
+package firewall_test
 
 import (
 	"fmt"
@@ -12,7 +12,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"segmesh/agent/dataplane/linux/nft"
-	"segmesh/api/nftrender"
+	"segmesh/agent/firewall"
 )
 
 // anonNS creates an unnamed network namespace held only by the returned handle;
@@ -56,12 +56,11 @@ func nftIn(t *testing.T, h netns.NsHandle, stdin string, args ...string) string 
 	return string(out)
 }
 
-// TestRenderMatchesKernel: for every case, the agent's firewall programs the filter
-// in one namespace and `nft list table inet segmesh` there prints exactly Render's
-// text; loading Render's text with `nft -f` in a
-// second namespace yields exactly the same listing.
-func TestRenderMatchesKernel(t *testing.T) {
-	for _, tc := range nftrender.Cases() {
+// TestStringMatchesKernel: for every case, the agent's firewall programs the table in
+// one namespace and `nft list table inet segmesh` there prints exactly its String;
+// loading that text with `nft -f` in a second namespace yields the same listing.
+func TestStringMatchesKernel(t *testing.T) {
+	for _, tc := range firewall.Cases() {
 		t.Run(tc.Name, func(t *testing.T) {
 			agentNS := anonNS(t)
 			fw, err := nft.New(tc.Iface, int(agentNS), slog.New(slog.DiscardHandler))
@@ -69,21 +68,25 @@ func TestRenderMatchesKernel(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer fw.Close()
-			if _, err := fw.Apply(tc.F); err != nil {
+			tab, err := firewall.Build(tc.Iface, tc.F)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := fw.Apply(tab); err != nil {
 				t.Fatalf("agent firewall Apply: %v", err)
 			}
-			kernel := nftIn(t, agentNS, "", "list", "table", "inet", nftrender.TableName)
-			rendered := nftrender.Render(tc.Iface, tc.F)
+			kernel := nftIn(t, agentNS, "", "list", "table", "inet", firewall.TableName)
+			rendered := tab.String()
 			if rendered != kernel {
-				t.Errorf("Render differs from the kernel's listing of the agent's table:\n--- Render\n%s\n--- kernel\n%s", rendered, kernel)
+				t.Errorf("String differs from the kernel's listing of the agent's table:\n--- String\n%s\n--- kernel\n%s", rendered, kernel)
 			}
 
 			// The listing must load again with nft -f (e.g. for firewall backups),
 			// which needs every comment within nft's 128-character limit.
 			loadNS := anonNS(t)
 			nftIn(t, loadNS, rendered, "-f", "-")
-			if loaded := nftIn(t, loadNS, "", "list", "table", "inet", nftrender.TableName); loaded != kernel {
-				t.Errorf("nft -f of Render's text lists differently from the agent's table:\n--- loaded\n%s\n--- agent\n%s", loaded, kernel)
+			if loaded := nftIn(t, loadNS, "", "list", "table", "inet", firewall.TableName); loaded != kernel {
+				t.Errorf("nft -f of String lists differently from the agent's table:\n--- loaded\n%s\n--- agent\n%s", loaded, kernel)
 			}
 		})
 	}

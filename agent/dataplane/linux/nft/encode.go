@@ -11,50 +11,15 @@ import (
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
+	"segmesh/agent/firewall"
 	"segmesh/policy"
 )
 
-// verdict is the terminal statement of a rule.
-type verdict uint8
-
-const (
-	verdictNone verdict = iota
-	verdictAccept
-	verdictDrop
-	verdictJump
-)
-
-// ruleSpec is one kernel rule in a comparable form. Every rule this package writes is
-// the concatenation, in this order, of optional matches (interface name, conntrack
-// state, network family, address set lookup, layer-4 protocol, destination port or
-// ICMP type) and an optional verdict, plus userdata (comment and position). Encoding a
-// ruleSpec and decoding the kernel's copy of it yields the same ruleSpec; any rule
-// that does not have this shape fails to decode.
-type ruleSpec struct {
-	IIFName, OIFName string
-	// CtState is the mask of "ct state & CtState != 0"; 0 means no conntrack match.
-	CtState uint32
-	// NFProto is unix.NFPROTO_IPV4 or unix.NFPROTO_IPV6; 0 means any family.
-	NFProto byte
-	// AddrOff/AddrLen locate the address (in the network header) looked up in Set.
-	AddrOff, AddrLen uint32
-	Set              string
-	// L4Proto is the IP protocol number; 0 means any.
-	L4Proto     byte
-	HasDPort    bool
-	DPort       policy.PortRange
-	HasICMPType bool
-	ICMPType    byte
-	Verdict     verdict
-	Jump        string
-	// Comment is the rule's nft comment (userdata type 0).
-	Comment string
-	// HasPos/Pos is the position of the FilterRule this kernel rule renders:
-	// rule index << 16 | match index (posNoMatch for a rule without matches).
-	HasPos bool
-	Pos    uint32
-	// Unknown describes a kernel rule that failed to decode; never rendered.
-	Unknown string
+// addrOffsets locate the source and destination address in the network header of
+// each family, and their length in bytes.
+var addrOffsets = map[firewall.Family]struct{ src, dst, length uint32 }{
+	firewall.FamilyIPv4: {12, 16, 4},
+	firewall.FamilyIPv6: {8, 24, 16},
 }
 
 // Userdata TLV types. Type 0 is the comment that nft(8) prints; udataPosition is ours
@@ -62,8 +27,6 @@ type ruleSpec struct {
 const (
 	udataComment  = 0
 	udataPosition = 0x53
-	// posNoMatch marks the placeholder rule of a FilterRule without matches.
-	posNoMatch = 0xffff
 )
 
 // ifnameData returns the 16-byte, NUL-padded interface name nft compares exactly.
@@ -73,8 +36,8 @@ func ifnameData(name string) []byte {
 	return b
 }
 
-// exprs renders s as nftables expressions.
-func (s ruleSpec) exprs() []expr.Any {
+// ruleExprs renders s as nftables expressions.
+func ruleExprs(s firewall.Rule) []expr.Any {
 	var out []expr.Any
 	cmpEq := func(data []byte) *expr.Cmp { return &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: data} }
 	if s.IIFName != "" {
@@ -87,16 +50,21 @@ func (s ruleSpec) exprs() []expr.Any {
 		out = append(out,
 			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(s.CtState), Xor: make([]byte, 4)},
+				Mask: binaryutil.NativeEndian.PutUint32(uint32(s.CtState)), Xor: make([]byte, 4)},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)})
 	}
-	if s.NFProto != 0 {
-		out = append(out, &expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, cmpEq([]byte{s.NFProto}))
+	if s.Family != firewall.FamilyAny {
+		out = append(out, &expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, cmpEq([]byte{byte(s.Family)}))
 	}
-	if s.Set != "" {
+	if s.Addr != firewall.AddrNone {
+		off := addrOffsets[s.Family]
+		offset := off.src
+		if s.Addr == firewall.AddrDestination {
+			offset = off.dst
+		}
 		out = append(out,
 			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader,
-				Offset: s.AddrOff, Len: s.AddrLen},
+				Offset: offset, Len: off.length},
 			&expr.Lookup{SourceRegister: 1, SetName: s.Set})
 	}
 	if s.L4Proto != 0 {
@@ -118,18 +86,18 @@ func (s ruleSpec) exprs() []expr.Any {
 			Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1}, cmpEq([]byte{s.ICMPType}))
 	}
 	switch s.Verdict {
-	case verdictAccept:
+	case firewall.VerdictAccept:
 		out = append(out, &expr.Verdict{Kind: expr.VerdictAccept})
-	case verdictDrop:
+	case firewall.VerdictDrop:
 		out = append(out, &expr.Verdict{Kind: expr.VerdictDrop})
-	case verdictJump:
+	case firewall.VerdictJump:
 		out = append(out, &expr.Verdict{Kind: expr.VerdictJump, Chain: s.Jump})
 	}
 	return out
 }
 
 // userData renders the comment and position TLVs (nil when s has neither).
-func (s ruleSpec) userData() []byte {
+func userData(s firewall.Rule) []byte {
 	var b []byte
 	if s.Comment != "" {
 		b = append(b, udataComment, byte(len(s.Comment)+1))
@@ -145,11 +113,11 @@ func (s ruleSpec) userData() []byte {
 
 var errShape = errors.New("rule is not of a shape segmesh writes")
 
-// decodeRule parses a kernel rule into a ruleSpec. It fails with errShape (wrapped)
-// for any expression, field or userdata this package does not write.
-func decodeRule(exprs []expr.Any, udata []byte) (ruleSpec, error) {
-	var s ruleSpec
-	if err := s.decodeUserData(udata); err != nil {
+// decodeRule parses a kernel rule into a firewall.Rule. It fails with errShape
+// (wrapped) for any expression, field or userdata this package does not write.
+func decodeRule(exprs []expr.Any, udata []byte) (firewall.Rule, error) {
+	var s firewall.Rule
+	if err := decodeUserData(&s, udata); err != nil {
 		return s, err
 	}
 	// stage enforces the rendering order; each group may appear at most once.
@@ -223,7 +191,10 @@ func decodeRule(exprs []expr.Any, udata []byte) (ruleSpec, error) {
 				if err := advance(stFamily); err != nil {
 					return s, err
 				}
-				s.NFProto = data[0]
+				s.Family = firewall.Family(data[0])
+				if _, ok := addrOffsets[s.Family]; !ok {
+					return s, fmt.Errorf("%w: family %d", errShape, data[0])
+				}
 			case expr.MetaKeyL4PROTO:
 				data, ok := eqCmp(next, 1)
 				if !ok || data[0] == 0 {
@@ -253,7 +224,7 @@ func decodeRule(exprs []expr.Any, udata []byte) (ruleSpec, error) {
 			if err := advance(stCt); err != nil {
 				return s, err
 			}
-			s.CtState = binaryutil.NativeEndian.Uint32(bw.Mask)
+			s.CtState = firewall.CtState(binaryutil.NativeEndian.Uint32(bw.Mask))
 			if s.CtState == 0 {
 				return s, fmt.Errorf("%w: empty conntrack state mask", errShape)
 			}
@@ -272,7 +243,18 @@ func decodeRule(exprs []expr.Any, udata []byte) (ruleSpec, error) {
 				if err := advance(stLookup); err != nil {
 					return s, err
 				}
-				s.AddrOff, s.AddrLen, s.Set = v.Offset, v.Len, lk.SetName
+				off, ok := addrOffsets[s.Family]
+				switch {
+				case !ok || v.Len != off.length:
+					return s, fmt.Errorf("%w: address lookup without its family match", errShape)
+				case v.Offset == off.src:
+					s.Addr = firewall.AddrSource
+				case v.Offset == off.dst:
+					s.Addr = firewall.AddrDestination
+				default:
+					return s, fmt.Errorf("%w: address lookup at offset %d", errShape, v.Offset)
+				}
+				s.Set = lk.SetName
 			case v.Base == expr.PayloadBaseTransportHeader && v.Offset == 2 && v.Len == 2:
 				if err := advance(stDPort); err != nil {
 					return s, err
@@ -309,15 +291,15 @@ func decodeRule(exprs []expr.Any, udata []byte) (ruleSpec, error) {
 			}
 			switch v.Kind {
 			case expr.VerdictAccept:
-				s.Verdict = verdictAccept
+				s.Verdict = firewall.VerdictAccept
 			case expr.VerdictDrop:
-				s.Verdict = verdictDrop
+				s.Verdict = firewall.VerdictDrop
 			case expr.VerdictJump:
-				s.Verdict, s.Jump = verdictJump, v.Chain
+				s.Verdict, s.Jump = firewall.VerdictJump, v.Chain
 			default:
 				return s, fmt.Errorf("%w: verdict %d", errShape, v.Kind)
 			}
-			if s.Verdict != verdictJump && v.Chain != "" {
+			if s.Verdict != firewall.VerdictJump && v.Chain != "" {
 				return s, fmt.Errorf("%w: verdict with chain", errShape)
 			}
 		default:
@@ -327,7 +309,7 @@ func decodeRule(exprs []expr.Any, udata []byte) (ruleSpec, error) {
 	return s, nil
 }
 
-func (s *ruleSpec) decodeUserData(b []byte) error {
+func decodeUserData(s *firewall.Rule, b []byte) error {
 	for len(b) > 0 {
 		if len(b) < 2 || len(b) < 2+int(b[1]) {
 			return fmt.Errorf("%w: truncated userdata", errShape)
