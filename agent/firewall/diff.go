@@ -13,19 +13,34 @@ type SetElements struct {
 }
 
 // Plan is how to turn the kernel's table into the desired one in one batch.
+// Chains and rules are few and cheap to recreate; sets may hold hundreds of
+// thousands of elements, so a set whose definition is unchanged is only updated.
 type Plan struct {
-	// Replace is true when the table's structure (flags, chains, rules, set
-	// definitions) differs or the table is missing: the whole table is recreated.
+	// Replace is true when the table is missing or its flags differ: the whole
+	// table is recreated and the other fields are empty.
 	Replace bool
-	// Delete and Add are, when Replace is false, the set elements to delete and to
-	// add, per set, sorted by set name.
+	// Chains is true when any chain or rule differs: every rule and chain is
+	// deleted and the desired ones are added.
+	Chains bool
+	// DeleteSets are deleted (not desired, or another definition); AddSets are
+	// created with their elements (missing, or another definition). Sorted.
+	DeleteSets, AddSets []string
+	// Delete and Add are the element changes of the other sets, sorted by set name.
 	Delete, Add []SetElements
 }
 
 // Empty reports whether the kernel already holds the desired table.
-func (p Plan) Empty() bool { return !p.Replace && len(p.Delete) == 0 && len(p.Add) == 0 }
+func (p Plan) Empty() bool {
+	return !p.Replace && !p.Chains && len(p.DeleteSets) == 0 && len(p.AddSets) == 0 && len(p.Delete) == 0 && len(p.Add) == 0
+}
 
-// Elements returns the number of intervals the plan adds and deletes.
+// ElementsOnly reports whether the plan changes set elements and nothing else.
+func (p Plan) ElementsOnly() bool {
+	return !p.Replace && !p.Chains && len(p.DeleteSets) == 0 && len(p.AddSets) == 0
+}
+
+// Elements returns the number of intervals the plan adds to and deletes from kept
+// sets.
 func (p Plan) Elements() (added, deleted int) {
 	for _, s := range p.Add {
 		added += len(s.Intervals)
@@ -39,24 +54,60 @@ func (p Plan) Elements() (added, deleted int) {
 // PlanUpdate returns how to turn have (the kernel's table; nil when it is missing)
 // into want. Work is linear in the number of set elements.
 func PlanUpdate(have, want *Table) Plan {
-	if !SameStructure(have, want) {
+	if have == nil || have.Flags != want.Flags {
 		return Plan{Replace: true}
 	}
 	var p Plan
-	for i := range want.Sets {
-		w, h := want.Sets[i].Elements, have.Sets[i].Elements
-		if slices.Equal(w, h) {
-			continue
-		}
-		name := want.Sets[i].Name
-		if d := minusIntervals(h, w); len(d) > 0 {
-			p.Delete = append(p.Delete, SetElements{Set: name, Intervals: d})
-		}
-		if a := minusIntervals(w, h); len(a) > 0 {
-			p.Add = append(p.Add, SetElements{Set: name, Intervals: a})
+	if len(have.Chains) != len(want.Chains) {
+		p.Chains = true
+	} else {
+		for i := range want.Chains {
+			if !sameChain(have.Chains[i], want.Chains[i]) {
+				p.Chains = true
+				break
+			}
 		}
 	}
+	for _, h := range have.Sets {
+		if w := want.Set(h.Name); w == nil || !sameSetDefinition(*w, h) {
+			p.DeleteSets = append(p.DeleteSets, h.Name)
+		}
+	}
+	for _, w := range want.Sets {
+		h := have.Set(w.Name)
+		if h == nil || !sameSetDefinition(w, *h) {
+			p.AddSets = append(p.AddSets, w.Name)
+			continue
+		}
+		if slices.Equal(w.Elements, h.Elements) {
+			continue
+		}
+		d, a := minusIntervals(h.Elements, w.Elements), minusIntervals(w.Elements, h.Elements)
+		if len(d) > recreateAbove && len(d) > len(w.Elements) {
+			// Deleting most of a large set one element at a time costs the kernel
+			// far more than dropping the set and creating the small one; its rules
+			// go and come back with it.
+			p.DeleteSets, p.AddSets, p.Chains = append(p.DeleteSets, w.Name), append(p.AddSets, w.Name), true
+			continue
+		}
+		if len(d) > 0 {
+			p.Delete = append(p.Delete, SetElements{Set: w.Name, Intervals: d})
+		}
+		if len(a) > 0 {
+			p.Add = append(p.Add, SetElements{Set: w.Name, Intervals: a})
+		}
+	}
+	slices.Sort(p.DeleteSets)
+	slices.Sort(p.AddSets)
 	return p
+}
+
+// recreateAbove is the number of deletions from one set above which PlanUpdate
+// recreates the set when it is to keep fewer elements than it loses.
+const recreateAbove = 1024
+
+func sameSetDefinition(a, b Set) bool {
+	return a.Name == b.Name && a.Type == b.Type && a.Interval == b.Interval && a.Foreign == b.Foreign
 }
 
 // SameStructure reports whether a and b (both sorted) have the same flags, chains,
@@ -72,8 +123,7 @@ func SameStructure(a, b *Table) bool {
 		}
 	}
 	for i := range a.Sets {
-		x, y := a.Sets[i], b.Sets[i]
-		if x.Name != y.Name || x.Type != y.Type || x.Interval != y.Interval || x.Foreign != y.Foreign {
+		if !sameSetDefinition(a.Sets[i], b.Sets[i]) {
 			return false
 		}
 	}

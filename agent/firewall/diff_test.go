@@ -62,6 +62,11 @@ func TestPlanUpdate(t *testing.T) {
 	if p := PlanUpdate(nil, want); !p.Replace {
 		t.Errorf("missing table: %+v, want Replace", p)
 	}
+	flags := mustBuild(t, base.Iface, base.F)
+	flags.Flags = 1
+	if p := PlanUpdate(flags, want); !p.Replace {
+		t.Errorf("table flags: %+v, want Replace", p)
+	}
 	if p := PlanUpdate(mustBuild(t, base.Iface, base.F), want); !p.Empty() {
 		t.Errorf("same table: %+v, want empty", p)
 	}
@@ -71,8 +76,8 @@ func TestPlanUpdate(t *testing.T) {
 	grown.Sets[0].Prefixes = append(slices.Clone(grown.Sets[0].Prefixes), netip.MustParsePrefix("100.64.0.77/32"))
 	grown.Sets[1].Prefixes = grown.Sets[1].Prefixes[1:] // db loses 100.64.0.9
 	p := PlanUpdate(want, mustBuild(t, base.Iface, grown))
-	if p.Replace {
-		t.Fatalf("membership change replaces the table")
+	if !p.ElementsOnly() {
+		t.Fatalf("membership change: %+v, want elements only", p)
 	}
 	if added, deleted := p.Elements(); added != 1 || deleted != 1 ||
 		p.Add[0].Set != "web_v4" || p.Delete[0].Set != "db_v4" {
@@ -84,28 +89,51 @@ func TestPlanUpdate(t *testing.T) {
 		t.Errorf("Compare = %q", diff)
 	}
 
-	// Any change of rules, chains or set definitions replaces the table.
-	for name, mutate := range map[string]func(*Table){
-		"rule changed":  func(t *Table) { t.Chain(ChainIngress).Rules[3].DPort.Last++ },
-		"rule removed":  func(t *Table) { c := t.Chain(ChainEgress); c.Rules = slices.Delete(c.Rules, 2, 3) },
-		"chain policy":  func(t *Table) { t.Chain(ChainInput).Base.Policy = VerdictDrop },
-		"set flags":     func(t *Table) { t.Sets[0].Interval = false },
-		"foreign set":   func(t *Table) { t.Sets = append(t.Sets, Set{Name: "zz", Type: TypeIPv4}) },
-		"table flags":   func(t *Table) { t.Flags = 1 },
-		"foreign chain": func(t *Table) { t.Chains = append(t.Chains, Chain{Name: "zz"}) },
-		"unknown rule": func(t *Table) {
+	// Emptying a large set recreates it (with the rules) rather than deleting
+	// every element.
+	var many []netip.Prefix
+	for i := range 3000 {
+		many = append(many, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 9, byte(i >> 8), byte(i)}), 32))
+	}
+	large := base.F
+	large.Sets = slices.Clone(base.F.Sets)
+	large.Sets[2].Prefixes = many // ext
+	if p := PlanUpdate(mustBuild(t, base.Iface, large), want); !p.Chains || !slices.Equal(p.AddSets, []string{"ext_v4"}) ||
+		!slices.Equal(p.DeleteSets, []string{"ext_v4"}) {
+		t.Errorf("shrinking a large set: %+v, want ext_v4 recreated", p)
+	}
+	if p := PlanUpdate(want, mustBuild(t, base.Iface, large)); !p.ElementsOnly() {
+		t.Errorf("growing a set: %+v, want elements only", p)
+	}
+
+	// A change of rules or chains recreates them; a set definition change recreates
+	// that set; the other sets keep their elements.
+	for name, tt := range map[string]struct {
+		mutate      func(*Table)
+		chains      bool
+		delete, add []string
+	}{
+		"rule changed":  {func(t *Table) { t.Chain(ChainIngress).Rules[3].DPort.Last++ }, true, nil, nil},
+		"rule removed":  {func(t *Table) { c := t.Chain(ChainEgress); c.Rules = slices.Delete(c.Rules, 2, 3) }, true, nil, nil},
+		"chain policy":  {func(t *Table) { t.Chain(ChainInput).Base.Policy = VerdictDrop }, true, nil, nil},
+		"foreign chain": {func(t *Table) { t.Chains = append(t.Chains, Chain{Name: "zz"}) }, true, nil, nil},
+		"unknown rule": {func(t *Table) {
 			c := t.Chain(ChainTransit)
 			c.Rules = append(c.Rules, Rule{Unknown: "handle 9: counter"})
-		},
-		"missing chain":  func(t *Table) { t.Chains = t.Chains[1:] },
-		"missing set":    func(t *Table) { t.Sets = t.Sets[1:] },
-		"interface name": func(t *Table) { t.Chain(ChainInput).Rules[0].IIFName = "eth0" },
+		}, true, nil, nil},
+		"missing chain":  {func(t *Table) { t.Chains = t.Chains[1:] }, true, nil, nil},
+		"interface name": {func(t *Table) { t.Chain(ChainInput).Rules[0].IIFName = "eth0" }, true, nil, nil},
+		"set flags":      {func(t *Table) { t.Sets[0].Interval = false }, false, []string{"db_v4"}, []string{"db_v4"}},
+		"foreign set":    {func(t *Table) { t.Sets = append(t.Sets, Set{Name: "zz", Type: TypeIPv4}) }, false, []string{"zz"}, nil},
+		"missing set":    {func(t *Table) { t.Sets = t.Sets[1:] }, false, nil, []string{"db_v4"}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			have := mustBuild(t, base.Iface, base.F)
-			mutate(have)
-			if p := PlanUpdate(have, want); !p.Replace {
-				t.Errorf("plan %+v, want Replace", p)
+			tt.mutate(have)
+			p := PlanUpdate(have, want)
+			if p.Replace || p.Chains != tt.chains || !slices.Equal(p.DeleteSets, tt.delete) || !slices.Equal(p.AddSets, tt.add) ||
+				len(p.Add) != 0 || len(p.Delete) != 0 {
+				t.Errorf("plan %+v, want chains=%v delete sets %v add sets %v", p, tt.chains, tt.delete, tt.add)
 			}
 			if d := Compare(want, have); len(d) == 0 {
 				t.Error("Compare reports no difference")

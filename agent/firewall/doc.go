@@ -6,9 +6,10 @@
 //     segmesh` prints, which also loads with `nft -f`;
 //   - a packet tracer (Table.Trace) that says which rule decides a packet, used by the
 //     agent's conntrack sweep and by tests;
-//   - the structural diff (PlanUpdate) that decides between updating set elements
-//     only and replacing the table, and the list of differences (Compare) reported as
-//     drift;
+//   - the structural diff (PlanUpdate) that decides what one batch must change:
+//     set elements only; chains, rules and some sets while the other sets keep their
+//     elements; or the whole table; and the list of differences (Compare) reported
+//     as drift;
 //   - the way back from a Table read from the kernel to the Filter it enforces
 //     (Table.Filter).
 //

@@ -2,10 +2,12 @@
 // netlink. What the table holds is decided by package agent/firewall, which builds it
 // as data from a node's filter; this package only encodes a firewall.Table as netlink
 // messages and decodes the kernel's table back into one (see encode.go). Every change
-// is one atomic netlink batch: either only set elements are added and deleted (when
-// chains, rules and set definitions already match), or the whole table is replaced
-// (add table; delete table; add table, sets, chains, rules). Reads are skipped while
-// the kernel's ruleset generation has not changed since the last read or apply.
+// is one atomic netlink batch built from firewall.PlanUpdate: set elements added and
+// deleted; chains and rules recreated and sets created or deleted, while the other
+// sets keep their elements; or, when the table is missing, the whole table created.
+// Reads are skipped while the kernel's ruleset generation has not changed, and after
+// a change by another process only the parts it touched are read again (see
+// tracker.go).
 package nft
 
 import (
@@ -13,9 +15,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
@@ -43,6 +45,9 @@ const (
 	Unchanged Result = iota
 	// ElementsUpdated: only set elements were added or deleted.
 	ElementsUpdated
+	// Updated: chains and rules, or some sets, were recreated; the other sets kept
+	// their elements.
+	Updated
 	// Replaced: the whole table was (re)created.
 	Replaced
 )
@@ -53,6 +58,8 @@ func (r Result) String() string {
 		return "unchanged"
 	case ElementsUpdated:
 		return "elements updated"
+	case Updated:
+		return "rules updated"
 	case Replaced:
 		return "replaced"
 	}
@@ -71,11 +78,14 @@ type Firewall struct {
 	conn *nftables.Conn
 	// genConn queries the ruleset generation.
 	genConn *netlink.Conn
+	// tracker records which parts of the table other processes changed.
+	tracker *tracker
 	// cached is the kernel's table (nil: missing) as of generation cachedGen, valid
-	// when cacheValid.
-	cached     *firewall.Table
-	cachedGen  uint32
-	cacheValid bool
+	// when cacheValid; cachedLosses is the tracker's loss count it was read under.
+	cached       *firewall.Table
+	cachedGen    uint32
+	cacheValid   bool
+	cachedLosses int
 	// snapshots counts kernel read-backs (for tests).
 	snapshots int
 }
@@ -99,8 +109,14 @@ func New(iface string, netnsFD int, log *slog.Logger) (*Firewall, error) {
 		_ = conn.CloseLasting()
 		return nil, fmt.Errorf("opening nftables generation socket: %w", err)
 	}
+	tr, err := newTracker(netnsFD)
+	if err != nil {
+		_ = conn.CloseLasting()
+		_ = genConn.Close()
+		return nil, err
+	}
 	return &Firewall{
-		iface: iface, nsFD: netnsFD, log: log, conn: conn, genConn: genConn,
+		iface: iface, nsFD: netnsFD, log: log, conn: conn, genConn: genConn, tracker: tr,
 		table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet},
 	}, nil
 }
@@ -129,81 +145,123 @@ func bigBuffers(c *netlink.Conn) error {
 func (f *Firewall) Close() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.tracker.close()
 	return errors.Join(f.conn.CloseLasting(), f.genConn.Close())
 }
 
-// Apply makes the table hold exactly want (a table firewall.Build made). It sends no
-// batch when the kernel already holds it, only set element changes when chains, rules
-// and set definitions match, and otherwise replaces the table; each in one atomic
-// batch. Errors name the failing step; the kernel keeps its previous table on error.
+// Apply makes the table hold exactly want (a table firewall.Build made), in one atomic
+// batch planned by firewall.PlanUpdate against the kernel's table as last read or
+// written. It sends no batch when the kernel already holds want. When the Firewall
+// knows nothing about the kernel's table (its first Apply, or after a failed read or
+// lost notifications) it replaces the table without reading it. Errors name the
+// failing step; the kernel keeps its previous table on error.
 func (f *Firewall) Apply(want *firewall.Table) (Result, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 
-	gen, have, err := f.current()
-	if err != nil {
-		f.log.Warn("reading nftables table failed; replacing it", "table", TableName, "err", err)
-		have = nil
+	losses := f.tracker.lossCount()
+	var (
+		gen   uint32
+		genOK bool
+		have  *firewall.Table
+		err   error
+	)
+	if f.cacheValid {
+		gen, genOK, have, err = f.current()
+		if err != nil {
+			f.log.Warn("reading nftables table failed; replacing it", "table", TableName, "err", err)
+			have = nil
+		}
+	} else {
+		// Nothing known about the kernel's table (a new process, lost notifications):
+		// replacing it costs about as much as building it, while reading it back
+		// costs time quadratic in the size of its sets.
+		var gerr error
+		gen, gerr = generation(f.genConn)
+		genOK = gerr == nil
 	}
 	plan := firewall.PlanUpdate(have, want)
 	if plan.Empty() {
 		return Unchanged, nil
 	}
+	res := Replaced
 	if !plan.Replace {
-		for _, s := range plan.Delete {
-			f.chunked(s.Set, s.Intervals, f.conn.SetDeleteElements)
+		res = ElementsUpdated
+		if !plan.ElementsOnly() {
+			res = Updated
 		}
-		for _, s := range plan.Add {
-			f.chunked(s.Set, s.Intervals, f.conn.SetAddElements)
+		f.update(have, want, plan)
+		if err = f.flushQuietly(); err != nil {
+			f.log.Warn("updating the table failed; replacing it", "table", TableName, "err", err)
 		}
-		err := f.conn.Flush()
-		if err == nil {
-			f.committed(gen, want)
-			return ElementsUpdated, nil
-		}
-		f.cacheValid = false
-		f.log.Warn("updating set elements failed; replacing the table", "table", TableName, "err", err)
-		gen, _ = generation(f.genConn)
 	}
-	f.replace(want)
-	if err := f.conn.Flush(); err != nil {
-		f.cacheValid = false
-		return Unchanged, fmt.Errorf("replacing table inet %s: %w", TableName, err)
+	if plan.Replace || err != nil {
+		res = Replaced
+		f.replace(want)
+		if err := f.flushQuietly(); err != nil {
+			f.cacheValid = false
+			return Unchanged, fmt.Errorf("replacing table inet %s: %w", TableName, err)
+		}
 	}
-	f.committed(gen, want)
-	return Replaced, nil
-}
-
-// committed caches want as the kernel's table after a batch committed on top of
-// generation before: only when the generation moved by exactly one, i.e. when no
-// other transaction came between the read and the batch or after it.
-func (f *Firewall) committed(before uint32, want *firewall.Table) {
-	f.cacheValid = false
+	// The kernel holds want at the generation after gen if no other process
+	// committed meanwhile (the tracker did not listen during the batch).
 	after, err := generation(f.genConn)
-	if err == nil && after == before+1 {
-		f.cached, f.cachedGen, f.cacheValid = want, after, true
-	}
+	f.cached, f.cachedGen, f.cachedLosses = want, after, losses
+	f.cacheValid = genOK && err == nil && after == gen+1 && f.tracker.lossCount() == losses
+	return res, nil
 }
 
-// current returns the ruleset generation and the kernel's table: the cached one when
-// the generation has not changed since it was read, else a fresh snapshot. d.mu must
-// be held.
-func (f *Firewall) current() (uint32, *firewall.Table, error) {
+// flushQuietly sends the queued batch while the tracker is out of the notification
+// group (see tracker.pause).
+func (f *Firewall) flushQuietly() error {
+	paused := f.tracker.pause() == nil
+	err := f.conn.Flush()
+	if paused {
+		if rerr := f.tracker.resume(); rerr != nil {
+			f.log.Warn("rejoining nftables notifications failed", "err", rerr)
+			f.tracker.lost()
+		}
+	}
+	return err
+}
+
+// current returns the ruleset generation (genOK false when it could not be queried)
+// and the kernel's table. While the generation stays the same it returns the cached
+// table; when it moved, it re-reads only what other processes changed according to
+// the tracker (the structure without elements, and the elements of the sets they
+// touched); when the tracker cannot tell (lost notifications, no cache), it reads the
+// whole table. f.mu must be held.
+func (f *Firewall) current() (gen uint32, genOK bool, t *firewall.Table, err error) {
 	gen, gerr := generation(f.genConn)
-	if gerr == nil && f.cacheValid && gen == f.cachedGen {
-		return gen, f.cached, nil
+	if gerr != nil {
+		f.log.Debug("nftables generation unavailable; reading the table every time", "err", gerr)
+		f.cacheValid = false
+		t, err := f.snapshot(nil, change{structure: true})
+		return 0, false, t, err
+	}
+	if f.cacheValid {
+		if gen == f.cachedGen {
+			return gen, true, f.cached, nil
+		}
+		if ch, ok := f.tracker.since(f.cachedGen, gen, f.cachedLosses); ok {
+			t := f.cached
+			if !ch.empty() {
+				if t, err = f.snapshot(f.cached, ch); err != nil {
+					f.cacheValid = false
+					return gen, true, nil, err
+				}
+			}
+			f.cached, f.cachedGen = t, gen
+			return gen, true, t, nil
+		}
 	}
 	f.cacheValid = false
-	t, err := f.snapshot()
-	if err != nil {
-		return gen, nil, err
+	losses := f.tracker.lossCount()
+	if t, err = f.snapshot(nil, change{structure: true}); err != nil {
+		return gen, true, nil, err
 	}
-	if gerr == nil {
-		f.cached, f.cachedGen, f.cacheValid = t, gen, true
-	} else {
-		f.log.Debug("nftables generation unavailable; reading the table every time", "err", gerr)
-	}
-	return gen, t, nil
+	f.cached, f.cachedGen, f.cachedLosses, f.cacheValid = t, gen, losses, true
+	return gen, true, t, nil
 }
 
 // chunked queues op on set name with at most elementsPerMessage elements per message.
@@ -219,22 +277,54 @@ func (f *Firewall) chunked(name string, ivs []firewall.Interval, op func(*nftabl
 
 // replace queues the batch that recreates the table as want.
 func (f *Firewall) replace(want *firewall.Table) {
-	c := f.conn
-	c.AddTable(f.table) // so that the delete cannot fail when the table is missing
-	c.DelTable(f.table)
-	c.AddTable(f.table)
-	for i, s := range want.Sets {
-		set := &nftables.Set{Table: f.table, Name: s.Name, ID: uint32(i + 1), Interval: s.Interval, KeyType: nftables.TypeIPAddr}
-		if s.Type == firewall.TypeIPv6 {
-			set.KeyType = nftables.TypeIP6Addr
-		}
-		// AddSet only queues a message; marshalling errors surface in Flush.
-		_ = c.AddSet(set, nil)
-		f.chunked(s.Name, s.Elements, c.SetAddElements)
+	f.conn.AddTable(f.table) // so that the delete cannot fail when the table is missing
+	f.conn.DelTable(f.table)
+	f.conn.AddTable(f.table)
+	for _, s := range want.Sets {
+		f.addSet(s)
 	}
-	// Every chain exists before the first rule, so that jumps find their targets.
-	added := make([]*nftables.Chain, len(want.Chains))
-	for i, ch := range want.Chains {
+	f.addChains(want.Chains)
+}
+
+// update queues the batch of plan (not a Replace) from have to want: with
+// plan.Chains every rule and chain goes and want's come back; sets are deleted and
+// created as the plan says, the other sets get their element changes.
+func (f *Firewall) update(have, want *firewall.Table, plan firewall.Plan) {
+	c := f.conn
+	if plan.Chains {
+		c.FlushTable(f.table) // every rule, so that the chains and sets they use can go
+		for _, ch := range have.Chains {
+			c.DelChain(&nftables.Chain{Name: ch.Name, Table: f.table})
+		}
+	}
+	for _, name := range plan.DeleteSets {
+		c.DelSet(&nftables.Set{Table: f.table, Name: name})
+	}
+	for _, name := range plan.AddSets {
+		f.addSet(*want.Set(name))
+	}
+	for _, s := range plan.Delete {
+		f.chunked(s.Set, s.Intervals, c.SetDeleteElements)
+	}
+	for _, s := range plan.Add {
+		f.chunked(s.Set, s.Intervals, c.SetAddElements)
+	}
+	if plan.Chains {
+		f.addChains(want.Chains)
+	}
+}
+
+func (f *Firewall) addSet(s firewall.Set) {
+	set := &nftables.Set{Table: f.table, Name: s.Name, Interval: s.Interval, KeyType: keyType(s.Type)}
+	// AddSet only queues a message; marshalling errors surface in Flush.
+	_ = f.conn.AddSet(set, nil)
+	f.chunked(s.Name, s.Elements, f.conn.SetAddElements)
+}
+
+// addChains queues chains and then their rules, so that jumps find their targets.
+func (f *Firewall) addChains(chains []firewall.Chain) {
+	added := make([]*nftables.Chain, len(chains))
+	for i, ch := range chains {
 		nc := &nftables.Chain{Name: ch.Name, Table: f.table}
 		if b := ch.Base; b != nil {
 			hook, prio, policy := nftables.ChainHook(b.Hook), nftables.ChainPriority(b.Priority), nftables.ChainPolicyAccept
@@ -243,11 +333,11 @@ func (f *Firewall) replace(want *firewall.Table) {
 			}
 			nc.Hooknum, nc.Priority, nc.Type, nc.Policy = &hook, &prio, nftables.ChainType(b.Type), &policy
 		}
-		added[i] = c.AddChain(nc)
+		added[i] = f.conn.AddChain(nc)
 	}
-	for i, ch := range want.Chains {
+	for i, ch := range chains {
 		for _, r := range ch.Rules {
-			c.AddRule(&nftables.Rule{Table: f.table, Chain: added[i], Exprs: ruleExprs(r), UserData: userData(r)})
+			f.conn.AddRule(&nftables.Rule{Table: f.table, Chain: added[i], Exprs: ruleExprs(r), UserData: userData(r)})
 		}
 	}
 }
@@ -297,13 +387,30 @@ func (f *Firewall) RuleHandles(chain string) ([]uint64, error) {
 func (f *Firewall) Read() (*firewall.Table, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	_, t, err := f.current()
+	_, _, t, err := f.current()
 	return t, err
 }
 
-// snapshot reads the table from the kernel; nil when it is missing.
-func (f *Firewall) snapshot() (*firewall.Table, error) {
+// snapshot reads the table from the kernel; nil when it is missing. With a base
+// table, it re-reads only what ch names: with ch.structure the table, chains, rules
+// and set definitions (elements of a set whose definition is unchanged and that ch
+// does not name are taken from base), and the elements of the sets in ch.sets.
+func (f *Firewall) snapshot(base *firewall.Table, ch change) (*firewall.Table, error) {
 	f.snapshots++
+	if base != nil && !ch.structure {
+		t := &firewall.Table{Flags: base.Flags, Chains: base.Chains, Sets: slices.Clone(base.Sets)}
+		for i, s := range t.Sets {
+			if !ch.sets[s.Name] {
+				continue
+			}
+			elems, err := f.elements(&nftables.Set{Table: f.table, Name: s.Name, KeyType: keyType(s.Type)})
+			if err != nil {
+				return nil, err
+			}
+			t.Sets[i].Elements = elems
+		}
+		return t, nil
+	}
 	nt, err := f.conn.ListTableOfFamily(TableName, nftables.TableFamilyINet)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -350,17 +457,38 @@ func (f *Firewall) snapshot() (*firewall.Table, error) {
 	}
 	for _, s := range sets {
 		fs := firewall.Set{Name: s.Name, Type: firewall.SetType(s.KeyType.Name), Interval: s.Interval, Foreign: foreignFlags(s)}
-		if s.KeyType.Name == nftables.TypeIPAddr.Name || s.KeyType.Name == nftables.TypeIP6Addr.Name {
-			elems, err := f.conn.GetSetElements(s)
-			if err != nil {
-				return nil, fmt.Errorf("listing elements of set %s: %w", s.Name, err)
+		var old *firewall.Set
+		if base != nil {
+			old = base.Set(s.Name)
+		}
+		switch {
+		case old != nil && !ch.sets[s.Name] && old.Type == fs.Type && old.Interval == fs.Interval && old.Foreign == fs.Foreign:
+			fs.Elements = old.Elements
+		case fs.Type == firewall.TypeIPv4 || fs.Type == firewall.TypeIPv6:
+			if fs.Elements, err = f.elements(s); err != nil {
+				return nil, err
 			}
-			fs.Elements = elementIntervals(elems, int(s.KeyType.Bytes))
 		}
 		t.Sets = append(t.Sets, fs)
 	}
 	t.Sort()
 	return t, nil
+}
+
+// elements reads the elements of an address set.
+func (f *Firewall) elements(s *nftables.Set) ([]firewall.Interval, error) {
+	elems, err := f.conn.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("listing elements of set %s: %w", s.Name, err)
+	}
+	return elementIntervals(elems, int(s.KeyType.Bytes)), nil
+}
+
+func keyType(t firewall.SetType) nftables.SetDatatype {
+	if t == firewall.TypeIPv6 {
+		return nftables.TypeIP6Addr
+	}
+	return nftables.TypeIPAddr
 }
 
 // foreignFlags names the flags of s that segmesh never sets.
@@ -378,88 +506,14 @@ func foreignFlags(s *nftables.Set) string {
 	return strings.Join(out, ",")
 }
 
-// Watch calls notify (from one goroutine) after every kernel change to the table or
-// its sets' elements, until ctx is done. It returns once the nftables monitor is
-// subscribed. If the monitor fails (e.g. its socket buffer overflows), Watch calls
-// notify, since changes may have been missed, and subscribes again.
+// Watch calls notify (from one goroutine; it must not block) after every change
+// another process makes to the table or its sets' elements, and after
+// notifications were lost (changes may have been missed), until ctx is done.
 func (f *Firewall) Watch(ctx context.Context, notify func()) error {
-	events, mon, err := f.subscribe()
-	if err != nil {
-		return err
-	}
+	stop := f.tracker.watch(notify)
 	go func() {
-		stop := func() {
-			_ = mon.Close()
-			for range events { // let the monitor goroutine finish
-			}
-		}
-		for {
-			select {
-			case <-ctx.Done():
-				stop()
-				return
-			case ev, ok := <-events:
-				failed := !ok || ev.GeneratedBy != nil && ev.GeneratedBy.Type == nftables.MonitorEventTypeOOB
-				if !failed {
-					if f.relevant(ev) {
-						notify()
-					}
-					continue
-				}
-				notify()
-				stop()
-				for {
-					if events, mon, err = f.subscribe(); err == nil {
-						break
-					}
-					f.log.Warn("resubscribing to nftables events failed", "err", err)
-					t := time.NewTimer(time.Second)
-					select {
-					case <-ctx.Done():
-						t.Stop()
-						return
-					case <-t.C:
-					}
-				}
-			}
-		}
+		<-ctx.Done()
+		stop()
 	}()
 	return nil
-}
-
-func (f *Firewall) subscribe() (chan *nftables.MonitorEvents, *nftables.Monitor, error) {
-	c, err := nftables.New(nftables.WithNetNSFd(f.nsFD), nftables.WithSockOptions(bigBuffers))
-	if err != nil {
-		return nil, nil, fmt.Errorf("opening nftables monitor socket: %w", err)
-	}
-	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(256))
-	events, err := c.AddGenerationalMonitor(mon)
-	if err != nil {
-		return nil, nil, fmt.Errorf("subscribing to nftables events: %w", err)
-	}
-	return events, mon, nil
-}
-
-// relevant reports whether a generation of changes touches the table (element
-// changes carry no table name and always count).
-func (f *Firewall) relevant(ev *nftables.MonitorEvents) bool {
-	for _, c := range ev.Changes {
-		var t *nftables.Table
-		switch d := c.Data.(type) {
-		case *nftables.Table:
-			t = d
-		case *nftables.Chain:
-			t = d.Table
-		case *nftables.Rule:
-			t = d.Table
-		case *nftables.Set:
-			t = d.Table
-		default:
-			return true
-		}
-		if t == nil || t.Name == TableName {
-			return true
-		}
-	}
-	return false
 }
