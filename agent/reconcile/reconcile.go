@@ -9,10 +9,11 @@
 //
 // In sync means read back: a step ends with Status.InSync true only when its last
 // read-back found the kernel holding exactly the desired state. A step that applies
-// therefore reads back once after the apply to confirm it. That read costs one
-// read-back per apply (the Linux dataplane skips the nftables part when the
-// ruleset generation did not change since its own batch); it does not delay the
-// change itself, which is in the kernel before the read starts, and without it
+// therefore reads back once after the apply to confirm it. That costs one
+// read-back per apply (little when the dataplane can tell that the kernel did not
+// change since its own batch, as the nftables ruleset generation tells); it does
+// not delay the change itself, which is in the kernel before the read starts
+// (Wait returns after the read, though), and without it
 // SYNC would say "in sync" on the strength of an Apply that returned nil rather
 // than of what the kernel holds. When the confirming read finds differences (the
 // kernel changed again right after the apply, or the dataplane cannot hold the
