@@ -2,7 +2,8 @@
 // applies its last known netmap (or default deny) before anything else, keeps a
 // mutual-TLS stream to the controller open for new netmaps, reconciles the
 // dataplane against them (plus peer endpoints learned by gossip), and reports the
-// revision it enforces.
+// revision it enforces, whether its latest read-back found the kernel in sync, and
+// its drift repairs.
 //
 // It also looks after its identity for the life of the host: it renews its node
 // certificate with a fresh TLS key before it expires, rotates its WireGuard key

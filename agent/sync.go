@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"slices"
 	"strings"
@@ -17,6 +18,7 @@ import (
 
 	"segmesh/agent/enroll"
 	"segmesh/agent/netmap"
+	"segmesh/agent/reconcile"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
 )
@@ -329,5 +331,32 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 		Dataplane:       string(st.Kind),
 		Error:           strings.Join(errs, "; "),
 		AlivePeers:      slices.Clone(s.a.alivePeers()),
+		InSync:          st.InSync,
+		Drift:           driftReport(st),
 	}
+}
+
+// driftReport is the wire form of the drift facts in st (already bounded by
+// reconcile.Bound). The report changes, and is sent, whenever a repair happens or
+// the unrepaired drift changes.
+func driftReport(st reconcile.Status) *segmeshv1.Drift {
+	d := &segmeshv1.Drift{
+		Repairs:          st.Repairs.Count,
+		LastRepaired:     wireDifferences(st.Repairs.Fixed),
+		LastRepairedMore: uint32(min(st.Repairs.Fixed.More, math.MaxUint32)),
+		Unrepaired:       wireDifferences(st.Unrepaired),
+		UnrepairedMore:   uint32(min(st.Unrepaired.More, math.MaxUint32)),
+	}
+	if !st.Repairs.Last.IsZero() {
+		d.LastRepairUnix = st.Repairs.Last.Unix()
+	}
+	return d
+}
+
+func wireDifferences(ds reconcile.Differences) []*segmeshv1.DriftDifference {
+	out := make([]*segmeshv1.DriftDifference, 0, len(ds.Items))
+	for _, d := range ds.Items {
+		out = append(out, &segmeshv1.DriftDifference{Part: d.Part, Detail: d.Detail})
+	}
+	return out
 }

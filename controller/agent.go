@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"slices"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
@@ -370,6 +372,8 @@ type liveNode struct {
 	err         string
 	alivePeers  []string
 	lastSeen    time.Time
+	inSync      bool
+	drift       *segmeshv1.Drift // sanitised (reportedDrift); nil before a report
 }
 
 func newLiveTracker() *liveTracker { return &liveTracker{nodes: map[string]*liveNode{}} }
@@ -388,6 +392,13 @@ func (l *liveTracker) get(name string) *liveNode {
 const (
 	maxReportedError = 1024
 	maxAlivePeers    = 4096
+	// Bounds of each list of drift differences (the agent keeps the same ones,
+	// see agent/reconcile.Bound): items, bytes of part+detail in all, bytes of
+	// one detail, bytes of one part.
+	maxDriftItems  = 8
+	maxDriftBytes  = 1024
+	maxDriftDetail = 256
+	maxDriftPart   = 16
 )
 
 // reportedDataplane returns d when it is a dataplane kind, else "".
@@ -425,6 +436,48 @@ func reportedText(s string, max int) string {
 		s = strings.ToValidUTF8(s[:max], "") + "…"
 	}
 	return s
+}
+
+// reportedDrift returns a bounded, printable copy of what an agent reported about
+// drift: at most maxDriftItems differences of at most maxDriftBytes per list
+// (those left out are added to the *_more count), each detail one line of at most
+// maxDriftDetail bytes, each part a lowercase word ("other" otherwise), and a last
+// repair time neither negative nor later than now (the agent's clock may be ahead).
+func reportedDrift(d *segmeshv1.Drift, now time.Time) *segmeshv1.Drift {
+	out := &segmeshv1.Drift{Repairs: d.GetRepairs(), LastRepairUnix: d.GetLastRepairUnix()}
+	if out.LastRepairUnix < 0 || out.Repairs == 0 {
+		out.LastRepairUnix = 0
+	}
+	if out.LastRepairUnix > now.Unix() {
+		out.LastRepairUnix = now.Unix()
+	}
+	out.LastRepaired, out.LastRepairedMore = reportedDifferences(d.GetLastRepaired(), d.GetLastRepairedMore())
+	out.Unrepaired, out.UnrepairedMore = reportedDifferences(d.GetUnrepaired(), d.GetUnrepairedMore())
+	return out
+}
+
+func reportedDifferences(ds []*segmeshv1.DriftDifference, more uint32) ([]*segmeshv1.DriftDifference, uint32) {
+	var out []*segmeshv1.DriftDifference
+	size := 0
+	for i, d := range ds {
+		part, detail := reportedPart(d.GetPart()), reportedText(d.GetDetail(), maxDriftDetail)
+		if len(out) == maxDriftItems || size+len(part)+len(detail) > maxDriftBytes {
+			left := uint64(more) + uint64(len(ds)-i)
+			return out, uint32(min(left, math.MaxUint32))
+		}
+		out = append(out, &segmeshv1.DriftDifference{Part: part, Detail: detail})
+		size += len(part) + len(detail)
+	}
+	return out, more
+}
+
+// reportedPart returns p when it is a lowercase ASCII word of at most
+// maxDriftPart bytes, else "other".
+func reportedPart(p string) string {
+	if p == "" || len(p) > maxDriftPart || strings.ContainsFunc(p, func(r rune) bool { return r < 'a' || r > 'z' }) {
+		return "other"
+	}
+	return p
 }
 
 // reportedPeers keeps the valid node names of peers, at most maxAlivePeers.
@@ -479,6 +532,8 @@ func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.T
 	}
 	n.err = reportedText(r.GetError(), maxReportedError)
 	n.alivePeers = slices.Sorted(slices.Values(reportedPeers(r.GetAlivePeers())))
+	n.inSync = r.GetInSync()
+	n.drift = reportedDrift(r.GetDrift(), now)
 	n.lastSeen = now
 }
 
@@ -506,6 +561,10 @@ func (l *liveTracker) fill(st *segmeshv1.NodeStatus) {
 	st.Dataplane = n.dataplane
 	st.Error = n.err
 	st.AlivePeers = slices.Clone(n.alivePeers)
+	st.InSync = n.inSync
+	if n.drift != nil {
+		st.Drift = proto.CloneOf(n.drift)
+	}
 	if !n.lastSeen.IsZero() {
 		st.LastSeenUnix = n.lastSeen.Unix()
 	}

@@ -5,7 +5,21 @@
 // endpoints, a dataplane watch event, the periodic resync tick — are coalesced: many
 // triggers while a step runs cause one more step. A step applies the desired state
 // when it changed (or the last step failed), and otherwise reads the dataplane back
-// and re-applies when it drifted.
+// and re-applies when it drifted (a drift repair, counted in Status.Repairs).
+//
+// In sync means read back: a step ends with Status.InSync true only when its last
+// read-back found the kernel holding exactly the desired state. A step that applies
+// therefore reads back once after the apply to confirm it. That costs one
+// read-back per apply (little when the dataplane can tell that the kernel did not
+// change since its own batch, as the nftables ruleset generation tells); it does
+// not delay the change itself, which is in the kernel before the read starts
+// (Wait returns after the read, though), and without it
+// SYNC would say "in sync" on the strength of an Apply that returned nil rather
+// than of what the kernel holds. When the confirming read finds differences (the
+// kernel changed again right after the apply, or the dataplane cannot hold the
+// state), they are shown as Status.Unrepaired and repaired by the next step (a
+// watch event or the resync tick), not at once, so that a state the kernel never
+// holds cannot make the reconciler spin.
 package reconcile
 
 import (
@@ -99,10 +113,98 @@ type Status struct {
 	Hash     string
 	// Programmed is true once an apply has succeeded.
 	Programmed bool
-	// Err is the latest apply or read error; nil when the dataplane matches.
+	// InSync is true when the latest step's last read-back found the kernel equal
+	// to the desired state (see the package documentation: an apply is followed by
+	// a read-back). It is false after a failed apply or read-back (Err says why),
+	// and while Unrepaired lists differences.
+	InSync bool
+	// Err is the latest apply or read error; nil once a later step succeeds.
 	Err error
+	// Unrepaired lists, bounded, the drift that read-backs found and no apply has
+	// repaired yet: the apply after the read-back failed (then Err is set), or the
+	// read-back confirming an apply found it. Empty when InSync. The next
+	// successful apply counts as its repair.
+	Unrepaired Differences
+	// Repairs are the drift repairs since New.
+	Repairs Repairs
 	// Kind is the dataplane's WireGuard kind.
 	Kind dataplane.Kind
+}
+
+// Repairs counts drift repairs: successful applies that restored drift a read-back
+// had found (the kernel differing from the state the reconciler applied last), in
+// the same step or, when that apply failed, in a later one.
+type Repairs struct {
+	// Count is the number of repairs since the reconciler was created.
+	Count uint64
+	// Last is the wall-clock time the latest repair's apply succeeded; zero when
+	// Count is 0.
+	Last time.Time
+	// Fixed is what the latest repair restored, bounded.
+	Fixed Differences
+}
+
+// Bounds of a Differences list: what an agent reports and logs stays small even
+// when, say, a set of 200,000 prefixes was flushed.
+const (
+	// MaxDifferences is the most items a Differences list keeps.
+	MaxDifferences = 8
+	// MaxDifferenceBytes bounds the sum of len(Part)+len(Detail) over the items.
+	MaxDifferenceBytes = 1024
+	// MaxDetailBytes bounds one Detail, the "…" that marks a cut included.
+	MaxDetailBytes = 256
+)
+
+// Differences is a bounded list of dataplane differences: at most MaxDifferences
+// items of at most MaxDifferenceBytes in all, each Detail cut to MaxDetailBytes;
+// More counts the differences left out.
+type Differences struct {
+	Items []dataplane.Difference
+	More  int
+}
+
+// Bound returns the first differences of ds that fit the bounds, in order, and
+// how many were left out. Bound(nil) is the zero Differences.
+func Bound(ds []dataplane.Difference) Differences {
+	var out Differences
+	size := 0
+	for i, d := range ds {
+		d.Detail = cut(d.Detail, MaxDetailBytes)
+		n := len(d.Part) + len(d.Detail)
+		if len(out.Items) == MaxDifferences || size+n > MaxDifferenceBytes {
+			out.More = len(ds) - i
+			break
+		}
+		out.Items = append(out.Items, d)
+		size += n
+	}
+	return out
+}
+
+// Len is the number of differences, those left out included.
+func (d Differences) Len() int { return len(d.Items) + d.More }
+
+// String joins the items as "part: detail; part: detail", followed by
+// "; … and N more" when some were left out; "" when there are none.
+func (d Differences) String() string {
+	parts := make([]string, 0, len(d.Items)+1)
+	for _, it := range d.Items {
+		parts = append(parts, it.String())
+	}
+	if d.More > 0 {
+		parts = append(parts, fmt.Sprintf("… and %d more", d.More))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// cut shortens s to at most max bytes, ending in "…" when it was cut, without
+// splitting a UTF-8 sequence.
+func cut(s string, max int) string {
+	const ellipsis = "…"
+	if len(s) <= max {
+		return s
+	}
+	return strings.ToValidUTF8(s[:max-len(ellipsis)], "") + ellipsis
 }
 
 // Reconciler drives one dataplane. Create it with New, start Run once, and feed it
@@ -121,8 +223,14 @@ type Reconciler struct {
 	status    Status
 	changed   chan struct{} // closed and replaced whenever status changes
 
+	now func() time.Time // the clock of Repairs.Last; tests replace it before Run
+
 	// owned by the Run goroutine
 	lastDesired *dataplane.State
+	// pending is the drift a read-back found that no apply has repaired yet (the
+	// apply failed, or the read-back confirming an apply found it); the next
+	// successful apply counts as its repair.
+	pending Differences
 }
 
 // New returns a reconciler for dp; logger may be nil for slog.Default().
@@ -136,6 +244,7 @@ func New(dp dataplane.Dataplane, local Local, logger *slog.Logger) *Reconciler {
 		log:     logger,
 		trigger: make(chan struct{}, 1),
 		changed: make(chan struct{}),
+		now:     time.Now,
 	}
 }
 
@@ -264,15 +373,20 @@ func (r *Reconciler) Run(ctx context.Context, resync time.Duration) {
 	}
 }
 
+// step brings the kernel to the desired state (see the package documentation) and
+// records the outcome. When ctx ends during a kernel call it returns without a new
+// status.
 func (r *Reconciler) step(ctx context.Context) {
 	r.mu.Lock()
 	gen, nm, eps, local := r.gen, r.nm, r.endpoints, r.local
 	prev := r.status
 	r.mu.Unlock()
 
+	next := prev
+	next.Generation = gen
 	desired := Desired(local, nm, eps)
 	needApply := prev.Err != nil || r.lastDesired == nil || !dataplane.Equal(*r.lastDesired, desired)
-	var diff []dataplane.Difference
+	drift := r.pending
 	if !needApply {
 		observed, err := r.dp.Read(ctx)
 		if err != nil {
@@ -280,17 +394,19 @@ func (r *Reconciler) step(ctx context.Context) {
 				return
 			}
 			r.log.Warn("reading dataplane back failed", "err", err)
-			r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, fmt.Errorf("reading dataplane: %w", err))
+			r.setStatus(failed(next, fmt.Errorf("reading dataplane: %w", err), r.pending))
 			return
 		}
-		diff = observed.Drift
-		if len(diff) == 0 {
+		drift = Bound(observed.Drift)
+		r.pending = drift
+		if drift.Len() == 0 {
 			// The kernel already holds what nm asks for (for example a netmap without
 			// peers or rules after default deny): nm is enforced without a change.
 			if !sameNetmap(prev, nm) {
 				r.log.Info("enforcing netmap; the dataplane already holds its state", "revision", revisionOf(nm), "hash", hashOf(nm))
 			}
-			r.setStatus(gen, revisionOf(nm), hashOf(nm), prev.Programmed, nil)
+			next.Revision, next.Hash = revisionOf(nm), hashOf(nm)
+			r.setStatus(inSync(next))
 			return
 		}
 	}
@@ -300,11 +416,13 @@ func (r *Reconciler) step(ctx context.Context) {
 		}
 		r.log.Error("applying dataplane state failed", "err", err, "revision", revisionOf(nm))
 		r.lastDesired = nil
-		r.setStatus(gen, prev.Revision, prev.Hash, prev.Programmed, err)
+		r.setStatus(failed(next, err, drift))
 		return
 	}
-	if len(diff) > 0 {
-		r.log.Warn("drift repaired", "interface", desired.Interface, "diff", joinDiff(diff))
+	r.pending = Differences{}
+	if drift.Len() > 0 {
+		next.Repairs = Repairs{Count: prev.Repairs.Count + 1, Last: r.now(), Fixed: drift}
+		r.log.Warn("drift repaired", "interface", desired.Interface, "repairs", next.Repairs.Count, "diff", drift.String())
 	}
 	if r.lastDesired == nil || !sameNetmap(prev, nm) {
 		if nm == nil {
@@ -314,7 +432,39 @@ func (r *Reconciler) step(ctx context.Context) {
 		}
 	}
 	r.lastDesired = &desired
-	r.setStatus(gen, revisionOf(nm), hashOf(nm), true, nil)
+	next.Revision, next.Hash, next.Programmed = revisionOf(nm), hashOf(nm), true
+
+	// Confirm the apply by reading back (see the package documentation).
+	observed, err := r.dp.Read(ctx)
+	switch {
+	case err != nil:
+		if ctx.Err() != nil {
+			return
+		}
+		r.log.Warn("reading dataplane back after the apply failed", "err", err)
+		next = failed(next, fmt.Errorf("reading dataplane back after the apply: %w", err), Differences{})
+	case len(observed.Drift) > 0:
+		r.pending = Bound(observed.Drift)
+		next.InSync, next.Err, next.Unrepaired = false, nil, r.pending
+		r.log.Warn("the dataplane differs from the state just applied; repairing at the next watch event or resync",
+			"interface", desired.Interface, "diff", next.Unrepaired.String())
+	default:
+		next = inSync(next)
+	}
+	r.setStatus(next)
+}
+
+// inSync returns st for a step whose last read-back found no difference.
+func inSync(st Status) Status {
+	st.InSync, st.Err, st.Unrepaired = true, nil, Differences{}
+	return st
+}
+
+// failed returns st for a step that ended with err; drift is the drift found by
+// read-backs and not repaired yet.
+func failed(st Status, err error, drift Differences) Status {
+	st.InSync, st.Err, st.Unrepaired = false, err, drift
+	return st
 }
 
 func sameNetmap(st Status, nm *netmap.Netmap) bool {
@@ -338,19 +488,11 @@ func hashOf(nm *netmap.Netmap) string {
 	return nm.Hash
 }
 
-func (r *Reconciler) setStatus(gen, rev uint64, hash string, programmed bool, err error) {
+func (r *Reconciler) setStatus(st Status) {
+	st.Kind = r.dp.Kind()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.status = Status{Generation: gen, Revision: rev, Hash: hash, Programmed: programmed, Err: err, Kind: r.dp.Kind()}
+	r.status = st
 	close(r.changed)
 	r.changed = make(chan struct{})
-}
-
-// joinDiff joins differences with "; ".
-func joinDiff(ds []dataplane.Difference) string {
-	parts := make([]string, len(ds))
-	for i, d := range ds {
-		parts[i] = d.String()
-	}
-	return strings.Join(parts, "; ")
 }

@@ -35,10 +35,18 @@ func pfx(ss ...string) []netip.Prefix {
 	return out
 }
 
-// drift is the joined Diff of observed from desired; "" when they are equal.
+// drift is the Diff of observed from desired joined with "; "; "" when they are
+// equal.
 func drift(desired, observed dataplane.State) string {
-	return joinDiff(dataplane.Diff(desired, observed))
+	var parts []string
+	for _, d := range dataplane.Diff(desired, observed) {
+		parts = append(parts, d.String())
+	}
+	return strings.Join(parts, "; ")
 }
+
+// testNow is the reconcilers' clock in these tests.
+var testNow = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 
 var cmpOpts = cmp.Options{
 	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
@@ -216,6 +224,7 @@ func start(t *testing.T, resync time.Duration) (*Reconciler, *fake.Dataplane, *t
 	dp := fake.New(dataplane.KindUserspace)
 	logs := &testlog.Buffer{}
 	r := New(dp, local, slog.New(slog.NewTextHandler(logs, nil)))
+	r.now = func() time.Time { return testNow }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); r.Run(ctx, resync) }()

@@ -951,7 +951,13 @@ type ReportRequest struct {
 	// Last reconcile error, empty when healthy.
 	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
 	// Names of peers memberlist currently sees alive.
-	AlivePeers    []string `protobuf:"bytes,5,rep,name=alive_peers,json=alivePeers,proto3" json:"alive_peers,omitempty"`
+	AlivePeers []string `protobuf:"bytes,5,rep,name=alive_peers,json=alivePeers,proto3" json:"alive_peers,omitempty"`
+	// True when the agent's latest read-back of its dataplane found exactly the
+	// desired state of the netmap applied_hash names (an apply is confirmed by a
+	// read-back); false while error is set or drift.unrepaired lists differences.
+	InSync bool `protobuf:"varint,6,opt,name=in_sync,json=inSync,proto3" json:"in_sync,omitempty"`
+	// Drift the agent found and repaired since it started.
+	Drift         *Drift `protobuf:"bytes,7,opt,name=drift,proto3" json:"drift,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1021,6 +1027,171 @@ func (x *ReportRequest) GetAlivePeers() []string {
 	return nil
 }
 
+func (x *ReportRequest) GetInSync() bool {
+	if x != nil {
+		return x.InSync
+	}
+	return false
+}
+
+func (x *ReportRequest) GetDrift() *Drift {
+	if x != nil {
+		return x.Drift
+	}
+	return nil
+}
+
+// One way a node's kernel differed from its desired dataplane.
+type DriftDifference struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The part of the dataplane: "interface", "wireguard", "peer", "address",
+	// "route" or "nftables".
+	Part string `protobuf:"bytes,1,opt,name=part,proto3" json:"part,omitempty"`
+	// What differed, e.g. "missing [100.64.0.0/10]" or
+	// "peer AbC...=: endpoint 192.0.2.1:51820, want 192.0.2.9:51820"; at most 256 bytes.
+	Detail        string `protobuf:"bytes,2,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DriftDifference) Reset() {
+	*x = DriftDifference{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DriftDifference) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DriftDifference) ProtoMessage() {}
+
+func (x *DriftDifference) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DriftDifference.ProtoReflect.Descriptor instead.
+func (*DriftDifference) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *DriftDifference) GetPart() string {
+	if x != nil {
+		return x.Part
+	}
+	return ""
+}
+
+func (x *DriftDifference) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+// Drift found by an agent's read-backs of its dataplane since the agent started.
+// Each list holds at most 8 differences of at most 1024 bytes in all; the *_more
+// field counts the differences left out.
+type Drift struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Drift repairs: applies that restored a state a read-back had found drifted.
+	Repairs uint64 `protobuf:"varint,1,opt,name=repairs,proto3" json:"repairs,omitempty"`
+	// When the latest repair was applied, by the agent's clock, Unix seconds; 0 when
+	// there was none.
+	LastRepairUnix int64 `protobuf:"varint,2,opt,name=last_repair_unix,json=lastRepairUnix,proto3" json:"last_repair_unix,omitempty"`
+	// What the latest repair restored.
+	LastRepaired     []*DriftDifference `protobuf:"bytes,3,rep,name=last_repaired,json=lastRepaired,proto3" json:"last_repaired,omitempty"`
+	LastRepairedMore uint32             `protobuf:"varint,4,opt,name=last_repaired_more,json=lastRepairedMore,proto3" json:"last_repaired_more,omitempty"`
+	// Drift found and not repaired yet: the repair failed (see error), or the
+	// read-back confirming an apply found the kernel changed again. The next
+	// successful apply repairs it.
+	Unrepaired     []*DriftDifference `protobuf:"bytes,5,rep,name=unrepaired,proto3" json:"unrepaired,omitempty"`
+	UnrepairedMore uint32             `protobuf:"varint,6,opt,name=unrepaired_more,json=unrepairedMore,proto3" json:"unrepaired_more,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Drift) Reset() {
+	*x = Drift{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Drift) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Drift) ProtoMessage() {}
+
+func (x *Drift) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Drift.ProtoReflect.Descriptor instead.
+func (*Drift) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *Drift) GetRepairs() uint64 {
+	if x != nil {
+		return x.Repairs
+	}
+	return 0
+}
+
+func (x *Drift) GetLastRepairUnix() int64 {
+	if x != nil {
+		return x.LastRepairUnix
+	}
+	return 0
+}
+
+func (x *Drift) GetLastRepaired() []*DriftDifference {
+	if x != nil {
+		return x.LastRepaired
+	}
+	return nil
+}
+
+func (x *Drift) GetLastRepairedMore() uint32 {
+	if x != nil {
+		return x.LastRepairedMore
+	}
+	return 0
+}
+
+func (x *Drift) GetUnrepaired() []*DriftDifference {
+	if x != nil {
+		return x.Unrepaired
+	}
+	return nil
+}
+
+func (x *Drift) GetUnrepairedMore() uint32 {
+	if x != nil {
+		return x.UnrepairedMore
+	}
+	return 0
+}
+
 type ReportResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1029,7 +1200,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1041,7 +1212,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1054,7 +1225,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{13}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{15}
 }
 
 type RenewCertificateRequest struct {
@@ -1068,7 +1239,7 @@ type RenewCertificateRequest struct {
 
 func (x *RenewCertificateRequest) Reset() {
 	*x = RenewCertificateRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1080,7 +1251,7 @@ func (x *RenewCertificateRequest) String() string {
 func (*RenewCertificateRequest) ProtoMessage() {}
 
 func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1093,7 +1264,7 @@ func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateRequest.ProtoReflect.Descriptor instead.
 func (*RenewCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{14}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RenewCertificateRequest) GetCsrDer() []byte {
@@ -1115,7 +1286,7 @@ type RenewCertificateResponse struct {
 
 func (x *RenewCertificateResponse) Reset() {
 	*x = RenewCertificateResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1127,7 +1298,7 @@ func (x *RenewCertificateResponse) String() string {
 func (*RenewCertificateResponse) ProtoMessage() {}
 
 func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1140,7 +1311,7 @@ func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateResponse.ProtoReflect.Descriptor instead.
 func (*RenewCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{15}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RenewCertificateResponse) GetCertificateDer() []byte {
@@ -1169,7 +1340,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1181,7 +1352,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1194,7 +1365,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{16}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RotateKeyRequest) GetPublicKey() []byte {
@@ -1219,7 +1390,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1231,7 +1402,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1244,7 +1415,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{17}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
 }
 
 type NodeStatus struct {
@@ -1270,13 +1441,18 @@ type NodeStatus struct {
 	// Expiry of the node's current client certificate; 0 when unknown.
 	CertExpiresUnix int64 `protobuf:"varint,18,opt,name=cert_expires_unix,json=certExpiresUnix,proto3" json:"cert_expires_unix,omitempty"`
 	EnrolledUnix    int64 `protobuf:"varint,19,opt,name=enrolled_unix,json=enrolledUnix,proto3" json:"enrolled_unix,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// As the agent last reported (ReportRequest.in_sync, .drift), bounded and made
+	// printable by the controller; last_repair_unix is never later than the
+	// controller's clock when the report arrived.
+	InSync        bool   `protobuf:"varint,20,opt,name=in_sync,json=inSync,proto3" json:"in_sync,omitempty"`
+	Drift         *Drift `protobuf:"bytes,21,opt,name=drift,proto3" json:"drift,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1288,7 +1464,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1301,7 +1477,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *NodeStatus) GetName() string {
@@ -1437,6 +1613,20 @@ func (x *NodeStatus) GetEnrolledUnix() int64 {
 	return 0
 }
 
+func (x *NodeStatus) GetInSync() bool {
+	if x != nil {
+		return x.InSync
+	}
+	return false
+}
+
+func (x *NodeStatus) GetDrift() *Drift {
+	if x != nil {
+		return x.Drift
+	}
+	return nil
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1445,7 +1635,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1457,7 +1647,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1470,7 +1660,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
 }
 
 type StatusResponse struct {
@@ -1490,7 +1680,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1502,7 +1692,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1515,7 +1705,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatusResponse) GetPolicyRevision() uint64 {
@@ -1554,7 +1744,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1756,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1769,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
 }
 
 type ListNodesResponse struct {
@@ -1591,7 +1781,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1603,7 +1793,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1616,7 +1806,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeStatus {
@@ -1643,7 +1833,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1655,7 +1845,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1668,7 +1858,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CreateTokenRequest) GetLabels() map[string]string {
@@ -1710,7 +1900,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1722,7 +1912,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1735,7 +1925,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -1783,7 +1973,7 @@ type TokenInfo struct {
 
 func (x *TokenInfo) Reset() {
 	*x = TokenInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1795,7 +1985,7 @@ func (x *TokenInfo) String() string {
 func (*TokenInfo) ProtoMessage() {}
 
 func (x *TokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1808,7 +1998,7 @@ func (x *TokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenInfo.ProtoReflect.Descriptor instead.
 func (*TokenInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *TokenInfo) GetId() string {
@@ -1889,7 +2079,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1901,7 +2091,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1914,7 +2104,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
 }
 
 type ListTokensResponse struct {
@@ -1926,7 +2116,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1938,7 +2128,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1951,7 +2141,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenInfo {
@@ -1970,7 +2160,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1982,7 +2172,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1995,7 +2185,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -2013,7 +2203,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2025,7 +2215,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2038,7 +2228,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
 }
 
 // Node life cycle. Every call names the node by name; NotFound when unknown.
@@ -2051,7 +2241,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2063,7 +2253,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2076,7 +2266,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -2094,7 +2284,7 @@ type RevokeNodeResponse struct {
 
 func (x *RevokeNodeResponse) Reset() {
 	*x = RevokeNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2106,7 +2296,7 @@ func (x *RevokeNodeResponse) String() string {
 func (*RevokeNodeResponse) ProtoMessage() {}
 
 func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2119,7 +2309,7 @@ func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
 }
 
 type DeleteNodeRequest struct {
@@ -2131,7 +2321,7 @@ type DeleteNodeRequest struct {
 
 func (x *DeleteNodeRequest) Reset() {
 	*x = DeleteNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2143,7 +2333,7 @@ func (x *DeleteNodeRequest) String() string {
 func (*DeleteNodeRequest) ProtoMessage() {}
 
 func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2156,7 +2346,7 @@ func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DeleteNodeRequest) GetName() string {
@@ -2177,7 +2367,7 @@ type DeleteNodeResponse struct {
 
 func (x *DeleteNodeResponse) Reset() {
 	*x = DeleteNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2189,7 +2379,7 @@ func (x *DeleteNodeResponse) String() string {
 func (*DeleteNodeResponse) ProtoMessage() {}
 
 func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2202,7 +2392,7 @@ func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DeleteNodeResponse) GetAddresses() []string {
@@ -2232,7 +2422,7 @@ type LabelNodeRequest struct {
 
 func (x *LabelNodeRequest) Reset() {
 	*x = LabelNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2244,7 +2434,7 @@ func (x *LabelNodeRequest) String() string {
 func (*LabelNodeRequest) ProtoMessage() {}
 
 func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2257,7 +2447,7 @@ func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeRequest.ProtoReflect.Descriptor instead.
 func (*LabelNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *LabelNodeRequest) GetName() string {
@@ -2292,7 +2482,7 @@ type LabelNodeResponse struct {
 
 func (x *LabelNodeResponse) Reset() {
 	*x = LabelNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2494,7 @@ func (x *LabelNodeResponse) String() string {
 func (*LabelNodeResponse) ProtoMessage() {}
 
 func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2507,7 @@ func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeResponse.ProtoReflect.Descriptor instead.
 func (*LabelNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *LabelNodeResponse) GetLabels() map[string]string {
@@ -2343,7 +2533,7 @@ type RotateNodeKeyRequest struct {
 
 func (x *RotateNodeKeyRequest) Reset() {
 	*x = RotateNodeKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2355,7 +2545,7 @@ func (x *RotateNodeKeyRequest) String() string {
 func (*RotateNodeKeyRequest) ProtoMessage() {}
 
 func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2368,7 +2558,7 @@ func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RotateNodeKeyRequest) GetName() string {
@@ -2387,7 +2577,7 @@ type RotateNodeKeyResponse struct {
 
 func (x *RotateNodeKeyResponse) Reset() {
 	*x = RotateNodeKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2399,7 +2589,7 @@ func (x *RotateNodeKeyResponse) String() string {
 func (*RotateNodeKeyResponse) ProtoMessage() {}
 
 func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2412,7 +2602,7 @@ func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RotateNodeKeyResponse) GetGeneration() uint64 {
@@ -2437,7 +2627,7 @@ type OperatorInfo struct {
 
 func (x *OperatorInfo) Reset() {
 	*x = OperatorInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2449,7 +2639,7 @@ func (x *OperatorInfo) String() string {
 func (*OperatorInfo) ProtoMessage() {}
 
 func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2462,7 +2652,7 @@ func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorInfo.ProtoReflect.Descriptor instead.
 func (*OperatorInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *OperatorInfo) GetName() string {
@@ -2510,7 +2700,7 @@ type CreateOperatorRequest struct {
 
 func (x *CreateOperatorRequest) Reset() {
 	*x = CreateOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2522,7 +2712,7 @@ func (x *CreateOperatorRequest) String() string {
 func (*CreateOperatorRequest) ProtoMessage() {}
 
 func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2535,7 +2725,7 @@ func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorRequest.ProtoReflect.Descriptor instead.
 func (*CreateOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CreateOperatorRequest) GetName() string {
@@ -2563,7 +2753,7 @@ type CreateOperatorResponse struct {
 
 func (x *CreateOperatorResponse) Reset() {
 	*x = CreateOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2575,7 +2765,7 @@ func (x *CreateOperatorResponse) String() string {
 func (*CreateOperatorResponse) ProtoMessage() {}
 
 func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2588,7 +2778,7 @@ func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorResponse.ProtoReflect.Descriptor instead.
 func (*CreateOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CreateOperatorResponse) GetOperator() *OperatorInfo {
@@ -2613,7 +2803,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2625,7 +2815,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2638,7 +2828,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
 }
 
 type ListOperatorsResponse struct {
@@ -2650,7 +2840,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2662,7 +2852,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2675,7 +2865,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*OperatorInfo {
@@ -2694,7 +2884,7 @@ type RevokeOperatorRequest struct {
 
 func (x *RevokeOperatorRequest) Reset() {
 	*x = RevokeOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2706,7 +2896,7 @@ func (x *RevokeOperatorRequest) String() string {
 func (*RevokeOperatorRequest) ProtoMessage() {}
 
 func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2719,7 +2909,7 @@ func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorRequest.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RevokeOperatorRequest) GetName() string {
@@ -2737,7 +2927,7 @@ type RevokeOperatorResponse struct {
 
 func (x *RevokeOperatorResponse) Reset() {
 	*x = RevokeOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2749,7 +2939,7 @@ func (x *RevokeOperatorResponse) String() string {
 func (*RevokeOperatorResponse) ProtoMessage() {}
 
 func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2762,7 +2952,7 @@ func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorResponse.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
 }
 
 // Audit log. Each record holds the SHA-256 of the one before (hash chain), so an
@@ -2789,7 +2979,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2801,7 +2991,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2814,7 +3004,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -2892,7 +3082,7 @@ type ListAuditRequest struct {
 
 func (x *ListAuditRequest) Reset() {
 	*x = ListAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2904,7 +3094,7 @@ func (x *ListAuditRequest) String() string {
 func (*ListAuditRequest) ProtoMessage() {}
 
 func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2917,7 +3107,7 @@ func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListAuditRequest) GetSinceUnix() int64 {
@@ -2943,7 +3133,7 @@ type ListAuditResponse struct {
 
 func (x *ListAuditResponse) Reset() {
 	*x = ListAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2955,7 +3145,7 @@ func (x *ListAuditResponse) String() string {
 func (*ListAuditResponse) ProtoMessage() {}
 
 func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2968,7 +3158,7 @@ func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListAuditResponse) GetRecords() []*AuditRecord {
@@ -2990,7 +3180,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3002,7 +3192,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3015,7 +3205,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *VerifyAuditRequest) GetExpectHead() string {
@@ -3045,7 +3235,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3057,7 +3247,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3070,7 +3260,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -3123,7 +3313,7 @@ type BackupRequest struct {
 
 func (x *BackupRequest) Reset() {
 	*x = BackupRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3135,7 +3325,7 @@ func (x *BackupRequest) String() string {
 func (*BackupRequest) ProtoMessage() {}
 
 func (x *BackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3148,7 +3338,7 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
 }
 
 // One piece of a consistent copy of the controller's bbolt store, in order.
@@ -3161,7 +3351,7 @@ type BackupChunk struct {
 
 func (x *BackupChunk) Reset() {
 	*x = BackupChunk{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3173,7 +3363,7 @@ func (x *BackupChunk) String() string {
 func (*BackupChunk) ProtoMessage() {}
 
 func (x *BackupChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3186,7 +3376,7 @@ func (x *BackupChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
 func (*BackupChunk) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *BackupChunk) GetData() []byte {
@@ -3207,7 +3397,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3219,7 +3409,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3232,7 +3422,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ApplyPolicyRequest) GetFilename() string {
@@ -3264,7 +3454,7 @@ type ApplyPolicyResponse struct {
 
 func (x *ApplyPolicyResponse) Reset() {
 	*x = ApplyPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3276,7 +3466,7 @@ func (x *ApplyPolicyResponse) String() string {
 func (*ApplyPolicyResponse) ProtoMessage() {}
 
 func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3289,7 +3479,7 @@ func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ApplyPolicyResponse) GetRevision() uint64 {
@@ -3322,7 +3512,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3334,7 +3524,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3347,7 +3537,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *GetPolicyRequest) GetRevision() uint64 {
@@ -3370,7 +3560,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3382,7 +3572,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3395,7 +3585,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *GetPolicyResponse) GetRevision() uint64 {
@@ -3452,7 +3642,7 @@ type PolicyRevision struct {
 
 func (x *PolicyRevision) Reset() {
 	*x = PolicyRevision{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3464,7 +3654,7 @@ func (x *PolicyRevision) String() string {
 func (*PolicyRevision) ProtoMessage() {}
 
 func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3477,7 +3667,7 @@ func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyRevision.ProtoReflect.Descriptor instead.
 func (*PolicyRevision) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *PolicyRevision) GetRevision() uint64 {
@@ -3537,7 +3727,7 @@ type ListPolicyRevisionsRequest struct {
 
 func (x *ListPolicyRevisionsRequest) Reset() {
 	*x = ListPolicyRevisionsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3549,7 +3739,7 @@ func (x *ListPolicyRevisionsRequest) String() string {
 func (*ListPolicyRevisionsRequest) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3562,7 +3752,7 @@ func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
 }
 
 type ListPolicyRevisionsResponse struct {
@@ -3576,7 +3766,7 @@ type ListPolicyRevisionsResponse struct {
 
 func (x *ListPolicyRevisionsResponse) Reset() {
 	*x = ListPolicyRevisionsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3588,7 +3778,7 @@ func (x *ListPolicyRevisionsResponse) String() string {
 func (*ListPolicyRevisionsResponse) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3601,7 +3791,7 @@ func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *ListPolicyRevisionsResponse) GetRevisions() []*PolicyRevision {
@@ -3628,7 +3818,7 @@ type RollbackPolicyRequest struct {
 
 func (x *RollbackPolicyRequest) Reset() {
 	*x = RollbackPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3640,7 +3830,7 @@ func (x *RollbackPolicyRequest) String() string {
 func (*RollbackPolicyRequest) ProtoMessage() {}
 
 func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3653,7 +3843,7 @@ func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyRequest.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *RollbackPolicyRequest) GetRevision() uint64 {
@@ -3677,7 +3867,7 @@ type RollbackPolicyResponse struct {
 
 func (x *RollbackPolicyResponse) Reset() {
 	*x = RollbackPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3689,7 +3879,7 @@ func (x *RollbackPolicyResponse) String() string {
 func (*RollbackPolicyResponse) ProtoMessage() {}
 
 func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3702,7 +3892,7 @@ func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyResponse.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *RollbackPolicyResponse) GetRevision() uint64 {
@@ -3738,7 +3928,7 @@ type PolicyFile struct {
 
 func (x *PolicyFile) Reset() {
 	*x = PolicyFile{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3750,7 +3940,7 @@ func (x *PolicyFile) String() string {
 func (*PolicyFile) ProtoMessage() {}
 
 func (x *PolicyFile) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3763,7 +3953,7 @@ func (x *PolicyFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyFile.ProtoReflect.Descriptor instead.
 func (*PolicyFile) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *PolicyFile) GetFilename() string {
@@ -3793,7 +3983,7 @@ type GetNetmapRequest struct {
 
 func (x *GetNetmapRequest) Reset() {
 	*x = GetNetmapRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3805,7 +3995,7 @@ func (x *GetNetmapRequest) String() string {
 func (*GetNetmapRequest) ProtoMessage() {}
 
 func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3818,7 +4008,7 @@ func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapRequest.ProtoReflect.Descriptor instead.
 func (*GetNetmapRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *GetNetmapRequest) GetNode() string {
@@ -3853,7 +4043,7 @@ type GetNetmapResponse struct {
 
 func (x *GetNetmapResponse) Reset() {
 	*x = GetNetmapResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3865,7 +4055,7 @@ func (x *GetNetmapResponse) String() string {
 func (*GetNetmapResponse) ProtoMessage() {}
 
 func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3878,7 +4068,7 @@ func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapResponse.ProtoReflect.Descriptor instead.
 func (*GetNetmapResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *GetNetmapResponse) GetNetmap() *Netmap {
@@ -3987,14 +4177,28 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x1c\n" +
 	"\tdataplane\x18\x02 \x01(\tR\tdataplane\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12\x1c\n" +
-	"\tinterface\x18\x04 \x01(\tR\tinterface\"\xb2\x01\n" +
+	"\tinterface\x18\x04 \x01(\tR\tinterface\"\xf4\x01\n" +
 	"\rReportRequest\x12)\n" +
 	"\x10applied_revision\x18\x01 \x01(\x04R\x0fappliedRevision\x12!\n" +
 	"\fapplied_hash\x18\x02 \x01(\tR\vappliedHash\x12\x1c\n" +
 	"\tdataplane\x18\x03 \x01(\tR\tdataplane\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12\x1f\n" +
 	"\valive_peers\x18\x05 \x03(\tR\n" +
-	"alivePeers\"\x10\n" +
+	"alivePeers\x12\x17\n" +
+	"\ain_sync\x18\x06 \x01(\bR\x06inSync\x12'\n" +
+	"\x05drift\x18\a \x01(\v2\x11.segmesh.v1.DriftR\x05drift\"=\n" +
+	"\x0fDriftDifference\x12\x12\n" +
+	"\x04part\x18\x01 \x01(\tR\x04part\x12\x16\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xa1\x02\n" +
+	"\x05Drift\x12\x18\n" +
+	"\arepairs\x18\x01 \x01(\x04R\arepairs\x12(\n" +
+	"\x10last_repair_unix\x18\x02 \x01(\x03R\x0elastRepairUnix\x12@\n" +
+	"\rlast_repaired\x18\x03 \x03(\v2\x1b.segmesh.v1.DriftDifferenceR\flastRepaired\x12,\n" +
+	"\x12last_repaired_more\x18\x04 \x01(\rR\x10lastRepairedMore\x12;\n" +
+	"\n" +
+	"unrepaired\x18\x05 \x03(\v2\x1b.segmesh.v1.DriftDifferenceR\n" +
+	"unrepaired\x12'\n" +
+	"\x0funrepaired_more\x18\x06 \x01(\rR\x0eunrepairedMore\"\x10\n" +
 	"\x0eReportResponse\"2\n" +
 	"\x17RenewCertificateRequest\x12\x17\n" +
 	"\acsr_der\x18\x01 \x01(\fR\x06csrDer\"i\n" +
@@ -4007,7 +4211,7 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x02 \x01(\x04R\n" +
 	"generation\"\x13\n" +
-	"\x11RotateKeyResponse\"\xc8\x05\n" +
+	"\x11RotateKeyResponse\"\x8a\x06\n" +
 	"\n" +
 	"NodeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12:\n" +
@@ -4032,7 +4236,9 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\n" +
 	"revoked_by\x18\x11 \x01(\tR\trevokedBy\x12*\n" +
 	"\x11cert_expires_unix\x18\x12 \x01(\x03R\x0fcertExpiresUnix\x12#\n" +
-	"\renrolled_unix\x18\x13 \x01(\x03R\fenrolledUnix\x1a9\n" +
+	"\renrolled_unix\x18\x13 \x01(\x03R\fenrolledUnix\x12\x17\n" +
+	"\ain_sync\x18\x14 \x01(\bR\x06inSync\x12'\n" +
+	"\x05drift\x18\x15 \x01(\v2\x11.segmesh.v1.DriftR\x05drift\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x0f\n" +
@@ -4252,7 +4458,7 @@ func file_segmesh_v1_segmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_segmesh_v1_segmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 71)
+var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 73)
 var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(Protocol)(0),                       // 0: segmesh.v1.Protocol
 	(*EnrollRequest)(nil),               // 1: segmesh.v1.EnrollRequest
@@ -4268,68 +4474,70 @@ var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(*Netmap)(nil),                      // 11: segmesh.v1.Netmap
 	(*SyncRequest)(nil),                 // 12: segmesh.v1.SyncRequest
 	(*ReportRequest)(nil),               // 13: segmesh.v1.ReportRequest
-	(*ReportResponse)(nil),              // 14: segmesh.v1.ReportResponse
-	(*RenewCertificateRequest)(nil),     // 15: segmesh.v1.RenewCertificateRequest
-	(*RenewCertificateResponse)(nil),    // 16: segmesh.v1.RenewCertificateResponse
-	(*RotateKeyRequest)(nil),            // 17: segmesh.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),           // 18: segmesh.v1.RotateKeyResponse
-	(*NodeStatus)(nil),                  // 19: segmesh.v1.NodeStatus
-	(*StatusRequest)(nil),               // 20: segmesh.v1.StatusRequest
-	(*StatusResponse)(nil),              // 21: segmesh.v1.StatusResponse
-	(*ListNodesRequest)(nil),            // 22: segmesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 23: segmesh.v1.ListNodesResponse
-	(*CreateTokenRequest)(nil),          // 24: segmesh.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),         // 25: segmesh.v1.CreateTokenResponse
-	(*TokenInfo)(nil),                   // 26: segmesh.v1.TokenInfo
-	(*ListTokensRequest)(nil),           // 27: segmesh.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),          // 28: segmesh.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),          // 29: segmesh.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),         // 30: segmesh.v1.RevokeTokenResponse
-	(*RevokeNodeRequest)(nil),           // 31: segmesh.v1.RevokeNodeRequest
-	(*RevokeNodeResponse)(nil),          // 32: segmesh.v1.RevokeNodeResponse
-	(*DeleteNodeRequest)(nil),           // 33: segmesh.v1.DeleteNodeRequest
-	(*DeleteNodeResponse)(nil),          // 34: segmesh.v1.DeleteNodeResponse
-	(*LabelNodeRequest)(nil),            // 35: segmesh.v1.LabelNodeRequest
-	(*LabelNodeResponse)(nil),           // 36: segmesh.v1.LabelNodeResponse
-	(*RotateNodeKeyRequest)(nil),        // 37: segmesh.v1.RotateNodeKeyRequest
-	(*RotateNodeKeyResponse)(nil),       // 38: segmesh.v1.RotateNodeKeyResponse
-	(*OperatorInfo)(nil),                // 39: segmesh.v1.OperatorInfo
-	(*CreateOperatorRequest)(nil),       // 40: segmesh.v1.CreateOperatorRequest
-	(*CreateOperatorResponse)(nil),      // 41: segmesh.v1.CreateOperatorResponse
-	(*ListOperatorsRequest)(nil),        // 42: segmesh.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 43: segmesh.v1.ListOperatorsResponse
-	(*RevokeOperatorRequest)(nil),       // 44: segmesh.v1.RevokeOperatorRequest
-	(*RevokeOperatorResponse)(nil),      // 45: segmesh.v1.RevokeOperatorResponse
-	(*AuditRecord)(nil),                 // 46: segmesh.v1.AuditRecord
-	(*ListAuditRequest)(nil),            // 47: segmesh.v1.ListAuditRequest
-	(*ListAuditResponse)(nil),           // 48: segmesh.v1.ListAuditResponse
-	(*VerifyAuditRequest)(nil),          // 49: segmesh.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),         // 50: segmesh.v1.VerifyAuditResponse
-	(*BackupRequest)(nil),               // 51: segmesh.v1.BackupRequest
-	(*BackupChunk)(nil),                 // 52: segmesh.v1.BackupChunk
-	(*ApplyPolicyRequest)(nil),          // 53: segmesh.v1.ApplyPolicyRequest
-	(*ApplyPolicyResponse)(nil),         // 54: segmesh.v1.ApplyPolicyResponse
-	(*GetPolicyRequest)(nil),            // 55: segmesh.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),           // 56: segmesh.v1.GetPolicyResponse
-	(*PolicyRevision)(nil),              // 57: segmesh.v1.PolicyRevision
-	(*ListPolicyRevisionsRequest)(nil),  // 58: segmesh.v1.ListPolicyRevisionsRequest
-	(*ListPolicyRevisionsResponse)(nil), // 59: segmesh.v1.ListPolicyRevisionsResponse
-	(*RollbackPolicyRequest)(nil),       // 60: segmesh.v1.RollbackPolicyRequest
-	(*RollbackPolicyResponse)(nil),      // 61: segmesh.v1.RollbackPolicyResponse
-	(*PolicyFile)(nil),                  // 62: segmesh.v1.PolicyFile
-	(*GetNetmapRequest)(nil),            // 63: segmesh.v1.GetNetmapRequest
-	(*GetNetmapResponse)(nil),           // 64: segmesh.v1.GetNetmapResponse
-	nil,                                 // 65: segmesh.v1.EnrollResponse.LabelsEntry
-	nil,                                 // 66: segmesh.v1.Node.LabelsEntry
-	nil,                                 // 67: segmesh.v1.NodeStatus.LabelsEntry
-	nil,                                 // 68: segmesh.v1.CreateTokenRequest.LabelsEntry
-	nil,                                 // 69: segmesh.v1.TokenInfo.LabelsEntry
-	nil,                                 // 70: segmesh.v1.LabelNodeRequest.SetEntry
-	nil,                                 // 71: segmesh.v1.LabelNodeResponse.LabelsEntry
+	(*DriftDifference)(nil),             // 14: segmesh.v1.DriftDifference
+	(*Drift)(nil),                       // 15: segmesh.v1.Drift
+	(*ReportResponse)(nil),              // 16: segmesh.v1.ReportResponse
+	(*RenewCertificateRequest)(nil),     // 17: segmesh.v1.RenewCertificateRequest
+	(*RenewCertificateResponse)(nil),    // 18: segmesh.v1.RenewCertificateResponse
+	(*RotateKeyRequest)(nil),            // 19: segmesh.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),           // 20: segmesh.v1.RotateKeyResponse
+	(*NodeStatus)(nil),                  // 21: segmesh.v1.NodeStatus
+	(*StatusRequest)(nil),               // 22: segmesh.v1.StatusRequest
+	(*StatusResponse)(nil),              // 23: segmesh.v1.StatusResponse
+	(*ListNodesRequest)(nil),            // 24: segmesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 25: segmesh.v1.ListNodesResponse
+	(*CreateTokenRequest)(nil),          // 26: segmesh.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),         // 27: segmesh.v1.CreateTokenResponse
+	(*TokenInfo)(nil),                   // 28: segmesh.v1.TokenInfo
+	(*ListTokensRequest)(nil),           // 29: segmesh.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),          // 30: segmesh.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),          // 31: segmesh.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),         // 32: segmesh.v1.RevokeTokenResponse
+	(*RevokeNodeRequest)(nil),           // 33: segmesh.v1.RevokeNodeRequest
+	(*RevokeNodeResponse)(nil),          // 34: segmesh.v1.RevokeNodeResponse
+	(*DeleteNodeRequest)(nil),           // 35: segmesh.v1.DeleteNodeRequest
+	(*DeleteNodeResponse)(nil),          // 36: segmesh.v1.DeleteNodeResponse
+	(*LabelNodeRequest)(nil),            // 37: segmesh.v1.LabelNodeRequest
+	(*LabelNodeResponse)(nil),           // 38: segmesh.v1.LabelNodeResponse
+	(*RotateNodeKeyRequest)(nil),        // 39: segmesh.v1.RotateNodeKeyRequest
+	(*RotateNodeKeyResponse)(nil),       // 40: segmesh.v1.RotateNodeKeyResponse
+	(*OperatorInfo)(nil),                // 41: segmesh.v1.OperatorInfo
+	(*CreateOperatorRequest)(nil),       // 42: segmesh.v1.CreateOperatorRequest
+	(*CreateOperatorResponse)(nil),      // 43: segmesh.v1.CreateOperatorResponse
+	(*ListOperatorsRequest)(nil),        // 44: segmesh.v1.ListOperatorsRequest
+	(*ListOperatorsResponse)(nil),       // 45: segmesh.v1.ListOperatorsResponse
+	(*RevokeOperatorRequest)(nil),       // 46: segmesh.v1.RevokeOperatorRequest
+	(*RevokeOperatorResponse)(nil),      // 47: segmesh.v1.RevokeOperatorResponse
+	(*AuditRecord)(nil),                 // 48: segmesh.v1.AuditRecord
+	(*ListAuditRequest)(nil),            // 49: segmesh.v1.ListAuditRequest
+	(*ListAuditResponse)(nil),           // 50: segmesh.v1.ListAuditResponse
+	(*VerifyAuditRequest)(nil),          // 51: segmesh.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),         // 52: segmesh.v1.VerifyAuditResponse
+	(*BackupRequest)(nil),               // 53: segmesh.v1.BackupRequest
+	(*BackupChunk)(nil),                 // 54: segmesh.v1.BackupChunk
+	(*ApplyPolicyRequest)(nil),          // 55: segmesh.v1.ApplyPolicyRequest
+	(*ApplyPolicyResponse)(nil),         // 56: segmesh.v1.ApplyPolicyResponse
+	(*GetPolicyRequest)(nil),            // 57: segmesh.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),           // 58: segmesh.v1.GetPolicyResponse
+	(*PolicyRevision)(nil),              // 59: segmesh.v1.PolicyRevision
+	(*ListPolicyRevisionsRequest)(nil),  // 60: segmesh.v1.ListPolicyRevisionsRequest
+	(*ListPolicyRevisionsResponse)(nil), // 61: segmesh.v1.ListPolicyRevisionsResponse
+	(*RollbackPolicyRequest)(nil),       // 62: segmesh.v1.RollbackPolicyRequest
+	(*RollbackPolicyResponse)(nil),      // 63: segmesh.v1.RollbackPolicyResponse
+	(*PolicyFile)(nil),                  // 64: segmesh.v1.PolicyFile
+	(*GetNetmapRequest)(nil),            // 65: segmesh.v1.GetNetmapRequest
+	(*GetNetmapResponse)(nil),           // 66: segmesh.v1.GetNetmapResponse
+	nil,                                 // 67: segmesh.v1.EnrollResponse.LabelsEntry
+	nil,                                 // 68: segmesh.v1.Node.LabelsEntry
+	nil,                                 // 69: segmesh.v1.NodeStatus.LabelsEntry
+	nil,                                 // 70: segmesh.v1.CreateTokenRequest.LabelsEntry
+	nil,                                 // 71: segmesh.v1.TokenInfo.LabelsEntry
+	nil,                                 // 72: segmesh.v1.LabelNodeRequest.SetEntry
+	nil,                                 // 73: segmesh.v1.LabelNodeResponse.LabelsEntry
 }
 var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
-	65, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
-	66, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
+	67, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
+	68, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
 	0,  // 2: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
 	5,  // 3: segmesh.v1.PortMatch.ports:type_name -> segmesh.v1.PortRange
 	6,  // 4: segmesh.v1.FilterRule.matches:type_name -> segmesh.v1.PortMatch
@@ -4340,75 +4548,79 @@ var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
 	4,  // 9: segmesh.v1.Netmap.peers:type_name -> segmesh.v1.Peer
 	9,  // 10: segmesh.v1.Netmap.filter:type_name -> segmesh.v1.Filter
 	10, // 11: segmesh.v1.Netmap.gossip:type_name -> segmesh.v1.GossipConfig
-	67, // 12: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
-	19, // 13: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	19, // 14: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	68, // 15: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
-	69, // 16: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
-	26, // 17: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
-	70, // 18: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
-	71, // 19: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
-	39, // 20: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
-	39, // 21: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
-	46, // 22: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
-	57, // 23: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
-	62, // 24: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
-	11, // 25: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
-	1,  // 26: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
-	12, // 27: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
-	13, // 28: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
-	15, // 29: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
-	17, // 30: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
-	20, // 31: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
-	22, // 32: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
-	24, // 33: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
-	53, // 34: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
-	55, // 35: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
-	58, // 36: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
-	60, // 37: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
-	63, // 38: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
-	27, // 39: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
-	29, // 40: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
-	31, // 41: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
-	33, // 42: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
-	35, // 43: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
-	37, // 44: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
-	40, // 45: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
-	42, // 46: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
-	44, // 47: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
-	47, // 48: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
-	49, // 49: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
-	51, // 50: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
-	2,  // 51: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
-	11, // 52: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
-	14, // 53: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
-	16, // 54: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
-	18, // 55: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
-	21, // 56: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
-	23, // 57: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
-	25, // 58: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
-	54, // 59: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
-	56, // 60: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
-	59, // 61: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
-	61, // 62: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
-	64, // 63: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
-	28, // 64: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
-	30, // 65: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
-	32, // 66: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
-	34, // 67: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
-	36, // 68: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
-	38, // 69: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
-	41, // 70: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
-	43, // 71: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
-	45, // 72: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
-	48, // 73: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
-	50, // 74: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
-	52, // 75: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
-	51, // [51:76] is the sub-list for method output_type
-	26, // [26:51] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	15, // 12: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
+	14, // 13: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
+	14, // 14: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
+	69, // 15: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
+	15, // 16: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
+	21, // 17: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	21, // 18: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	70, // 19: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
+	71, // 20: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
+	28, // 21: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
+	72, // 22: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
+	73, // 23: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
+	41, // 24: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
+	41, // 25: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
+	48, // 26: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
+	59, // 27: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
+	64, // 28: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
+	11, // 29: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
+	1,  // 30: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
+	12, // 31: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
+	13, // 32: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
+	17, // 33: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
+	19, // 34: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
+	22, // 35: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
+	24, // 36: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
+	26, // 37: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
+	55, // 38: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
+	57, // 39: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
+	60, // 40: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
+	62, // 41: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
+	65, // 42: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
+	29, // 43: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
+	31, // 44: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
+	33, // 45: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
+	35, // 46: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
+	37, // 47: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
+	39, // 48: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
+	42, // 49: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
+	44, // 50: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
+	46, // 51: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
+	49, // 52: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
+	51, // 53: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
+	53, // 54: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
+	2,  // 55: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
+	11, // 56: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
+	16, // 57: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
+	18, // 58: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
+	20, // 59: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
+	23, // 60: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
+	25, // 61: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
+	27, // 62: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
+	56, // 63: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
+	58, // 64: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
+	61, // 65: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
+	63, // 66: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
+	66, // 67: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
+	30, // 68: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
+	32, // 69: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
+	34, // 70: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
+	36, // 71: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
+	38, // 72: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
+	40, // 73: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
+	43, // 74: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
+	45, // 75: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
+	47, // 76: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
+	50, // 77: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
+	52, // 78: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
+	54, // 79: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
+	55, // [55:80] is the sub-list for method output_type
+	30, // [30:55] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_segmesh_v1_segmesh_proto_init() }
@@ -4422,7 +4634,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmesh_v1_segmesh_proto_rawDesc), len(file_segmesh_v1_segmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   71,
+			NumMessages:   73,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

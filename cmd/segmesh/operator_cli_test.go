@@ -27,12 +27,19 @@ const (
 	t2 = 1796086400 // 2026-12-01T00:53:20Z
 )
 
-// fixtureNodes: web-1 active and online, db-1 revoked by admin.
+// repairUnix is when web-1's agent last repaired drift: 150 s before the tests
+// started, so that status prints "2m ago" for it.
+var repairUnix = time.Now().Add(-150 * time.Second).Unix()
+
+// fixtureNodes: web-1 active, online and in sync after 3 drift repairs, db-1
+// revoked by admin.
 func fixtureNodes() []*segmeshv1.NodeStatus {
 	return []*segmeshv1.NodeStatus{
 		{Name: "web-1", State: "active", Labels: map[string]string{"role": "web", "env": "prod"}, Addresses: []string{"100.64.0.2/32", "fd5e:6d65:7368::2/128"},
 			Online: true, DesiredRevision: 3, AppliedRevision: 3, Dataplane: "kernel", Endpoint: "192.0.2.10:51820", PublicKey: "a2V5",
-			LastSeenUnix: t2, EnrolledUnix: t1, CertExpiresUnix: 1798678400, AlivePeers: []string{"db-1"}},
+			LastSeenUnix: t2, EnrolledUnix: t1, CertExpiresUnix: 1798678400, AlivePeers: []string{"db-1"},
+			InSync: true, Drift: &segmeshv1.Drift{Repairs: 3, LastRepairUnix: repairUnix, LastRepairedMore: 1,
+				LastRepaired: []*segmeshv1.DriftDifference{{Part: "route", Detail: "missing [100.64.0.0/10]"}}}},
 		{Name: "db-1", State: "revoked", Labels: map[string]string{"role": "db"}, Addresses: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"},
 			DesiredRevision: 3, EnrolledUnix: t1, RevokedUnix: t2, RevokedBy: "admin"},
 	}
@@ -78,9 +85,9 @@ func TestReadCommandTables(t *testing.T) {
 		}},
 		{[]string{"status"}, [][]string{
 			{"policy", "revision:", "3"},
-			{"NODE", "STATE", "ONLINE", "DESIRED", "APPLIED", "SYNC", "DATAPLANE", "ADDRESSES", "ENDPOINT", "ALIVE_PEERS", "ERROR"},
-			{"web-1", "active", "true", "3", "3", "in", "sync", "kernel", "100.64.0.2/32,fd5e:6d65:7368::2/128", "192.0.2.10:51820", "1", "-"},
-			{"db-1", "revoked", "false", "3", "0", "-", "-", "100.64.0.3/32,fd5e:6d65:7368::3/128", "-", "0", "-"},
+			{"NODE", "STATE", "ONLINE", "DESIRED", "APPLIED", "SYNC", "DRIFT", "DATAPLANE", "ADDRESSES", "ENDPOINT", "ALIVE_PEERS", "ERROR"},
+			{"web-1", "active", "true", "3", "3", "in", "sync", "3", "(2m", "ago)", "kernel", "100.64.0.2/32,fd5e:6d65:7368::2/128", "192.0.2.10:51820", "1", "-"},
+			{"db-1", "revoked", "false", "3", "0", "-", "-", "-", "100.64.0.3/32,fd5e:6d65:7368::3/128", "-", "0", "-"},
 		}},
 		{[]string{"token", "list"}, [][]string{
 			{"ID", "NAME", "LABELS", "CREATED", "EXPIRES", "USES", "USED_BY", "CREATOR", "STATE"},
@@ -143,7 +150,7 @@ func TestNodesShowTable(t *testing.T) {
 		}
 	}
 	wantKeys := []string{"name", "state", "labels", "addresses", "endpoint", "public key", "dataplane", "online", "last seen",
-		"desired revision", "applied revision", "sync", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers", "error"}
+		"desired revision", "applied revision", "sync", "drift repairs", "last repaired", "unrepaired drift", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers", "error"}
 	if !slices.Equal(keys, wantKeys) {
 		t.Errorf("keys %q, want %q", keys, wantKeys)
 	}
@@ -167,9 +174,12 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 	web := nodeJSON{Name: "web-1", State: "active", Labels: map[string]string{"role": "web", "env": "prod"},
 		Addresses: []string{"100.64.0.2/32", "fd5e:6d65:7368::2/128"}, Online: true, DesiredRevision: 3, AppliedRevision: 3,
 		Dataplane: "kernel", Endpoint: "192.0.2.10:51820", PublicKey: "a2V5", LastSeen: "2026-12-01T00:53:20Z",
-		EnrolledAt: "2026-11-30T00:53:20Z", CertExpiresAt: "2026-12-31T00:53:20Z", AlivePeers: []string{"db-1"}}
+		EnrolledAt: "2026-11-30T00:53:20Z", CertExpiresAt: "2026-12-31T00:53:20Z", AlivePeers: []string{"db-1"},
+		Sync: "in sync", InSync: true, Drift: driftJSON{Repairs: 3, LastRepairAt: unixTime(repairUnix), LastRepairedMore: 1,
+			LastRepaired: []differenceJSON{{Part: "route", Detail: "missing [100.64.0.0/10]"}}, Unrepaired: []differenceJSON{}}}
 	db := nodeJSON{Name: "db-1", State: "revoked", Labels: map[string]string{"role": "db"}, Addresses: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"},
-		DesiredRevision: 3, EnrolledAt: "2026-11-30T00:53:20Z", RevokedAt: "2026-12-01T00:53:20Z", RevokedBy: "admin", AlivePeers: []string{}}
+		DesiredRevision: 3, EnrolledAt: "2026-11-30T00:53:20Z", RevokedAt: "2026-12-01T00:53:20Z", RevokedBy: "admin", AlivePeers: []string{},
+		Drift: driftJSON{LastRepaired: []differenceJSON{}, Unrepaired: []differenceJSON{}}}
 	tests := []struct {
 		args []string
 		want any
@@ -177,7 +187,8 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		keys []string
 	}{
 		{[]string{"status"}, statusJSON{PolicyRevision: 3, ServingRevision: 3, Nodes: []nodeJSON{web, db}},
-			[]string{`"policy_revision"`, `"serving_revision"`, `"state": "revoked"`, `"revoked_by": "admin"`, `"cert_expires_at"`, `"alive_peers"`}},
+			[]string{`"policy_revision"`, `"serving_revision"`, `"state": "revoked"`, `"revoked_by": "admin"`, `"cert_expires_at"`, `"alive_peers"`,
+				`"sync": "in sync"`, `"in_sync": true`, `"repairs": 3`, `"last_repair_at"`, `"last_repaired": [`, `"last_repaired_more": 1`, `"unrepaired": []`}},
 		{[]string{"nodes", "list"}, []nodeJSON{web, db}, []string{`"desired_revision"`, `"revoked_at"`, `"enrolled_at"`}},
 		{[]string{"nodes", "show", "web-1"}, web, []string{`"name": "web-1"`, `"last_seen"`}},
 		{[]string{"token", "list"}, []tokenJSON{

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -45,6 +46,54 @@ type nodeJSON struct {
 	RevokedBy     string   `json:"revoked_by,omitempty"` // operator credential name
 	AlivePeers    []string `json:"alive_peers"`
 	Error         string   `json:"error,omitempty"`
+	// Sync is the SYNC column (see syncState).
+	Sync string `json:"sync"`
+	// InSync is what the agent last reported: its latest read-back of the kernel
+	// found exactly the desired state.
+	InSync bool      `json:"in_sync"`
+	Drift  driftJSON `json:"drift"`
+}
+
+// driftJSON is the drift an agent found and repaired since it started, as it
+// reported it (lists bounded by the controller; *_more counts what was left out).
+type driftJSON struct {
+	// Repairs counts the applies that restored drift.
+	Repairs      uint64           `json:"repairs"`
+	LastRepairAt string           `json:"last_repair_at,omitempty"`
+	LastRepaired []differenceJSON `json:"last_repaired"`
+	// LastRepairedMore counts the differences of the last repair not listed.
+	LastRepairedMore uint32 `json:"last_repaired_more,omitempty"`
+	// Unrepaired is drift found and not repaired yet (a repair failed, or the
+	// kernel changed again right after an apply).
+	Unrepaired     []differenceJSON `json:"unrepaired"`
+	UnrepairedMore uint32           `json:"unrepaired_more,omitempty"`
+}
+
+// differenceJSON is one way a node's kernel differed from its desired dataplane.
+type differenceJSON struct {
+	// Part is "interface", "wireguard", "peer", "address", "route" or "nftables".
+	Part   string `json:"part"`
+	Detail string `json:"detail"`
+}
+
+func toDifferencesJSON(ds []*segmeshv1.DriftDifference) []differenceJSON {
+	out := make([]differenceJSON, 0, len(ds))
+	for _, d := range ds {
+		out = append(out, differenceJSON{Part: d.GetPart(), Detail: d.GetDetail()})
+	}
+	return out
+}
+
+// joinDifferences prints ds as "part: detail; part: detail; … and N more".
+func joinDifferences(ds []differenceJSON, more uint32) string {
+	parts := make([]string, 0, len(ds)+1)
+	for _, d := range ds {
+		parts = append(parts, d.Part+": "+d.Detail)
+	}
+	if more > 0 {
+		parts = append(parts, fmt.Sprintf("… and %d more", more))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // statusJSON is the shape of `status -o json`.
@@ -66,8 +115,13 @@ func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
 		Dataplane: n.GetDataplane(), Endpoint: n.GetEndpoint(), PublicKey: n.GetPublicKey(),
 		LastSeen: unixTime(n.GetLastSeenUnix()), EnrolledAt: unixTime(n.GetEnrolledUnix()), CertExpiresAt: unixTime(n.GetCertExpiresUnix()),
 		RevokedAt: unixTime(n.GetRevokedUnix()), RevokedBy: n.GetRevokedBy(),
-		AlivePeers: n.GetAlivePeers(), Error: n.GetError(),
+		AlivePeers: n.GetAlivePeers(), Error: n.GetError(), InSync: n.GetInSync(),
 	}
+	d := n.GetDrift()
+	out.Drift = driftJSON{Repairs: d.GetRepairs(), LastRepairAt: unixTime(d.GetLastRepairUnix()),
+		LastRepaired: toDifferencesJSON(d.GetLastRepaired()), LastRepairedMore: d.GetLastRepairedMore(),
+		Unrepaired: toDifferencesJSON(d.GetUnrepaired()), UnrepairedMore: d.GetUnrepairedMore()}
+	out.Sync = out.syncState()
 	if out.Labels == nil {
 		out.Labels = map[string]string{}
 	}
@@ -88,17 +142,66 @@ func toNodesJSON(nodes []*segmeshv1.NodeStatus) []nodeJSON {
 	return out
 }
 
-// syncState says whether the node enforces the netmap the controller holds for it.
+// syncState says whether the node's kernel holds the netmap the controller holds
+// for it, checked in this order: "" for a revoked node, "offline", "error" (the
+// agent reports an error: see ERROR), "pending" (the agent has not applied the
+// node's latest netmap yet), "drift" (the agent's latest read-back found the kernel
+// differing from it, or the agent did not say it read back), and "in sync" only
+// when the agent's latest read-back found exactly the desired state.
 func (n nodeJSON) syncState() string {
 	switch {
 	case n.State == nodeStateRevoked:
 		return ""
 	case !n.Online:
 		return "offline"
-	case n.AppliedRevision != n.DesiredRevision:
+	case n.Error != "":
+		return "error"
+	case n.AppliedRevision != n.DesiredRevision, n.DesiredHash != "" && n.AppliedHash != n.DesiredHash:
 		return "pending"
+	case !n.InSync:
+		return "drift"
 	}
 	return "in sync"
+}
+
+// driftCell is the DRIFT column: the number of repairs and how long before now
+// the latest one was ("3 (2m ago)"), "0" without repairs, plus "+N unrepaired"
+// while drift waits for a repair; "" for a revoked node.
+func (n nodeJSON) driftCell(now time.Time) string {
+	if n.State == nodeStateRevoked {
+		return ""
+	}
+	d := n.Drift
+	cell := fmt.Sprint(d.Repairs)
+	if t, err := time.Parse(time.RFC3339, d.LastRepairAt); err == nil && d.Repairs > 0 {
+		cell += " (" + ago(now.Sub(t)) + ")"
+	}
+	if u := len(d.Unrepaired) + int(d.UnrepairedMore); u > 0 {
+		cell += fmt.Sprintf(" +%d unrepaired", u)
+	}
+	return cell
+}
+
+// driftRepairs is "N" or "N, the last at TIME" for `nodes show`.
+func (n nodeJSON) driftRepairs() string {
+	if n.Drift.LastRepairAt == "" {
+		return fmt.Sprint(n.Drift.Repairs)
+	}
+	return fmt.Sprintf("%d, the last at %s", n.Drift.Repairs, n.Drift.LastRepairAt)
+}
+
+// ago prints d as "45s ago", "2m ago", "5h ago" or "3d ago" (rounded down; a
+// negative d, from clocks apart, is "0s ago").
+func ago(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds ago", max(0, int(d/time.Second)))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm ago", int(d/time.Minute))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d/time.Hour))
+	}
+	return fmt.Sprintf("%dd ago", int(d/(24*time.Hour)))
 }
 
 func formatLabels(m map[string]string) string {
@@ -112,7 +215,7 @@ func formatLabels(m map[string]string) string {
 func newStatusCmd(g *globalFlags) *cobra.Command {
 	return readCmd(&cobra.Command{
 		Use:   "status",
-		Short: "Show the policy revision and, per node, state, desired vs applied revision, liveness and dataplane",
+		Short: "Show the policy revision and, per node, state, desired vs applied revision, sync, drift repairs, liveness and dataplane",
 		Args:  cobra.NoArgs,
 	}, func([]string) (any, func(io.Writer) error, error) {
 		resp, err := invoke(g, "reading status", segmeshv1connect.OperatorServiceClient.Status, &segmeshv1.StatusRequest{})
@@ -121,11 +224,12 @@ func newStatusCmd(g *globalFlags) *cobra.Command {
 		}
 		st := statusJSON{PolicyRevision: resp.GetPolicyRevision(), ServingRevision: resp.GetServingRevision(),
 			PolicyError: resp.GetPolicyError(), Nodes: toNodesJSON(resp.GetNodes())}
-		return st, st.writeTable, nil
+		now := time.Now()
+		return st, func(w io.Writer) error { return st.writeTable(w, now) }, nil
 	})
 }
 
-func (st statusJSON) writeTable(w io.Writer) error {
+func (st statusJSON) writeTable(w io.Writer, now time.Time) error {
 	fmt.Fprintf(w, "policy revision: %d", st.PolicyRevision)
 	if st.ServingRevision != st.PolicyRevision {
 		fmt.Fprintf(w, " (NOT IN FORCE: serving revision %d)", st.ServingRevision)
@@ -137,7 +241,7 @@ func (st statusJSON) writeTable(w io.Writer) error {
 	rows := make([][]string, 0, len(st.Nodes))
 	for _, n := range st.Nodes {
 		rows = append(rows, []string{n.Name, n.State, fmt.Sprint(n.Online), fmt.Sprint(n.DesiredRevision), fmt.Sprint(n.AppliedRevision),
-			n.syncState(), n.Dataplane, strings.Join(n.Addresses, ","), n.Endpoint, fmt.Sprint(len(n.AlivePeers)), n.Error})
+			n.Sync, n.driftCell(now), n.Dataplane, strings.Join(n.Addresses, ","), n.Endpoint, fmt.Sprint(len(n.AlivePeers)), n.Error})
 	}
-	return writeTable(w, []string{"NODE", "STATE", "ONLINE", "DESIRED", "APPLIED", "SYNC", "DATAPLANE", "ADDRESSES", "ENDPOINT", "ALIVE_PEERS", "ERROR"}, rows)
+	return writeTable(w, []string{"NODE", "STATE", "ONLINE", "DESIRED", "APPLIED", "SYNC", "DRIFT", "DATAPLANE", "ADDRESSES", "ENDPOINT", "ALIVE_PEERS", "ERROR"}, rows)
 }
