@@ -80,14 +80,25 @@ type Dataplane struct {
 }
 
 // sweepKey is the input of a conntrack sweep (the table and the node's addresses).
+// A sweep is needed when access may have narrowed since the last one.
 type sweepKey struct {
 	table     *firewall.Table
 	addresses []netip.Prefix
 }
 
-func (k *sweepKey) same(o *sweepKey) bool {
-	return k != nil && o != nil && slices.Equal(k.addresses, o.addresses) &&
-		(k.table == o.table || firewall.Compare(k.table, o.table) == nil)
+// covers reports whether a sweep by k leaves nothing for o to cut: the same
+// addresses, and o's table accepts everything k's did (the same table, or only set
+// elements added). Flows admitted meanwhile were admitted by k's table, unless the
+// kernel's table drifted, which the caller checks.
+func (k *sweepKey) covers(o *sweepKey) bool {
+	if k == nil || o == nil || !slices.Equal(k.addresses, o.addresses) {
+		return false
+	}
+	if k.table == o.table {
+		return true
+	}
+	p := firewall.PlanUpdate(k.table, o.table)
+	return p.ElementsOnly() && len(p.Delete) == 0
 }
 
 var (
@@ -182,9 +193,10 @@ func (d *Dataplane) Kind() dataplane.Kind {
 
 // Apply makes the kernel hold exactly s (see dataplane.Dataplane). Order: the nftables
 // table first (so traffic is filtered before the interface passes any), then, when
-// the filter or the node's addresses changed (and on the first Apply of the
-// Dataplane), the conntrack entries of flows the filter no longer allows are deleted
-// (see cutRevokedFlows); then the WireGuard device and its configuration (private key,
+// access may have narrowed since the last sweep (the table lost rules or set
+// elements, the node's addresses changed, the kernel's table had drifted, or this is
+// the first Apply of the Dataplane), the conntrack entries of flows the filter no
+// longer allows are deleted (see cutRevokedFlows); then the WireGuard device and its configuration (private key,
 // listen port, peers diffed one by one), then MTU, addresses, link up and routes.
 // s.Interface must equal Options.Interface. A zero ListenPort keeps the device's
 // current port; a zero peer Endpoint keeps whatever endpoint the device has learned.
@@ -218,12 +230,12 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if err != nil {
 		return fmt.Errorf("programming nftables table inet %s: %w", nft.TableName, err)
 	}
-	if res != nft.Unchanged {
-		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.String())
+	if res.Result != nft.Unchanged {
+		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.Result.String(), "drifted", res.Drifted)
 	}
 	var sweepErr error
 	key := &sweepKey{table: table, addresses: want.Addresses}
-	if res != nft.Unchanged || !d.swept.same(key) {
+	if res.Drifted || !d.swept.covers(key) {
 		n, err := d.cutRevokedFlows(table, want.Addresses)
 		if err != nil {
 			sweepErr = fmt.Errorf("cutting flows the filter no longer allows: %w", err)

@@ -76,11 +76,11 @@ func build(t *testing.T, f policy.Filter) *firewall.Table {
 
 func mustApply(t *testing.T, fw *Firewall, f policy.Filter, want Result) {
 	t.Helper()
-	got, err := fw.Apply(build(t, f))
+	out, err := fw.Apply(build(t, f))
 	if err != nil {
 		t.Fatalf("Apply: %v", err)
 	}
-	if got != want {
+	if got := out.Result; got != want {
 		t.Fatalf("Apply = %v, want %v", got, want)
 	}
 }
@@ -280,8 +280,8 @@ func TestDriftIsReadAndRepaired(t *testing.T) {
 				t.Fatalf("Read after drift equals the applied table:\n%s", ns.MustExec(t, "nft", "list", "ruleset"))
 			}
 			res, err := fw.Apply(build(t, f))
-			if err != nil || res == Unchanged {
-				t.Fatalf("repairing Apply = %v, %v", res, err)
+			if err != nil || res.Result == Unchanged || !res.Drifted {
+				t.Fatalf("repairing Apply = %+v, %v; want a change of a drifted table", res, err)
 			}
 			checkRead(t, fw, f)
 		})

@@ -52,6 +52,15 @@ const (
 	Replaced
 )
 
+// Outcome is what Apply did.
+type Outcome struct {
+	Result Result
+	// Drifted is true unless the kernel held exactly the table this Firewall last
+	// wrote (as far as the generation counter and the notifications tell): after a
+	// repair, and on the first Apply of a Firewall.
+	Drifted bool
+}
+
 func (r Result) String() string {
 	switch r {
 	case Unchanged:
@@ -86,6 +95,9 @@ type Firewall struct {
 	cachedGen    uint32
 	cacheValid   bool
 	cachedLosses int
+	// written is the table the last Apply wrote or found in place; the cache holds
+	// the same pointer while nobody else changed the table.
+	written *firewall.Table
 	// snapshots counts kernel read-backs (for tests).
 	snapshots int
 }
@@ -155,9 +167,14 @@ func (f *Firewall) Close() error {
 // knows nothing about the kernel's table (its first Apply, or after a failed read or
 // lost notifications) it replaces the table without reading it. Errors name the
 // failing step; the kernel keeps its previous table on error.
-func (f *Firewall) Apply(want *firewall.Table) (Result, error) {
+func (f *Firewall) Apply(want *firewall.Table) (Outcome, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	res, err := f.apply(want)
+	return res, err
+}
+
+func (f *Firewall) apply(want *firewall.Table) (Outcome, error) {
 
 	losses := f.tracker.lossCount()
 	var (
@@ -180,9 +197,11 @@ func (f *Firewall) Apply(want *firewall.Table) (Result, error) {
 		gen, gerr = generation(f.genConn)
 		genOK = gerr == nil
 	}
+	drifted := have == nil || have != f.written
 	plan := firewall.PlanUpdate(have, want)
 	if plan.Empty() {
-		return Unchanged, nil
+		f.written = have
+		return Outcome{Result: Unchanged, Drifted: drifted}, nil
 	}
 	res := Replaced
 	if !plan.Replace {
@@ -199,16 +218,16 @@ func (f *Firewall) Apply(want *firewall.Table) (Result, error) {
 		res = Replaced
 		f.replace(want)
 		if err := f.flushQuietly(); err != nil {
-			f.cacheValid = false
-			return Unchanged, fmt.Errorf("replacing table inet %s: %w", TableName, err)
+			f.cacheValid, f.written = false, nil
+			return Outcome{Result: Unchanged, Drifted: drifted}, fmt.Errorf("replacing table inet %s: %w", TableName, err)
 		}
 	}
 	// The kernel holds want at the generation after gen if no other process
 	// committed meanwhile (the tracker did not listen during the batch).
 	after, err := generation(f.genConn)
-	f.cached, f.cachedGen, f.cachedLosses = want, after, losses
+	f.cached, f.cachedGen, f.cachedLosses, f.written = want, after, losses, want
 	f.cacheValid = genOK && err == nil && after == gen+1 && f.tracker.lossCount() == losses
-	return res, nil
+	return Outcome{Result: res, Drifted: drifted}, nil
 }
 
 // flushQuietly sends the queued batch while the tracker is out of the notification
@@ -346,7 +365,7 @@ func (f *Firewall) addChains(chains []firewall.Chain) {
 func (f *Firewall) Delete() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.cacheValid = false
+	f.cacheValid, f.written = false, nil
 	f.conn.DelTable(f.table)
 	if err := f.conn.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("deleting table inet %s: %w", TableName, err)
