@@ -21,11 +21,13 @@ import (
 	"net/netip"
 	"reflect"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nsutil"
@@ -58,23 +60,48 @@ type Dataplane struct {
 	// differs from the namespace of the process's main thread.
 	ns        netns.NsHandle
 	foreignNS bool
-	nl        *netlink.Handle
+	nl        *netlink.Handle // rtnetlink; conntrack uses it directly
+	rtnl      links           // links, addresses and routes: nl, or a fake in tests
 	fw        *nft.Firewall
 	lock      *nsLock
+	// openWG opens a WireGuard client in the dataplane's namespace.
+	openWG func() (wgClient, error)
 
-	// closing is cancelled by Close; it stops Watch goroutines.
+	// closing is cancelled by Close; it stops the netlink subscriptions, Watch and
+	// keepalive goroutines.
 	closing context.Context
 	cancel  context.CancelFunc
+	// wgGen counts UAPI "set" operations on the wireguard-go device this process owns
+	// and linkGen rtnetlink events of the overlay link, its addresses and its routes,
+	// so that reads skip what did not change (see cache.go).
+	wgGen, linkGen generation
+	// uapiSets counts UAPI "set" operations; ownSets is non-zero while this
+	// Dataplane's own configuration call runs (see configureDevice).
+	uapiSets, ownSets atomic.Int64
+	// watchers are the Watch calls to poke on kernel changes.
+	watchers watchers
+	// subErr is why the rtnetlink subscriptions could not be set up (see
+	// subscribeLinks); Watch returns it.
+	subErr error
+	// kick wakes the keepalive goroutine (see keepalive.go).
+	kick chan struct{}
 
 	mu      sync.Mutex
 	closed  bool
-	wg      *wgctrl.Client
+	wg      wgClient
 	kind    dataplane.Kind
 	user    *userDevice      // the wireguard-go device this process owns, if any
 	applied *dataplane.State // the last state Apply made the kernel hold (canonical)
 	// swept is what the last successful conntrack sweep judged entries by; nil
 	// before the first one, so the first Apply of a process always sweeps.
 	swept *sweepKey
+	// pending maps peers whose persistent keepalive (seconds) is still to be turned
+	// on by the keepalive goroutine (see keepalive.go).
+	pending map[wgtypes.Key]int
+	// wgCache and linkCache are the last reads of the WireGuard device and of the
+	// overlay link, valid while their generation did not change (see cache.go).
+	wgCache   *wgSnapshot
+	linkCache *linkSnapshot
 }
 
 // sweepKey is the input of a conntrack sweep (canonical filter and node addresses).
@@ -117,7 +144,18 @@ func New(opts Options) (*Dataplane, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d := &Dataplane{opts: opts, log: log}
+	d := &Dataplane{opts: opts, log: log, kick: make(chan struct{}, 1)}
+	d.openWG = func() (wgClient, error) {
+		var c *wgctrl.Client
+		err := nsutil.Do(d.ns, func() (err error) {
+			c, err = wgctrl.New()
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("opening wgctrl: %w", err)
+		}
+		return c, nil
+	}
 	var err error
 	if d.ns, err = netns.Get(); err != nil {
 		return nil, fmt.Errorf("getting network namespace: %w", err)
@@ -133,19 +171,21 @@ func New(opts Options) (*Dataplane, error) {
 	if d.lock, err = lockNetNS(d.ns, opts.Interface); err != nil {
 		return fail(err)
 	}
-	if d.nl, err = netlink.NewHandleAt(d.ns); err != nil {
+	h, err := netlink.NewHandleAt(d.ns)
+	if err != nil {
 		return fail(fmt.Errorf("opening netlink socket: %w", err))
 	}
+	d.nl, d.rtnl = h, h
 	if d.fw, err = nft.New(opts.Interface, int(d.ns), log); err != nil {
 		return fail(err)
 	}
-	if err := nsutil.Do(d.ns, func() (err error) {
-		d.wg, err = wgctrl.New()
-		return err
-	}); err != nil {
-		return fail(fmt.Errorf("opening wgctrl: %w", err))
+	if d.wg, err = d.openWG(); err != nil {
+		return fail(err)
 	}
 	d.closing, d.cancel = context.WithCancel(context.Background())
+	d.wgGen.down() // no wireguard-go device yet
+	d.subscribeLinks()
+	go d.keepaliveLoop()
 	return d, nil
 }
 
@@ -174,16 +214,20 @@ func (d *Dataplane) Kind() dataplane.Kind {
 }
 
 // Apply makes the kernel hold exactly s (see dataplane.Dataplane). Order: the nftables
-// table first (so traffic is filtered before the interface passes any), then, when
+// table first (so traffic is filtered before the interface passes any); then, when
 // the filter or the node's addresses changed (and on the first Apply of the
 // Dataplane), the conntrack entries of flows the filter no longer allows are deleted
-// (see cutRevokedFlows); then the WireGuard device and its configuration (private key,
-// listen port, peers diffed one by one), then MTU, addresses, link up and routes.
-// s.Interface must equal Options.Interface. A zero ListenPort keeps the device's
-// current port; a zero peer Endpoint keeps whatever endpoint the device has learned.
-// A failed conntrack sweep does not stop the later steps; Apply returns its error at
-// the end and sweeps again on the next call. Errors: *NamespaceBusyError (nothing
-// changed) when the namespace's lock file was taken over by another holder.
+// (see cutRevokedFlows) while the next steps run: the WireGuard device and its
+// configuration (private key, listen port and the peer diff, in one configuration
+// call; a persistent keepalive that goes from 0 to non-zero is turned on shortly after
+// Apply returns, in batches, so that the handshakes it starts do not all happen at
+// once, and Read reports it as set meanwhile), then MTU, addresses, link up and
+// routes. s.Interface must equal Options.Interface and s must pass s.Validate. A zero
+// ListenPort keeps the device's current port; a zero peer Endpoint keeps whatever
+// endpoint the device has learned. A failed conntrack sweep does not stop the other
+// steps; Apply returns its error at the end and sweeps again on the next call.
+// Errors: *NamespaceBusyError (nothing changed) when the namespace's lock file was
+// taken over by another holder.
 func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	want := dataplane.Canonical(s)
 	if err := d.validate(want); err != nil {
@@ -198,7 +242,6 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if d.closed {
 		return ErrClosed
 	}
-	name := d.opts.Interface
 	if err := d.lock.check(); err != nil {
 		return err
 	}
@@ -210,35 +253,33 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if res != nft.Unchanged {
 		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.String())
 	}
+	// The conntrack sweep (netfilter netlink; mostly kernel time) runs while the
+	// interface is configured (rtnetlink and wgctrl, other sockets): the new filter
+	// is in place already.
 	var sweepErr error
 	key := &sweepKey{filter: want.Filter, addresses: want.Addresses}
+	var swept chan error
 	if res != nft.Unchanged || d.swept == nil || !reflect.DeepEqual(d.swept, key) {
-		n, err := d.cutRevokedFlows(want.Filter, want.Addresses)
-		if err != nil {
+		swept = make(chan error, 1)
+		go func() {
+			n, err := d.cutRevokedFlows(want.Filter, want.Addresses)
+			if n > 0 {
+				d.log.Info("cut flows the filter no longer allows", "conntrack_entries", n)
+			}
+			swept <- err
+		}()
+	}
+	ifErr := d.applyInterface(ctx, want, mtu)
+	if swept != nil {
+		if err := <-swept; err != nil {
 			sweepErr = fmt.Errorf("cutting flows the filter no longer allows: %w", err)
 			d.swept = nil
 		} else {
 			d.swept = key
 		}
-		if n > 0 {
-			d.log.Info("cut flows the filter no longer allows", "conntrack_entries", n)
-		}
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	link, err := d.ensureDevice(mtu)
-	if err != nil {
-		return fmt.Errorf("creating interface %s: %w", name, err)
-	}
-	if err := d.configureWireGuard(want); err != nil {
-		return fmt.Errorf("configuring WireGuard on %s: %w", name, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if err := d.configureLink(link, want, mtu); err != nil {
-		return fmt.Errorf("configuring interface %s: %w", name, err)
+	if ifErr != nil {
+		return ifErr
 	}
 	d.applied = &want
 	return sweepErr
@@ -250,7 +291,10 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 // not a WireGuard device, the WireGuard fields are zero. Differences of the nftables
 // table from anything Apply writes show up as extra Filter.Ingress rules whose Origin
 // starts with "drift:" (see nft.Firewall.Read). MTU and ListenPort read as 0 when the
-// last Apply asked for 0 and the kernel holds the default MTU or any port.
+// last Apply asked for 0 and the kernel holds the default MTU or any port. The
+// wireguard-go device and the link's addresses and routes are read again only when a
+// UAPI "set" or an rtnetlink event showed they may have changed (kernel WireGuard is
+// always read).
 func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -278,23 +322,8 @@ func (d *Dataplane) read(ctx context.Context) (dataplane.State, error) {
 	if err := ctx.Err(); err != nil {
 		return s, err
 	}
-	link, err := d.linkByName()
-	if err != nil || link == nil {
-		return dataplane.Canonical(s), err
-	}
-	s.Interface = d.opts.Interface
-	s.MTU = link.Attrs().MTU
-	if d.applied != nil && d.applied.MTU == 0 && s.MTU == DefaultMTU {
-		s.MTU = 0
-	}
-	if s.Addresses, err = d.addresses(link); err != nil {
+	if err := d.readInterface(&s); err != nil {
 		return s, err
-	}
-	if s.Routes, err = d.routes(link); err != nil {
-		return s, err
-	}
-	if err := d.readWireGuard(&s); err != nil {
-		return s, fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
 	}
 	return dataplane.Canonical(s), nil
 }
@@ -314,17 +343,16 @@ func (d *Dataplane) Down(ctx context.Context) error {
 	}
 	d.swept = nil
 	d.applied = nil
+	d.pending = nil
 	var errs []error
 	if err := d.fw.Delete(); err != nil {
 		errs = append(errs, err)
 	}
-	if d.user != nil {
-		d.user.close()
-		d.user = nil
-	}
+	d.closeUserDevice()
+	d.linkCache = nil
 	link, err := d.linkByName()
 	if err == nil && link != nil {
-		err = d.nl.LinkDel(link)
+		err = d.rtnl.LinkDel(link)
 		if isNotFound(err) {
 			err = nil
 		}
@@ -347,10 +375,7 @@ func (d *Dataplane) Close() error {
 	}
 	d.closed = true
 	d.cancel()
-	if d.user != nil {
-		d.user.close()
-		d.user = nil
-	}
+	d.closeUserDevice()
 	d.closeSockets()
 	d.lock.release()
 	return nil
@@ -358,7 +383,7 @@ func (d *Dataplane) Close() error {
 
 // linkByName returns the overlay link, or nil when it does not exist.
 func (d *Dataplane) linkByName() (netlink.Link, error) {
-	link, err := d.nl.LinkByName(d.opts.Interface)
+	link, err := d.rtnl.LinkByName(d.opts.Interface)
 	if err != nil {
 		if isNotFound(err) {
 			return nil, nil

@@ -1,0 +1,157 @@
+package dataplane
+
+import (
+	"crypto/ecdh"
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// MTU bounds accepted by Validate, in bytes. Below MinIPv6MTU the kernel disables
+// IPv6 on the link and drops its IPv6 addresses and routes.
+const (
+	MinMTU     = 576
+	MinIPv6MTU = 1280
+	MaxMTU     = 65535
+)
+
+// Validate reports the first way s asks for something the kernel refuses or would
+// silently change, so that a Read after Apply could never equal s: a listen port or
+// persistent keepalive (seconds) outside 0-65535; an MTU other than 0 outside
+// MinMTU-MaxMTU, or below MinIPv6MTU while s has IPv6 addresses or routes; an invalid
+// or IPv4-mapped IPv6 prefix; an address listed with two prefix lengths; a route or
+// allowed IP with host bits set; a peer listed twice, or whose public key is the
+// device's own (WireGuard ignores it); an allowed IP on two peers (WireGuard moves it
+// to the last one); an IPv4-mapped IPv6 endpoint; a filter rule naming a set that is
+// not defined, a set defined twice, ports on a protocol without ports, or an empty
+// port range. It does not check the interface name, which only the implementation
+// knows. The error names the offending item.
+func (s State) Validate() error {
+	if s.ListenPort < 0 || s.ListenPort > 65535 {
+		return fmt.Errorf("listen port %d out of range 0-65535", s.ListenPort)
+	}
+	ipv6 := false
+	addrLen := map[netip.Addr]int{}
+	for _, p := range s.Addresses {
+		if err := checkPrefix("address", p); err != nil {
+			return err
+		}
+		if bits, ok := addrLen[p.Addr()]; ok && bits != p.Bits() {
+			return fmt.Errorf("address %s is listed with prefix lengths %d and %d", p.Addr(), bits, p.Bits())
+		}
+		addrLen[p.Addr()] = p.Bits()
+		ipv6 = ipv6 || p.Addr().Is6()
+	}
+	for _, p := range s.Routes {
+		if err := checkPrefix("route", p); err != nil {
+			return err
+		}
+		if p != p.Masked() {
+			return fmt.Errorf("route %s has host bits set (want %s)", p, p.Masked())
+		}
+		ipv6 = ipv6 || p.Addr().Is6()
+	}
+	if s.MTU != 0 && (s.MTU < MinMTU || s.MTU > MaxMTU) {
+		return fmt.Errorf("MTU %d out of range %d-%d", s.MTU, MinMTU, MaxMTU)
+	}
+	if s.MTU != 0 && s.MTU < MinIPv6MTU && ipv6 {
+		return fmt.Errorf("MTU %d is below %d, where the kernel disables IPv6, but the state has IPv6 addresses or routes", s.MTU, MinIPv6MTU)
+	}
+	var own Key
+	hasOwn := false
+	if s.PrivateKey != (Key{}) {
+		if k, err := ecdh.X25519().NewPrivateKey(s.PrivateKey[:]); err == nil {
+			copy(own[:], k.PublicKey().Bytes())
+			hasOwn = true
+		}
+	}
+	peers := make(map[Key]bool, len(s.Peers))
+	owner := map[netip.Prefix]Key{}
+	for _, p := range s.Peers {
+		name := KeyString(p.PublicKey)
+		if peers[p.PublicKey] {
+			return fmt.Errorf("peer %s is listed twice", name)
+		}
+		peers[p.PublicKey] = true
+		if hasOwn && p.PublicKey == own {
+			return fmt.Errorf("peer %s is this device's own public key", name)
+		}
+		if p.PersistentKeepalive < 0 || p.PersistentKeepalive > 65535 {
+			return fmt.Errorf("peer %s: persistent keepalive %d s out of range 0-65535", name, p.PersistentKeepalive)
+		}
+		if p.Endpoint.IsValid() && p.Endpoint.Addr().Is4In6() {
+			return fmt.Errorf("peer %s: endpoint %s is an IPv4-mapped IPv6 address; use the IPv4 form", name, p.Endpoint)
+		}
+		for _, a := range p.AllowedIPs {
+			if err := checkPrefix("peer "+name+": allowed IP", a); err != nil {
+				return err
+			}
+			if a != a.Masked() {
+				return fmt.Errorf("peer %s: allowed IP %s has host bits set (want %s)", name, a, a.Masked())
+			}
+			if o, ok := owner[a]; ok && o != p.PublicKey {
+				return fmt.Errorf("allowed IP %s is on peers %s and %s; WireGuard routes a prefix to one peer", a, KeyString(o), name)
+			}
+			owner[a] = p.PublicKey
+		}
+	}
+	return validateFilter(s.Filter)
+}
+
+func checkPrefix(what string, p netip.Prefix) error {
+	if !p.IsValid() {
+		return fmt.Errorf("%s: invalid prefix", what)
+	}
+	if p.Addr().Is4In6() {
+		return fmt.Errorf("%s %s is IPv4-mapped IPv6; use the IPv4 form", what, p)
+	}
+	if p.Addr().Zone() != "" {
+		return fmt.Errorf("%s %s has an IPv6 zone", what, p)
+	}
+	return nil
+}
+
+func validateFilter(f Filter) error {
+	sets := make(map[string]bool, len(f.Sets))
+	for _, set := range f.Sets {
+		if set.Name == "" {
+			return errors.New("filter: a set has no name")
+		}
+		if sets[set.Name] {
+			return fmt.Errorf("filter: set %q is defined twice", set.Name)
+		}
+		sets[set.Name] = true
+		for _, p := range set.Prefixes {
+			if err := checkPrefix("filter: set "+set.Name+": prefix", p); err != nil {
+				return err
+			}
+		}
+	}
+	for _, dir := range []struct {
+		name  string
+		rules []FilterRule
+	}{{"ingress", f.Ingress}, {"egress", f.Egress}} {
+		for i, r := range dir.rules {
+			if !sets[r.Set] {
+				return fmt.Errorf("filter: %s rule %d (%s): set %q is not defined", dir.name, i, r.Origin, r.Set)
+			}
+			for _, m := range r.Matches {
+				switch m.Protocol {
+				case ProtoTCP, ProtoUDP:
+				case ProtoAny, ProtoICMP:
+					if len(m.Ports) > 0 {
+						return fmt.Errorf("filter: %s rule %d (%s): protocol %s takes no ports", dir.name, i, r.Origin, m.Protocol)
+					}
+				default:
+					return fmt.Errorf("filter: %s rule %d (%s): unknown protocol %q", dir.name, i, r.Origin, m.Protocol)
+				}
+				for _, pr := range m.Ports {
+					if pr.First > pr.Last {
+						return fmt.Errorf("filter: %s rule %d (%s): port range %d-%d is empty", dir.name, i, r.Origin, pr.First, pr.Last)
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
