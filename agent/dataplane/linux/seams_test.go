@@ -25,6 +25,13 @@ import (
 
 const fakeIface = "sm0"
 
+// tb is what the helpers need of *testing.T and *rapid.T.
+type tb interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+}
+
 // fakeKernel is a Dataplane whose links and WireGuard client are fakes: kernel
 // WireGuard (a link of type "wireguard" brings its device), no nftables.
 type fakeKernel struct {
@@ -37,7 +44,7 @@ type fakeKernel struct {
 // route) that Apply must never touch. With tracked, the fakes report their changes
 // to the Dataplane's generations as UAPI "set" and rtnetlink events would, so reads
 // may be skipped; without, every read goes to the fakes.
-func newFakeKernel(t testing.TB, tracked bool) *fakeKernel {
+func newFakeKernel(t tb, tracked bool) *fakeKernel {
 	t.Helper()
 	wg := fakewg.New()
 	l := fakelinks.New(wg)
@@ -59,7 +66,6 @@ func newFakeKernel(t testing.TB, tracked bool) *fakeKernel {
 		kick: make(chan struct{}, 1)}
 	d.openWG = func() (wgClient, error) { return wg, nil }
 	d.closing, d.cancel = context.WithCancel(context.Background())
-	t.Cleanup(d.cancel)
 	d.wgGen.down()
 	d.linkGen.down()
 	if tracked {
@@ -93,7 +99,7 @@ func (f *fakeKernel) apply(s dataplane.State) error {
 }
 
 // read runs the interface part of Read.
-func (f *fakeKernel) read(t testing.TB) dataplane.Observed {
+func (f *fakeKernel) read(t tb) dataplane.Observed {
 	t.Helper()
 	d := f.dp
 	d.mu.Lock()
@@ -110,7 +116,7 @@ func (f *fakeKernel) read(t testing.TB) dataplane.Observed {
 }
 
 // drain turns every pending keepalive on, as the keepalive goroutine would.
-func (f *fakeKernel) drain(t testing.TB) {
+func (f *fakeKernel) drain(t tb) {
 	t.Helper()
 	for i := 0; f.dp.enableKeepalives(keepaliveBatch); i++ {
 		if i > 1000 {
@@ -131,7 +137,7 @@ func (f *fakeKernel) dump() string { return f.links.String() + f.wg.String() }
 // expect is what the fakes hold after an Apply of s (keepalives on), given the
 // endpoints and listen port the device keeps where s leaves them zero: built by
 // programming fresh fakes directly, not through the code under test.
-func expect(t testing.TB, s dataplane.State, endpoints map[dataplane.Key]netip.AddrPort, port int) string {
+func expect(t tb, s dataplane.State, endpoints map[dataplane.Key]netip.AddrPort, port int) string {
 	t.Helper()
 	ref := newFakeKernel(t, false)
 	l, wg := ref.links, ref.wg
