@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -38,12 +39,18 @@ type fakeKernel struct {
 	dp    *Dataplane
 	links *fakelinks.Links
 	wg    *fakewg.Client
+	// late is set while the dataplane changes the fakes: their change reports
+	// (tracked) are then held back and delivered after the next read, as rtnetlink
+	// events may arrive after a read that follows the change.
+	late             atomic.Bool
+	lateWG, lateLink atomic.Int32
 }
 
 // newFakeKernel returns a fakeKernel holding an unrelated link "eth0" (an address, a
 // route) that Apply must never touch. With tracked, the fakes report their changes
-// to the Dataplane's generations as UAPI "set" and rtnetlink events would, so reads
-// may be skipped; without, every read goes to the fakes.
+// to the Dataplane's generations as UAPI "set" and rtnetlink events would (those of
+// the dataplane's own changes late, see fakeKernel.late), so reads may be skipped;
+// without, every read goes to the fakes.
 func newFakeKernel(t tb, tracked bool) *fakeKernel {
 	t.Helper()
 	wg := fakewg.New()
@@ -69,8 +76,20 @@ func newFakeKernel(t tb, tracked bool) *fakeKernel {
 	d.wgGen.down()
 	d.linkGen.down()
 	if tracked {
-		wg.OnSet(func(string) { d.wgGen.bump() })
-		l.OnChange(d.linkGen.bump)
+		wg.OnSet(func(string) {
+			if f.late.Load() {
+				f.lateWG.Add(1)
+			} else {
+				d.wgGen.bump()
+			}
+		})
+		l.OnChange(func() {
+			if f.late.Load() {
+				f.lateLink.Add(1)
+			} else {
+				d.linkGen.bump()
+			}
+		})
 		d.wgGen.up()
 		d.linkGen.up()
 	}
@@ -89,6 +108,8 @@ func (f *fakeKernel) apply(s dataplane.State) error {
 	if mtu == 0 {
 		mtu = DefaultMTU
 	}
+	f.late.Store(true)
+	defer f.late.Store(false)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.applyInterface(context.Background(), want, mtu); err != nil {
@@ -112,12 +133,20 @@ func (f *fakeKernel) read(t tb) dataplane.Observed {
 	if d.applied != nil {
 		o.Drift = dataplane.Diff(*d.applied, o.State)
 	}
+	if f.lateWG.Swap(0) > 0 {
+		d.wgGen.bump()
+	}
+	if f.lateLink.Swap(0) > 0 {
+		d.linkGen.bump()
+	}
 	return o
 }
 
 // drain turns every pending keepalive on, as the keepalive goroutine would.
 func (f *fakeKernel) drain(t tb) {
 	t.Helper()
+	f.late.Store(true)
+	defer f.late.Store(false)
 	for i := 0; f.dp.enableKeepalives(keepaliveBatch); i++ {
 		if i > 1000 {
 			t.Fatal("keepalives stay pending")
@@ -566,7 +595,8 @@ func TestReadsSkipWhatDidNotChange(t *testing.T) {
 	if err := f.apply(s); err != nil {
 		t.Fatal(err)
 	}
-	f.read(t) // fills the caches
+	f.read(t) // the events of the Apply arrive after this read...
+	f.read(t) // ...and this one fills the caches
 	link, _ := f.links.LinkByName(fakeIface)
 
 	// Unreported changes (as if events were lost) stay invisible...
