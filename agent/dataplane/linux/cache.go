@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -43,19 +44,25 @@ func (g *generation) up() {
 	g.broken.Add(-1)
 }
 
+// wgCacheMaxAge bounds how long a read of the wireguard-go device is reused. Only
+// UAPI "set" operations are counted, but the device also changes by itself: it learns
+// a peer's new endpoint from an authenticated packet (the peer roamed).
+const wgCacheMaxAge = 30 * time.Second
+
 // wgSnapshot is a read of the WireGuard device; dev is shared and never modified.
 type wgSnapshot struct {
 	gen  uint64
+	at   time.Time
 	user *userDevice
 	dev  *wgtypes.Device
 }
 
 // device returns the WireGuard device: the last read when no UAPI "set" reached the
-// wireguard-go device since, otherwise a new read. d.mu must be held; the result must
-// not be modified.
+// wireguard-go device since and it is younger than wgCacheMaxAge, otherwise a new
+// read. d.mu must be held; the result must not be modified.
 func (d *Dataplane) device() (*wgtypes.Device, error) {
 	n, ok := d.wgGen.load()
-	if c := d.wgCache; ok && c != nil && c.gen == n && c.user == d.user {
+	if c := d.wgCache; ok && c != nil && c.gen == n && c.user == d.user && time.Since(c.at) < wgCacheMaxAge {
 		return c.dev, nil
 	}
 	d.wgCache = nil
@@ -70,7 +77,7 @@ func (d *Dataplane) device() (*wgtypes.Device, error) {
 		return nil, err
 	}
 	if ok {
-		d.wgCache = &wgSnapshot{gen: n, user: d.user, dev: dev}
+		d.wgCache = &wgSnapshot{gen: n, at: time.Now(), user: d.user, dev: dev}
 	}
 	return dev, nil
 }

@@ -293,8 +293,8 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 // starts with "drift:" (see nft.Firewall.Read). MTU and ListenPort read as 0 when the
 // last Apply asked for 0 and the kernel holds the default MTU or any port. The
 // wireguard-go device and the link's addresses and routes are read again only when a
-// UAPI "set" or an rtnetlink event showed they may have changed (kernel WireGuard is
-// always read).
+// UAPI "set" or an rtnetlink event showed they may have changed, and the device at
+// least every 30 s (it learns endpoints by itself); kernel WireGuard is always read.
 func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
