@@ -121,7 +121,7 @@ func (w *watchers) poke() {
 // by Watch (d.subErr). Called by New, before anything is read.
 func (d *Dataplane) subscribeLinks() {
 	// index is the overlay link's index (0: unknown); maxIndex the highest link index
-	// a link event showed. Link indexes grow as links are created, so an address or
+	// seen (in the link list at start and in link events). Link indexes grow as links are created, so an address or
 	// route event for a link above maxIndex may be for the overlay link whose link
 	// event was not processed yet (the subscriptions are separate sockets).
 	var index, maxIndex atomic.Int32
@@ -134,8 +134,7 @@ func (d *Dataplane) subscribeLinks() {
 		if a == nil {
 			return false
 		}
-		for m := maxIndex.Load(); u.Index > m && !maxIndex.CompareAndSwap(m, u.Index); m = maxIndex.Load() {
-		}
+		raise(&maxIndex, u.Index)
 		switch {
 		case a.Name == d.opts.Interface:
 			index.Store(u.Index)
@@ -155,9 +154,14 @@ func (d *Dataplane) subscribeLinks() {
 		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: &ns, ErrorCallback: onErr,
 			ReceiveBufferSize: bufSize, ReceiveBufferForceSize: true})
 	})
-	if link, lerr := d.rtnl.LinkByName(d.opts.Interface); lerr == nil {
-		index.Store(int32(link.Attrs().Index))
-		maxIndex.Store(int32(link.Attrs().Index))
+	if all, lerr := d.nl.LinkList(); lerr == nil {
+		for _, l := range all {
+			a := l.Attrs()
+			if a.Name == d.opts.Interface {
+				index.CompareAndSwap(0, int32(a.Index)) // unless an event was faster
+			}
+			raise(&maxIndex, int32(a.Index))
+		}
 	}
 	if err == nil {
 		err = subscribe(d.closing, d, "address", changed, onAddr, func(ch chan netlink.AddrUpdate, done chan struct{}, onErr func(error)) error {
@@ -234,4 +238,10 @@ func subscribe[T any](ctx context.Context, d *Dataplane, what string, changed fu
 		}
 	}()
 	return nil
+}
+
+// raise sets v to x when x is larger.
+func raise(v *atomic.Int32, x int32) {
+	for m := v.Load(); x > m && !v.CompareAndSwap(m, x); m = v.Load() {
+	}
 }
