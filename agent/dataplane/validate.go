@@ -31,10 +31,10 @@ func (s State) Validate() error {
 		return fmt.Errorf("listen port %d out of range 0-65535", s.ListenPort)
 	}
 	ipv6 := false
-	addrLen := map[netip.Addr]int{}
+	addrLen := make(map[netip.Addr]int, len(s.Addresses))
 	for _, p := range s.Addresses {
-		if err := checkPrefix("address", p); err != nil {
-			return err
+		if problem := prefixProblem(p); problem != "" {
+			return fmt.Errorf("address %s", problem)
 		}
 		if bits, ok := addrLen[p.Addr()]; ok && bits != p.Bits() {
 			return fmt.Errorf("address %s is listed with prefix lengths %d and %d", p.Addr(), bits, p.Bits())
@@ -43,8 +43,8 @@ func (s State) Validate() error {
 		ipv6 = ipv6 || p.Addr().Is6()
 	}
 	for _, p := range s.Routes {
-		if err := checkPrefix("route", p); err != nil {
-			return err
+		if problem := prefixProblem(p); problem != "" {
+			return fmt.Errorf("route %s", problem)
 		}
 		if p != p.Masked() {
 			return fmt.Errorf("route %s has host bits set (want %s)", p, p.Masked())
@@ -66,31 +66,35 @@ func (s State) Validate() error {
 		}
 	}
 	peers := make(map[Key]bool, len(s.Peers))
-	owner := map[netip.Prefix]Key{}
+	n := 0
 	for _, p := range s.Peers {
-		name := KeyString(p.PublicKey)
+		n += len(p.AllowedIPs)
+	}
+	owner := make(map[netip.Prefix]Key, n)
+	for _, p := range s.Peers {
+		name := func() string { return KeyString(p.PublicKey) } // only for errors: it allocates
 		if peers[p.PublicKey] {
-			return fmt.Errorf("peer %s is listed twice", name)
+			return fmt.Errorf("peer %s is listed twice", name())
 		}
 		peers[p.PublicKey] = true
 		if hasOwn && p.PublicKey == own {
-			return fmt.Errorf("peer %s is this device's own public key", name)
+			return fmt.Errorf("peer %s is this device's own public key", name())
 		}
 		if p.PersistentKeepalive < 0 || p.PersistentKeepalive > 65535 {
-			return fmt.Errorf("peer %s: persistent keepalive %d s out of range 0-65535", name, p.PersistentKeepalive)
+			return fmt.Errorf("peer %s: persistent keepalive %d s out of range 0-65535", name(), p.PersistentKeepalive)
 		}
 		if p.Endpoint.IsValid() && p.Endpoint.Addr().Is4In6() {
-			return fmt.Errorf("peer %s: endpoint %s is an IPv4-mapped IPv6 address; use the IPv4 form", name, p.Endpoint)
+			return fmt.Errorf("peer %s: endpoint %s is an IPv4-mapped IPv6 address; use the IPv4 form", name(), p.Endpoint)
 		}
 		for _, a := range p.AllowedIPs {
-			if err := checkPrefix("peer "+name+": allowed IP", a); err != nil {
-				return err
+			if problem := prefixProblem(a); problem != "" {
+				return fmt.Errorf("peer %s: allowed IP %s", name(), problem)
 			}
 			if a != a.Masked() {
-				return fmt.Errorf("peer %s: allowed IP %s has host bits set (want %s)", name, a, a.Masked())
+				return fmt.Errorf("peer %s: allowed IP %s has host bits set (want %s)", name(), a, a.Masked())
 			}
 			if o, ok := owner[a]; ok && o != p.PublicKey {
-				return fmt.Errorf("allowed IP %s is on peers %s and %s; WireGuard routes a prefix to one peer", a, KeyString(o), name)
+				return fmt.Errorf("allowed IP %s is on peers %s and %s; WireGuard routes a prefix to one peer", a, KeyString(o), name())
 			}
 			owner[a] = p.PublicKey
 		}
@@ -98,17 +102,16 @@ func (s State) Validate() error {
 	return validateFilter(s.Filter)
 }
 
-func checkPrefix(what string, p netip.Prefix) error {
-	if !p.IsValid() {
-		return fmt.Errorf("%s: invalid prefix", what)
+// prefixProblem says what is wrong with p, to follow its kind ("route ..."); "" when
+// nothing is.
+func prefixProblem(p netip.Prefix) string {
+	switch {
+	case !p.IsValid():
+		return "is not a valid prefix"
+	case p.Addr().Is4In6():
+		return p.String() + " is IPv4-mapped IPv6; use the IPv4 form"
 	}
-	if p.Addr().Is4In6() {
-		return fmt.Errorf("%s %s is IPv4-mapped IPv6; use the IPv4 form", what, p)
-	}
-	if p.Addr().Zone() != "" {
-		return fmt.Errorf("%s %s has an IPv6 zone", what, p)
-	}
-	return nil
+	return ""
 }
 
 func validateFilter(f Filter) error {
@@ -122,8 +125,8 @@ func validateFilter(f Filter) error {
 		}
 		sets[set.Name] = true
 		for _, p := range set.Prefixes {
-			if err := checkPrefix("filter: set "+set.Name+": prefix", p); err != nil {
-				return err
+			if problem := prefixProblem(p); problem != "" {
+				return fmt.Errorf("filter: set %s: prefix %s", set.Name, problem)
 			}
 		}
 	}
