@@ -11,6 +11,10 @@
 // When an Apply changes the filter, the Dataplane also deletes the conntrack entries
 // of the node's connections that the new filter would not accept as new connections,
 // so that revoking a rule cuts the established flows it allowed.
+//
+// WireGuard configuration and link, address and route calls go through two small
+// interfaces (seams.go), so that the peer diff and the link/route diff are tested
+// against the in-memory fakes of internal/fakewg and internal/fakelinks without root.
 package linux
 
 import (

@@ -233,11 +233,11 @@ func (u *userDevice) ensureUAPI() error {
 }
 
 // uapiConn is one UAPI connection of the wireguard-go device. It watches the
-// requests for "set=1" operations and, once one came, calls onSet before each
-// response wireguard-go writes and at close: wireguard-go writes "errno=N" after it
-// applied an operation, so onSet runs after the change. Counting too often (a
-// response to a later "get") is harmless: it only makes the next read go to the
-// device.
+// requests for "set=1" operations and, once one came, calls onSet before each write
+// of wireguard-go: it answers every operation ("errno=N") after applying it, so the
+// last onSet runs after the change. Counting too often (a write for an earlier or a
+// later "get" on the same connection; wgctrl and wg(8) use one connection per
+// operation) is harmless: it only makes the next read go to the device.
 type uapiConn struct {
 	net.Conn
 	onSet  func()
@@ -269,13 +269,6 @@ func (c *uapiConn) Write(b []byte) (int, error) {
 		c.onSet()
 	}
 	return c.Conn.Write(b)
-}
-
-func (c *uapiConn) Close() error {
-	if c.sawSet {
-		c.onSet()
-	}
-	return c.Conn.Close()
 }
 
 // closed reports whether wireguard-go shut the device down (e.g. its TUN was deleted).
