@@ -272,33 +272,84 @@ const MaxInterface = 15
 // maxSetName leaves room for the family suffix within NFT_SET_MAXNAMELEN (256 with NUL).
 const maxSetName = 255 - len("_v4")
 
+// CheckFilter reports the first reason why f cannot become a table, in the form
+// "ingress rule 2 (web-to-db (p.yaml:3:5)): set \"db\" is not defined": a set name
+// that is empty, longer than 252 bytes, holds a NUL or is defined twice; a prefix
+// that is invalid or IPv4-mapped IPv6; a rule naming an undefined set, with ports for
+// a protocol without ports (any, icmp), an empty port range or an unknown protocol;
+// 65,535 or more rules per direction or matches per rule. It allocates only for the
+// error.
+func CheckFilter(f policy.Filter) error {
+	sets := make(map[string]struct{}, len(f.Sets))
+	for _, s := range f.Sets {
+		if s.Name == "" || len(s.Name) > maxSetName || strings.ContainsRune(s.Name, 0) {
+			return fmt.Errorf("set name %q: must be 1 to %d bytes without NUL", s.Name, maxSetName)
+		}
+		if _, dup := sets[s.Name]; dup {
+			return fmt.Errorf("set %q is defined twice", s.Name)
+		}
+		sets[s.Name] = struct{}{}
+		for _, p := range s.Prefixes {
+			switch {
+			case !p.IsValid():
+				return fmt.Errorf("set %q: invalid prefix", s.Name)
+			case p.Addr().Is4In6():
+				return fmt.Errorf("set %q: prefix %s is IPv4-mapped IPv6; use the IPv4 form", s.Name, p)
+			}
+		}
+	}
+	for _, dir := range []struct {
+		name  string
+		rules []policy.FilterRule
+	}{{"ingress", f.Ingress}, {"egress", f.Egress}} {
+		if len(dir.rules) >= PosNoMatch {
+			return fmt.Errorf("%s: %d rules: at most %d supported", dir.name, len(dir.rules), PosNoMatch-1)
+		}
+		for i, r := range dir.rules {
+			if _, ok := sets[r.Set]; !ok {
+				return fmt.Errorf("%s rule %d (%s): set %q is not defined", dir.name, i, r.Origin, r.Set)
+			}
+			if len(r.Matches) >= PosNoMatch {
+				return fmt.Errorf("%s rule %d (%s): %d matches: at most %d supported", dir.name, i, r.Origin, len(r.Matches), PosNoMatch-1)
+			}
+			for _, m := range r.Matches {
+				switch m.Protocol {
+				case policy.ProtoTCP, policy.ProtoUDP:
+				case policy.ProtoAny, policy.ProtoICMP:
+					if len(m.Ports) > 0 {
+						return fmt.Errorf("%s rule %d (%s): protocol %s takes no ports", dir.name, i, r.Origin, m.Protocol)
+					}
+				default:
+					return fmt.Errorf("%s rule %d (%s): unknown protocol %q", dir.name, i, r.Origin, m.Protocol)
+				}
+				for _, pr := range m.Ports {
+					if pr.First > pr.Last {
+						return fmt.Errorf("%s rule %d (%s): port range %d-%d is empty", dir.name, i, r.Origin, pr.First, pr.Last)
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
 // Build returns the table that enforces f on overlay interface iface. Errors: an
-// interface name of 0 or more than 15 bytes; a set name that is empty, too long
-// (more than 252 bytes) or holds a NUL, or is defined twice; an invalid prefix; a rule
-// naming an undefined set, with ports for a protocol without ports, an empty port
-// range or an unknown protocol; more than 65,534 rules or matches per rule.
+// interface name of 0 or more than 15 bytes, or one holding a NUL; any error of
+// CheckFilter.
 func Build(iface string, f policy.Filter) (*Table, error) {
 	if iface == "" || len(iface) > MaxInterface || strings.ContainsRune(iface, 0) {
 		return nil, fmt.Errorf("interface name %q: must be 1 to %d bytes without NUL", iface, MaxInterface)
 	}
+	if err := CheckFilter(f); err != nil {
+		return nil, err
+	}
 	t := &Table{Chains: fixedChains(iface)}
-	defined := map[string]bool{}
 	for _, s := range f.Sets {
-		if s.Name == "" || len(s.Name) > maxSetName || strings.ContainsRune(s.Name, 0) {
-			return nil, fmt.Errorf("set name %q: must be 1 to %d bytes without NUL", s.Name, maxSetName)
-		}
-		if defined[s.Name] {
-			return nil, fmt.Errorf("set %q is defined twice", s.Name)
-		}
-		defined[s.Name] = true
 		var v4, v6 []netip.Prefix
 		for _, p := range s.Prefixes {
-			switch {
-			case !p.IsValid():
-				return nil, fmt.Errorf("set %q: invalid prefix", s.Name)
-			case p.Addr().Is4():
+			if p.Addr().Is4() {
 				v4 = append(v4, p)
-			default:
+			} else {
 				v6 = append(v6, p)
 			}
 		}
@@ -307,36 +358,20 @@ func Build(iface string, f policy.Filter) (*Table, error) {
 			Set{Name: s.Name + "_v6", Type: TypeIPv6, Interval: true, Elements: PrefixIntervals(v6)})
 	}
 	slices.SortStableFunc(t.Sets, func(a, b Set) int { return cmp.Compare(a.Name, b.Name) })
-	in, err := policyRules(f.Ingress, AddrSource, defined)
-	if err != nil {
-		return nil, fmt.Errorf("ingress: %w", err)
-	}
-	out, err := policyRules(f.Egress, AddrDestination, defined)
-	if err != nil {
-		return nil, fmt.Errorf("egress: %w", err)
-	}
-	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, in, []Rule{finalDrop})
-	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, out, []Rule{finalDrop})
+	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, policyRules(f.Ingress, AddrSource), []Rule{finalDrop})
+	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, policyRules(f.Egress, AddrDestination), []Rule{finalDrop})
 	return t, nil
 }
 
 var families = []Family{FamilyIPv4, FamilyIPv6}
 
-// policyRules renders FilterRules: for each rule, each match, each family (IPv4
-// first), each port range one Rule. A FilterRule without matches becomes one
-// verdict-less placeholder per family so that it survives a read-back.
-func policyRules(rules []policy.FilterRule, addr AddrField, sets map[string]bool) ([]Rule, error) {
-	if len(rules) >= PosNoMatch {
-		return nil, fmt.Errorf("%d rules: at most %d supported", len(rules), PosNoMatch-1)
-	}
+// policyRules renders FilterRules (checked by CheckFilter): for each rule, each
+// match, each family (IPv4 first), each port range one Rule. A FilterRule without
+// matches becomes one verdict-less placeholder per family so that it survives a
+// read-back.
+func policyRules(rules []policy.FilterRule, addr AddrField) []Rule {
 	var out []Rule
 	for i, r := range rules {
-		if !sets[r.Set] {
-			return nil, fmt.Errorf("rule %d (%s): set %q is not defined", i, r.Origin, r.Set)
-		}
-		if len(r.Matches) >= PosNoMatch {
-			return nil, fmt.Errorf("rule %d (%s): %d matches: at most %d supported", i, r.Origin, len(r.Matches), PosNoMatch-1)
-		}
 		base := func(f Family, match int) Rule {
 			return Rule{Family: f, Addr: addr, Set: r.Set + f.setSuffix(), Comment: Comment(r.Origin),
 				HasPos: true, Pos: uint32(i)<<16 | uint32(match)}
@@ -352,15 +387,12 @@ func policyRules(rules []policy.FilterRule, addr AddrField, sets map[string]bool
 				s := base(f, j)
 				s.Verdict = VerdictAccept
 				switch m.Protocol {
-				case policy.ProtoAny, policy.ProtoICMP:
-					if len(m.Ports) > 0 {
-						return nil, fmt.Errorf("rule %d (%s): protocol %s takes no ports", i, r.Origin, m.Protocol)
-					}
-					if m.Protocol == policy.ProtoICMP {
-						s.L4Proto, s.HasICMPType, s.ICMPType = ProtoICMP, true, ICMPEchoRequest
-						if f == FamilyIPv6 {
-							s.L4Proto, s.ICMPType = ProtoICMPv6, ICMPv6EchoRequest
-						}
+				case policy.ProtoAny:
+					out = append(out, s)
+				case policy.ProtoICMP:
+					s.L4Proto, s.HasICMPType, s.ICMPType = ProtoICMP, true, ICMPEchoRequest
+					if f == FamilyIPv6 {
+						s.L4Proto, s.ICMPType = ProtoICMPv6, ICMPv6EchoRequest
 					}
 					out = append(out, s)
 				case policy.ProtoTCP, policy.ProtoUDP:
@@ -372,18 +404,13 @@ func policyRules(rules []policy.FilterRule, addr AddrField, sets map[string]bool
 						out = append(out, s)
 					}
 					for _, pr := range m.Ports {
-						if pr.First > pr.Last {
-							return nil, fmt.Errorf("rule %d (%s): port range %d-%d is empty", i, r.Origin, pr.First, pr.Last)
-						}
 						ps := s
 						ps.HasDPort, ps.DPort = true, pr
 						out = append(out, ps)
 					}
-				default:
-					return nil, fmt.Errorf("rule %d (%s): unknown protocol %q", i, r.Origin, m.Protocol)
 				}
 			}
 		}
 	}
-	return out, nil
+	return out
 }

@@ -7,6 +7,7 @@ package fake
 
 import (
 	"context"
+	"fmt"
 	"sync"
 
 	"segmesh/agent/dataplane"
@@ -37,11 +38,16 @@ func New(kind dataplane.Kind) *Dataplane {
 	return &Dataplane{kind: kind}
 }
 
-// Apply stores Canonical(s), unless an error was injected with FailApply, in which
-// case it returns that error and keeps the previous state (all or nothing).
+// Apply stores Canonical(s). Like the Linux dataplane it refuses a state that fails
+// s.Validate (what the kernel refuses or would silently change), returning
+// "invalid state: ..." and keeping the previous state; it also returns the error
+// injected with FailApply, keeping the previous state (all or nothing).
 func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if err := s.Validate(); err != nil {
+		return fmt.Errorf("invalid state: %w", err)
 	}
 	d.mu.Lock()
 	if d.applyErr != nil {

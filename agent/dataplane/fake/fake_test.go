@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -102,5 +103,22 @@ func TestFakeWatch(t *testing.T) {
 		case <-deadline:
 			t.Fatal("watch channel not closed after ctx ended")
 		}
+	}
+}
+
+func TestFakeRefusesInvalidState(t *testing.T) {
+	ctx := context.Background()
+	d := New(dataplane.KindKernel)
+	good := dataplane.State{Interface: "x0", Routes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}
+	if err := d.Apply(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	bad := good
+	bad.Routes = []netip.Prefix{netip.MustParsePrefix("10.0.0.1/8")}
+	if err := d.Apply(ctx, bad); err == nil || !strings.Contains(err.Error(), "invalid state: route 10.0.0.1/8 has host bits set") {
+		t.Fatalf("Apply of an unmasked route = %v, want it refused", err)
+	}
+	if s, _ := d.State(); !dataplane.Equal(s, good) || d.Stats().Applies != 1 {
+		t.Fatalf("a refused Apply changed the state to %+v (stats %+v)", s, d.Stats())
 	}
 }

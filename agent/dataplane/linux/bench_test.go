@@ -101,6 +101,7 @@ func BenchmarkReapply1000Peers(b *testing.B) {
 	if err := dp.Apply(ctx, full); err != nil {
 		b.Fatal(err)
 	}
+	waitKeepalives(b, dp)
 	b.ResetTimer()
 	for range b.N {
 		if err := dp.Apply(ctx, full); err != nil {
@@ -119,6 +120,7 @@ func BenchmarkRead1000Peers(b *testing.B) {
 	if err := dp.Apply(ctx, full); err != nil {
 		b.Fatal(err)
 	}
+	waitKeepalives(b, dp)
 	b.ResetTimer()
 	for range b.N {
 		if _, err := dp.Read(ctx); err != nil {

@@ -11,6 +11,10 @@
 // When an Apply changes the filter, the Dataplane also deletes the conntrack entries
 // of the node's connections that the new filter would not accept as new connections,
 // so that revoking a rule cuts the established flows it allowed.
+//
+// WireGuard configuration and link, address and route calls go through two small
+// interfaces (seams.go), so that the peer diff and the link/route diff are tested
+// against the in-memory fakes of internal/fakewg and internal/fakelinks without root.
 package linux
 
 import (
@@ -21,11 +25,13 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nsutil"
@@ -59,17 +65,35 @@ type Dataplane struct {
 	// differs from the namespace of the process's main thread.
 	ns        netns.NsHandle
 	foreignNS bool
-	nl        *netlink.Handle
+	nl        *netlink.Handle // rtnetlink; conntrack uses it directly
+	rtnl      links           // links, addresses and routes: nl, or a fake in tests
 	fw        *nft.Firewall
 	lock      *nsLock
+	// openWG opens a WireGuard client in the dataplane's namespace.
+	openWG func() (wgClient, error)
 
-	// closing is cancelled by Close; it stops Watch goroutines.
+	// closing is cancelled by Close; it stops the netlink subscriptions, Watch and
+	// keepalive goroutines.
 	closing context.Context
 	cancel  context.CancelFunc
+	// wgGen counts UAPI "set" operations on the wireguard-go device this process owns
+	// and linkGen rtnetlink events of the overlay link, its addresses and its routes,
+	// so that reads skip what did not change (see cache.go).
+	wgGen, linkGen generation
+	// uapiSets counts UAPI "set" operations; ownSets is non-zero while this
+	// Dataplane's own configuration call runs (see configureDevice).
+	uapiSets, ownSets atomic.Int64
+	// watchers are the Watch calls to poke on kernel changes.
+	watchers watchers
+	// subErr is why the rtnetlink subscriptions could not be set up (see
+	// subscribeLinks); Watch returns it.
+	subErr error
+	// kick wakes the keepalive goroutine (see keepalive.go).
+	kick chan struct{}
 
 	mu      sync.Mutex
 	closed  bool
-	wg      *wgctrl.Client
+	wg      wgClient
 	kind    dataplane.Kind
 	user    *userDevice      // the wireguard-go device this process owns, if any
 	applied *dataplane.State // the last state Apply made the kernel hold (canonical)
@@ -77,6 +101,13 @@ type Dataplane struct {
 	// swept is what the last successful conntrack sweep judged entries by; nil
 	// before the first one, so the first Apply of a process always sweeps.
 	swept *sweepKey
+	// pending maps peers whose persistent keepalive (seconds) is still to be turned
+	// on by the keepalive goroutine (see keepalive.go).
+	pending map[wgtypes.Key]int
+	// wgCache and linkCache are the last reads of the WireGuard device and of the
+	// overlay link, valid while their generation did not change (see cache.go).
+	wgCache   *wgSnapshot
+	linkCache *linkSnapshot
 }
 
 // sweepKey is the input of a conntrack sweep (the table and the node's addresses).
@@ -135,7 +166,18 @@ func New(opts Options) (*Dataplane, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d := &Dataplane{opts: opts, log: log}
+	d := &Dataplane{opts: opts, log: log, kick: make(chan struct{}, 1)}
+	d.openWG = func() (wgClient, error) {
+		var c *wgctrl.Client
+		err := nsutil.Do(d.ns, func() (err error) {
+			c, err = wgctrl.New()
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("opening wgctrl: %w", err)
+		}
+		return c, nil
+	}
 	var err error
 	if d.ns, err = netns.Get(); err != nil {
 		return nil, fmt.Errorf("getting network namespace: %w", err)
@@ -151,19 +193,21 @@ func New(opts Options) (*Dataplane, error) {
 	if d.lock, err = lockNetNS(d.ns, opts.Interface); err != nil {
 		return fail(err)
 	}
-	if d.nl, err = netlink.NewHandleAt(d.ns); err != nil {
+	h, err := netlink.NewHandleAt(d.ns)
+	if err != nil {
 		return fail(fmt.Errorf("opening netlink socket: %w", err))
 	}
+	d.nl, d.rtnl = h, h
 	if d.fw, err = nft.New(opts.Interface, int(d.ns), log); err != nil {
 		return fail(err)
 	}
-	if err := nsutil.Do(d.ns, func() (err error) {
-		d.wg, err = wgctrl.New()
-		return err
-	}); err != nil {
-		return fail(fmt.Errorf("opening wgctrl: %w", err))
+	if d.wg, err = d.openWG(); err != nil {
+		return fail(err)
 	}
 	d.closing, d.cancel = context.WithCancel(context.Background())
+	d.wgGen.down() // no wireguard-go device yet
+	d.subscribeLinks()
+	go d.keepaliveLoop()
 	return d, nil
 }
 
@@ -192,17 +236,21 @@ func (d *Dataplane) Kind() dataplane.Kind {
 }
 
 // Apply makes the kernel hold exactly s (see dataplane.Dataplane). Order: the nftables
-// table first (so traffic is filtered before the interface passes any), then, when
+// table first (so traffic is filtered before the interface passes any); then, when
 // access may have narrowed since the last sweep (the table lost rules or set
 // elements, the node's addresses changed, the kernel's table had drifted, or this is
 // the first Apply of the Dataplane), the conntrack entries of flows the filter no
-// longer allows are deleted (see cutRevokedFlows); then the WireGuard device and its configuration (private key,
-// listen port, peers diffed one by one), then MTU, addresses, link up and routes.
-// s.Interface must equal Options.Interface. A zero ListenPort keeps the device's
-// current port; a zero peer Endpoint keeps whatever endpoint the device has learned.
-// A failed conntrack sweep does not stop the later steps; Apply returns its error at
-// the end and sweeps again on the next call. Errors: *NamespaceBusyError (nothing
-// changed) when the namespace's lock file was taken over by another holder.
+// longer allows are deleted (see cutRevokedFlows) while the next steps run: the
+// WireGuard device and its configuration (private key, listen port and the peer diff,
+// in one configuration call; a persistent keepalive that goes from 0 to non-zero is
+// turned on shortly after Apply returns, in batches, so that the handshakes it starts
+// do not all happen at once, and Read reports it as set meanwhile), then MTU,
+// addresses, link up and routes. s.Interface must equal Options.Interface and s must
+// pass s.Validate. A zero ListenPort keeps the device's current port; a zero peer
+// Endpoint keeps whatever endpoint the device has learned. A failed conntrack sweep
+// does not stop the other steps; Apply returns its error at the end and sweeps again
+// on the next call. Errors: *NamespaceBusyError (nothing changed) when the
+// namespace's lock file was taken over by another holder.
 func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	want := dataplane.Canonical(s)
 	if err := d.validate(want); err != nil {
@@ -221,7 +269,6 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if d.closed {
 		return ErrClosed
 	}
-	name := d.opts.Interface
 	if err := d.lock.check(); err != nil {
 		return err
 	}
@@ -233,35 +280,33 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if res.Result != nft.Unchanged {
 		d.log.Info("programmed nftables table", "table", nft.TableName, "change", res.Result.String(), "drifted", res.Drifted)
 	}
+	// The conntrack sweep (netfilter netlink; mostly kernel time) runs while the
+	// interface is configured (rtnetlink and wgctrl, other sockets): the new filter
+	// is in place already.
 	var sweepErr error
 	key := &sweepKey{table: table, addresses: want.Addresses}
+	var swept chan error
 	if res.Drifted || !d.swept.covers(key) {
-		n, err := d.cutRevokedFlows(table, want.Addresses)
-		if err != nil {
+		swept = make(chan error, 1)
+		go func() {
+			n, err := d.cutRevokedFlows(table, want.Addresses)
+			if n > 0 {
+				d.log.Info("cut flows the filter no longer allows", "conntrack_entries", n)
+			}
+			swept <- err
+		}()
+	}
+	ifErr := d.applyInterface(ctx, want, mtu)
+	if swept != nil {
+		if err := <-swept; err != nil {
 			sweepErr = fmt.Errorf("cutting flows the filter no longer allows: %w", err)
 			d.swept = nil
 		} else {
 			d.swept = key
 		}
-		if n > 0 {
-			d.log.Info("cut flows the filter no longer allows", "conntrack_entries", n)
-		}
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	link, err := d.ensureDevice(mtu)
-	if err != nil {
-		return fmt.Errorf("creating interface %s: %w", name, err)
-	}
-	if err := d.configureWireGuard(want); err != nil {
-		return fmt.Errorf("configuring WireGuard on %s: %w", name, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if err := d.configureLink(link, want, mtu); err != nil {
-		return fmt.Errorf("configuring interface %s: %w", name, err)
+	if ifErr != nil {
+		return ifErr
 	}
 	d.applied, d.table = &want, table
 	return sweepErr
@@ -275,7 +320,10 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 // it names rules, chains and sets the Filter cannot express; Filter is the applied
 // filter when the table matches, else what the kernel's table enforces. MTU and
 // ListenPort read as 0 when the last Apply asked for 0 and the kernel holds the
-// default MTU or any port.
+// default MTU or any port. The
+// wireguard-go device and the link's addresses and routes are read again only when a
+// UAPI "set" or an rtnetlink event showed they may have changed, and the device at
+// least every 30 s (it learns endpoints by itself); kernel WireGuard is always read.
 func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -302,7 +350,7 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	if err := ctx.Err(); err != nil {
 		return dataplane.Observed{}, err
 	}
-	if err := d.readLinks(&o.State); err != nil {
+	if err := d.readInterface(&o.State); err != nil {
 		return dataplane.Observed{}, err
 	}
 	o.State = dataplane.Canonical(o.State)
@@ -320,30 +368,6 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	return o, nil
 }
 
-// readLinks fills the interface, WireGuard, address and route fields of s (see
-// Read). d.mu must be held.
-func (d *Dataplane) readLinks(s *dataplane.State) error {
-	link, err := d.linkByName()
-	if err != nil || link == nil {
-		return err
-	}
-	s.Interface = d.opts.Interface
-	s.MTU = link.Attrs().MTU
-	if d.applied != nil && d.applied.MTU == 0 && s.MTU == DefaultMTU {
-		s.MTU = 0
-	}
-	if s.Addresses, err = d.addresses(link); err != nil {
-		return err
-	}
-	if s.Routes, err = d.routes(link); err != nil {
-		return err
-	}
-	if err := d.readWireGuard(s); err != nil {
-		return fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
-	}
-	return nil
-}
-
 // Down removes the nftables table and the interface, closing the wireguard-go device
 // if this process owns it. Missing table or interface are not errors. Down changes
 // nothing and returns *NamespaceBusyError when the namespace's lock file was taken
@@ -359,17 +383,16 @@ func (d *Dataplane) Down(ctx context.Context) error {
 	}
 	d.swept = nil
 	d.applied, d.table = nil, nil
+	d.pending = nil
 	var errs []error
 	if err := d.fw.Delete(); err != nil {
 		errs = append(errs, err)
 	}
-	if d.user != nil {
-		d.user.close()
-		d.user = nil
-	}
+	d.closeUserDevice()
+	d.linkCache = nil
 	link, err := d.linkByName()
 	if err == nil && link != nil {
-		err = d.nl.LinkDel(link)
+		err = d.rtnl.LinkDel(link)
 		if isNotFound(err) {
 			err = nil
 		}
@@ -392,10 +415,7 @@ func (d *Dataplane) Close() error {
 	}
 	d.closed = true
 	d.cancel()
-	if d.user != nil {
-		d.user.close()
-		d.user = nil
-	}
+	d.closeUserDevice()
 	d.closeSockets()
 	d.lock.release()
 	return nil
@@ -403,7 +423,7 @@ func (d *Dataplane) Close() error {
 
 // linkByName returns the overlay link, or nil when it does not exist.
 func (d *Dataplane) linkByName() (netlink.Link, error) {
-	link, err := d.nl.LinkByName(d.opts.Interface)
+	link, err := d.rtnl.LinkByName(d.opts.Interface)
 	if err != nil {
 		if isNotFound(err) {
 			return nil, nil

@@ -13,7 +13,7 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/ipc"
 	"golang.zx2c4.com/wireguard/tun"
-	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nsutil"
@@ -29,6 +29,8 @@ type userDevice struct {
 
 	uapi     net.Listener
 	uapiDone chan struct{} // closed when the accept loop ends
+	// onSet is called after each UAPI "set" operation (see uapiConn).
+	onSet func()
 }
 
 // ensureDevice makes the WireGuard interface exist (kernel WireGuard unless forced to
@@ -38,10 +40,11 @@ type userDevice struct {
 // and a wireguard-go device ends with its process. d.mu must be held.
 func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 	name := d.opts.Interface
-	link, err := d.linkByName()
+	snap, err := d.linkState()
 	if err != nil {
 		return nil, err
 	}
+	link := snap.link
 	if u := d.user; u != nil {
 		if link != nil && link.Attrs().Index == u.index && !u.closed() {
 			if err := u.ensureUAPI(); err != nil {
@@ -51,8 +54,8 @@ func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 			return link, nil
 		}
 		d.log.Warn("wireguard-go device lost its interface; re-creating it", "interface", name)
-		u.close()
-		d.user = nil
+		d.closeUserDevice()
+		d.linkChanged()
 		if link, err = d.linkByName(); err != nil {
 			return nil, err
 		}
@@ -63,13 +66,15 @@ func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 			return link, nil
 		}
 		d.log.Warn("replacing interface", "interface", name, "type", link.Type())
-		if err := d.nl.LinkDel(link); err != nil && !isNotFound(err) {
+		d.linkChanged()
+		if err := d.rtnl.LinkDel(link); err != nil && !isNotFound(err) {
 			return nil, fmt.Errorf("deleting stale interface: %w", err)
 		}
 	}
 
+	d.linkChanged()
 	if !d.opts.ForceUserspace {
-		err := d.nl.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}})
+		err := d.rtnl.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}})
 		switch {
 		case err == nil:
 			d.kind = dataplane.KindKernel
@@ -92,6 +97,7 @@ func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 	}
 	d.user = u
 	d.kind = dataplane.KindUserspace
+	d.wgGen.up() // u's UAPI socket counts "set" operations from now on
 	d.setAddrGenModeNone()
 	return d.mustLinkByName()
 }
@@ -101,7 +107,7 @@ func (d *Dataplane) ensureDevice(mtu int) (netlink.Link, error) {
 func (d *Dataplane) setAddrGenModeNone() {
 	link, err := d.linkByName()
 	if err == nil && link != nil {
-		err = d.nl.LinkSetIP6AddrGenMode(link, addrGenModeNone)
+		err = d.rtnl.LinkSetIP6AddrGenMode(link, addrGenModeNone)
 	}
 	if err != nil {
 		d.log.Debug("setting IPv6 address generation mode", "interface", d.opts.Interface, "err", err)
@@ -109,17 +115,50 @@ func (d *Dataplane) setAddrGenModeNone() {
 }
 
 func (d *Dataplane) reopenWgctrl() error {
-	var c *wgctrl.Client
-	err := nsutil.Do(d.ns, func() (err error) {
-		c, err = wgctrl.New()
-		return err
-	})
+	c, err := d.openWG()
 	if err != nil {
-		return fmt.Errorf("opening wgctrl: %w", err)
+		return err
 	}
 	_ = d.wg.Close()
 	d.wg = c
+	d.wgChanged()
 	return nil
+}
+
+// closeUserDevice closes the wireguard-go device this process owns, if any. d.mu
+// must be held.
+func (d *Dataplane) closeUserDevice() {
+	if d.user == nil {
+		return
+	}
+	d.user.close()
+	d.user = nil
+	d.wgChanged()
+	d.wgGen.down()
+}
+
+// configureDevice sends cfg to the WireGuard device. Watch is poked for UAPI "set"
+// operations of others only, so when another one completed during this call, it is
+// poked here. d.mu must be held.
+func (d *Dataplane) configureDevice(cfg wgtypes.Config) error {
+	d.ownSets.Add(1)
+	before := d.uapiSets.Load()
+	err := d.wg.ConfigureDevice(d.opts.Interface, cfg)
+	if d.uapiSets.Load()-before > 1 {
+		d.watchers.poke()
+	}
+	d.ownSets.Add(-1)
+	d.wgChanged()
+	return err
+}
+
+// uapiSet is called after every UAPI "set" operation on the wireguard-go device.
+func (d *Dataplane) uapiSet() {
+	d.uapiSets.Add(1)
+	d.wgGen.bump()
+	if d.ownSets.Load() == 0 {
+		d.watchers.poke()
+	}
 }
 
 // newUserDevice creates the TUN interface (in the dataplane's namespace), the
@@ -142,7 +181,7 @@ func (d *Dataplane) newUserDevice(mtu int) (*userDevice, error) {
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	u := &userDevice{name: name, dev: device.NewDevice(tdev, bind, logger), log: log}
+	u := &userDevice{name: name, dev: device.NewDevice(tdev, bind, logger), log: log, onSet: d.uapiSet}
 	link, err := d.linkByName()
 	if err == nil && link == nil {
 		err = fmt.Errorf("TUN device %s vanished", name)
@@ -186,11 +225,50 @@ func (u *userDevice) ensureUAPI() error {
 			if err != nil {
 				return
 			}
-			go u.dev.IpcHandle(c)
+			go u.dev.IpcHandle(&uapiConn{Conn: c, onSet: u.onSet})
 		}
 	}()
 	u.uapi, u.uapiDone = l, done
 	return nil
+}
+
+// uapiConn is one UAPI connection of the wireguard-go device. It watches the
+// requests for "set=1" operations and, once one came, calls onSet before each write
+// of wireguard-go: it answers every operation ("errno=N") after applying it, so the
+// last onSet runs after the change. Counting too often (a write for an earlier or a
+// later "get" on the same connection; wgctrl and wg(8) use one connection per
+// operation) is harmless: it only makes the next read go to the device.
+type uapiConn struct {
+	net.Conn
+	onSet  func()
+	line   [5]byte // the first bytes of the current request line
+	n      int     // length of the current request line
+	sawSet bool
+}
+
+func (c *uapiConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	for _, ch := range b[:n] {
+		if ch == '\n' {
+			if c.n == len("set=1") && string(c.line[:]) == "set=1" {
+				c.sawSet = true
+			}
+			c.n = 0
+			continue
+		}
+		if c.n < len(c.line) {
+			c.line[c.n] = ch
+		}
+		c.n++
+	}
+	return n, err
+}
+
+func (c *uapiConn) Write(b []byte) (int, error) {
+	if c.sawSet {
+		c.onSet()
+	}
+	return c.Conn.Write(b)
 }
 
 // closed reports whether wireguard-go shut the device down (e.g. its TUN was deleted).

@@ -15,33 +15,48 @@ import (
 // configureLink sets MTU and addresses, brings the link (and a wireguard-go device)
 // up, and sets routes. Addresses end up exactly s.Addresses; routes in the main table
 // through the link, other than those the kernel derives from addresses, end up
-// exactly s.Routes. Routes through other links are never touched.
+// exactly s.Routes. Routes through other links are never touched. Nothing is changed
+// when the link already matches. d.mu must be held.
 func (d *Dataplane) configureLink(link netlink.Link, s dataplane.State, mtu int) error {
-	if link.Attrs().MTU != mtu {
-		if err := d.nl.LinkSetMTU(link, mtu); err != nil {
-			return fmt.Errorf("setting MTU %d: %w", mtu, err)
-		}
-	}
-	have, err := d.addresses(link)
+	snap, err := d.linkState()
 	if err != nil {
 		return err
 	}
-	for _, p := range minus(have, s.Addresses) {
-		if err := d.nl.AddrDel(link, &netlink.Addr{IPNet: ipNetPtr(p)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+	if snap.link == nil || snap.link.Attrs().Index != link.Attrs().Index {
+		return fmt.Errorf("interface %s vanished", d.opts.Interface)
+	}
+	link = snap.link
+	changed := false
+	defer func() {
+		if changed {
+			d.linkChanged()
+		}
+	}()
+	if link.Attrs().MTU != mtu {
+		changed = true
+		if err := d.rtnl.LinkSetMTU(link, mtu); err != nil {
+			return fmt.Errorf("setting MTU %d: %w", mtu, err)
+		}
+	}
+	for _, p := range minus(snap.addrs, s.Addresses) {
+		changed = true
+		if err := d.rtnl.AddrDel(link, &netlink.Addr{IPNet: ipNetPtr(p)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("removing address %s: %w", p, err)
 		}
 	}
-	for _, p := range minus(s.Addresses, have) {
+	for _, p := range minus(s.Addresses, snap.addrs) {
+		changed = true
 		a := &netlink.Addr{IPNet: ipNetPtr(p)}
 		if p.Addr().Is6() {
 			a.Flags = unix.IFA_F_NODAD // usable at once; the overlay has no duplicates to detect
 		}
-		if err := d.nl.AddrAdd(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err := d.rtnl.AddrAdd(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("adding address %s: %w", p, err)
 		}
 	}
 	if link.Attrs().Flags&net.FlagUp == 0 {
-		if err := d.nl.LinkSetUp(link); err != nil {
+		changed = true
+		if err := d.rtnl.LinkSetUp(link); err != nil {
 			return fmt.Errorf("setting link up: %w", err)
 		}
 	}
@@ -52,15 +67,12 @@ func (d *Dataplane) configureLink(link netlink.Link, s dataplane.State, mtu int)
 			return fmt.Errorf("bringing up wireguard-go: %w", err)
 		}
 	}
-	routes, err := d.routeList(link)
-	if err != nil {
-		return err
-	}
 	var haveDst []netip.Prefix
-	for _, r := range routes {
+	for _, r := range snap.routes {
 		p, _ := routeDst(r)
 		if !contains(s.Routes, p) {
-			if err := d.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			changed = true
+			if err := d.rtnl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
 				return fmt.Errorf("removing route %s: %w", p, err)
 			}
 			continue
@@ -68,12 +80,13 @@ func (d *Dataplane) configureLink(link netlink.Link, s dataplane.State, mtu int)
 		haveDst = append(haveDst, p)
 	}
 	for _, p := range minus(s.Routes, haveDst) {
+		changed = true
 		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNetPtr(p), Table: unix.RT_TABLE_MAIN,
 			Protocol: unix.RTPROT_STATIC, Scope: netlink.SCOPE_LINK}
 		if p.Addr().Is6() {
 			r.Scope = netlink.SCOPE_UNIVERSE
 		}
-		if err := d.nl.RouteReplace(r); err != nil {
+		if err := d.rtnl.RouteReplace(r); err != nil {
 			return fmt.Errorf("adding route %s: %w", p, err)
 		}
 	}
@@ -84,7 +97,7 @@ func (d *Dataplane) configureLink(link netlink.Link, s dataplane.State, mtu int)
 func (d *Dataplane) addresses(link netlink.Link) ([]netip.Prefix, error) {
 	var addrs []netlink.Addr
 	err := retryInterrupted(func() (err error) {
-		addrs, err = d.nl.AddrList(link, netlink.FAMILY_ALL)
+		addrs, err = d.rtnl.AddrList(link, netlink.FAMILY_ALL)
 		return err
 	})
 	if err != nil {
@@ -108,7 +121,7 @@ func (d *Dataplane) routeList(link netlink.Link) ([]netlink.Route, error) {
 	var all []netlink.Route
 	filter := &netlink.Route{LinkIndex: link.Attrs().Index, Table: unix.RT_TABLE_MAIN}
 	err := retryInterrupted(func() (err error) {
-		all, err = d.nl.RouteListFiltered(netlink.FAMILY_ALL, filter, netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
+		all, err = d.rtnl.RouteListFiltered(netlink.FAMILY_ALL, filter, netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
 		return err
 	})
 	if err != nil {
@@ -119,19 +132,6 @@ func (d *Dataplane) routeList(link netlink.Link) ([]netlink.Route, error) {
 		if _, ok := routeDst(r); ok && r.Protocol != unix.RTPROT_KERNEL && r.Type == unix.RTN_UNICAST {
 			out = append(out, r)
 		}
-	}
-	return out, nil
-}
-
-func (d *Dataplane) routes(link netlink.Link) ([]netip.Prefix, error) {
-	rs, err := d.routeList(link)
-	if err != nil {
-		return nil, err
-	}
-	var out []netip.Prefix
-	for _, r := range rs {
-		p, _ := routeDst(r)
-		out = append(out, p)
 	}
 	return out, nil
 }

@@ -14,59 +14,24 @@ import (
 	"segmesh/agent/dataplane"
 )
 
-// validate rejects states the kernel would silently normalise (so that Read could
-// never equal them) or cannot hold. s is canonical.
+// validate rejects states the kernel refuses or would silently normalise (so that
+// Read could never equal them; see dataplane.State.Validate) and states for another
+// interface than this dataplane's.
 func (d *Dataplane) validate(s dataplane.State) error {
 	if s.Interface != d.opts.Interface {
 		return fmt.Errorf("interface %q, but this dataplane manages %q", s.Interface, d.opts.Interface)
 	}
-	if s.ListenPort < 0 || s.ListenPort > 65535 {
-		return fmt.Errorf("listen port %d out of range", s.ListenPort)
-	}
-	if s.MTU != 0 && (s.MTU < 576 || s.MTU > 65535) {
-		return fmt.Errorf("MTU %d out of range 576-65535", s.MTU)
-	}
-	for _, p := range slices.Concat(s.Addresses, s.Routes) {
-		if !p.IsValid() {
-			return errors.New("invalid address or route prefix")
-		}
-	}
-	for _, p := range s.Routes {
-		if p != p.Masked() {
-			return fmt.Errorf("route %s has host bits set", p)
-		}
-	}
-	for i, p := range s.Peers {
-		if i > 0 && s.Peers[i-1].PublicKey == p.PublicKey {
-			return fmt.Errorf("peer %s is listed twice", wgtypes.Key(p.PublicKey))
-		}
-		if p.PersistentKeepalive < 0 || p.PersistentKeepalive > 65535 {
-			return fmt.Errorf("peer %s: persistent keepalive %d s out of range", wgtypes.Key(p.PublicKey), p.PersistentKeepalive)
-		}
-		if p.Endpoint.IsValid() && p.Endpoint.Addr().Is4In6() {
-			return fmt.Errorf("peer %s: endpoint %s is an IPv4-mapped IPv6 address", wgtypes.Key(p.PublicKey), p.Endpoint)
-		}
-		for _, a := range p.AllowedIPs {
-			if !a.IsValid() || a != a.Masked() {
-				return fmt.Errorf("peer %s: allowed IP %s is not a masked prefix", wgtypes.Key(p.PublicKey), a)
-			}
-		}
-	}
-	return nil
+	return s.Validate()
 }
 
 // configureWireGuard sets the private key and listen port when they differ and diffs
 // the peers: removes peers not in s, adds new ones, and for existing ones updates only
 // what changed (endpoint, allowed IPs, keepalive, a stray preshared key), so sessions
-// of unchanged peers are untouched. Nothing is sent when the device already matches.
+// of unchanged peers are untouched; all in one configuration call, and none when the
+// device already matches. A persistent keepalive that would go from 0 to non-zero is
+// left at 0 and recorded in d.pending for the keepalive goroutine. d.mu must be held.
 func (d *Dataplane) configureWireGuard(s dataplane.State) error {
-	dev, err := d.wg.Device(d.opts.Interface)
-	if errors.Is(err, os.ErrNotExist) && d.kind == dataplane.KindKernel {
-		// The WireGuard module was loaded after wgctrl was opened: reopen it.
-		if err = d.reopenWgctrl(); err == nil {
-			dev, err = d.wg.Device(d.opts.Interface)
-		}
-	}
+	dev, err := d.device()
 	if err != nil {
 		return fmt.Errorf("reading device: %w", err)
 	}
@@ -82,6 +47,7 @@ func (d *Dataplane) configureWireGuard(s dataplane.State) error {
 	for i := range dev.Peers {
 		have[dev.Peers[i].PublicKey] = &dev.Peers[i]
 	}
+	pending := map[wgtypes.Key]int{}
 	var added, updated, removed int
 	for _, p := range s.Peers {
 		key := wgtypes.Key(p.PublicKey)
@@ -89,10 +55,12 @@ func (d *Dataplane) configureWireGuard(s dataplane.State) error {
 		cur, ok := have[key]
 		delete(have, key)
 		if !ok {
-			pc := wgtypes.PeerConfig{PublicKey: key, ReplaceAllowedIPs: true, AllowedIPs: ipNets(p.AllowedIPs),
-				PersistentKeepaliveInterval: &keepalive}
+			pc := wgtypes.PeerConfig{PublicKey: key, ReplaceAllowedIPs: true, AllowedIPs: ipNets(p.AllowedIPs)}
 			if p.Endpoint.IsValid() {
 				pc.Endpoint = net.UDPAddrFromAddrPort(p.Endpoint)
+			}
+			if keepalive > 0 {
+				pending[key] = p.PersistentKeepalive
 			}
 			cfg.Peers = append(cfg.Peers, pc)
 			added++
@@ -106,7 +74,10 @@ func (d *Dataplane) configureWireGuard(s dataplane.State) error {
 		if !slices.Equal(prefixesOf(cur.AllowedIPs), p.AllowedIPs) {
 			pc.ReplaceAllowedIPs, pc.AllowedIPs, changed = true, ipNets(p.AllowedIPs), true
 		}
-		if cur.PersistentKeepaliveInterval != keepalive {
+		switch {
+		case cur.PersistentKeepaliveInterval == 0 && keepalive > 0:
+			pending[key] = p.PersistentKeepalive
+		case cur.PersistentKeepaliveInterval != keepalive:
 			pc.PersistentKeepaliveInterval, changed = &keepalive, true
 		}
 		if cur.PresharedKey != (wgtypes.Key{}) {
@@ -122,21 +93,24 @@ func (d *Dataplane) configureWireGuard(s dataplane.State) error {
 		removed++
 	}
 	if cfg.PrivateKey == nil && cfg.ListenPort == nil && len(cfg.Peers) == 0 {
+		d.setPending(pending)
 		return nil
 	}
-	if err := d.wg.ConfigureDevice(d.opts.Interface, cfg); err != nil {
+	if err := d.configureDevice(cfg); err != nil {
 		return fmt.Errorf("configuring device (%d peers added, %d updated, %d removed): %w", added, updated, removed, err)
 	}
+	d.setPending(pending)
 	d.log.Info("configured WireGuard", "interface", d.opts.Interface, "kind", d.kind,
 		"private_key_set", cfg.PrivateKey != nil, "listen_port_set", cfg.ListenPort != nil,
-		"peers_added", added, "peers_updated", updated, "peers_removed", removed)
+		"peers_added", added, "peers_updated", updated, "peers_removed", removed,
+		"keepalives_pending", len(pending))
 	return nil
 }
 
 // readWireGuard fills the WireGuard fields of s from the device; a missing device
-// leaves them zero.
+// leaves them zero. A peer whose keepalive is pending reads with it.
 func (d *Dataplane) readWireGuard(s *dataplane.State) error {
-	dev, err := d.wg.Device(d.opts.Interface)
+	dev, err := d.device()
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
@@ -148,12 +122,17 @@ func (d *Dataplane) readWireGuard(s *dataplane.State) error {
 	if d.applied != nil && d.applied.ListenPort == 0 {
 		s.ListenPort = 0
 	}
+	s.Peers = make([]dataplane.Peer, 0, len(dev.Peers))
 	for _, p := range dev.Peers {
+		ka := int(p.PersistentKeepaliveInterval / time.Second)
+		if want, ok := d.pending[p.PublicKey]; ok && ka == 0 {
+			ka = want
+		}
 		s.Peers = append(s.Peers, dataplane.Peer{
 			PublicKey:           dataplane.Key(p.PublicKey),
 			Endpoint:            udpAddrPort(p.Endpoint),
 			AllowedIPs:          prefixesOf(p.AllowedIPs),
-			PersistentKeepalive: int(p.PersistentKeepaliveInterval / time.Second),
+			PersistentKeepalive: ka,
 		})
 	}
 	return nil
