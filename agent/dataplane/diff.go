@@ -7,8 +7,6 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-
-	"github.com/google/go-cmp/cmp"
 )
 
 // Parts of the dataplane a Difference names.
@@ -98,7 +96,7 @@ func Diff(desired, observed State) []Difference {
 			peer("unexpected %s (allowed IPs %v)", KeyString(op.PublicKey), op.AllowedIPs)
 		}
 	}
-	if !cmp.Equal(d.Filter, o.Filter, cmpOpts) {
+	if !filterEqual(d.Filter, o.Filter) {
 		for _, s := range filterDiff(d.Filter, o.Filter) {
 			add(PartNftables, "%s", s)
 		}
@@ -106,9 +104,15 @@ func Diff(desired, observed State) []Difference {
 	return out
 }
 
-// Equal reports whether a and b describe the same dataplane, endpoints included.
+// Equal reports whether a and b, both canonical (see Canonical), describe the same
+// dataplane, endpoints included.
 func Equal(a, b State) bool {
-	return a.PrivateKey == b.PrivateKey && cmp.Equal(Canonical(a), Canonical(b), cmpOpts)
+	return a.Interface == b.Interface && a.PrivateKey == b.PrivateKey && a.ListenPort == b.ListenPort && a.MTU == b.MTU &&
+		slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.Routes, b.Routes) &&
+		slices.EqualFunc(a.Peers, b.Peers, func(x, y Peer) bool {
+			return x.PublicKey == y.PublicKey && x.Endpoint == y.Endpoint && x.PersistentKeepalive == y.PersistentKeepalive &&
+				slices.Equal(x.AllowedIPs, y.AllowedIPs)
+		}) && filterEqual(a.Filter, b.Filter)
 }
 
 // KeyString returns k in WireGuard's base64 form.
@@ -174,7 +178,7 @@ func filterDiff(want, have Filter) []string {
 		name       string
 		want, have []FilterRule
 	}{{"ingress", want.Ingress, have.Ingress}, {"egress", want.Egress, have.Egress}} {
-		if !cmp.Equal(dir.want, dir.have, cmpOpts) {
+		if !slices.EqualFunc(dir.want, dir.have, ruleEqual) {
 			out = append(out, fmt.Sprintf("%s rules %s, want %s", dir.name, ruleList(dir.have), ruleList(dir.want)))
 		}
 	}
@@ -205,8 +209,15 @@ func ruleList(rs []FilterRule) string {
 	return "[" + strings.Join(parts, "; ") + "]"
 }
 
-var cmpOpts = cmp.Options{
-	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
-	cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b }),
-	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
+// filterEqual reports whether two canonical filters are equal.
+func filterEqual(a, b Filter) bool {
+	return slices.EqualFunc(a.Sets, b.Sets, func(x, y AddressSet) bool {
+		return x.Name == y.Name && slices.Equal(x.Prefixes, y.Prefixes)
+	}) && slices.EqualFunc(a.Ingress, b.Ingress, ruleEqual) && slices.EqualFunc(a.Egress, b.Egress, ruleEqual)
+}
+
+func ruleEqual(x, y FilterRule) bool {
+	return x.Set == y.Set && x.Origin == y.Origin && slices.EqualFunc(x.Matches, y.Matches, func(m, n PortMatch) bool {
+		return m.Protocol == n.Protocol && slices.Equal(m.Ports, n.Ports)
+	})
 }
