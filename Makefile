@@ -19,6 +19,7 @@ test: deps lint unit e2e
 
 unit:
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '^segmesh/test/')
+	cd third_party/wireguard-go && $(GO) test -count=1 -timeout 10m ./device/
 
 e2e:
 	$(GO) test -count=1 -timeout 40m -v ./test/...

@@ -41,3 +41,5 @@ require (
 	golang.org/x/sync v0.22.0 // indirect
 	golang.zx2c4.com/wintun v0.0.0-20230126152724-0fa3db229ce2 // indirect
 )
+
+replace golang.zx2c4.com/wireguard => ./third_party/wireguard-go
