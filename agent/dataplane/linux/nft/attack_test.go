@@ -257,4 +257,3 @@ func TestAttackInProcessChangeIsIgnored(t *testing.T) {
 		t.Errorf("Apply = %+v; want the element removed and Drifted", out)
 	}
 }
-
