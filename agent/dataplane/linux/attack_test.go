@@ -54,3 +54,34 @@ func TestAttackFlowToAnotherLocalAddressSurvivesRevocation(t *testing.T) {
 		})
 	}
 }
+
+// TestAttackRedirectedFlowSurvivesRevocation: the sweep judges a conntrack entry by
+// its original tuple, but the filter sees the packet after destination NAT (nat
+// prerouting and output run before the filter hooks): with a redirect from port 8080
+// to 9000 (a transparent proxy, say) the filter judged the flow at port 9000 and the
+// sweep judges it at 8080. Revoking 9000 while keeping 8080 leaves the flow working,
+// although a new connection the same way is dropped.
+func TestAttackRedirectedFlowSurvivesRevocation(t *testing.T) {
+	a, b := newPair(t)
+	b.ns.MustExec(t, "nft", "add table ip redir; add chain ip redir pre { type nat hook prerouting priority dstnat; }; "+
+		"add rule ip redir pre tcp dport 8080 redirect to :9000")
+	aFilter := policy.Filter{Sets: []policy.AddressSet{peerSet("peer", b.v4)},
+		Egress: []policy.FilterRule{allow("peer", tcpPort(8080))}}
+	bSets := []policy.AddressSet{peerSet("peer", a.v4)}
+	a.apply(t, a.state(aFilter, b))
+	b.apply(t, b.state(policy.Filter{Sets: bSets, Ingress: []policy.FilterRule{allow("peer", tcpPort(9000))}}, a))
+	b.echoServe(t, b.v4, 9000)
+	conn := a.connect(t, b.v4, 8080) // reaches the server on 9000
+
+	// b allows 8080 only: what arrives there is redirected to 9000, which is denied.
+	b.apply(t, b.state(policy.Filter{Sets: bSets, Ingress: []policy.FilterRule{allow("peer", tcpPort(8080))}}, a))
+	if err := a.dial(b.v4, 8080, time.Second); err == nil {
+		t.Fatal("b's filter no longer allows port 9000, yet a new redirected connection passed")
+	}
+	eventually(t, 5*time.Second, "redirected connection cut", func() error {
+		if err := roundTrip(conn, 300*time.Millisecond); err == nil {
+			return errors.New("the connection still carries data")
+		}
+		return nil
+	})
+}
