@@ -141,6 +141,12 @@ func TestAttackCatchallElementIsInvisible(t *testing.T) {
 	if d := firewall.Compare(build(t, f), mustRead(t, fw)); d == nil {
 		t.Errorf("the Firewall's own Read reports no drift either")
 	}
+	if out, err := fw.Apply(build(t, f)); err != nil || !out.Drifted || out.Result == Unchanged {
+		t.Errorf("repairing Apply = %+v, %v; want a change of a drifted table", out, err)
+	}
+	if pings(peer, "198.51.100.1") {
+		t.Error("the repaired table still lets the host in no set through")
+	}
 }
 
 func mustRead(t *testing.T, fw *Firewall) *firewall.Table {
