@@ -2,9 +2,11 @@ package nft
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"os/exec"
 	"testing"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -261,5 +263,48 @@ func TestAttackInProcessChangeIsIgnored(t *testing.T) {
 	}
 	if out.Result == Unchanged || !out.Drifted {
 		t.Errorf("Apply = %+v; want the element removed and Drifted", out)
+	}
+}
+
+// TestAttackBusyNeighbourForcesRepeatedReplaces: after a batch the Firewall trusts its
+// cache only if the generation moved by exactly one, and with no cache every Apply
+// replaces the whole table without reading it. A process that commits to its own
+// table now and then (docker, kube-proxy, firewalld) therefore keeps the cache
+// invalid while replaces overlap its commits: every such Apply, even of an
+// unchanged filter, recreates the table with all its elements (for 200,000
+// elements, seconds of kernel time per resync, and Outcome.Drifted, hence a
+// conntrack sweep, every time).
+func TestAttackBusyNeighbourForcesRepeatedReplaces(t *testing.T) {
+	fw, ns := newFirewall(t)
+	f := sampleFilter()
+	for i := range 20000 {
+		f.Sets[2].Prefixes = append(f.Sets[2].Prefixes, netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 16 + byte(i>>16), byte(i >> 8), byte(i)}), 32))
+	}
+	// The neighbour commits to its own table in a loop.
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "sh", "-c",
+		"while :; do nft add table inet neighbour; nft delete table inet neighbour; done")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	var results []string
+	replaced := 0
+	for range 10 {
+		start := time.Now()
+		out, err := fw.Apply(build(t, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		results = append(results, fmt.Sprintf("%v drifted=%v (%v)", out.Result, out.Drifted, time.Since(start).Round(time.Millisecond)))
+		if out.Result == Replaced {
+			replaced++
+		}
+	}
+	if replaced > 1 {
+		t.Fatalf("%d of 10 Applies of one unchanged filter replaced the table while another table changed: %q; want only the first",
+			replaced, results)
 	}
 }
