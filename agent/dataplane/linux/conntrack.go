@@ -67,8 +67,9 @@ func (r revoked) MatchConntrackFlow(ct *netlink.ConntrackFlow) bool {
 }
 
 // openingOf describes the first packet of a conntrack entry's connection as the
-// table on iface sees it (after destination NAT). ok is false when neither or both ends of the original tuple
-// are the node's addresses (transit or local traffic, which the filter does not judge).
+// table on iface sees it (after destination NAT). ok is false when neither or both
+// ends are the node's addresses (transit or local traffic, which the filter does not
+// judge).
 func openingOf(ct *netlink.ConntrackFlow, iface string, self map[netip.Addr]bool) (p firewall.Packet, ok bool) {
 	// The filter hooks see a packet after destination NAT (nat prerouting and output
 	// run before them) and before source NAT: its destination is the source of the
