@@ -2,6 +2,8 @@ package linux
 
 import (
 	"errors"
+	"io"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -84,4 +86,55 @@ func TestAttackRedirectedFlowSurvivesRevocation(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestAttackRevokedFlowResumesWhenTheServerSpeaksFirst: the sweep deletes the
+// conntrack entry of a revoked inbound flow, expecting its next packet to be judged
+// as new by the ingress chain and dropped. But when the node's egress lets it reach
+// the peer on any port and the node's side sends next (data, a TCP keepalive),
+// conntrack picks the stream up mid-way as a new outbound connection
+// (nf_conntrack_tcp_loose), the egress chain accepts it, and the peer's packets are
+// then replies: the connection the new filter denies works again both ways.
+func TestAttackRevokedFlowResumesWhenTheServerSpeaksFirst(t *testing.T) {
+	a, b := newPair(t)
+	aFilter := policy.Filter{Sets: []policy.AddressSet{peerSet("peer", b.v4)},
+		Egress:  []policy.FilterRule{allow("peer", tcpPort(8080))},
+		Ingress: []policy.FilterRule{allow("peer", policy.PortMatch{Protocol: policy.ProtoAny})}}
+	bSets := []policy.AddressSet{peerSet("peer", a.v4)}
+	bEgress := []policy.FilterRule{allow("peer", policy.PortMatch{Protocol: policy.ProtoAny})}
+	a.apply(t, a.state(aFilter, b))
+	b.apply(t, b.state(policy.Filter{Sets: bSets, Ingress: []policy.FilterRule{allow("peer", tcpPort(8080))}, Egress: bEgress}, a))
+	var l net.Listener
+	b.ns.Do(t, func() (err error) { l, err = net.Listen("tcp", netip.AddrPortFrom(b.v4, 8080).String()); return err })
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	var c net.Conn
+	a.ns.Do(t, func() (err error) {
+		c, err = net.DialTimeout("tcp", netip.AddrPortFrom(b.v4, 8080).String(), 5*time.Second)
+		return err
+	})
+	defer c.Close()
+	s := <-accepted
+	defer s.Close()
+	b.apply(t, b.state(policy.Filter{Sets: bSets, Egress: bEgress}, a)) // ingress revoked
+	if _, err := s.Write([]byte("push")); err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return // cut, as it should be
+	}
+	c.Write([]byte("back"))
+	s.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.ReadFull(s, buf); err != nil {
+		return
+	}
+	t.Errorf("b no longer lets a connect to port 8080, yet a's connection there carries data both ways after b spoke")
 }
