@@ -67,11 +67,20 @@ func (r revoked) MatchConntrackFlow(ct *netlink.ConntrackFlow) bool {
 }
 
 // openingOf describes the first packet of a conntrack entry's connection as the
-// table on iface sees it. ok is false when neither or both ends of the original tuple
-// are the node's addresses (transit or local traffic, which the filter does not judge).
+// table on iface sees it (after destination NAT). ok is false when neither or both
+// ends are the node's addresses (transit or local traffic, which the filter does not
+// judge).
 func openingOf(ct *netlink.ConntrackFlow, iface string, self map[netip.Addr]bool) (p firewall.Packet, ok bool) {
+	// The filter hooks see a packet after destination NAT (nat prerouting and output
+	// run before them) and before source NAT: its destination is the source of the
+	// reply tuple (the original tuple's unless another table rewrote it).
 	src, okSrc := netip.AddrFromSlice(ct.Forward.SrcIP)
-	dst, okDst := netip.AddrFromSlice(ct.Forward.DstIP)
+	dst, okDst := netip.AddrFromSlice(ct.Reverse.SrcIP)
+	dport := ct.Reverse.SrcPort
+	if !okDst {
+		dst, okDst = netip.AddrFromSlice(ct.Forward.DstIP)
+		dport = ct.Forward.DstPort
+	}
 	if !okSrc || !okDst {
 		return p, false
 	}
@@ -83,7 +92,7 @@ func openingOf(ct *netlink.ConntrackFlow, iface string, self map[netip.Addr]bool
 		return p, false
 	}
 	if dstSelf {
-		return firewall.Opening(iface, true, dst, src, ct.Forward.Protocol, ct.Forward.DstPort), true
+		return firewall.Opening(iface, true, dst, src, ct.Forward.Protocol, dport), true
 	}
-	return firewall.Opening(iface, false, src, dst, ct.Forward.Protocol, ct.Forward.DstPort), true
+	return firewall.Opening(iface, false, src, dst, ct.Forward.Protocol, dport), true
 }

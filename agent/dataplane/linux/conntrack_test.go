@@ -250,6 +250,11 @@ func TestOpeningOf(t *testing.T) {
 		{"inbound icmpv6 is an echo request", ct(unix.AF_INET6, unix.IPPROTO_ICMPV6, "fd5e:6d65:7368::2", "fd5e:6d65:7368::1", 0, 7),
 			firewall.Packet{Hook: firewall.HookInput, IIF: "sm0", Src: addr("fd5e:6d65:7368::2"), Dst: addr("fd5e:6d65:7368::1"),
 				Protocol: 58, ICMPType: firewall.ICMPv6EchoRequest, CtState: firewall.CtNew}, true},
+		{"inbound tcp redirected from 8080 to 9000", func() *netlink.ConntrackFlow {
+			c := ct(unix.AF_INET, unix.IPPROTO_TCP, "100.64.0.2", "100.64.0.1", 40000, 8080)
+			c.Reverse = netlink.IPTuple{SrcIP: net.ParseIP("100.64.0.1"), DstIP: net.ParseIP("100.64.0.2"), SrcPort: 9000, DstPort: 40000, Protocol: 6}
+			return c
+		}(), in("100.64.0.2", "100.64.0.1", 6, 9000), true},
 		{"local traffic to self", ct(unix.AF_INET, unix.IPPROTO_TCP, "100.64.0.1", "100.64.0.1", 1, 2), firewall.Packet{}, false},
 		{"not the node's", ct(unix.AF_INET, unix.IPPROTO_TCP, "192.0.2.1", "192.0.2.2", 1, 2), firewall.Packet{}, false},
 		{"no addresses", &netlink.ConntrackFlow{FamilyType: unix.AF_INET}, firewall.Packet{}, false},

@@ -23,10 +23,19 @@ func intervalElements(ivs []firewall.Interval) []nftables.SetElement {
 	return out
 }
 
+// lastAddr returns the highest address of addrLen bytes.
+func lastAddr(addrLen int) netip.Addr {
+	if addrLen == 16 {
+		return netip.AddrFrom16([16]byte{0: 0xff, 1: 0xff, 2: 0xff, 3: 0xff, 4: 0xff, 5: 0xff, 6: 0xff, 7: 0xff,
+			8: 0xff, 9: 0xff, 10: 0xff, 11: 0xff, 12: 0xff, 13: 0xff, 14: 0xff, 15: 0xff})
+	}
+	return netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
 // elementIntervals parses the elements of an interval set (in any order) of addresses
 // of addrLen bytes into sorted intervals. A lone "interval end" at the zero address,
 // which nft(8) adds to interval sets, is ignored. A start without an end runs to the
-// highest address.
+// highest address. A catch-all element makes the set the whole address space.
 func elementIntervals(elems []nftables.SetElement, addrLen int) []firewall.Interval {
 	type el struct {
 		a   netip.Addr
@@ -34,6 +43,15 @@ func elementIntervals(elems []nftables.SetElement, addrLen int) []firewall.Inter
 	}
 	es := make([]el, 0, len(elems))
 	for _, e := range elems {
+		if len(e.Key) == 0 && !e.IntervalEnd {
+			// The catch-all element (NFT_SET_ELEM_CATCHALL, the only element without a
+			// key; the library drops its flag) makes every lookup match.
+			first := netip.IPv4Unspecified()
+			if addrLen == 16 {
+				first = netip.IPv6Unspecified()
+			}
+			return []firewall.Interval{{First: first, Last: lastAddr(addrLen)}}
+		}
 		a, ok := netip.AddrFromSlice(e.Key)
 		if !ok || len(e.Key) != addrLen {
 			continue
@@ -73,12 +91,7 @@ func elementIntervals(elems []nftables.SetElement, addrLen int) []firewall.Inter
 		}
 	}
 	if open {
-		last := netip.AddrFrom4([4]byte{255, 255, 255, 255})
-		if addrLen == 16 {
-			last = netip.AddrFrom16([16]byte{0: 0xff, 1: 0xff, 2: 0xff, 3: 0xff, 4: 0xff, 5: 0xff, 6: 0xff, 7: 0xff,
-				8: 0xff, 9: 0xff, 10: 0xff, 11: 0xff, 12: 0xff, 13: 0xff, 14: 0xff, 15: 0xff})
-		}
-		out = append(out, firewall.Interval{First: start, Last: last})
+		out = append(out, firewall.Interval{First: start, Last: lastAddr(addrLen)})
 	}
 	if len(out) == 0 {
 		return nil // as firewall.Build holds an empty set

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
@@ -179,13 +178,11 @@ func (t *tracker) handle(m netlink.Message) bool {
 	}
 	ad.ByteOrder = binary.BigEndian
 	var table, set string
-	var gen, pid uint32
+	var gen uint32
 	for ad.Next() {
 		switch {
 		case typ == unix.NFT_MSG_NEWGEN && ad.Type() == unix.NFTA_GEN_ID:
 			gen = ad.Uint32()
-		case typ == unix.NFT_MSG_NEWGEN && ad.Type() == unix.NFTA_GEN_PROC_PID:
-			pid = ad.Uint32()
 		case typ != unix.NFT_MSG_NEWGEN && ad.Type() == 1: // NFTA_{TABLE_NAME,CHAIN,RULE,SET,SET_ELEM_LIST}_TABLE
 			table = ad.String()
 		case (typ == unix.NFT_MSG_NEWSETELEM || typ == unix.NFT_MSG_DELSETELEM) && ad.Type() == unix.NFTA_SET_ELEM_LIST_SET:
@@ -194,7 +191,11 @@ func (t *tracker) handle(m netlink.Message) bool {
 	}
 	switch typ {
 	case unix.NFT_MSG_NEWGEN:
-		foreign := !t.pending.empty() && !ownThread(pid)
+		// Every generation that touched the table counts, whoever committed it: the
+		// Firewall's own batches are sent while the tracker is out of the group, and
+		// the generation they leave is the cached one, which since excludes. Any other
+		// client, in this process or not, must be seen.
+		foreign := !t.pending.empty()
 		if foreign {
 			c := t.pending
 			t.marks[gen] = &c
@@ -212,16 +213,6 @@ func (t *tracker) handle(m netlink.Message) bool {
 		}
 	}
 	return false
-}
-
-// ownThread reports whether pid, the task that committed a generation, is a thread
-// of this process (the kernel reports the thread id).
-func ownThread(pid uint32) bool {
-	if pid == 0 {
-		return false
-	}
-	_, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", pid))
-	return err == nil
 }
 
 // trackerWait bounds how long since waits for notifications to arrive; they are
