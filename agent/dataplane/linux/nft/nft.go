@@ -442,6 +442,10 @@ func (f *Firewall) snapshot(base *firewall.Table, ch change) (*firewall.Table, e
 	if err != nil {
 		return nil, fmt.Errorf("listing chains: %w", err)
 	}
+	names, err := exprNames(f.genConn)
+	if err != nil {
+		return nil, err
+	}
 	for _, ch := range chains {
 		if ch.Table == nil || ch.Table.Name != TableName {
 			continue
@@ -463,8 +467,11 @@ func (f *Firewall) snapshot(base *firewall.Table, ch change) (*firewall.Table, e
 		}
 		for _, r := range rules {
 			spec, err := decodeRule(r.Exprs, r.UserData)
-			if err != nil {
+			switch {
+			case err != nil:
 				spec = firewall.Rule{Unknown: fmt.Sprintf("handle %d: %v", r.Handle, err)}
+			case !sameExpressions(r.Exprs, names[r.Handle]):
+				spec = firewall.Rule{Unknown: fmt.Sprintf("handle %d: the kernel holds expressions %v", r.Handle, names[r.Handle])}
 			}
 			c.Rules = append(c.Rules, spec)
 		}
