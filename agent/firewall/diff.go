@@ -51,6 +51,21 @@ func (p Plan) Elements() (added, deleted int) {
 	return added, deleted
 }
 
+// Size returns the number of set elements (intervals) one batch of the plan writes
+// or deletes, want being the table it leads to.
+func (p Plan) Size(want *Table) int {
+	if p.Replace {
+		return want.ElementCount()
+	}
+	added, deleted := p.Elements()
+	for _, name := range p.AddSets {
+		if s := want.Set(name); s != nil {
+			added += len(s.Elements)
+		}
+	}
+	return added + deleted
+}
+
 // PlanUpdate returns how to turn have (the kernel's table; nil when it is missing)
 // into want. Work is linear in the number of set elements.
 func PlanUpdate(have, want *Table) Plan {

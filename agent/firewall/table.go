@@ -234,6 +234,15 @@ func (t *Table) Chain(name string) *Chain {
 	return &t.Chains[i]
 }
 
+// ElementCount returns the number of elements (intervals) of all sets.
+func (t *Table) ElementCount() int {
+	n := 0
+	for _, s := range t.Sets {
+		n += len(s.Elements)
+	}
+	return n
+}
+
 // Sort orders sets and chains by name (after a read-back, which may list them in any
 // order).
 func (t *Table) Sort() {

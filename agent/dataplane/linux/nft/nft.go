@@ -112,25 +112,49 @@ func New(iface string, netnsFD int, log *slog.Logger) (*Firewall, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	conn, err := nftables.New(nftables.WithNetNSFd(netnsFD), nftables.AsLasting(), nftables.WithSockOptions(bigBuffers))
+	tr, err := newTracker(netnsFD)
 	if err != nil {
+		return nil, err
+	}
+	// The tracker tells the Firewall's own commits by the port id of this socket.
+	conn, err := nftables.New(nftables.WithNetNSFd(netnsFD), nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
+		if err := bigBuffers(c); err != nil {
+			return err
+		}
+		tr.own.Store(portID(c))
+		return nil
+	}))
+	if err != nil {
+		tr.close()
 		return nil, fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
 	genConn, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: netnsFD})
 	if err != nil {
+		tr.close()
 		_ = conn.CloseLasting()
 		return nil, fmt.Errorf("opening nftables generation socket: %w", err)
-	}
-	tr, err := newTracker(netnsFD)
-	if err != nil {
-		_ = conn.CloseLasting()
-		_ = genConn.Close()
-		return nil, err
 	}
 	return &Firewall{
 		iface: iface, nsFD: netnsFD, log: log, conn: conn, genConn: genConn, tracker: tr,
 		table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet},
 	}, nil
+}
+
+// portID returns the netlink port id the kernel bound c to (0 when unknown).
+func portID(c *netlink.Conn) uint32 {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var id uint32
+	_ = rc.Control(func(fd uintptr) {
+		if sa, err := unix.Getsockname(int(fd)); err == nil {
+			if nl, ok := sa.(*unix.SockaddrNetlink); ok {
+				id = nl.Pid
+			}
+		}
+	})
+	return id
 }
 
 // bigBuffers raises the socket buffers beyond the sysctl limits (needs CAP_NET_ADMIN).
@@ -203,45 +227,71 @@ func (f *Firewall) apply(want *firewall.Table) (Outcome, error) {
 		f.written = have
 		return Outcome{Result: Unchanged, Drifted: drifted}, nil
 	}
-	res := Replaced
+	res, paused := Replaced, false
 	if !plan.Replace {
 		res = ElementsUpdated
 		if !plan.ElementsOnly() {
 			res = Updated
 		}
 		f.update(have, want, plan)
-		if err = f.flushQuietly(); err != nil {
+		if paused, err = f.flush(plan.Size(want) > quietAbove); err != nil {
 			f.log.Warn("updating the table failed; replacing it", "table", TableName, "err", err)
 		}
 	}
 	if plan.Replace || err != nil {
 		res = Replaced
 		f.replace(want)
-		if err := f.flushQuietly(); err != nil {
+		if paused, err = f.flush(plan.Size(want) > quietAbove); err != nil {
 			f.cacheValid, f.written = false, nil
 			return Outcome{Result: Unchanged, Drifted: drifted}, fmt.Errorf("replacing table inet %s: %w", TableName, err)
 		}
 	}
-	// The kernel holds want at the generation after gen if no other process
-	// committed meanwhile (the tracker did not listen during the batch).
-	after, err := generation(f.genConn)
-	f.cached, f.cachedGen, f.cachedLosses, f.written = want, after, losses, want
-	f.cacheValid = genOK && err == nil && after == gen+1 && f.tracker.lossCount() == losses
+	after, gerr := generation(f.genConn)
+	f.cached, f.cachedLosses, f.written = want, losses, want
+	if paused {
+		// Nobody heard this batch. When another client committed while the tracker
+		// was out of the group (a busy neighbour: its transaction waits for the
+		// commit lock during the whole batch and lands right after it), the
+		// structure is read again; set elements are taken as written. The blind
+		// spot is a change to this table's elements committed between this batch
+		// and the tracker's return to the group.
+		f.cachedGen = after
+		f.cacheValid = genOK && gerr == nil && f.tracker.lossCount() == losses
+		if f.cacheValid && after != gen+1 {
+			t, err := f.snapshot(want, change{structure: true})
+			switch {
+			case err != nil:
+				f.cacheValid = false
+			case firewall.Compare(want, t) != nil:
+				f.cached = t
+			}
+		}
+	} else {
+		// The tracker hears this batch's generation and skips it as the
+		// Firewall's own; whatever others committed since gen is marked.
+		f.cachedGen = gen
+		f.cacheValid = genOK && f.tracker.lossCount() == losses
+	}
 	return Outcome{Result: res, Drifted: drifted}, nil
 }
 
-// flushQuietly sends the queued batch while the tracker is out of the notification
-// group (see tracker.pause).
-func (f *Firewall) flushQuietly() error {
-	paused := f.tracker.pause() == nil
-	err := f.conn.Flush()
+// quietAbove is the number of set elements in a batch above which the batch is sent
+// while the tracker is out of the notification group: the kernel builds one
+// notification per element for every listener (seconds for 200,000 elements).
+const quietAbove = 4096
+
+// flush sends the queued batch, with the tracker out of the notification group when
+// quiet (see tracker.pause); paused says whether it was.
+func (f *Firewall) flush(quiet bool) (paused bool, err error) {
+	paused = quiet && f.tracker.pause() == nil
+	err = f.conn.Flush()
 	if paused {
 		if rerr := f.tracker.resume(); rerr != nil {
 			f.log.Warn("rejoining nftables notifications failed", "err", rerr)
 			f.tracker.lost()
 		}
 	}
-	return err
+	return paused, err
 }
 
 // current returns the ruleset generation (genOK false when it could not be queried)

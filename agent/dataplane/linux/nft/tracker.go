@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mdlayher/netlink"
@@ -40,11 +41,17 @@ func (c *change) merge(o *change) {
 	}
 }
 
-// tracker records the changes other processes make to the table. Its methods are
-// safe for concurrent use.
+// tracker records the changes other netlink sockets make to the table: every
+// generation's NEWGEN notification carries, as its sender port id, the socket that
+// committed it (nf_tables_fill_gen_info), so the Firewall's own commits are told
+// apart by their port id, even from other clients in the same process. Its methods
+// are safe for concurrent use.
 type tracker struct {
+	nsFD int
 	conn *netlink.Conn
 	done chan struct{}
+	// own is the netlink port id of the Firewall's nftables socket (0: unknown).
+	own atomic.Uint32
 
 	mu   sync.Mutex
 	cond *sync.Cond
@@ -68,6 +75,17 @@ type tracker struct {
 // newTracker subscribes to nftables notifications in the namespace netnsFD (0: the
 // calling thread's).
 func newTracker(netnsFD int) (*tracker, error) {
+	c, err := dialNotifications(netnsFD)
+	if err != nil {
+		return nil, err
+	}
+	t := &tracker{nsFD: netnsFD, conn: c, done: make(chan struct{}), marks: map[uint32]*change{}, watchers: map[int]func(){}}
+	t.cond = sync.NewCond(&t.mu)
+	go t.run()
+	return t, nil
+}
+
+func dialNotifications(netnsFD int) (*netlink.Conn, error) {
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: netnsFD, Groups: 1 << (unix.NFNLGRP_NFTABLES - 1)})
 	if err != nil {
 		return nil, fmt.Errorf("subscribing to nftables notifications: %w", err)
@@ -76,24 +94,28 @@ func newTracker(netnsFD int) (*tracker, error) {
 		_ = c.Close()
 		return nil, err
 	}
-	t := &tracker{conn: c, done: make(chan struct{}), marks: map[uint32]*change{}, watchers: map[int]func(){}}
-	t.cond = sync.NewCond(&t.mu)
-	go t.run()
-	return t, nil
+	return c, nil
 }
 
 func (t *tracker) close() {
 	t.mu.Lock()
 	t.closed = true
+	c := t.conn
 	t.mu.Unlock()
-	_ = t.conn.Close()
+	_ = c.Close()
 	<-t.done
 }
+
+// redialEvery is how often a tracker whose socket failed tries to subscribe again.
+const redialEvery = time.Second
 
 func (t *tracker) run() {
 	defer close(t.done)
 	for {
-		msgs, err := t.conn.Receive()
+		t.mu.Lock()
+		c := t.conn
+		t.mu.Unlock()
+		msgs, err := c.Receive()
 		t.mu.Lock()
 		if err != nil {
 			if t.closed {
@@ -101,13 +123,14 @@ func (t *tracker) run() {
 				return
 			}
 			// An overrun (ENOBUFS) loses notifications; the socket stays usable.
+			// Any other error ends the socket: subscribe again.
 			t.losses++
 			t.pending = change{}
 			t.cond.Broadcast()
 			notify := t.watcherList()
 			t.mu.Unlock()
 			callAll(notify)
-			if !errors.Is(err, unix.ENOBUFS) {
+			if !errors.Is(err, unix.ENOBUFS) && !t.redial(c) {
 				return
 			}
 			continue
@@ -123,6 +146,31 @@ func (t *tracker) run() {
 		}
 		t.mu.Unlock()
 		callAll(notify)
+	}
+}
+
+// redial replaces the failed socket old until it succeeds or the tracker is closed
+// (then it returns false).
+func (t *tracker) redial(old *netlink.Conn) bool {
+	_ = old.Close()
+	for {
+		c, err := dialNotifications(t.nsFD)
+		t.mu.Lock()
+		if t.closed {
+			t.mu.Unlock()
+			if c != nil {
+				_ = c.Close()
+			}
+			return false
+		}
+		if err == nil {
+			t.conn = c
+			t.losses++ // changes during the gap are unknown
+			t.mu.Unlock()
+			return true
+		}
+		t.mu.Unlock()
+		time.Sleep(redialEvery)
 	}
 }
 
@@ -157,12 +205,18 @@ func (t *tracker) watch(notify func()) (stop func()) {
 }
 
 // pause leaves the notification group so that the kernel does not build
-// notifications for this process's own batch (for a set of 200,000 elements that
-// costs seconds); resume joins it again. The caller must check with the generation
-// counter that no other process committed in between.
-func (t *tracker) pause() error { return t.conn.LeaveGroup(unix.NFNLGRP_NFTABLES) }
+// notifications for a large batch of the Firewall's own (for a set of 200,000
+// elements that costs seconds); resume joins it again. The caller must check with the
+// generation counter that nobody else committed in between.
+func (t *tracker) pause() error { return t.socket().LeaveGroup(unix.NFNLGRP_NFTABLES) }
 
-func (t *tracker) resume() error { return t.conn.JoinGroup(unix.NFNLGRP_NFTABLES) }
+func (t *tracker) resume() error { return t.socket().JoinGroup(unix.NFNLGRP_NFTABLES) }
+
+func (t *tracker) socket() *netlink.Conn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.conn
+}
 
 // handle records one notification; it reports whether the message closed a
 // generation in which another process changed the table. t.mu must be held.
@@ -191,11 +245,10 @@ func (t *tracker) handle(m netlink.Message) bool {
 	}
 	switch typ {
 	case unix.NFT_MSG_NEWGEN:
-		// Every generation that touched the table counts, whoever committed it: the
-		// Firewall's own batches are sent while the tracker is out of the group, and
-		// the generation they leave is the cached one, which since excludes. Any other
-		// client, in this process or not, must be seen.
-		foreign := !t.pending.empty()
+		// Every generation that touched the table counts unless the Firewall's own
+		// socket committed it (large batches of its own are not even heard: see
+		// pause). Any other client, in this process or not, is seen.
+		foreign := !t.pending.empty() && (m.Header.PID == 0 || m.Header.PID != t.own.Load())
 		if foreign {
 			c := t.pending
 			t.marks[gen] = &c
@@ -261,10 +314,12 @@ func (t *tracker) lossCount() int {
 	return t.losses
 }
 
-// lost records that notifications may have been missed.
+// lost records that notifications may have been missed, and tells the watchers.
 func (t *tracker) lost() {
 	t.mu.Lock()
 	t.losses++
 	t.cond.Broadcast()
+	notify := t.watcherList()
 	t.mu.Unlock()
+	callAll(notify)
 }
