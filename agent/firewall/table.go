@@ -123,6 +123,18 @@ const (
 	ProtoICMPv6 uint8 = 58
 )
 
+// TCP flags (RFC 9293).
+const (
+	TCPFin uint8 = 1 << iota
+	TCPSyn
+	TCPRst
+	TCPPsh
+	TCPAck
+	TCPUrg
+	TCPEce
+	TCPCwr
+)
+
 // ICMP echo request types.
 const (
 	ICMPEchoRequest   uint8 = 8
@@ -131,8 +143,8 @@ const (
 
 // Rule is one kernel rule: the conjunction, in this order, of optional matches
 // (interface name, conntrack state, family with an address set lookup, layer-4
-// protocol, destination port or ICMP type) and an optional verdict, plus its comment
-// and position. Rules compare with ==.
+// protocol, TCP flags, destination port or ICMP type) and an optional verdict, plus
+// its comment and position. Rules compare with ==.
 type Rule struct {
 	IIFName, OIFName string
 	// CtState matches "ct state & CtState != 0"; 0 means no conntrack match.
@@ -147,6 +159,11 @@ type Rule struct {
 	// HasDPort and DPort: the destination port must be in DPort (TCP or UDP).
 	HasDPort bool
 	DPort    policy.PortRange
+	// HasTCPFlags, TCPFlagsMask and TCPFlags: the TCP flags under the mask must
+	// differ from TCPFlags ("tcp flags != syn / fin,syn,rst,ack").
+	HasTCPFlags  bool
+	TCPFlagsMask uint8
+	TCPFlags     uint8
 	// HasICMPType and ICMPType: the ICMP (or ICMPv6) type must be ICMPType.
 	HasICMPType bool
 	ICMPType    uint8
@@ -253,7 +270,13 @@ func (t *Table) Sort() {
 var (
 	ctEstablished = Rule{CtState: CtEstablished | CtRelated, Verdict: VerdictAccept}
 	ctInvalid     = Rule{CtState: CtInvalid, Verdict: VerdictDrop}
-	finalDrop     = Rule{Verdict: VerdictDrop}
+	// newNotSyn drops a new TCP connection that does not start with a SYN: without
+	// it, conntrack picks a connection up mid-stream (nf_conntrack_tcp_loose), so a
+	// flow whose entry the agent deleted because a new policy denies it would come
+	// back as a new connection opened by whichever side speaks next.
+	newNotSyn = Rule{CtState: CtNew, L4Proto: ProtoTCP, HasTCPFlags: true,
+		TCPFlagsMask: TCPFin | TCPSyn | TCPRst | TCPAck, TCPFlags: TCPSyn, Verdict: VerdictDrop}
+	finalDrop = Rule{Verdict: VerdictDrop}
 )
 
 func baseChain(h Hook) *BaseChain {
@@ -367,8 +390,8 @@ func Build(iface string, f policy.Filter) (*Table, error) {
 			Set{Name: s.Name + "_v6", Type: TypeIPv6, Interval: true, Elements: PrefixIntervals(v6)})
 	}
 	slices.SortStableFunc(t.Sets, func(a, b Set) int { return cmp.Compare(a.Name, b.Name) })
-	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, policyRules(f.Ingress, AddrSource), []Rule{finalDrop})
-	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid}, policyRules(f.Egress, AddrDestination), []Rule{finalDrop})
+	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid, newNotSyn}, policyRules(f.Ingress, AddrSource), []Rule{finalDrop})
+	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid, newNotSyn}, policyRules(f.Egress, AddrDestination), []Rule{finalDrop})
 	return t, nil
 }
 

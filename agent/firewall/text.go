@@ -125,7 +125,11 @@ func (r Rule) String() string {
 	} else if r.Family != FamilyAny {
 		add("meta nfproto %s", map[Family]string{FamilyIPv4: "ipv4", FamilyIPv6: "ipv6"}[r.Family])
 	}
+	if r.HasTCPFlags {
+		add("tcp flags != %s / %s", tcpFlagsText(r.TCPFlags), tcpFlagsText(r.TCPFlagsMask))
+	}
 	switch {
+	case r.HasTCPFlags:
 	case r.HasDPort:
 		if r.DPort.First == r.DPort.Last {
 			add("%s dport %d", protoName(r.L4Proto), r.DPort.First)
@@ -155,6 +159,21 @@ func (r Rule) String() string {
 		add("comment %s", quote(r.Comment))
 	}
 	return strings.Join(parts, " ")
+}
+
+// tcpFlagsText names the flags of f as nft(8) does, in bit order.
+func tcpFlagsText(f uint8) string {
+	names := []string{"fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr"}
+	var out []string
+	for i, n := range names {
+		if f&(1<<i) != 0 {
+			out = append(out, n)
+		}
+	}
+	if len(out) == 0 {
+		return "0x0"
+	}
+	return strings.Join(out, ",")
 }
 
 func protoName(p uint8) string {

@@ -19,6 +19,8 @@ type Packet struct {
 	Protocol uint8
 	// DstPort is the TCP or UDP destination port.
 	DstPort uint16
+	// TCPFlags are the TCP header's flags (TCPSyn for a connection's first packet).
+	TCPFlags uint8
 	// ICMPType is the ICMP or ICMPv6 type.
 	ICMPType uint8
 	// CtState is the packet's conntrack state, one bit: CtNew for the first packet of
@@ -160,6 +162,9 @@ func (r Rule) matches(t *Table, p Packet) bool {
 	if r.L4Proto != 0 && r.L4Proto != p.Protocol {
 		return false
 	}
+	if r.HasTCPFlags && (p.Protocol != ProtoTCP || p.TCPFlags&r.TCPFlagsMask == r.TCPFlags) {
+		return false
+	}
 	if r.HasDPort && (p.Protocol != ProtoTCP && p.Protocol != ProtoUDP || p.DstPort < r.DPort.First || p.DstPort > r.DPort.Last) {
 		return false
 	}
@@ -173,14 +178,17 @@ func (r Rule) matches(t *Table, p Packet) bool {
 // local and remote over overlay interface iface: opened by remote when ingress (it
 // meets the input hook), else by this node (the output hook). proto is the IANA
 // protocol number; dport the TCP or UDP destination port. An ICMP or ICMPv6
-// connection is taken to be an echo exchange, the only ICMP a rule allows.
+// connection is taken to be an echo exchange, the only ICMP a rule allows; a TCP
+// connection starts with a SYN.
 func Opening(iface string, ingress bool, local, remote netip.Addr, proto uint8, dport uint16) Packet {
 	p := Packet{Hook: HookOutput, OIF: iface, Src: local, Dst: remote, Protocol: proto, CtState: CtNew}
 	if ingress {
 		p = Packet{Hook: HookInput, IIF: iface, Src: remote, Dst: local, Protocol: proto, CtState: CtNew}
 	}
 	switch proto {
-	case ProtoTCP, ProtoUDP:
+	case ProtoTCP:
+		p.DstPort, p.TCPFlags = dport, TCPSyn
+	case ProtoUDP:
 		p.DstPort = dport
 	case ProtoICMP:
 		p.ICMPType = ICMPEchoRequest

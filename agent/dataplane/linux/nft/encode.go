@@ -70,6 +70,12 @@ func ruleExprs(s firewall.Rule) []expr.Any {
 	if s.L4Proto != 0 {
 		out = append(out, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, cmpEq([]byte{s.L4Proto}))
 	}
+	if s.HasTCPFlags {
+		out = append(out,
+			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{s.TCPFlagsMask}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{s.TCPFlags}})
+	}
 	if s.HasDPort {
 		out = append(out, &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1,
 			Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2})
@@ -128,6 +134,7 @@ func decodeRule(exprs []expr.Any, udata []byte) (firewall.Rule, error) {
 		stFamily
 		stLookup
 		stL4
+		stTCPFlags
 		stDPort
 		stICMP
 		stVerdict
@@ -272,6 +279,22 @@ func decodeRule(exprs []expr.Any, udata []byte) (firewall.Rule, error) {
 				} else {
 					return s, fmt.Errorf("%w: port match", errShape)
 				}
+			case v.Base == expr.PayloadBaseTransportHeader && v.Offset == 13 && v.Len == 1:
+				bw, ok1 := next.(*expr.Bitwise)
+				var cmp *expr.Cmp
+				ok2 := false
+				if i+2 < len(exprs) {
+					cmp, ok2 = exprs[i+2].(*expr.Cmp)
+				}
+				if !ok1 || !ok2 || bw.SourceRegister != 1 || bw.DestRegister != 1 || bw.Len != 1 || len(bw.Mask) != 1 ||
+					!bytes.Equal(bw.Xor, []byte{0}) || cmp.Op != expr.CmpOpNeq || cmp.Register != 1 || len(cmp.Data) != 1 {
+					return s, fmt.Errorf("%w: tcp flags match", errShape)
+				}
+				if err := advance(stTCPFlags); err != nil {
+					return s, err
+				}
+				s.HasTCPFlags, s.TCPFlagsMask, s.TCPFlags = true, bw.Mask[0], cmp.Data[0]
+				i++ // the bitwise; the loop's i++ takes the cmp
 			case v.Base == expr.PayloadBaseTransportHeader && v.Offset == 0 && v.Len == 1:
 				data, ok := eqCmp(next, 1)
 				if !ok {

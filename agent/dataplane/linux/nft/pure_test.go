@@ -42,9 +42,9 @@ func TestDecodeRuleRoundTrip(t *testing.T) {
 			}
 		}
 	}
-	// 2 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders + final drop
-	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 2+8+2+2+1 {
-		t.Errorf("ingress has %d rules, want 15", got)
+	// 3 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders + final drop
+	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 3+8+2+2+1 {
+		t.Errorf("ingress has %d rules, want 16", got)
 	}
 }
 
