@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"segmesh/agent/dataplane"
 	"segmesh/agent/firewall"
 )
 
@@ -22,18 +24,36 @@ import (
 // dumpRetries bounds the conntrack dumps of one sweep interrupted by table changes.
 const dumpRetries = 3
 
-// cutRevokedFlows deletes, in both families, every conntrack entry whose original
-// tuple has one of the node's addresses at exactly one end and whose first packet
-// table would not accept (firewall.Table.Trace of the connection's opening packet;
-// the original direction says who opened it). It returns how many entries it
-// deleted. d.mu must be held.
-func (d *Dataplane) cutRevokedFlows(table *firewall.Table, addresses []netip.Prefix) (uint, error) {
+// cutRevokedFlows deletes, in both families, every conntrack entry between an
+// address of this host (an overlay address, or any other address of the namespace:
+// a peer may aim at those through the tunnel, WireGuard checks only the source) and
+// an address reached through the overlay (within the overlay routes or a peer's
+// allowed IPs) whose first packet table would not accept (firewall.Table.Trace of the
+// connection's opening packet; the original direction says who opened it). s is the
+// desired state. It returns how many entries it deleted. d.mu must be held.
+func (d *Dataplane) cutRevokedFlows(table *firewall.Table, s dataplane.State) (uint, error) {
 	rv := revoked{table: table, iface: d.opts.Interface, self: map[netip.Addr]bool{}}
-	for _, p := range addresses {
+	for _, p := range s.Addresses {
 		rv.self[p.Addr()] = true
 	}
 	if len(rv.self) == 0 {
 		return 0, nil
+	}
+	addrs, err := d.nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return 0, fmt.Errorf("listing the namespace's addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if a.IPNet == nil {
+			continue
+		}
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			rv.self[ip.Unmap()] = true
+		}
+	}
+	rv.overlay = slices.Clone(s.Routes)
+	for _, p := range s.Peers {
+		rv.overlay = append(rv.overlay, p.AllowedIPs...)
 	}
 	var total uint
 	for _, family := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
@@ -54,16 +74,29 @@ func (d *Dataplane) cutRevokedFlows(table *firewall.Table, addresses []netip.Pre
 	return total, nil
 }
 
-// revoked matches the conntrack entries of the node's flows that table denies.
+// revoked matches the conntrack entries of the node's overlay flows that table
+// denies.
 type revoked struct {
 	table *firewall.Table
 	iface string
 	self  map[netip.Addr]bool
+	// overlay are the prefixes reached through the overlay interface.
+	overlay []netip.Prefix
 }
 
 func (r revoked) MatchConntrackFlow(ct *netlink.ConntrackFlow) bool {
 	p, ok := openingOf(ct, r.iface, r.self)
-	return ok && !r.table.Trace(p).Accepted()
+	if !ok {
+		return false
+	}
+	remote := p.Dst
+	if p.Hook == firewall.HookInput {
+		remote = p.Src
+	}
+	if !slices.ContainsFunc(r.overlay, func(o netip.Prefix) bool { return o.Contains(remote) }) {
+		return false // not the overlay's traffic: the table does not judge it
+	}
+	return !r.table.Trace(p).Accepted()
 }
 
 // openingOf describes the first packet of a conntrack entry's connection as the

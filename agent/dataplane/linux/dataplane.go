@@ -289,7 +289,7 @@ func (d *Dataplane) Apply(ctx context.Context, s dataplane.State) error {
 	if res.Drifted || !d.swept.covers(key) {
 		swept = make(chan error, 1)
 		go func() {
-			n, err := d.cutRevokedFlows(table, want.Addresses)
+			n, err := d.cutRevokedFlows(table, want)
 			if n > 0 {
 				d.log.Info("cut flows the filter no longer allows", "conntrack_entries", n)
 			}
