@@ -1,0 +1,164 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"runtime/debug"
+	"runtime/metrics"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The agent sets no Go memory limit of its own: measured with hack/agentmem (see
+// docs/benchmarks.md), a limit below the ~150-300 MB that wireguard-go's unbounded
+// queues hold at line rate makes the collector run thousands of times per 20 s
+// (sync.Pool is emptied by every cycle, so each packet allocates a fresh 64 KiB
+// buffer) and cuts TCP throughput to a third. --memory-limit or $GOMEMLIMIT set one
+// where memory matters more than throughput.
+
+// memoryLimitFlag is the value of --memory-limit: a size ("40MiB", "64MB", "0"
+// bytes), or "off".
+type memoryLimitFlag struct {
+	bytes int64 // math.MaxInt64: off
+	set   bool
+}
+
+func (f *memoryLimitFlag) String() string {
+	if !f.set || f.bytes == math.MaxInt64 {
+		return "off"
+	}
+	return formatSize(f.bytes)
+}
+
+func (f *memoryLimitFlag) Type() string { return "size" }
+
+func (f *memoryLimitFlag) Set(s string) error {
+	if s == "off" {
+		f.bytes, f.set = math.MaxInt64, true
+		return nil
+	}
+	n, err := parseSize(s)
+	if err != nil {
+		return err
+	}
+	if n < 8<<20 {
+		return fmt.Errorf("%s is below 8MiB; the agent cannot run in that (use \"off\" for no limit)", s)
+	}
+	f.bytes, f.set = n, true
+	return nil
+}
+
+// sizeUnits are the suffixes parseSize accepts, as GOMEMLIMIT spells them.
+var sizeUnits = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1},
+}
+
+// parseSize reads a byte count with an optional unit (B, KB, MB, GB, KiB, MiB, GiB).
+func parseSize(s string) (int64, error) {
+	num, mult := s, int64(1)
+	for _, u := range sizeUnits {
+		if strings.HasSuffix(s, u.suffix) {
+			num, mult = strings.TrimSuffix(s, u.suffix), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
+	if err != nil || n < 0 || n > math.MaxInt64/mult {
+		return 0, fmt.Errorf("size %q: want a byte count with an optional unit B, KB, MB, GB, KiB, MiB or GiB, e.g. 40MiB", s)
+	}
+	return n * mult, nil
+}
+
+func formatSize(n int64) string {
+	if n%(1<<20) == 0 {
+		return strconv.FormatInt(n>>20, 10) + "MiB"
+	}
+	return strconv.FormatInt(n, 10) + "B"
+}
+
+// applyMemoryLimit sets the Go memory limit from --memory-limit when given; else
+// the limit $GOMEMLIMIT set at start (if any) stays. It returns the limit in force
+// (math.MaxInt64: none) and where it came from, for the start-up log.
+func applyMemoryLimit(f memoryLimitFlag) (int64, string) {
+	switch {
+	case f.set:
+		debug.SetMemoryLimit(f.bytes)
+		return f.bytes, "--memory-limit"
+	case os.Getenv("GOMEMLIMIT") != "":
+		return debug.SetMemoryLimit(-1), "GOMEMLIMIT"
+	default:
+		return debug.SetMemoryLimit(-1), "none"
+	}
+}
+
+// serveDebug serves Go's profiles (net/http/pprof under /debug/pprof/) on addr
+// until the process ends. addr should be a loopback address: profiles show the
+// agent's memory. It returns once the listener is open.
+func serveDebug(addr string, log *slog.Logger) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--debug-listen: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("/debug/runtime", serveRuntimeMetrics)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("debug listener stopped", "addr", addr, "err", err)
+		}
+	}()
+	log.Info("serving Go profiles", "url", "http://"+l.Addr().String()+"/debug/pprof/")
+	return nil
+}
+
+// runtimeMetrics are the runtime/metrics samples /debug/runtime prints.
+var runtimeMetrics = []string{
+	"/memory/classes/total:bytes",
+	"/memory/classes/heap/objects:bytes",
+	"/memory/classes/heap/unused:bytes",
+	"/memory/classes/heap/free:bytes",
+	"/memory/classes/heap/released:bytes",
+	"/memory/classes/heap/stacks:bytes",
+	"/gc/heap/goal:bytes",
+	"/gc/gomemlimit:bytes",
+	"/gc/cycles/total:gc-cycles",
+	"/gc/heap/allocs:bytes",
+	"/cpu/classes/gc/total:cpu-seconds",
+	"/cpu/classes/scavenge/total:cpu-seconds",
+	"/cpu/classes/user:cpu-seconds",
+	"/sched/goroutines:goroutines",
+}
+
+// serveRuntimeMetrics writes runtimeMetrics as "name value" lines.
+func serveRuntimeMetrics(w http.ResponseWriter, _ *http.Request) {
+	samples := make([]metrics.Sample, len(runtimeMetrics))
+	for i, name := range runtimeMetrics {
+		samples[i].Name = name
+	}
+	metrics.Read(samples)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	for _, s := range samples {
+		switch s.Value.Kind() {
+		case metrics.KindUint64:
+			fmt.Fprintf(w, "%s %d\n", s.Name, s.Value.Uint64())
+		case metrics.KindFloat64:
+			fmt.Fprintf(w, "%s %g\n", s.Name, s.Value.Float64())
+		}
+	}
+}
