@@ -14,7 +14,7 @@
 // bare tunnel (B), -runs times each (A B A B ...), and prints each run, the mean of
 // each side and the ratio A/B. With -elements > 0 it repeats the comparison after
 // applying a policy whose external segment holds that many prefixes (one rule
-// towards b, so b's table holds them in a set). Exit status 1 when a ratio is below
+// towards b, so b's table holds them in a set; see benchlab.PartnersPolicy). Exit status 1 when a ratio is below
 // -goal or a run fails, 2 on a usage error. Figures from a shared machine vary by
 // 10-20 % between runs; interleaving spreads that over both sides.
 package main
@@ -106,28 +106,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// policy allows a -> b on tcp/5201; with n > 0 an external segment of n /24s in
-// 10.0.0.0/8 may also reach b on tcp/9000, which puts n prefixes into a set of b's
-// table.
-func policy(n int) string {
-	var sb strings.Builder
-	sb.WriteString("version: 1\nsegments:\n  - name: a\n    selectors: [{role: a}]\n  - name: b\n    selectors: [{role: b}]\n")
-	if n > 0 {
-		sb.WriteString("  - name: partners\n    cidrs:\n")
-		for i := range n {
-			fmt.Fprintf(&sb, "      - 10.%d.%d.0/24\n", i>>8, i&0xff)
-		}
-	}
-	sb.WriteString("rules:\n  - name: iperf\n    from: [a]\n    to: [b]\n    ports: [tcp/5201]\n")
-	if n > 0 {
-		sb.WriteString("  - name: partners\n    from: [partners]\n    to: [b]\n    ports: [tcp/9000]\n")
-	}
-	return sb.String()
-}
-
 func measure(ctx context.Context, o options, logger *slog.Logger, out io.Writer) error {
 	m, err := benchlab.Start(ctx, benchlab.Options{
-		BinDir: o.bin, Policy: policy(0), Logger: logger, Keep: o.keep,
+		BinDir: o.bin, Policy: benchlab.PartnersPolicy(0), Logger: logger, Keep: o.keep,
 		Nodes: []lab.NodeSpec{{Name: "a", Labels: map[string]string{"role": "a"}}, {Name: "b", Labels: map[string]string{"role": "b"}}},
 	})
 	if err != nil {
@@ -163,7 +144,7 @@ func measure(ctx context.Context, o options, logger *slog.Logger, out io.Writer)
 	var low []string
 	for _, n := range configs {
 		if n > 0 {
-			if err := benchlab.ApplyPolicy(ctx, m, "policy-elements.yaml", policy(n)); err != nil {
+			if err := benchlab.ApplyPolicy(ctx, m, "policy-elements.yaml", benchlab.PartnersPolicy(n)); err != nil {
 				return err
 			}
 		}

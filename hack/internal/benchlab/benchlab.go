@@ -235,3 +235,35 @@ func RunIperf(ctx context.Context, h *lab.Host, addr string, d time.Duration) (I
 	}
 	return IperfResult{ReceivedBPS: v.End.SumReceived.BitsPerSecond, Retransmits: v.End.SumSent.Retransmits}, nil
 }
+
+// PartnersPolicy is a policy for nodes a (role a) and b (role b) in which a may
+// reach b on tcp/5201 and, when n > 0, an external segment "partners" of n IPv4
+// /32s may reach b on tcp/9000, so that b's table holds n prefixes in a set. The
+// prefixes are every other address from 10.0.0.0 up (so none merge into a larger
+// interval); they are written in flow style to stay below the 4 MiB policy file
+// limit (about 15 bytes each). PartnerPrefix(i) is the i-th.
+func PartnersPolicy(n int) string {
+	var sb strings.Builder
+	sb.WriteString("version: 1\nsegments:\n  - name: a\n    selectors: [{role: a}]\n  - name: b\n    selectors: [{role: b}]\n")
+	if n > 0 {
+		sb.WriteString("  - name: partners\n    cidrs: [")
+		for i := range n {
+			if i > 0 {
+				sb.WriteString(", ")
+			}
+			sb.WriteString(PartnerPrefix(i).String())
+		}
+		sb.WriteString("]\n")
+	}
+	sb.WriteString("rules:\n  - name: iperf\n    from: [a]\n    to: [b]\n    ports: [tcp/5201]\n")
+	if n > 0 {
+		sb.WriteString("  - name: partners\n    from: [partners]\n    to: [b]\n    ports: [tcp/9000]\n")
+	}
+	return sb.String()
+}
+
+// PartnerPrefix is the i-th prefix of PartnersPolicy: 10.0.0.0 + 2i, /32.
+func PartnerPrefix(i int) netip.Prefix {
+	v := uint32(10<<24) + 2*uint32(i)
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), 32)
+}
