@@ -3,7 +3,8 @@
 # Needs root and the binaries of `make bench-build` in $BIN. Each step runs even when
 # an earlier one failed or missed its target; the exit status is 1 if any did.
 # Environment: BIN (default bin), BENCHTIME (fast Go benchmarks, default 5x), GO,
-# AGENTMEM_ARGS and THROUGHPUT_ARGS (extra flags, e.g. AGENTMEM_ARGS="-idle 6m").
+# AGENTMEM_ARGS, PREFIXES_ARGS and THROUGHPUT_ARGS (extra flags, e.g.
+# AGENTMEM_ARGS="-idle 6m").
 set -uo pipefail
 BIN=${BIN:-bin}
 BENCHTIME=${BENCHTIME:-5x}
@@ -26,6 +27,8 @@ step "dataplane benchmarks" "$GO" test -run '^$' -count=1 -timeout 30m -benchtim
 step "drift restore" "$GO" test -run '^$' -count=1 -timeout 30m -benchtime 3x -bench '^BenchmarkDriftRestore$' "$pkg"
 step "200,000 external prefixes" "$GO" test -run '^$' -count=1 -timeout 60m -benchtime 1x \
   -bench '^BenchmarkExternalPrefixes200k$' "$pkg"
+# shellcheck disable=SC2086
+step "policy with 200,000 external prefixes, end to end" "$GO" run ./hack/prefixes -bin "$BIN" ${PREFIXES_ARGS:-}
 # shellcheck disable=SC2086
 step "throughput" "$GO" run ./hack/throughput -bin "$BIN" ${THROUGHPUT_ARGS:-}
 # shellcheck disable=SC2086
