@@ -101,7 +101,7 @@ goes away with the process.`,
 			opts.Token = tok
 			opts.Logger = logger
 			limit, from := applyMemoryLimit(memLimit)
-			logger.Debug("Go memory limit", "bytes", limit, "from", from)
+			logger.Debug("Go memory settings", "memory_limit_bytes", limit, "memory_limit_from", from, "gc_percent", applyGCPercent())
 			if debugAddr != "" {
 				if err := serveDebug(debugAddr, logger); err != nil {
 					return err

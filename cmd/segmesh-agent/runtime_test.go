@@ -59,3 +59,17 @@ func TestApplyMemoryLimit(t *testing.T) {
 		t.Errorf("applyMemoryLimit with GOMEMLIMIT = %d from %s", got, from)
 	}
 }
+
+func TestApplyGCPercent(t *testing.T) {
+	prev := debug.SetGCPercent(100)
+	t.Cleanup(func() { debug.SetGCPercent(prev) })
+	t.Setenv("GOGC", "")
+	if got := applyGCPercent(); got != DefaultGCPercent || debug.SetGCPercent(DefaultGCPercent) != DefaultGCPercent {
+		t.Errorf("applyGCPercent() without GOGC = %d, want %d in force", got, DefaultGCPercent)
+	}
+	t.Setenv("GOGC", "80")
+	debug.SetGCPercent(80) // what the runtime did at start
+	if got := applyGCPercent(); got != 80 || debug.SetGCPercent(80) != 80 {
+		t.Errorf("applyGCPercent() with GOGC=80 = %d, want 80 kept", got)
+	}
+}
