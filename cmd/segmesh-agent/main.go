@@ -110,6 +110,7 @@ goes away with the process.`,
 			opts.NewDataplane = newDP(userspace, logger)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
+			go returnMemory(ctx, ReturnMemoryEvery)
 			return agent.Run(ctx, opts)
 		},
 	}

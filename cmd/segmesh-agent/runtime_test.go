@@ -1,9 +1,12 @@
 package main
 
 import (
+	"context"
 	"math"
+	"runtime"
 	"runtime/debug"
 	"testing"
+	"time"
 )
 
 func TestMemoryLimitFlag(t *testing.T) {
@@ -71,5 +74,26 @@ func TestApplyGCPercent(t *testing.T) {
 	debug.SetGCPercent(80) // what the runtime did at start
 	if got := applyGCPercent(); got != 80 || debug.SetGCPercent(80) != 80 {
 		t.Errorf("applyGCPercent() with GOGC=80 = %d, want 80 kept", got)
+	}
+}
+
+func TestReturnMemoryStops(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); returnMemory(ctx, time.Millisecond) }()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		runtime.ReadMemStats(&after)
+		if after.NumForcedGC > before.NumForcedGC || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	<-done
+	if after.NumForcedGC <= before.NumForcedGC {
+		t.Errorf("returnMemory forced no collection in 10 s")
 	}
 }
