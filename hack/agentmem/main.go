@@ -4,7 +4,7 @@
 // Usage (as root, from the repository root, binaries built with `make build` plus
 // hack/probe; `make bench` does both):
 //
-//	go run ./hack/agentmem [-bin bin] [-scenarios load,idle] [-load 60s] [-after 30s]
+//	go run ./hack/agentmem [-bin bin] [-scenarios load,idle] [-load 60s] [-after 90s]
 //	    [-idle-peers 100] [-idle 2m] [-sample 1s] [-agent-arg ARG]... [-keep]
 //
 // Scenario "load": a controller and two agents (a, b) in network namespaces
@@ -91,7 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.bin, "bin", "bin", "directory with segmesh-controller, segmesh-agent, segmesh and probe")
 	fs.StringVar(&scen, "scenarios", "load,idle", "comma-separated scenarios: load, idle")
 	fs.DurationVar(&o.load, "load", 60*time.Second, "how long iperf3 sends")
-	fs.DurationVar(&o.after, "after", 30*time.Second, "how long to watch the agents after the load")
+	fs.DurationVar(&o.after, "after", 90*time.Second, "how long to watch the agents after the load")
 	fs.DurationVar(&o.idle, "idle", 2*time.Minute, "how long to watch the idle agents")
 	fs.IntVar(&o.idlePeers, "idle-peers", 100, "peers of each idle agent (2 real agents + fake nodes), 2..150")
 	fs.DurationVar(&o.sample, "sample", time.Second, "RSS sampling interval")
