@@ -157,7 +157,7 @@ func RunFakeEnroll(ctx context.Context, args []string) error {
 	}
 	var n int
 	if _, err := fmt.Sscan(args[2], &n); err != nil || n < 0 || n > 150 {
-		return fmt.Errorf("N %q: want 0..150", args[2])
+		return fmt.Errorf("fake node count %q: want 0..150", args[2])
 	}
 	for i := range n {
 		wg, err := wgtypes.GeneratePrivateKey()
