@@ -17,7 +17,7 @@
 //
 // Scenario "idle": two real agents plus -idle-peers - 1 fake nodes enrolled with the
 // controller (fresh WireGuard keys, endpoints where nothing listens), all in one
-// segment that may reach itself on tcp/22, so each agent holds -idle-peers - 1
+// segment that may reach itself on tcp/22, so each agent holds -idle-peers
 // WireGuard peers with a 25 s keepalive and as many gossip members. Running 100
 // real agents on two cores would measure the machine, not the agent. RSS is
 // sampled for -idle; the table gives it at the start, the peak and at the end.
@@ -93,7 +93,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.load, "load", 60*time.Second, "how long iperf3 sends")
 	fs.DurationVar(&o.after, "after", 90*time.Second, "how long to watch the agents after the load")
 	fs.DurationVar(&o.idle, "idle", 2*time.Minute, "how long to watch the idle agents")
-	fs.IntVar(&o.idlePeers, "idle-peers", 100, "peers of each idle agent (2 real agents + fake nodes), 2..150")
+	fs.IntVar(&o.idlePeers, "idle-peers", 100, "WireGuard peers of each idle agent (the other real agent + fake nodes), 1..150")
 	fs.DurationVar(&o.sample, "sample", time.Second, "RSS sampling interval")
 	fs.Var(&agentArgs, "agent-arg", "extra agent argument (repeatable), e.g. -agent-arg=--memory-limit=off")
 	fs.BoolVar(&o.keep, "keep", false, "keep the lab directory (agent logs)")
@@ -114,8 +114,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		}
 		o.scenarios[s] = true
 	}
-	if o.idlePeers < 2 || o.idlePeers > 150 {
-		return o, fmt.Errorf("-idle-peers %d: want 2..150", o.idlePeers)
+	if o.idlePeers < 1 || o.idlePeers > 150 {
+		return o, fmt.Errorf("-idle-peers %d: want 1..150", o.idlePeers)
 	}
 	if o.sample <= 0 || o.load <= 0 {
 		return o, errors.New("-sample and -load must be positive")
@@ -276,7 +276,7 @@ rules:
     ports: [tcp/22]
 `
 
-// idleScenario watches two agents with o.idlePeers-1 peers each.
+// idleScenario watches two agents with o.idlePeers WireGuard peers each.
 func idleScenario(ctx context.Context, o options, logger *slog.Logger, out io.Writer) error {
 	self, err := os.Executable()
 	if err != nil {
@@ -291,10 +291,10 @@ func idleScenario(ctx context.Context, o options, logger *slog.Logger, out io.Wr
 		return err
 	}
 	defer m.Close()
-	if err := benchlab.EnrollFakeNodes(ctx, m, self, o.idlePeers-2, labels); err != nil {
+	if err := benchlab.EnrollFakeNodes(ctx, m, self, o.idlePeers-1, labels); err != nil {
 		return err
 	}
-	want := o.idlePeers - 1
+	want := o.idlePeers
 	for _, n := range m.Nodes() {
 		err := lab.WaitFor(ctx, 60*time.Second, func(ctx context.Context) (bool, error) {
 			peers, err := m.WireGuardPeers(ctx, n)
