@@ -14,7 +14,7 @@
 // how long the CLI's apply took (the controller parsed, tested and stored the
 // revision), when b's kernel set first held (grow) or no longer held (shrink) the
 // last prefix, probed every 250 ms (lab.PollInterval) with one netlink request for that
-// element (benchlab.HasElement; `nft get element` lists the whole set first, 9 s for
+// element (lab.HasElement; `nft get element` lists the whole set first, 9 s for
 // 200,000 prefixes), and when `segmesh
 // status` showed every node on the new revision. With -profile the agents serve
 // pprof (--debug-listen) and the driver saves a CPU profile of b's agent over each

@@ -1,65 +1,17 @@
 package benchlab
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 
-	"github.com/mdlayher/netlink"
-	"golang.org/x/sys/unix"
+	"segmesh/test/lab"
 )
 
 // HasElementCommand is the hidden subcommand a driver's main dispatches to
 // RunHasElement: `self has-element TABLE SET ADDR` in a host's namespace exits 0 when
-// set SET of table inet TABLE holds ADDR, 1 when it does not, 2 on an error.
+// set SET of table inet TABLE holds ADDR, 1 when it does not, 2 on an error (see
+// lab.HasElement).
 const HasElementCommand = "has-element"
-
-// HasElement asks the kernel whether set of table inet table holds addr, with one
-// NFT_MSG_GETSETELEM request for that key (no dump): unlike `nft get element`,
-// which lists the whole set first (9 s for 200,000 intervals), it costs the same
-// for any set size. For an interval set the key must be the first address of an
-// element. It must run in the namespace of the table.
-func HasElement(table, set string, addr netip.Addr) (bool, error) {
-	c, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
-	if err != nil {
-		return false, fmt.Errorf("opening netfilter netlink socket: %w", err)
-	}
-	defer c.Close()
-	ae := netlink.NewAttributeEncoder()
-	ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, table)
-	ae.String(unix.NFTA_SET_ELEM_LIST_SET, set)
-	ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(ae *netlink.AttributeEncoder) error {
-		ae.Nested(unix.NFTA_LIST_ELEM, func(ae *netlink.AttributeEncoder) error {
-			ae.Nested(unix.NFTA_SET_ELEM_KEY, func(ae *netlink.AttributeEncoder) error {
-				ae.Bytes(unix.NFTA_DATA_VALUE, addr.AsSlice())
-				return nil
-			})
-			return nil
-		})
-		return nil
-	})
-	attrs, err := ae.Encode()
-	if err != nil {
-		return false, err
-	}
-	// nfgenmsg: family NFPROTO_INET, version NFNETLINK_V0, resource id 0.
-	data := append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, attrs...)
-	_, err = c.Execute(netlink.Message{
-		Header: netlink.Header{
-			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETSETELEM),
-			Flags: netlink.Request | netlink.Acknowledge,
-		},
-		Data: data,
-	})
-	switch {
-	case err == nil:
-		return true, nil
-	case errors.Is(err, unix.ENOENT):
-		return false, nil
-	default:
-		return false, fmt.Errorf("getting element %s of set %s: %w", addr, set, err)
-	}
-}
 
 // RunHasElement is the has-element subcommand; args are TABLE SET ADDR. It returns
 // the exit code (see HasElementCommand).
@@ -73,7 +25,7 @@ func RunHasElement(args []string) int {
 		fmt.Println(err)
 		return 2
 	}
-	ok, err := HasElement(args[0], args[1], addr)
+	ok, err := lab.HasElement(args[0], args[1], addr)
 	if err != nil {
 		fmt.Println(err)
 		return 2
