@@ -117,7 +117,7 @@ func BenchmarkExternalPrefixes200k(b *testing.B) {
 				b.Fatal(err)
 			}
 			if !setHolds(b, ns, "ext_v4", removed.Addr()) {
-				b.Fatalf("set ext_v4 does not hold %s after the large apply", removed.Addr())
+				b.Fatalf("set ext_v4 of table inet segmesh does not hold %s after the large apply; if the sets were renamed, update the name here (nft list sets)", removed.Addr())
 			}
 			start := time.Now()
 			goneAt := make(chan time.Duration, 1)
