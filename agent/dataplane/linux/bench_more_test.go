@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -192,24 +193,13 @@ func BenchmarkDriftRestore(b *testing.B) {
 		b.Fatalf("first reconcile: %v / %v", err, st.Err)
 	}
 	peerKey := wgtypes.Key(s.Peers[0].PublicKey).String()
-	handle := regexp.MustCompile(`# handle (\d+)`)
 	kinds := []struct {
 		name   string
 		change func(b *testing.B)
 	}{
 		{"nftables-rule", func(b *testing.B) {
 			out := ns.MustExec(b, "nft", "-a", "list", "table", "inet", "segmesh")
-			var chain, h string
-			cur := ""
-			for _, line := range regexp.MustCompile(`\n`).Split(out, -1) {
-				if m := regexp.MustCompile(`^\s*chain (\S+) \{`).FindStringSubmatch(line); m != nil {
-					cur = m[1]
-				}
-				if m := handle.FindStringSubmatch(line); m != nil && cur != "" && regexp.MustCompile(`accept|drop|jump`).MatchString(line) {
-					chain, h = cur, m[1]
-					break
-				}
-			}
+			chain, h := firstRule(out)
 			if h == "" {
 				b.Fatalf("no rule with a handle in:\n%s", out)
 			}
@@ -246,4 +236,24 @@ func BenchmarkDriftRestore(b *testing.B) {
 			}
 		})
 	}
+}
+
+var (
+	chainLine  = regexp.MustCompile(`^\s*chain (\S+) \{`)
+	ruleHandle = regexp.MustCompile(`(accept|drop|jump \S+) .*# handle (\d+)$`)
+)
+
+// firstRule returns the chain and handle of the first accepting, dropping or
+// jumping rule in the output of `nft -a list table`, or "" when there is none.
+func firstRule(listing string) (chain, handle string) {
+	cur := ""
+	for _, line := range strings.Split(listing, "\n") {
+		if m := chainLine.FindStringSubmatch(line); m != nil {
+			cur = m[1]
+		}
+		if m := ruleHandle.FindStringSubmatch(line); m != nil && cur != "" {
+			return cur, m[2]
+		}
+	}
+	return "", ""
 }
