@@ -4,7 +4,7 @@ GO ?= go
 BIN ?= bin
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build test unit e2e demo lint fmt deps clean unauthload
+.PHONY: all build test unit e2e demo lint fmt deps clean unauthload bench bench-build
 
 all: build
 
@@ -30,6 +30,18 @@ demo: deps
 # Peak controller RSS while 60 unauthenticated clients send 15 MiB bodies (issue 6).
 unauthload: build
 	$(GO) run ./hack/unauthload -controller-bin $(BIN)/segmesh-controller
+
+# The figures of issue 7's table on this machine (root; several minutes): dataplane Go
+# benchmarks, TCP throughput overlay/bare wireguard-go, agent memory under load and
+# idle. BENCHTIME applies to the fast Go benchmarks; see hack/bench.sh and
+# docs/benchmarks.md.
+BENCHTIME ?= 5x
+bench: deps bench-build
+	BIN=$(BIN) BENCHTIME=$(BENCHTIME) GO=$(GO) hack/bench.sh
+
+bench-build: build
+	$(GO) build -o $(BIN)/ ./hack/probe
+	$(GO) build -o $(BIN)/wireguard-go golang.zx2c4.com/wireguard
 
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

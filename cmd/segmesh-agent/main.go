@@ -52,6 +52,8 @@ func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 		userspace bool
 		logLevel  string
 		tokenFile string
+		memLimit  memoryLimitFlag
+		debugAddr string
 	)
 	root := &cobra.Command{
 		Use:   "segmesh-agent --controller URL --token-file FILE --state-dir DIR",
@@ -98,9 +100,17 @@ goes away with the process.`,
 			}
 			opts.Token = tok
 			opts.Logger = logger
+			limit, from := applyMemoryLimit(memLimit)
+			logger.Debug("Go memory settings", "memory_limit_bytes", limit, "memory_limit_from", from, "gc_percent", applyGCPercent())
+			if debugAddr != "" {
+				if err := serveDebug(debugAddr, logger); err != nil {
+					return err
+				}
+			}
 			opts.NewDataplane = newDP(userspace, logger)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
+			go returnMemory(ctx, ReturnMemoryEvery)
 			return agent.Run(ctx, opts)
 		},
 	}
@@ -116,6 +126,8 @@ goes away with the process.`,
 	f.IntVar(&opts.GossipPort, "gossip-port", 0, "memberlist port to bind and to join peers on (default: the controller's, 7946)")
 	f.DurationVar(&opts.Resync, "resync", agent.DefaultResync, "period of dataplane read-back, status reports, gossip re-joins and certificate expiry checks")
 	f.BoolVar(&userspace, "userspace", false, "use embedded wireguard-go even when the kernel has WireGuard")
+	f.Var(&memLimit, "memory-limit", "Go memory limit (runtime/debug.SetMemoryLimit): the runtime collects garbage and returns memory to the kernel to stay below it, at a cost in throughput under heavy traffic; a size such as 128MiB, or off (default $GOMEMLIMIT if set, else off)")
+	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; keep it on loopback")
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = root.MarkFlagRequired("state-dir")
 
