@@ -129,39 +129,30 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	o, err := parseFlags(args, stderr)
-	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(stderr, "agentmem:", err)
+	var o options
+	return benchlab.Main("agentmem", stderr, func() (bool, error) {
+		var err error
+		if o, err = parseFlags(args, stderr); err != nil {
+			return false, err
 		}
-		return 2
-	}
-	if _, err := os.Stat(filepath.Join(o.bin, lab.AgentBin)); err != nil {
-		fmt.Fprintf(stderr, "agentmem: %v (build with `make build` and `go build -o bin/ ./hack/probe`)\n", err)
-		return 2
-	}
-	level := slog.LevelWarn
-	if o.verbose {
-		level = slog.LevelDebug
-	}
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	failed := false
-	if o.scenarios["load"] {
-		if err := loadScenario(ctx, o, logger, stdout); err != nil {
-			fmt.Fprintln(stderr, "agentmem: load:", err)
-			failed = true
+		if _, err := os.Stat(filepath.Join(o.bin, lab.AgentBin)); err != nil {
+			return false, fmt.Errorf("%w (build with `make build` and `go build -o bin/ ./hack/probe`)", err)
 		}
-	}
-	if o.scenarios["idle"] {
-		if err := idleScenario(ctx, o, logger, stdout); err != nil {
-			fmt.Fprintln(stderr, "agentmem: idle:", err)
-			failed = true
+		return o.verbose, nil
+	}, func(logger *slog.Logger) error {
+		var errs []error
+		if o.scenarios["load"] {
+			if err := loadScenario(ctx, o, logger, stdout); err != nil {
+				errs = append(errs, fmt.Errorf("load: %w", err))
+			}
 		}
-	}
-	if failed {
-		return 1
-	}
-	return 0
+		if o.scenarios["idle"] {
+			if err := idleScenario(ctx, o, logger, stdout); err != nil {
+				errs = append(errs, fmt.Errorf("idle: %w", err))
+			}
+		}
+		return errors.Join(errs...)
+	})
 }
 
 const loadPolicy = `version: 1

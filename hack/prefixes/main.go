@@ -87,23 +87,12 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	o, err := parseFlags(args, stderr)
-	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(stderr, "prefixes:", err)
-		}
-		return 2
-	}
-	level := slog.LevelWarn
-	if o.verbose {
-		level = slog.LevelDebug
-	}
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if err := measure(ctx, o, logger, stdout); err != nil {
-		fmt.Fprintln(stderr, "prefixes:", err)
-		return 1
-	}
-	return 0
+	var o options
+	return benchlab.Main("prefixes", stderr, func() (bool, error) {
+		var err error
+		o, err = parseFlags(args, stderr)
+		return o.verbose, err
+	}, func(logger *slog.Logger) error { return measure(ctx, o, logger, stdout) })
 }
 
 const debugAddr = "127.0.0.1:6060"

@@ -81,29 +81,19 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	o, err := parseFlags(args, stderr)
-	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(stderr, "throughput:", err)
+	var o options
+	return benchlab.Main("throughput", stderr, func() (bool, error) {
+		var err error
+		if o, err = parseFlags(args, stderr); err != nil {
+			return false, err
 		}
-		return 2
-	}
-	for _, b := range []string{lab.AgentBin, "wireguard-go"} {
-		if _, err := os.Stat(filepath.Join(o.bin, b)); err != nil {
-			fmt.Fprintf(stderr, "throughput: %v (build with `make bench-build`)\n", err)
-			return 2
+		for _, b := range []string{lab.AgentBin, "wireguard-go"} {
+			if _, err := os.Stat(filepath.Join(o.bin, b)); err != nil {
+				return false, fmt.Errorf("%w (build with `make bench-build`)", err)
+			}
 		}
-	}
-	level := slog.LevelWarn
-	if o.verbose {
-		level = slog.LevelDebug
-	}
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if err := measure(ctx, o, logger, stdout); err != nil {
-		fmt.Fprintln(stderr, "throughput:", err)
-		return 1
-	}
-	return 0
+		return o.verbose, nil
+	}, func(logger *slog.Logger) error { return measure(ctx, o, logger, stdout) })
 }
 
 func measure(ctx context.Context, o options, logger *slog.Logger, out io.Writer) error {

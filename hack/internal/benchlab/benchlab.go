@@ -11,7 +11,9 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -266,4 +268,27 @@ func PartnersPolicy(n int) string {
 func PartnerPrefix(i int) netip.Prefix {
 	v := uint32(10<<24) + 2*uint32(i)
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), 32)
+}
+
+// Main is the shape every benchmark driver's run function shares. setup parses the
+// flags and checks the binaries; its error is printed as "name: err" and exits 2
+// (flag.ErrHelp exits 2 without a message). measure gets a logger on stderr at warn
+// level (debug when setup says verbose) and its error exits 1, printed the same way.
+func Main(name string, stderr io.Writer, setup func() (verbose bool, err error), measure func(*slog.Logger) error) int {
+	verbose, err := setup()
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		}
+		return 2
+	}
+	level := slog.LevelWarn
+	if verbose {
+		level = slog.LevelDebug
+	}
+	if err := measure(slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))); err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return 1
+	}
+	return 0
 }
