@@ -19,7 +19,10 @@
 //   - policy: apply a full-mesh policy (every agent may reach every other on a
 //     port that changes each time); figures: how long ApplyPolicy took to return,
 //     delivery latency p50/p99/max from the start of the apply until each agent
-//     received a netmap of the new revision, bytes each agent received p50/p99.
+//     received a netmap of the new revision, bytes each agent received p50/p99
+//     (Sync response body bytes: connect envelopes, gzip-compressed as the
+//     controller sends them to a connect client that accepts gzip, as the agent
+//     does), and the uncompressed protobuf size of the agents' netmaps afterwards.
 //   - nopeers: the same with a policy that gives the agents no peers (a rule
 //     towards an external CIDR segment).
 //   - join: under the full-mesh policy (applied first, not measured), one more
@@ -30,8 +33,11 @@
 //     endpoint for it. Under the full-mesh policy.
 //
 // For every scenario: controller CPU time (utime+stime of /proc/PID/stat from
-// the start of the change until the last agent received it), controller peak RSS
-// (VmHWM, reset before the change, read after the status converged), and the
+// the start of the change until the last agent received it) and the load
+// generator's own over the same span (both share the machine's cores), controller
+// RSS before the change and its peak (VmHWM, reset to the current RSS before the
+// change, read after the status converged, so it includes heap the Go runtime
+// kept from earlier scenarios), and the
 // time until the controller's Status shows every node's applied hash equal to its
 // desired hash. Figures are printed as a table and, with -json, written as a JSON
 // array of {figure, value, unit, conditions, command, date}.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -242,10 +243,15 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 		r.log.Warn("peak RSS covers the whole run", "err", err)
 	}
 	bytes0 := r.fleet.snapshotBytes()
+	mem0, err := procmem.Read(pid)
+	if err != nil {
+		return err
+	}
 	cpu0, err := procmem.CPU(pid)
 	if err != nil {
 		return err
 	}
+	self0, _ := procmem.CPU(os.Getpid())
 	w := newWatch(len(r.fleet.agents), match)
 	r.fleet.watch.Store(w)
 	if err := do(); err != nil {
@@ -256,6 +262,7 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	if err != nil {
 		return err
 	}
+	self1, _ := procmem.CPU(os.Getpid())
 	deltas := byteDeltas(bytes0, r.fleet.snapshotBytes())
 	conv, convErr := r.waitStatusConverged(ctx, w.start)
 	r.add(scenario, "delivery p50", ms(percentile(lat, 50)), "ms")
@@ -264,10 +271,17 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	r.add(scenario, "agents reached", float64(len(lat)), "agents")
 	r.add(scenario, "bytes to each agent p50", float64(percentile(deltas, 50)), "B")
 	r.add(scenario, "bytes to each agent p99", float64(percentile(deltas, 99)), "B")
+	sizes := make([]int64, len(r.fleet.agents))
+	for i, a := range r.fleet.agents {
+		sizes[i] = a.size.Load()
+	}
+	r.add(scenario, "netmap size after, uncompressed, p50", float64(percentile(sizes, 50)), "B")
 	r.add(scenario, "controller CPU", (cpu1 - cpu0).Seconds(), "s")
+	r.add(scenario, "load generator CPU (same machine)", (self1 - self0).Seconds(), "s")
 	if convErr == nil {
 		r.add(scenario, "status shows every node converged", ms(conv), "ms")
 	}
+	r.add(scenario, "controller RSS before", float64(mem0.RSS), "B")
 	if m, err := procmem.Read(pid); err == nil {
 		r.add(scenario, "controller peak RSS", float64(m.HWM), "B")
 	}
@@ -278,8 +292,9 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	return errors.Join(append(errs, convErr)...)
 }
 
-// waitStatusConverged polls Status (every 250 ms) until every active node's
-// applied hash equals its desired hash, and returns the time since start.
+// waitStatusConverged polls Status every 100 ms (so the figure is that coarse)
+// until every active node's applied hash equals its desired hash, and returns the
+// time since start.
 func (r *runner) waitStatusConverged(ctx context.Context, start time.Time) (time.Duration, error) {
 	deadline := time.Now().Add(r.o.timeout)
 	var last string
@@ -302,7 +317,7 @@ func (r *runner) waitStatusConverged(ctx context.Context, start time.Time) (time
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			return 0, fmt.Errorf("status did not show every node converged within %s: %s", r.o.timeout, last)
 		}
-		time.Sleep(250 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -382,4 +397,3 @@ func (r *runner) endpoint(ctx context.Context) error {
 		return nil
 	})
 }
-

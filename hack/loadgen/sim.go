@@ -20,6 +20,7 @@ import (
 
 	"connectrpc.com/connect"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	"google.golang.org/protobuf/proto"
 
 	"segmesh/agent/enroll"
 	"segmesh/api/jointoken"
@@ -38,6 +39,7 @@ type simAgent struct {
 	hc       *http.Client
 	bytes    atomic.Int64 // Sync response body bytes received (connect envelopes)
 	msgs     atomic.Int64 // netmaps received
+	size     atomic.Int64 // protobuf size of the latest netmap, uncompressed
 
 	mu     sync.Mutex
 	cancel context.CancelFunc // ends the open stream
@@ -225,6 +227,7 @@ func (f *fleet) stream(ctx context.Context, a *simAgent) error {
 		nm := st.Msg()
 		now := time.Now()
 		a.msgs.Add(1)
+		a.size.Store(int64(proto.Size(nm)))
 		if w := f.watch.Load(); w != nil {
 			w.observe(a.idx, nm, now)
 		}
