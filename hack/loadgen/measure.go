@@ -220,6 +220,9 @@ func (r *runner) setup(ctx context.Context) error {
 	if m, err := procmem.Read(r.ctl.PID()); err == nil {
 		r.add("setup", "controller RSS after setup", float64(m.RSS), "B")
 	}
+	if m, err := procmem.Read(os.Getpid()); err == nil {
+		r.add("setup", "load generator RSS after setup", float64(m.RSS), "B")
+	}
 	return nil
 }
 
