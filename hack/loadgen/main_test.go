@@ -11,8 +11,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/test/lab"
@@ -251,5 +254,52 @@ func TestRealController(t *testing.T) {
 	}
 	if !strings.Contains(stdout.String(), "delivery p99") {
 		t.Errorf("table lacks the delivery rows:\n%s", stdout.String())
+	}
+}
+
+func TestLightCodec(t *testing.T) {
+	full := &segmeshv1.Netmap{
+		PolicyRevision: 7, Hash: "abc",
+		Self: &segmeshv1.Node{Name: "sim-0", Endpoint: "198.18.0.0:51820", Labels: map[string]string{"role": "sim"}, PublicKey: make([]byte, 32)},
+		Peers: []*segmeshv1.Peer{
+			{Name: "sim-1", Endpoint: "198.18.0.1:51820", PublicKey: make([]byte, 32), AllowedIps: []string{"100.64.0.2/32"}},
+			{Name: "sim-2", IdentityKey: []byte{1, 2}},
+		},
+		Filter:          &segmeshv1.Filter{Sets: []*segmeshv1.AddressSet{{Name: "sim", Prefixes: []string{"100.64.0.0/24"}}}},
+		OverlayPrefixes: []string{"100.64.0.0/10"}, KeyRotation: 3,
+	}
+	raw, err := proto.Marshal(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size atomic.Int64
+	c := lightCodec{size: &size}
+	got := &segmeshv1.Netmap{Revoked: true} // reset before decoding
+	if err := c.Unmarshal(raw, got); err != nil {
+		t.Fatal(err)
+	}
+	want := &segmeshv1.Netmap{
+		PolicyRevision: 7, Hash: "abc",
+		Self:  &segmeshv1.Node{Name: "sim-0", Endpoint: "198.18.0.0:51820"},
+		Peers: []*segmeshv1.Peer{{Name: "sim-1", Endpoint: "198.18.0.1:51820"}, {Name: "sim-2"}},
+	}
+	if !proto.Equal(got, want) {
+		t.Errorf("decoded %v, want %v", got, want)
+	}
+	if size.Load() != int64(len(raw)) {
+		t.Errorf("size = %d, want %d", size.Load(), len(raw))
+	}
+	if err := c.Unmarshal(raw[:len(raw)-3], &segmeshv1.Netmap{}); err == nil {
+		t.Error("a truncated netmap decoded without an error")
+	}
+	// Other messages decode in full.
+	rep := &segmeshv1.ReportRequest{AppliedRevision: 3, AppliedHash: "h", InSync: true}
+	b, err := c.Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back segmeshv1.ReportRequest
+	if err := c.Unmarshal(b, &back); err != nil || !proto.Equal(&back, rep) {
+		t.Errorf("report round trip = %v, %v; want %v", &back, err, rep)
 	}
 }

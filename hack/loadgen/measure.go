@@ -242,8 +242,10 @@ func compact(agents []*simAgent) []*simAgent {
 // is polled until it shows every node converged.
 func (r *runner) change(ctx context.Context, scenario string, match func(*segmeshv1.Netmap) bool, do func() error) error {
 	pid := r.ctl.PID()
-	if err := procmem.ResetHWM(pid); err != nil {
-		r.log.Warn("peak RSS covers the whole run", "err", err)
+	for _, p := range []int{pid, os.Getpid()} {
+		if err := procmem.ResetHWM(p); err != nil {
+			r.log.Warn("peak RSS covers the whole run", "err", err)
+		}
 	}
 	bytes0 := r.fleet.snapshotBytes()
 	mem0, err := procmem.Read(pid)
@@ -287,6 +289,9 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	r.add(scenario, "controller RSS before", float64(mem0.RSS), "B")
 	if m, err := procmem.Read(pid); err == nil {
 		r.add(scenario, "controller peak RSS", float64(m.HWM), "B")
+	}
+	if m, err := procmem.Read(os.Getpid()); err == nil {
+		r.add(scenario, "load generator peak RSS", float64(m.HWM), "B")
 	}
 	var errs []error
 	if missing > 0 {

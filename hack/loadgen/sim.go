@@ -20,6 +20,7 @@ import (
 
 	"connectrpc.com/connect"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"segmesh/agent/enroll"
@@ -39,7 +40,7 @@ type simAgent struct {
 	hc       *http.Client
 	bytes    atomic.Int64 // Sync response body bytes received (connect envelopes)
 	msgs     atomic.Int64 // netmaps received
-	size     atomic.Int64 // protobuf size of the latest netmap, uncompressed
+	size     atomic.Int64 // encoded size of the latest netmap, uncompressed
 
 	mu     sync.Mutex
 	cancel context.CancelFunc // ends the open stream
@@ -178,8 +179,111 @@ func (f *fleet) enrollAgent(ctx context.Context, tok jointoken.Token, idx int) (
 	})
 	hc.Transport = countingTransport{rt: hc.Transport, n: &a.bytes}
 	a.hc = hc
-	a.client = segmeshv1connect.NewAgentServiceClient(hc, f.url)
+	a.client = segmeshv1connect.NewAgentServiceClient(hc, f.url, connect.WithCodec(lightCodec{size: &a.size}))
 	return a, nil
+}
+
+// lightCodec is the protobuf codec of a simulated agent's client. It decodes only
+// what the load generator looks at from a Netmap (policy_revision, hash, self's
+// name and endpoint, every peer's name and endpoint) and records the size of the
+// encoded netmap, so that N agents holding or decoding full-mesh netmaps (N² peers)
+// cost the load generator little memory and CPU next to the controller it
+// measures. Every other message is a plain protobuf.
+type lightCodec struct{ size *atomic.Int64 }
+
+func (lightCodec) Name() string { return "proto" }
+
+func (lightCodec) Marshal(m any) ([]byte, error) {
+	pm, ok := m.(proto.Message)
+	if !ok {
+		return nil, fmt.Errorf("marshaling %T: not a protobuf message", m)
+	}
+	return proto.Marshal(pm)
+}
+
+func (c lightCodec) Unmarshal(b []byte, m any) error {
+	nm, ok := m.(*segmeshv1.Netmap)
+	if !ok {
+		pm, ok := m.(proto.Message)
+		if !ok {
+			return fmt.Errorf("unmarshaling into %T: not a protobuf message", m)
+		}
+		return proto.Unmarshal(b, pm)
+	}
+	c.size.Store(int64(len(b)))
+	return decodeNetmapSummary(b, nm)
+}
+
+// decodeNetmapSummary fills nm with the policy revision, hash, self (name,
+// endpoint) and peers (name, endpoint) of the encoded Netmap b, skipping every
+// other field.
+func decodeNetmapSummary(b []byte, nm *segmeshv1.Netmap) error {
+	proto.Reset(nm)
+	err := eachField(b, func(num protowire.Number, typ protowire.Type, v []byte, n uint64) error {
+		switch {
+		case num == 1 && typ == protowire.VarintType:
+			nm.PolicyRevision = n
+		case num == 7 && typ == protowire.BytesType:
+			nm.Hash = string(v)
+		case num == 2 && typ == protowire.BytesType:
+			nm.Self = &segmeshv1.Node{}
+			return nameEndpoint(v, 1, 5, &nm.Self.Name, &nm.Self.Endpoint)
+		case num == 3 && typ == protowire.BytesType:
+			p := &segmeshv1.Peer{}
+			nm.Peers = append(nm.Peers, p)
+			return nameEndpoint(v, 1, 3, &p.Name, &p.Endpoint)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("decoding a netmap: %w", err)
+	}
+	return nil
+}
+
+// nameEndpoint reads the string fields nameNum and epNum of the message b.
+func nameEndpoint(b []byte, nameNum, epNum protowire.Number, name, ep *string) error {
+	return eachField(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+		if typ == protowire.BytesType {
+			switch num {
+			case nameNum:
+				*name = string(v)
+			case epNum:
+				*ep = string(v)
+			}
+		}
+		return nil
+	})
+}
+
+// eachField calls fn for every field of the encoded message b with its number,
+// wire type and value (v for length-delimited fields, n for varints).
+func eachField(b []byte, fn func(num protowire.Number, typ protowire.Type, v []byte, n uint64) error) error {
+	for len(b) > 0 {
+		num, typ, k := protowire.ConsumeTag(b)
+		if k < 0 {
+			return protowire.ParseError(k)
+		}
+		b = b[k:]
+		var v []byte
+		var n uint64
+		switch typ {
+		case protowire.VarintType:
+			n, k = protowire.ConsumeVarint(b)
+		case protowire.BytesType:
+			v, k = protowire.ConsumeBytes(b)
+		default:
+			k = protowire.ConsumeFieldValue(num, typ, b)
+		}
+		if k < 0 {
+			return protowire.ParseError(k)
+		}
+		b = b[k:]
+		if err := fn(num, typ, v, n); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // start opens agent a's Sync stream in a goroutine of its own (ending any open
@@ -227,7 +331,6 @@ func (f *fleet) stream(ctx context.Context, a *simAgent) error {
 		nm := st.Msg()
 		now := time.Now()
 		a.msgs.Add(1)
-		a.size.Store(int64(proto.Size(nm)))
 		if w := f.watch.Load(); w != nil {
 			w.observe(a.idx, nm, now)
 		}
@@ -240,6 +343,9 @@ func (f *fleet) stream(ctx context.Context, a *simAgent) error {
 		if err != nil && ctx.Err() == nil {
 			f.log.Debug("report failed", "node", a.name, "err", err)
 		}
+		// The stream keeps its latest message until the next one: empty it, so
+		// that N agents do not hold N peer lists between changes.
+		proto.Reset(nm)
 	}
 	if err := st.Err(); err != nil {
 		return err
