@@ -83,6 +83,7 @@ type options struct {
 	bin       string
 	timeout   time.Duration
 	jsonPath  string
+	memProf   string
 	verbose   bool
 	command   string // the command line, for the JSON figures
 }
@@ -97,6 +98,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.bin, "bin", "bin/segmesh-controller", "segmesh-controller binary (build it with `make build`)")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Minute, "how long to wait for the agents to get each change (and for the setup)")
 	fs.StringVar(&o.jsonPath, "json", "", "also write the figures to this file as JSON")
+	fs.StringVar(&o.memProf, "memprofile", "", "write the load generator's own heap profile after the setup to this file (to check its per-agent memory)")
 	fs.BoolVar(&o.verbose, "verbose", false, "log progress and the simulated agents' problems to stderr")
 	if err := fs.Parse(args); err != nil {
 		return o, err

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"runtime"
+	"runtime/pprof"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -223,6 +225,11 @@ func (r *runner) setup(ctx context.Context) error {
 	if m, err := procmem.Read(os.Getpid()); err == nil {
 		r.add("setup", "load generator RSS after setup", float64(m.RSS), "B")
 	}
+	if r.o.memProf != "" {
+		if err := writeHeapProfile(r.o.memProf); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -404,4 +411,21 @@ func (r *runner) endpoint(ctx context.Context) error {
 		r.fleet.start(ctx, a)
 		return nil
 	})
+}
+
+// writeHeapProfile writes the load generator's heap profile (after a GC) to path.
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("creating the heap profile: %w", err)
+	}
+	runtime.GC()
+	err = pprof.WriteHeapProfile(f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("writing the heap profile %s: %w", path, err)
+	}
+	return nil
 }
