@@ -4,7 +4,7 @@ GO ?= go
 BIN ?= bin
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build test unit e2e demo lint fmt deps clean unauthload bench bench-build
+.PHONY: all build test unit e2e demo lint fmt deps clean unauthload loadgen bench bench-build
 
 all: build
 
@@ -17,7 +17,8 @@ build:
 # Everything: unit tests with the race detector, then the netns end-to-end tests.
 test: deps lint unit e2e
 
-unit:
+# hack/loadgen's test runs the controller binary that build makes.
+unit: build
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '^segmesh/test/')
 	cd third_party/wireguard-go && $(GO) test -count=1 -timeout 10m ./device/
 
@@ -30,6 +31,13 @@ demo: deps
 # Peak controller RSS while 60 unauthenticated clients send 15 MiB bodies (issue 6).
 unauthload: build
 	$(GO) run ./hack/unauthload -controller-bin $(BIN)/segmesh-controller
+
+# Issue 8: the controller under LOADGEN_AGENTS simulated agents (real enrollment, one
+# mutual-TLS stream each, loopback): delivery latency of a policy change (full mesh,
+# no peers), a join and an endpoint change; bytes per agent, controller CPU and RSS.
+LOADGEN_AGENTS ?= 1000
+loadgen: build
+	$(GO) run ./hack/loadgen -agents $(LOADGEN_AGENTS) -bin $(BIN)/segmesh-controller -json $(BIN)/loadgen.json
 
 # The figures of issue 7's table on this machine (root; several minutes): dataplane Go
 # benchmarks, TCP throughput overlay/bare wireguard-go, agent memory under load and

@@ -48,6 +48,9 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"segmesh/hack/internal/ctlproc"
+	"segmesh/hack/internal/procmem"
 )
 
 func main() {
@@ -216,13 +219,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // measure runs one scenario against a fresh controller.
 func measure(ctx context.Context, sc scenario, o options) (row, error) {
-	p, err := startController(ctx, o.bin, o.ctlArgs)
+	p, err := ctlproc.Start(ctx, o.bin, "unauthload", o.ctlArgs)
 	if err != nil {
 		return row{}, err
 	}
-	defer p.stop()
+	defer p.Stop()
 	r := row{sc: sc}
-	pid := p.pid()
+	pid := p.PID()
 
 	// Idle: the largest VmRSS over 500 ms after the controller answered.
 	s := startSampler(pid, o.sample)
@@ -231,18 +234,18 @@ func measure(ctx context.Context, sc scenario, o options) (row, error) {
 	if r.idle == 0 {
 		return row{}, fmt.Errorf("could not read /proc/%d/status", pid)
 	}
-	if err := resetHWM(pid); err != nil {
+	if err := procmem.ResetHWM(pid); err != nil {
 		// VmHWM then includes start-up; the sampled peak still counts.
 		r.hwmResetNote = fmt.Sprintf("VmHWM not reset (%v)", err)
 	}
-	cpu0, err := readCPU(pid)
+	cpu0, err := procmem.CPU(pid)
 	if err != nil {
 		return row{}, fmt.Errorf("reading the controller's CPU time: %w", err)
 	}
-	logs0 := p.logLines()
+	logs0 := p.LogLines()
 
 	s = startSampler(pid, o.sample)
-	r.stats = runLoad(ctx, sc, p.url, p.tls, loadConfig{
+	r.stats = runLoad(ctx, sc, p.URL, p.TLS, loadConfig{
 		clients: o.clients, streams: o.streams, rounds: o.rounds, body: o.body,
 		deadline: time.Now().Add(o.duration), reqTimeout: o.reqTimeout,
 	})
@@ -250,34 +253,34 @@ func measure(ctx context.Context, sc scenario, o options) (row, error) {
 	// the connections are gone; keep sampling for a moment.
 	time.Sleep(200 * time.Millisecond)
 	r.sampled, r.samples = s.stop()
-	mem, err := readMem(pid)
+	mem, err := procmem.Read(pid)
 	if err != nil {
-		return row{}, fmt.Errorf("controller gone after the load (%v); its log:\n%s", err, p.logTail(20))
+		return row{}, fmt.Errorf("controller gone after the load (%v); its log:\n%s", err, p.LogTail(20))
 	}
 	r.hwm, r.after = mem.HWM, mem.RSS
-	cpu1, err := readCPU(pid)
+	cpu1, err := procmem.CPU(pid)
 	if err != nil {
 		return row{}, fmt.Errorf("reading the controller's CPU time: %w", err)
 	}
 	r.cpu = cpu1 - cpu0
-	r.logLines = p.logLines() - logs0
+	r.logLines = p.LogLines() - logs0
 	r.alive = adminStatusOK(ctx, p)
 	return r, nil
 }
 
 // adminStatusOK reports whether the controller answers OperatorService.Status
 // with the admin credential of its operator.json.
-func adminStatusOK(ctx context.Context, p *controllerProc) bool {
+func adminStatusOK(ctx context.Context, p *ctlproc.Proc) bool {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	tr := newTransport("h2", p.tls)
+	tr := newTransport("h2", p.TLS)
 	defer tr.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url.JoinPath("/segmesh.v1.OperatorService/Status").String(), strings.NewReader("{}"))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.URL.JoinPath("/segmesh.v1.OperatorService/Status").String(), strings.NewReader("{}"))
 	if err != nil {
 		return false
 	}
 	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+p.token)
+	req.Header.Set("Authorization", "Bearer "+p.Token)
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
 		return false

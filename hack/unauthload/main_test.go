@@ -12,6 +12,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"segmesh/hack/internal/ctlproc"
+	"segmesh/hack/internal/procmem"
 )
 
 func TestParseSize(t *testing.T) {
@@ -40,50 +43,6 @@ func TestParseSize(t *testing.T) {
 		got, err := parseSize(tt.in)
 		if (err != nil) != tt.wantErr || got != tt.want {
 			t.Errorf("parseSize(%q) = %d, %v; want %d, error %v", tt.in, got, err, tt.want, tt.wantErr)
-		}
-	}
-}
-
-func TestParseStatus(t *testing.T) {
-	tests := []struct {
-		name    string
-		in      string
-		want    procMem
-		wantErr bool
-	}{
-		{"both", "Name:\tsegmesh-control\nVmPeak:\t 1300000 kB\nVmHWM:\t   20480 kB\nVmRSS:\t   13568 kB\nThreads:\t8\n", procMem{RSS: 13568 << 10, HWM: 20480 << 10}, false},
-		{"kernel thread", "Name:\tkthreadd\nState:\tS (sleeping)\n", procMem{}, true},
-		{"odd unit", "VmHWM:\t 1 MB\nVmRSS:\t 1 kB\n", procMem{}, true},
-		{"not a number", "VmHWM:\t x kB\nVmRSS:\t 1 kB\n", procMem{}, true},
-	}
-	for _, tt := range tests {
-		got, err := parseStatus([]byte(tt.in))
-		if (err != nil) != tt.wantErr || got != tt.want {
-			t.Errorf("%s: parseStatus = %+v, %v; want %+v, error %v", tt.name, got, err, tt.want, tt.wantErr)
-		}
-	}
-}
-
-func TestParseStatCPU(t *testing.T) {
-	// Fields after the command name: state ppid pgrp session tty tpgid flags
-	// minflt cminflt majflt cmajflt utime stime ...
-	tail := " S 1 2 3 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0"
-	tests := []struct {
-		name    string
-		in      string
-		want    time.Duration
-		wantErr bool
-	}{
-		{"plain", "1234 (segmesh-control)" + tail, 3 * time.Second, false},
-		{"parens and spaces in the name", "1234 (a) (b c)" + tail, 3 * time.Second, false},
-		{"no name", "1234 segmesh" + tail, 0, true},
-		{"truncated", "1234 (x) S 1 2", 0, true},
-		{"not a number", "1234 (x) S 1 2 3 0 -1 4194560 100 0 0 0 u s 0", 0, true},
-	}
-	for _, tt := range tests {
-		got, err := parseStatCPU([]byte(tt.in))
-		if (err != nil) != tt.wantErr || got != tt.want {
-			t.Errorf("%s: parseStatCPU = %v, %v; want %v, error %v", tt.name, got, err, tt.want, tt.wantErr)
 		}
 	}
 }
@@ -166,7 +125,7 @@ func TestRunLoadCountsTransportErrors(t *testing.T) {
 	base, _ := url.Parse(strings.Replace(srv.URL, "http://", "https://", 1))
 	sc := scenarios()[0]
 	cfg := loadConfig{clients: 2, streams: 1, rounds: 2, body: 1024, deadline: time.Now().Add(time.Minute), reqTimeout: 10 * time.Second}
-	st := runLoad(context.Background(), sc, base, &tls.Config{ServerName: serverName}, cfg)
+	st := runLoad(context.Background(), sc, base, &tls.Config{ServerName: ctlproc.ServerName}, cfg)
 	if st.sent != 4 || st.answered != 0 || len(st.errs) == 0 {
 		t.Errorf("sent %d, answered %d, errors %v; want 4 sent, none answered, errors counted", st.sent, st.answered, st.errs)
 	}
@@ -185,15 +144,12 @@ func TestSamplerReadsOwnProcess(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	peak, samples := s.stop()
-	m, err := readMem(os.Getpid())
+	m, err := procmem.Read(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if samples < 3 || peak <= 0 || peak > m.HWM {
 		t.Errorf("sampler: %d samples, peak %d; want ≥ 3 samples and 0 < peak ≤ VmHWM %d", samples, peak, m.HWM)
-	}
-	if _, err := readCPU(os.Getpid()); err != nil {
-		t.Errorf("readCPU(self): %v", err)
 	}
 }
 

@@ -1,0 +1,305 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"segmesh/api/segmeshv1"
+	"segmesh/test/lab"
+)
+
+func TestParseFlags(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		wantErr bool
+		check   func(t *testing.T, o options)
+	}{
+		{name: "defaults", check: func(t *testing.T, o options) {
+			if o.agents != 1000 || !slices.Equal(o.scenarios, allScenarios) || o.bin != "bin/segmesh-controller" || o.timeout != 5*time.Minute || o.jsonPath != "" || o.verbose {
+				t.Errorf("defaults = %+v", o)
+			}
+		}},
+		{name: "scenarios in the order given", args: []string{"-scenario", "join, policy", "-agents", "20", "-json", "x.json"}, check: func(t *testing.T, o options) {
+			if !slices.Equal(o.scenarios, []string{"join", "policy"}) || o.agents != 20 || o.jsonPath != "x.json" {
+				t.Errorf("options = %+v", o)
+			}
+			if o.command != "go run ./hack/loadgen -scenario join, policy -agents 20 -json x.json" {
+				t.Errorf("command = %q", o.command)
+			}
+		}},
+		{name: "unknown scenario", args: []string{"-scenario", "policy,burst"}, wantErr: true},
+		{name: "repeated scenario", args: []string{"-scenario", "join,join"}, wantErr: true},
+		{name: "empty scenario list", args: []string{"-scenario", " , "}, wantErr: true},
+		{name: "no agents", args: []string{"-agents", "0"}, wantErr: true},
+		{name: "too many agents", args: []string{"-agents", "20001"}, wantErr: true},
+		{name: "zero timeout", args: []string{"-timeout", "0s"}, wantErr: true},
+		{name: "stray argument", args: []string{"x"}, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o, err := parseFlags(tt.args, io.Discard)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("parseFlags(%q) error = %v, want error %v", tt.args, err, tt.wantErr)
+			}
+			if err == nil && tt.check != nil {
+				tt.check(t, o)
+			}
+		})
+	}
+}
+
+func TestRunUsageErrorExits2(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := run(context.Background(), []string{"-bin", filepath.Join(t.TempDir(), "missing")}, io.Discard, &stderr); code != 2 {
+		t.Fatalf("run with a missing binary = %d, want 2", code)
+	}
+	if !strings.Contains(stderr.String(), "make build") {
+		t.Errorf("stderr %q does not say to run make build", stderr.String())
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	msd := func(ns ...int) []time.Duration {
+		var d []time.Duration
+		for _, n := range ns {
+			d = append(d, time.Duration(n)*time.Millisecond)
+		}
+		return d
+	}
+	hundred := make([]int64, 100)
+	for i := range hundred {
+		hundred[i] = int64(100 - i) // 100..1, unsorted
+	}
+	tests := []struct {
+		name string
+		v    []time.Duration
+		p    float64
+		want time.Duration
+	}{
+		{"empty", nil, 50, 0},
+		{"one", msd(7), 99, 7 * time.Millisecond},
+		{"median of four is the second", msd(4, 1, 3, 2), 50, 2 * time.Millisecond},
+		{"p99 of four is the largest", msd(4, 1, 3, 2), 99, 4 * time.Millisecond},
+		{"max", msd(4, 1, 3, 2), 100, 4 * time.Millisecond},
+		{"p25 of four", msd(4, 1, 3, 2), 25, 1 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		in := slices.Clone(tt.v)
+		if got := percentile(tt.v, tt.p); got != tt.want {
+			t.Errorf("%s: percentile(%v, %g) = %v, want %v", tt.name, tt.v, tt.p, got, tt.want)
+		}
+		if !slices.Equal(in, tt.v) {
+			t.Errorf("%s: percentile modified its input", tt.name)
+		}
+	}
+	for p, want := range map[float64]int64{50: 50, 99: 99, 100: 100, 1: 1} {
+		if got := percentile(hundred, p); got != want {
+			t.Errorf("percentile(1..100, %g) = %d, want %d", p, got, want)
+		}
+	}
+}
+
+func TestByteDeltas(t *testing.T) {
+	got := byteDeltas([]int64{10, 0, 5}, []int64{15, 300, 5, 99})
+	if want := []int64{5, 300, 0}; !slices.Equal(got, want) {
+		t.Errorf("byteDeltas = %v, want %v (an agent added after the first snapshot is left out)", got, want)
+	}
+}
+
+// TestCountingTransport checks that only Sync response bodies are counted, every
+// byte of them, and that snapshotBytes reads the per-agent counters.
+func TestCountingTransport(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/Sync") {
+			_, _ = w.Write(bytes.Repeat([]byte("x"), 1000))
+			return
+		}
+		_, _ = w.Write([]byte("report answer"))
+	}))
+	defer srv.Close()
+	a := &simAgent{}
+	hc := &http.Client{Transport: countingTransport{rt: http.DefaultTransport, n: &a.bytes}}
+	for _, path := range []string{"/segmesh.v1.AgentService/Sync", "/segmesh.v1.AgentService/Report", "/segmesh.v1.AgentService/Sync"} {
+		resp, err := hc.Post(srv.URL+path, "application/proto", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	f := &fleet{agents: []*simAgent{a, {}}}
+	if got := f.snapshotBytes(); !slices.Equal(got, []int64{2000, 0}) {
+		t.Errorf("snapshotBytes = %v, want [2000 0]", got)
+	}
+}
+
+func TestWatch(t *testing.T) {
+	rev := func(r uint64) *segmeshv1.Netmap { return &segmeshv1.Netmap{PolicyRevision: r} }
+	w := newWatch(3, func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() >= 2 })
+	now := w.start.Add(5 * time.Millisecond)
+	w.observe(0, rev(1), now)                       // does not match
+	w.observe(0, rev(2), now)                       // matches at 5 ms
+	w.observe(0, rev(3), now.Add(time.Second))      // already recorded
+	w.observe(7, rev(2), now)                       // not watched (a node added later)
+	w.observe(1, rev(2), now.Add(time.Millisecond)) // 6 ms
+	lat, missing := w.wait(context.Background(), 10*time.Millisecond)
+	slices.Sort(lat)
+	if want := []time.Duration{5 * time.Millisecond, 6 * time.Millisecond}; !slices.Equal(lat, want) || missing != 1 {
+		t.Errorf("wait = %v, %d missing; want %v, 1 missing", lat, missing, want)
+	}
+	w.observe(2, rev(2), now)
+	select {
+	case <-w.done:
+	default:
+		t.Error("watch not done after every agent matched")
+	}
+	if lat, missing := newWatch(0, nil).wait(context.Background(), time.Hour); len(lat) != 0 || missing != 0 {
+		t.Errorf("empty watch wait = %v, %d", lat, missing)
+	}
+}
+
+func TestHasPeer(t *testing.T) {
+	nm := &segmeshv1.Netmap{Peers: []*segmeshv1.Peer{{Name: "a", Endpoint: "198.18.0.1:51820"}, {Name: "b"}}}
+	tests := []struct {
+		name, ep string
+		want     bool
+	}{
+		{"a", "", true}, {"a", "198.18.0.1:51820", true}, {"a", "198.18.0.1:51821", false}, {"c", "", false},
+	}
+	for _, tt := range tests {
+		if got := hasPeer(nm, tt.name, tt.ep); got != tt.want {
+			t.Errorf("hasPeer(%q, %q) = %v, want %v", tt.name, tt.ep, got, tt.want)
+		}
+	}
+	if got, want := simEndpoint(300, 2), "198.18.1.44:51822"; got != want {
+		t.Errorf("simEndpoint(300, 2) = %q, want %q", got, want)
+	}
+}
+
+func TestFormatValue(t *testing.T) {
+	tests := []struct {
+		v    float64
+		unit string
+		want string
+	}{
+		{12.4, "ms", "12 ms"}, {12500, "ms", "12.5 s"}, {900, "B", "900 B"}, {25400, "B", "25.4 KB"},
+		{1.5e9, "B", "1500.0 MB"}, {2.345, "s", "2.35 s"}, {20, "agents", "20 agents"},
+	}
+	for _, tt := range tests {
+		if got := formatValue(tt.v, tt.unit); got != tt.want {
+			t.Errorf("formatValue(%g, %q) = %q, want %q", tt.v, tt.unit, got, tt.want)
+		}
+	}
+}
+
+// TestRealController runs 20 simulated agents against the controller binary that
+// `make build` puts in bin/, policy scenario, and checks the figures.
+func TestRealController(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	root, err := lab.ModuleRoot(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(root, "bin", "segmesh-controller")
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("this test runs the real controller, %s: %v; run `make build` first", bin, err)
+	}
+	out := filepath.Join(t.TempDir(), "figures.json")
+	var stdout, stderr bytes.Buffer
+	code := run(ctx, []string{"-agents", "20", "-scenario", "policy", "-bin", bin, "-timeout", "60s", "-json", out}, &stdout, &stderr)
+	if code != 0 {
+		t.Fatalf("loadgen exited %d; stderr:\n%s\nstdout:\n%s", code, stderr.String(), stdout.String())
+	}
+	raw, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var figs []figure
+	if err := json.Unmarshal(raw, &figs); err != nil {
+		t.Fatalf("decoding %s: %v", out, err)
+	}
+	got := map[string]float64{}
+	for _, f := range figs {
+		if f.Date == "" || f.Command == "" || f.Conditions == "" || f.Unit == "" {
+			t.Errorf("figure %+v lacks date, command, conditions or unit", f)
+		}
+		got[f.Scenario+"/"+f.Figure] = f.Value
+	}
+	if got["policy/agents reached"] != 20 {
+		t.Errorf("policy reached %v agents, want 20", got["policy/agents reached"])
+	}
+	// A full-mesh netmap of 20 nodes lists 19 peers (name, key, endpoint, addresses each).
+	if b := got["policy/bytes to each agent p50"]; b < 19*50 {
+		t.Errorf("bytes to each agent p50 = %v, want at least %d for 19 peers", b, 19*50)
+	}
+	for _, k := range []string{"policy/delivery p99", "policy/policy apply returns", "policy/controller peak RSS", "policy/status shows every node converged"} {
+		if got[k] <= 0 {
+			t.Errorf("%s = %v, want > 0", k, got[k])
+		}
+	}
+	if !strings.Contains(stdout.String(), "delivery p99") {
+		t.Errorf("table lacks the delivery rows:\n%s", stdout.String())
+	}
+}
+
+func TestLightCodec(t *testing.T) {
+	full := &segmeshv1.Netmap{
+		PolicyRevision: 7, Hash: "abc",
+		Self: &segmeshv1.Node{Name: "sim-0", Endpoint: "198.18.0.0:51820", Labels: map[string]string{"role": "sim"}, PublicKey: make([]byte, 32)},
+		Peers: []*segmeshv1.Peer{
+			{Name: "sim-1", Endpoint: "198.18.0.1:51820", PublicKey: make([]byte, 32), AllowedIps: []string{"100.64.0.2/32"}},
+			{Name: "sim-2", IdentityKey: []byte{1, 2}},
+		},
+		Filter:          &segmeshv1.Filter{Sets: []*segmeshv1.AddressSet{{Name: "sim", Prefixes: []string{"100.64.0.0/24"}}}},
+		OverlayPrefixes: []string{"100.64.0.0/10"}, KeyRotation: 3,
+	}
+	raw, err := proto.Marshal(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size atomic.Int64
+	c := lightCodec{size: &size}
+	got := &segmeshv1.Netmap{Revoked: true} // reset before decoding
+	if err := c.Unmarshal(raw, got); err != nil {
+		t.Fatal(err)
+	}
+	want := &segmeshv1.Netmap{
+		PolicyRevision: 7, Hash: "abc",
+		Self:  &segmeshv1.Node{Name: "sim-0", Endpoint: "198.18.0.0:51820"},
+		Peers: []*segmeshv1.Peer{{Name: "sim-1", Endpoint: "198.18.0.1:51820"}, {Name: "sim-2"}},
+	}
+	if !proto.Equal(got, want) {
+		t.Errorf("decoded %v, want %v", got, want)
+	}
+	if size.Load() != int64(len(raw)) {
+		t.Errorf("size = %d, want %d", size.Load(), len(raw))
+	}
+	if err := c.Unmarshal(raw[:len(raw)-3], &segmeshv1.Netmap{}); err == nil {
+		t.Error("a truncated netmap decoded without an error")
+	}
+	// Other messages decode in full.
+	rep := &segmeshv1.ReportRequest{AppliedRevision: 3, AppliedHash: "h", InSync: true}
+	b, err := c.Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back segmeshv1.ReportRequest
+	if err := c.Unmarshal(b, &back); err != nil || !proto.Equal(&back, rep) {
+		t.Errorf("report round trip = %v, %v; want %v", &back, err, rep)
+	}
+}
