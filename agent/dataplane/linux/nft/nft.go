@@ -194,8 +194,7 @@ func (f *Firewall) Close() error {
 func (f *Firewall) Apply(want *firewall.Table) (Outcome, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	res, err := f.apply(want)
-	return res, err
+	return f.apply(want)
 }
 
 func (f *Firewall) apply(want *firewall.Table) (Outcome, error) {
