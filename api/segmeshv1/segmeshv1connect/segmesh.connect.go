@@ -49,6 +49,9 @@ const (
 	EnrollServiceEnrollProcedure = "/segmesh.v1.EnrollService/Enroll"
 	// AgentServiceSyncProcedure is the fully-qualified name of the AgentService's Sync RPC.
 	AgentServiceSyncProcedure = "/segmesh.v1.AgentService/Sync"
+	// AgentServiceSyncUpdatesProcedure is the fully-qualified name of the AgentService's SyncUpdates
+	// RPC.
+	AgentServiceSyncUpdatesProcedure = "/segmesh.v1.AgentService/SyncUpdates"
 	// AgentServiceReportProcedure is the fully-qualified name of the AgentService's Report RPC.
 	AgentServiceReportProcedure = "/segmesh.v1.AgentService/Report"
 	// AgentServiceRenewCertificateProcedure is the fully-qualified name of the AgentService's
@@ -192,7 +195,13 @@ type AgentServiceClient interface {
 	// whenever this node's netmap hash changes. Revocation and certificate expiry
 	// are checked before every message; a revoked node gets one netmap with
 	// revoked set, then PermissionDenied.
+	// Agents before deltas use it; such a stream carries hash version 1.
 	Sync(context.Context, *connect.Request[segmeshv1.SyncRequest]) (*connect.ServerStreamForClient[segmeshv1.Netmap], error)
+	// SyncUpdates is Sync with deltas: one full netmap (hash version 2), then a
+	// NetmapDelta for each change, or a full netmap again when the changes that
+	// piled up while the agent was slow are larger than the netmap. Changes made
+	// while a send is in flight coalesce into one delta.
+	SyncUpdates(context.Context, *connect.Request[segmeshv1.SyncRequest]) (*connect.ServerStreamForClient[segmeshv1.NetmapUpdate], error)
 	Report(context.Context, *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error)
 	// RenewCertificate issues a new client certificate for a new TLS key, over the
 	// node's current, still valid certificate.
@@ -219,6 +228,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("Sync")),
 			connect.WithClientOptions(opts...),
 		),
+		syncUpdates: connect.NewClient[segmeshv1.SyncRequest, segmeshv1.NetmapUpdate](
+			httpClient,
+			baseURL+AgentServiceSyncUpdatesProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("SyncUpdates")),
+			connect.WithClientOptions(opts...),
+		),
 		report: connect.NewClient[segmeshv1.ReportRequest, segmeshv1.ReportResponse](
 			httpClient,
 			baseURL+AgentServiceReportProcedure,
@@ -243,6 +258,7 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 // agentServiceClient implements AgentServiceClient.
 type agentServiceClient struct {
 	sync             *connect.Client[segmeshv1.SyncRequest, segmeshv1.Netmap]
+	syncUpdates      *connect.Client[segmeshv1.SyncRequest, segmeshv1.NetmapUpdate]
 	report           *connect.Client[segmeshv1.ReportRequest, segmeshv1.ReportResponse]
 	renewCertificate *connect.Client[segmeshv1.RenewCertificateRequest, segmeshv1.RenewCertificateResponse]
 	rotateKey        *connect.Client[segmeshv1.RotateKeyRequest, segmeshv1.RotateKeyResponse]
@@ -251,6 +267,11 @@ type agentServiceClient struct {
 // Sync calls segmesh.v1.AgentService.Sync.
 func (c *agentServiceClient) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest]) (*connect.ServerStreamForClient[segmeshv1.Netmap], error) {
 	return c.sync.CallServerStream(ctx, req)
+}
+
+// SyncUpdates calls segmesh.v1.AgentService.SyncUpdates.
+func (c *agentServiceClient) SyncUpdates(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest]) (*connect.ServerStreamForClient[segmeshv1.NetmapUpdate], error) {
+	return c.syncUpdates.CallServerStream(ctx, req)
 }
 
 // Report calls segmesh.v1.AgentService.Report.
@@ -274,7 +295,13 @@ type AgentServiceHandler interface {
 	// whenever this node's netmap hash changes. Revocation and certificate expiry
 	// are checked before every message; a revoked node gets one netmap with
 	// revoked set, then PermissionDenied.
+	// Agents before deltas use it; such a stream carries hash version 1.
 	Sync(context.Context, *connect.Request[segmeshv1.SyncRequest], *connect.ServerStream[segmeshv1.Netmap]) error
+	// SyncUpdates is Sync with deltas: one full netmap (hash version 2), then a
+	// NetmapDelta for each change, or a full netmap again when the changes that
+	// piled up while the agent was slow are larger than the netmap. Changes made
+	// while a send is in flight coalesce into one delta.
+	SyncUpdates(context.Context, *connect.Request[segmeshv1.SyncRequest], *connect.ServerStream[segmeshv1.NetmapUpdate]) error
 	Report(context.Context, *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error)
 	// RenewCertificate issues a new client certificate for a new TLS key, over the
 	// node's current, still valid certificate.
@@ -295,6 +322,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		AgentServiceSyncProcedure,
 		svc.Sync,
 		connect.WithSchema(agentServiceMethods.ByName("Sync")),
+		connect.WithHandlerOptions(opts...),
+	)
+	agentServiceSyncUpdatesHandler := connect.NewServerStreamHandler(
+		AgentServiceSyncUpdatesProcedure,
+		svc.SyncUpdates,
+		connect.WithSchema(agentServiceMethods.ByName("SyncUpdates")),
 		connect.WithHandlerOptions(opts...),
 	)
 	agentServiceReportHandler := connect.NewUnaryHandler(
@@ -319,6 +352,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		switch r.URL.Path {
 		case AgentServiceSyncProcedure:
 			agentServiceSyncHandler.ServeHTTP(w, r)
+		case AgentServiceSyncUpdatesProcedure:
+			agentServiceSyncUpdatesHandler.ServeHTTP(w, r)
 		case AgentServiceReportProcedure:
 			agentServiceReportHandler.ServeHTTP(w, r)
 		case AgentServiceRenewCertificateProcedure:
@@ -336,6 +371,10 @@ type UnimplementedAgentServiceHandler struct{}
 
 func (UnimplementedAgentServiceHandler) Sync(context.Context, *connect.Request[segmeshv1.SyncRequest], *connect.ServerStream[segmeshv1.Netmap]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.AgentService.Sync is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) SyncUpdates(context.Context, *connect.Request[segmeshv1.SyncRequest], *connect.ServerStream[segmeshv1.NetmapUpdate]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.AgentService.SyncUpdates is not implemented"))
 }
 
 func (UnimplementedAgentServiceHandler) Report(context.Context, *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
