@@ -1,6 +1,11 @@
 // Package netmap reduces the policy and the inventory to one netmap per node: the
 // node itself, the peers it may talk to, its compiled filter, the gossip settings
-// and the policy revision, hashed with wire.NetmapHash.
+// and the policy revision, hashed with wire.NetmapHashV2.
+//
+// Two computations give the same netmaps: FromCompiled computes every netmap from
+// scratch (the reference, and a candidate policy's preview); Engine keeps them up
+// to date change by change, sharing peer lists per group of nodes, and emits a
+// delta per netmap that changed.
 package netmap
 
 import (
@@ -60,10 +65,10 @@ func Inventory(nodes []store.Node) []policy.Node {
 }
 
 // Revoked returns the netmap of a revoked node: its name, Revoked set, nothing
-// else (no peers, default deny, no gossip key), with Hash set.
+// else (no peers, default deny, no gossip key), with a version 2 Hash.
 func Revoked(rev uint64, name string) *segmeshv1.Netmap {
-	nm := &segmeshv1.Netmap{PolicyRevision: rev, Self: &segmeshv1.Node{Name: name}, Filter: &segmeshv1.Filter{}, Revoked: true}
-	nm.Hash = wire.NetmapHash(nm)
+	nm := &segmeshv1.Netmap{PolicyRevision: rev, Self: &segmeshv1.Node{Name: name}, Filter: &segmeshv1.Filter{}, Revoked: true, HashVersion: wire.HashVersion2}
+	nm.Hash = wire.NetmapHashV2(nm)
 	return nm
 }
 
@@ -102,6 +107,7 @@ func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []sto
 			Filter:          wire.FilterToProto(view.Filter),
 			OverlayPrefixes: prefixes,
 			KeyRotation:     n.KeyRotation,
+			HashVersion:     wire.HashVersion2,
 		}
 		for _, name := range view.Peers {
 			p, ok := byName[name]
@@ -123,13 +129,13 @@ func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []sto
 		}
 		if old := prev(n.Name); old != nil && old.GetPolicyRevision() != rev {
 			nm.PolicyRevision = old.GetPolicyRevision()
-			if wire.NetmapHash(nm) == old.GetHash() {
+			if wire.NetmapHashV2(nm) == old.GetHash() {
 				out[n.Name] = old
 				continue
 			}
 			nm.PolicyRevision = rev
 		}
-		nm.Hash = wire.NetmapHash(nm)
+		nm.Hash = wire.NetmapHashV2(nm)
 		out[n.Name] = nm
 	}
 	return out
