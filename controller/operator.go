@@ -127,8 +127,8 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 		if !n.CertNotAfter.IsZero() {
 			st.CertExpiresUnix = n.CertNotAfter.Unix()
 		}
-		if nm, ok := c.hub.Latest(n.Name); ok {
-			st.DesiredHash = nm.GetHash()
+		if l, ok := c.hub.Latest(n.Name); ok {
+			st.DesiredHash = l.Hash
 		}
 		c.live.fill(st)
 		// A netmap keeps the revision at which it last changed (see

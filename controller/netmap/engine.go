@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"encoding/binary"
+	"fmt"
 	"maps"
 	"net/netip"
 	"slices"
@@ -21,8 +22,9 @@ import (
 type Update struct {
 	Node string
 	// Version counts the changes of this node's netmap in the Engine (1 for the
-	// first); Delta turns version Version-1 into this one.
-	Version uint64
+	// first); Delta turns version From (Version-1 unless merged by MergeUpdates)
+	// into this one.
+	Version, From uint64
 	// Hash is the version 2 hash of the new netmap, Revision its policy revision.
 	Hash     string
 	Revision uint64
@@ -62,6 +64,8 @@ type Engine struct {
 	// peerOf and setOf index, per segment, the groups that have it among their
 	// peer segments, and those whose filter references its set.
 	peerOf, setOf []map[*groupState]struct{}
+	// owner holds the active node of each overlay address.
+	owner map[netip.Addr]string
 }
 
 type nodeState struct {
@@ -105,10 +109,18 @@ type groupState struct {
 // NewEngine returns an Engine holding the netmaps of nodes under prog (revision
 // rev; nil prog is default deny), each at version 1.
 func NewEngine(cfg Config, rev uint64, prog *policy.Program, nodes []store.Node) *Engine {
-	e := &Engine{prefixes: wire.PrefixStrings(cfg.OverlayPrefixes), rev: rev, nodes: make(map[string]*nodeState, len(nodes))}
+	e := &Engine{prefixes: wire.PrefixStrings(cfg.OverlayPrefixes), rev: rev, nodes: make(map[string]*nodeState, len(nodes)), owner: map[netip.Addr]string{}}
 	e.gossip = &segmeshv1.GossipConfig{Key: cfg.GossipKey, Port: cfg.GossipPort}
 	for i := range nodes {
-		e.nodes[nodes[i].Name] = newNodeState(nodes[i])
+		n := newNodeState(nodes[i])
+		e.nodes[nodes[i].Name] = n
+		if n.peer != nil {
+			for _, a := range nodes[i].Addresses {
+				if _, taken := e.owner[a]; !taken {
+					e.owner[a] = n.node.Name
+				}
+			}
+		}
 	}
 	e.build(prog)
 	for _, n := range e.nodes {
@@ -394,11 +406,61 @@ type groupChange struct {
 }
 
 // Upsert adds node or replaces its record (enrollment, relabeling, revocation,
-// endpoint, key or identity change) and returns the netmaps that changed.
-func (e *Engine) Upsert(node store.Node) []Update {
+// endpoint, key or identity change) and returns the netmaps that changed. It
+// refuses, changing nothing, an active node that policy.CheckNode refuses or that
+// holds an overlay address of another active node; the error names both.
+func (e *Engine) Upsert(node store.Node) ([]Update, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.change(node.Name, &node)
+	if !node.Revoked() {
+		if err := policy.CheckNode(&policy.Node{Name: node.Name, Labels: node.Labels, Addresses: node.Addresses}); err != nil {
+			return nil, err
+		}
+		for _, a := range node.Addresses {
+			if o, ok := e.owner[a]; ok && o != node.Name {
+				return nil, fmt.Errorf("node %q: overlay address %s is held by node %q", node.Name, a, o)
+			}
+		}
+	}
+	return from(e.change(node.Name, &node)), nil
+}
+
+// from sets each update's From to the version before it.
+func from(us []Update) []Update {
+	for i := range us {
+		us[i].From = us[i].Version - 1
+	}
+	return us
+}
+
+// MergeUpdates returns the updates of a followed by those of b (both from one
+// Engine, b made right after a), one per node: a node in both gets one update
+// from its version before a to its version after b, with the deltas composed.
+func MergeUpdates(a, b []Update) []Update {
+	out := slices.Clone(a)
+	at := make(map[string]int, len(a))
+	for i, u := range out {
+		at[u.Node] = i
+	}
+	for _, u := range b {
+		i, ok := at[u.Node]
+		if !ok {
+			out = append(out, u)
+			continue
+		}
+		first := out[i]
+		merged := u
+		merged.From = first.From
+		merged.LostGossip = first.LostGossip || u.LostGossip
+		merged.Delta = nil
+		if first.Delta != nil && u.Delta != nil && !first.Removed && !u.Removed {
+			if d, err := wire.ComposeDeltas(first.Delta, u.Delta); err == nil {
+				merged.Delta = d
+			}
+		}
+		out[i] = merged
+	}
+	return out
 }
 
 // Remove drops node (deleted) and returns the netmaps that changed, the node's
@@ -409,7 +471,7 @@ func (e *Engine) Remove(name string) []Update {
 	if _, ok := e.nodes[name]; !ok {
 		return nil
 	}
-	return e.change(name, nil)
+	return from(e.change(name, nil))
 }
 
 // change replaces the record of node name with sn (nil: remove).
@@ -426,6 +488,11 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 	if old != nil {
 		oldSegs, oldPfx, oldPeer = old.segs, old.hostPfx, old.peer
 		e.leave(old)
+		for _, a := range old.node.Addresses {
+			if e.owner[a] == name {
+				delete(e.owner, a)
+			}
+		}
 	}
 	var n *nodeState
 	if sn != nil {
@@ -437,6 +504,11 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 			n.segs = e.prog.Memberships(&policy.Node{Name: sn.Name, Labels: sn.Labels}, nil)
 		}
 		e.nodes[name] = n
+		if n.peer != nil {
+			for _, a := range sn.Addresses {
+				e.owner[a] = name
+			}
+		}
 	} else {
 		delete(e.nodes, name)
 	}
@@ -674,7 +746,7 @@ func (e *Engine) SetGossipKey(key []byte) []Update {
 		out = append(out, Update{Node: n.node.Name, Version: n.version, Hash: n.hash, Revision: n.revision,
 			Delta: &segmeshv1.NetmapDelta{BaseHash: base, Hash: n.hash, PolicyRevision: n.revision, Header: headerOf(h)}})
 	}
-	return out
+	return from(out)
 }
 
 // SetPolicy makes prog (revision rev; nil is default deny) the policy and returns
@@ -755,7 +827,7 @@ func (e *Engine) SetPolicy(rev uint64, prog *policy.Program) []Update {
 		}
 		out = append(out, Update{Node: n.node.Name, Version: n.version, Hash: n.hash, Revision: n.revision, Delta: d, LostGossip: hadGossip && !n.gossip})
 	}
-	return out
+	return from(out)
 }
 
 // groupDiff returns the change from a group's old peers and sets to group g's.

@@ -211,30 +211,30 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 			case op == "enroll" && !exists:
 				n = m.drawNode(name, i)
 				m.nodes[name] = n
-				updates = m.engine.Upsert(n)
+				updates = m.upsert(n)
 			case op == "relabel" && exists:
 				n.Labels = map[string]string{"role": rapid.SampledFrom(modelRoles).Draw(t, "role"), "env": rapid.SampledFrom(modelEnvs).Draw(t, "env")}
 				m.nodes[name] = n
-				updates = m.engine.Upsert(n)
+				updates = m.upsert(n)
 			case op == "revoke" && exists:
 				n.RevokedAt = time.Unix(1, 0)
 				m.nodes[name] = n
-				updates = m.engine.Upsert(n)
+				updates = m.upsert(n)
 			case op == "delete" && exists:
 				delete(m.nodes, name)
 				updates = m.engine.Remove(name)
 			case op == "endpoint" && exists:
 				n.Endpoint = rapid.SampledFrom([]string{"", "192.0.2.1:51820", "198.51.100.7:4000"}).Draw(t, "endpoint")
 				m.nodes[name] = n
-				updates = m.engine.Upsert(n)
+				updates = m.upsert(n)
 			case op == "key" && exists:
 				n.PublicKey = []byte{byte(i), rapid.Byte().Draw(t, "key"), 31: 2}
 				m.nodes[name] = n
-				updates = m.engine.Upsert(n)
+				updates = m.upsert(n)
 			case op == "rotation" && exists:
 				n.KeyRotation++
 				m.nodes[name] = n
-				updates = m.engine.Upsert(n)
+				updates = m.upsert(n)
 			case op == "policy":
 				m.rev++
 				m.pol = m.drawPolicy()
@@ -256,4 +256,39 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 			m.check(label, updates)
 		}
 	})
+}
+
+func (m *engineModel) upsert(n store.Node) []Update {
+	u, err := m.engine.Upsert(n)
+	if err != nil {
+		m.t.Fatalf("Upsert %s: %v", n.Name, err)
+	}
+	return u
+}
+
+// TestEngineRefusesAddressConflict checks that a node holding another active
+// node's address is refused and changes nothing.
+func TestEngineRefusesAddressConflict(t *testing.T) {
+	a, b := node("web-1", "web", 2), node("db-1", "db", 3)
+	e := NewEngine(cfg, 1, nil, []store.Node{a, b})
+	before, _, _ := e.Netmap("db-1")
+	rogue := node("rogue", "db", 9)
+	rogue.Addresses = b.Addresses
+	_, err := e.Upsert(rogue)
+	if err == nil || !strings.Contains(err.Error(), `"rogue"`) || !strings.Contains(err.Error(), `"db-1"`) {
+		t.Fatalf("Upsert of a node with db-1's address: err = %v, want one naming both", err)
+	}
+	if _, _, ok := e.Netmap("rogue"); ok {
+		t.Error("the refused node has a netmap")
+	}
+	if after, _, _ := e.Netmap("db-1"); !proto.Equal(before, after) {
+		t.Error("a refused change changed db-1's netmap")
+	}
+	b.RevokedAt = time.Unix(1, 0)
+	if _, err := e.Upsert(b); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Upsert(rogue); err != nil {
+		t.Errorf("the address of a revoked node is refused: %v", err)
+	}
 }
