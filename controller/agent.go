@@ -18,8 +18,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"segmesh/api/segmeshv1"
-	"segmesh/api/wire"
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/api/wire"
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"

@@ -142,7 +142,7 @@ type Controller struct {
 	dirtyMu       sync.Mutex
 	dirty         map[string]struct{} // nodes whose records changed since the last computation
 	nodeErrs      map[string]string   // under computeMu: nodes the engine refused, and why
-	now             func() time.Time
+	now           func() time.Time
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
