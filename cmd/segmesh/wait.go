@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strings"
 	"time"
 
@@ -167,7 +168,7 @@ func (p poller) waitEnforced(ctx context.Context, rev uint64, src statusSource, 
 		case <-ctx.Done():
 			t.Stop()
 			if lastErr != nil {
-				return last, fmt.Errorf("%w (the last status call failed: %w)", ctx.Err(), lastErr)
+				return last, fmt.Errorf("%w (%w)", ctx.Err(), &lastPollError{lastErr})
 			}
 			return last, ctx.Err()
 		case <-t.C:
@@ -175,6 +176,12 @@ func (p poller) waitEnforced(ctx context.Context, rev uint64, src statusSource, 
 		interval = min(2*interval, p.max)
 	}
 }
+
+// lastPollError is why the last poll of a wait that timed out failed.
+type lastPollError struct{ err error }
+
+func (e *lastPollError) Error() string { return "the last status call failed: " + e.err.Error() }
+func (e *lastPollError) Unwrap() error { return e.err }
 
 // retryable says whether a failed Status call is worth repeating while waiting.
 func retryable(err error) bool {
@@ -262,6 +269,11 @@ type waitJSON struct {
 	// before the timeout.
 	Enforced      bool    `json:"enforced"`
 	WaitedSeconds float64 `json:"waited_seconds"`
+	// StatusError says why the last status call failed when the wait timed out
+	// after it (the nodes are then as the call before it saw them).
+	StatusError string `json:"status_error,omitempty"`
+	// Interrupted says the wait ended on Ctrl-C (SIGINT) before the timeout.
+	Interrupted bool `json:"interrupted,omitempty"`
 }
 
 // waitFlags are --wait and --timeout of a command that stores a revision.
@@ -297,20 +309,27 @@ func waitForRevision(g *globalFlags, rev uint64, timeout time.Duration, progress
 	if err != nil {
 		return nil, err
 	}
-	return pollForRevision(src, poller{min: minPollInterval, max: maxPollInterval}, rev, timeout, newProgressView(progressOut))
+	// Ctrl-C ends the wait, not the command: it still says what is pending.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	return pollForRevision(ctx, src, poller{min: minPollInterval, max: maxPollInterval}, rev, timeout, newProgressView(progressOut))
 }
 
 // pollForRevision is waitForRevision with its source, poll intervals and view.
-func pollForRevision(src statusSource, p poller, rev uint64, timeout time.Duration, view *progressView) (*waitJSON, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// The wait ends early, as if timed out, when parent is cancelled (interrupted).
+func pollForRevision(parent context.Context, src statusSource, p poller, rev uint64, timeout time.Duration, view *progressView) (*waitJSON, error) {
+	ctx, cancel := context.WithTimeout(parent, timeout)
 	defer cancel()
 	start := time.Now()
 	e, err := p.waitEnforced(ctx, rev, src, view.update)
 	view.finish()
 	waited := time.Since(start)
+	interrupted := errors.Is(err, context.Canceled) && parent.Err() != nil
 	switch {
 	case err == nil:
-	case errors.Is(err, context.DeadlineExceeded) && e.Revision != 0:
+	case (errors.Is(err, context.DeadlineExceeded) || interrupted) && e.Revision != 0:
+	case interrupted:
+		return nil, &exitError{code: exitNotEnforced, msg: fmt.Sprintf("segmesh: revision %d is stored; the wait was interrupted before status answered", rev)}
 	default:
 		what := fmt.Sprintf("revision %d is stored; waiting until nodes enforce it: reading status", rev)
 		if errors.Is(err, context.DeadlineExceeded) {
@@ -318,7 +337,12 @@ func pollForRevision(src statusSource, p poller, rev uint64, timeout time.Durati
 		}
 		return nil, callError(what, err)
 	}
-	return &waitJSON{enforcement: e, Enforced: err == nil, WaitedSeconds: waited.Seconds()}, nil
+	w := &waitJSON{enforcement: e, Enforced: err == nil, WaitedSeconds: waited.Seconds(), Interrupted: interrupted}
+	var lastErr *lastPollError
+	if errors.As(err, &lastErr) {
+		w.StatusError = lastErr.err.Error()
+	}
+	return w, nil
 }
 
 // writeTable prints the outcome for people: the summary, then the nodes that do
@@ -328,7 +352,14 @@ func (w *waitJSON) writeTable(out io.Writer) error {
 	if w.Enforced {
 		fmt.Fprintf(out, "%s (after %v)\n", w.summary(), waited)
 	} else {
-		fmt.Fprintf(out, "NOT ENFORCED after %v: %s\n", waited, w.summary())
+		how := ""
+		if w.Interrupted {
+			how = " (interrupted)"
+		}
+		fmt.Fprintf(out, "NOT ENFORCED after %v%s: %s\n", waited, how, w.summary())
+	}
+	if w.StatusError != "" {
+		fmt.Fprintf(out, "the last status call failed (nodes as the call before saw them): %s\n", w.StatusError)
 	}
 	if w.PolicyError != "" {
 		fmt.Fprintf(out, "policy error:\n  %s\n", strings.ReplaceAll(w.PolicyError, "\n", "\n  "))
@@ -352,7 +383,11 @@ func (w *waitJSON) writeTable(out io.Writer) error {
 func (w *waitJSON) notEnforcedError(timeout time.Duration) error {
 	msg := fmt.Sprintf("segmesh: revision %d is stored, but %d of %d online nodes did not report enforcing it within %v; they are listed above (see also `segmesh status`)",
 		w.Revision, len(w.Pending), w.NodesOnline, timeout)
-	if w.ServingRevision < w.Revision {
+	switch {
+	case w.Interrupted:
+		msg = fmt.Sprintf("segmesh: revision %d is stored; the wait was interrupted with %d of %d online nodes not enforcing it (listed above)",
+			w.Revision, len(w.Pending), w.NodesOnline)
+	case w.ServingRevision < w.Revision:
 		msg = fmt.Sprintf("segmesh: revision %d is stored, but the controller still serves revision %d after %v (policy error above; see `segmesh status`)",
 			w.Revision, w.ServingRevision, timeout)
 	}

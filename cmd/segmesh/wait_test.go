@@ -379,3 +379,58 @@ func TestPolicyRollbackWaitCLI(t *testing.T) {
 		t.Errorf("rollback --wait: exit %d\n%s%s", code, out, errOut)
 	}
 }
+
+// TestPollForRevisionOutcome: a wait that timed out says why its last status call
+// failed; one that never reached the controller is a connection problem (exit 2).
+func TestPollForRevisionOutcome(t *testing.T) {
+	unavailable := scriptedAnswer{err: connect.NewError(connect.CodeUnavailable, errors.New("connection refused"))}
+	src := &scriptedStatus{script: []scriptedAnswer{status(7, node("web-1", true, "h7", "h6")), unavailable}}
+	var progress bytes.Buffer
+	w, err := pollForRevision(context.Background(), src.source, fastPoller, 7, 50*time.Millisecond, newProgressView(&progress))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Enforced || w.StatusError != "unavailable: connection refused" || len(w.Pending) != 1 {
+		t.Errorf("outcome %+v, want not enforced, web-1 pending, the status error", w)
+	}
+	var table strings.Builder
+	if err := w.writeTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(table.String(), "the last status call failed (nodes as the call before saw them): unavailable: connection refused\n") {
+		t.Errorf("table does not say the last call failed:\n%s", table.String())
+	}
+
+	src = &scriptedStatus{script: []scriptedAnswer{unavailable}}
+	_, err = pollForRevision(context.Background(), src.source, fastPoller, 7, 50*time.Millisecond, newProgressView(&progress))
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != 2 || !strings.Contains(ee.msg, "revision 7 is stored") || !strings.Contains(ee.msg, "no answer within 50ms") {
+		t.Errorf("never reached: %v, want exit 2 saying the revision is stored and no answer came", err)
+	}
+}
+
+// TestPollForRevisionInterrupted: an interrupt ends the wait like a timeout,
+// with what the last poll saw.
+func TestPollForRevisionInterrupted(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	src := &scriptedStatus{script: []scriptedAnswer{status(7, node("web-1", true, "h7", "h6"))}}
+	polls := 0
+	counting := func(ctx context.Context) (*segmeshv1.StatusResponse, error) {
+		if polls++; polls == 3 {
+			cancel()
+		}
+		return src.source(ctx)
+	}
+	var progress bytes.Buffer
+	w, err := pollForRevision(ctx, counting, fastPoller, 7, time.Minute, newProgressView(&progress))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Enforced || !w.Interrupted || len(w.Pending) != 1 {
+		t.Errorf("outcome %+v, want interrupted with web-1 pending", w)
+	}
+	var ee *exitError
+	if !errors.As(w.notEnforcedError(time.Minute), &ee) || ee.code != exitNotEnforced || !strings.Contains(ee.msg, "interrupted with 1 of 1 online nodes not enforcing it") {
+		t.Errorf("exit %v", w.notEnforcedError(time.Minute))
+	}
+}
