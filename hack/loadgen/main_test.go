@@ -240,8 +240,8 @@ func TestRealController(t *testing.T) {
 		if f.Date == "" || f.Command == "" || f.Conditions == "" || f.Unit == "" {
 			t.Errorf("figure %+v lacks date, command, conditions or unit", f)
 		}
-		if f.Agents != 20 {
-			t.Errorf("figure %s/%s: agents = %d, want 20", f.Scenario, f.Figure, f.Agents)
+		if f.Driver != "loadgen" || f.Agents != 20 {
+			t.Errorf("figure %s/%s: driver %q, agents %d; want loadgen, 20", f.Scenario, f.Figure, f.Driver, f.Agents)
 		}
 		got[f.Scenario+"/"+f.Figure] = f.Value
 	}

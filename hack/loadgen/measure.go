@@ -144,7 +144,7 @@ func operatorClient(ctl *ctlproc.Proc) segmeshv1connect.OperatorServiceClient {
 }
 
 func (r *runner) add(scenario, name string, v float64, unit string) {
-	r.figs = append(r.figs, benchfig.Figure{Scenario: scenario, Figure: name, Value: v, Unit: unit,
+	r.figs = append(r.figs, benchfig.Figure{Driver: "loadgen", Scenario: scenario, Figure: name, Value: v, Unit: unit,
 		Agents: r.o.agents, Conditions: conditions(r.o), Command: r.o.command, Date: r.date})
 }
 

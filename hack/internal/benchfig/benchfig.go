@@ -14,6 +14,9 @@ import (
 
 // Figure is one measured value.
 type Figure struct {
+	// Driver is the command under hack/ that measured it: "loadgen",
+	// "prefixes", "throughput", "agentmem".
+	Driver string `json:"driver"`
 	// Scenario groups figures of one measurement, e.g. "policy", "join", "grow".
 	Scenario string `json:"scenario"`
 	// Figure names the value within the scenario, e.g. "delivery p99".
@@ -36,6 +39,7 @@ type Figure struct {
 // Recorder collects the figures of one run; the zero value is not usable, use
 // NewRecorder.
 type Recorder struct {
+	Driver     string
 	Command    string
 	Conditions string
 	Date       string
@@ -47,6 +51,7 @@ type Recorder struct {
 // conditions text for every figure.
 func NewRecorder(name string, args []string, conditions string) *Recorder {
 	return &Recorder{
+		Driver:     name,
 		Command:    strings.Join(append([]string{"go run ./hack/" + name}, args...), " "),
 		Conditions: conditions,
 		Date:       time.Now().UTC().Format(time.RFC3339),
@@ -55,7 +60,7 @@ func NewRecorder(name string, args []string, conditions string) *Recorder {
 
 // Add records one figure.
 func (r *Recorder) Add(scenario, figure string, value float64, unit string) {
-	r.Figures = append(r.Figures, Figure{Scenario: scenario, Figure: figure, Value: value, Unit: unit,
+	r.Figures = append(r.Figures, Figure{Driver: r.Driver, Scenario: scenario, Figure: figure, Value: value, Unit: unit,
 		Conditions: r.Conditions, Command: r.Command, Date: r.Date})
 }
 

@@ -39,7 +39,7 @@ func TestRecorderRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(got, r.Figures) {
 		t.Errorf("Read = %+v, want %+v", got, r.Figures)
 	}
-	if got[1].Conditions != "lab" || got[1].Command != r.Command || got[1].Date != r.Date {
+	if got[1].Driver != "prefixes" || got[1].Conditions != "lab" || got[1].Command != r.Command || got[1].Date != r.Date {
 		t.Errorf("figure lacks the recorder's conditions, command or date: %+v", got[1])
 	}
 }
