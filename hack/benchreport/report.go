@@ -198,7 +198,10 @@ func (in *inputs) lookup(p part) value {
 	}
 	if !runs {
 		hint := "the step failed or was skipped"
-		if p.driver == "loadgen" && p.agents != 1000 {
+		switch {
+		case p.driver == "loadgen" && p.agents == 1000:
+			hint = "make bench runs it with LOADGEN_AGENTS=1000, the default; the step failed, was skipped or ran at another size"
+		case p.driver == "loadgen":
 			hint = fmt.Sprintf("make bench runs it with LOADGEN_LARGE_AGENTS=%d", p.agents)
 		}
 		return value{reason: fmt.Sprintf("no figures from %s (%s)", what, hint)}
