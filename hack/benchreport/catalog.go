@@ -35,7 +35,7 @@ func catalog() []section {
 			},
 		}
 		for _, n := range []int{1000, 5000} {
-			r.parts = append(r.parts, part{label: "controller CPU, " + count(n) + " agents", driver: "loadgen", scenario: scenario, figure: "controller CPU", agents: n})
+			r.parts = append(r.parts, part{label: "controller CPU, " + count(n) + " agents, full mesh", driver: "loadgen", scenario: scenario, figure: "controller CPU", agents: n})
 		}
 		return r
 	}
