@@ -66,7 +66,8 @@ func catalog() []section {
 					target: "≤ 500 MB",
 					parts: []part{
 						lg("5,000 agents, peak during a full-mesh policy change", "policy", "controller peak RSS", 5000, 500e6),
-						lg("1,000 agents", "policy", "controller peak RSS", 1000, 0),
+						lg("5,000 agents, after it converged", "policy", "controller RSS after, converged", 5000, 0),
+						lg("1,000 agents, peak", "policy", "controller peak RSS", 1000, 0),
 					},
 				},
 				{

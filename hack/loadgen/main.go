@@ -41,9 +41,10 @@
 // For every scenario: controller CPU time (utime+stime of /proc/PID/stat from
 // the start of the change until the last agent received it) and the load
 // generator's own over the same span (both share the machine's cores), controller
-// RSS before the change and its peak (VmHWM, reset to the current RSS before the
+// RSS before the change, its peak (VmHWM, reset to the current RSS before the
 // change, read after the status converged, so it includes heap the Go runtime
-// kept from earlier scenarios), and the
+// kept from earlier scenarios) and its RSS then (every agent connected and
+// converged), and the
 // time until the controller's Status shows every node's applied hash equal to its
 // desired hash. Figures are printed as a table and, with -json, written as a JSON
 // array of {scenario, figure, value, unit, agents, conditions, command, date}

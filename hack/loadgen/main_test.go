@@ -259,7 +259,7 @@ func TestRealController(t *testing.T) {
 	if b := got["policy/bytes to each agent p50"]; b < 19*50 {
 		t.Errorf("bytes to each agent p50 = %v, want at least %d for 19 peers", b, 19*50)
 	}
-	for _, k := range []string{"policy/delivery p99", "policy/policy apply returns", "policy/controller peak RSS", "policy/status shows every node converged"} {
+	for _, k := range []string{"policy/delivery p99", "policy/policy apply returns", "policy/controller peak RSS", "policy/controller RSS after, converged", "policy/status shows every node converged"} {
 		if got[k] <= 0 {
 			t.Errorf("%s = %v, want > 0", k, got[k])
 		}

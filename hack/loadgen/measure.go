@@ -308,6 +308,9 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	r.add(scenario, "controller RSS before", float64(mem0.RSS), "B")
 	if m, err := procmem.Read(pid); err == nil {
 		r.add(scenario, "controller peak RSS", float64(m.HWM), "B")
+		if convErr == nil {
+			r.add(scenario, "controller RSS after, converged", float64(m.RSS), "B")
+		}
 	}
 	if m, err := procmem.Read(os.Getpid()); err == nil {
 		r.add(scenario, "load generator peak RSS", float64(m.HWM), "B")
