@@ -249,29 +249,3 @@ func TestCompileSharesSets(t *testing.T) {
 	}
 }
 
-// TestNodeConcurrent calls Node from several goroutines (run with -race): peer
-// lists are built lazily, once per group of nodes.
-func TestNodeConcurrent(t *testing.T) {
-	p, nodes := benchPolicy(500)
-	c := mustCompile(t, p, nodes)
-	want := map[string]NodeView{}
-	for _, n := range c.Nodes() {
-		want[n], _ = c.Node(n)
-	}
-	c = mustCompile(t, p, nodes)
-	done := make(chan struct{})
-	for range 4 {
-		go func() {
-			defer func() { done <- struct{}{} }()
-			for _, n := range c.Nodes() {
-				if v, _ := c.Node(n); !reflect.DeepEqual(v, want[n]) {
-					t.Errorf("concurrent Node(%q) differs", n)
-					return
-				}
-			}
-		}()
-	}
-	for range 4 {
-		<-done
-	}
-}

@@ -79,14 +79,23 @@ type nodeState struct {
 	self     *segmeshv1.Node
 	gossip   bool // the header holds the gossip key
 	hash     string
+	// hdrDig is the digest of the header for hdrFor (its revision and gossip
+	// configuration); the rest of the header changes only with a new nodeState.
+	hdrDig wire.Digest
+	hdrFor hdrKey
 	version  uint64
 	revoked  *segmeshv1.Netmap // the netmap of a revoked node
+}
+
+type hdrKey struct {
+	revision uint64
+	gossip   *segmeshv1.GossipConfig
 }
 
 type segState struct {
 	external bool
 	name     string
-	members  map[string]struct{}
+	members  []*nodeState   // sorted by name
 	sorted   []netip.Prefix // the set's prefixes in SortPrefixStrings order
 	sum      wire.Sum
 }
@@ -99,10 +108,9 @@ type groupState struct {
 	rules    *segmeshv1.FilterRules
 	rulesDig wire.Digest
 	filter   wire.Digest
-	// peerCount counts, per candidate peer, the peer segments that hold it.
-	peerCount map[string]int32
-	peers     []*segmeshv1.Peer // sorted by name, every node with peerCount > 0
-	peerSum   wire.Sum
+	// peers are the members of peerSegs, sorted by name.
+	peers   []*segmeshv1.Peer
+	peerSum wire.Sum
 	members   map[*nodeState]struct{}
 }
 
@@ -170,7 +178,8 @@ func (e *Engine) build(prog *policy.Program) {
 	}
 	// Segment members first, then groups, whose peer lists need the members.
 	pos := map[int32][]netip.Prefix{}
-	for _, n := range e.nodes {
+	for _, name := range slices.Sorted(maps.Keys(e.nodes)) {
+		n := e.nodes[name]
 		n.segs, n.group = nil, nil
 		if n.peer == nil || prog == nil {
 			continue
@@ -178,7 +187,7 @@ func (e *Engine) build(prog *policy.Program) {
 		n.segs = prog.Memberships(&policy.Node{Name: n.node.Name, Labels: n.node.Labels}, nil)
 		for _, si := range n.segs {
 			s := e.seg(si)
-			s.members[n.node.Name] = struct{}{}
+			s.members = append(s.members, n) // in name order
 			pos[si] = append(pos[si], n.hostPfx...)
 		}
 	}
@@ -200,7 +209,7 @@ func (e *Engine) build(prog *policy.Program) {
 // seg returns the state of node segment si, creating it.
 func (e *Engine) seg(si int32) *segState {
 	if e.segs[si] == nil {
-		e.segs[si] = &segState{name: e.prog.SegmentName(si), members: map[string]struct{}{}}
+		e.segs[si] = &segState{name: e.prog.SegmentName(si)}
 	}
 	return e.segs[si]
 }
@@ -220,7 +229,7 @@ func groupKey(segs []int32) string {
 // newGroup creates the group of memberships segs, with its peer list computed
 // from the current segment members.
 func (e *Engine) newGroup(segs []int32) *groupState {
-	g := &groupState{key: groupKey(segs), segs: segs, peerCount: map[string]int32{}, members: map[*nodeState]struct{}{}}
+	g := &groupState{key: groupKey(segs), segs: segs, members: map[*nodeState]struct{}{}}
 	var spec policy.GroupSpec
 	if e.prog != nil {
 		spec = e.prog.Group(segs)
@@ -239,24 +248,72 @@ func (e *Engine) newGroup(segs []int32) *groupState {
 		e.seg(si)
 		e.setOf[si][g] = struct{}{}
 	}
+	var members []*nodeState
 	for _, si := range g.peerSegs {
 		e.peerOf[si][g] = struct{}{}
-		for name := range e.seg(si).members {
-			g.peerCount[name]++
-		}
+		members = unionSorted(members, e.seg(si).members)
 	}
-	for name := range g.peerCount {
-		p := e.nodes[name]
-		g.peers = append(g.peers, p.peer)
-		g.peerSum = g.peerSum.Add(p.peerDig)
+	g.peers = make([]*segmeshv1.Peer, len(members))
+	for i, m := range members {
+		g.peers[i] = m.peer
+		g.peerSum = g.peerSum.Add(m.peerDig)
 	}
-	slices.SortFunc(g.peers, comparePeer)
 	e.refilter(g)
 	e.groups[g.key] = g
 	return g
 }
 
-func comparePeer(a, b *segmeshv1.Peer) int { return cmp.Compare(a.GetName(), b.GetName()) }
+func comparePeer(a, b *segmeshv1.Peer) int { return cmp.Compare(a.Name, b.Name) }
+
+func compareNode(a, b *nodeState) int { return cmp.Compare(a.node.Name, b.node.Name) }
+
+// unionSorted returns the union of a and b, both sorted by name; it may return a
+// or b itself, and the caller must not modify the result.
+func unionSorted(a, b []*nodeState) []*nodeState {
+	switch {
+	case len(a) == 0:
+		return b
+	case len(b) == 0:
+		return a
+	}
+	out := make([]*nodeState, 0, max(len(a), len(b)))
+	i, j := 0, 0
+	for i < len(a) && j < len(b) {
+		switch c := compareNode(a[i], b[j]); {
+		case c < 0:
+			out = append(out, a[i])
+			i++
+		case c > 0:
+			out = append(out, b[j])
+			j++
+		default:
+			out = append(out, a[i])
+			i++
+			j++
+		}
+	}
+	out = append(out, a[i:]...)
+	return append(out, b[j:]...)
+}
+
+// intersects reports whether the ascending lists a and b share an element.
+func intersects(a, b []int32) bool {
+	i, j := 0, 0
+	for i < len(a) && j < len(b) {
+		switch {
+		case a[i] < b[j]:
+			i++
+		case a[i] > b[j]:
+			j++
+		default:
+			return true
+		}
+	}
+	return false
+}
+
+// isPeer reports whether n is a member of g's peer segments.
+func (g *groupState) isPeer(n *nodeState) bool { return intersects(n.segs, g.peerSegs) }
 
 // refilter recomputes g's filter digest from its sets' Sums.
 func (e *Engine) refilter(g *groupState) {
@@ -302,8 +359,8 @@ func (e *Engine) hasPeers(n *nodeState) bool {
 	if g == nil {
 		return false
 	}
-	k := len(g.peerCount)
-	if g.peerCount[n.node.Name] > 0 {
+	k := len(g.peers)
+	if g.isPeer(n) {
 		k--
 	}
 	return k > 0
@@ -318,14 +375,17 @@ func (e *Engine) header(n *nodeState) *segmeshv1.Netmap {
 	return h
 }
 
-// hashWith returns n's hash for header h.
+// hashWith returns n's hash for header h, which is e.header(n).
 func (e *Engine) hashWith(n *nodeState, h *segmeshv1.Netmap) string {
 	g := n.group
 	peers := g.peerSum
-	if g.peerCount[n.node.Name] > 0 {
+	if g.isPeer(n) {
 		peers = peers.Sub(n.peerDig)
 	}
-	return wire.ComposeHash(wire.HeaderDigest(h), peers, g.filter)
+	if k := (hdrKey{h.PolicyRevision, h.Gossip}); k != n.hdrFor || k.revision == 0 && n.hdrDig == (wire.Digest{}) {
+		n.hdrDig, n.hdrFor = wire.HeaderDigest(h), k
+	}
+	return wire.ComposeHash(n.hdrDig, peers, g.filter)
 }
 
 // rehash recomputes n's hash.
@@ -539,11 +599,7 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 		if isIn {
 			add = newPfx
 		}
-		if !isIn {
-			delete(s.members, name)
-		} else {
-			s.members[name] = struct{}{}
-		}
+		s.setMember(name, n, isIn)
 		if sd := s.edit(rm, add); sd != nil {
 			setDeltas[si] = sd
 		}
@@ -566,19 +622,7 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 		}
 	}
 	for g := range peerGroups {
-		was := g.peerCount[name] > 0
-		for _, si := range g.peerSegs {
-			if slices.Contains(oldSegs, si) {
-				g.peerCount[name]--
-			}
-			if slices.Contains(newSegs, si) {
-				g.peerCount[name]++
-			}
-		}
-		is := g.peerCount[name] > 0
-		if !is {
-			delete(g.peerCount, name)
-		}
+		was, is := intersects(oldSegs, g.peerSegs), intersects(newSegs, g.peerSegs)
 		switch {
 		case was && !is:
 			g.removePeer(name, oldPeer)
@@ -683,6 +727,20 @@ func (e *Engine) deltaFor(m *nodeState, c *groupChange) Update {
 
 func headerOf(h *segmeshv1.Netmap) *segmeshv1.NetmapHeader {
 	return &segmeshv1.NetmapHeader{Self: h.Self, Gossip: h.Gossip, OverlayPrefixes: h.OverlayPrefixes, KeyRotation: h.KeyRotation}
+}
+
+// setMember makes n (named name) a member of the segment or not; another node
+// state of the same name is replaced.
+func (s *segState) setMember(name string, n *nodeState, in bool) {
+	i, found := slices.BinarySearchFunc(s.members, name, func(m *nodeState, name string) int { return cmp.Compare(m.node.Name, name) })
+	switch {
+	case found && in:
+		s.members[i] = n
+	case found:
+		s.members = slices.Delete(s.members, i, i+1)
+	case in:
+		s.members = slices.Insert(s.members, i, n)
+	}
 }
 
 // edit removes rm and adds add to the set and returns the change, or nil.
@@ -845,7 +903,7 @@ func (e *Engine) groupDiff(oldPeers map[string]*segmeshv1.Peer, oldSets map[stri
 	}
 	if seen < len(oldPeers) {
 		for name := range oldPeers {
-			if g.peerCount[name] == 0 {
+			if _, ok := slices.BinarySearchFunc(g.peers, name, func(p *segmeshv1.Peer, name string) int { return cmp.Compare(p.Name, name) }); !ok {
 				c.removes = append(c.removes, name)
 			}
 		}
