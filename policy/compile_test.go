@@ -248,4 +248,3 @@ func TestCompileSharesSets(t *testing.T) {
 		t.Errorf("web-1 and ops-1 hold separate copies of set api")
 	}
 }
-

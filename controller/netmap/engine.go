@@ -81,10 +81,10 @@ type nodeState struct {
 	hash     string
 	// hdrDig is the digest of the header for hdrFor (its revision and gossip
 	// configuration); the rest of the header changes only with a new nodeState.
-	hdrDig wire.Digest
-	hdrFor hdrKey
-	version  uint64
-	revoked  *segmeshv1.Netmap // the netmap of a revoked node
+	hdrDig  wire.Digest
+	hdrFor  hdrKey
+	version uint64
+	revoked *segmeshv1.Netmap // the netmap of a revoked node
 }
 
 type hdrKey struct {
@@ -111,7 +111,7 @@ type groupState struct {
 	// peers are the members of peerSegs, sorted by name.
 	peers   []*segmeshv1.Peer
 	peerSum wire.Sum
-	members   map[*nodeState]struct{}
+	members map[*nodeState]struct{}
 }
 
 // NewEngine returns an Engine holding the netmaps of nodes under prog (revision
