@@ -120,11 +120,12 @@ func TestByteDeltas(t *testing.T) {
 	}
 }
 
-// TestCountingTransport checks that only Sync response bodies are counted, every
-// byte of them, and that snapshotBytes reads the per-agent counters.
+// TestCountingTransport checks that only the response bodies of netmap streams
+// (SyncUpdates, Sync) are counted, every byte of them, and that snapshotBytes
+// reads the per-agent counters.
 func TestCountingTransport(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasSuffix(r.URL.Path, "/Sync") {
+		if strings.HasSuffix(r.URL.Path, "/Sync") || strings.HasSuffix(r.URL.Path, "/SyncUpdates") {
 			_, _ = w.Write(bytes.Repeat([]byte("x"), 1000))
 			return
 		}
@@ -133,7 +134,7 @@ func TestCountingTransport(t *testing.T) {
 	defer srv.Close()
 	a := &simAgent{}
 	hc := &http.Client{Transport: countingTransport{rt: http.DefaultTransport, n: &a.bytes}}
-	for _, path := range []string{"/segmesh.v1.AgentService/Sync", "/segmesh.v1.AgentService/Report", "/segmesh.v1.AgentService/Sync"} {
+	for _, path := range []string{"/segmesh.v1.AgentService/Sync", "/segmesh.v1.AgentService/Report", "/segmesh.v1.AgentService/SyncUpdates", "/segmesh.v1.AgentService/RenewCertificate"} {
 		resp, err := hc.Post(srv.URL+path, "application/proto", nil)
 		if err != nil {
 			t.Fatal(err)
@@ -291,6 +292,47 @@ func TestLightCodec(t *testing.T) {
 	}
 	if err := c.Unmarshal(raw[:len(raw)-3], &segmeshv1.Netmap{}); err == nil {
 		t.Error("a truncated netmap decoded without an error")
+	}
+	// A NetmapUpdate: a full netmap as above, a delta to what the watch looks at.
+	for _, tt := range []struct {
+		in, want *segmeshv1.NetmapUpdate
+	}{
+		{in: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: full}}, want: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: want}}},
+		{in: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Delta{Delta: &segmeshv1.NetmapDelta{
+			BaseHash: "a", Hash: "b", PolicyRevision: 8,
+			Header:        &segmeshv1.NetmapHeader{Self: full.Self, OverlayPrefixes: []string{"100.64.0.0/10"}, KeyRotation: 4},
+			UpsertedPeers: full.Peers, RemovedPeers: []string{"sim-3", "sim-4"},
+			Sets:  []*segmeshv1.AddressSetDelta{{Name: "sim", Added: []string{"100.64.0.9/32"}}},
+			Rules: &segmeshv1.FilterRules{},
+		}}}, want: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Delta{Delta: &segmeshv1.NetmapDelta{
+			BaseHash: "a", Hash: "b", PolicyRevision: 8,
+			Header:        &segmeshv1.NetmapHeader{Self: want.Self},
+			UpsertedPeers: want.Peers, RemovedPeers: []string{"sim-3", "sim-4"},
+		}}}},
+	} {
+		raw, err := proto.Marshal(tt.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		size.Store(0)
+		got := &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: &segmeshv1.Netmap{Revoked: true}}}
+		if err := c.Unmarshal(raw, got); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(got, tt.want) {
+			t.Errorf("decoded %v, want %v", got, tt.want)
+		}
+		if wantSize := int64(proto.Size(tt.in.GetFull())); size.Load() != wantSize {
+			t.Errorf("size = %d, want %d (the full netmap's; 0 for a delta)", size.Load(), wantSize)
+		}
+		if err := c.Unmarshal(raw[:len(raw)-1], &segmeshv1.NetmapUpdate{}); err == nil {
+			t.Error("a truncated update decoded without an error")
+		}
+		// Whole (a verifying agent): everything.
+		whole := &segmeshv1.NetmapUpdate{}
+		if err := (lightCodec{size: &size, whole: true}).Unmarshal(raw, whole); err != nil || !proto.Equal(whole, tt.in) {
+			t.Errorf("whole decode = %v, %v; want %v", whole, err, tt.in)
+		}
 	}
 	// Other messages decode in full.
 	rep := &segmeshv1.ReportRequest{AppliedRevision: 3, AppliedHash: "h", InSync: true}

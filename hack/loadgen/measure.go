@@ -87,7 +87,7 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]figure, error)
 	r := &runner{o: o, log: log, ctl: ctl, op: operatorClient(ctl), date: time.Now().UTC().Format(time.RFC3339), port: 1000}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(ctl.CAPEM)
-	r.fleet = &fleet{log: log, url: ctl.URL.String(), pool: pool}
+	r.fleet = &fleet{log: log, url: ctl.URL.String(), pool: pool, verify: o.verify}
 	defer r.fleet.close()
 	if err := r.setup(ctx); err != nil {
 		return r.figs, fmt.Errorf("setup: %w; the controller's log ends with:\n%s", err, ctl.LogTail(15))
@@ -115,6 +115,9 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]figure, error)
 	}
 	if n := r.fleet.errs.Load(); n > 0 {
 		errs = append(errs, fmt.Errorf("%d simulated agents' streams ended unexpectedly (-verbose shows why)", n))
+	}
+	if n := r.fleet.resyncs.Load(); n > 0 {
+		errs = append(errs, fmt.Errorf("%d times a simulated agent asked for a full netmap because an update did not apply: the controller sent a wrong delta (-verbose shows the reasons)", n))
 	}
 	return r.figs, errors.Join(append(errs, ctx.Err())...)
 }
@@ -283,11 +286,15 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	r.add(scenario, "agents reached", float64(len(lat)), "agents")
 	r.add(scenario, "bytes to each agent p50", float64(percentile(deltas, 50)), "B")
 	r.add(scenario, "bytes to each agent p99", float64(percentile(deltas, 99)), "B")
-	sizes := make([]int64, len(r.fleet.agents))
-	for i, a := range r.fleet.agents {
-		sizes[i] = a.size.Load()
+	var sizes []int64 // of the agents that know the size of the netmap they hold
+	for _, a := range r.fleet.agents {
+		if n := a.size.Load(); n >= 0 {
+			sizes = append(sizes, n)
+		}
 	}
-	r.add(scenario, "netmap size after, uncompressed, p50", float64(percentile(sizes, 50)), "B")
+	if len(sizes) > 0 {
+		r.add(scenario, "netmap size after, uncompressed, p50", float64(percentile(sizes, 50)), "B")
+	}
 	r.add(scenario, "controller CPU", (cpu1 - cpu0).Seconds(), "s")
 	r.add(scenario, "load generator CPU (same machine)", (self1 - self0).Seconds(), "s")
 	if convErr == nil {
