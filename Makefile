@@ -34,18 +34,25 @@ unauthload: build
 
 # Issue 8: the controller under LOADGEN_AGENTS simulated agents (real enrollment, one
 # mutual-TLS stream each, loopback): delivery latency of a policy change (full mesh,
-# no peers), a join and an endpoint change; bytes per agent, controller CPU and RSS.
+# no peers), a join, an endpoint change, a relabel and a revocation; bytes per agent,
+# controller CPU and RSS.
 LOADGEN_AGENTS ?= 1000
+# make bench's second load generator run, for the rows at 5,000 agents (0: none).
+LOADGEN_LARGE_AGENTS ?= 0
 loadgen: build
 	$(GO) run ./hack/loadgen -agents $(LOADGEN_AGENTS) -bin $(BIN)/segmesh-controller -json $(BIN)/loadgen.json
 
-# The figures of issue 7's table on this machine (root; several minutes): dataplane Go
-# benchmarks, TCP throughput overlay/bare wireguard-go, agent memory under load and
-# idle. BENCHTIME applies to the fast Go benchmarks; see hack/bench.sh and
-# docs/benchmarks.md.
+# Every figure of issues 7 and 8 on this machine, written to BENCHMARKS.md (root;
+# about 20 minutes): every Go benchmark, the netns lab drivers (prefixes end to end,
+# TCP throughput overlay/bare wireguard-go, agent memory) and the load generator at
+# LOADGEN_AGENTS (and LOADGEN_LARGE_AGENTS, e.g. 5000) agents. BENCHTIME applies to
+# the fast Go benchmarks, BENCH_STEPS="go lab loadgen" picks groups; see
+# hack/bench.sh and docs/benchmarks.md.
 BENCHTIME ?= 5x
+BENCH_STEPS ?= go lab loadgen
 bench: deps bench-build
-	BIN=$(BIN) BENCHTIME=$(BENCHTIME) GO=$(GO) hack/bench.sh
+	BIN=$(BIN) BENCHTIME=$(BENCHTIME) GO=$(GO) BENCH_STEPS="$(BENCH_STEPS)" LOADGEN_AGENTS=$(LOADGEN_AGENTS) \
+		LOADGEN_LARGE_AGENTS=$(LOADGEN_LARGE_AGENTS) hack/bench.sh
 
 bench-build: build
 	$(GO) build -o $(BIN)/ ./hack/probe

@@ -19,6 +19,7 @@ import (
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/api/wire"
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
@@ -146,14 +147,14 @@ func orUnknown(s string) string {
 	return s
 }
 
-// Sync implements AgentService.Sync: it records the agent's endpoint (a change
-// is persisted and recomputes netmaps), marks the node online, sends the node's
-// current netmap at once and then every netmap whose hash differs from the last
-// one sent, until the agent goes away or the controller shuts down. Before each
+// serve runs one netmap stream (Sync or SyncUpdates): it records the agent's
+// endpoint (a change is persisted and recomputes netmaps), marks the node online,
+// sends the node's current netmap at once and then, on every change, a delta
+// (with deltas) or the whole netmap, until the agent goes away or the controller shuts down. Before each
 // netmap it authenticates the node again; a node revoked or deleted meanwhile is
 // sent a revoked netmap (no peers, default deny) and the stream ends with
 // PermissionDenied.
-func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.Netmap]) error {
+func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], deltas bool, send func(*segmeshv1.NetmapUpdate) error) error {
 	c := s.c
 	node, err := s.authenticate(ctx)
 	if err != nil {
@@ -180,7 +181,7 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 	c.log.Info("agent connected", "node", node.Name, "peer", req.Peer().Addr, "endpoint", ep, "dataplane", req.Msg.GetDataplane(), "version", req.Msg.GetVersion())
 	defer c.log.Info("agent disconnected", "node", node.Name, "peer", req.Peer().Addr)
 
-	sub := c.hub.Subscribe(node.Name)
+	sub := c.hub.Subscribe(node.Name, deltas)
 	defer sub.Close()
 	for {
 		select {
@@ -193,20 +194,51 @@ func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.
 		if _, err := s.authenticate(ctx); err != nil {
 			if isCutOff(err) {
 				rev, _ := c.policyInForce()
-				if err := stream.Send(netmap.Revoked(rev, node.Name)); err != nil {
+				full := &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: netmap.Revoked(rev, node.Name)}}
+				if err := send(full); err != nil {
 					c.log.Debug("sending the revoked netmap", "node", node.Name, "err", err)
 				}
 			}
 			c.log.Info("agent stream closed: credentials no longer valid", "node", node.Name, "reason", err)
 			return err
 		}
-		if nm, ok := sub.Next(); ok {
-			if err := stream.Send(nm); err != nil {
+		if u, ok := sub.Next(); ok {
+			if err := send(u); err != nil {
 				return fmt.Errorf("sending netmap to %s: %w", node.Name, err)
 			}
-			c.log.Debug("netmap sent", "node", node.Name, "revision", nm.GetPolicyRevision(), "hash", nm.GetHash())
+			if d := u.GetDelta(); d != nil {
+				c.log.Debug("netmap delta sent", "node", node.Name, "revision", d.GetPolicyRevision(), "hash", d.GetHash())
+			} else {
+				c.log.Debug("netmap sent", "node", node.Name, "revision", u.GetFull().GetPolicyRevision(), "hash", u.GetFull().GetHash())
+			}
 		}
 	}
+}
+
+// Sync implements AgentService.Sync for agents that predate deltas: whole
+// netmaps only, with hash version 1. The agent reports that hash; the controller
+// translates it back (liveTracker.sentLegacy).
+func (s *agentService) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.Netmap]) error {
+	name := ""
+	return s.serve(ctx, req, false, func(u *segmeshv1.NetmapUpdate) error {
+		nm := u.GetFull()
+		if name == "" {
+			name = nm.GetSelf().GetName()
+		}
+		v2 := nm.GetHash()
+		nm.HashVersion = 0
+		nm.Hash = wire.NetmapHash(nm)
+		s.c.live.sentLegacy(name, nm.GetHash(), v2)
+		return stream.Send(nm)
+	})
+}
+
+// SyncUpdates implements AgentService.SyncUpdates: one whole netmap, then deltas.
+func (s *agentService) SyncUpdates(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.NetmapUpdate]) error {
+	if r := req.Msg.GetResyncReason(); r != "" {
+		s.c.log.Info("agent asks for a whole netmap", "peer", req.Peer().Addr, "reason", reportedText(r, 256))
+	}
+	return s.serve(ctx, req, true, stream.Send)
 }
 
 // RenewCertificate implements AgentService.RenewCertificate: over the node's
@@ -264,7 +296,7 @@ func (s *agentService) RenewCertificate(ctx context.Context, req *connect.Reques
 		return nil, internalOr("storing the renewed identity of "+node.Name, err)
 	}
 	c.log.Info("node certificate renewed", "node", node.Name, "not_after", notAfter)
-	c.requestRecompute() // peers verify gossip claims with the node's identity key
+	c.nodesChanged(node.Name) // peers verify gossip claims with the node's identity key
 	return connect.NewResponse(&segmeshv1.RenewCertificateResponse{CertificateDer: der, NotAfterUnix: notAfter.Unix()}), nil
 }
 
@@ -319,7 +351,7 @@ func (s *agentService) RotateKey(ctx context.Context, req *connect.Request[segme
 	}
 	if changed {
 		c.log.Info("node WireGuard key rotated", "node", node.Name, "generation", gen)
-		c.recomputeNow()
+		c.syncNodes(node.Name)
 	}
 	return connect.NewResponse(&segmeshv1.RotateKeyResponse{}), nil
 }
@@ -342,7 +374,7 @@ func (c *Controller) setEndpoint(name, ep string) error {
 		return fmt.Errorf("storing endpoint of node %s: %w", name, err)
 	}
 	c.log.Info("node endpoint changed", "node", name, "endpoint", ep)
-	c.requestRecompute()
+	c.nodesChanged(name)
 	return nil
 }
 
@@ -374,7 +406,15 @@ type liveNode struct {
 	lastSeen    time.Time
 	inSync      bool
 	drift       *segmeshv1.Drift // sanitised (reportedDrift); nil before a report
+	// legacy maps the version 1 hashes of the netmaps last sent on a Sync stream
+	// to their version 2 hashes (at most legacyHashes), so that an agent that
+	// predates deltas reports a hash status can compare.
+	legacy map[string]string
 }
+
+// legacyHashes bounds liveNode.legacy: the netmaps a legacy agent may still be
+// applying when it reports.
+const legacyHashes = 4
 
 func newLiveTracker() *liveTracker { return &liveTracker{nodes: map[string]*liveNode{}} }
 
@@ -521,12 +561,27 @@ func (l *liveTracker) disconnect(name string, id uint64, now time.Time) {
 	n.lastSeen = now
 }
 
+// sentLegacy records that a Sync stream sent node name the netmap whose version 1
+// hash is v1 and version 2 hash v2.
+func (l *liveTracker) sentLegacy(name, v1, v2 string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := l.get(name)
+	if n.legacy == nil || len(n.legacy) >= legacyHashes {
+		n.legacy = map[string]string{}
+	}
+	n.legacy[v1] = v2
+}
+
 func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := l.get(name)
 	n.appliedRev = r.GetAppliedRevision()
 	n.appliedHash = reportedText(r.GetAppliedHash(), 64)
+	if v2, ok := n.legacy[n.appliedHash]; ok {
+		n.appliedHash = v2
+	}
 	if d := reportedDataplane(r.GetDataplane()); d != "" {
 		n.dataplane = d
 	}

@@ -133,10 +133,16 @@ type Controller struct {
 	// endpointChanges budgets endpoint changes per node.
 	endpointChanges *actorLimiter
 	refusalAudits   *actorLimiter
-	hub             *fanout.Hub
-	live            *liveTracker
-	recomputeKick   chan struct{}
-	now             func() time.Time
+	// engine computes the netmaps; hub fans their changes out to the streams.
+	// Both are replaced only at start-up (rebuildLocked).
+	engine        *netmap.Engine
+	hub           *fanout.Hub
+	live          *liveTracker
+	recomputeKick chan struct{}
+	dirtyMu       sync.Mutex
+	dirty         map[string]struct{} // nodes whose records changed since the last computation
+	nodeErrs      map[string]string   // under computeMu: nodes the engine refused, and why
+	now           func() time.Time
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
@@ -160,7 +166,6 @@ func New(opts Options) (_ *Controller, err error) {
 	c := &Controller{
 		opts:            opts,
 		log:             opts.Logger,
-		hub:             fanout.New(),
 		live:            newLiveTracker(),
 		enrollLimits:    newRefusalLimiter(),
 		enrollSlots:     newSlotLimiter(),
@@ -168,6 +173,8 @@ func New(opts Options) (_ *Controller, err error) {
 		endpointChanges: newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
 		refusalAudits:   newActorLimiter(),
 		recomputeKick:   make(chan struct{}, 1),
+		dirty:           map[string]struct{}{},
+		nodeErrs:        map[string]string{},
 		now:             time.Now,
 		shutdown:        make(chan struct{}),
 	}
@@ -249,7 +256,12 @@ func New(opts Options) (_ *Controller, err error) {
 	if err := c.loadPolicy(); err != nil {
 		return nil, err
 	}
-	c.recomputeNow()
+	c.computeMu.Lock()
+	err = c.rebuildLocked()
+	c.computeMu.Unlock()
+	if err != nil {
+		return nil, err
+	}
 	serving, _ := c.policyInForce()
 	c.log.Info("controller ready", "listen", c.ln.Addr().String(), "url", c.advertiseURL, "data_dir", opts.DataDir, "policy_revision", serving)
 	return c, nil

@@ -293,7 +293,7 @@ func (s *enrollService) enroll(ctx context.Context, now time.Time, m *segmeshv1.
 		return name, secretOK, nil, connect.NewError(connect.CodeInternal, err)
 	}
 	c.log.Info("node enrolled", "name", name, "new", created, "addresses", node.Addresses, "labels", labels, "token_id", tok.IDString(), "cert_not_after", notAfter)
-	c.requestRecompute()
+	c.nodesChanged(name)
 	return name, secretOK, connect.NewResponse(&segmeshv1.EnrollResponse{
 		NodeName:        name,
 		Addresses:       netmap.HostPrefixes(node.Addresses),

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
@@ -21,6 +22,7 @@ import (
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/api/wire"
 	"segmesh/controller/pki"
 )
 
@@ -252,7 +254,40 @@ type netmapStream struct {
 	err    chan error
 }
 
+// sync opens a SyncUpdates stream for a, as an agent does: the stream's channel
+// carries the whole netmap after each update (deltas applied with
+// wire.ApplyDelta, which checks each result's hash); a delta that does not apply
+// ends the stream with its error.
 func (tc *testController) sync(a *enrolledAgent, req *segmeshv1.SyncRequest) *netmapStream {
+	tc.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := tc.agent(a).SyncUpdates(ctx, connect.NewRequest(req))
+	if err != nil {
+		cancel()
+		tc.t.Fatalf("SyncUpdates %s: %v", a.name, err)
+	}
+	s := &netmapStream{ch: make(chan *segmeshv1.Netmap, 16), cancel: cancel, err: make(chan error, 1)}
+	go func() {
+		defer stream.Close()
+		var held *segmeshv1.Netmap
+		for stream.Receive() {
+			u := stream.Msg()
+			if f := u.GetFull(); f != nil {
+				held = f
+			} else if held, err = wire.ApplyDelta(held, u.GetDelta()); err != nil {
+				s.err <- fmt.Errorf("applying a delta: %w", err)
+				return
+			}
+			s.ch <- held
+		}
+		s.err <- stream.Err()
+	}()
+	tc.t.Cleanup(cancel)
+	return s
+}
+
+// syncLegacy opens a Sync stream for a, as an agent that predates deltas does.
+func (tc *testController) syncLegacy(a *enrolledAgent, req *segmeshv1.SyncRequest) *netmapStream {
 	tc.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	stream, err := tc.agent(a).Sync(ctx, connect.NewRequest(req))

@@ -84,10 +84,10 @@ func (c *Controller) cutOff(ctx context.Context, name, action string, change fun
 	if err != nil {
 		return internalOr(action+" "+name, err)
 	}
+	c.syncNodesLocked(name)
 	if key != nil {
-		c.netmapCfg.GossipKey = key
+		c.setGossipKeyLocked(key)
 	}
-	c.recomputeLocked()
 	c.log.Info("node cut off", "action", action, "node", name, "by", actorOf(ctx), "gossip_key_rotated", key != nil)
 	return nil
 }
@@ -198,7 +198,7 @@ func (s *operatorService) LabelNode(ctx context.Context, req *connect.Request[se
 	if err != nil {
 		return nil, internalOr("relabeling "+name, err)
 	}
-	c.recomputeLocked()
+	c.syncNodesLocked(name)
 	c.log.Info("node relabeled", "node", name, "labels", labels, "by", actorOf(ctx))
 	return connect.NewResponse(&segmeshv1.LabelNodeResponse{Labels: labels}), nil
 }
@@ -290,6 +290,6 @@ func (s *operatorService) RotateNodeKey(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, internalOr("requesting a key rotation of "+name, err)
 	}
-	c.recomputeNow()
+	c.syncNodes(name)
 	return connect.NewResponse(&segmeshv1.RotateNodeKeyResponse{Generation: gen}), nil
 }

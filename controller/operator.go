@@ -80,7 +80,30 @@ func (s *operatorService) Status(ctx context.Context, _ *connect.Request[segmesh
 		return nil, err
 	}
 	latest, _, problem := s.c.policyStatus()
-	return connect.NewResponse(&segmeshv1.StatusResponse{PolicyRevision: latest, ServingRevision: serving, PolicyError: problem, Nodes: nodes}), nil
+	resp := &segmeshv1.StatusResponse{PolicyRevision: latest, ServingRevision: serving, PolicyError: problem, Nodes: nodes}
+	resp.NodesActive, resp.NodesOnline, resp.NodesCurrent = distributionProgress(nodes)
+	return connect.NewResponse(resp), nil
+}
+
+// distributionProgress counts the active (not revoked) nodes among nodes, those
+// of them that are online, and those that enforce their desired netmap: the
+// agent's last report named a non-empty hash equal to DesiredHash. A node that
+// went offline after such a report still counts as enforcing it (its agent keeps
+// the last netmap), so current can exceed online.
+func distributionProgress(nodes []*segmeshv1.NodeStatus) (active, online, current uint32) {
+	for _, n := range nodes {
+		if n.GetState() != stateActive {
+			continue
+		}
+		active++
+		if n.GetOnline() {
+			online++
+		}
+		if h := n.GetAppliedHash(); h != "" && h == n.GetDesiredHash() {
+			current++
+		}
+	}
+	return active, online, current
 }
 
 // ListNodes implements OperatorService.ListNodes.
@@ -127,9 +150,7 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 		if !n.CertNotAfter.IsZero() {
 			st.CertExpiresUnix = n.CertNotAfter.Unix()
 		}
-		if nm, ok := c.hub.Latest(n.Name); ok {
-			st.DesiredHash = nm.GetHash()
-		}
+		st.DesiredHash = c.desiredHash(n.Name)
 		c.live.fill(st)
 		// A netmap keeps the revision at which it last changed (see
 		// netmap.Compute), so an agent whose netmap no later revision touched
@@ -141,6 +162,13 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 		out = append(out, st)
 	}
 	return out, rev, nil
+}
+
+// desiredHash returns the hash of the netmap the controller holds for node (the
+// one its agent should enforce), or "" when it holds none yet.
+func (c *Controller) desiredHash(node string) string {
+	l, _ := c.hub.Latest(node)
+	return l.Hash
 }
 
 // validateLabels checks labels with the one label syntax of the policy language

@@ -94,7 +94,7 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 	cand := req.Msg.GetCandidate()
 	if cand == nil {
 		serving, _ := c.policyInForce()
-		nm, ok := c.hub.Latest(name)
+		nm, _, ok := c.engine.Netmap(name)
 		if !ok {
 			return nil, c.missingNode(name)
 		}
@@ -138,11 +138,11 @@ func (s *operatorService) GetNetmap(ctx context.Context, req *connect.Request[se
 	if err != nil {
 		return nil, policyError(err)
 	}
-	nm := netmap.FromCompiled(cfg, rev, compiled, nodes, c.previousNetmap)[name]
+	prev, _, _ := c.engine.Netmap(name)
+	nm := netmap.NodeFromCompiled(cfg, rev, compiled, nodes, name, prev)
 	if nm == nil {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q is not enrolled", name))
 	}
-	prev, _ := c.hub.Latest(name)
 	return connect.NewResponse(&segmeshv1.GetNetmapResponse{
 		Netmap: withoutGossipKey(nm), Revision: rev, Changed: prev.GetHash() != nm.GetHash(), Interface: c.live.iface(name),
 	}), nil

@@ -225,7 +225,7 @@ func (c *Controller) storePolicy(actor, filename string, content []byte, action 
 		return storeResult{revision: serving, unchanged: true}, nil
 	}
 	rev := latest + 1
-	pol, compiled, warnings, err := checkPolicy(filename, content, netmap.Inventory(nodes), c.opts.OverlayPrefixes)
+	pol, _, warnings, err := checkPolicy(filename, content, netmap.Inventory(nodes), c.opts.OverlayPrefixes)
 	if err != nil {
 		return storeResult{}, policyError(err)
 	}
@@ -245,10 +245,13 @@ func (c *Controller) storePolicy(actor, filename string, content []byte, action 
 	}
 	// Publish before switching the revision in force, so that a concurrent status
 	// never pairs the new revision with the old netmap hashes.
-	changed := c.publishLocked(rev, compiled, nodes)
+	changed, err := c.setPolicyLocked(rev, pol)
+	if err != nil {
+		return storeResult{}, connect.NewError(connect.CodeInternal, fmt.Errorf("computing the netmaps of policy revision %d: %w", rev, err))
+	}
 	c.polMu.Lock()
 	c.pol = policyState{serving: rev, parsed: pol, latest: rev}
 	c.polMu.Unlock()
-	c.log.Info("policy stored", "action", action, "revision", rev, "file", filename, "restored_from", restoredFrom, "nodes", len(nodes), "netmaps_changed", len(changed))
+	c.log.Info("policy stored", "action", action, "revision", rev, "file", filename, "restored_from", restoredFrom, "nodes", len(nodes), "netmaps_changed", changed)
 	return storeResult{revision: rev, warnings: warnings}, nil
 }

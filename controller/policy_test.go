@@ -125,7 +125,7 @@ func TestApplyRefusesInventoryConflicts(t *testing.T) {
 
 	// A recompute (as after an enrollment) meets the same conflict: the previous
 	// netmaps stay published, and Status says why.
-	tc.c.requestRecompute()
+	tc.c.nodesChanged("rogue")
 	eventually(t, "policy error in status", func() bool { return strings.Contains(tc.status().PolicyError, `"rogue"`) })
 	if nm, err := tc.netmapOf("web-1", nil); err != nil || nm.Netmap.GetHash() != before.GetHash() {
 		t.Errorf("published netmap of web-1 changed after a failed recompute: %v", err)

@@ -72,11 +72,12 @@ func Compile(p *Policy, nodes []Node) (*Compiled, error) {
 	if err != nil {
 		return nil, fmt.Errorf("compiling policy: %w", err)
 	}
-	segs, rules, err := resolve(p)
+	prog, err := Prepare(p)
 	if err != nil {
-		return nil, fmt.Errorf("compiling policy: %w", err)
+		return nil, err
 	}
-	nodeSegs := c.resolveMembers(segs, sorted)
+	segs, rules := prog.segs, prog.rules
+	nodeSegs := c.resolveMembers(prog, sorted)
 
 	// Nodes with the same memberships form one group and share its filter.
 	c.groupOf = make([]int32, len(sorted))
@@ -95,7 +96,9 @@ func Compile(p *Policy, nodes []Node) (*Compiled, error) {
 			for _, si := range ms {
 				inSeg[si] = true
 			}
-			c.groups = append(c.groups, buildGroup(segs, rules, inSeg))
+			g := &group{}
+			g.filter, _, g.peerSegs = buildGroup(segs, rules, inSeg)
+			c.groups = append(c.groups, g)
 			for _, si := range ms {
 				inSeg[si] = false
 			}
@@ -172,50 +175,37 @@ func resolve(p *Policy) ([]segInfo, []resolvedRule, error) {
 	return segs, rules, nil
 }
 
-// resolveMembers computes, once per referenced segment, its members (c.members)
-// and its address set (segs[i].prefixes). It returns, per node, the referenced
-// node segments the node belongs to, in segment order.
-func (c *Compiled) resolveMembers(segs []segInfo, sorted []*Node) [][]int32 {
+// resolveMembers computes the members of every referenced node segment
+// (c.members) and records each one's address set in segs[i].prefixes. It returns,
+// per node, the referenced node segments the node belongs to, in segment order.
+func (c *Compiled) resolveMembers(prog *Program, sorted []*Node) [][]int32 {
+	segs := prog.segs
 	c.members = make([][]int32, len(segs))
+	prefixes := make([][]netip.Prefix, len(segs))
 	nodeSegs := make([][]int32, len(sorted))
-	for si := range segs {
-		s := &segs[si]
-		if !s.referenced {
-			continue
-		}
-		if s.external {
-			s.prefixes = cidrPrefixes(s.seg.CIDRs)
-			continue
-		}
-		var explicit map[string]bool
-		if s.seg != nil && len(s.seg.Nodes) > 0 {
-			explicit = make(map[string]bool, len(s.seg.Nodes))
-			for _, n := range s.seg.Nodes {
-				explicit[n] = true
-			}
-		}
-		var members []int32
-		var prefixes []netip.Prefix
-		for i, n := range sorted {
-			if s.seg != nil && !explicit[n.Name] && !anySelector(s.seg.Selectors, n.Labels) {
-				continue
-			}
-			members = append(members, int32(i))
-			nodeSegs[i] = append(nodeSegs[i], int32(si))
+	for i, n := range sorted {
+		nodeSegs[i] = prog.Memberships(n, nil)
+		for _, si := range nodeSegs[i] {
+			c.members[si] = append(c.members[si], int32(i))
 			for _, a := range n.Addresses {
-				prefixes = append(prefixes, netip.PrefixFrom(a, a.BitLen()))
+				prefixes[si] = append(prefixes[si], netip.PrefixFrom(a, a.BitLen()))
 			}
 		}
-		slices.SortFunc(prefixes, comparePrefixes)
-		c.members[si] = members
-		s.prefixes = slices.Clip(slices.Compact(prefixes))
+	}
+	for si := range segs {
+		if segs[si].external || !segs[si].referenced {
+			continue
+		}
+		slices.SortFunc(prefixes[si], comparePrefixes)
+		segs[si].prefixes = slices.Clip(slices.Compact(prefixes[si]))
 	}
 	return nodeSegs
 }
 
-// buildGroup computes the filter and peer segments of the nodes that belong to
-// exactly the segments marked in inSeg.
-func buildGroup(segs []segInfo, rules []resolvedRule, inSeg []bool) *group {
+// buildGroup computes the filter, the segments of its sets (in the order of
+// filter.Sets) and the peer segments of the nodes that belong to exactly the
+// segments marked in inSeg. Each set holds segs[i].prefixes.
+func buildGroup(segs []segInfo, rules []resolvedRule, inSeg []bool) (filter Filter, setSegs, peerSegs []int32) {
 	type dirSet struct {
 		egress bool
 		set    int32
@@ -277,16 +267,17 @@ func buildGroup(segs []segInfo, rules []resolvedRule, inSeg []bool) *group {
 	slices.SortFunc(g.filter.Ingress, byName)
 	slices.SortFunc(g.filter.Egress, byName)
 	slices.Sort(setIDs)
-	for _, si := range slices.Compact(setIDs) {
+	setIDs = slices.Compact(setIDs)
+	slices.SortFunc(setIDs, func(a, b int32) int { return cmp.Compare(segs[a].name, segs[b].name) })
+	for _, si := range setIDs {
 		g.filter.Sets = append(g.filter.Sets, AddressSet{Name: segs[si].name, Prefixes: segs[si].prefixes})
 	}
-	slices.SortFunc(g.filter.Sets, func(a, b AddressSet) int { return cmp.Compare(a.Name, b.Name) })
 	// Views share these slices: clip them so that an append by one holder cannot
 	// write into memory another holder sees.
 	g.filter.Sets = slices.Clip(g.filter.Sets)
 	g.filter.Ingress = slices.Clip(g.filter.Ingress)
 	g.filter.Egress = slices.Clip(g.filter.Egress)
-	return g
+	return g.filter, slices.Clip(setIDs), g.peerSegs
 }
 
 func anySelector(sels []Selector, labels map[string]string) bool {

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -204,4 +205,20 @@ func familyName(f int) string {
 		return "IPv4"
 	}
 	return "IPv6"
+}
+
+// CheckNode returns the problems Compile would find with n alone (an empty name,
+// an invalid overlay address, two addresses of one family, an invalid route),
+// joined one per line; nil when there are none. Conflicts with other nodes (a
+// shared address, overlapping routes) are for the caller to check.
+func CheckNode(n *Node) error {
+	probs := checkNodes([]*Node{n}, true)
+	if len(probs) == 0 {
+		return nil
+	}
+	errs := make([]error, len(probs))
+	for i, p := range probs {
+		errs[i] = errors.New(p.msg)
+	}
+	return errors.Join(errs...)
 }

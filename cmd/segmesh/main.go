@@ -9,7 +9,9 @@
 //
 // Exit codes: 0 success; 1 the input or request was refused (policy errors, failed
 // tests, an unknown node, a change the credential's role does not allow, a
-// tampered audit log); 2 usage, credential or connection problems.
+// tampered audit log); 2 usage, credential or connection problems; 3 policy
+// apply/rollback --wait stored the revision but some online node did not enforce
+// it within --timeout (wait.go).
 package main
 
 import (

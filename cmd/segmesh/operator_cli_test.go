@@ -48,7 +48,7 @@ func fixtureNodes() []*segmeshv1.NodeStatus {
 // withFixtures makes f answer every read call with a small, fixed mesh.
 func withFixtures(f *fakeController) *fakeController {
 	f.reply(segmeshv1connect.OperatorServiceStatusProcedure, connect.NewResponse(&segmeshv1.StatusResponse{
-		PolicyRevision: 3, ServingRevision: 3, Nodes: fixtureNodes()}))
+		PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: fixtureNodes()}))
 	f.reply(segmeshv1connect.OperatorServiceListNodesProcedure, connect.NewResponse(&segmeshv1.ListNodesResponse{Nodes: fixtureNodes()}))
 	f.reply(segmeshv1connect.OperatorServiceListTokensProcedure, connect.NewResponse(&segmeshv1.ListTokensResponse{Tokens: []*segmeshv1.TokenInfo{
 		{Id: "tok1", Labels: map[string]string{"role": "web"}, CreatedUnix: t1, ExpiresUnix: 4102444800, Uses: 1, UsedBy: "web-1", Creator: "admin"},
@@ -85,6 +85,7 @@ func TestReadCommandTables(t *testing.T) {
 		}},
 		{[]string{"status"}, [][]string{
 			{"policy", "revision:", "3"},
+			{"revision", "3:", "1/1", "active", "nodes", "enforce", "it", "(1", "online)"},
 			{"NODE", "STATE", "ONLINE", "DESIRED", "APPLIED", "SYNC", "DRIFT", "DATAPLANE", "ADDRESSES", "ENDPOINT", "ALIVE_PEERS", "ERROR"},
 			{"web-1", "active", "true", "3", "3", "in", "sync", "3", "(2m", "ago)", "kernel", "100.64.0.2/32,fd5e:6d65:7368::2/128", "192.0.2.10:51820", "1", "-"},
 			{"db-1", "revoked", "false", "3", "0", "-", "-", "-", "100.64.0.3/32,fd5e:6d65:7368::3/128", "-", "0", "-"},
@@ -186,7 +187,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		// keys holds JSON keys the document must spell exactly so (scripts read them).
 		keys []string
 	}{
-		{[]string{"status"}, statusJSON{PolicyRevision: 3, ServingRevision: 3, Nodes: []nodeJSON{web, db}},
+		{[]string{"status"}, statusJSON{PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: []nodeJSON{web, db}},
 			[]string{`"policy_revision"`, `"serving_revision"`, `"state": "revoked"`, `"revoked_by": "admin"`, `"cert_expires_at"`, `"alive_peers"`,
 				`"sync": "in sync"`, `"in_sync": true`, `"repairs": 3`, `"last_repair_at"`, `"last_repaired": [`, `"last_repaired_more": 1`, `"unrepaired": []`}},
 		{[]string{"nodes", "list"}, []nodeJSON{web, db}, []string{`"desired_revision"`, `"revoked_at"`, `"enrolled_at"`}},

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -38,11 +39,27 @@ func parsePolicyFile(path string) (*policy.Policy, []byte, error) {
 }
 
 func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
-	return &cobra.Command{
-		Use:   "apply FILE",
+	var output *outFormat
+	var wait *waitFlags
+	cmd := &cobra.Command{
+		Use:   "apply FILE [--wait [--timeout 2m]] [-o table|json|yaml]",
 		Short: "Validate a policy file and store it on the controller as the next revision",
-		Args:  cobra.ExactArgs(1),
+		Long: `Apply checks FILE locally, sends it to the controller, which validates it
+again (parse, compile against the inventory, tests) and stores it as the next
+revision, and prints that revision. Agents get their new netmaps at once; the
+distribution goes on after apply returns (` + "`segmesh status`" + ` shows its progress).
+
+With --wait, apply then waits until every online node enforces the revision (its
+agent reports the hash of the netmap the controller holds for it), with a
+progress bar on a terminal and a line per change otherwise, both on stderr.
+Offline nodes are not waited for; they are listed as skipped. When some online
+node does not enforce it within --timeout, apply lists it (desired and applied
+revision and netmap hash, error) and exits 3; the revision stays stored.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := wait.check(cmd); err != nil {
+				return err
+			}
 			// Check locally first so errors carry positions even before any network I/O;
 			// the controller validates again and is the authority.
 			_, data, err := parsePolicyFile(args[0])
@@ -55,14 +72,59 @@ func newPolicyApplyCmd(g *globalFlags) *cobra.Command {
 				return refusedNothingApplied(err)
 			}
 			printWarnings(cmd.ErrOrStderr(), resp.GetWarnings())
-			if resp.GetUnchanged() {
-				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d already holds this policy\n", resp.GetRevision())
-				return nil
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "applied revision %d\n", resp.GetRevision())
-			return nil
+			out := applyJSON{Revision: resp.GetRevision(), Unchanged: resp.GetUnchanged()}
+			return out.finish(cmd, g, *output, wait, func(w io.Writer) {
+				if out.Unchanged {
+					fmt.Fprintf(w, "unchanged: revision %d already holds this policy\n", out.Revision)
+					return
+				}
+				fmt.Fprintf(w, "applied revision %d\n", out.Revision)
+			})
 		},
 	}
+	output = addOutputFlag(cmd, "")
+	wait = addWaitFlags(cmd)
+	return cmd
+}
+
+// applyJSON is the shape of `policy apply -o json` and `policy rollback -o json`.
+type applyJSON struct {
+	// Revision is the revision stored, or with Unchanged the revision in force
+	// that already holds the policy.
+	Revision  uint64 `json:"revision"`
+	Unchanged bool   `json:"unchanged"`
+	// RestoredFrom is the revision a rollback restored.
+	RestoredFrom uint64 `json:"restored_from,omitempty"`
+	// Wait is set with --wait.
+	Wait *waitJSON `json:"wait,omitempty"`
+}
+
+// finish completes apply or rollback once the controller stored the revision:
+// with --wait it waits for the revision's distribution, then prints a in format f
+// (headline prints the table form's first line) and, when the wait timed out,
+// returns exit code 3.
+func (a applyJSON) finish(cmd *cobra.Command, g *globalFlags, f outFormat, wait *waitFlags, headline func(io.Writer)) error {
+	if wait.wait {
+		w, err := waitForRevision(g, a.Revision, wait.timeout, cmd.ErrOrStderr())
+		if err != nil {
+			return err
+		}
+		a.Wait = w
+	}
+	err := f.write(cmd.OutOrStdout(), a, func(out io.Writer) error {
+		headline(out)
+		if a.Wait != nil {
+			return a.Wait.writeTable(out)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if a.Wait != nil && !a.Wait.Enforced {
+		return a.Wait.notEnforcedError(wait.timeout)
+	}
+	return nil
 }
 
 // refusedNothingApplied adds to a refusal of the policy (exit code 1) the fact that

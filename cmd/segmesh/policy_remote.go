@@ -91,18 +91,24 @@ func (h historyJSON) writeTable(w io.Writer) error {
 }
 
 func newPolicyRollbackCmd(g *globalFlags) *cobra.Command {
-	return &cobra.Command{
-		Use:   "rollback REVISION",
+	var output *outFormat
+	var wait *waitFlags
+	cmd := &cobra.Command{
+		Use:   "rollback REVISION [--wait [--timeout 2m]] [-o table|json|yaml]",
 		Short: "Store the policy of an earlier revision as the next revision and distribute it",
 		Long: `Rollback stores the content of REVISION as a new revision, after the same
 checks as apply (it must compile against the current inventory and pass its tests
 there), and distributes it. The history keeps every revision; the new one notes
-the revision it restored. Prints the new revision.`,
+the revision it restored. Prints the new revision. --wait waits as with apply
+(exit 3 when some online node does not enforce it within --timeout).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var rev uint64
 			if _, err := fmt.Sscan(args[0], &rev); err != nil || rev == 0 || fmt.Sprint(rev) != args[0] {
 				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: revision %q: want a revision number from `segmesh policy history`", args[0])}
+			}
+			if err := wait.check(cmd); err != nil {
+				return err
 			}
 			resp, err := invoke(g, "rolling back policy", segmeshv1connect.OperatorServiceClient.RollbackPolicy,
 				&segmeshv1.RollbackPolicyRequest{Revision: rev})
@@ -110,14 +116,19 @@ the revision it restored. Prints the new revision.`,
 				return err
 			}
 			printWarnings(cmd.ErrOrStderr(), resp.GetWarnings())
-			if resp.GetUnchanged() {
-				fmt.Fprintf(cmd.OutOrStdout(), "unchanged: revision %d in force already holds the policy of revision %d\n", resp.GetRevision(), rev)
-				return nil
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "applied revision %d (the policy of revision %d)\n", resp.GetRevision(), rev)
-			return nil
+			out := applyJSON{Revision: resp.GetRevision(), Unchanged: resp.GetUnchanged(), RestoredFrom: rev}
+			return out.finish(cmd, g, *output, wait, func(w io.Writer) {
+				if out.Unchanged {
+					fmt.Fprintf(w, "unchanged: revision %d in force already holds the policy of revision %d\n", out.Revision, rev)
+					return
+				}
+				fmt.Fprintf(w, "applied revision %d (the policy of revision %d)\n", out.Revision, rev)
+			})
 		},
 	}
+	output = addOutputFlag(cmd, "")
+	wait = addWaitFlags(cmd)
+	return cmd
 }
 
 // printWarnings prints the controller's warnings about an applied policy, each a

@@ -101,10 +101,17 @@ type statusJSON struct {
 	// PolicyRevision is the latest stored revision; ServingRevision the one whose
 	// netmaps the controller distributes (older when the latest is invalid, see
 	// PolicyError).
-	PolicyRevision  uint64     `json:"policy_revision"`
-	ServingRevision uint64     `json:"serving_revision"`
-	PolicyError     string     `json:"policy_error"`
-	Nodes           []nodeJSON `json:"nodes"`
+	PolicyRevision  uint64 `json:"policy_revision"`
+	ServingRevision uint64 `json:"serving_revision"`
+	PolicyError     string `json:"policy_error"`
+	// Distribution of the serving revision, as the controller counts it: active
+	// (not revoked) nodes, of them those online, and those whose agent last
+	// reported the hash of the netmap the controller holds for them (a node that
+	// went offline after such a report still counts).
+	NodesActive  uint32     `json:"nodes_active"`
+	NodesOnline  uint32     `json:"nodes_online"`
+	NodesCurrent uint32     `json:"nodes_current"`
+	Nodes        []nodeJSON `json:"nodes"`
 }
 
 func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
@@ -223,10 +230,17 @@ func newStatusCmd(g *globalFlags) *cobra.Command {
 			return nil, nil, err
 		}
 		st := statusJSON{PolicyRevision: resp.GetPolicyRevision(), ServingRevision: resp.GetServingRevision(),
-			PolicyError: resp.GetPolicyError(), Nodes: toNodesJSON(resp.GetNodes())}
+			PolicyError: resp.GetPolicyError(), NodesActive: resp.GetNodesActive(), NodesOnline: resp.GetNodesOnline(),
+			NodesCurrent: resp.GetNodesCurrent(), Nodes: toNodesJSON(resp.GetNodes())}
 		now := time.Now()
 		return st, func(w io.Writer) error { return st.writeTable(w, now) }, nil
 	})
+}
+
+// progress is the status line on distribution: "revision 7: 998/1000 active
+// nodes enforce it (999 online)".
+func (st statusJSON) progress() string {
+	return fmt.Sprintf("revision %d: %d/%d active nodes enforce it (%d online)", st.ServingRevision, st.NodesCurrent, st.NodesActive, st.NodesOnline)
 }
 
 func (st statusJSON) writeTable(w io.Writer, now time.Time) error {
@@ -235,6 +249,7 @@ func (st statusJSON) writeTable(w io.Writer, now time.Time) error {
 		fmt.Fprintf(w, " (NOT IN FORCE: serving revision %d)", st.ServingRevision)
 	}
 	fmt.Fprintln(w)
+	fmt.Fprintln(w, st.progress())
 	if st.PolicyError != "" {
 		fmt.Fprintf(w, "policy error:\n  %s\n", strings.ReplaceAll(st.PolicyError, "\n", "\n  "))
 	}

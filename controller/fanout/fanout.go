@@ -1,76 +1,103 @@
-// Package fanout keeps the latest netmap of every node and tells each node's open
-// streams when that node's netmap changed.
+// Package fanout tells each node's open streams how that node's netmap changed.
 //
-// Publish replaces the whole set of netmaps at once (one compile of the policy)
-// and wakes only the subscriptions of nodes whose netmap hash changed. A wake-up is
-// a non-blocking send on a one-slot channel, so a slow stream never blocks Publish
-// or other streams, and a burst of changes coalesces into one wake-up after which
-// Subscription.Next yields only the newest netmap.
+// Publish hands every subscription of a changed node the Update (a delta from the
+// previous netmap, shared by all) and wakes it with a non-blocking send on a
+// one-slot channel, so a slow or stuck stream never blocks Publish or other
+// streams. A subscription's stream then takes what piled up in one Next: the
+// deltas composed into one (a burst coalesces), or the whole netmap when the node
+// needs it (first message, a change without a delta, a gap) or when more than
+// MaxPending changes piled up, which bounds the memory a stuck agent holds.
 package fanout
 
 import (
+	"fmt"
 	"sync"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/api/wire"
+	"segmesh/controller/netmap"
 )
 
-// Hub holds the latest netmap per node and the subscriptions. It is safe for
-// concurrent use. Netmaps handed to and returned by the Hub are shared and must
-// not be modified.
+// MaxPending is the number of changes a subscription keeps for its stream; past
+// it, the stream gets the whole netmap instead.
+const MaxPending = 64
+
+// Source builds a node's current netmap and tells its version (see
+// netmap.Engine.Netmap).
+type Source interface {
+	Netmap(node string) (*segmeshv1.Netmap, uint64, bool)
+}
+
+// Hub holds the latest hash of every node's netmap and the subscriptions. It is
+// safe for concurrent use.
 type Hub struct {
-	mu     sync.Mutex
-	latest map[string]*segmeshv1.Netmap
-	subs   map[string]map[*Subscription]struct{}
+	src  Source
+	mu   sync.Mutex
+	hash map[string]Latest
+	subs map[string]map[*Subscription]struct{}
 }
 
-// New returns an empty Hub.
-func New() *Hub {
-	return &Hub{latest: map[string]*segmeshv1.Netmap{}, subs: map[string]map[*Subscription]struct{}{}}
+// Latest is what the Hub knows about one node's current netmap.
+type Latest struct {
+	Hash     string
+	Revision uint64
 }
 
-// Publish makes netmaps (node name -> netmap with Hash set) the current set; nodes
-// absent from it no longer have a netmap. It wakes the subscriptions of every node
-// whose netmap hash differs from the previous one and returns those node names
-// (unordered).
-func (h *Hub) Publish(netmaps map[string]*segmeshv1.Netmap) []string {
+// New returns a Hub whose netmaps come from src; latest holds the current hash of
+// every node's netmap.
+func New(src Source, latest map[string]Latest) *Hub {
+	return &Hub{src: src, hash: latest, subs: map[string]map[*Subscription]struct{}{}}
+}
+
+// Publish records updates (as returned by netmap.Engine, in order) and wakes the
+// subscriptions of the nodes they name.
+func (h *Hub) Publish(updates []netmap.Update) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	var changed []string
-	for name, nm := range netmaps {
-		if old, ok := h.latest[name]; !ok || old.GetHash() != nm.GetHash() {
-			changed = append(changed, name)
+	for i := range updates {
+		u := &updates[i]
+		if u.Removed {
+			delete(h.hash, u.Node)
+		} else {
+			h.hash[u.Node] = Latest{Hash: u.Hash, Revision: u.Revision}
 		}
-	}
-	for name := range h.latest {
-		if _, ok := netmaps[name]; !ok {
-			changed = append(changed, name)
-		}
-	}
-	h.latest = make(map[string]*segmeshv1.Netmap, len(netmaps))
-	for name, nm := range netmaps {
-		h.latest[name] = nm
-	}
-	for _, name := range changed {
-		for s := range h.subs[name] {
+		for s := range h.subs[u.Node] {
+			if s.deltas && !s.needFull {
+				if len(s.pending) >= MaxPending {
+					s.pending, s.needFull = nil, true
+				} else {
+					s.pending = append(s.pending, u)
+				}
+			}
 			s.wakeUp()
 		}
 	}
-	return changed
 }
 
-// Latest returns the current netmap of node.
-func (h *Hub) Latest(node string) (*segmeshv1.Netmap, bool) {
+// Latest returns the hash and policy revision of node's current netmap.
+func (h *Hub) Latest(node string) (Latest, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	nm, ok := h.latest[node]
-	return nm, ok
+	l, ok := h.hash[node]
+	return l, ok
 }
 
-// Subscribe registers a stream for node. The subscription starts woken, so the
-// first Next after Subscribe yields the current netmap if there is one. Close it
-// when the stream ends.
-func (h *Hub) Subscribe(node string) *Subscription {
-	s := &Subscription{hub: h, node: node, wake: make(chan struct{}, 1)}
+// All returns the latest hash of every node's netmap.
+func (h *Hub) All() map[string]Latest {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make(map[string]Latest, len(h.hash))
+	for k, v := range h.hash {
+		out[k] = v
+	}
+	return out
+}
+
+// Subscribe registers a stream for node: with deltas, Next yields deltas after the
+// first netmap; without, always whole netmaps. The subscription starts woken, so
+// the first Next yields the current netmap. Close it when the stream ends.
+func (h *Hub) Subscribe(node string, deltas bool) *Subscription {
+	s := &Subscription{hub: h, node: node, deltas: deltas, wake: make(chan struct{}, 1)}
 	s.wakeUp()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -84,10 +111,15 @@ func (h *Hub) Subscribe(node string) *Subscription {
 // Subscription is one stream's view of its node's netmap. Next and Wake are meant
 // for the one goroutine that serves the stream.
 type Subscription struct {
-	hub      *Hub
-	node     string
-	wake     chan struct{}
-	lastSent string
+	hub    *Hub
+	node   string
+	deltas bool
+	wake   chan struct{}
+	sent   uint64 // version of the netmap the stream has; 0 for none
+
+	// guarded by hub.mu
+	pending  []*netmap.Update
+	needFull bool
 }
 
 func (s *Subscription) wakeUp() {
@@ -100,16 +132,65 @@ func (s *Subscription) wakeUp() {
 // Wake receives a value when the node's netmap may have changed since the last Next.
 func (s *Subscription) Wake() <-chan struct{} { return s.wake }
 
-// Next returns the node's current netmap when its hash differs from the one Next
-// last returned on this subscription, and records it as sent; otherwise it
-// returns false.
-func (s *Subscription) Next() (*segmeshv1.Netmap, bool) {
-	nm, ok := s.hub.Latest(s.node)
-	if !ok || nm.GetHash() == s.lastSent {
+// Next returns what the stream must send to bring its agent to the node's current
+// netmap, and records it as sent: one delta composed of every change since the
+// last Next, or the whole netmap. It returns false when there is nothing to send
+// (or the node has no netmap).
+func (s *Subscription) Next() (*segmeshv1.NetmapUpdate, bool) {
+	h := s.hub
+	h.mu.Lock()
+	pending, full := s.pending, s.needFull || s.sent == 0 || !s.deltas
+	s.pending, s.needFull = nil, false
+	h.mu.Unlock()
+	if !full {
+		if d, last, err := compose(pending, s.sent); err == nil {
+			if d == nil {
+				return nil, false
+			}
+			s.sent = last
+			return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Delta{Delta: d}}, true
+		}
+	}
+	nm, version, ok := h.src.Netmap(s.node)
+	if !ok || version == s.sent {
 		return nil, false
 	}
-	s.lastSent = nm.GetHash()
-	return nm, true
+	h.mu.Lock()
+	kept := s.pending[:0]
+	for _, u := range s.pending {
+		if u.Version > version {
+			kept = append(kept, u)
+		}
+	}
+	s.pending = kept
+	h.mu.Unlock()
+	s.sent = version
+	return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: nm}}, true
+}
+
+// compose folds the updates after version sent into one delta; nil when there are
+// none. It fails when an update has no delta or the versions have a gap.
+func compose(updates []*netmap.Update, sent uint64) (*segmeshv1.NetmapDelta, uint64, error) {
+	var d *segmeshv1.NetmapDelta
+	last := sent
+	for _, u := range updates {
+		if u.Version <= last {
+			continue // older than a whole netmap sent meanwhile
+		}
+		if u.From != last || u.Delta == nil || u.Removed {
+			return nil, 0, fmt.Errorf("update %d of %s after %d: no delta", u.Version, u.Node, last)
+		}
+		if d == nil {
+			d = u.Delta
+		} else {
+			var err error
+			if d, err = wire.ComposeDeltas(d, u.Delta); err != nil {
+				return nil, 0, err
+			}
+		}
+		last = u.Version
+	}
+	return d, last, nil
 }
 
 // Close unregisters the subscription.

@@ -1,14 +1,55 @@
 package fanout
 
 import (
-	"slices"
+	"fmt"
+	"net/netip"
 	"testing"
 
+	"google.golang.org/protobuf/proto"
+
 	"segmesh/api/segmeshv1"
+	"segmesh/api/wire"
+	"segmesh/controller/netmap"
+	"segmesh/controller/store"
+	"segmesh/policy"
 )
 
-func nm(rev uint64, hash string) *segmeshv1.Netmap {
-	return &segmeshv1.Netmap{PolicyRevision: rev, Hash: hash}
+const mesh = `version: 1
+segments:
+  - name: web
+    selectors: [{role: web}]
+rules:
+  - name: web-mesh
+    from: [web]
+    to: [web]
+    ports: [tcp/80]
+`
+
+func node(name, role string, i int) store.Node {
+	return store.Node{Name: name, Labels: map[string]string{"role": role},
+		Addresses: []netip.Addr{netip.AddrFrom4([4]byte{100, 64, byte(i >> 8), byte(i)})}, PublicKey: []byte{byte(i >> 8), byte(i), 31: 1}}
+}
+
+// fixture returns an engine with web-1, web-2 in a web mesh and db-1 alone, and
+// a hub over it.
+func fixture(t *testing.T) (*netmap.Engine, *Hub) {
+	t.Helper()
+	p, err := policy.Parse("p.yaml", []byte(mesh))
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := policy.Prepare(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := netmap.Config{GossipKey: make([]byte, 32), GossipPort: 7946, OverlayPrefixes: []netip.Prefix{netip.MustParsePrefix("100.64.0.0/10")}}
+	e := netmap.NewEngine(cfg, 1, prog, []store.Node{node("web-1", "web", 1), node("web-2", "web", 2), node("db-1", "db", 3)})
+	latest := map[string]Latest{}
+	for _, n := range e.Nodes() {
+		h, r, _, _ := e.Hash(n)
+		latest[n] = Latest{Hash: h, Revision: r}
+	}
+	return e, New(e, latest)
 }
 
 func woken(s *Subscription) bool {
@@ -20,141 +61,189 @@ func woken(s *Subscription) bool {
 	}
 }
 
-// TestChangeReachesOnlyChangedNodes publishes netmap sets step by step and checks,
-// for every subscribed node, whether its stream is woken and what Next yields.
-func TestChangeReachesOnlyChangedNodes(t *testing.T) {
-	h := New()
-	subs := map[string]*Subscription{}
-	for _, n := range []string{"a", "b", "c"} {
-		subs[n] = h.Subscribe(n)
-		t.Cleanup(subs[n].Close)
+// next calls Next and fails unless it yields an update.
+func next(t *testing.T, s *Subscription) *segmeshv1.NetmapUpdate {
+	t.Helper()
+	u, ok := s.Next()
+	if !ok {
+		t.Fatal("Next yielded nothing")
 	}
-	steps := []struct {
-		name    string
-		publish map[string]*segmeshv1.Netmap
-		changed []string
-		// want maps node -> hash Next must yield; nodes absent must see nothing.
-		want map[string]string
-	}{
-		{
-			name:    "initial",
-			publish: map[string]*segmeshv1.Netmap{"a": nm(0, "a0"), "b": nm(0, "b0"), "c": nm(0, "c0")},
-			changed: []string{"a", "b", "c"},
-			want:    map[string]string{"a": "a0", "b": "b0", "c": "c0"},
-		},
-		{
-			name:    "policy change touching only b",
-			publish: map[string]*segmeshv1.Netmap{"a": nm(1, "a0"), "b": nm(1, "b1"), "c": nm(1, "c0")},
-			changed: []string{"b"},
-			want:    map[string]string{"b": "b1"},
-		},
-		{
-			name:    "no change at all",
-			publish: map[string]*segmeshv1.Netmap{"a": nm(2, "a0"), "b": nm(2, "b1"), "c": nm(2, "c0")},
-			changed: nil,
-			want:    map[string]string{},
-		},
-		{
-			name:    "a and c change, new node d appears",
-			publish: map[string]*segmeshv1.Netmap{"a": nm(3, "a3"), "b": nm(3, "b1"), "c": nm(3, "c3"), "d": nm(3, "d3")},
-			changed: []string{"a", "c", "d"},
-			want:    map[string]string{"a": "a3", "c": "c3"},
-		},
+	return u
+}
+
+// apply applies u to held as an agent would.
+func apply(t *testing.T, held *segmeshv1.Netmap, u *segmeshv1.NetmapUpdate) *segmeshv1.Netmap {
+	t.Helper()
+	if f := u.GetFull(); f != nil {
+		return f
 	}
-	// The subscriptions start woken with nothing to send yet.
-	for n, s := range subs {
+	nm, err := wire.ApplyDelta(held, u.GetDelta())
+	if err != nil {
+		t.Fatalf("applying the delta: %v", err)
+	}
+	return nm
+}
+
+func current(t *testing.T, e *netmap.Engine, name string) *segmeshv1.Netmap {
+	t.Helper()
+	nm, _, ok := e.Netmap(name)
+	if !ok {
+		t.Fatalf("no netmap for %s", name)
+	}
+	return nm
+}
+
+// TestDeltasReachOnlyChangedNodes checks that a join wakes the nodes whose
+// netmap changed, which get a delta, and not the others.
+func TestDeltasReachOnlyChangedNodes(t *testing.T) {
+	e, h := fixture(t)
+	web, db := h.Subscribe("web-1", true), h.Subscribe("db-1", true)
+	defer web.Close()
+	defer db.Close()
+	for _, s := range []*Subscription{web, db} {
 		if !woken(s) {
-			t.Fatalf("%s: new subscription not woken", n)
-		}
-		if got, ok := s.Next(); ok {
-			t.Fatalf("%s: Next before any publish = %v", n, got)
+			t.Fatal("a new subscription is not woken")
 		}
 	}
-	for _, st := range steps {
-		got := h.Publish(st.publish)
-		slices.Sort(got)
-		if !slices.Equal(got, st.changed) {
-			t.Errorf("%s: Publish changed = %v, want %v", st.name, got, st.changed)
-		}
-		for n, s := range subs {
-			wantHash, wantSend := st.want[n]
-			if w := woken(s); w != wantSend {
-				t.Errorf("%s: node %s woken = %v, want %v", st.name, n, w, wantSend)
-			}
-			nmGot, ok := s.Next()
-			if ok != wantSend || (ok && nmGot.Hash != wantHash) {
-				t.Errorf("%s: node %s Next = %v %v, want hash %q sent=%v", st.name, n, nmGot, ok, wantHash, wantSend)
-			}
-		}
+	held := next(t, web).GetFull()
+	if held == nil {
+		t.Fatal("the first update is not a whole netmap")
+	}
+	next(t, db)
+	if _, ok := web.Next(); ok {
+		t.Fatal("Next yielded an update without a change")
+	}
+
+	h.Publish(must(e.Upsert(node("web-3", "web", 4))))
+	if woken(db) {
+		t.Error("db-1 woken by a change that does not concern it")
+	}
+	if !woken(web) {
+		t.Fatal("web-1 not woken")
+	}
+	u := next(t, web)
+	if u.GetDelta() == nil {
+		t.Fatalf("update after a join is %v, want a delta", u)
+	}
+	if got := len(u.GetDelta().GetUpsertedPeers()); got != 1 {
+		t.Errorf("delta upserts %d peers, want 1", got)
+	}
+	if held = apply(t, held, u); !proto.Equal(held, current(t, e, "web-1")) {
+		t.Fatalf("after the delta the agent holds\n%v\nwant\n%v", held, current(t, e, "web-1"))
+	}
+	if l, _ := h.Latest("web-1"); l.Hash != held.GetHash() {
+		t.Errorf("Latest = %v, want hash %s", l, held.GetHash())
 	}
 }
 
-// TestCoalesce: a stream that does not keep up sees one wake-up for a burst and
-// then only the newest netmap.
+// TestCoalesce checks that changes made while a stream is busy become one wake-up
+// and one composed delta, and that past MaxPending changes the stream gets the
+// whole netmap.
 func TestCoalesce(t *testing.T) {
-	h := New()
-	s := h.Subscribe("a")
+	e, h := fixture(t)
+	s := h.Subscribe("web-1", true)
 	defer s.Close()
-	for i, hash := range []string{"h1", "h2", "h3"} {
-		h.Publish(map[string]*segmeshv1.Netmap{"a": nm(uint64(i), hash)})
+	<-s.Wake()
+	held := next(t, s).GetFull()
+	for i := range 3 {
+		h.Publish(must(e.Upsert(node(fmt.Sprintf("web-%d", 10+i), "web", 10+i))))
 	}
-	if !woken(s) {
-		t.Fatal("not woken")
-	}
+	<-s.Wake()
 	if woken(s) {
-		t.Fatal("woken twice for one burst")
+		t.Fatal("three changes woke the stream more than once")
 	}
-	got, ok := s.Next()
-	if !ok || got.Hash != "h3" {
-		t.Fatalf("Next = %v %v, want h3", got, ok)
+	u := next(t, s)
+	if d := u.GetDelta(); d == nil || len(d.GetUpsertedPeers()) != 3 {
+		t.Fatalf("coalesced update = %v, want one delta with 3 peers", u)
+	}
+	held = apply(t, held, u)
+	if !proto.Equal(held, current(t, e, "web-1")) {
+		t.Fatal("the composed delta does not give the current netmap")
+	}
+
+	for i := range MaxPending + 1 {
+		h.Publish(must(e.Upsert(node(fmt.Sprintf("web-%d", 100+i), "web", 100+i))))
+	}
+	u = next(t, s)
+	if u.GetFull() == nil {
+		t.Fatalf("after %d changes the update is a delta, want the whole netmap", MaxPending+1)
+	}
+	if !proto.Equal(apply(t, held, u), current(t, e, "web-1")) {
+		t.Fatal("the whole netmap is not the current one")
 	}
 	if _, ok := s.Next(); ok {
-		t.Fatal("second Next sent the same netmap again")
+		t.Fatal("changes older than the whole netmap were sent again")
 	}
 }
 
-// TestSubscribeAfterPublish: a stream opened later gets the current netmap at once;
-// each stream tracks what it sent on its own (a reconnecting agent gets it again).
-func TestSubscribeAfterPublish(t *testing.T) {
-	h := New()
-	h.Publish(map[string]*segmeshv1.Netmap{"a": nm(1, "h1")})
-	s1 := h.Subscribe("a")
-	defer s1.Close()
-	if got, ok := s1.Next(); !ok || got.Hash != "h1" {
-		t.Fatalf("first stream Next = %v %v", got, ok)
+// TestWholeNetmapsOnly checks a subscription without deltas (an agent that
+// predates them): whole netmaps, and nothing when nothing changed.
+func TestWholeNetmapsOnly(t *testing.T) {
+	e, h := fixture(t)
+	s := h.Subscribe("web-1", false)
+	defer s.Close()
+	next(t, s)
+	if _, ok := s.Next(); ok {
+		t.Fatal("Next yielded an update without a change")
 	}
-	s2 := h.Subscribe("a")
-	defer s2.Close()
-	if !woken(s2) {
-		t.Fatal("second stream not woken at subscribe")
-	}
-	if got, ok := s2.Next(); !ok || got.Hash != "h1" {
-		t.Fatalf("second stream Next = %v %v", got, ok)
+	h.Publish(must(e.Upsert(node("web-3", "web", 4))))
+	if u := next(t, s); u.GetFull() == nil || !proto.Equal(u.GetFull(), current(t, e, "web-1")) {
+		t.Fatalf("update = %v, want the current whole netmap", u)
 	}
 }
 
-func TestCloseStopsWakeups(t *testing.T) {
-	h := New()
-	s := h.Subscribe("a")
-	woken(s)
-	s.Close()
-	h.Publish(map[string]*segmeshv1.Netmap{"a": nm(1, "h1")})
-	if woken(s) {
-		t.Fatal("closed subscription woken")
+// TestStuckStream checks that a stream that never reads neither blocks Publish
+// nor holds more than MaxPending changes.
+func TestStuckStream(t *testing.T) {
+	e, h := fixture(t)
+	s := h.Subscribe("web-1", true)
+	defer s.Close()
+	next(t, s)
+	for i := range 5 * MaxPending {
+		h.Publish(must(e.Upsert(node(fmt.Sprintf("web-%d", 100+i), "web", 100+i))))
 	}
-	if len(h.subs) != 0 {
-		t.Fatalf("subs not cleaned up: %v", h.subs)
+	h.mu.Lock()
+	pending, full := len(s.pending), s.needFull
+	h.mu.Unlock()
+	if pending > MaxPending || !full {
+		t.Fatalf("stuck stream holds %d changes (needFull %v), want at most %d and a whole netmap next", pending, full, MaxPending)
 	}
 }
 
+// TestRemovedNode checks that a deleted node's subscription yields nothing and
+// its hash is gone.
 func TestRemovedNode(t *testing.T) {
-	h := New()
-	h.Publish(map[string]*segmeshv1.Netmap{"a": nm(1, "h1"), "b": nm(1, "b1")})
-	changed := h.Publish(map[string]*segmeshv1.Netmap{"b": nm(1, "b1")})
-	if !slices.Equal(changed, []string{"a"}) {
-		t.Errorf("changed = %v, want [a]", changed)
+	e, h := fixture(t)
+	s := h.Subscribe("db-1", true)
+	defer s.Close()
+	next(t, s)
+	h.Publish(e.Remove("db-1"))
+	if !woken(s) {
+		t.Fatal("a deleted node's subscription is not woken")
 	}
-	if _, ok := h.Latest("a"); ok {
-		t.Error("removed node still has a netmap")
+	if u, ok := s.Next(); ok {
+		t.Fatalf("deleted node got %v", u)
 	}
+	if _, ok := h.Latest("db-1"); ok {
+		t.Error("Latest still knows the deleted node")
+	}
+}
+
+// TestCloseStopsWakeups checks that a closed subscription is not woken.
+func TestCloseStopsWakeups(t *testing.T) {
+	e, h := fixture(t)
+	s := h.Subscribe("web-1", true)
+	<-s.Wake()
+	s.Close()
+	h.Publish(must(e.Upsert(node("web-3", "web", 4))))
+	if woken(s) {
+		t.Fatal("a closed subscription was woken")
+	}
+}
+
+func must(u []netmap.Update, err error) []netmap.Update {
+	if err != nil {
+		panic(err)
+	}
+	return u
 }

@@ -1,6 +1,11 @@
 // Package netmap reduces the policy and the inventory to one netmap per node: the
 // node itself, the peers it may talk to, its compiled filter, the gossip settings
-// and the policy revision, hashed with wire.NetmapHash.
+// and the policy revision, hashed with wire.NetmapHashV2.
+//
+// Two computations give the same netmaps: FromCompiled computes every netmap from
+// scratch (the reference, and a candidate policy's preview); Engine keeps them up
+// to date change by change, sharing peer lists per group of nodes, and emits a
+// delta per netmap that changed.
 package netmap
 
 import (
@@ -60,79 +65,95 @@ func Inventory(nodes []store.Node) []policy.Node {
 }
 
 // Revoked returns the netmap of a revoked node: its name, Revoked set, nothing
-// else (no peers, default deny, no gossip key), with Hash set.
+// else (no peers, default deny, no gossip key), with a version 2 Hash.
 func Revoked(rev uint64, name string) *segmeshv1.Netmap {
-	nm := &segmeshv1.Netmap{PolicyRevision: rev, Self: &segmeshv1.Node{Name: name}, Filter: &segmeshv1.Filter{}, Revoked: true}
-	nm.Hash = wire.NetmapHash(nm)
+	nm := &segmeshv1.Netmap{PolicyRevision: rev, Self: &segmeshv1.Node{Name: name}, Filter: &segmeshv1.Filter{}, Revoked: true, HashVersion: wire.HashVersion2}
+	nm.Hash = wire.NetmapHashV2(nm)
 	return nm
 }
 
 // FromCompiled is Compute for a policy already compiled against Inventory(nodes);
 // a nil compiled is the default-deny policy.
 func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) map[string]*segmeshv1.Netmap {
+	byName := indexNodes(nodes)
+	out := make(map[string]*segmeshv1.Netmap, len(nodes))
+	for i := range nodes {
+		out[nodes[i].Name] = fromCompiled(cfg, rev, compiled, byName, &nodes[i], prev(nodes[i].Name))
+	}
+	return out
+}
+
+// NodeFromCompiled is FromCompiled for the one node named name, whose previous
+// netmap is prev (nil for none); nil when nodes has no such node.
+func NodeFromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []store.Node, name string, prev *segmeshv1.Netmap) *segmeshv1.Netmap {
+	byName := indexNodes(nodes)
+	n, ok := byName[name]
+	if !ok {
+		return nil
+	}
+	return fromCompiled(cfg, rev, compiled, byName, n, prev)
+}
+
+func indexNodes(nodes []store.Node) map[string]*store.Node {
 	byName := make(map[string]*store.Node, len(nodes))
 	for i := range nodes {
 		byName[nodes[i].Name] = &nodes[i]
 	}
-	prefixes := wire.PrefixStrings(cfg.OverlayPrefixes)
-	gossip := &segmeshv1.GossipConfig{Key: cfg.GossipKey, Port: cfg.GossipPort}
-	out := make(map[string]*segmeshv1.Netmap, len(nodes))
-	for i := range nodes {
-		n := &nodes[i]
-		if n.Revoked() {
-			out[n.Name] = Revoked(rev, n.Name)
-			if old := prev(n.Name); old.GetRevoked() {
-				out[n.Name] = old
-			}
+	return byName
+}
+
+func fromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, byName map[string]*store.Node, n *store.Node, old *segmeshv1.Netmap) *segmeshv1.Netmap {
+	if n.Revoked() {
+		if old.GetRevoked() {
+			return old
+		}
+		return Revoked(rev, n.Name)
+	}
+	var view policy.NodeView
+	if compiled != nil {
+		view, _ = compiled.Node(n.Name) // a node the compiler does not know gets nothing
+	}
+	nm := &segmeshv1.Netmap{
+		PolicyRevision: rev,
+		Self: &segmeshv1.Node{
+			Name:      n.Name,
+			Labels:    n.Labels,
+			Addresses: HostPrefixes(n.Addresses),
+			PublicKey: n.PublicKey,
+			Endpoint:  n.Endpoint,
+		},
+		Filter:          wire.FilterToProto(view.Filter),
+		OverlayPrefixes: wire.PrefixStrings(cfg.OverlayPrefixes),
+		KeyRotation:     n.KeyRotation,
+		HashVersion:     wire.HashVersion2,
+	}
+	for _, name := range view.Peers {
+		p, ok := byName[name]
+		if !ok || name == n.Name || p.Revoked() {
 			continue
 		}
-		var view policy.NodeView
-		if compiled != nil {
-			view, _ = compiled.Node(n.Name) // a node the compiler does not know gets nothing
-		}
-		nm := &segmeshv1.Netmap{
-			PolicyRevision: rev,
-			Self: &segmeshv1.Node{
-				Name:      n.Name,
-				Labels:    n.Labels,
-				Addresses: HostPrefixes(n.Addresses),
-				PublicKey: n.PublicKey,
-				Endpoint:  n.Endpoint,
-			},
-			Filter:          wire.FilterToProto(view.Filter),
-			OverlayPrefixes: prefixes,
-			KeyRotation:     n.KeyRotation,
-		}
-		for _, name := range view.Peers {
-			p, ok := byName[name]
-			if !ok || name == n.Name || p.Revoked() {
-				continue
-			}
-			nm.Peers = append(nm.Peers, &segmeshv1.Peer{
-				Name:        p.Name,
-				PublicKey:   p.PublicKey,
-				Endpoint:    p.Endpoint,
-				AllowedIps:  HostPrefixes(p.Addresses),
-				IdentityKey: p.IdentityKey,
-			})
-		}
-		// Least privilege: only a node with peers gossips, so a node the policy
-		// isolates never learns the key (and with it the member list).
-		if len(nm.Peers) > 0 {
-			nm.Gossip = gossip
-		}
-		if old := prev(n.Name); old != nil && old.GetPolicyRevision() != rev {
-			nm.PolicyRevision = old.GetPolicyRevision()
-			if wire.NetmapHash(nm) == old.GetHash() {
-				out[n.Name] = old
-				continue
-			}
-			nm.PolicyRevision = rev
-		}
-		nm.Hash = wire.NetmapHash(nm)
-		out[n.Name] = nm
+		nm.Peers = append(nm.Peers, &segmeshv1.Peer{
+			Name:        p.Name,
+			PublicKey:   p.PublicKey,
+			Endpoint:    p.Endpoint,
+			AllowedIps:  HostPrefixes(p.Addresses),
+			IdentityKey: p.IdentityKey,
+		})
 	}
-	return out
+	// Least privilege: only a node with peers gossips, so a node the policy
+	// isolates never learns the key (and with it the member list).
+	if len(nm.Peers) > 0 {
+		nm.Gossip = &segmeshv1.GossipConfig{Key: cfg.GossipKey, Port: cfg.GossipPort}
+	}
+	if old != nil && old.GetPolicyRevision() != rev {
+		nm.PolicyRevision = old.GetPolicyRevision()
+		if wire.NetmapHashV2(nm) == old.GetHash() {
+			return old
+		}
+		nm.PolicyRevision = rev
+	}
+	nm.Hash = wire.NetmapHashV2(nm)
+	return nm
 }
 
 // HostPrefixes formats addresses as single-address prefixes ("100.64.0.2/32",

@@ -61,8 +61,8 @@ func TestDefaultDeny(t *testing.T) {
 		if len(nm.Peers) != 0 || len(nm.GetFilter().GetIngress()) != 0 || len(nm.GetFilter().GetEgress()) != 0 || nm.PolicyRevision != 0 {
 			t.Errorf("%s: default deny netmap has peers %v filter %v rev %d", n.Name, nm.Peers, nm.Filter, nm.PolicyRevision)
 		}
-		if nm.Hash != wire.NetmapHash(nm) || nm.Hash == "" {
-			t.Errorf("%s: hash %q is not NetmapHash", n.Name, nm.Hash)
+		if nm.Hash != wire.NetmapHashV2(nm) || nm.Hash == "" {
+			t.Errorf("%s: hash %q is not NetmapHashV2", n.Name, nm.Hash)
 		}
 		if nm.GetSelf().GetName() != n.Name || !slices.Equal(nm.GetSelf().GetAddresses(), HostPrefixes(n.Addresses)) {
 			t.Errorf("%s: self = %v", n.Name, nm.GetSelf())

@@ -5,7 +5,7 @@
 // hack/probe; `make bench` does both):
 //
 //	go run ./hack/agentmem [-bin bin] [-scenarios load,idle] [-load 60s] [-after 90s]
-//	    [-idle-peers 100] [-idle 2m] [-sample 1s] [-agent-arg ARG]... [-keep]
+//	    [-idle-peers 100] [-idle 2m] [-sample 1s] [-agent-arg ARG]... [-keep] [-json FILE]
 //
 // Scenario "load": a controller and two agents (a, b) in network namespaces
 // (package segmesh/test/lab); the policy allows a -> b on tcp/5201. iperf3 sends
@@ -23,7 +23,10 @@
 // sampled for -idle; the table gives it at the start, the peak and at the end.
 // Target: <= 40 MB.
 //
-// Memory is in MB (10^6 bytes). Exit status 1 when a figure misses its target or a
+// Memory is in MB (10^6 bytes). With -json the figures are also written as JSON
+// (package hack/internal/benchfig): scenario load, "peak RSS during" and "RSS
+// after" of each agent and of the highest ("highest agent"); scenario idle, "peak
+// RSS" and "RSS at end" likewise; in bytes. Exit status 1 when a figure misses its target or a
 // scenario fails, 2 on a usage error.
 package main
 
@@ -42,6 +45,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"segmesh/hack/internal/benchfig"
 	"segmesh/hack/internal/benchlab"
 	"segmesh/hack/internal/procmem"
 	"segmesh/test/lab"
@@ -74,6 +78,8 @@ type options struct {
 	profile   string
 	goalLoad  int64
 	goalIdle  int64
+	jsonPath  string
+	rec       *benchfig.Recorder
 }
 
 type multiFlag []string
@@ -101,6 +107,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.verbose, "v", false, "log lab operations")
 	fs.Float64Var(&goalLoad, "goal-load", 64, "target RSS in MB during and after the load")
 	fs.Float64Var(&goalIdle, "goal-idle", 40, "target idle RSS in MB")
+	fs.StringVar(&o.jsonPath, "json", "", "also write the figures to this file as JSON")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -125,6 +132,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		o.agentArgs = append(o.agentArgs, "--debug-listen", debugAddr)
 	}
 	o.goalLoad, o.goalIdle = int64(goalLoad*1e6), int64(goalIdle*1e6)
+	o.rec = benchfig.NewRecorder("agentmem", args, fmt.Sprintf("%s; load: one iperf3 stream a -> b for %s, then %s idle; idle: %d WireGuard peers each (1 real), %s; agent args %q",
+		benchfig.LabConditions(), o.load, o.after, o.idlePeers, o.idle, o.agentArgs))
 	return o, nil
 }
 
@@ -151,7 +160,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				errs = append(errs, fmt.Errorf("idle: %w", err))
 			}
 		}
-		return errors.Join(errs...)
+		return errors.Join(append(errs, o.rec.WriteFile(o.jsonPath))...)
 	})
 }
 
@@ -233,6 +242,15 @@ func loadScenario(ctx context.Context, o options, logger *slog.Logger, out io.Wr
 			missed = append(missed, ag.name)
 		}
 	}
+	var highPeak, highAfter int64
+	for _, r := range rows {
+		o.rec.Add("load", r.name+" peak RSS during", float64(r.peak), "B")
+		o.rec.Add("load", r.name+" RSS after", float64(r.after.RSS), "B")
+		highPeak, highAfter = max(highPeak, r.peak), max(highAfter, r.after.RSS)
+	}
+	o.rec.Add("load", "highest agent peak RSS during", float64(highPeak), "B")
+	o.rec.Add("load", "highest agent RSS after", float64(highAfter), "B")
+	o.rec.Add("load", "received", res.ReceivedBPS/1e6, "Mbit/s")
 	fmt.Fprintf(out, "\nagent memory under load: iperf3 a -> b over the overlay for %s, %.0f Mbit/s received (%d retransmits); agent args %q\n",
 		o.load, res.ReceivedBPS/1e6, res.Retransmits, o.agentArgs)
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
@@ -334,6 +352,14 @@ func idleScenario(ctx context.Context, o options, logger *slog.Logger, out io.Wr
 			missed = append(missed, ag.name)
 		}
 	}
+	var highPeak, highEnd int64
+	for _, r := range rows {
+		o.rec.Add("idle", r.name+" peak RSS", float64(r.peak), "B")
+		o.rec.Add("idle", r.name+" RSS at end", float64(r.end.RSS), "B")
+		highPeak, highEnd = max(highPeak, r.peak), max(highEnd, r.end.RSS)
+	}
+	o.rec.Add("idle", "highest agent peak RSS", float64(highPeak), "B")
+	o.rec.Add("idle", "highest agent RSS at end", float64(highEnd), "B")
 	fmt.Fprintf(out, "\nidle agent memory: %d WireGuard peers each (1 real, %d fake), watched for %s; agent args %q\n",
 		want, want-1, o.idle, o.agentArgs)
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)

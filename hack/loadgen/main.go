@@ -14,7 +14,7 @@
 // Usage (from the repository root):
 //
 //	make build
-//	go run ./hack/loadgen [-agents 1000] [-scenario policy,nopeers,join,endpoint]
+//	go run ./hack/loadgen [-agents 1000] [-scenario policy,nopeers,join,endpoint,relabel,revoke]
 //	    [-bin bin/segmesh-controller] [-timeout 5m] [-verify 100] [-json FILE] [-verbose]
 //
 // Scenarios, run in the order given against the same controller and agents
@@ -37,16 +37,24 @@
 //   - endpoint: agent 0 reopens its stream announcing a new endpoint
 //     (SyncRequest.endpoint); the latency is until every other agent has the new
 //     endpoint for it. Under the full-mesh policy.
+//   - relabel: under the full-mesh policy, one extra node enrolls (not measured:
+//     the load generator waits until every agent lists it), then the operator
+//     API's LabelNode moves it out of the mesh (role=sim-out); the latency is
+//     until no existing agent lists it any more. The extra node is not one of
+//     the -agents, so later scenarios see the same fleet.
+//   - revoke: the same with the operator API's RevokeNode instead of LabelNode.
 //
 // For every scenario: controller CPU time (utime+stime of /proc/PID/stat from
 // the start of the change until the last agent received it) and the load
 // generator's own over the same span (both share the machine's cores), controller
-// RSS before the change and its peak (VmHWM, reset to the current RSS before the
+// RSS before the change, its peak (VmHWM, reset to the current RSS before the
 // change, read after the status converged, so it includes heap the Go runtime
-// kept from earlier scenarios), and the
+// kept from earlier scenarios) and its RSS then (every agent connected and
+// converged), and the
 // time until the controller's Status shows every node's applied hash equal to its
 // desired hash. Figures are printed as a table and, with -json, written as a JSON
-// array of {figure, value, unit, conditions, command, date}.
+// array of {scenario, figure, value, unit, agents, conditions, command, date}
+// (package segmesh/hack/internal/benchfig; hack/benchreport renders them).
 //
 // The exit status is 1 when a scenario could not run or some agent never got the
 // change within -timeout, 2 on a usage error.
@@ -54,7 +62,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -69,6 +76,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"segmesh/hack/internal/benchfig"
 	"segmesh/hack/internal/benchlab"
 )
 
@@ -80,7 +88,7 @@ func main() {
 }
 
 // allScenarios are the scenario names, in their default order.
-var allScenarios = []string{"policy", "nopeers", "join", "endpoint"}
+var allScenarios = []string{"policy", "nopeers", "join", "endpoint", "relabel", "revoke"}
 
 // options are the command-line flags.
 type options struct {
@@ -154,17 +162,6 @@ func parseScenarios(s string) ([]string, error) {
 	return out, nil
 }
 
-// figure is one measured value, as written to the -json file.
-type figure struct {
-	Scenario   string  `json:"scenario"`
-	Figure     string  `json:"figure"`
-	Value      float64 `json:"value"`
-	Unit       string  `json:"unit"`
-	Conditions string  `json:"conditions"`
-	Command    string  `json:"command"`
-	Date       string  `json:"date"`
-}
-
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var o options
 	return benchlab.Main("loadgen", stderr, func() (bool, error) {
@@ -181,13 +178,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		figs, err := measure(ctx, o, log)
 		printTable(stdout, figs)
 		if o.jsonPath != "" && len(figs) > 0 {
-			raw, jerr := json.MarshalIndent(figs, "", "  ")
-			if jerr == nil {
-				jerr = os.WriteFile(o.jsonPath, append(raw, '\n'), 0o644)
-			}
-			if jerr != nil {
-				err = errors.Join(err, fmt.Errorf("writing %s: %w", o.jsonPath, jerr))
-			}
+			err = errors.Join(err, benchfig.Write(o.jsonPath, figs))
 		}
 		return err
 	})
@@ -198,7 +189,7 @@ func conditions(o options) string {
 	return fmt.Sprintf("%d simulated agents over loopback, one mutual-TLS stream each, controller and load generator on one %d-CPU machine (shared)", o.agents, runtime.NumCPU())
 }
 
-func printTable(w io.Writer, figs []figure) {
+func printTable(w io.Writer, figs []benchfig.Figure) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "scenario\tfigure\tvalue")
 	for _, f := range figs {

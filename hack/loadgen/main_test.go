@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/hack/internal/benchfig"
 	"segmesh/test/lab"
 )
 
@@ -208,7 +209,8 @@ func TestFormatValue(t *testing.T) {
 }
 
 // TestRealController runs 20 simulated agents against the controller binary that
-// `make build` puts in bin/, policy scenario, and checks the figures.
+// `make build` puts in bin/, scenarios policy, relabel and revoke, and checks the
+// figures.
 func TestRealController(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -222,7 +224,7 @@ func TestRealController(t *testing.T) {
 	}
 	out := filepath.Join(t.TempDir(), "figures.json")
 	var stdout, stderr bytes.Buffer
-	code := run(ctx, []string{"-agents", "20", "-scenario", "policy", "-bin", bin, "-timeout", "60s", "-json", out}, &stdout, &stderr)
+	code := run(ctx, []string{"-agents", "20", "-scenario", "policy,relabel,revoke", "-bin", bin, "-timeout", "60s", "-json", out}, &stdout, &stderr)
 	if code != 0 {
 		t.Fatalf("loadgen exited %d; stderr:\n%s\nstdout:\n%s", code, stderr.String(), stdout.String())
 	}
@@ -230,7 +232,7 @@ func TestRealController(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var figs []figure
+	var figs []benchfig.Figure
 	if err := json.Unmarshal(raw, &figs); err != nil {
 		t.Fatalf("decoding %s: %v", out, err)
 	}
@@ -239,16 +241,26 @@ func TestRealController(t *testing.T) {
 		if f.Date == "" || f.Command == "" || f.Conditions == "" || f.Unit == "" {
 			t.Errorf("figure %+v lacks date, command, conditions or unit", f)
 		}
+		if f.Driver != "loadgen" || f.Agents != 20 {
+			t.Errorf("figure %s/%s: driver %q, agents %d; want loadgen, 20", f.Scenario, f.Figure, f.Driver, f.Agents)
+		}
 		got[f.Scenario+"/"+f.Figure] = f.Value
 	}
-	if got["policy/agents reached"] != 20 {
-		t.Errorf("policy reached %v agents, want 20", got["policy/agents reached"])
+	// relabel and revoke take an extra node out of the mesh: every one of the 20
+	// agents must drop it, and the fleet stays the same 20 agents for the next.
+	for _, sc := range []string{"policy", "relabel", "revoke"} {
+		if got[sc+"/agents reached"] != 20 {
+			t.Errorf("%s reached %v agents, want 20", sc, got[sc+"/agents reached"])
+		}
+		if got[sc+"/controller CPU"] <= 0 {
+			t.Errorf("%s: controller CPU = %v, want > 0", sc, got[sc+"/controller CPU"])
+		}
 	}
 	// A full-mesh netmap of 20 nodes lists 19 peers (name, key, endpoint, addresses each).
 	if b := got["policy/bytes to each agent p50"]; b < 19*50 {
 		t.Errorf("bytes to each agent p50 = %v, want at least %d for 19 peers", b, 19*50)
 	}
-	for _, k := range []string{"policy/delivery p99", "policy/policy apply returns", "policy/controller peak RSS", "policy/status shows every node converged"} {
+	for _, k := range []string{"policy/delivery p99", "policy/policy apply returns", "policy/controller peak RSS", "policy/controller RSS after, converged", "policy/status shows every node converged"} {
 		if got[k] <= 0 {
 			t.Errorf("%s = %v, want > 0", k, got[k])
 		}

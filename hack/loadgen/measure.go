@@ -19,6 +19,7 @@ import (
 	"segmesh/api/jointoken"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/hack/internal/benchfig"
 	"segmesh/hack/internal/ctlproc"
 	"segmesh/hack/internal/procmem"
 )
@@ -75,10 +76,17 @@ type runner struct {
 	mesh bool   // the policy in force is a full mesh
 	port int    // last rule port used, so that every apply changes the policy
 	gen  int    // endpoint generation of agent 0
-	figs []figure
+	figs []benchfig.Figure
+
+	// extra holds the nodes the relabel and revoke scenarios enroll and then
+	// take out of the mesh: not part of fleet, so that no later watch waits for
+	// them and their streams, which the controller ends on revocation, are not
+	// counted as failures.
+	extra  *fleet
+	extras int // extra nodes enrolled so far
 }
 
-func measure(ctx context.Context, o options, log *slog.Logger) ([]figure, error) {
+func measure(ctx context.Context, o options, log *slog.Logger) ([]benchfig.Figure, error) {
 	ctl, err := ctlproc.Start(ctx, o.bin, "loadgen", nil)
 	if err != nil {
 		return nil, err
@@ -89,6 +97,8 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]figure, error)
 	pool.AppendCertsFromPEM(ctl.CAPEM)
 	r.fleet = &fleet{log: log, url: ctl.URL.String(), pool: pool, verify: o.verify}
 	defer r.fleet.close()
+	r.extra = &fleet{log: slog.New(slog.DiscardHandler), url: ctl.URL.String(), pool: pool}
+	defer r.extra.close()
 	if err := r.setup(ctx); err != nil {
 		return r.figs, fmt.Errorf("setup: %w; the controller's log ends with:\n%s", err, ctl.LogTail(15))
 	}
@@ -108,6 +118,8 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]figure, error)
 			err = r.join(ctx)
 		case "endpoint":
 			err = r.endpoint(ctx)
+		case "relabel", "revoke":
+			err = r.removeExtra(ctx, sc)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("scenario %s: %w", sc, err))
@@ -135,8 +147,8 @@ func operatorClient(ctl *ctlproc.Proc) segmeshv1connect.OperatorServiceClient {
 }
 
 func (r *runner) add(scenario, name string, v float64, unit string) {
-	r.figs = append(r.figs, figure{Scenario: scenario, Figure: name, Value: v, Unit: unit,
-		Conditions: conditions(r.o), Command: r.o.command, Date: r.date})
+	r.figs = append(r.figs, benchfig.Figure{Driver: "loadgen", Scenario: scenario, Figure: name, Value: v, Unit: unit,
+		Agents: r.o.agents, Conditions: conditions(r.o), Command: r.o.command, Date: r.date})
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
@@ -303,6 +315,9 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	r.add(scenario, "controller RSS before", float64(mem0.RSS), "B")
 	if m, err := procmem.Read(pid); err == nil {
 		r.add(scenario, "controller peak RSS", float64(m.HWM), "B")
+		if convErr == nil {
+			r.add(scenario, "controller RSS after, converged", float64(m.RSS), "B")
+		}
 	}
 	if m, err := procmem.Read(os.Getpid()); err == nil {
 		r.add(scenario, "load generator peak RSS", float64(m.HWM), "B")
@@ -416,6 +431,45 @@ func (r *runner) endpoint(ctx context.Context) error {
 	return r.change(ctx, "endpoint", match, func() error {
 		a.endpoint.Store(&ep)
 		r.fleet.start(ctx, a)
+		return nil
+	})
+}
+
+// extraIndex is the index of the first extra node (names sim-50000, ...; their
+// endpoints stay inside 198.18.0.0/15 for up to 20,000 agents and 81,072 extras).
+const extraIndex = 50000
+
+// removeExtra runs the relabel or revoke scenario: under the full-mesh policy one
+// extra node enrolls and every agent gets it as a peer (not measured); then it is
+// relabeled out of the mesh (relabel) or revoked (revoke), measured until no
+// agent lists it any more.
+func (r *runner) removeExtra(ctx context.Context, scenario string) error {
+	if err := r.ensureMesh(ctx); err != nil {
+		return err
+	}
+	idx := extraIndex + r.extras
+	r.extras++
+	w := newWatch(len(r.fleet.agents), func(nm *segmeshv1.Netmap) bool { return hasPeer(nm, fmt.Sprintf("sim-%d", idx), "") })
+	r.fleet.watch.Store(w)
+	a, err := r.extra.enrollAgent(ctx, r.tok, idx)
+	if err != nil {
+		return err
+	}
+	r.extra.agents = append(r.extra.agents, a)
+	r.extra.start(ctx, a)
+	if _, missing := w.wait(ctx, r.o.timeout); missing > 0 {
+		return fmt.Errorf("%d agents did not list the extra node %s within %s", missing, a.name, r.o.timeout)
+	}
+	return r.change(ctx, scenario, func(nm *segmeshv1.Netmap) bool { return !hasPeer(nm, a.name, "") }, func() error {
+		var err error
+		if scenario == "revoke" {
+			_, err = r.op.RevokeNode(ctx, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: a.name}))
+		} else {
+			_, err = r.op.LabelNode(ctx, connect.NewRequest(&segmeshv1.LabelNodeRequest{Name: a.name, Set: map[string]string{"role": "sim-out"}}))
+		}
+		if err != nil {
+			return fmt.Errorf("%s of node %s: %w", scenario, a.name, err)
+		}
 		return nil
 	})
 }

@@ -5,7 +5,7 @@
 //
 // Usage (as root, from the repository root; `make bench-build` builds the binaries):
 //
-//	go run ./hack/prefixes [-bin bin] [-prefixes 200000] [-small 100] [-profile DIR] [-goal 2s]
+//	go run ./hack/prefixes [-bin bin] [-prefixes 200000] [-small 100] [-profile DIR] [-goal 2s] [-json FILE]
 //
 // A controller and two agents a and b run in network namespaces (package
 // segmesh/test/lab). Step "grow" applies a policy whose external segment holds
@@ -18,7 +18,9 @@
 // 200,000 prefixes), and when `segmesh
 // status` showed every node on the new revision. With -profile the agents serve
 // pprof (--debug-listen) and the driver saves a CPU profile of b's agent over each
-// step (b-grow.cpu, b-shrink.cpu) plus the agents' logs. Exit status 1 when a step
+// step (b-grow.cpu, b-shrink.cpu) plus the agents' logs. With -json the figures
+// (scenarios grow and shrink; apply (CLI), kernel set changed, every node on the
+// revision, in seconds) are also written as JSON (package hack/internal/benchfig). Exit status 1 when a step
 // takes longer than -goal until the kernel changed, or fails; 2 on a usage error.
 package main
 
@@ -37,6 +39,7 @@ import (
 	"syscall"
 	"time"
 
+	"segmesh/hack/internal/benchfig"
 	"segmesh/hack/internal/benchlab"
 	"segmesh/test/lab"
 )
@@ -60,6 +63,8 @@ type options struct {
 	timeout  time.Duration
 	verbose  bool
 	keep     bool
+	jsonPath string
+	rec      *benchfig.Recorder
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -74,6 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Minute, "give up on a step after this long")
 	fs.BoolVar(&o.verbose, "v", false, "log lab operations")
 	fs.BoolVar(&o.keep, "keep", false, "keep the lab directory (logs)")
+	fs.StringVar(&o.jsonPath, "json", "", "also write the figures to this file as JSON")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -83,6 +89,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.small < 1 || o.prefixes <= o.small || o.prefixes > 1<<22 {
 		return o, errors.New("want 1 <= -small < -prefixes <= 4194304")
 	}
+	o.rec = benchfig.NewRecorder("prefixes", args, fmt.Sprintf("%s; external segment %d -> %d -> %d prefixes, apply with the CLI", benchfig.LabConditions(), o.small, o.prefixes, o.small))
 	return o, nil
 }
 
@@ -92,7 +99,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		var err error
 		o, err = parseFlags(args, stderr)
 		return o.verbose, err
-	}, func(logger *slog.Logger) error { return measure(ctx, o, logger, stdout) })
+	}, func(logger *slog.Logger) error {
+		return errors.Join(measure(ctx, o, logger, stdout), o.rec.WriteFile(o.jsonPath))
+	})
 }
 
 const debugAddr = "127.0.0.1:6060"
@@ -140,6 +149,9 @@ func measure(ctx context.Context, o options, logger *slog.Logger, out io.Writer)
 		}
 		fmt.Fprintf(out, "  %-6s apply (CLI) %6.2f s; b's set %s the prefix after %6.2f s; every node on the revision after %6.2f s\n",
 			st.name, r.cli.Seconds(), verb, r.kernel.Seconds(), r.converged.Seconds())
+		o.rec.Add(st.name, "apply (CLI)", r.cli.Seconds(), "s")
+		o.rec.Add(st.name, "kernel set changed", r.kernel.Seconds(), "s")
+		o.rec.Add(st.name, "every node on the revision", r.converged.Seconds(), "s")
 		if r.kernel > o.goal {
 			slow = append(slow, fmt.Sprintf("%s %.1f s", st.name, r.kernel.Seconds()))
 		}

@@ -4,7 +4,7 @@
 // Usage (as root, from the repository root; `make bench` builds everything):
 //
 //	go build -o bin/ ./cmd/... ./hack/probe && go build -o bin/wireguard-go golang.zx2c4.com/wireguard
-//	go run ./hack/throughput [-bin bin] [-runs 3] [-time 10s] [-elements 10000] [-goal 0.95]
+//	go run ./hack/throughput [-bin bin] [-runs 3] [-time 10s] [-elements 10000] [-goal 0.95] [-json FILE]
 //
 // It starts a controller and two agents a and b (package segmesh/test/lab) with a
 // policy that allows a -> b on tcp/5201, and, in the same two namespaces, a second,
@@ -16,7 +16,9 @@
 // applying a policy whose external segment holds that many prefixes (one rule
 // towards b, so b's table holds them in a set; see benchlab.PartnersPolicy). Exit status 1 when a ratio is below
 // -goal or a run fails, 2 on a usage error. Figures from a shared machine vary by
-// 10-20 % between runs; interleaving spreads that over both sides.
+// 10-20 % between runs; interleaving spreads that over both sides. With -json the
+// figures (scenarios "no prefixes" and "with prefixes"; overlay and bare mean in
+// Mbit/s, ratio) are also written as JSON (package hack/internal/benchfig).
 package main
 
 import (
@@ -36,6 +38,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"segmesh/hack/internal/benchfig"
 	"segmesh/hack/internal/benchlab"
 	"segmesh/test/lab"
 )
@@ -55,6 +58,8 @@ type options struct {
 	goal     float64
 	verbose  bool
 	keep     bool
+	jsonPath string
+	rec      *benchfig.Recorder
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -68,6 +73,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.Float64Var(&o.goal, "goal", 0.95, "lowest acceptable overlay/bare ratio")
 	fs.BoolVar(&o.verbose, "v", false, "log lab operations")
 	fs.BoolVar(&o.keep, "keep", false, "keep the lab directory (logs)")
+	fs.StringVar(&o.jsonPath, "json", "", "also write the figures to this file as JSON")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -77,6 +83,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.runs < 1 || o.dur < time.Second || o.elements < 0 || o.elements > 60000 {
 		return o, errors.New("want -runs >= 1, -time >= 1s, 0 <= -elements <= 60000")
 	}
+	o.rec = benchfig.NewRecorder("throughput", args, fmt.Sprintf("%s; one iperf3 TCP stream a -> b, %d interleaved runs of %s per tunnel; \"with prefixes\": b's table holds %d external prefixes", benchfig.LabConditions(), o.runs, o.dur, o.elements))
 	return o, nil
 }
 
@@ -93,7 +100,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			}
 		}
 		return o.verbose, nil
-	}, func(logger *slog.Logger) error { return measure(ctx, o, logger, stdout) })
+	}, func(logger *slog.Logger) error {
+		return errors.Join(measure(ctx, o, logger, stdout), o.rec.WriteFile(o.jsonPath))
+	})
 }
 
 func measure(ctx context.Context, o options, logger *slog.Logger, out io.Writer) error {
@@ -151,6 +160,13 @@ func measure(ctx context.Context, o options, logger *slog.Logger, out io.Writer)
 			}
 		}
 		ratio := sum[0] / sum[1]
+		scenario := "no prefixes"
+		if n > 0 {
+			scenario = "with prefixes"
+		}
+		o.rec.Add(scenario, "overlay mean", sum[0]/float64(o.runs)/1e6, "Mbit/s")
+		o.rec.Add(scenario, "bare wireguard-go mean", sum[1]/float64(o.runs)/1e6, "Mbit/s")
+		o.rec.Add(scenario, "ratio", ratio, "ratio")
 		fmt.Fprintf(out, "  mean: overlay %.0f Mbit/s, bare %.0f Mbit/s, ratio %.2f (target >= %.2f)\n",
 			sum[0]/float64(o.runs)/1e6, sum[1]/float64(o.runs)/1e6, ratio, o.goal)
 		if ratio < o.goal {

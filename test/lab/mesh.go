@@ -351,8 +351,13 @@ func parseRevision(out string) (uint64, error) {
 
 // Status is the JSON printed by `segmesh status -o json`.
 type Status struct {
-	PolicyRevision uint64       `json:"policy_revision"`
-	Nodes          []NodeStatus `json:"nodes"`
+	PolicyRevision uint64 `json:"policy_revision"`
+	// NodesActive, NodesOnline and NodesCurrent are the controller's counts of
+	// the active nodes, those online, and those enforcing their desired netmap.
+	NodesActive  uint32       `json:"nodes_active"`
+	NodesOnline  uint32       `json:"nodes_online"`
+	NodesCurrent uint32       `json:"nodes_current"`
+	Nodes        []NodeStatus `json:"nodes"`
 }
 
 // NodeStatus is one node of Status.
