@@ -150,8 +150,8 @@ func TestCountingTransport(t *testing.T) {
 }
 
 func TestWatch(t *testing.T) {
-	rev := func(r uint64) *segmeshv1.Netmap { return &segmeshv1.Netmap{PolicyRevision: r} }
-	w := newWatch(3, func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() >= 2 })
+	rev := func(r uint64) update { return update{revision: r} }
+	w := newWatch(3, func(u update) bool { return u.revision >= 2 })
 	now := w.start.Add(5 * time.Millisecond)
 	w.observe(0, rev(1), now)                       // does not match
 	w.observe(0, rev(2), now)                       // matches at 5 ms
@@ -174,18 +174,44 @@ func TestWatch(t *testing.T) {
 	}
 }
 
-func TestHasPeer(t *testing.T) {
-	nm := &segmeshv1.Netmap{Peers: []*segmeshv1.Peer{{Name: "a", Endpoint: "198.18.0.1:51820"}, {Name: "b"}}}
+// TestUpdateView: what the watch sees of a full netmap and of a delta; a delta
+// shows only the peers it changes.
+func TestUpdateView(t *testing.T) {
+	nm := &segmeshv1.Netmap{PolicyRevision: 4, Self: &segmeshv1.Node{Name: "s"}, Peers: []*segmeshv1.Peer{{Name: "a", Endpoint: "198.18.0.1:51820"}, {Name: "b"}}}
+	full := fullView(nm)
+	delta := deltaView(&segmeshv1.NetmapDelta{PolicyRevision: 5, UpsertedPeers: []*segmeshv1.Peer{{Name: "c", Endpoint: "198.18.0.3:51820"}}, RemovedPeers: []string{"b"}})
+	header := deltaView(&segmeshv1.NetmapDelta{PolicyRevision: 6, Header: &segmeshv1.NetmapHeader{Self: &segmeshv1.Node{Name: "s", Endpoint: "198.18.0.0:51821"}}})
 	tests := []struct {
-		name, ep string
-		want     bool
+		name     string
+		u        update
+		peer, ep string
+		lists    bool
+		drops    bool
+		rev      uint64
+		selfEP   string
 	}{
-		{"a", "", true}, {"a", "198.18.0.1:51820", true}, {"a", "198.18.0.1:51821", false}, {"c", "", false},
+		{name: "full, listed", u: full, peer: "a", lists: true, rev: 4},
+		{name: "full, listed at the endpoint", u: full, peer: "a", ep: "198.18.0.1:51820", lists: true, rev: 4},
+		{name: "full, listed elsewhere", u: full, peer: "a", ep: "198.18.0.1:51821", rev: 4},
+		{name: "full, not listed", u: full, peer: "c", drops: true, rev: 4},
+		{name: "delta upserts", u: delta, peer: "c", ep: "198.18.0.3:51820", lists: true, rev: 5},
+		{name: "delta removes", u: delta, peer: "b", drops: true, rev: 5},
+		{name: "delta leaves alone", u: delta, peer: "a", rev: 5},
+		{name: "delta with a header", u: header, peer: "a", rev: 6, selfEP: "198.18.0.0:51821"},
 	}
 	for _, tt := range tests {
-		if got := hasPeer(nm, tt.name, tt.ep); got != tt.want {
-			t.Errorf("hasPeer(%q, %q) = %v, want %v", tt.name, tt.ep, got, tt.want)
+		if got := tt.u.lists(tt.peer, tt.ep); got != tt.lists {
+			t.Errorf("%s: lists(%q, %q) = %v, want %v", tt.name, tt.peer, tt.ep, got, tt.lists)
 		}
+		if got := tt.u.drops(tt.peer); got != tt.drops {
+			t.Errorf("%s: drops(%q) = %v, want %v", tt.name, tt.peer, got, tt.drops)
+		}
+		if tt.u.revision != tt.rev || (tt.selfEP != "" && tt.u.self.GetEndpoint() != tt.selfEP) {
+			t.Errorf("%s: revision %d, self %v", tt.name, tt.u.revision, tt.u.self)
+		}
+	}
+	if delta.self != nil {
+		t.Errorf("a delta without header shows self %v", delta.self)
 	}
 	if got, want := simEndpoint(300, 2), "198.18.1.44:51822"; got != want {
 		t.Errorf("simEndpoint(300, 2) = %q, want %q", got, want)
@@ -252,8 +278,10 @@ func TestRealController(t *testing.T) {
 		if got[sc+"/agents reached"] != 20 {
 			t.Errorf("%s reached %v agents, want 20", sc, got[sc+"/agents reached"])
 		}
-		if got[sc+"/controller CPU"] <= 0 {
-			t.Errorf("%s: controller CPU = %v, want > 0", sc, got[sc+"/controller CPU"])
+		// CPU time in /proc counts 10 ms ticks: with deltas, a change to 20
+		// agents can take less than one.
+		if v, ok := got[sc+"/controller CPU"]; !ok || v < 0 {
+			t.Errorf("%s: controller CPU = %v (reported %v), want >= 0", sc, v, ok)
 		}
 	}
 	// A full-mesh netmap of 20 nodes lists 19 peers (name, key, endpoint, addresses each).

@@ -190,7 +190,7 @@ func (r *runner) setup(ctx context.Context) error {
 	f := r.fleet
 	n := r.o.agents
 	f.agents = make([]*simAgent, n)
-	w := newWatch(n, func(*segmeshv1.Netmap) bool { return true })
+	w := newWatch(n, func(update) bool { return true })
 	f.watch.Store(w)
 	cpu0, _ := procmem.CPU(r.ctl.PID())
 	var next atomic.Int64
@@ -262,7 +262,7 @@ func compact(agents []*simAgent) []*simAgent {
 // change measures one change: do makes it; every agent's netmap is checked
 // against match until all satisfy it (or -timeout); then the controller's status
 // is polled until it shows every node converged.
-func (r *runner) change(ctx context.Context, scenario string, match func(*segmeshv1.Netmap) bool, do func() error) error {
+func (r *runner) change(ctx context.Context, scenario string, match func(update) bool, do func() error) error {
 	pid := r.ctl.PID()
 	for _, p := range []int{pid, os.Getpid()} {
 		if err := procmem.ResetHWM(p); err != nil {
@@ -362,7 +362,7 @@ func (r *runner) waitStatusConverged(ctx context.Context, start time.Time) (time
 func (r *runner) policyChange(ctx context.Context, scenario string, mesh bool) error {
 	prev := r.rev
 	yaml := r.nextPolicy(mesh)
-	return r.change(ctx, scenario, func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() > prev }, func() error {
+	return r.change(ctx, scenario, func(u update) bool { return u.revision > prev }, func() error {
 		d, err := r.apply(ctx, yaml, mesh)
 		if err == nil {
 			r.add(scenario, "policy apply returns", ms(d), "ms")
@@ -378,7 +378,7 @@ func (r *runner) ensureMesh(ctx context.Context) error {
 		return nil
 	}
 	prev := r.rev
-	w := newWatch(len(r.fleet.agents), func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() > prev })
+	w := newWatch(len(r.fleet.agents), func(u update) bool { return u.revision > prev })
 	r.fleet.watch.Store(w)
 	if _, err := r.apply(ctx, r.nextPolicy(true), true); err != nil {
 		return err
@@ -398,7 +398,7 @@ func (r *runner) join(ctx context.Context) error {
 	idx := len(r.fleet.agents)
 	name := fmt.Sprintf("sim-%d", idx)
 	var added *simAgent
-	err := r.change(ctx, "join", func(nm *segmeshv1.Netmap) bool { return hasPeer(nm, name, "") }, func() error {
+	err := r.change(ctx, "join", func(u update) bool { return u.lists(name, "") }, func() error {
 		a, err := r.fleet.enrollAgent(ctx, r.tok, idx)
 		if err != nil {
 			return err
@@ -422,11 +422,11 @@ func (r *runner) endpoint(ctx context.Context) error {
 	a := r.fleet.agents[0]
 	r.gen++
 	ep := simEndpoint(0, r.gen)
-	match := func(nm *segmeshv1.Netmap) bool {
-		if nm.GetSelf().GetName() == a.name {
-			return nm.GetSelf().GetEndpoint() == ep
+	match := func(u update) bool {
+		if u.self.GetName() == a.name {
+			return u.self.GetEndpoint() == ep
 		}
-		return hasPeer(nm, a.name, ep)
+		return u.lists(a.name, ep)
 	}
 	return r.change(ctx, "endpoint", match, func() error {
 		a.endpoint.Store(&ep)
@@ -449,7 +449,7 @@ func (r *runner) removeExtra(ctx context.Context, scenario string) error {
 	}
 	idx := extraIndex + r.extras
 	r.extras++
-	w := newWatch(len(r.fleet.agents), func(nm *segmeshv1.Netmap) bool { return hasPeer(nm, fmt.Sprintf("sim-%d", idx), "") })
+	w := newWatch(len(r.fleet.agents), func(u update) bool { return u.lists(fmt.Sprintf("sim-%d", idx), "") })
 	r.fleet.watch.Store(w)
 	a, err := r.extra.enrollAgent(ctx, r.tok, idx)
 	if err != nil {
@@ -460,7 +460,7 @@ func (r *runner) removeExtra(ctx context.Context, scenario string) error {
 	if _, missing := w.wait(ctx, r.o.timeout); missing > 0 {
 		return fmt.Errorf("%d agents did not list the extra node %s within %s", missing, a.name, r.o.timeout)
 	}
-	return r.change(ctx, scenario, func(nm *segmeshv1.Netmap) bool { return !hasPeer(nm, a.name, "") }, func() error {
+	return r.change(ctx, scenario, func(u update) bool { return u.drops(a.name) }, func() error {
 		var err error
 		if scenario == "revoke" {
 			_, err = r.op.RevokeNode(ctx, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: a.name}))

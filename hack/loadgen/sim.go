@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -72,17 +73,17 @@ type fleet struct {
 	legacy  sync.Once    // logs that the controller does not serve SyncUpdates
 }
 
-// watch records, for agents [0, len(at)), the first netmap that satisfies match
+// watch records, for agents [0, len(at)), the first update that satisfies match
 // after start.
 type watch struct {
 	start time.Time
-	match func(*segmeshv1.Netmap) bool
+	match func(update) bool
 	at    []atomic.Int64 // nanoseconds since start; 0 = not yet
 	left  atomic.Int64
 	done  chan struct{}
 }
 
-func newWatch(n int, match func(*segmeshv1.Netmap) bool) *watch {
+func newWatch(n int, match func(update) bool) *watch {
 	w := &watch{start: time.Now(), match: match, at: make([]atomic.Int64, n), done: make(chan struct{})}
 	w.left.Store(int64(n))
 	if n == 0 {
@@ -91,9 +92,9 @@ func newWatch(n int, match func(*segmeshv1.Netmap) bool) *watch {
 	return w
 }
 
-// observe records nm for agent i.
-func (w *watch) observe(i int, nm *segmeshv1.Netmap, now time.Time) {
-	if i >= len(w.at) || w.at[i].Load() != 0 || !w.match(nm) {
+// observe records u for agent i.
+func (w *watch) observe(i int, u update, now time.Time) {
+	if i >= len(w.at) || w.at[i].Load() != 0 || !w.match(u) {
 		return
 	}
 	w.at[i].Store(max(int64(now.Sub(w.start)), 1))
@@ -465,10 +466,10 @@ func (f *fleet) streamUpdates(ctx context.Context, a *simAgent, req *segmeshv1.S
 	for st.Receive() {
 		received = true
 		u := st.Msg()
-		view := u.GetFull() // what the watch sees
+		var view update // what the watch sees
 		switch {
-		case view != nil:
-			held, heldHash = view, view.GetHash()
+		case u.GetFull() != nil:
+			held, heldHash, view = u.GetFull(), u.GetFull().GetHash(), fullView(u.GetFull())
 		case u.GetDelta() == nil:
 			return received, &errResync{reason: "netmap update of an unknown kind"}
 		case heldHash == "":
@@ -478,20 +479,17 @@ func (f *fleet) streamUpdates(ctx context.Context, a *simAgent, req *segmeshv1.S
 			if err != nil {
 				return received, &errResync{reason: err.Error()}
 			}
-			held, heldHash, view = next, next.GetHash(), next
+			held, heldHash, view = next, next.GetHash(), fullView(next)
 			a.size.Store(int64(proto.Size(next)))
 		default:
 			d := u.GetDelta()
 			if d.GetBaseHash() != heldHash {
 				return received, &errResync{reason: fmt.Sprintf("%v: delta applies to %.12s, the netmap held is %.12s", wire.ErrDeltaBase, d.GetBaseHash(), heldHash)}
 			}
-			heldHash = d.GetHash()
+			heldHash, view = d.GetHash(), deltaView(d)
 			a.size.Store(-1)
-			// The watch sees what the delta changed: the peers it upserts (their
-			// first appearance, or new endpoint, is in the delta that adds them).
-			view = &segmeshv1.Netmap{PolicyRevision: d.GetPolicyRevision(), Hash: d.GetHash(), Self: d.GetHeader().GetSelf(), Peers: d.GetUpsertedPeers()}
 		}
-		f.applied(ctx, a, view.GetPolicyRevision(), heldHash, view)
+		f.applied(ctx, a, view.revision, heldHash, view)
 		if !a.verify {
 			// The stream keeps its latest message until the next one: empty it,
 			// so that N agents do not hold N peer lists between changes.
@@ -514,7 +512,7 @@ func (f *fleet) streamFull(ctx context.Context, a *simAgent, req *segmeshv1.Sync
 	defer st.Close()
 	for st.Receive() {
 		nm := st.Msg()
-		f.applied(ctx, a, nm.GetPolicyRevision(), nm.GetHash(), nm)
+		f.applied(ctx, a, nm.GetPolicyRevision(), nm.GetHash(), fullView(nm))
 		// See streamUpdates.
 		proto.Reset(nm)
 	}
@@ -526,7 +524,7 @@ func (f *fleet) streamFull(ctx context.Context, a *simAgent, req *segmeshv1.Sync
 
 // applied records that a holds the netmap of revision rev and hash (view is what
 // the watch checks) and reports it like an agent that applied it.
-func (f *fleet) applied(ctx context.Context, a *simAgent, rev uint64, hash string, view *segmeshv1.Netmap) {
+func (f *fleet) applied(ctx context.Context, a *simAgent, rev uint64, hash string, view update) {
 	now := time.Now()
 	a.msgs.Add(1)
 	if w := f.watch.Load(); w != nil {
@@ -556,13 +554,46 @@ func (f *fleet) close() {
 	wg.Wait()
 }
 
-// hasPeer reports whether nm lists a peer called name (with endpoint ep when ep
-// is not empty).
-func hasPeer(nm *segmeshv1.Netmap, name, ep string) bool {
-	for _, p := range nm.GetPeers() {
+// update is what the watch sees of one netmap update an agent received: the
+// revision of the resulting netmap and what the update shows of it. A full netmap
+// (and a verifying agent's netmap after a delta) shows all of it; a delta shows
+// its header's self (nil when it leaves the header alone), the peers it upserts
+// and those it removes, so that a peer's arrival, change or departure is seen in
+// the update that makes it.
+type update struct {
+	revision uint64
+	full     bool
+	self     *segmeshv1.Node
+	peers    []*segmeshv1.Peer
+	removed  []string
+}
+
+// fullView is the update of the whole netmap nm.
+func fullView(nm *segmeshv1.Netmap) update {
+	return update{revision: nm.GetPolicyRevision(), full: true, self: nm.GetSelf(), peers: nm.GetPeers()}
+}
+
+// deltaView is the update of delta d.
+func deltaView(d *segmeshv1.NetmapDelta) update {
+	return update{revision: d.GetPolicyRevision(), self: d.GetHeader().GetSelf(), peers: d.GetUpsertedPeers(), removed: d.GetRemovedPeers()}
+}
+
+// lists reports whether u shows the netmap listing a peer called name (with
+// endpoint ep when ep is not empty).
+func (u update) lists(name, ep string) bool {
+	for _, p := range u.peers {
 		if p.GetName() == name {
 			return ep == "" || p.GetEndpoint() == ep
 		}
 	}
 	return false
+}
+
+// drops reports whether u shows the netmap without a peer called name: a full
+// netmap that does not list it, or a delta that removes it.
+func (u update) drops(name string) bool {
+	if u.full {
+		return !u.lists(name, "")
+	}
+	return slices.Contains(u.removed, name)
 }

@@ -149,7 +149,7 @@ func TestSimStream(t *testing.T) {
 			a.hc = &http.Client{Transport: countingTransport{rt: srv.Client().Transport, n: &a.bytes}}
 			a.client = segmeshv1connect.NewAgentServiceClient(a.hc, srv.URL, connect.WithCodec(lightCodec{size: &a.size, whole: a.verify}))
 			f := &fleet{log: slog.New(slog.NewTextHandler(io.Discard, nil)), agents: []*simAgent{a}}
-			w := newWatch(1, func(nm *segmeshv1.Netmap) bool { return hasPeer(nm, "sim-1", "198.18.9.9:51821") })
+			w := newWatch(1, func(u update) bool { return u.lists("sim-1", "198.18.9.9:51821") })
 			f.watch.Store(w)
 			ctx, cancel := context.WithCancel(context.Background())
 			t.Cleanup(cancel)
