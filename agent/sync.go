@@ -193,7 +193,9 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		}
 		if re := (*resyncError)(nil); errors.As(err, &re) {
 			resync = re.reason
-			bo.reset() // the stream delivered a netmap
+			if received {
+				bo.reset()
+			}
 			d := resyncs.next(time.Now())
 			if d == 0 {
 				a.log.Warn("a netmap update from the controller did not apply; asking for a full netmap", "reason", re.reason)
