@@ -55,27 +55,31 @@ type controller struct {
 	ca  *testpki.CA
 	url string
 
-	mu          sync.Mutex
-	enrollErrs  []*connect.Error // returned by the next Enroll calls, in order
-	enrolls     []*segmeshv1.EnrollRequest
-	syncs       []*segmeshv1.SyncRequest
-	reports     []*segmeshv1.ReportRequest
-	current     *segmeshv1.Netmap
-	push        chan *segmeshv1.Netmap
+	mu         sync.Mutex
+	enrollErrs []*connect.Error // returned by the next Enroll calls, in order
+	enrolls    []*segmeshv1.EnrollRequest
+	syncs      []*segmeshv1.SyncRequest // of the netmap streams served (Sync or SyncUpdates)
+	updateReqs []*segmeshv1.SyncRequest // of every SyncUpdates call, served or refused
+	reports    []*segmeshv1.ReportRequest
+	current    *segmeshv1.Netmap
+	push       chan *segmeshv1.NetmapUpdate // for the open stream, in order (deltas on SyncUpdates only)
+	// legacy makes the controller one from before deltas: SyncUpdates is
+	// unimplemented, agents must use Sync.
+	legacy      bool
 	firstAccess func() // called once, at the first request of any kind
 	accessed    bool
 
 	// certLifetime is the validity of issued node certificates, from the moment of
 	// issue; 0 issues them as testpki.SignCSR does (valid for a day).
 	certLifetime time.Duration
-	syncErr      *connect.Error   // returned by Sync (after sending current, if any)
+	syncErr      *connect.Error   // returned by Sync and SyncUpdates (after sending current, if any)
 	reportErr    *connect.Error   // returned by Report
 	renewErrs    []*connect.Error // returned by the next RenewCertificate calls
 	rotateErrs   []*connect.Error // returned by the next RotateKey calls
 	renews       []*segmeshv1.RenewCertificateRequest
 	rotates      []*segmeshv1.RotateKeyRequest
 	issued       [][]byte            // DER of every certificate issued, in order
-	presented    map[string][]string // RPC name -> hex SHA-256 of the client certificate, per call
+	presented    map[string][]string // RPC name ("stream" for Sync and SyncUpdates) -> hex SHA-256 of the client certificate, per call
 }
 
 type tlsStateKey struct{}
@@ -126,7 +130,7 @@ func (c *controller) sign(csr []byte, name string) ([]byte, error) {
 
 func newController(t *testing.T) *controller {
 	t.Helper()
-	c := &controller{t: t, ca: testpki.NewCA(t, "segmesh test CA"), push: make(chan *segmeshv1.Netmap, 8)}
+	c := &controller{t: t, ca: testpki.NewCA(t, "segmesh test CA"), push: make(chan *segmeshv1.NetmapUpdate, 8)}
 	mux := http.NewServeMux()
 	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(c))
 	mux.Handle(segmeshv1connect.NewAgentServiceHandler(c))
@@ -186,13 +190,37 @@ func (c *controller) Enroll(_ context.Context, req *connect.Request[segmeshv1.En
 }
 
 func (c *controller) Sync(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.Netmap]) error {
-	c.record(ctx, "Sync")
+	return c.serve(ctx, req.Msg, func(u *segmeshv1.NetmapUpdate) error {
+		if u.GetFull() == nil {
+			c.t.Errorf("the test pushed a delta to a Sync stream")
+			return nil
+		}
+		return stream.Send(u.GetFull())
+	})
+}
+
+func (c *controller) SyncUpdates(ctx context.Context, req *connect.Request[segmeshv1.SyncRequest], stream *connect.ServerStream[segmeshv1.NetmapUpdate]) error {
 	c.mu.Lock()
-	c.syncs = append(c.syncs, req.Msg)
+	c.updateReqs = append(c.updateReqs, req.Msg)
+	legacy := c.legacy
+	c.mu.Unlock()
+	if legacy {
+		return c.UnimplementedAgentServiceHandler.SyncUpdates(ctx, req, stream)
+	}
+	return c.serve(ctx, req.Msg, stream.Send)
+}
+
+// serve runs one netmap stream: current (when set) as a full netmap, then what the
+// test pushes; after each message it returns syncErr when set. A full netmap
+// pushed becomes current.
+func (c *controller) serve(ctx context.Context, req *segmeshv1.SyncRequest, send func(*segmeshv1.NetmapUpdate) error) error {
+	c.record(ctx, "stream")
+	c.mu.Lock()
+	c.syncs = append(c.syncs, req)
 	cur, refuse := c.current, c.syncErr
 	c.mu.Unlock()
 	if cur != nil {
-		if err := stream.Send(cur); err != nil {
+		if err := send(fullUpdate(cur)); err != nil {
 			return err
 		}
 	}
@@ -200,22 +228,35 @@ func (c *controller) Sync(ctx context.Context, req *connect.Request[segmeshv1.Sy
 		return refuse
 	}
 	for {
+		var u *segmeshv1.NetmapUpdate
 		select {
 		case <-ctx.Done():
 			return nil
-		case nm := <-c.push:
+		case u = <-c.push:
+		}
+		if nm := u.GetFull(); nm != nil {
 			c.mu.Lock()
 			c.current = nm
-			refuse := c.syncErr
 			c.mu.Unlock()
-			if err := stream.Send(nm); err != nil {
-				return err
-			}
-			if refuse != nil {
-				return refuse
-			}
+		}
+		if err := send(u); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		refuse := c.syncErr
+		c.mu.Unlock()
+		if refuse != nil {
+			return refuse
 		}
 	}
+}
+
+func fullUpdate(nm *segmeshv1.Netmap) *segmeshv1.NetmapUpdate {
+	return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: nm}}
+}
+
+func deltaUpdate(d *segmeshv1.NetmapDelta) *segmeshv1.NetmapUpdate {
+	return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Delta{Delta: d}}
 }
 
 func (c *controller) Report(ctx context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
@@ -550,7 +591,7 @@ func TestFirstStartEnrollsAppliesAndReports(t *testing.T) {
 	pb4 := wireNetmap(4, 0)
 	pb4.Peers = pb4.Peers[1:]
 	pb4.Hash = wire.NetmapHash(pb4)
-	c.push <- pb4
+	c.push <- fullUpdate(pb4)
 	want4 := expected(t, dir, pb4, nil)
 	eventually(t, "revision 4 applied and reported", func() bool {
 		rep := c.lastReport()
@@ -755,7 +796,7 @@ func TestRejectsBadNetmapFromController(t *testing.T) {
 	bad := wireNetmap(6, 0)
 	bad.Hash = wire.NetmapHash(bad)
 	bad.Peers[0].AllowedIps = []string{"0.0.0.0/0"} // after hashing: tampered
-	c.push <- bad
+	c.push <- fullUpdate(bad)
 	eventually(t, "rejection reported", func() bool {
 		rep := c.lastReport()
 		return rep != nil && strings.Contains(rep.GetError(), "hash mismatch") && rep.GetAppliedRevision() == 5
@@ -771,7 +812,7 @@ func TestRejectsBadNetmapFromController(t *testing.T) {
 	other := wireNetmap(7, 0)
 	other.Self.Name = "db-1"
 	other.Hash = wire.NetmapHash(other)
-	c.push <- other
+	c.push <- fullUpdate(other)
 	eventually(t, "wrong-node rejection reported", func() bool {
 		rep := c.lastReport()
 		return rep != nil && strings.Contains(rep.GetError(), `netmap is for node "db-1"`)

@@ -127,25 +127,25 @@ func TestRevokedGoesToDefaultDeny(t *testing.T) {
 			c.mu.Lock()
 			c.syncErr = revokedErr()
 			c.mu.Unlock()
-			c.push <- revokedWire(4)
+			c.push <- fullUpdate(revokedWire(4))
 		}},
 		{name: "stream refused", revoke: func(c *controller) {
 			c.mu.Lock()
 			c.syncErr = revokedErr()
 			c.mu.Unlock()
-			c.push <- wireNetmap(4, 0)
+			c.push <- fullUpdate(wireNetmap(4, 0))
 		}},
 		{name: "stream refused for a deleted node", revoke: func(c *controller) {
 			c.mu.Lock()
 			c.syncErr = connect.NewError(connect.CodePermissionDenied, errors.New(`node "web-1" is not enrolled (deleted by an operator?); its credentials are no longer valid`))
 			c.mu.Unlock()
-			c.push <- wireNetmap(4, 0)
+			c.push <- fullUpdate(wireNetmap(4, 0))
 		}},
 		{name: "report refused", revoke: func(c *controller) {
 			c.mu.Lock()
 			c.reportErr = revokedErr()
 			c.mu.Unlock()
-			c.push <- wireNetmap(4, 0)
+			c.push <- fullUpdate(wireNetmap(4, 0))
 		}},
 	}
 	for _, tt := range tests {
@@ -316,7 +316,7 @@ func TestCertificateRenewal(t *testing.T) {
 			return false
 		}
 		last := certID(c.issued[len(c.issued)-1])
-		syncs, reports := c.presented["Sync"], c.presented["Report"]
+		syncs, reports := c.presented["stream"], c.presented["Report"]
 		return len(syncs) > 0 && syncs[len(syncs)-1] == last && len(reports) > 0 && reports[len(reports)-1] == last
 	})
 	if err := r.stop(t); err != nil {
@@ -498,7 +498,7 @@ func TestKeyRotation(t *testing.T) {
 	c.rotateErrs = []*connect.Error{unavailable()}
 	c.mu.Unlock()
 	pb := withRotation(4, 1)
-	c.push <- pb
+	c.push <- fullUpdate(pb)
 	eventually(t, "new key programmed", func() bool {
 		st, _ := r.dp.State()
 		return st.PrivateKey != old && st.PrivateKey == wgKeyOnDisk(t, dir)
@@ -528,10 +528,10 @@ func TestKeyRotation(t *testing.T) {
 
 	// The same generation again: nothing. A new one: another key.
 	pb5 := withRotation(5, 1)
-	c.push <- pb5
+	c.push <- fullUpdate(pb5)
 	eventually(t, "revision 5", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 5 })
 	pb6 := withRotation(6, 2)
-	c.push <- pb6
+	c.push <- fullUpdate(pb6)
 	eventually(t, "second rotation", func() bool {
 		st, _ := r.dp.State()
 		return st.PrivateKey != newKey && st.PrivateKey != old && st.PrivateKey == wgKeyOnDisk(t, dir)
@@ -625,7 +625,7 @@ func TestStartFinishesInterruptedRenewal(t *testing.T) {
 	eventually(t, "stream with the renewed certificate", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		s := c.presented["Sync"]
+		s := c.presented["stream"]
 		return len(s) > 0 && s[len(s)-1] == certID(renewed)
 	})
 	if k, err := stateDir(t, dir).TLSKey(); err != nil || !k.Equal(next) {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 	"segmesh/agent/reconcile"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/api/wire"
 )
 
 // maxBackoff is the longest wait between two attempts to reach the controller; a
@@ -44,6 +46,7 @@ type syncer struct {
 	netmapErr    error                   // why the latest netmap from the controller was rejected
 	lastReport   *segmeshv1.ReportRequest
 	reportMu     sync.Mutex // serialises reports so that they arrive in order
+	legacyOnce   sync.Once  // logs the first fallback to Sync
 }
 
 func newSyncer(a *agent) (*syncer, error) {
@@ -120,13 +123,56 @@ func (s *syncer) close() {
 	s.hc.CloseIdleConnections()
 }
 
-// connectLoop keeps a Sync stream open until ctx ends, reconnecting with backoff
+// Resyncs: when a delta does not apply (a gap, a hash mismatch, a delta before any
+// full netmap) the agent ends the stream and opens a new one at once, which starts
+// with a full netmap; at most maxResyncs times in resyncWindow, so that a
+// controller that keeps sending bad deltas cannot make the agent spin.
+const (
+	maxResyncs   = 3
+	resyncWindow = time.Minute
+)
+
+// resyncError ends a SyncUpdates stream on purpose: an update did not apply to
+// the netmap held. reason goes into SyncRequest.resync_reason of the next stream.
+type resyncError struct{ reason string }
+
+func (e *resyncError) Error() string { return "asking for a full netmap: " + e.reason }
+
+// resyncLimiter spaces resyncs: at most n in any window.
+type resyncLimiter struct {
+	n      int
+	window time.Duration
+	times  []time.Time // the recent resyncs (some maybe in the future), oldest first
+}
+
+// next records a resync wanted at now and returns how long to wait before it (0:
+// at once), so that no window holds more than n.
+func (l *resyncLimiter) next(now time.Time) time.Duration {
+	cut := now.Add(-l.window)
+	i := 0
+	for i < len(l.times) && !l.times[i].After(cut) {
+		i++
+	}
+	l.times = l.times[i:]
+	var d time.Duration
+	if len(l.times) >= l.n {
+		d = l.times[len(l.times)-l.n].Add(l.window).Sub(now)
+	}
+	l.times = append(l.times, now.Add(d))
+	return d
+}
+
+// connectLoop keeps a netmap stream open until ctx ends, reconnecting with backoff
 // (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap). A
 // revoked node, or one whose certificate expired, tries only every 30 s: it keeps
-// its default-deny or last netmap meanwhile and does not hammer the controller.
+// its default-deny or last netmap meanwhile and does not hammer the controller. A
+// stream the agent ended for a resync (see resyncError) is reopened at once, within
+// the limits of maxResyncs.
 func (s *syncer) connectLoop(ctx context.Context) {
 	a := s.a
 	bo := newBackoff(time.Second, maxBackoff)
+	resyncs := resyncLimiter{n: maxResyncs, window: resyncWindow}
+	resync := "" // SyncRequest.resync_reason of the next stream
 	for {
 		if a.certificateExpired() {
 			if !sleep(ctx, maxBackoff) {
@@ -134,7 +180,8 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			}
 			continue
 		}
-		received, err := s.syncOnce(ctx)
+		received, err := s.syncOnce(ctx, resync)
+		resync = ""
 		if ctx.Err() != nil {
 			return
 		}
@@ -142,6 +189,23 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			a.log.Info("reconnecting to the controller with the renewed certificate")
 			s.closeRetired() // the old stream is closed now
 			bo.reset()
+			continue
+		}
+		if re := (*resyncError)(nil); errors.As(err, &re) {
+			resync = re.reason
+			if received {
+				bo.reset()
+			}
+			d := resyncs.next(time.Now())
+			if d == 0 {
+				a.log.Warn("a netmap update from the controller did not apply; asking for a full netmap", "reason", re.reason)
+				continue
+			}
+			a.log.Warn("a netmap update from the controller did not apply again; asking for a full netmap later", "reason", re.reason,
+				"in", d.Round(time.Millisecond), "limit", fmt.Sprintf("%d per %v", maxResyncs, resyncWindow))
+			if !sleep(ctx, d) {
+				return
+			}
 			continue
 		}
 		s.checkRevoked(ctx, err)
@@ -164,9 +228,16 @@ func (s *syncer) connectLoop(ctx context.Context) {
 	}
 }
 
-// syncOnce runs one Sync stream; it reports whether a netmap arrived. The error is
-// errReconnect when reconnect ended the stream.
-func (s *syncer) syncOnce(ctx context.Context) (bool, error) {
+// syncOnce runs one netmap stream; it reports whether a netmap arrived. It opens
+// AgentService.SyncUpdates (full netmap, then deltas) with resync as the
+// resync_reason, and when the controller does not serve it (CodeUnimplemented: a
+// controller older than deltas) AgentService.Sync (full netmaps only) instead.
+// Every connection tries SyncUpdates first, so that an upgraded controller sends
+// deltas from the next reconnect on; the fallback is logged once per process.
+//
+// The error is errReconnect when reconnect ended the stream, a *resyncError when
+// an update did not apply.
+func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 	ep, err := s.a.currentEndpoint()
 	if err != nil {
 		return false, err
@@ -182,34 +253,90 @@ func (s *syncer) syncOnce(ctx context.Context) (bool, error) {
 		s.cancelStream = nil
 		s.mu.Unlock()
 	}()
-	stream, err := client.Sync(ctx, connect.NewRequest(&segmeshv1.SyncRequest{
-		Endpoint:  ep.String(),
-		Dataplane: string(s.a.dp.Kind()),
-		Version:   Version,
-		Interface: s.a.id.Interface,
-	}))
+	req := &segmeshv1.SyncRequest{
+		Endpoint:     ep.String(),
+		Dataplane:    string(s.a.dp.Kind()),
+		Version:      Version,
+		Interface:    s.a.id.Interface,
+		ResyncReason: resync,
+	}
+	received, err := s.syncUpdates(ctx, client, req, ep)
+	if !received && connect.CodeOf(err) == connect.CodeUnimplemented && context.Cause(ctx) == nil {
+		s.legacyOnce.Do(func() {
+			s.a.log.Info("the controller does not serve netmap deltas (SyncUpdates); receiving full netmaps (Sync)", "controller", s.a.id.Controller)
+		})
+		req.ResyncReason = ""
+		received, err = s.syncFull(ctx, client, req, ep)
+	}
+	if errors.Is(context.Cause(ctx), errReconnect) {
+		return received, errReconnect
+	}
+	return received, err
+}
+
+// syncUpdates runs one SyncUpdates stream. It holds the netmap the stream last
+// made (a full netmap, or the result of a delta applied to the one before),
+// whether or not handleNetmap accepted it: deltas continue from the controller's
+// view. An update that does not apply ends the stream with a *resyncError.
+func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentServiceClient, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
+	stream, err := client.SyncUpdates(ctx, connect.NewRequest(req))
 	if err != nil {
-		if errors.Is(context.Cause(ctx), errReconnect) {
-			return false, errReconnect
-		}
 		return false, fmt.Errorf("opening netmap stream: %w", err)
 	}
 	defer stream.Close()
 	received := false
+	var held *segmeshv1.Netmap
 	for stream.Receive() {
-		if !received {
-			s.a.log.Info("connected to controller", "controller", s.a.id.Controller, "endpoint", ep)
+		var next *segmeshv1.Netmap
+		switch u := stream.Msg().GetUpdate().(type) {
+		case *segmeshv1.NetmapUpdate_Full:
+			next = u.Full
+		case *segmeshv1.NetmapUpdate_Delta:
+			if held == nil {
+				return received, &resyncError{reason: fmt.Sprintf("delta to revision %d before any full netmap", u.Delta.GetPolicyRevision())}
+			}
+			if next, err = wire.ApplyDelta(held, u.Delta); err != nil {
+				return received, &resyncError{reason: err.Error()}
+			}
+		default:
+			return received, &resyncError{reason: "netmap update of a kind this agent does not know"}
 		}
+		held = next
+		s.logConnected(received, ep)
 		received = true
-		s.handleNetmap(ctx, stream.Msg())
-	}
-	if errors.Is(context.Cause(ctx), errReconnect) {
-		return received, errReconnect
+		s.handleNetmap(ctx, next)
 	}
 	if err := stream.Err(); err != nil {
 		return received, fmt.Errorf("netmap stream: %w", err)
 	}
 	return received, errors.New("netmap stream closed by the controller")
+}
+
+// syncFull runs one Sync stream (full netmaps only, from a controller older than
+// deltas).
+func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServiceClient, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
+	stream, err := client.Sync(ctx, connect.NewRequest(req))
+	if err != nil {
+		return false, fmt.Errorf("opening netmap stream: %w", err)
+	}
+	defer stream.Close()
+	received := false
+	for stream.Receive() {
+		s.logConnected(received, ep)
+		received = true
+		s.handleNetmap(ctx, stream.Msg())
+	}
+	if err := stream.Err(); err != nil {
+		return received, fmt.Errorf("netmap stream: %w", err)
+	}
+	return received, errors.New("netmap stream closed by the controller")
+}
+
+// logConnected logs the first netmap of a stream (before is whether one came already).
+func (s *syncer) logConnected(before bool, ep netip.AddrPort) {
+	if !before {
+		s.a.log.Info("connected to controller", "controller", s.a.id.Controller, "endpoint", ep)
+	}
 }
 
 // handleNetmap validates, persists and applies one netmap, then reports. An invalid

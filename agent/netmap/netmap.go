@@ -18,7 +18,8 @@ import (
 // Netmap is a validated netmap.
 type Netmap struct {
 	Revision uint64
-	// Hash is the hex SHA-256 the controller computed (wire.NetmapHash).
+	// Hash is the hex hash the controller computed, in the version the message's
+	// hash_version names (wire.HashOf: wire.NetmapHash or wire.NetmapHashV2).
 	Hash string
 	Self Node
 	// Peers are sorted as the controller sent them; keys are unique.
@@ -79,8 +80,9 @@ func (n *Netmap) Peer(k dataplane.Key) (Peer, bool) {
 	return Peer{}, false
 }
 
-// Parse verifies nm's hash and converts it. It returns an error naming the field
-// (and peer) that is invalid: a hash mismatch, a malformed key, identity key (not
+// Parse verifies nm's hash (wire.HashOf: hash_version 0 is version 1, 2 is
+// version 2) and converts it. It returns an error naming the field (and peer)
+// that is invalid: an unknown hash version, a hash mismatch, a malformed key, identity key (not
 // PKIX ECDSA P-256), endpoint, prefix or filter, a duplicate peer key, or a gossip
 // key that is not 16, 24 or 32 bytes.
 //
@@ -91,15 +93,18 @@ func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 	if nm == nil {
 		return nil, fmt.Errorf("netmap: nil message")
 	}
-	if got := wire.NetmapHash(nm); got != nm.GetHash() {
-		return nil, fmt.Errorf("netmap revision %d: hash mismatch: message says %q, content hashes to %q", nm.GetPolicyRevision(), nm.GetHash(), got)
+	got, err := wire.HashOf(nm)
+	if err != nil {
+		return nil, fmt.Errorf("netmap revision %d: %w (this agent knows hash versions 0 and %d; upgrade the agent)", nm.GetPolicyRevision(), err, wire.HashVersion2)
+	}
+	if got != nm.GetHash() {
+		return nil, fmt.Errorf("netmap revision %d: hash mismatch (hash version %d): message says %q, content hashes to %q", nm.GetPolicyRevision(), nm.GetHashVersion(), nm.GetHash(), got)
 	}
 	out := &Netmap{Revision: nm.GetPolicyRevision(), Hash: nm.GetHash(), Revoked: nm.GetRevoked(), KeyRotation: nm.GetKeyRotation()}
 	self := nm.GetSelf()
 	if self.GetName() == "" {
 		return nil, fmt.Errorf("netmap: self: empty name")
 	}
-	var err error
 	out.Self = Node{Name: self.GetName(), Labels: self.GetLabels()}
 	if out.Self.Addresses, err = wire.ParsePrefixes(self.GetAddresses()); err != nil {
 		return nil, fmt.Errorf("netmap: self addresses: %w", err)

@@ -65,6 +65,15 @@ func hashed(f func(nm *segmeshv1.Netmap)) *segmeshv1.Netmap {
 	return nm
 }
 
+// hashedV2 is hashed with hash version 2 (wire.NetmapHashV2).
+func hashedV2(f func(nm *segmeshv1.Netmap)) *segmeshv1.Netmap {
+	nm := valid()
+	f(nm)
+	nm.HashVersion = wire.HashVersion2
+	nm.Hash = wire.NetmapHashV2(nm)
+	return nm
+}
+
 func TestParse(t *testing.T) {
 	tests := []struct {
 		name string
@@ -80,6 +89,26 @@ func TestParse(t *testing.T) {
 			return nm
 		}(), want: "hash mismatch"},
 		{name: "empty hash", in: valid(), want: "hash mismatch"},
+		{name: "hash version 2", in: hashedV2(func(*segmeshv1.Netmap) {})},
+		{name: "hash version 2, peers in another order", in: hashedV2(func(nm *segmeshv1.Netmap) {
+			nm.Peers[0], nm.Peers[1] = nm.Peers[1], nm.Peers[0]
+		})},
+		{name: "hash version 2 mismatch", in: func() *segmeshv1.Netmap {
+			nm := hashedV2(func(*segmeshv1.Netmap) {})
+			nm.Filter.Sets[0].Prefixes = []string{"0.0.0.0/0"}
+			return nm
+		}(), want: "hash mismatch (hash version 2)"},
+		{name: "version 1 hash labelled version 2", in: func() *segmeshv1.Netmap {
+			nm := hashed(func(*segmeshv1.Netmap) {})
+			nm.HashVersion = wire.HashVersion2
+			return nm
+		}(), want: "hash mismatch"},
+		{name: "version 2 hash labelled version 1", in: func() *segmeshv1.Netmap {
+			nm := hashedV2(func(*segmeshv1.Netmap) {})
+			nm.HashVersion = 0
+			return nm
+		}(), want: "hash mismatch (hash version 0)"},
+		{name: "unknown hash version", in: hashed(func(nm *segmeshv1.Netmap) { nm.HashVersion = 3 }), want: "unknown hash version 3 (this agent knows hash versions 0 and 2; upgrade the agent)"},
 		{name: "no self name", in: hashed(func(nm *segmeshv1.Netmap) { nm.Self.Name = "" }), want: "self: empty name"},
 		{name: "short peer key", in: hashed(func(nm *segmeshv1.Netmap) { nm.Peers[1].PublicKey = []byte{1} }), want: "peer c: public key: 1 bytes"},
 		{name: "duplicate peer key", in: hashed(func(nm *segmeshv1.Netmap) { nm.Peers[1].PublicKey = nm.Peers[0].PublicKey }), want: "already used by peer b"},
@@ -109,6 +138,12 @@ func TestParse(t *testing.T) {
 			if got.Revision != 3 || got.Hash != tt.in.GetHash() || got.Self.Name != "a" || len(got.Peers) != 2 || len(got.Filter.Ingress) != 1 {
 				t.Fatalf("Parse = %+v", got)
 			}
+			if got.Peers[0].Name != tt.in.GetPeers()[0].GetName() {
+				t.Fatalf("peers reordered: %s first, the message has %s", got.Peers[0].Name, tt.in.GetPeers()[0].GetName())
+			}
+			if got.Peers[0].Name == "c" {
+				return // the checks below name the peers in valid()'s order
+			}
 			if ep := got.Peers[0].Endpoint; ep != netip.MustParseAddrPort("192.0.2.2:51820") {
 				t.Errorf("IPv4-mapped endpoint not unmapped: %v", ep)
 			}
@@ -129,7 +164,7 @@ func TestParse(t *testing.T) {
 // FuzzParse feeds arbitrary wire bytes through Parse: it must never panic, and what
 // it accepts must have a matching hash and well-formed peers.
 func FuzzParse(f *testing.F) {
-	for _, nm := range []*segmeshv1.Netmap{hashed(func(*segmeshv1.Netmap) {}), valid()} {
+	for _, nm := range []*segmeshv1.Netmap{hashed(func(*segmeshv1.Netmap) {}), hashedV2(func(*segmeshv1.Netmap) {}), valid()} {
 		b, err := proto.Marshal(nm)
 		if err != nil {
 			f.Fatal(err)
@@ -145,8 +180,8 @@ func FuzzParse(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if nm.Hash != wire.NetmapHash(&pb) {
-			t.Fatal("accepted a netmap whose hash does not match")
+		if h, err := wire.HashOf(&pb); err != nil || nm.Hash != h {
+			t.Fatalf("accepted a netmap whose hash does not match (hash version %d: %v)", pb.GetHashVersion(), err)
 		}
 		for _, p := range nm.Peers {
 			for _, ip := range p.AllowedIPs {

@@ -2,16 +2,20 @@
 // starts a real segmesh-controller on loopback with a temporary data directory,
 // enrolls -agents simulated agents for real (a join token from the operator API,
 // a WireGuard key, a TLS key and its CSR each) and opens one mutual-TLS
-// AgentService.Sync stream per agent. Every simulated agent counts the bytes and
-// netmaps it receives, records when a netmap satisfying the scenario's change
-// arrives, and answers every netmap with a Report (applied revision and hash, in
-// sync), so that the controller's status sees it converge.
+// AgentService.SyncUpdates stream per agent (Sync when the controller does not
+// serve it). Every simulated agent counts the bytes and netmap updates it
+// receives, records when an update satisfying the scenario's change arrives, and
+// answers every update with a Report (applied revision and the hash of the
+// resulting netmap, in sync), so that the controller's status sees it converge.
+// The first -verify agents apply every delta in full with wire.ApplyDelta, which
+// checks the result's hash, as the agent does; the others only check that each
+// delta applies to the hash they hold, and keep no peer list.
 //
 // Usage (from the repository root):
 //
 //	make build
 //	go run ./hack/loadgen [-agents 1000] [-scenario policy,nopeers,join,endpoint,relabel,revoke]
-//	    [-bin bin/segmesh-controller] [-timeout 5m] [-json FILE] [-verbose]
+//	    [-bin bin/segmesh-controller] [-timeout 5m] [-verify 100] [-json FILE] [-verbose]
 //
 // Scenarios, run in the order given against the same controller and agents
 // (which start under a policy giving them no peers):
@@ -20,9 +24,11 @@
 //     port that changes each time); figures: how long ApplyPolicy took to return,
 //     delivery latency p50/p99/max from the start of the apply until each agent
 //     received a netmap of the new revision, bytes each agent received p50/p99
-//     (Sync response body bytes: connect envelopes, gzip-compressed as the
+//     (SyncUpdates or Sync response body bytes: connect envelopes, gzip-compressed as the
 //     controller sends them to a connect client that accepts gzip, as the agent
-//     does), and the uncompressed protobuf size of the agents' netmaps afterwards.
+//     does), and the uncompressed protobuf size of the agents' netmaps afterwards
+//     (of the agents that know it: the verifying ones, and those whose last
+//     update was a full netmap).
 //   - nopeers: the same with a policy that gives the agents no peers (a rule
 //     towards an external CIDR segment).
 //   - join: under the full-mesh policy (applied first, not measured), one more
@@ -90,6 +96,7 @@ type options struct {
 	scenarios []string
 	bin       string
 	timeout   time.Duration
+	verify    int
 	jsonPath  string
 	memProf   string
 	verbose   bool
@@ -105,6 +112,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&scen, "scenario", strings.Join(allScenarios, ","), "comma-separated scenarios: "+strings.Join(allScenarios, ", "))
 	fs.StringVar(&o.bin, "bin", "bin/segmesh-controller", "segmesh-controller binary (build it with `make build`)")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Minute, "how long to wait for the agents to get each change (and for the setup)")
+	fs.IntVar(&o.verify, "verify", 100, "how many agents (the first ones) apply every delta in full and check its hash, as the agent does; the others check only that each delta applies to the hash they hold")
 	fs.StringVar(&o.jsonPath, "json", "", "also write the figures to this file as JSON")
 	fs.StringVar(&o.memProf, "memprofile", "", "write the load generator's own heap profile after the setup to this file (to check its per-agent memory)")
 	fs.BoolVar(&o.verbose, "verbose", false, "log progress and the simulated agents' problems to stderr")
@@ -116,6 +124,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.agents < 1 || o.agents > 20000 {
 		return o, fmt.Errorf("-agents %d: want 1..20000", o.agents)
+	}
+	if o.verify < 0 {
+		return o, fmt.Errorf("-verify %d: want 0 or more", o.verify)
 	}
 	if o.timeout <= 0 {
 		return o, fmt.Errorf("-timeout %s: want a positive duration", o.timeout)

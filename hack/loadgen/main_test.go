@@ -121,11 +121,12 @@ func TestByteDeltas(t *testing.T) {
 	}
 }
 
-// TestCountingTransport checks that only Sync response bodies are counted, every
-// byte of them, and that snapshotBytes reads the per-agent counters.
+// TestCountingTransport checks that only the response bodies of netmap streams
+// (SyncUpdates, Sync) are counted, every byte of them, and that snapshotBytes
+// reads the per-agent counters.
 func TestCountingTransport(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasSuffix(r.URL.Path, "/Sync") {
+		if strings.HasSuffix(r.URL.Path, "/Sync") || strings.HasSuffix(r.URL.Path, "/SyncUpdates") {
 			_, _ = w.Write(bytes.Repeat([]byte("x"), 1000))
 			return
 		}
@@ -134,7 +135,7 @@ func TestCountingTransport(t *testing.T) {
 	defer srv.Close()
 	a := &simAgent{}
 	hc := &http.Client{Transport: countingTransport{rt: http.DefaultTransport, n: &a.bytes}}
-	for _, path := range []string{"/segmesh.v1.AgentService/Sync", "/segmesh.v1.AgentService/Report", "/segmesh.v1.AgentService/Sync"} {
+	for _, path := range []string{"/segmesh.v1.AgentService/Sync", "/segmesh.v1.AgentService/Report", "/segmesh.v1.AgentService/SyncUpdates", "/segmesh.v1.AgentService/RenewCertificate"} {
 		resp, err := hc.Post(srv.URL+path, "application/proto", nil)
 		if err != nil {
 			t.Fatal(err)
@@ -149,8 +150,8 @@ func TestCountingTransport(t *testing.T) {
 }
 
 func TestWatch(t *testing.T) {
-	rev := func(r uint64) *segmeshv1.Netmap { return &segmeshv1.Netmap{PolicyRevision: r} }
-	w := newWatch(3, func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() >= 2 })
+	rev := func(r uint64) update { return update{revision: r} }
+	w := newWatch(3, func(u update) bool { return u.revision >= 2 })
 	now := w.start.Add(5 * time.Millisecond)
 	w.observe(0, rev(1), now)                       // does not match
 	w.observe(0, rev(2), now)                       // matches at 5 ms
@@ -173,18 +174,44 @@ func TestWatch(t *testing.T) {
 	}
 }
 
-func TestHasPeer(t *testing.T) {
-	nm := &segmeshv1.Netmap{Peers: []*segmeshv1.Peer{{Name: "a", Endpoint: "198.18.0.1:51820"}, {Name: "b"}}}
+// TestUpdateView: what the watch sees of a full netmap and of a delta; a delta
+// shows only the peers it changes.
+func TestUpdateView(t *testing.T) {
+	nm := &segmeshv1.Netmap{PolicyRevision: 4, Self: &segmeshv1.Node{Name: "s"}, Peers: []*segmeshv1.Peer{{Name: "a", Endpoint: "198.18.0.1:51820"}, {Name: "b"}}}
+	full := fullView(nm)
+	delta := deltaView(&segmeshv1.NetmapDelta{PolicyRevision: 5, UpsertedPeers: []*segmeshv1.Peer{{Name: "c", Endpoint: "198.18.0.3:51820"}}, RemovedPeers: []string{"b"}})
+	header := deltaView(&segmeshv1.NetmapDelta{PolicyRevision: 6, Header: &segmeshv1.NetmapHeader{Self: &segmeshv1.Node{Name: "s", Endpoint: "198.18.0.0:51821"}}})
 	tests := []struct {
-		name, ep string
-		want     bool
+		name     string
+		u        update
+		peer, ep string
+		lists    bool
+		drops    bool
+		rev      uint64
+		selfEP   string
 	}{
-		{"a", "", true}, {"a", "198.18.0.1:51820", true}, {"a", "198.18.0.1:51821", false}, {"c", "", false},
+		{name: "full, listed", u: full, peer: "a", lists: true, rev: 4},
+		{name: "full, listed at the endpoint", u: full, peer: "a", ep: "198.18.0.1:51820", lists: true, rev: 4},
+		{name: "full, listed elsewhere", u: full, peer: "a", ep: "198.18.0.1:51821", rev: 4},
+		{name: "full, not listed", u: full, peer: "c", drops: true, rev: 4},
+		{name: "delta upserts", u: delta, peer: "c", ep: "198.18.0.3:51820", lists: true, rev: 5},
+		{name: "delta removes", u: delta, peer: "b", drops: true, rev: 5},
+		{name: "delta leaves alone", u: delta, peer: "a", rev: 5},
+		{name: "delta with a header", u: header, peer: "a", rev: 6, selfEP: "198.18.0.0:51821"},
 	}
 	for _, tt := range tests {
-		if got := hasPeer(nm, tt.name, tt.ep); got != tt.want {
-			t.Errorf("hasPeer(%q, %q) = %v, want %v", tt.name, tt.ep, got, tt.want)
+		if got := tt.u.lists(tt.peer, tt.ep); got != tt.lists {
+			t.Errorf("%s: lists(%q, %q) = %v, want %v", tt.name, tt.peer, tt.ep, got, tt.lists)
 		}
+		if got := tt.u.drops(tt.peer); got != tt.drops {
+			t.Errorf("%s: drops(%q) = %v, want %v", tt.name, tt.peer, got, tt.drops)
+		}
+		if tt.u.revision != tt.rev || (tt.selfEP != "" && tt.u.self.GetEndpoint() != tt.selfEP) {
+			t.Errorf("%s: revision %d, self %v", tt.name, tt.u.revision, tt.u.self)
+		}
+	}
+	if delta.self != nil {
+		t.Errorf("a delta without header shows self %v", delta.self)
 	}
 	if got, want := simEndpoint(300, 2), "198.18.1.44:51822"; got != want {
 		t.Errorf("simEndpoint(300, 2) = %q, want %q", got, want)
@@ -251,8 +278,10 @@ func TestRealController(t *testing.T) {
 		if got[sc+"/agents reached"] != 20 {
 			t.Errorf("%s reached %v agents, want 20", sc, got[sc+"/agents reached"])
 		}
-		if got[sc+"/controller CPU"] <= 0 {
-			t.Errorf("%s: controller CPU = %v, want > 0", sc, got[sc+"/controller CPU"])
+		// CPU time in /proc counts 10 ms ticks: with deltas, a change to 20
+		// agents can take less than one.
+		if v, ok := got[sc+"/controller CPU"]; !ok || v < 0 {
+			t.Errorf("%s: controller CPU = %v (reported %v), want >= 0", sc, v, ok)
 		}
 	}
 	// A full-mesh netmap of 20 nodes lists 19 peers (name, key, endpoint, addresses each).
@@ -303,6 +332,47 @@ func TestLightCodec(t *testing.T) {
 	}
 	if err := c.Unmarshal(raw[:len(raw)-3], &segmeshv1.Netmap{}); err == nil {
 		t.Error("a truncated netmap decoded without an error")
+	}
+	// A NetmapUpdate: a full netmap as above, a delta to what the watch looks at.
+	for _, tt := range []struct {
+		in, want *segmeshv1.NetmapUpdate
+	}{
+		{in: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: full}}, want: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: want}}},
+		{in: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Delta{Delta: &segmeshv1.NetmapDelta{
+			BaseHash: "a", Hash: "b", PolicyRevision: 8,
+			Header:        &segmeshv1.NetmapHeader{Self: full.Self, OverlayPrefixes: []string{"100.64.0.0/10"}, KeyRotation: 4},
+			UpsertedPeers: full.Peers, RemovedPeers: []string{"sim-3", "sim-4"},
+			Sets:  []*segmeshv1.AddressSetDelta{{Name: "sim", Added: []string{"100.64.0.9/32"}}},
+			Rules: &segmeshv1.FilterRules{},
+		}}}, want: &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Delta{Delta: &segmeshv1.NetmapDelta{
+			BaseHash: "a", Hash: "b", PolicyRevision: 8,
+			Header:        &segmeshv1.NetmapHeader{Self: want.Self},
+			UpsertedPeers: want.Peers, RemovedPeers: []string{"sim-3", "sim-4"},
+		}}}},
+	} {
+		raw, err := proto.Marshal(tt.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		size.Store(0)
+		got := &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: &segmeshv1.Netmap{Revoked: true}}}
+		if err := c.Unmarshal(raw, got); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(got, tt.want) {
+			t.Errorf("decoded %v, want %v", got, tt.want)
+		}
+		if wantSize := int64(proto.Size(tt.in.GetFull())); size.Load() != wantSize {
+			t.Errorf("size = %d, want %d (the full netmap's; 0 for a delta)", size.Load(), wantSize)
+		}
+		if err := c.Unmarshal(raw[:len(raw)-1], &segmeshv1.NetmapUpdate{}); err == nil {
+			t.Error("a truncated update decoded without an error")
+		}
+		// Whole (a verifying agent): everything.
+		whole := &segmeshv1.NetmapUpdate{}
+		if err := (lightCodec{size: &size, whole: true}).Unmarshal(raw, whole); err != nil || !proto.Equal(whole, tt.in) {
+			t.Errorf("whole decode = %v, %v; want %v", whole, err, tt.in)
+		}
 	}
 	// Other messages decode in full.
 	rep := &segmeshv1.ReportRequest{AppliedRevision: 3, AppliedHash: "h", InSync: true}

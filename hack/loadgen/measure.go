@@ -95,7 +95,7 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]benchfig.Figur
 	r := &runner{o: o, log: log, ctl: ctl, op: operatorClient(ctl), date: time.Now().UTC().Format(time.RFC3339), port: 1000}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(ctl.CAPEM)
-	r.fleet = &fleet{log: log, url: ctl.URL.String(), pool: pool}
+	r.fleet = &fleet{log: log, url: ctl.URL.String(), pool: pool, verify: o.verify}
 	defer r.fleet.close()
 	r.extra = &fleet{log: slog.New(slog.DiscardHandler), url: ctl.URL.String(), pool: pool}
 	defer r.extra.close()
@@ -127,6 +127,9 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]benchfig.Figur
 	}
 	if n := r.fleet.errs.Load(); n > 0 {
 		errs = append(errs, fmt.Errorf("%d simulated agents' streams ended unexpectedly (-verbose shows why)", n))
+	}
+	if n := r.fleet.resyncs.Load(); n > 0 {
+		errs = append(errs, fmt.Errorf("%d times a simulated agent asked for a full netmap because an update did not apply: the controller sent a wrong delta (-verbose shows the reasons)", n))
 	}
 	return r.figs, errors.Join(append(errs, ctx.Err())...)
 }
@@ -187,7 +190,7 @@ func (r *runner) setup(ctx context.Context) error {
 	f := r.fleet
 	n := r.o.agents
 	f.agents = make([]*simAgent, n)
-	w := newWatch(n, func(*segmeshv1.Netmap) bool { return true })
+	w := newWatch(n, func(update) bool { return true })
 	f.watch.Store(w)
 	cpu0, _ := procmem.CPU(r.ctl.PID())
 	var next atomic.Int64
@@ -259,7 +262,7 @@ func compact(agents []*simAgent) []*simAgent {
 // change measures one change: do makes it; every agent's netmap is checked
 // against match until all satisfy it (or -timeout); then the controller's status
 // is polled until it shows every node converged.
-func (r *runner) change(ctx context.Context, scenario string, match func(*segmeshv1.Netmap) bool, do func() error) error {
+func (r *runner) change(ctx context.Context, scenario string, match func(update) bool, do func() error) error {
 	pid := r.ctl.PID()
 	for _, p := range []int{pid, os.Getpid()} {
 		if err := procmem.ResetHWM(p); err != nil {
@@ -295,11 +298,15 @@ func (r *runner) change(ctx context.Context, scenario string, match func(*segmes
 	r.add(scenario, "agents reached", float64(len(lat)), "agents")
 	r.add(scenario, "bytes to each agent p50", float64(percentile(deltas, 50)), "B")
 	r.add(scenario, "bytes to each agent p99", float64(percentile(deltas, 99)), "B")
-	sizes := make([]int64, len(r.fleet.agents))
-	for i, a := range r.fleet.agents {
-		sizes[i] = a.size.Load()
+	var sizes []int64 // of the agents that know the size of the netmap they hold
+	for _, a := range r.fleet.agents {
+		if n := a.size.Load(); n >= 0 {
+			sizes = append(sizes, n)
+		}
 	}
-	r.add(scenario, "netmap size after, uncompressed, p50", float64(percentile(sizes, 50)), "B")
+	if len(sizes) > 0 {
+		r.add(scenario, "netmap size after, uncompressed, p50", float64(percentile(sizes, 50)), "B")
+	}
 	r.add(scenario, "controller CPU", (cpu1 - cpu0).Seconds(), "s")
 	r.add(scenario, "load generator CPU (same machine)", (self1 - self0).Seconds(), "s")
 	if convErr == nil {
@@ -355,7 +362,7 @@ func (r *runner) waitStatusConverged(ctx context.Context, start time.Time) (time
 func (r *runner) policyChange(ctx context.Context, scenario string, mesh bool) error {
 	prev := r.rev
 	yaml := r.nextPolicy(mesh)
-	return r.change(ctx, scenario, func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() > prev }, func() error {
+	return r.change(ctx, scenario, func(u update) bool { return u.revision > prev }, func() error {
 		d, err := r.apply(ctx, yaml, mesh)
 		if err == nil {
 			r.add(scenario, "policy apply returns", ms(d), "ms")
@@ -371,7 +378,7 @@ func (r *runner) ensureMesh(ctx context.Context) error {
 		return nil
 	}
 	prev := r.rev
-	w := newWatch(len(r.fleet.agents), func(nm *segmeshv1.Netmap) bool { return nm.GetPolicyRevision() > prev })
+	w := newWatch(len(r.fleet.agents), func(u update) bool { return u.revision > prev })
 	r.fleet.watch.Store(w)
 	if _, err := r.apply(ctx, r.nextPolicy(true), true); err != nil {
 		return err
@@ -391,7 +398,7 @@ func (r *runner) join(ctx context.Context) error {
 	idx := len(r.fleet.agents)
 	name := fmt.Sprintf("sim-%d", idx)
 	var added *simAgent
-	err := r.change(ctx, "join", func(nm *segmeshv1.Netmap) bool { return hasPeer(nm, name, "") }, func() error {
+	err := r.change(ctx, "join", func(u update) bool { return u.lists(name, "") }, func() error {
 		a, err := r.fleet.enrollAgent(ctx, r.tok, idx)
 		if err != nil {
 			return err
@@ -415,11 +422,11 @@ func (r *runner) endpoint(ctx context.Context) error {
 	a := r.fleet.agents[0]
 	r.gen++
 	ep := simEndpoint(0, r.gen)
-	match := func(nm *segmeshv1.Netmap) bool {
-		if nm.GetSelf().GetName() == a.name {
-			return nm.GetSelf().GetEndpoint() == ep
+	match := func(u update) bool {
+		if u.self.GetName() == a.name {
+			return u.self.GetEndpoint() == ep
 		}
-		return hasPeer(nm, a.name, ep)
+		return u.lists(a.name, ep)
 	}
 	return r.change(ctx, "endpoint", match, func() error {
 		a.endpoint.Store(&ep)
@@ -442,7 +449,7 @@ func (r *runner) removeExtra(ctx context.Context, scenario string) error {
 	}
 	idx := extraIndex + r.extras
 	r.extras++
-	w := newWatch(len(r.fleet.agents), func(nm *segmeshv1.Netmap) bool { return hasPeer(nm, fmt.Sprintf("sim-%d", idx), "") })
+	w := newWatch(len(r.fleet.agents), func(u update) bool { return u.lists(fmt.Sprintf("sim-%d", idx), "") })
 	r.fleet.watch.Store(w)
 	a, err := r.extra.enrollAgent(ctx, r.tok, idx)
 	if err != nil {
@@ -453,7 +460,7 @@ func (r *runner) removeExtra(ctx context.Context, scenario string) error {
 	if _, missing := w.wait(ctx, r.o.timeout); missing > 0 {
 		return fmt.Errorf("%d agents did not list the extra node %s within %s", missing, a.name, r.o.timeout)
 	}
-	return r.change(ctx, scenario, func(nm *segmeshv1.Netmap) bool { return !hasPeer(nm, a.name, "") }, func() error {
+	return r.change(ctx, scenario, func(u update) bool { return u.drops(a.name) }, func() error {
 		var err error
 		if scenario == "revoke" {
 			_, err = r.op.RevokeNode(ctx, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: a.name}))
