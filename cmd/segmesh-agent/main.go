@@ -20,6 +20,7 @@ import (
 	"segmesh/agent"
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux"
+	"segmesh/cmd/internal/debugserve"
 )
 
 func main() {
@@ -103,7 +104,7 @@ goes away with the process.`,
 			limit, from := applyMemoryLimit(memLimit)
 			logger.Debug("Go memory settings", "memory_limit_bytes", limit, "memory_limit_from", from, "gc_percent", applyGCPercent())
 			if debugAddr != "" {
-				if err := serveDebug(debugAddr, logger); err != nil {
+				if err := debugserve.Serve(debugAddr, logger); err != nil {
 					return err
 				}
 			}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"segmesh/cmd/internal/debugserve"
 	"segmesh/controller"
 )
 
@@ -26,9 +27,10 @@ func main() {
 
 func newCommand() *cobra.Command {
 	var (
-		opts     controller.Options
-		prefixes []string
-		logLevel string
+		opts      controller.Options
+		prefixes  []string
+		logLevel  string
+		debugAddr string
 	)
 	cmd := &cobra.Command{
 		Use:   "segmesh-controller --data-dir DIR [--listen ADDR:PORT]",
@@ -57,6 +59,11 @@ its store; later starts reuse them.`,
 			if err != nil {
 				return err
 			}
+			if debugAddr != "" {
+				if err := debugserve.Serve(debugAddr, opts.Logger); err != nil {
+					return err
+				}
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return c.Run(ctx)
@@ -75,6 +82,7 @@ its store; later starts reuse them.`,
 	f.IntVar(&opts.MaxConnections, "max-connections", controller.DefaultMaxConnections, "maximum concurrent TCP connections (agents, operators, enrolling hosts)")
 	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
 	_ = cmd.MarkFlagRequired("data-dir")
 	cmd.AddCommand(newBackupCommand())
 	cmd.CompletionOptions.DisableDefaultCmd = true

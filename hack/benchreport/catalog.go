@@ -54,20 +54,23 @@ func catalog() []section {
 				{
 					figure: "policy change reaches every agent, 1,000 / 5,000 simulated agents, full mesh: 1,000 agents",
 					target: "p99 ≤ 1 s",
-					parts:  []part{lg("p99", "policy", "delivery p99", 1000, 1000), lg("p50", "policy", "delivery p50", 1000, 0)},
+					parts: []part{lg("p99, rule change under the full mesh", "policy", "delivery p99", 1000, 1000), lg("p50", "policy", "delivery p50", 1000, 0),
+						lg("p99, no peers to full mesh (every agent gains 999 peers)", "mesh", "delivery p99", 1000, 0), lg("p50", "mesh", "delivery p50", 1000, 0)},
 				},
 				{
 					figure: "policy change reaches every agent, 1,000 / 5,000 simulated agents, full mesh: 5,000 agents",
 					target: "p99 ≤ 3 s",
-					parts:  []part{lg("p99", "policy", "delivery p99", 5000, 3000), lg("p50", "policy", "delivery p50", 5000, 0)},
+					parts: []part{lg("p99, rule change under the full mesh", "policy", "delivery p99", 5000, 3000), lg("p50", "policy", "delivery p50", 5000, 0),
+						lg("p99, no peers to full mesh (every agent gains 4,999 peers)", "mesh", "delivery p99", 5000, 0), lg("p50", "mesh", "delivery p50", 5000, 0)},
 				},
 				{
 					figure: "controller RSS, 5,000 connected agents, full mesh",
 					target: "≤ 500 MB",
 					parts: []part{
-						lg("5,000 agents, peak during a full-mesh policy change", "policy", "controller peak RSS", 5000, 500e6),
-						lg("5,000 agents, after it converged", "policy", "controller RSS after, converged", 5000, 0),
-						lg("1,000 agents, peak", "policy", "controller peak RSS", 1000, 0),
+						lg("5,000 agents, peak while every agent gains 4,999 peers", "mesh", "controller peak RSS", 5000, 500e6),
+						lg("5,000 agents, after it converged", "mesh", "controller RSS after, converged", 5000, 0),
+						lg("5,000 agents, peak during a rule change", "policy", "controller peak RSS", 5000, 500e6),
+						lg("1,000 agents, peak while every agent gains 999 peers", "mesh", "controller peak RSS", 1000, 0),
 					},
 				},
 				{
@@ -87,8 +90,10 @@ func catalog() []section {
 					figure: "`policy apply` returns",
 					target: "≤ 1 s at 5,000 agents",
 					parts: []part{
-						lg("5,000 agents, full mesh", "policy", "policy apply returns", 5000, 1000),
-						lg("1,000 agents", "policy", "policy apply returns", 1000, 0),
+						lg("5,000 agents, rule change under the full mesh", "policy", "policy apply returns", 5000, 1000),
+						lg("5,000 agents, no peers to full mesh", "mesh", "policy apply returns", 5000, 1000),
+						lg("1,000 agents, rule change", "policy", "policy apply returns", 1000, 0),
+						lg("1,000 agents, no peers to full mesh", "mesh", "policy apply returns", 1000, 0),
 					},
 				},
 			},

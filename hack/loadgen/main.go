@@ -14,14 +14,19 @@
 // Usage (from the repository root):
 //
 //	make build
-//	go run ./hack/loadgen [-agents 1000] [-scenario policy,nopeers,join,endpoint,relabel,revoke]
+//	go run ./hack/loadgen [-agents 1000] [-scenario mesh,policy,nopeers,join,endpoint,relabel,revoke]
 //	    [-bin bin/segmesh-controller] [-timeout 5m] [-verify 100] [-json FILE] [-verbose]
 //
 // Scenarios, run in the order given against the same controller and agents
 // (which start under a policy giving them no peers):
 //
-//   - policy: apply a full-mesh policy (every agent may reach every other on a
-//     port that changes each time); figures: how long ApplyPolicy took to return,
+//   - mesh: from the policy that gives the agents no peers (applied first, not
+//     measured, unless it is in force) to a full-mesh policy (every agent may
+//     reach every other on a port that changes each time): every agent gains
+//     every other as a peer, the largest change there is. Figures as for policy.
+//   - policy: under the full-mesh policy (applied first, not measured), apply it
+//     again with another port: every agent's rules change, its peers stay;
+//     figures: how long ApplyPolicy took to return,
 //     delivery latency p50/p99/max from the start of the apply until each agent
 //     received a netmap of the new revision, bytes each agent received p50/p99
 //     (SyncUpdates or Sync response body bytes: connect envelopes, gzip-compressed as the
@@ -88,19 +93,20 @@ func main() {
 }
 
 // allScenarios are the scenario names, in their default order.
-var allScenarios = []string{"policy", "nopeers", "join", "endpoint", "relabel", "revoke"}
+var allScenarios = []string{"mesh", "policy", "nopeers", "join", "endpoint", "relabel", "revoke"}
 
 // options are the command-line flags.
 type options struct {
-	agents    int
-	scenarios []string
-	bin       string
-	timeout   time.Duration
-	verify    int
-	jsonPath  string
-	memProf   string
-	verbose   bool
-	command   string // the command line, for the JSON figures
+	agents      int
+	scenarios   []string
+	bin         string
+	timeout     time.Duration
+	verify      int
+	jsonPath    string
+	memProf     string
+	debugListen string
+	verbose     bool
+	command     string // the command line, for the JSON figures
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -115,6 +121,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.verify, "verify", 100, "how many agents (the first ones) apply every delta in full and check its hash, as the agent does; the others check only that each delta applies to the hash they hold")
 	fs.StringVar(&o.jsonPath, "json", "", "also write the figures to this file as JSON")
 	fs.StringVar(&o.memProf, "memprofile", "", "write the load generator's own heap profile after the setup to this file (to check its per-agent memory)")
+	fs.StringVar(&o.debugListen, "controller-debug-listen", "", "start the controller with --debug-listen on this address (e.g. 127.0.0.1:6061) to profile it during the run")
 	fs.BoolVar(&o.verbose, "verbose", false, "log progress and the simulated agents' problems to stderr")
 	if err := fs.Parse(args); err != nil {
 		return o, err

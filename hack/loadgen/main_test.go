@@ -250,7 +250,7 @@ func TestRealController(t *testing.T) {
 	}
 	out := filepath.Join(t.TempDir(), "figures.json")
 	var stdout, stderr bytes.Buffer
-	code := run(ctx, []string{"-agents", "20", "-scenario", "policy,relabel,revoke", "-bin", bin, "-timeout", "60s", "-json", out}, &stdout, &stderr)
+	code := run(ctx, []string{"-agents", "20", "-scenario", "mesh,policy,relabel,revoke", "-bin", bin, "-timeout", "60s", "-json", out}, &stdout, &stderr)
 	if code != 0 {
 		t.Fatalf("loadgen exited %d; stderr:\n%s\nstdout:\n%s", code, stderr.String(), stdout.String())
 	}
@@ -274,7 +274,7 @@ func TestRealController(t *testing.T) {
 	}
 	// relabel and revoke take an extra node out of the mesh: every one of the 20
 	// agents must drop it, and the fleet stays the same 20 agents for the next.
-	for _, sc := range []string{"policy", "relabel", "revoke"} {
+	for _, sc := range []string{"mesh", "policy", "relabel", "revoke"} {
 		if got[sc+"/agents reached"] != 20 {
 			t.Errorf("%s reached %v agents, want 20", sc, got[sc+"/agents reached"])
 		}
@@ -284,9 +284,13 @@ func TestRealController(t *testing.T) {
 			t.Errorf("%s: controller CPU = %v (reported %v), want >= 0", sc, v, ok)
 		}
 	}
-	// A full-mesh netmap of 20 nodes lists 19 peers (name, key, endpoint, addresses each).
-	if b := got["policy/bytes to each agent p50"]; b < 19*50 {
-		t.Errorf("bytes to each agent p50 = %v, want at least %d for 19 peers", b, 19*50)
+	// A full-mesh netmap of 20 nodes lists 19 peers (name, key, endpoint, addresses
+	// each); a rule change under it is a delta of the rules alone.
+	if b := got["mesh/bytes to each agent p50"]; b < 19*50 {
+		t.Errorf("mesh: bytes to each agent p50 = %v, want at least %d for 19 peers", b, 19*50)
+	}
+	if b := got["policy/bytes to each agent p50"]; b <= 0 || b >= 19*50 {
+		t.Errorf("policy: bytes to each agent p50 = %v, want a delta of the rules, under %d", b, 19*50)
 	}
 	for _, k := range []string{"policy/delivery p99", "policy/policy apply returns", "policy/controller peak RSS", "policy/controller RSS after, converged", "policy/status shows every node converged"} {
 		if got[k] <= 0 {

@@ -87,7 +87,11 @@ type runner struct {
 }
 
 func measure(ctx context.Context, o options, log *slog.Logger) ([]benchfig.Figure, error) {
-	ctl, err := ctlproc.Start(ctx, o.bin, "loadgen", nil)
+	var extra []string
+	if o.debugListen != "" {
+		extra = []string{"--debug-listen", o.debugListen}
+	}
+	ctl, err := ctlproc.Start(ctx, o.bin, "loadgen", extra)
 	if err != nil {
 		return nil, err
 	}
@@ -110,8 +114,17 @@ func measure(ctx context.Context, o options, log *slog.Logger) ([]benchfig.Figur
 		log.Info("running scenario", "scenario", sc)
 		var err error
 		switch sc {
+		case "mesh":
+			if r.mesh {
+				err = r.ensureNoPeers(ctx)
+			}
+			if err == nil {
+				err = r.policyChange(ctx, sc, true)
+			}
 		case "policy":
-			err = r.policyChange(ctx, sc, true)
+			if err = r.ensureMesh(ctx); err == nil {
+				err = r.policyChange(ctx, sc, true)
+			}
 		case "nopeers":
 			err = r.policyChange(ctx, sc, false)
 		case "join":
@@ -377,14 +390,29 @@ func (r *runner) ensureMesh(ctx context.Context) error {
 	if r.mesh {
 		return nil
 	}
+	return r.putPolicy(ctx, true)
+}
+
+// ensureNoPeers puts the no-peers policy in force (unless it is) and waits until
+// every agent has it; not measured.
+func (r *runner) ensureNoPeers(ctx context.Context) error {
+	if !r.mesh {
+		return nil
+	}
+	return r.putPolicy(ctx, false)
+}
+
+// putPolicy applies the full-mesh (mesh) or no-peers policy and waits until every
+// agent has it; not measured.
+func (r *runner) putPolicy(ctx context.Context, mesh bool) error {
 	prev := r.rev
 	w := newWatch(len(r.fleet.agents), func(u update) bool { return u.revision > prev })
 	r.fleet.watch.Store(w)
-	if _, err := r.apply(ctx, r.nextPolicy(true), true); err != nil {
+	if _, err := r.apply(ctx, r.nextPolicy(mesh), mesh); err != nil {
 		return err
 	}
 	if _, missing := w.wait(ctx, r.o.timeout); missing > 0 {
-		return fmt.Errorf("%d agents did not get the full-mesh policy within %s", missing, r.o.timeout)
+		return fmt.Errorf("%d agents did not get the new policy within %s", missing, r.o.timeout)
 	}
 	return nil
 }
