@@ -203,7 +203,7 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 			return err
 		}
 		if u, ok := sub.Next(); ok {
-			if err := send(u); err != nil {
+			if err := c.sendSlots.do(updateElements(u) > heavyUpdate, func() error { return send(u) }); err != nil {
 				return fmt.Errorf("sending netmap to %s: %w", node.Name, err)
 			}
 			if d := u.GetDelta(); d != nil {
@@ -213,6 +213,63 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 			}
 		}
 	}
+}
+
+// heavyUpdate is the number of peers and set elements above which an update is
+// sent under a send slot.
+const heavyUpdate = 256
+
+// updateElements counts the peers and set elements u carries: the measure of
+// what marshalling and compressing it costs.
+func updateElements(u *segmeshv1.NetmapUpdate) int {
+	if f := u.GetFull(); f != nil {
+		n := len(f.GetPeers())
+		for _, s := range f.GetFilter().GetSets() {
+			n += len(s.GetPrefixes())
+		}
+		return n
+	}
+	d := u.GetDelta()
+	n := len(d.GetUpsertedPeers()) + len(d.GetRemovedPeers())
+	for _, s := range d.GetSets() {
+		n += len(s.GetPrefixes()) + len(s.GetAdded()) + len(s.GetRemoved())
+	}
+	return n
+}
+
+// slots bounds how many streams marshal, compress and send a heavy update at
+// once (whole netmaps and large deltas after a policy change, to thousands of
+// agents at once): past a few, they only compete for the same cores, hold a
+// buffer each and starve the rest of the controller (an operator's call waits
+// behind them). A slot is leased for at most slotLease: a stream whose agent reads
+// slowly (its HTTP/2 flow-control window is full) keeps sending after the lease
+// ends, but no longer holds up the others.
+type slots struct {
+	ch    chan struct{}
+	lease time.Duration
+}
+
+// slotLease is the longest one stream holds a send slot.
+const slotLease = 2 * time.Second
+
+func newSlots(n int, lease time.Duration) *slots {
+	return &slots{ch: make(chan struct{}, n), lease: lease}
+}
+
+// do runs f, holding a slot when heavy.
+func (s *slots) do(heavy bool, f func() error) error {
+	if !heavy {
+		return f()
+	}
+	s.ch <- struct{}{}
+	var once sync.Once
+	release := func() { once.Do(func() { <-s.ch }) }
+	t := time.AfterFunc(s.lease, release)
+	defer func() {
+		t.Stop()
+		release()
+	}()
+	return f()
 }
 
 // Sync implements AgentService.Sync for agents that predate deltas: whole

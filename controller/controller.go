@@ -28,6 +28,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"time"
 
@@ -140,6 +141,7 @@ type Controller struct {
 	hub           *fanout.Hub
 	live          *liveTracker
 	recomputeKick chan struct{}
+	sendSlots     *slots // bounds the streams sending a heavy update at once
 	dirtyMu       sync.Mutex
 	dirty         map[string]struct{} // nodes whose records changed since the last computation
 	nodeErrs      map[string]string   // under computeMu: nodes the engine refused, and why
@@ -176,6 +178,7 @@ func New(opts Options) (_ *Controller, err error) {
 		recomputeKick:   make(chan struct{}, 1),
 		dirty:           map[string]struct{}{},
 		nodeErrs:        map[string]string{},
+		sendSlots:       newSlots(2*runtime.GOMAXPROCS(0), slotLease),
 		now:             time.Now,
 		shutdown:        make(chan struct{}),
 	}

@@ -1107,7 +1107,9 @@ type NetmapDelta struct {
 	PolicyRevision uint64 `protobuf:"varint,3,opt,name=policy_revision,json=policyRevision,proto3" json:"policy_revision,omitempty"`
 	// When set, replaces self, gossip, overlay prefixes and key rotation.
 	Header *NetmapHeader `protobuf:"bytes,4,opt,name=header,proto3" json:"header,omitempty"`
-	// Peers added or replaced, matched by name.
+	// Peers added or replaced, matched by name. An entry named as the node itself is
+	// ignored: a delta shared by the nodes of a group lists the group's peers, the
+	// node among them.
 	UpsertedPeers []*Peer `protobuf:"bytes,5,rep,name=upserted_peers,json=upsertedPeers,proto3" json:"upserted_peers,omitempty"`
 	// Names of peers removed.
 	RemovedPeers []string `protobuf:"bytes,6,rep,name=removed_peers,json=removedPeers,proto3" json:"removed_peers,omitempty"`

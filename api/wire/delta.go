@@ -22,6 +22,9 @@ var ErrDeltaBase = errors.New("delta base mismatch")
 // rules with it. Peers come out sorted by name, sets by name, set prefixes by
 // address then length (SortPrefixStrings).
 //
+// An upserted peer named as base's self is ignored (the controller shares one
+// delta among the nodes of a group).
+//
 // It returns an error wrapping ErrDeltaBase when base's hash is not d.base_hash;
 // an error naming the peer or set when d upserts an unnamed peer, names a peer or
 // set twice, or changes a set that does not exist; and an error when the result
@@ -66,7 +69,9 @@ func ApplyDelta(base *segmeshv1.Netmap, d *segmeshv1.NetmapDelta) (*segmeshv1.Ne
 			return nil, fmt.Errorf("delta: peer %q named twice", p.GetName())
 		}
 		touched[p.GetName()] = true
-		peers[p.GetName()] = p
+		if p.GetName() != out.GetSelf().GetName() {
+			peers[p.GetName()] = p
+		}
 	}
 	out.Peers = slices.SortedFunc(maps.Values(peers), func(a, b *segmeshv1.Peer) int { return cmp.Compare(a.GetName(), b.GetName()) })
 	if len(out.Peers) == 0 {

@@ -147,3 +147,22 @@ func TestSumAddSub(t *testing.T) {
 		}
 	})
 }
+
+// TestApplyDeltaIgnoresSelf checks that an upserted peer named as the node itself
+// (a delta shared by a group) does not become a peer.
+func TestApplyDeltaIgnoresSelf(t *testing.T) {
+	base := &segmeshv1.Netmap{Self: &segmeshv1.Node{Name: "a"}, HashVersion: HashVersion2, Filter: &segmeshv1.Filter{}}
+	base.Hash = NetmapHashV2(base)
+	want := proto.Clone(base).(*segmeshv1.Netmap)
+	want.Peers = []*segmeshv1.Peer{{Name: "b", PublicKey: []byte{2}}}
+	want.Hash = NetmapHashV2(want)
+	d := &segmeshv1.NetmapDelta{BaseHash: base.Hash, Hash: want.Hash,
+		UpsertedPeers: []*segmeshv1.Peer{{Name: "a", PublicKey: []byte{1}}, {Name: "b", PublicKey: []byte{2}}}}
+	got, err := ApplyDelta(base, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+}

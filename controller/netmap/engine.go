@@ -713,12 +713,7 @@ func (e *Engine) deltaFor(m *nodeState, c *groupChange) Update {
 	h := e.header(m)
 	m.hash = e.hashWith(m, h)
 	m.version++
-	d := &segmeshv1.NetmapDelta{BaseHash: base, Hash: m.hash, PolicyRevision: m.revision, RemovedPeers: c.removes, Sets: c.sets}
-	for _, p := range c.upserts {
-		if p.Name != m.node.Name {
-			d.UpsertedPeers = append(d.UpsertedPeers, p)
-		}
-	}
+	d := &segmeshv1.NetmapDelta{BaseHash: base, Hash: m.hash, PolicyRevision: m.revision, UpsertedPeers: c.upserts, RemovedPeers: c.removes, Sets: c.sets}
 	if hadGossip != m.gossip {
 		d.Header = headerOf(h)
 	}
@@ -875,11 +870,7 @@ func (e *Engine) SetPolicy(rev uint64, prog *policy.Program) []Update {
 		if n.group.rulesDig != ov.group.rulesDig {
 			d.Rules = n.group.rules
 		}
-		if slices.ContainsFunc(c.upserts, func(p *segmeshv1.Peer) bool { return p.Name == n.node.Name }) {
-			d.UpsertedPeers = slices.DeleteFunc(slices.Clone(c.upserts), func(p *segmeshv1.Peer) bool { return p.Name == n.node.Name })
-		} else {
-			d.UpsertedPeers = c.upserts
-		}
+		d.UpsertedPeers = c.upserts // with n itself when n is its own peer: ApplyDelta ignores it
 		if hadGossip != n.gossip {
 			d.Header = headerOf(h)
 		}
