@@ -153,7 +153,7 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 		st.DesiredHash = c.desiredHash(n.Name)
 		c.live.fill(st)
 		// A netmap keeps the revision at which it last changed (see
-		// netmap.Compute), so an agent whose netmap no later revision touched
+		// netmap.FromCompiled), so an agent whose netmap no later revision touched
 		// reports an older revision. When it enforces exactly the netmap the
 		// current revision wants (same hash), it enforces the current revision.
 		if st.AppliedHash != "" && st.AppliedHash == st.DesiredHash && st.AppliedRevision < rev {

@@ -9,7 +9,6 @@
 package netmap
 
 import (
-	"fmt"
 	"net/netip"
 
 	"segmesh/api/segmeshv1"
@@ -26,27 +25,6 @@ type Config struct {
 	GossipPort uint32
 	// OverlayPrefixes are the prefixes node addresses are allocated from.
 	OverlayPrefixes []netip.Prefix
-}
-
-// Compute compiles pol (revision rev) once against nodes and returns every node's
-// netmap keyed by node name, each with Hash set. A nil pol is the default-deny
-// policy: no peers and an empty filter (callers pass rev 0 then). It returns the
-// compiler's error, wrapped, when pol does not compile against nodes.
-//
-// prev returns a node's previously published netmap (nil for none). When a node's
-// new netmap differs from its previous one only in PolicyRevision, the previous
-// netmap is returned unchanged, so a policy revision that does not concern a node
-// leaves its netmap, hash and PolicyRevision as they were: a netmap's
-// PolicyRevision is the revision at which that node's netmap last changed.
-func Compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) (map[string]*segmeshv1.Netmap, error) {
-	var compiled *policy.Compiled
-	if pol != nil {
-		var err error
-		if compiled, err = policy.Compile(pol, Inventory(nodes)); err != nil {
-			return nil, fmt.Errorf("compiling policy revision %d against %d nodes: %w", rev, len(nodes), err)
-		}
-	}
-	return FromCompiled(cfg, rev, compiled, nodes, prev), nil
 }
 
 // Inventory converts stored nodes to the inventory the policy compiler resolves
@@ -72,8 +50,17 @@ func Revoked(rev uint64, name string) *segmeshv1.Netmap {
 	return nm
 }
 
-// FromCompiled is Compute for a policy already compiled against Inventory(nodes);
-// a nil compiled is the default-deny policy.
+// FromCompiled returns every node's netmap, keyed by node name, each with Hash set,
+// computed from scratch from compiled (revision rev), a policy compiled against
+// Inventory(nodes); a nil compiled is the default-deny policy: no peers and an
+// empty filter (callers pass rev 0 then). It is the reference the Engine is
+// tested against.
+//
+// prev returns a node's previously published netmap (nil for none). When a node's
+// new netmap differs from its previous one only in PolicyRevision, the previous
+// netmap is returned unchanged, so a policy revision that does not concern a node
+// leaves its netmap, hash and PolicyRevision as they were: a netmap's
+// PolicyRevision is the revision at which that node's netmap last changed.
 func FromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) map[string]*segmeshv1.Netmap {
 	byName := indexNodes(nodes)
 	out := make(map[string]*segmeshv1.Netmap, len(nodes))

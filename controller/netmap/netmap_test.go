@@ -1,6 +1,7 @@
 package netmap
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"testing"
@@ -49,7 +50,7 @@ func none(string) *segmeshv1.Netmap { return nil }
 
 func TestDefaultDeny(t *testing.T) {
 	nodes := []store.Node{node("web-1", "web", 2), node("db-1", "db", 3)}
-	nms, err := Compute(cfg, 0, nil, nodes, none)
+	nms, err := compute(cfg, 0, nil, nodes, none)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +77,7 @@ func TestDefaultDeny(t *testing.T) {
 
 func TestPeersAndFilter(t *testing.T) {
 	nodes := []store.Node{node("web-1", "web", 2), node("db-1", "db", 3), node("ops-1", "ops", 4)}
-	nms, err := Compute(cfg, 1, mustParse(t, webToDB), nodes, none)
+	nms, err := compute(cfg, 1, mustParse(t, webToDB), nodes, none)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,11 +123,11 @@ func TestPeersAndFilter(t *testing.T) {
 // netmap keeps the previous netmap object, revision and hash for that node.
 func TestUnconcernedNodeKeepsNetmap(t *testing.T) {
 	nodes := []store.Node{node("web-1", "web", 2), node("db-1", "db", 3), node("ops-1", "ops", 4)}
-	first, err := Compute(cfg, 1, mustParse(t, webToDB), nodes, none)
+	first, err := compute(cfg, 1, mustParse(t, webToDB), nodes, none)
 	if err != nil {
 		t.Fatal(err)
 	}
-	second, err := Compute(cfg, 2, mustParse(t, webToDB+`  - name: ops-ssh
+	second, err := compute(cfg, 2, mustParse(t, webToDB+`  - name: ops-ssh
     from: [ops]
     to: [db]
     ports: [tcp/22]
@@ -146,7 +147,19 @@ func TestUnconcernedNodeKeepsNetmap(t *testing.T) {
 
 func TestCompileError(t *testing.T) {
 	dup := []store.Node{node("a", "web", 2), node("a", "db", 3)}
-	if _, err := Compute(cfg, 1, mustParse(t, webToDB), dup, none); err == nil {
+	if _, err := compute(cfg, 1, mustParse(t, webToDB), dup, none); err == nil {
 		t.Fatal("duplicate node names compiled")
 	}
+}
+
+// compute compiles pol against nodes and returns FromCompiled's netmaps.
+func compute(cfg Config, rev uint64, pol *policy.Policy, nodes []store.Node, prev func(node string) *segmeshv1.Netmap) (map[string]*segmeshv1.Netmap, error) {
+	var compiled *policy.Compiled
+	if pol != nil {
+		var err error
+		if compiled, err = policy.Compile(pol, Inventory(nodes)); err != nil {
+			return nil, fmt.Errorf("compiling policy revision %d against %d nodes: %w", rev, len(nodes), err)
+		}
+	}
+	return FromCompiled(cfg, rev, compiled, nodes, prev), nil
 }
