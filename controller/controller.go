@@ -34,6 +34,7 @@ import (
 
 	"connectrpc.com/connect"
 	"golang.org/x/net/netutil"
+	"golang.org/x/sync/semaphore"
 
 	"segmesh/api/segmeshv1/segmeshv1connect"
 	"segmesh/controller/fanout"
@@ -141,7 +142,8 @@ type Controller struct {
 	hub           *fanout.Hub
 	live          *liveTracker
 	recomputeKick chan struct{}
-	sendSlots     *slots // bounds the streams sending a heavy update at once
+	sendBudget    *semaphore.Weighted // see sendBudget in agent.go
+	sendSlots     *slots
 	dirtyMu       sync.Mutex
 	dirty         map[string]struct{} // nodes whose records changed since the last computation
 	nodeErrs      map[string]string   // under computeMu: nodes the engine refused, and why
@@ -178,6 +180,7 @@ func New(opts Options) (_ *Controller, err error) {
 		recomputeKick:   make(chan struct{}, 1),
 		dirty:           map[string]struct{}{},
 		nodeErrs:        map[string]string{},
+		sendBudget:      semaphore.NewWeighted(sendBudget),
 		sendSlots:       newSlots(2*runtime.GOMAXPROCS(0), slotLease),
 		now:             time.Now,
 		shutdown:        make(chan struct{}),

@@ -537,8 +537,16 @@ func (e *Engine) Remove(name string) []Update {
 // change replaces the record of node name with sn (nil: remove).
 func (e *Engine) change(name string, sn *store.Node) []Update {
 	old := e.nodes[name]
+	var segs []int32
+	if sn != nil && !sn.Revoked() && e.prog != nil {
+		segs = e.prog.Memberships(&policy.Node{Name: sn.Name, Labels: sn.Labels}, nil)
+	}
+	// A node that stays in its group (same memberships, and the group does not
+	// empty meanwhile) gets its group's change and its new header; any other
+	// needs its netmap before the change, to diff.
+	stays := old != nil && old.group != nil && sn != nil && !sn.Revoked() && len(old.group.members) > 1 && slices.Equal(old.segs, segs)
 	var before *segmeshv1.Netmap
-	if old != nil && old.peer != nil {
+	if old != nil && old.peer != nil && !stays {
 		before = e.materialize(old)
 	}
 	// The node's old contributions: peer of some groups, elements of some sets.
@@ -560,9 +568,7 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 		if old != nil {
 			n.revision, n.version, n.hash, n.revoked, n.gossip = old.revision, old.version, old.hash, old.revoked, old.gossip
 		}
-		if n.peer != nil && e.prog != nil {
-			n.segs = e.prog.Memberships(&policy.Node{Name: sn.Name, Labels: sn.Labels}, nil)
-		}
+		n.segs = segs
 		e.nodes[name] = n
 		if n.peer != nil {
 			for _, a := range sn.Addresses {
@@ -675,6 +681,12 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 	default:
 		n.revoked = nil
 		n.gossip = e.hasPeers(n)
+		if stays {
+			if u, ok := e.stay(n, affected[n.group], old.gossip); ok {
+				out = append(out, u)
+			}
+			break
+		}
 		if before == nil {
 			n.revision = e.rev
 			e.rehash(n)
@@ -685,6 +697,25 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 		out = append(out, e.settle(n, before, old.gossip)...)
 	}
 	return out
+}
+
+// stay recomputes the hash of node n, which stayed in its group (changed by c,
+// nil for no change) while its own record changed, and returns its Update: the
+// group's change and n's header; false when its netmap did not change.
+func (e *Engine) stay(n *nodeState, c *groupChange, hadGossip bool) (Update, bool) {
+	base := n.hash
+	if e.hashWith(n, e.header(n)) == base {
+		return Update{}, false
+	}
+	n.revision = e.rev
+	h := e.header(n)
+	n.hash = e.hashWith(n, h)
+	n.version++
+	d := &segmeshv1.NetmapDelta{BaseHash: base, Hash: n.hash, PolicyRevision: n.revision, Header: headerOf(h)}
+	if c != nil {
+		d.UpsertedPeers, d.RemovedPeers, d.Sets = c.upserts, c.removes, c.sets
+	}
+	return Update{Node: n.node.Name, Version: n.version, Hash: n.hash, Revision: n.revision, Delta: d, LostGossip: hadGossip && !n.gossip}, true
 }
 
 // settle recomputes node n's hash after its own record changed and returns its

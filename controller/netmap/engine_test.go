@@ -205,7 +205,7 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 			i := slices.Index(modelNames, name)
 			n, exists := m.nodes[name]
 			var updates []Update
-			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "key", "rotation", "policy", "deny", "gossip"}).Draw(t, "op")
+			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip"}).Draw(t, "op")
 			label := fmt.Sprintf("step %d: %s %s", step, op, name)
 			switch {
 			case op == "enroll" && !exists:
@@ -225,6 +225,13 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 				updates = m.engine.Remove(name)
 			case op == "endpoint" && exists:
 				n.Endpoint = rapid.SampledFrom([]string{"", "192.0.2.1:51820", "198.51.100.7:4000"}).Draw(t, "endpoint")
+				m.nodes[name] = n
+				updates = m.upsert(n)
+			case op == "address" && exists:
+				// The controller never readdresses a node; the engine still
+				// follows the set elements.
+				k := byte(i + 1 + 100*rapid.IntRange(0, 2).Draw(t, "address"))
+				n.Addresses = []netip.Addr{netip.AddrFrom4([4]byte{100, 64, 1, k}), netip.AddrFrom16([16]byte{0xfd, 0x5e, 14: 1, 15: k})}
 				m.nodes[name] = n
 				updates = m.upsert(n)
 			case op == "key" && exists:
