@@ -96,7 +96,7 @@ type segState struct {
 	external bool
 	name     string
 	members  []*nodeState   // sorted by name
-	sorted   []netip.Prefix // the set's prefixes in SortPrefixStrings order
+	sorted   []netip.Prefix // the set's prefixes in SortPrefixStrings order; owned, edited in place
 	sum      wire.Sum
 }
 
@@ -108,7 +108,8 @@ type groupState struct {
 	rules    *segmeshv1.FilterRules
 	rulesDig wire.Digest
 	filter   wire.Digest
-	// peers are the members of peerSegs, sorted by name.
+	// peers are the members of peerSegs, sorted by name; owned, edited in place
+	// (materialize copies them).
 	peers   []*segmeshv1.Peer
 	peerSum wire.Sum
 	members map[*nodeState]struct{}
@@ -777,14 +778,14 @@ func (s *segState) edit(rm, add []netip.Prefix) *segmeshv1.AddressSetDelta {
 			continue
 		}
 		if i, ok := slices.BinarySearchFunc(s.sorted, p, comparePrefix); ok {
-			s.sorted = slices.Delete(slices.Clip(s.sorted), i, i+1)
+			s.sorted = slices.Delete(s.sorted, i, i+1)
 			s.sum = s.sum.Sub(wire.PrefixDigest(p.String()))
 			sd.Removed = append(sd.Removed, p.String())
 		}
 	}
 	for _, p := range add {
 		if i, ok := slices.BinarySearchFunc(s.sorted, p, comparePrefix); !ok {
-			s.sorted = slices.Insert(slices.Clip(s.sorted), i, p)
+			s.sorted = slices.Insert(s.sorted, i, p)
 			s.sum = s.sum.Add(wire.PrefixDigest(p.String()))
 			sd.Added = append(sd.Added, p.String())
 		}
@@ -797,13 +798,13 @@ func (s *segState) edit(rm, add []netip.Prefix) *segmeshv1.AddressSetDelta {
 
 func (g *groupState) addPeer(p *segmeshv1.Peer, d wire.Digest) {
 	i, _ := slices.BinarySearchFunc(g.peers, p, comparePeer)
-	g.peers = slices.Insert(slices.Clip(g.peers), i, p)
+	g.peers = slices.Insert(g.peers, i, p)
 	g.peerSum = g.peerSum.Add(d)
 }
 
 func (g *groupState) removePeer(name string, p *segmeshv1.Peer) {
 	if i, ok := slices.BinarySearchFunc(g.peers, &segmeshv1.Peer{Name: name}, comparePeer); ok {
-		g.peers = slices.Delete(slices.Clip(g.peers), i, i+1)
+		g.peers = slices.Delete(g.peers, i, i+1)
 		g.peerSum = g.peerSum.Sub(wire.PeerDigest(p))
 	}
 }
