@@ -86,6 +86,17 @@ func (c *Controller) cutOff(ctx context.Context, name, action string, change fun
 	}
 	c.syncNodesLocked(name)
 	if key != nil {
+		// Publishing the cut may have rotated the key again (a node lost its
+		// last peer, publishLocked): the newest stored key is the one to publish.
+		if err := c.store.View(func(tx store.Tx) error {
+			k, err := tx.Meta(metaGossipKey)
+			if err == nil && len(k) > 0 {
+				key = k
+			}
+			return err
+		}); err != nil {
+			c.log.Error("reading the gossip key after a cut; publishing the one the cut stored", "node", name, "err", err)
+		}
 		c.setGossipKeyLocked(key)
 	}
 	c.log.Info("node cut off", "action", action, "node", name, "by", actorOf(ctx), "gossip_key_rotated", key != nil)

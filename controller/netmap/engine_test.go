@@ -181,7 +181,14 @@ func (m *engineModel) check(step string, updates []Update) {
 // revocations, deletions, endpoint and key changes, policy changes and gossip key
 // rotations, and checks after each that the Engine's netmaps equal FromCompiled's
 // and that its deltas take an agent from each netmap to the next.
-func TestEngineMatchesFromScratch(t *testing.T) {
+func TestEngineMatchesFromScratch(t *testing.T) { testEngineMatchesFromScratch(t, false) }
+
+// TestEngineMatchesFromScratchWithRotation is TestEngineMatchesFromScratch with
+// the gossip key rotated, and its updates merged (MergeUpdates), after every
+// change that makes a node lose the key, as the controller publishes them.
+func TestEngineMatchesFromScratchWithRotation(t *testing.T) { testEngineMatchesFromScratch(t, true) }
+
+func testEngineMatchesFromScratch(t *testing.T, mergeRotation bool) {
 	rapid.Check(t, func(t *rapid.T) {
 		m := &engineModel{t: t, nodes: map[string]store.Node{}, held: map[string]*segmeshv1.Netmap{},
 			cfg: Config{GossipKey: []byte("k0"), GossipPort: 7946, OverlayPrefixes: []netip.Prefix{netip.MustParsePrefix("100.64.0.0/10")}}}
@@ -205,7 +212,7 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 			i := slices.Index(modelNames, name)
 			n, exists := m.nodes[name]
 			var updates []Update
-			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip"}).Draw(t, "op")
+			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip", "identity"}).Draw(t, "op")
 			label := fmt.Sprintf("step %d: %s %s", step, op, name)
 			switch {
 			case op == "enroll" && !exists:
@@ -242,6 +249,14 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 				n.KeyRotation++
 				m.nodes[name] = n
 				updates = m.upsert(n)
+			case op == "identity" && exists:
+				if rapid.Bool().Draw(t, "drop identity") {
+					n.IdentityKey = nil
+				} else {
+					n.IdentityKey = []byte{0x31, byte(i), rapid.Byte().Draw(t, "identity key")}
+				}
+				m.nodes[name] = n
+				updates = m.upsert(n)
 			case op == "policy":
 				m.rev++
 				m.pol = m.drawPolicy()
@@ -259,6 +274,18 @@ func TestEngineMatchesFromScratch(t *testing.T) {
 				updates = m.engine.SetGossipKey(m.cfg.GossipKey)
 			default:
 				continue
+			}
+			if mergeRotation {
+				// As the controller's publishLocked: a node that lost the
+				// gossip key makes the key rotate, merged into the same updates.
+				lost := false
+				for _, u := range updates {
+					lost = lost || u.LostGossip
+				}
+				if lost {
+					m.cfg.GossipKey = []byte(fmt.Sprintf("r%d", step+1))
+					updates = MergeUpdates(updates, m.engine.SetGossipKey(m.cfg.GossipKey))
+				}
 			}
 			m.check(label, updates)
 		}

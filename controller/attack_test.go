@@ -1,0 +1,68 @@
+package controller
+
+import (
+	"bytes"
+	"testing"
+
+	"connectrpc.com/connect"
+
+	"segmesh/api/segmeshv1"
+	"segmesh/controller/store"
+)
+
+const policyTwoMeshes = `version: 1
+segments:
+  - name: web
+    selectors: [{role: web}]
+  - name: db
+    selectors: [{role: db}]
+rules:
+  - name: web-mesh
+    from: [web]
+    to: [web]
+    ports: [tcp/8080]
+  - name: db-mesh
+    from: [db]
+    to: [db]
+    ports: [tcp/5432]
+`
+
+// storedGossipKey returns the gossip key the controller stored (the one it
+// starts with after a restart).
+func (tc *testController) storedGossipKey() []byte {
+	tc.t.Helper()
+	var k []byte
+	if err := tc.c.store.View(func(tx store.Tx) error {
+		var err error
+		k, err = tx.Meta(metaGossipKey)
+		return err
+	}); err != nil {
+		tc.t.Fatal(err)
+	}
+	return k
+}
+
+// TestGossipKeyStoredIsPublishedAfterCutOff: revoking web-2 leaves web-1 without
+// a peer, so publishing the revocation rotates the key (LostGossip) and stores
+// it; then cutOff publishes the key it stored before. The store must hold the
+// key the netmaps carry, or a restart hands every node another key.
+func TestGossipKeyStoredIsPublishedAfterCutOff(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	web := tc.createToken(map[string]string{"role": "web"}, true)
+	db := tc.createToken(map[string]string{"role": "db"}, true)
+	tc.enroll(web, "web-1")
+	tc.enroll(web, "web-2")
+	tc.enroll(db, "db-1")
+	tc.enroll(db, "db-2")
+	apply(t, tc, policyTwoMeshes)
+	if _, err := tc.op().RevokeNode(bg, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: "web-2"})); err != nil {
+		t.Fatal(err)
+	}
+	nm, _, ok := tc.c.engine.Netmap("db-1")
+	if !ok || nm.GetGossip() == nil {
+		t.Fatalf("db-1 has no gossip key: %v", nm)
+	}
+	if stored := tc.storedGossipKey(); !bytes.Equal(stored, nm.GetGossip().GetKey()) {
+		t.Errorf("stored gossip key %x, netmaps carry %x: a restart changes every node's key", stored[:4], nm.GetGossip().GetKey()[:4])
+	}
+}
