@@ -66,3 +66,34 @@ func TestGossipKeyStoredIsPublishedAfterCutOff(t *testing.T) {
 		t.Errorf("stored gossip key %x, netmaps carry %x: a restart changes every node's key", stored[:4], nm.GetGossip().GetKey()[:4])
 	}
 }
+
+// openStreams returns how many netmap streams of node the controller serves.
+func (tc *testController) openStreams(node string) int {
+	l := tc.c.live
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.get(node).conns)
+}
+
+// TestStreamsPerNodeBounded: one node (its credentials stolen, or a buggy agent
+// that never closes a stream) opens many SyncUpdates streams. Each holds a
+// subscription with up to fanout.MaxPending deltas, a goroutine and, while its
+// send is stuck in flow control, a share of sendBudget for up to sendTimeout:
+// the streams of one node must be bounded (a new stream ending the oldest, as a
+// reconnect does), or a single node grows the controller's memory without bound
+// and can hold all of sendBudget, stalling every other agent's heavy updates.
+func TestStreamsPerNodeBounded(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	web := tc.createToken(map[string]string{"role": "web"}, true)
+	a := tc.enroll(web, "web-1")
+	tc.enroll(web, "web-2")
+	apply(t, tc, policyTwoMeshes)
+	const streams = 32
+	for range streams {
+		s := tc.sync(a, &segmeshv1.SyncRequest{})
+		s.next(t)
+	}
+	if n := tc.openStreams("web-1"); n > 4 {
+		t.Errorf("web-1 holds %d open netmap streams; a node should hold a few at most", n)
+	}
+}
