@@ -62,7 +62,11 @@ func (h *Hub) Publish(updates []netmap.Update) {
 			h.hash[u.Node] = Latest{Hash: u.Hash, Revision: u.Revision}
 		}
 		for s := range h.subs[u.Node] {
-			if s.deltas && !s.needFull {
+			if u.Removed {
+				// A node of the same name may enroll later, its versions
+				// counting from 1 again: nothing sent before applies to it.
+				s.pending, s.needFull, s.reset = nil, true, true
+			} else if s.deltas && !s.needFull {
 				if len(s.pending) >= MaxPending {
 					s.pending, s.needFull = nil, true
 				} else {
@@ -120,6 +124,7 @@ type Subscription struct {
 	// guarded by hub.mu
 	pending  []*netmap.Update
 	needFull bool
+	reset    bool // the node was removed: forget sent
 }
 
 func (s *Subscription) wakeUp() {
@@ -139,8 +144,11 @@ func (s *Subscription) Wake() <-chan struct{} { return s.wake }
 func (s *Subscription) Next() (*segmeshv1.NetmapUpdate, bool) {
 	h := s.hub
 	h.mu.Lock()
+	if s.reset {
+		s.sent = 0
+	}
 	pending, full := s.pending, s.needFull || s.sent == 0 || !s.deltas
-	s.pending, s.needFull = nil, false
+	s.pending, s.needFull, s.reset = nil, false, false
 	h.mu.Unlock()
 	if !full {
 		if d, last, err := compose(pending, s.sent); err == nil {
