@@ -212,7 +212,7 @@ func testEngineMatchesFromScratch(t *testing.T, mergeRotation bool) {
 			i := slices.Index(modelNames, name)
 			n, exists := m.nodes[name]
 			var updates []Update
-			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip", "identity"}).Draw(t, "op")
+			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip", "identity", "noaddr", "empty"}).Draw(t, "op")
 			label := fmt.Sprintf("step %d: %s %s", step, op, name)
 			switch {
 			case op == "enroll" && !exists:
@@ -249,6 +249,22 @@ func testEngineMatchesFromScratch(t *testing.T, mergeRotation bool) {
 				n.KeyRotation++
 				m.nodes[name] = n
 				updates = m.upsert(n)
+			case op == "noaddr" && exists:
+				n.Addresses = nil
+				m.nodes[name] = n
+				updates = m.upsert(n)
+			case op == "empty":
+				m.rev++
+				p, err := policy.Parse("p.yaml", []byte("version: 1\n"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.pol = p
+				prog, err := policy.Prepare(m.pol)
+				if err != nil {
+					t.Fatal(err)
+				}
+				updates = m.engine.SetPolicy(m.rev, prog)
 			case op == "identity" && exists:
 				if rapid.Bool().Draw(t, "drop identity") {
 					n.IdentityKey = nil
