@@ -2,7 +2,9 @@ package controller
 
 import (
 	"bytes"
+	"fmt"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -95,5 +97,54 @@ func TestStreamsPerNodeBounded(t *testing.T) {
 	}
 	if n := tc.openStreams("web-1"); n > 4 {
 		t.Errorf("web-1 holds %d open netmap streams; a node should hold a few at most", n)
+	}
+}
+
+// fullNetmapUpdate returns a whole netmap of peers peers (each also a set
+// element), as a stream sends to an agent of a full mesh.
+func fullNetmapUpdate(peers int) *segmeshv1.NetmapUpdate {
+	nm := &segmeshv1.Netmap{Self: &segmeshv1.Node{Name: "n"}, Filter: &segmeshv1.Filter{Sets: []*segmeshv1.AddressSet{{Name: "all"}}}}
+	for i := range peers {
+		nm.Peers = append(nm.Peers, &segmeshv1.Peer{Name: fmt.Sprintf("p%d", i)})
+		nm.Filter.Sets[0].Prefixes = append(nm.Filter.Sets[0].Prefixes, fmt.Sprintf("100.64.%d.%d/32", i>>8, i&255))
+	}
+	return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Full{Full: nm}}
+}
+
+// TestStuckAgentsDoNotDelayOthers: in a 5,000-node full mesh a whole netmap is
+// 10,000 peers and set elements, so seven agents whose sends are stuck in flow
+// control (hosts suspended with their TCP connections open, or agents that never
+// read) hold all of sendBudget until their write deadline (sendTimeout, 30 s),
+// and every other agent's heavy update (a whole netmap after a reconnect, the
+// delta of a policy change) waits behind them. The issue asks that a stuck agent
+// never delays others.
+func TestStuckAgentsDoNotDelayOthers(t *testing.T) {
+	tc := startController(t, t.TempDir())
+	stuck := make(chan struct{})
+	defer close(stuck)
+	heavy := fullNetmapUpdate(5000)
+	for range 7 {
+		go func() {
+			_ = tc.c.sendLimited(bg, heavy, func(*segmeshv1.NetmapUpdate) error { <-stuck; return nil })
+		}()
+	}
+	eventually(t, "the stuck sends hold the budget", func() bool {
+		if tc.c.sendBudget.TryAcquire(1) {
+			tc.c.sendBudget.Release(1)
+			return false
+		}
+		return true
+	})
+	done := make(chan error, 1)
+	go func() {
+		done <- tc.c.sendLimited(bg, fullNetmapUpdate(300), func(*segmeshv1.NetmapUpdate) error { return nil })
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a healthy agent's update waited 5 s behind 7 stuck agents (it waits until their write deadline)")
 	}
 }
