@@ -38,7 +38,7 @@ unauthload: build
 # controller CPU and RSS.
 LOADGEN_AGENTS ?= 1000
 # make bench's second load generator run, for the rows at 5,000 agents (0: none).
-LOADGEN_LARGE_AGENTS ?= 0
+LOADGEN_LARGE_AGENTS ?= 5000
 loadgen: build
 	$(GO) run ./hack/loadgen -agents $(LOADGEN_AGENTS) -bin $(BIN)/segmesh-controller -json $(BIN)/loadgen.json
 

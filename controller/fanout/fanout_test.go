@@ -247,3 +247,22 @@ func must(u []netmap.Update, err error) []netmap.Update {
 	}
 	return u
 }
+
+// TestDeletedAndEnrolledAgain checks that a subscription open across a node's
+// deletion and a new enrollment under its name gets the new node's whole netmap,
+// never a delta chained to the deleted node's.
+func TestDeletedAndEnrolledAgain(t *testing.T) {
+	e, h := fixture(t)
+	s := h.Subscribe("web-2", true)
+	defer s.Close()
+	next(t, s)
+	h.Publish(e.Remove("web-2"))
+	if _, ok := s.Next(); ok {
+		t.Fatal("a deleted node got an update")
+	}
+	h.Publish(must(e.Upsert(node("web-2", "web", 9))))
+	u := next(t, s)
+	if u.GetFull() == nil || !proto.Equal(u.GetFull(), current(t, e, "web-2")) {
+		t.Fatalf("update after enrolling again = %v, want the new whole netmap", u)
+	}
+}

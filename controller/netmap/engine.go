@@ -66,6 +66,10 @@ type Engine struct {
 	peerOf, setOf []map[*groupState]struct{}
 	// owner holds the active node of each overlay address.
 	owner map[netip.Addr]string
+	// incarnation counts the nodes added after NewEngine: a node added again
+	// after a deletion starts its versions at incarnation<<32, so that they never
+	// continue the chain of the deleted node's netmap.
+	incarnation uint64
 }
 
 type nodeState struct {
@@ -568,6 +572,9 @@ func (e *Engine) change(name string, sn *store.Node) []Update {
 		n = newNodeState(*sn)
 		if old != nil {
 			n.revision, n.version, n.hash, n.revoked, n.gossip = old.revision, old.version, old.hash, old.revoked, old.gossip
+		} else {
+			e.incarnation++
+			n.version = e.incarnation << 32
 		}
 		n.segs = segs
 		e.nodes[name] = n
