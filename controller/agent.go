@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net/http"
 	"slices"
@@ -182,7 +183,9 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 			}
 		}
 	}
-	conn := c.live.connect(node.Name, req.Msg, c.now())
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	conn := c.live.connect(node.Name, req.Msg, cancel, c.now())
 	defer c.live.disconnect(node.Name, conn, c.now())
 	c.log.Info("agent connected", "node", node.Name, "peer", req.Peer().Addr, "endpoint", ep, "dataplane", req.Msg.GetDataplane(), "version", req.Msg.GetVersion())
 	defer c.log.Info("agent disconnected", "node", node.Name, "peer", req.Peer().Addr)
@@ -192,6 +195,9 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	for {
 		select {
 		case <-ctx.Done():
+			if errors.Is(context.Cause(ctx), errStreamReplaced) {
+				return connect.NewError(connect.CodeAborted, errStreamReplaced)
+			}
 			return nil
 		case <-c.shutdown:
 			return connect.NewError(connect.CodeUnavailable, errors.New("controller is shutting down"))
@@ -209,6 +215,13 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 			return err
 		}
 		if u, ok := sub.Next(); ok {
+			if u.GetFull() != nil {
+				// A whole netmap may be a new node's under this name (deleted and
+				// enrolled again since the check above): check once more.
+				if _, err := s.authenticate(ctx); err != nil {
+					return err
+				}
+			}
 			if err := c.sendLimited(ctx, u, send); err != nil {
 				return fmt.Errorf("sending netmap to %s: %w", node.Name, err)
 			}
@@ -246,9 +259,9 @@ func updateElements(u *segmeshv1.NetmapUpdate) int {
 // sendBudget bounds, in peers and set elements (about 100 bytes each marshalled),
 // the heavy updates being marshalled, compressed and written at once (whole
 // netmaps, and large deltas after a policy change, to thousands of agents at
-// once). Each is held in memory until its agent has read it, so the budget bounds
-// the controller's memory however slowly agents read, and keeps a burst from
-// starving the rest of the controller (an operator's call waits behind it).
+// once): each is held in memory until written, so the budget bounds the memory
+// a burst takes, and keeps it from starving the rest of the controller (an
+// operator's call waits behind it).
 const sendBudget = 64 << 10
 
 // sendTimeout is how long one message may take to reach an agent: a stream whose
@@ -256,16 +269,13 @@ const sendBudget = 64 << 10
 // its share of sendBudget; the agent reconnects and gets a whole netmap.
 const sendTimeout = 30 * time.Second
 
-// sendLimited writes u with send, holding its share of c.sendBudget when heavy,
-// under a write deadline of sendTimeout.
+// sendLimited writes u with send under a write deadline of sendTimeout; a heavy
+// update also holds a CPU slot (sendSlots) and its share of c.sendBudget, at most
+// a quarter of it. Both are leased: a send still running after sendSlow (its
+// agent reads slowly, or not at all) gives them back, so that stuck agents delay
+// the others by sendSlow at most; what such a send holds in memory is bounded by
+// the streams per node and ends with the write deadline.
 func (c *Controller) sendLimited(ctx context.Context, u *segmeshv1.NetmapUpdate, send func(*segmeshv1.NetmapUpdate) error) error {
-	if n := int64(updateElements(u)); n > heavyUpdate {
-		n = min(n, sendBudget)
-		if err := c.sendBudget.Acquire(ctx, n); err != nil {
-			return err
-		}
-		defer c.sendBudget.Release(n)
-	}
 	rc, _ := ctx.Value(writeControlKey{}).(*http.ResponseController)
 	write := func() error {
 		if rc != nil {
@@ -273,15 +283,27 @@ func (c *Controller) sendLimited(ctx context.Context, u *segmeshv1.NetmapUpdate,
 		}
 		return send(u)
 	}
-	if updateElements(u) > heavyUpdate {
-		return c.sendSlots.do(write)
+	n := int64(updateElements(u))
+	if n <= heavyUpdate {
+		return write()
 	}
-	return write()
+	n = min(n, sendBudget/4)
+	if err := c.sendBudget.Acquire(ctx, n); err != nil {
+		return err
+	}
+	var once sync.Once
+	release := func() { once.Do(func() { c.sendBudget.Release(n) }) }
+	t := time.AfterFunc(sendSlow, release)
+	defer func() {
+		t.Stop()
+		release()
+	}()
+	return c.sendSlots.do(write)
 }
 
-// sendSlow is how long a send runs before it gets a write deadline: setting one
-// costs about a millisecond of the HTTP/2 connection's time, too much for every
-// message to thousands of agents.
+// sendSlow is how long a send runs before it gives back its budget and gets a
+// write deadline (setting one costs about a millisecond of the HTTP/2
+// connection's time, too much for every message to thousands of agents).
 const sendSlow = time.Second
 
 // deadlineIfSlow gives a send that began at start a write deadline of
@@ -520,7 +542,7 @@ type liveTracker struct {
 }
 
 type liveNode struct {
-	conns       map[uint64]bool
+	conns       map[uint64]context.CancelCauseFunc // open streams by ID
 	dataplane   string
 	iface       string
 	appliedRev  uint64
@@ -545,7 +567,7 @@ func newLiveTracker() *liveTracker { return &liveTracker{nodes: map[string]*live
 func (l *liveTracker) get(name string) *liveNode {
 	n := l.nodes[name]
 	if n == nil {
-		n = &liveNode{conns: map[uint64]bool{}}
+		n = &liveNode{conns: map[uint64]context.CancelCauseFunc{}}
 		l.nodes[name] = n
 	}
 	return n
@@ -659,12 +681,29 @@ func reportedPeers(peers []string) []string {
 }
 
 // connect records an open stream of node and returns its id for disconnect.
-func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, now time.Time) uint64 {
+// maxStreamsPerNode is how many netmap streams one node may hold at once: a
+// reconnecting agent's new stream overlaps its old one for a moment. Past it, a
+// new stream ends the node's oldest, so that one node (stolen credentials, an
+// agent that leaks streams) cannot hold subscriptions, goroutines and send
+// budget without bound.
+const maxStreamsPerNode = 4
+
+// errStreamReplaced ends a node's oldest stream when it opens one too many.
+var errStreamReplaced = errors.New("a newer netmap stream of this node replaced this one")
+
+// connect records a new netmap stream of node name, which cancel ends, and
+// returns its ID; past maxStreamsPerNode it ends the node's oldest stream.
+func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, cancel context.CancelCauseFunc, now time.Time) uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.nextID++
 	n := l.get(name)
-	n.conns[l.nextID] = true
+	n.conns[l.nextID] = cancel
+	if len(n.conns) > maxStreamsPerNode {
+		oldest := slices.Min(slices.Collect(maps.Keys(n.conns)))
+		n.conns[oldest](errStreamReplaced)
+		delete(n.conns, oldest)
+	}
 	if d := reportedDataplane(req.GetDataplane()); d != "" {
 		n.dataplane = d
 	}
