@@ -172,13 +172,7 @@ func TestPublishRacesNext(t *testing.T) {
 		case <-s.Wake():
 		case <-done:
 			wg.Wait()
-			for {
-				u, ok := s.Next()
-				if !ok {
-					break
-				}
-				held = apply(t, held, u)
-			}
+			held = drain(t, s, held)
 			if want := current(t, e, "web-1"); !proto.Equal(held, want) {
 				t.Fatalf("web-1 holds %v, want %v", held, want)
 			}
@@ -214,16 +208,23 @@ func TestReenrolledNameGetsItsNetmap(t *testing.T) {
 				n.Endpoint = fmt.Sprintf("192.0.2.1:%d", 1000+i)
 				h.Publish(must(e.Upsert(n)))
 			}
-			for {
-				u, ok := s.Next()
-				if !ok {
-					break
-				}
-				held = apply(t, held, u)
-			}
+			held = drain(t, s, held)
 			if want := current(t, e, "db-1"); !proto.Equal(held, want) {
 				t.Fatalf("the stream's agent holds\n%v\nthe new db-1's netmap is\n%v", held, want)
 			}
 		})
+	}
+}
+
+// drain applies every update s yields to held, as its agent would, and returns
+// the result.
+func drain(t *testing.T, s *Subscription, held *segmeshv1.Netmap) *segmeshv1.Netmap {
+	t.Helper()
+	for {
+		u, ok := s.Next()
+		if !ok {
+			return held
+		}
+		held = apply(t, held, u)
 	}
 }

@@ -11,7 +11,6 @@ import (
 	"segmesh/api/wire"
 	"segmesh/controller/netmap"
 	"segmesh/controller/store"
-	"segmesh/policy"
 )
 
 const mesh = `version: 1
@@ -34,14 +33,7 @@ func node(name, role string, i int) store.Node {
 // a hub over it.
 func fixture(t *testing.T) (*netmap.Engine, *Hub) {
 	t.Helper()
-	p, err := policy.Parse("p.yaml", []byte(mesh))
-	if err != nil {
-		t.Fatal(err)
-	}
-	prog, err := policy.Prepare(p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	prog := prepare(t, mesh)
 	cfg := netmap.Config{GossipKey: make([]byte, 32), GossipPort: 7946, OverlayPrefixes: []netip.Prefix{netip.MustParsePrefix("100.64.0.0/10")}}
 	e := netmap.NewEngine(cfg, 1, prog, []store.Node{node("web-1", "web", 1), node("web-2", "web", 2), node("db-1", "db", 3)})
 	latest := map[string]Latest{}
