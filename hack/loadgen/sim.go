@@ -49,6 +49,7 @@ type simAgent struct {
 	endpoint atomic.Pointer[string]
 	client   segmeshv1connect.AgentServiceClient
 	hc       *http.Client
+	url      string       // the controller's base URL; light agents stream over hc themselves (rawstream.go)
 	bytes    atomic.Int64 // SyncUpdates and Sync response body bytes received (connect envelopes)
 	msgs     atomic.Int64 // netmap updates received
 	size     atomic.Int64 // encoded size of the netmap held, uncompressed; -1 when unknown (a non-verifying agent after a delta)
@@ -194,7 +195,7 @@ func (f *fleet) enrollAgent(ctx context.Context, tok jointoken.Token, idx int) (
 		RootCAs: f.pool, ServerName: enroll.ServerName,
 	})
 	hc.Transport = countingTransport{rt: hc.Transport, n: &a.bytes}
-	a.hc = hc
+	a.hc, a.url = hc, f.url
 	a.client = segmeshv1connect.NewAgentServiceClient(hc, f.url, connect.WithCodec(lightCodec{size: &a.size, whole: a.verify}))
 	return a, nil
 }
@@ -229,10 +230,7 @@ func (c lightCodec) Unmarshal(b []byte, m any) error {
 		if !c.whole {
 			return decodeNetmapSummary(b, m)
 		}
-	case *segmeshv1.NetmapUpdate:
-		if !c.whole {
-			return decodeUpdateSummary(b, m, c.size)
-		}
+	case *segmeshv1.NetmapUpdate: // verifying agents only: light ones skim (rawstream.go)
 		if err := proto.Unmarshal(b, m); err != nil {
 			return err
 		}
@@ -246,30 +244,6 @@ func (c lightCodec) Unmarshal(b []byte, m any) error {
 		return fmt.Errorf("unmarshaling into %T: not a protobuf message", m)
 	}
 	return proto.Unmarshal(b, pm)
-}
-
-// decodeUpdateSummary fills u from the encoded NetmapUpdate b: a full netmap as
-// decodeNetmapSummary does (its encoded size into size), a delta as
-// decodeDeltaSummary.
-func decodeUpdateSummary(b []byte, u *segmeshv1.NetmapUpdate, size *atomic.Int64) error {
-	proto.Reset(u)
-	return eachField(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
-		if typ != protowire.BytesType {
-			return nil
-		}
-		switch num {
-		case 1:
-			nm := &segmeshv1.Netmap{}
-			size.Store(int64(len(v)))
-			u.Update = &segmeshv1.NetmapUpdate_Full{Full: nm}
-			return decodeNetmapSummary(v, nm)
-		case 2:
-			d := &segmeshv1.NetmapDelta{}
-			u.Update = &segmeshv1.NetmapUpdate_Delta{Delta: d}
-			return decodeDeltaSummary(v, d)
-		}
-		return nil
-	})
 }
 
 // decodeDeltaSummary fills d with the base hash, hash, policy revision, header's
@@ -433,7 +407,11 @@ func (f *fleet) stream(ctx context.Context, a *simAgent) error {
 		Endpoint: *a.endpoint.Load(), Dataplane: "userspace", Version: "loadgen", Interface: "segmesh0",
 	}
 	for resyncs := 0; ; resyncs++ {
-		received, err := f.streamUpdates(ctx, a, req)
+		stream := f.streamUpdatesRaw
+		if a.verify {
+			stream = f.streamUpdates
+		}
+		received, err := stream(ctx, a, req)
 		var re *errResync
 		switch {
 		case errors.As(err, &re) && resyncs < maxResyncs:
@@ -466,30 +444,9 @@ func (f *fleet) streamUpdates(ctx context.Context, a *simAgent, req *segmeshv1.S
 	for st.Receive() {
 		received = true
 		u := st.Msg()
-		var view update // what the watch sees
-		switch {
-		case u.GetFull() != nil:
-			held, heldHash, view = u.GetFull(), u.GetFull().GetHash(), fullView(u.GetFull())
-		case u.GetDelta() == nil:
-			return received, &errResync{reason: "netmap update of an unknown kind"}
-		case heldHash == "":
-			return received, &errResync{reason: fmt.Sprintf("delta to revision %d before any full netmap", u.GetDelta().GetPolicyRevision())}
-		case a.verify:
-			next, err := wire.ApplyDelta(held, u.GetDelta())
-			if err != nil {
-				return received, &errResync{reason: err.Error()}
-			}
-			held, heldHash, view = next, next.GetHash(), fullView(next)
-			a.size.Store(int64(proto.Size(next)))
-		default:
-			d := u.GetDelta()
-			if d.GetBaseHash() != heldHash {
-				return received, &errResync{reason: fmt.Sprintf("%v: delta applies to %.12s, the netmap held is %.12s", wire.ErrDeltaBase, d.GetBaseHash(), heldHash)}
-			}
-			heldHash, view = d.GetHash(), deltaView(d)
-			a.size.Store(-1)
+		if err := f.onUpdate(ctx, a, u, &heldHash, &held); err != nil {
+			return received, err
 		}
-		f.applied(ctx, a, view.revision, heldHash, view)
 		if !a.verify {
 			// The stream keeps its latest message until the next one: empty it,
 			// so that N agents do not hold N peer lists between changes.
@@ -500,6 +457,38 @@ func (f *fleet) streamUpdates(ctx context.Context, a *simAgent, req *segmeshv1.S
 		return received, err
 	}
 	return received, errors.New("stream closed by the controller")
+}
+
+// onUpdate handles one update of a SyncUpdates stream: a verifying agent applies
+// it to held with wire.ApplyDelta, a light one checks its base against heldHash;
+// then the agent reports. It returns an *errResync when the update does not
+// apply.
+func (f *fleet) onUpdate(ctx context.Context, a *simAgent, u *segmeshv1.NetmapUpdate, heldHash *string, held **segmeshv1.Netmap) error {
+	var view update // what the watch sees
+	switch {
+	case u.GetFull() != nil:
+		*held, *heldHash, view = u.GetFull(), u.GetFull().GetHash(), fullView(u.GetFull())
+	case u.GetDelta() == nil:
+		return &errResync{reason: "netmap update of an unknown kind"}
+	case *heldHash == "":
+		return &errResync{reason: fmt.Sprintf("delta to revision %d before any full netmap", u.GetDelta().GetPolicyRevision())}
+	case a.verify:
+		next, err := wire.ApplyDelta(*held, u.GetDelta())
+		if err != nil {
+			return &errResync{reason: err.Error()}
+		}
+		*held, *heldHash, view = next, next.GetHash(), fullView(next)
+		a.size.Store(int64(proto.Size(next)))
+	default:
+		d := u.GetDelta()
+		if d.GetBaseHash() != *heldHash {
+			return &errResync{reason: fmt.Sprintf("%v: delta applies to %.12s, the netmap held is %.12s", wire.ErrDeltaBase, d.GetBaseHash(), *heldHash)}
+		}
+		*heldHash, view = d.GetHash(), deltaView(d)
+		a.size.Store(-1)
+	}
+	f.applied(ctx, a, view.revision, *heldHash, view)
+	return nil
 }
 
 // streamFull runs one Sync stream (a controller that does not serve SyncUpdates)

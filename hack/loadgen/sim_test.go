@@ -146,7 +146,7 @@ func TestSimStream(t *testing.T) {
 			a := &simAgent{name: "sim-0", verify: tt.verify}
 			ep := simEndpoint(0, 0)
 			a.endpoint.Store(&ep)
-			a.hc = &http.Client{Transport: countingTransport{rt: srv.Client().Transport, n: &a.bytes}}
+			a.hc, a.url = &http.Client{Transport: countingTransport{rt: srv.Client().Transport, n: &a.bytes}}, srv.URL
 			a.client = segmeshv1connect.NewAgentServiceClient(a.hc, srv.URL, connect.WithCodec(lightCodec{size: &a.size, whole: a.verify}))
 			f := &fleet{log: slog.New(slog.NewTextHandler(io.Discard, nil)), agents: []*simAgent{a}}
 			w := newWatch(1, func(u update) bool { return u.lists("sim-1", "198.18.9.9:51821") })
@@ -222,6 +222,7 @@ func TestSimStreamGivesUp(t *testing.T) {
 	ep := simEndpoint(0, 0)
 	a.endpoint.Store(&ep)
 	var size atomic.Int64
+	a.hc, a.url = srv.Client(), srv.URL
 	a.client = segmeshv1connect.NewAgentServiceClient(srv.Client(), srv.URL, connect.WithCodec(lightCodec{size: &size}))
 	f := &fleet{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if err := f.stream(context.Background(), a); err == nil || !strings.Contains(err.Error(), "delta base mismatch") {
