@@ -15,7 +15,7 @@
 #   BENCH_STEPS: which groups run, default "go lab loadgen"
 #   LOADGEN_AGENTS (default 1000), LOADGEN_ARGS (extra flags, e.g. "-scenario policy,join")
 #   LOADGEN_LARGE_AGENTS (default 5000; 0 skips the rows at 5,000 agents)
-#   LOADGEN_LARGE_SCENARIOS (default nopeers: the full mesh at 5,000 agents outgrows the load generator, see docs/benchmarks.md)
+#   LOADGEN_LARGE_SCENARIOS (default mesh,policy,join,nopeers)
 #   AGENTMEM_ARGS, PREFIXES_ARGS and THROUGHPUT_ARGS (extra flags, e.g. AGENTMEM_ARGS="-idle 6m")
 set -uo pipefail
 BIN=${BIN:-bin}
@@ -26,7 +26,7 @@ REPORT=${REPORT:-BENCHMARKS.md}
 BENCH_STEPS=${BENCH_STEPS:-go lab loadgen}
 LOADGEN_AGENTS=${LOADGEN_AGENTS:-1000}
 LOADGEN_LARGE_AGENTS=${LOADGEN_LARGE_AGENTS:-5000}
-LOADGEN_LARGE_SCENARIOS=${LOADGEN_LARGE_SCENARIOS:-nopeers}
+LOADGEN_LARGE_SCENARIOS=${LOADGEN_LARGE_SCENARIOS:-mesh,policy,join,nopeers}
 failed=()
 
 step() {
