@@ -4,7 +4,7 @@ GO ?= go
 BIN ?= bin
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build test unit e2e demo lint fmt deps clean unauthload loadgen bench bench-build
+.PHONY: all build test unit e2e demo lint fmt deps clean unauthload loadgen bench bench-build package
 
 all: build
 
@@ -57,6 +57,24 @@ bench: deps bench-build
 bench-build: build
 	$(GO) build -o $(BIN)/ ./hack/probe
 	$(GO) build -o $(BIN)/wireguard-go golang.zx2c4.com/wireguard
+
+# .deb and .rpm of segmesh-agent (with the segmesh CLI) and segmesh-controller in
+# $(BIN)/packages, built with nfpm from packaging/nfpm/*.yaml; static binaries (no
+# libc dependency). See docs/packages.md.
+NFPM ?= github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+PKG_VERSION ?= 0.0.0~git$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+PKG_ARCH ?= $(shell $(GO) env GOARCH)
+package:
+	$(MAKE) build BIN=$(BIN)/packages/bin CGO_ENABLED=0 GOFLAGS="-trimpath -ldflags=-s"
+	printf -- '- semver: %s-1\n  date: %s\n  packager: segmesh maintainers <maintainers@segmesh.invalid>\n  deb:\n    urgency: low\n    distributions: [unstable]\n  changes:\n    - note: Built from commit %s.\n' \
+		'$(PKG_VERSION)' "$$(git log -1 --format=%cI 2>/dev/null || date -u +%FT%TZ)" "$$(git rev-parse HEAD 2>/dev/null || echo unknown)" >$(BIN)/packages/changelog.yml
+	set -e; for p in segmesh-agent segmesh-controller; do \
+		sed 's|@CHANGELOG@|$(abspath $(BIN))/packages/changelog.yml|' packaging/nfpm/$$p.yaml >$(BIN)/packages/$$p.nfpm.yaml; \
+		for f in deb rpm; do \
+			SEGMESH_VERSION=$(PKG_VERSION) SEGMESH_ARCH=$(PKG_ARCH) SEGMESH_BIN=$(abspath $(BIN))/packages/bin \
+				$(GO) run $(NFPM) package --config $(BIN)/packages/$$p.nfpm.yaml --packager $$f --target $(BIN)/packages/; \
+		done; \
+	done
 
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
