@@ -13,7 +13,6 @@ configure) first=; [ -z "$2" ] && first=1 ;; # deb: $2 is the old version on upg
 2) first= ;;                                  # rpm: upgrade
 *) exit 0 ;;
 esac
-chmod 0700 "$root/var/lib/segmesh-agent"
 command -v systemctl >/dev/null 2>&1 || exit 0
 if [ -n "$root" ]; then
 	[ -n "$first" ] && systemctl --root="$root" --quiet enable segmesh-agent.service
