@@ -193,12 +193,24 @@ func New(opts Options) (*Dataplane, error) {
 	if d.lock, err = lockNetNS(d.ns, opts.Interface); err != nil {
 		return fail(err)
 	}
-	h, err := netlink.NewHandleAt(d.ns)
+	// Sockets in another namespace than the process's need setns, hence
+	// CAP_SYS_ADMIN; in its own namespace (the agent's service, which has only
+	// CAP_NET_ADMIN) they are opened where the process is.
+	var (
+		h    *netlink.Handle
+		nsFD int // 0: the calling thread's namespace
+	)
+	if d.foreignNS {
+		nsFD = int(d.ns)
+		h, err = netlink.NewHandleAt(d.ns)
+	} else {
+		h, err = netlink.NewHandle()
+	}
 	if err != nil {
 		return fail(fmt.Errorf("opening netlink socket: %w", err))
 	}
 	d.nl, d.rtnl = h, h
-	if d.fw, err = nft.New(opts.Interface, int(d.ns), log); err != nil {
+	if d.fw, err = nft.New(opts.Interface, nsFD, log); err != nil {
 		return fail(err)
 	}
 	if d.wg, err = d.openWG(); err != nil {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 // coalesce is how long Watch waits after a change for more changes before it signals.
@@ -148,10 +149,14 @@ func (d *Dataplane) subscribeLinks() {
 	onAddr := func(u netlink.AddrUpdate) bool { return ours(u.LinkIndex) }
 	onRoute := func(u netlink.RouteUpdate) bool { return ours(u.LinkIndex) }
 
-	ns := d.ns
+	// nil: the process's namespace, without setns (which needs CAP_SYS_ADMIN).
+	var ns *netns.NsHandle
+	if d.foreignNS {
+		ns = &d.ns
+	}
 	const bufSize = 1 << 20
 	err := subscribe(d.closing, d, "link", changed, onLink, func(ch chan netlink.LinkUpdate, done chan struct{}, onErr func(error)) error {
-		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: &ns, ErrorCallback: onErr,
+		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: ns, ErrorCallback: onErr,
 			ReceiveBufferSize: bufSize, ReceiveBufferForceSize: true})
 	})
 	if all, lerr := d.nl.LinkList(); lerr == nil {
@@ -165,13 +170,13 @@ func (d *Dataplane) subscribeLinks() {
 	}
 	if err == nil {
 		err = subscribe(d.closing, d, "address", changed, onAddr, func(ch chan netlink.AddrUpdate, done chan struct{}, onErr func(error)) error {
-			return netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{Namespace: &ns, ErrorCallback: onErr,
+			return netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{Namespace: ns, ErrorCallback: onErr,
 				ReceiveBufferSize: bufSize, ReceiveBufferForceSize: true})
 		})
 	}
 	if err == nil {
 		err = subscribe(d.closing, d, "route", changed, onRoute, func(ch chan netlink.RouteUpdate, done chan struct{}, onErr func(error)) error {
-			return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: &ns, ErrorCallback: onErr,
+			return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: ns, ErrorCallback: onErr,
 				ReceiveBufferSize: bufSize, ReceiveBufferForceSize: true})
 		})
 	}

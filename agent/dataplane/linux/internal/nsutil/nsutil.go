@@ -12,7 +12,8 @@ import (
 
 // Do runs fn on a fresh goroutine whose OS thread is in network namespace ns, and
 // returns fn's error. Sockets and devices fn creates belong to ns. If the thread
-// cannot be switched back, it is discarded instead of being reused.
+// cannot be switched back, it is discarded instead of being reused. When the
+// thread already is in ns, fn runs there without switching (no CAP_SYS_ADMIN needed).
 func Do(ns netns.NsHandle, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
@@ -24,6 +25,13 @@ func Do(ns netns.NsHandle, fn func() error) error {
 			return
 		}
 		defer orig.Close()
+		if orig.Equal(ns) {
+			// Already there: no setns, which needs CAP_SYS_ADMIN (the agent's
+			// service has only CAP_NET_ADMIN).
+			runtime.UnlockOSThread()
+			errc <- fn()
+			return
+		}
 		if err := netns.Set(ns); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("entering network namespace %s: %w", ns, err)
