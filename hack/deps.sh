@@ -3,7 +3,8 @@
 # iproute2 (ip netns, veth, bridge), nftables (nft, to inspect the table), wireguard-tools
 # (wg show), iputils-ping (ICMP probes), procps, iperf3 (make bench: TCP throughput and
 # agent memory under load); dpkg, lintian, rpm and systemd (systemd-analyze,
-# systemd-sysusers) for make package and its tests in packaging/. WireGuard itself needs no install: the agent
+# systemd-sysusers) and util-linux (setpriv) for make package and its tests in
+# packaging/. WireGuard itself needs no install: the agent
 # uses kernel WireGuard where present and embedded wireguard-go otherwise.
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
@@ -19,6 +20,7 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v lintian >/dev/null || need+=(lintian)
 command -v rpm >/dev/null || need+=(rpm)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v setpriv >/dev/null || need+=(util-linux)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -3,10 +3,12 @@
 // systemd/, maintainer scripts in scripts/). The tests build the packages once,
 // run lintian on the .debs, run systemd-analyze verify and security on the units as
 // installed, install both .debs into a scratch root with dpkg --root and check
-// files, owners and modes, then remove them and check that state stays.
+// files, owners and modes, then remove them and check that state stays, and run
+// the packaged agent with CAP_NET_ADMIN alone in a network namespace.
 //
-// They need root (dpkg chowns in the scratch root) and dpkg, lintian, rpm and
-// systemd-analyze, which hack/deps.sh installs; a missing tool fails the test.
+// They need root (dpkg chowns in the scratch root; a network namespace) and dpkg,
+// lintian, rpm, systemd-analyze, ip, nft and setpriv, which hack/deps.sh installs; a
+// missing tool fails the test.
 package packaging
 
 import (
@@ -22,6 +24,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // built is the result of the one make package run shared by the tests.
@@ -456,5 +459,129 @@ func TestRPMContents(t *testing.T) {
 				t.Errorf("%s.rpm: scripts lack %q:\n%s", tt.name, s, scripts)
 			}
 		}
+	}
+}
+
+// syncBuffer is an io.Writer safe for a process's output and the test reading it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// start runs a command in the background, its output in the returned buffer; the
+// test's cleanup kills it by PID if it still runs.
+func start(t *testing.T, name string, args ...string) (*exec.Cmd, *syncBuffer) {
+	t.Helper()
+	out := &syncBuffer{}
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		select {
+		case <-done:
+		default:
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	return cmd, out
+}
+
+// eventually polls cond every 100 ms until it holds or the deadline passes.
+func eventually(t *testing.T, what string, timeout time.Duration, cond func() bool, logs ...*syncBuffer) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			var tails []string
+			for _, l := range logs {
+				tails = append(tails, l.String())
+			}
+			t.Fatalf("%s: not after %s; logs:\n%s", what, timeout, strings.Join(tails, "\n---\n"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestAgentNeedsOnlyCapNetAdmin runs the packaged agent as its unit does (root with
+// the bounding set reduced to CAP_NET_ADMIN, no new privileges; setpriv stands in
+// for systemd, which is not PID 1 here) in a fresh network namespace with a
+// controller: it enrolls and programs its interface and table with no permission
+// error. Stopping it leaves the table (fail closed); segmesh-agent down, with the
+// same single capability, removes it.
+func TestAgentNeedsOnlyCapNetAdmin(t *testing.T) {
+	need(t, "ip", "nft", "setpriv")
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root: creates a network namespace; run the tests as root like make test")
+	}
+	packages(t, "deb")
+	bin := filepath.Join(built.dir, "packages", "bin")
+	id := os.Getpid() % 100000
+	ns, iface := fmt.Sprintf("smpkg-%d", id), fmt.Sprintf("smpkg%d", id) // the UAPI socket path is global: a name of our own
+	run(t, "ip", "netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	run(t, "ip", "-n", ns, "link", "set", "lo", "up")
+	inNS := func(args ...string) []string { return append([]string{"netns", "exec", ns}, args...) }
+	asUnit := func(args ...string) []string {
+		return inNS(append([]string{"setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all", "--no-new-privs", "--"}, args...)...)
+	}
+	tableThere := func() bool {
+		return exec.Command("ip", inNS("nft", "list", "table", "inet", "segmesh")...).Run() == nil
+	}
+
+	dir := t.TempDir()
+	data, state, tokenFile := filepath.Join(dir, "controller"), filepath.Join(dir, "agent"), filepath.Join(dir, "token")
+	_, ctlLog := start(t, "ip", inNS(filepath.Join(bin, "segmesh-controller"), "--data-dir", data, "--listen", "127.0.0.1:17443")...)
+	var token []byte
+	eventually(t, "join token from the controller", 30*time.Second, func() bool {
+		var err error
+		token, err = exec.Command("ip", inNS(filepath.Join(bin, "segmesh"), "--credentials", filepath.Join(data, "operator.json"), "token", "create")...).Output()
+		return err == nil
+	}, ctlLog)
+	if err := os.WriteFile(tokenFile, token, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	agent, agentLog := start(t, "ip", asUnit(filepath.Join(bin, "segmesh-agent"), "--controller", "https://127.0.0.1:17443",
+		"--token-file", tokenFile, "--state-dir", state, "--interface", iface, "--userspace",
+		"--endpoint", "198.51.100.7:51820")...) // a documentation address: no peer dials it here
+	exited := func() bool { return syscall.Kill(agent.Process.Pid, 0) != nil }
+	eventually(t, "agent connected with its interface and table", 30*time.Second, func() bool {
+		if exited() {
+			t.Fatalf("agent exited:\n%s", agentLog.String())
+		}
+		return strings.Contains(agentLog.String(), "connected to controller") && tableThere() &&
+			exec.Command("ip", "-n", ns, "link", "show", iface).Run() == nil
+	}, agentLog, ctlLog)
+	if l := agentLog.String(); strings.Contains(l, "not permitted") || strings.Contains(l, "level=ERROR") {
+		t.Errorf("agent with only CAP_NET_ADMIN logged a failure:\n%s", l)
+	}
+
+	if err := agent.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "agent stopped", 30*time.Second, exited, agentLog)
+	if !tableThere() {
+		t.Fatalf("table inet segmesh gone after the agent stopped; the host must fail closed:\n%s", agentLog.String())
+	}
+	out := run(t, "ip", asUnit(filepath.Join(bin, "segmesh-agent"), "down", "--state-dir", state)...)
+	if tableThere() {
+		t.Fatalf("table inet segmesh still there after segmesh-agent down:\n%s", out)
 	}
 }
