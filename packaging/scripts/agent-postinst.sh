@@ -24,7 +24,7 @@ if [ -d /run/systemd/system ]; then
 	[ -z "$first" ] && systemctl try-restart segmesh-agent.service
 fi
 if [ -n "$first" ]; then
-	echo "segmesh-agent: enabled but not started; set controller in /etc/segmesh/agent.yaml," >&2
+	echo "segmesh-agent: enabled but not started; set controller and token-file in /etc/segmesh/agent.yaml," >&2
 	echo "  put the join token in /etc/segmesh/token (mode 0600), then: systemctl start segmesh-agent" >&2
 fi
 exit 0
