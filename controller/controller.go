@@ -191,9 +191,6 @@ func New(opts Options) (_ *Controller, err error) {
 		shutdown:        make(chan struct{}),
 	}
 	c.metrics = newMetrics(c)
-	if err := c.metrics.register(opts.Metrics); err != nil {
-		return nil, fmt.Errorf("registering metrics: %w", err)
-	}
 	var cleanup []func()
 	defer func() {
 		if err != nil {
@@ -277,6 +274,10 @@ func New(opts Options) (_ *Controller, err error) {
 	c.computeMu.Unlock()
 	if err != nil {
 		return nil, err
+	}
+	// Last, so that a failed New leaves nothing registered.
+	if err := c.metrics.register(opts.Metrics); err != nil {
+		return nil, fmt.Errorf("registering metrics: %w", err)
 	}
 	serving, _ := c.policyInForce()
 	c.log.Info("controller ready", "listen", c.ln.Addr().String(), "url", c.advertiseURL, "data_dir", opts.DataDir, "policy_revision", serving)

@@ -5,10 +5,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -108,23 +110,33 @@ func TestMetrics(t *testing.T) {
 	}
 	conn.Close()
 
-	ctlText, err := scrape(ctx, m.Controller, netip.AddrPortFrom(lab.ControllerAddr, metricsPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	promtoolCheck(t, "controller", ctlText)
-	t.Logf("controller metrics:\n%s", ctlText)
-	for series, want := range map[string]float64{
+	// Each agent's report reaches the controller's metrics just after its
+	// status: poll.
+	ctlWant := map[string]float64{
 		"segmesh_policy_revision":                       float64(st.PolicyRevision),
 		`segmesh_nodes{state="online"}`:                 3,
 		`segmesh_nodes{state="revoked"}`:                0,
 		`segmesh_enrollments_total{result="ok"}`:        3,
 		`segmesh_policy_apply_to_enforce_seconds_count`: 3,
-	} {
-		if got, ok := sample(ctlText, series); !ok || got != want {
-			t.Errorf("controller: %s = %v (present %v), want %v", series, got, ok, want)
-		}
 	}
+	var ctlText string
+	err = lab.WaitFor(ctx, 10*time.Second, func(ctx context.Context) (bool, error) {
+		var err error
+		if ctlText, err = scrape(ctx, m.Controller, netip.AddrPortFrom(lab.ControllerAddr, metricsPort)); err != nil {
+			return false, err
+		}
+		for _, series := range slices.Sorted(maps.Keys(ctlWant)) {
+			if got, ok := sample(ctlText, series); !ok || got != ctlWant[series] {
+				return false, fmt.Errorf("%s = %v (present %v), want %v", series, got, ok, ctlWant[series])
+			}
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Errorf("controller: %v\nmetrics:\n%s", err, ctlText)
+	}
+	promtoolCheck(t, "controller", ctlText)
+	t.Logf("controller metrics:\n%s", ctlText)
 	if got, _ := sample(ctlText, `segmesh_netmap_updates_sent_total{kind="full"}`); got < 3 {
 		t.Errorf("controller: %g whole netmaps sent, want at least one per agent (3)", got)
 	}
