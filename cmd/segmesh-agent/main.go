@@ -15,12 +15,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
 	"segmesh/agent"
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux"
 	"segmesh/cmd/internal/debugserve"
+	"segmesh/cmd/internal/metricsserve"
 )
 
 func main() {
@@ -49,12 +51,13 @@ type dataplaneFactory func(userspace bool, logger *slog.Logger) func(iface strin
 
 func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 	var (
-		opts      agent.Options
-		userspace bool
-		logLevel  string
-		tokenFile string
-		memLimit  memoryLimitFlag
-		debugAddr string
+		opts        agent.Options
+		userspace   bool
+		logLevel    string
+		tokenFile   string
+		memLimit    memoryLimitFlag
+		debugAddr   string
+		metricsAddr string
 	)
 	root := &cobra.Command{
 		Use:   "segmesh-agent --controller URL --token-file FILE --state-dir DIR",
@@ -108,6 +111,15 @@ goes away with the process.`,
 					return err
 				}
 			}
+			if metricsAddr != "" {
+				// The agent registers its collectors when it starts; a scrape
+				// before that gets an empty page.
+				reg := prometheus.NewRegistry()
+				opts.Metrics = reg
+				if _, err := metricsserve.Serve(metricsAddr, reg, logger); err != nil {
+					return err
+				}
+			}
 			opts.NewDataplane = newDP(userspace, logger)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
@@ -129,6 +141,7 @@ goes away with the process.`,
 	f.BoolVar(&userspace, "userspace", false, "use embedded wireguard-go even when the kernel has WireGuard")
 	f.Var(&memLimit, "memory-limit", "Go memory limit (runtime/debug.SetMemoryLimit): the runtime collects garbage and returns memory to the kernel to stay below it, at a cost in throughput under heavy traffic; a size such as 128MiB, or off (default $GOMEMLIMIT if set, else off)")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; keep it on loopback")
+	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = root.MarkFlagRequired("state-dir")
 

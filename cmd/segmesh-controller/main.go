@@ -13,9 +13,11 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
 	"segmesh/cmd/internal/debugserve"
+	"segmesh/cmd/internal/metricsserve"
 	"segmesh/controller"
 )
 
@@ -35,10 +37,11 @@ func main() {
 
 func newCommand() *cobra.Command {
 	var (
-		opts      controller.Options
-		prefixes  []string
-		logLevel  string
-		debugAddr string
+		opts        controller.Options
+		prefixes    []string
+		logLevel    string
+		debugAddr   string
+		metricsAddr string
 	)
 	cmd := &cobra.Command{
 		Use:   "segmesh-controller --data-dir DIR [--listen ADDR:PORT]",
@@ -66,9 +69,18 @@ its store; later starts reuse them.`,
 				}
 				opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
 			}
+			reg := prometheus.NewRegistry()
+			if metricsAddr != "" {
+				opts.Metrics = reg
+			}
 			c, err := controller.New(opts)
 			if err != nil {
 				return err
+			}
+			if metricsAddr != "" {
+				if _, err := metricsserve.Serve(metricsAddr, reg, opts.Logger); err != nil {
+					return err
+				}
 			}
 			if debugAddr != "" {
 				if err := debugserve.Serve(debugAddr, opts.Logger); err != nil {
@@ -94,6 +106,7 @@ its store; later starts reuse them.`,
 	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
+	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)
 	_ = cmd.MarkFlagRequired("data-dir")
 	cmd.AddCommand(newBackupCommand())
 	cmd.CompletionOptions.DisableDefaultCmd = true
