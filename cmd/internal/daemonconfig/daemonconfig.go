@@ -161,12 +161,16 @@ func (e *Effective) Source(name string) Source {
 }
 
 // Write prints the effective configuration to w, one key a line:
-// "NAME  VALUE  (SOURCE)", where SOURCE is "default", "flag --NAME", "env VAR"
-// or "file FILE:LINE:COL".
+// "NAME  VALUE  (SOURCE)", where VALUE is "" when empty and SOURCE is
+// "default", "flag --NAME", "env VAR" or "file FILE:LINE:COL".
 func (e *Effective) Write(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, en := range e.Entries {
-		fmt.Fprintf(tw, "%s\t%s\t(%s)\n", en.Name, en.Value, en.Source)
+		v := en.Value
+		if v == "" {
+			v = `""`
+		}
+		fmt.Fprintf(tw, "%s\t%s\t(%s)\n", en.Name, v, en.Source)
 	}
 	return tw.Flush()
 }
