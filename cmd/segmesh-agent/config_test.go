@@ -62,7 +62,7 @@ func TestExampleConfig(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("check-config %s: exit %d: %s", example, code, errOut)
 	}
-	if !strings.Contains(spaces.ReplaceAllString(out, " "), "state-dir /var/lib/segmesh (file "+example+":") {
+	if !strings.Contains(spaces.ReplaceAllString(out, " "), "state-dir /var/lib/segmesh-agent (file "+example+":") {
 		t.Errorf("check-config output lacks state-dir from the file:\n%s", out)
 	}
 }

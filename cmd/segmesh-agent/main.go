@@ -1,8 +1,10 @@
 // Command segmesh-agent runs the segmesh host agent: it enrolls the host with the
 // controller, builds the WireGuard overlay and enforces the node's nftables filter.
 //
-//	segmesh-agent --controller https://192.0.2.1:7443 --token-file /etc/segmesh/token --state-dir /var/lib/segmesh
-//	segmesh-agent down --state-dir /var/lib/segmesh
+//	segmesh-agent --controller https://192.0.2.1:7443 --token-file /etc/segmesh/token --state-dir /var/lib/segmesh-agent
+//	segmesh-agent down --state-dir /var/lib/segmesh-agent
+//	segmesh-agent --config /etc/segmesh/agent.yaml
+//	segmesh-agent check-config --config /etc/segmesh/agent.yaml
 package main
 
 import (
@@ -122,7 +124,7 @@ kernel WireGuard interface stays with its peers, a userspace (wireguard-go) one
 goes away with the process.
 
 Every flag is also a key of the YAML file named by --config ("state-dir:
-/var/lib/segmesh") and an environment variable SEGMESH_<FLAG>
+/var/lib/segmesh-agent") and an environment variable SEGMESH_<FLAG>
 (SEGMESH_STATE_DIR), except that $SEGMESH_TOKEN keeps the rule above. A flag on
 the command line wins over the environment, which wins over the file, which wins
 over the default. Without --config no file is read. A file holding "token:" must

@@ -1,4 +1,5 @@
-// Command segmesh-controller runs the segmesh controller: it turns flags into
+// Command segmesh-controller runs the segmesh controller: it turns flags (and
+// the --config file and SEGMESH_* variables, see cmd/internal/daemonconfig) into
 // controller.Options and serves until SIGINT or SIGTERM, then shuts down
 // gracefully.
 package main
@@ -84,7 +85,7 @@ operator credential file operator.json (read by "segmesh --credentials") and
 its store; later starts reuse them.
 
 Every flag is also a key of the YAML file named by --config ("data-dir:
-/var/lib/segmesh-controller", "san: [ctl.example.com]") and an environment
+/var/lib/segmesh", "san: [ctl.example.com]") and an environment
 variable SEGMESH_<FLAG> (SEGMESH_DATA_DIR; lists comma-separated). A flag on the
 command line wins over the environment, which wins over the file, which wins
 over the default. Without --config no file is read. "segmesh-controller
