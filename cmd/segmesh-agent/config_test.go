@@ -174,3 +174,44 @@ func TestAgentReadsConfig(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q; want the bad resync at %s:2:9", code, errOut, bad)
 	}
 }
+
+// TestDownStateDir: down takes the state directory from --state-dir, else
+// $SEGMESH_STATE_DIR, else the --config file, which it checks whole.
+func TestDownStateDir(t *testing.T) {
+	enrolled := enrolledDir(t)
+	other := filepath.Join(t.TempDir(), "other")
+	inFile := writeConfig(t, "state-dir: "+enrolled+"\nresync: 1m\nlog-level: error\n", 0o644)
+	otherInFile := writeConfig(t, "state-dir: "+other+"\n", 0o644)
+	bad := writeConfig(t, "state-dir: "+enrolled+"\nresync: x\n", 0o644)
+	const removed = "nothing to remove: neither interface smt0 nor table inet segmesh exists"
+	tests := []struct {
+		name string
+		args []string
+		env  string // $SEGMESH_STATE_DIR
+		want string // part of stdout, or of stderr on failure
+		code int
+	}{
+		{name: "flag", args: []string{"--state-dir", enrolled}, want: removed},
+		{name: "config file", args: []string{"--config", inFile}, want: removed},
+		{name: "env beats file", args: []string{"--config", otherInFile}, env: enrolled, want: removed},
+		{name: "flag beats file", args: []string{"--config", otherInFile, "--state-dir", enrolled}, want: removed},
+		{name: "file state-dir used", args: []string{"--config", otherInFile}, code: 1, want: other},
+		{name: "bad config", args: []string{"--config", bad}, code: 1, want: bad + `:2:9: resync: invalid value "x"`},
+		{name: "no state-dir", code: 1, want: "state-dir is required: give --state-dir, $SEGMESH_STATE_DIR"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv("SEGMESH_STATE_DIR", tt.env)
+			code, out, errOut := runAgent(t, append([]string{"down"}, tt.args...)...)
+			if code != tt.code {
+				t.Fatalf("exit %d, want %d; stdout %q stderr %q", code, tt.code, out, errOut)
+			}
+			if code != 0 {
+				out = errOut
+			}
+			if !strings.Contains(out, tt.want) {
+				t.Errorf("output %q lacks %q", out, tt.want)
+			}
+		})
+	}
+}

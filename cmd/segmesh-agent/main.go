@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"segmesh/agent"
 	"segmesh/agent/dataplane"
@@ -222,13 +223,14 @@ environment and flags alone.`,
 }
 
 func newDownCmd(logLevel *string, newDP dataplaneFactory) *cobra.Command {
-	var stateDir string
+	var stateDir, configFile string
 	cmd := &cobra.Command{
-		Use:   "down --state-dir DIR",
+		Use:   "down --state-dir DIR | --config FILE",
 		Short: "remove the overlay interface and the nftables table of an enrolled agent",
 		Long: `down removes the overlay interface (named in the agent's state directory) and the
 nftables table "inet segmesh" and prints what it removed. Stop the agent first. The
-state directory is kept, so the next start needs no token.`,
+state directory is kept, so the next start needs no token. The state directory is
+--state-dir, else $SEGMESH_STATE_DIR, else state-dir in the agent's --config file.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
@@ -237,9 +239,13 @@ state directory is kept, so the next start needs no token.`,
 			if err != nil {
 				return err
 			}
+			dir, err := downStateDir(cmd.Flags().Lookup("state-dir"), configFile, newDP)
+			if err != nil {
+				return err
+			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
-			res, err := agent.Down(ctx, stateDir, newDP(false, logger))
+			res, err := agent.Down(ctx, dir, newDP(false, logger))
 			if err != nil {
 				return err
 			}
@@ -247,9 +253,28 @@ state directory is kept, so the next start needs no token.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&stateDir, "state-dir", "", "the agent's state directory (required)")
-	_ = cmd.MarkFlagRequired("state-dir")
+	cmd.Flags().StringVar(&stateDir, "state-dir", "", "the agent's state directory (required unless $SEGMESH_STATE_DIR or the --config file gives it)")
+	cmd.Flags().StringVar(&configFile, daemonconfig.FlagName, "", "the agent's YAML configuration file, to take state-dir from")
 	return cmd
+}
+
+// downStateDir returns the state directory "down" acts on: stateDir (down's
+// --state-dir) when given, else what the agent itself would use from the
+// environment and configFile, which is checked whole, as the agent checks it.
+func downStateDir(stateDir *pflag.Flag, configFile string, newDP dataplaneFactory) (string, error) {
+	root := newRootCmd(newDP)
+	fs := pflag.NewFlagSet("segmesh-agent", pflag.ContinueOnError)
+	fs.AddFlagSet(root.Flags())
+	fs.AddFlagSet(root.PersistentFlags())
+	if stateDir.Changed {
+		if err := fs.Set("state-dir", stateDir.Value.String()); err != nil {
+			return "", err
+		}
+	}
+	if _, err := binder.Apply(fs, configFile); err != nil {
+		return "", err
+	}
+	return fs.Lookup("state-dir").Value.String(), nil
 }
 
 // linuxDataplane opens the Linux dataplane (kernel WireGuard or wireguard-go).
