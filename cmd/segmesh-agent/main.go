@@ -72,7 +72,7 @@ func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 		}
 		logger, err := newLogger(logLevel, cmd.ErrOrStderr())
 		if err != nil {
-			return nil, nil, fmt.Errorf("%w (%s)", err, eff.Source("log-level"))
+			return nil, nil, eff.Errorf("log-level", "%q: want debug, info, warn or error", logLevel)
 		}
 		src := tokenSources{
 			Flag:     opts.Token,

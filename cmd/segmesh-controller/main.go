@@ -60,14 +60,14 @@ func newCommand() *cobra.Command {
 		}
 		var level slog.Level
 		if err := level.UnmarshalText([]byte(logLevel)); err != nil {
-			return nil, fmt.Errorf("log-level %q (%s): want debug, info, warn or error", logLevel, eff.Source("log-level"))
+			return nil, eff.Errorf("log-level", "%q: want debug, info, warn or error", logLevel)
 		}
 		opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
 		opts.OverlayPrefixes = nil
 		for _, s := range prefixes {
 			p, err := netip.ParsePrefix(s)
 			if err != nil {
-				return nil, fmt.Errorf("overlay-prefix %q (%s) is not a prefix (want ADDRESS/BITS, e.g. 100.64.0.0/10 or fd5e:6d65:7368::/48): %w", s, eff.Source("overlay-prefix"), err)
+				return nil, eff.Errorf("overlay-prefix", "%q is not a prefix (want ADDRESS/BITS, e.g. 100.64.0.0/10 or fd5e:6d65:7368::/48): %v", s, err)
 			}
 			opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
 		}

@@ -160,6 +160,20 @@ func (e *Effective) Source(name string) Source {
 	return Source{}
 }
 
+// Errorf returns an error about the value of flag name, led by where the value
+// came from: "FILE:LINE:COL: NAME: ..." (an *Error) for the file, "$VAR: ..."
+// for the environment, "--NAME: ..." for a flag or the default.
+func (e *Effective) Errorf(name, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	switch s := e.Source(name); s.Kind {
+	case FromFile:
+		return &Error{Pos: s.Pos, Msg: name + ": " + msg}
+	case FromEnv:
+		return fmt.Errorf("$%s: %s", s.Env, msg)
+	}
+	return fmt.Errorf("--%s: %s", name, msg)
+}
+
 // Write prints the effective configuration to w, one key a line:
 // "NAME  VALUE  (SOURCE)", where VALUE is "" when empty and SOURCE is
 // "default", "flag --NAME", "env VAR" or "file FILE:LINE:COL".

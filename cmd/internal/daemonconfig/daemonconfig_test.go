@@ -325,3 +325,30 @@ func FuzzApplyFile(f *testing.F) {
 		}
 	})
 }
+
+func TestEffectiveErrorf(t *testing.T) {
+	f := newTestFlags()
+	path := writeConfig(t, "listen: x\n")
+	if err := f.fs.Parse([]string{"--resync", "1s"}); err != nil {
+		t.Fatal(err)
+	}
+	b := &Binder{EnvPrefix: "SEGMESH_", LookupEnv: envMap(map[string]string{"SEGMESH_LISTEN_PORT": "7"})}
+	eff, err := b.Apply(f.fs, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"listen":      path + ":1:9: listen: bad 1",
+		"listen-port": "$SEGMESH_LISTEN_PORT: bad 1",
+		"resync":      "--resync: bad 1",
+		"userspace":   "--userspace: bad 1",
+	} {
+		if got := eff.Errorf(name, "bad %d", 1).Error(); got != want {
+			t.Errorf("Errorf(%s) = %q, want %q", name, got, want)
+		}
+	}
+	var pe *Error
+	if !errors.As(eff.Errorf("listen", "x"), &pe) || pe.Pos.Line != 1 {
+		t.Errorf("a file value's error is not an *Error at its position: %v", pe)
+	}
+}
