@@ -284,6 +284,11 @@ func New(opts Options) (_ *Controller, err error) {
 	return c, nil
 }
 
+// Check reports what New would reject in opts before touching the data
+// directory: a missing data directory, bad overlay prefixes, lifetimes, ports or
+// limits out of range. New may still fail on the data directory, store or address.
+func (o Options) Check() error { return applyDefaults(&o) }
+
 func applyDefaults(o *Options) error {
 	if o.DataDir == "" {
 		return errors.New("data directory is required (--data-dir)")
