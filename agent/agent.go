@@ -29,6 +29,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"segmesh/agent/dataplane"
 	"segmesh/agent/gossip"
 	"segmesh/agent/netmap"
@@ -88,6 +90,9 @@ type Options struct {
 	Logger *slog.Logger
 	// NewDataplane opens the dataplane for an interface name. Required.
 	NewDataplane func(iface string) (dataplane.Dataplane, error)
+	// Metrics, when set, receives the agent's collectors (see docs/metrics.md);
+	// give each agent its own registry, and each Run a new one. Nil exports none.
+	Metrics prometheus.Registerer
 }
 
 // agent is one Run.
@@ -240,6 +245,12 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		Addresses:  addrs,
 		Routes:     routes,
 	}, a.log.With("component", "reconcile"))
+	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, time.Now)
+	if err := m.register(opts.Metrics); err != nil {
+		_ = a.dp.Close()
+		return nil, fmt.Errorf("agent: registering metrics: %w", err)
+	}
+	a.rec.SetObserver(m)
 	a.gossip = gossip.NewManager(a.log.With("component", "gossip"), func() { signal(a.gossipC) })
 	return a, nil
 }

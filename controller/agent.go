@@ -225,6 +225,7 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 			if err := c.sendLimited(ctx, u, send); err != nil {
 				return fmt.Errorf("sending netmap to %s: %w", node.Name, err)
 			}
+			c.metrics.sent(u.GetDelta() != nil)
 			if d := u.GetDelta(); d != nil {
 				c.log.Debug("netmap delta sent", "node", node.Name, "revision", d.GetPolicyRevision(), "hash", d.GetHash())
 			} else {
@@ -530,7 +531,9 @@ func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv
 	if err != nil {
 		return nil, err
 	}
-	s.c.live.report(node.Name, req.Msg, s.c.now())
+	now := s.c.now()
+	prev := s.c.live.report(node.Name, req.Msg, now)
+	s.c.metrics.reported(prev, req.Msg.GetAppliedRevision(), now)
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
 }
 
@@ -736,10 +739,13 @@ func (l *liveTracker) sentLegacy(name, v1, v2 string) {
 	n.legacy[v1] = v2
 }
 
-func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.Time) {
+// report records r as node name's last report and returns the revision its
+// previous report enforced (0 for none).
+func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.Time) (prev uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := l.get(name)
+	prev = n.appliedRev
 	n.appliedRev = r.GetAppliedRevision()
 	n.appliedHash = reportedText(r.GetAppliedHash(), 64)
 	if v2, ok := n.legacy[n.appliedHash]; ok {
@@ -753,6 +759,7 @@ func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.T
 	n.inSync = r.GetInSync()
 	n.drift = reportedDrift(r.GetDrift(), now)
 	n.lastSeen = now
+	return prev
 }
 
 // iface returns the overlay interface name node's agent last reported, or "".

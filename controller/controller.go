@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/netutil"
 	"golang.org/x/sync/semaphore"
 
@@ -115,6 +116,9 @@ type Options struct {
 	// from it are closed at once.
 	MaxConnectionsPerSource int
 	Logger                  *slog.Logger
+	// Metrics, when set, receives the controller's collectors (see
+	// docs/metrics.md); give each controller its own registry. Nil exports none.
+	Metrics prometheus.Registerer
 }
 
 // Controller is a configured controller bound to its listen address. Create it
@@ -148,6 +152,7 @@ type Controller struct {
 	dirty         map[string]struct{} // nodes whose records changed since the last computation
 	nodeErrs      map[string]string   // under computeMu: nodes the engine refused, and why
 	now           func() time.Time
+	metrics       *metrics
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
@@ -185,6 +190,7 @@ func New(opts Options) (_ *Controller, err error) {
 		now:             time.Now,
 		shutdown:        make(chan struct{}),
 	}
+	c.metrics = newMetrics(c)
 	var cleanup []func()
 	defer func() {
 		if err != nil {
@@ -269,10 +275,19 @@ func New(opts Options) (_ *Controller, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// Last, so that a failed New leaves nothing registered.
+	if err := c.metrics.register(opts.Metrics); err != nil {
+		return nil, fmt.Errorf("registering metrics: %w", err)
+	}
 	serving, _ := c.policyInForce()
 	c.log.Info("controller ready", "listen", c.ln.Addr().String(), "url", c.advertiseURL, "data_dir", opts.DataDir, "policy_revision", serving)
 	return c, nil
 }
+
+// Check reports what New would reject in opts before touching the data
+// directory: a missing data directory, bad overlay prefixes, lifetimes, ports or
+// limits out of range. New may still fail on the data directory, store or address.
+func (o Options) Check() error { return applyDefaults(&o) }
 
 func applyDefaults(o *Options) error {
 	if o.DataDir == "" {

@@ -66,6 +66,7 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 	if err != nil && !secretOK && c.enrollLimits.sourceBlocked(now, source) {
 		// Without the right secret, a source past its budget learns nothing more.
 		c.refuseEnrollment(now, source, tokenID, name, "rate limited")
+		c.metrics.enrolled(err, true)
 		return nil, connect.NewError(connect.CodeResourceExhausted, errors.New("too many refused enrollments from this address; wait a minute before retrying"))
 	}
 	if err != nil {
@@ -79,8 +80,10 @@ func (s *enrollService) Enroll(ctx context.Context, req *connect.Request[segmesh
 			c.enrollLimits.refused(now, source, charged)
 			c.refuseEnrollment(now, source, tokenID, name, ce.Message())
 		}
+		c.metrics.enrolled(err, false)
 		return nil, err
 	}
+	c.metrics.enrolled(nil, false)
 	return resp, nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"connectrpc.com/connect"
@@ -74,7 +75,7 @@ type operatorService struct {
 }
 
 // Status implements OperatorService.Status.
-func (s *operatorService) Status(ctx context.Context, _ *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error) {
+func (s *operatorService) Status(ctx context.Context, req *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error) {
 	nodes, serving, err := s.c.nodeStatuses()
 	if err != nil {
 		return nil, err
@@ -82,7 +83,18 @@ func (s *operatorService) Status(ctx context.Context, _ *connect.Request[segmesh
 	latest, _, problem := s.c.policyStatus()
 	resp := &segmeshv1.StatusResponse{PolicyRevision: latest, ServingRevision: serving, PolicyError: problem, Nodes: nodes}
 	resp.NodesActive, resp.NodesOnline, resp.NodesCurrent = distributionProgress(nodes)
+	if req.Msg.GetUnconvergedOnly() {
+		resp.Nodes = slices.DeleteFunc(nodes, func(n *segmeshv1.NodeStatus) bool {
+			return n.GetState() != stateActive || n.GetOnline() && enforcesDesired(n)
+		})
+	}
 	return connect.NewResponse(resp), nil
+}
+
+// enforcesDesired says whether n's agent last reported the netmap the controller
+// holds for it (a non-empty hash equal to the desired one).
+func enforcesDesired(n *segmeshv1.NodeStatus) bool {
+	return n.GetAppliedHash() != "" && n.GetAppliedHash() == n.GetDesiredHash()
 }
 
 // distributionProgress counts the active (not revoked) nodes among nodes, those
@@ -99,7 +111,7 @@ func distributionProgress(nodes []*segmeshv1.NodeStatus) (active, online, curren
 		if n.GetOnline() {
 			online++
 		}
-		if h := n.GetAppliedHash(); h != "" && h == n.GetDesiredHash() {
+		if enforcesDesired(n) {
 			current++
 		}
 	}

@@ -252,6 +252,7 @@ func (c *Controller) storePolicy(actor, filename string, content []byte, action 
 	c.polMu.Lock()
 	c.pol = policyState{serving: rev, parsed: pol, latest: rev}
 	c.polMu.Unlock()
+	c.metrics.policyApplied(rev, now)
 	c.log.Info("policy stored", "action", action, "revision", rev, "file", filename, "restored_from", restoredFrom, "nodes", len(nodes), "netmaps_changed", changed)
 	return storeResult{revision: rev, warnings: warnings}, nil
 }

@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"slices"
 	"testing"
 
 	"connectrpc.com/connect"
@@ -47,6 +48,19 @@ func TestStatusDistributionProgress(t *testing.T) {
 		t.Fatal(err)
 	}
 	want("db-1 reports another netmap", counts{2, 2, 1})
+	// unconverged_only lists db-1 (online, another netmap) alone: not web-1,
+	// which enforces its netmap, nor the revoked ops-1; the counts stay.
+	resp, err := tc.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{UnconvergedOnly: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, n := range resp.Msg.GetNodes() {
+		names = append(names, n.GetName())
+	}
+	if !slices.Equal(names, []string{"db-1"}) || resp.Msg.GetNodesActive() != 2 || resp.Msg.GetNodesOnline() != 2 {
+		t.Errorf("unconverged_only: nodes %v, active %d, online %d; want [db-1], 2, 2", names, resp.Msg.GetNodesActive(), resp.Msg.GetNodesOnline())
+	}
 
 	webStream.cancel()
 	want("web-1 offline after its report", counts{2, 1, 1})

@@ -96,6 +96,7 @@ func (c *Controller) syncNodesLocked(names ...string) {
 		errs = append(errs, c.nodeErrs[name])
 	}
 	c.setComputeErr(strings.Join(errs, "\n"))
+	c.metrics.computeSeconds.Observe(time.Since(start).Seconds())
 	c.log.Debug("netmaps computed", "nodes", names, "changed", changed, "took", time.Since(start))
 }
 
@@ -132,6 +133,8 @@ func (c *Controller) rebuildLocked() error {
 // publishes those that changed; the caller holds computeMu. It returns how many
 // changed.
 func (c *Controller) setPolicyLocked(rev uint64, pol *policy.Policy) (int, error) {
+	start := time.Now()
+	defer func() { c.metrics.computeSeconds.Observe(time.Since(start).Seconds()) }()
 	prog, err := policy.Prepare(pol)
 	if err != nil {
 		return 0, err

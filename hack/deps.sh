@@ -2,9 +2,10 @@
 # Installs what the demo and the tests need on a fresh Debian/Ubuntu machine:
 # iproute2 (ip netns, veth, bridge), nftables (nft, to inspect the table), wireguard-tools
 # (wg show), iputils-ping (ICMP probes), procps, iperf3 (make bench: TCP throughput and
-# agent memory under load); dpkg, lintian, rpm and systemd (systemd-analyze,
-# systemd-sysusers) and util-linux (setpriv) for make package and its tests in
-# packaging/. WireGuard itself needs no install: the agent
+# agent memory under load), prometheus (promtool: the metrics test checks both daemons'
+# /metrics with `promtool check metrics`); dpkg, lintian, rpm and systemd
+# (systemd-analyze, systemd-sysusers) and util-linux (setpriv) for make package and its
+# tests in packaging/. WireGuard itself needs no install: the agent
 # uses kernel WireGuard where present and embedded wireguard-go otherwise.
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
@@ -16,6 +17,7 @@ command -v wg >/dev/null || need+=(wireguard-tools)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v sysctl >/dev/null || need+=(procps)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v promtool >/dev/null || need+=(prometheus)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v lintian >/dev/null || need+=(lintian)
 command -v rpm >/dev/null || need+=(rpm)

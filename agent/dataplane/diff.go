@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Parts of the dataplane a Difference names.
@@ -43,6 +44,10 @@ type Observed struct {
 	// made it hold; it is empty when the kernel still holds it, and nil before any
 	// Apply of this Dataplane.
 	Drift []Difference
+	// Handshakes holds, per peer of State.Peers, the time of its latest WireGuard
+	// handshake (zero: none yet), as of the read of the device; nil when the
+	// implementation does not know.
+	Handshakes map[Key]time.Time
 }
 
 // Diff lists how observed differs from desired, one Difference per item, in a fixed

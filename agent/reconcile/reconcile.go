@@ -224,6 +224,7 @@ type Reconciler struct {
 	changed   chan struct{} // closed and replaced whenever status changes
 
 	now func() time.Time // the clock of Repairs.Last; tests replace it before Run
+	obs Observer         // set before Run; nil: none
 
 	// owned by the Run goroutine
 	lastDesired *dataplane.State
@@ -247,6 +248,19 @@ func New(dp dataplane.Dataplane, local Local, logger *slog.Logger) *Reconciler {
 		now:     time.Now,
 	}
 }
+
+// Observer is told of a Reconciler's kernel calls as they happen, for metrics.
+// Its methods run on the Run goroutine and must return quickly.
+type Observer interface {
+	// Applied reports a successful Apply that took took; repaired is the drift
+	// it restored, counted in Status.Repairs (empty when it repaired none).
+	Applied(took time.Duration, repaired Differences)
+	// Observed reports the result of a successful Read.
+	Observed(o dataplane.Observed)
+}
+
+// SetObserver makes o receive the reconciler's events; call it before Run.
+func (r *Reconciler) SetObserver(o Observer) { r.obs = o }
 
 // SetNetmap makes nm (nil for default deny) the desired netmap and triggers a step.
 // It returns the generation to pass to Wait.
@@ -397,6 +411,9 @@ func (r *Reconciler) step(ctx context.Context) {
 			r.setStatus(failed(next, fmt.Errorf("reading dataplane: %w", err), r.pending))
 			return
 		}
+		if r.obs != nil {
+			r.obs.Observed(observed)
+		}
 		drift = Bound(observed.Drift)
 		r.pending = drift
 		if drift.Len() == 0 {
@@ -410,6 +427,7 @@ func (r *Reconciler) step(ctx context.Context) {
 			return
 		}
 	}
+	applyStart := time.Now()
 	if err := r.dp.Apply(ctx, desired); err != nil {
 		if ctx.Err() != nil {
 			return
@@ -420,6 +438,9 @@ func (r *Reconciler) step(ctx context.Context) {
 		return
 	}
 	r.pending = Differences{}
+	if r.obs != nil {
+		r.obs.Applied(time.Since(applyStart), drift)
+	}
 	if drift.Len() > 0 {
 		next.Repairs = Repairs{Count: prev.Repairs.Count + 1, Last: r.now(), Fixed: drift}
 		r.log.Warn("drift repaired", "interface", desired.Interface, "repairs", next.Repairs.Count, "diff", drift.String())
@@ -436,6 +457,9 @@ func (r *Reconciler) step(ctx context.Context) {
 
 	// Confirm the apply by reading back (see the package documentation).
 	observed, err := r.dp.Read(ctx)
+	if err == nil && r.obs != nil {
+		r.obs.Observed(observed)
+	}
 	switch {
 	case err != nil:
 		if ctx.Err() != nil {

@@ -2057,9 +2057,13 @@ func (x *NodeStatus) GetDrift() *Drift {
 }
 
 type StatusRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// When set, nodes lists only the active nodes that are offline or do not
+	// enforce their desired netmap; the counts still cover every node. What
+	// `segmesh policy apply --wait` polls: a few nodes instead of the fleet.
+	UnconvergedOnly bool `protobuf:"varint,1,opt,name=unconverged_only,json=unconvergedOnly,proto3" json:"unconverged_only,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *StatusRequest) Reset() {
@@ -2090,6 +2094,13 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
 	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *StatusRequest) GetUnconvergedOnly() bool {
+	if x != nil {
+		return x.UnconvergedOnly
+	}
+	return false
 }
 
 type StatusResponse struct {
@@ -4728,8 +4739,9 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x05drift\x18\x15 \x01(\v2\x11.segmesh.v1.DriftR\x05drift\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x0f\n" +
-	"\rStatusRequest\"\xa0\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\":\n" +
+	"\rStatusRequest\x12)\n" +
+	"\x10unconverged_only\x18\x01 \x01(\bR\x0funconvergedOnly\"\xa0\x02\n" +
 	"\x0eStatusResponse\x12'\n" +
 	"\x0fpolicy_revision\x18\x01 \x01(\x04R\x0epolicyRevision\x12,\n" +
 	"\x05nodes\x18\x02 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\x12)\n" +

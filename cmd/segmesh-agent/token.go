@@ -1,7 +1,7 @@
 package main
 
 import (
-	"errors"
+	"cmp"
 	"fmt"
 	"io"
 	"os"
@@ -16,9 +16,11 @@ const maxTokenBytes = 64 << 10
 
 // tokenSources are the places a join token may come from; at most one may be set.
 type tokenSources struct {
-	// Flag is --token; FlagSet says whether it was given (even empty).
-	Flag    string
-	FlagSet bool
+	// Flag is --token; FlagSet says whether it was given (even empty), FlagWhat
+	// names where in errors ("--token", or the key of a config file).
+	Flag     string
+	FlagSet  bool
+	FlagWhat string
 	// File is --token-file: a path, or "-" for standard input.
 	File string
 	// Env is $SEGMESH_TOKEN ("" when unset or empty).
@@ -31,8 +33,9 @@ type tokenSources struct {
 // chmod that fixes it), that is not a regular file, or that is empty or too large.
 func resolveToken(src tokenSources, stdin io.Reader) (string, error) {
 	var set []string
+	flagWhat := cmp.Or(src.FlagWhat, "--token")
 	if src.FlagSet {
-		set = append(set, "--token")
+		set = append(set, flagWhat)
 	}
 	if src.File != "" {
 		set = append(set, "--token-file")
@@ -46,7 +49,7 @@ func resolveToken(src tokenSources, stdin io.Reader) (string, error) {
 	switch {
 	case src.FlagSet:
 		if strings.TrimSpace(src.Flag) == "" {
-			return "", errors.New("--token is empty")
+			return "", fmt.Errorf("%s is empty", flagWhat)
 		}
 		return strings.TrimSpace(src.Flag), nil
 	case src.Env != "":
@@ -98,4 +101,17 @@ func readToken(what string, r io.Reader) (string, error) {
 		return "", fmt.Errorf("reading the join token from %s: empty", what)
 	}
 	return tok, nil
+}
+
+// checkSecretFile checks that the config file path, which holds the join token,
+// is a regular file only its owner can access.
+func checkSecretFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("--config: %w", err)
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("--config %s holds the join token (token:) and has mode %04o, so group or other users can read it: run chmod 600 %s, or move the token to a token-file", path, uint32(perm), path)
+	}
+	return nil
 }

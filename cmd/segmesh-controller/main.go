@@ -1,4 +1,5 @@
-// Command segmesh-controller runs the segmesh controller: it turns flags into
+// Command segmesh-controller runs the segmesh controller: it turns flags (and
+// the --config file and SEGMESH_* variables, see cmd/internal/daemonconfig) into
 // controller.Options and serves until SIGINT or SIGTERM, then shuts down
 // gracefully.
 package main
@@ -13,9 +14,12 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
+	"segmesh/cmd/internal/daemonconfig"
 	"segmesh/cmd/internal/debugserve"
+	"segmesh/cmd/internal/metricsserve"
 	"segmesh/controller"
 )
 
@@ -33,42 +37,84 @@ func main() {
 	}
 }
 
+// DefaultConfigFile is the configuration file check-config reads when --config
+// is not given. The daemon itself reads a file only when --config names one.
+const DefaultConfigFile = "/etc/segmesh/controller.yaml"
+
+// binder binds the controller's flags to its --config file and to $SEGMESH_*.
+var binder = daemonconfig.Binder{EnvPrefix: "SEGMESH_", Required: []string{"data-dir"}}
+
 func newCommand() *cobra.Command {
 	var (
-		opts      controller.Options
-		prefixes  []string
-		logLevel  string
-		debugAddr string
+		opts        controller.Options
+		prefixes    []string
+		logLevel    string
+		debugAddr   string
+		metricsAddr string
+		configFile  string
 	)
+	// prepare applies the config file and the environment to the flags not given on
+	// the command line, checks every value and fills opts; it touches no file but
+	// the config file.
+	prepare := func(cmd *cobra.Command, configFile string) (*daemonconfig.Effective, error) {
+		eff, err := binder.Apply(cmd.Flags(), configFile)
+		if err != nil {
+			return nil, err
+		}
+		var level slog.Level
+		if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+			return nil, eff.Errorf("log-level", "%q: want debug, info, warn or error", logLevel)
+		}
+		opts.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+		opts.OverlayPrefixes = nil
+		for _, s := range prefixes {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				return nil, eff.Errorf("overlay-prefix", "%q is not a prefix (want ADDRESS/BITS, e.g. 100.64.0.0/10 or fd5e:6d65:7368::/48): %v", s, err)
+			}
+			opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
+		}
+		if err := opts.Check(); err != nil {
+			return nil, err
+		}
+		return eff, nil
+	}
 	cmd := &cobra.Command{
-		Use:   "segmesh-controller --data-dir DIR [--listen ADDR:PORT]",
+		Use:   "segmesh-controller --data-dir DIR [--listen ADDR:PORT] | --config FILE",
 		Short: "Serve the segmesh controller (enrollment, policy, netmaps, operator API)",
 		Long: `segmesh-controller holds the segmentation policy and the inventory of nodes.
 On first start it creates in --data-dir a CA, a TLS server certificate, the
 operator credential file operator.json (read by "segmesh --credentials") and
-its store; later starts reuse them.`,
+its store; later starts reuse them.
+
+Every flag is also a key of the YAML file named by --config ("data-dir:
+/var/lib/segmesh", "san: [ctl.example.com]") and an environment
+variable SEGMESH_<FLAG> (SEGMESH_DATA_DIR; lists comma-separated). A flag on the
+command line wins over the environment, which wins over the file, which wins
+over the default. Without --config no file is read. "segmesh-controller
+check-config" checks a configuration without starting.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var level slog.Level
-			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
-				return fmt.Errorf("--log-level %q: want debug, info, warn or error", logLevel)
+			if _, err := prepare(cmd, configFile); err != nil {
+				return err
 			}
-			opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 			if os.Getenv("GOGC") == "" {
 				debug.SetGCPercent(DefaultGCPercent)
 			}
-			for _, s := range prefixes {
-				p, err := netip.ParsePrefix(s)
-				if err != nil {
-					return fmt.Errorf("--overlay-prefix %q is not a prefix (want ADDRESS/BITS, e.g. 100.64.0.0/10 or fd5e:6d65:7368::/48): %w", s, err)
-				}
-				opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
+			reg := prometheus.NewRegistry()
+			if metricsAddr != "" {
+				opts.Metrics = reg
 			}
 			c, err := controller.New(opts)
 			if err != nil {
 				return err
+			}
+			if metricsAddr != "" {
+				if _, err := metricsserve.Serve(metricsAddr, reg, opts.Logger); err != nil {
+					return err
+				}
 			}
 			if debugAddr != "" {
 				if err := debugserve.Serve(debugAddr, opts.Logger); err != nil {
@@ -81,6 +127,7 @@ its store; later starts reuse them.`,
 		},
 	}
 	f := cmd.Flags()
+	f.StringVar(&configFile, daemonconfig.FlagName, "", "read settings from this YAML file (keys are the flags' names); flags and $SEGMESH_* variables override it")
 	f.StringVar(&opts.DataDir, "data-dir", "", "directory for the CA, certificates, operator credential and store (created 0700)")
 	f.StringVar(&opts.Listen, "listen", controller.DefaultListen, "address to serve on (host:port)")
 	f.StringVar(&opts.AdvertiseURL, "advertise-url", "", "controller URL written to operator.json (default https://<listen host or 127.0.0.1>:<port>)")
@@ -94,8 +141,39 @@ its store; later starts reuse them.`,
 	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
-	_ = cmd.MarkFlagRequired("data-dir")
-	cmd.AddCommand(newBackupCommand())
+	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)
+	cmd.AddCommand(newBackupCommand(), newCheckConfigCommand(cmd, prepare))
 	cmd.CompletionOptions.DisableDefaultCmd = true
+	return cmd
+}
+
+// newCheckConfigCommand is "segmesh-controller check-config [--config FILE]
+// [FLAGS]": it takes every flag of the daemon (root), checks the configuration
+// with prepare and prints the effective one with the source of each value.
+func newCheckConfigCommand(root *cobra.Command, prepare func(*cobra.Command, string) (*daemonconfig.Effective, error)) *cobra.Command {
+	var configFile string
+	cmd := &cobra.Command{
+		Use:   "check-config [--config FILE] [FLAGS]",
+		Short: "Check the configuration (file, environment, flags) without starting, and print it",
+		Long: `check-config reads the configuration the controller would start with (the
+--config file, default ` + DefaultConfigFile + `; the SEGMESH_* environment; the
+flags given here, which are the controller's) and checks every value without
+touching the data directory. It prints one key a line with its value and where
+the value came from (default, file FILE:LINE:COL, env VAR or flag), and exits 1
+with every problem found, each at its file:line:col. --config "" checks the
+environment and flags alone.`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			eff, err := prepare(cmd, configFile)
+			if err != nil {
+				return err
+			}
+			return eff.Write(cmd.OutOrStdout())
+		},
+	}
+	cmd.Flags().StringVar(&configFile, daemonconfig.FlagName, DefaultConfigFile, "the YAML configuration file to check")
+	cmd.Flags().AddFlagSet(root.Flags())
 	return cmd
 }

@@ -48,7 +48,7 @@ func controllerStatus(g *globalFlags) (statusSource, error) {
 	return func(ctx context.Context) (*segmeshv1.StatusResponse, error) {
 		ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 		defer cancel()
-		resp, err := client.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{}))
+		resp, err := client.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{UnconvergedOnly: true}))
 		if err != nil {
 			return nil, err
 		}
@@ -112,6 +112,13 @@ func assessEnforcement(rev uint64, st *segmeshv1.StatusResponse) enforcement {
 			e.NodesOnline++
 			e.Pending = append(e.Pending, w)
 		}
+	}
+	if st.GetNodesActive() > 0 {
+		// A controller that knows the counts may have listed only the nodes
+		// that are offline or pending (unconverged_only): take the counts
+		// from it. One that predates them lists every node.
+		e.NodesActive, e.NodesOnline = int(st.GetNodesActive()), int(st.GetNodesOnline())
+		e.NodesEnforcing = e.NodesOnline - len(e.Pending)
 	}
 	return e
 }

@@ -434,3 +434,15 @@ func TestPollForRevisionInterrupted(t *testing.T) {
 		t.Errorf("exit %v", w.notEnforcedError(time.Minute))
 	}
 }
+
+// TestAssessEnforcementUnconvergedOnly: a controller answering unconverged_only
+// lists the pending and offline nodes alone; the counts come from its totals.
+func TestAssessEnforcementUnconvergedOnly(t *testing.T) {
+	st := &segmeshv1.StatusResponse{ServingRevision: 7, NodesActive: 1000, NodesOnline: 998, NodesCurrent: 997,
+		Nodes: []*segmeshv1.NodeStatus{node("a", true, "h7", "h6"), node("b", false, "h7", "h6"), node("c", false, "h7", "h6")}}
+	e := assessEnforcement(7, st)
+	if e.NodesActive != 1000 || e.NodesOnline != 998 || e.NodesEnforcing != 997 || len(e.Pending) != 1 || len(e.Skipped) != 2 || e.done() {
+		t.Fatalf("assessEnforcement = active %d online %d enforcing %d pending %d skipped %d done %v; want 1000 998 997 1 2 false",
+			e.NodesActive, e.NodesOnline, e.NodesEnforcing, len(e.Pending), len(e.Skipped), e.done())
+	}
+}

@@ -74,6 +74,12 @@ func newMesh(t *testing.T, nodes []lab.NodeSpec) *lab.Mesh {
 // newMeshWith is newMesh with extra controller arguments.
 func newMeshWith(t *testing.T, nodes []lab.NodeSpec, controllerArgs []string) *lab.Mesh {
 	t.Helper()
+	return newMeshArgs(t, nodes, controllerArgs, nil)
+}
+
+// newMeshArgs is newMesh with extra controller and agent arguments.
+func newMeshArgs(t *testing.T, nodes []lab.NodeSpec, controllerArgs, agentArgs []string) *lab.Mesh {
+	t.Helper()
 	if setupErr != nil {
 		t.Fatal(setupErr)
 	}
@@ -90,9 +96,10 @@ func newMeshWith(t *testing.T, nodes []lab.NodeSpec, controllerArgs []string) *l
 		BinDir:         binDir,
 		Nodes:          nodes,
 		ControllerArgs: controllerArgs,
+		AgentArgs:      agentArgs,
 	}
 	if lvl := os.Getenv("SEGMESH_E2E_LOG_LEVEL"); lvl != "" {
-		opts.AgentArgs = []string{"--log-level", lvl}
+		opts.AgentArgs = append(opts.AgentArgs, "--log-level", lvl)
 	}
 	m, err := lab.NewMesh(context.Background(), opts)
 	if err != nil {

@@ -26,6 +26,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -362,7 +363,8 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	if err := ctx.Err(); err != nil {
 		return dataplane.Observed{}, err
 	}
-	if err := d.readInterface(&o.State); err != nil {
+	o.Handshakes = map[dataplane.Key]time.Time{}
+	if err := d.readInterfaceHandshakes(&o.State, o.Handshakes); err != nil {
 		return dataplane.Observed{}, err
 	}
 	o.State = dataplane.Canonical(o.State)

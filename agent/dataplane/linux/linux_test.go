@@ -144,6 +144,18 @@ func TestOverlayEnforcesFilter(t *testing.T) {
 		if hs.IsZero() {
 			t.Fatal("no handshake after traffic")
 		}
+		// Read reports it, once the device snapshot (see device) is older
+		// than the handshake: drop it rather than wait for wgCacheMaxAge.
+		a.dp.mu.Lock()
+		a.dp.wgCache = nil
+		a.dp.mu.Unlock()
+		obs, err := a.dp.Read(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := obs.Handshakes[dataplane.Key(b.key.PublicKey())]; !got.Equal(hs) {
+			t.Errorf("Read: handshake with b at %v, want %v as wgctrl reports", got, hs)
+		}
 		a.log.take()
 		b.log.take()
 		a.apply(t, a.state(aFilter, b))

@@ -3,6 +3,7 @@ package linux
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"segmesh/agent/dataplane"
 )
@@ -34,6 +35,12 @@ func (d *Dataplane) applyInterface(ctx context.Context, want dataplane.State, mt
 // readInterface fills the interface fields of s (see Read): nothing when the link is
 // missing. d.mu must be held.
 func (d *Dataplane) readInterface(s *dataplane.State) error {
+	return d.readInterfaceHandshakes(s, nil)
+}
+
+// readInterfaceHandshakes is readInterface that also records each peer's latest
+// handshake in hs when hs is not nil.
+func (d *Dataplane) readInterfaceHandshakes(s *dataplane.State, hs map[dataplane.Key]time.Time) error {
 	snap, err := d.linkState()
 	if err != nil || snap.link == nil {
 		return err
@@ -45,7 +52,7 @@ func (d *Dataplane) readInterface(s *dataplane.State) error {
 	}
 	s.Addresses = snap.addresses()
 	s.Routes = snap.routeDsts()
-	if err := d.readWireGuard(s); err != nil {
+	if err := d.readWireGuard(s, hs); err != nil {
 		return fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
 	}
 	return nil

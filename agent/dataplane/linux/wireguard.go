@@ -108,8 +108,9 @@ func (d *Dataplane) configureWireGuard(s dataplane.State) error {
 }
 
 // readWireGuard fills the WireGuard fields of s from the device; a missing device
-// leaves them zero. A peer whose keepalive is pending reads with it.
-func (d *Dataplane) readWireGuard(s *dataplane.State) error {
+// leaves them zero. A peer whose keepalive is pending reads with it. hs, when not
+// nil, receives each peer's latest handshake time.
+func (d *Dataplane) readWireGuard(s *dataplane.State, hs map[dataplane.Key]time.Time) error {
 	dev, err := d.device()
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -127,6 +128,9 @@ func (d *Dataplane) readWireGuard(s *dataplane.State) error {
 		ka := int(p.PersistentKeepaliveInterval / time.Second)
 		if want, ok := d.pending[p.PublicKey]; ok && ka == 0 {
 			ka = want
+		}
+		if hs != nil {
+			hs[dataplane.Key(p.PublicKey)] = p.LastHandshakeTime
 		}
 		s.Peers = append(s.Peers, dataplane.Peer{
 			PublicKey:           dataplane.Key(p.PublicKey),

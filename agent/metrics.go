@@ -1,0 +1,145 @@
+package agent
+
+import (
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"segmesh/agent/dataplane"
+	"segmesh/agent/netmap"
+	"segmesh/agent/reconcile"
+)
+
+// Metrics (see docs/metrics.md). The agent registers them with Options.Metrics;
+// without a registerer they are kept but never exported.
+
+// driftParts are the dataplane parts segmesh_agent_drift_repairs_total counts,
+// exported at 0 before any repair.
+var driftParts = []string{
+	dataplane.PartInterface, dataplane.PartWireGuard, dataplane.PartPeer,
+	dataplane.PartAddress, dataplane.PartRoute, dataplane.PartNftables,
+}
+
+// agentMetrics holds the agent's collectors; it is the reconciler's Observer.
+type agentMetrics struct {
+	revision     prometheus.GaugeFunc
+	applySeconds prometheus.Histogram
+	repairs      *prometheus.CounterVec
+	peers        *peersCollector
+}
+
+// newAgentMetrics returns the collectors of an agent whose enforced revision
+// revision returns and whose netmap (for peer names) netmapOf returns.
+func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, now func() time.Time) *agentMetrics {
+	m := &agentMetrics{
+		revision: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_agent_policy_revision",
+			Help: "Policy revision of the netmap the dataplane enforces (0: default deny).",
+		}, func() float64 { return float64(revision()) }),
+		applySeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "segmesh_agent_apply_seconds",
+			Help:    "Duration of successful dataplane applies (WireGuard, addresses, routes, nftables), in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 3, 10), // 1 ms to about 20 s
+		}),
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_agent_drift_repairs_total",
+			Help: "Drift repairs by the dataplane part they restored (interface, wireguard, peer, address, route, nftables); a repair of several parts counts once for each.",
+		}, []string{"part"}),
+		peers: &peersCollector{
+			netmap: netmapOf,
+			now:    now,
+			peers:  prometheus.NewDesc("segmesh_agent_peers", "WireGuard peers on the overlay interface, as of the latest read-back.", nil, nil),
+			handshake: prometheus.NewDesc("segmesh_agent_peer_last_handshake_seconds",
+				"Seconds since the latest WireGuard handshake with each peer (by node name), as of the latest read-back; peers without a handshake yet are left out.", []string{"peer"}, nil),
+		},
+	}
+	for _, p := range driftParts {
+		m.repairs.WithLabelValues(p)
+	}
+	return m
+}
+
+// register registers the collectors with r; nil r registers nothing.
+func (m *agentMetrics) register(r prometheus.Registerer) error {
+	if r == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{m.revision, m.applySeconds, m.repairs, m.peers} {
+		if err := r.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Applied implements reconcile.Observer.
+func (m *agentMetrics) Applied(took time.Duration, repaired reconcile.Differences) {
+	m.applySeconds.Observe(took.Seconds())
+	seen := map[string]bool{}
+	for _, d := range repaired.Items {
+		if !seen[d.Part] && slices.Contains(driftParts, d.Part) {
+			seen[d.Part] = true
+			m.repairs.WithLabelValues(d.Part).Inc()
+		}
+	}
+}
+
+// Observed implements reconcile.Observer.
+func (m *agentMetrics) Observed(o dataplane.Observed) { m.peers.set(o) }
+
+// peersCollector exports the peers of the latest read-back.
+type peersCollector struct {
+	netmap     func() *netmap.Netmap
+	now        func() time.Time
+	peers      *prometheus.Desc
+	handshake  *prometheus.Desc
+	mu         sync.Mutex
+	read       bool
+	keys       []dataplane.Key
+	handshakes map[dataplane.Key]time.Time
+}
+
+func (p *peersCollector) set(o dataplane.Observed) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.read = true
+	p.keys = p.keys[:0]
+	for _, peer := range o.State.Peers {
+		p.keys = append(p.keys, peer.PublicKey)
+	}
+	p.handshakes = o.Handshakes
+}
+
+func (p *peersCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- p.peers
+	ch <- p.handshake
+}
+
+func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.read {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(p.peers, prometheus.GaugeValue, float64(len(p.keys)))
+	names := map[dataplane.Key]string{}
+	if nm := p.netmap(); nm != nil {
+		for _, peer := range nm.Peers {
+			names[peer.PublicKey] = peer.Name
+		}
+	}
+	now := p.now()
+	for _, k := range p.keys {
+		hs := p.handshakes[k]
+		if hs.IsZero() {
+			continue
+		}
+		name := names[k]
+		if name == "" {
+			name = dataplane.KeyString(k)
+		}
+		ch <- prometheus.MustNewConstMetric(p.handshake, prometheus.GaugeValue, max(0, now.Sub(hs).Seconds()), name)
+	}
+}

@@ -1,0 +1,184 @@
+package controller
+
+import (
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"segmesh/controller/store"
+)
+
+// Metrics (see docs/metrics.md). The controller registers them with
+// Options.Metrics; without a registerer they are kept but never exported.
+
+// Node states of segmesh_nodes.
+const (
+	metricOnline  = "online"
+	metricOffline = "offline"
+	metricRevoked = "revoked"
+)
+
+// Enrollment results of segmesh_enrollments_total besides the lowercase connect
+// codes of refusals ("permission_denied", "invalid_argument", ...).
+const (
+	enrollOK          = "ok"
+	enrollRateLimited = "rate_limited"
+)
+
+// appliedRevisions bounds how many policy revisions' apply times the controller
+// keeps for segmesh_policy_apply_to_enforce_seconds: a node that reports a
+// revision older than these is not observed.
+const appliedRevisions = 16
+
+// metrics holds the controller's collectors and what they need between events.
+type metrics struct {
+	computeSeconds prometheus.Histogram
+	updatesSent    *prometheus.CounterVec
+	applyToEnforce prometheus.Histogram
+	enrollments    *prometheus.CounterVec
+	revision       prometheus.GaugeFunc
+	nodes          *nodesCollector
+	mu             sync.Mutex
+	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
+	appliedOrder   []uint64             // keys of appliedAt, oldest first
+}
+
+func newMetrics(c *Controller) *metrics {
+	m := &metrics{
+		computeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "segmesh_netmap_compute_seconds",
+			Help:    "Time spent computing netmaps for one inventory or policy change, in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms to about 131 s
+		}),
+		updatesSent: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_netmap_updates_sent_total",
+			Help: "Netmap updates sent to agents on their streams, by kind (full netmap or delta).",
+		}, []string{"kind"}),
+		applyToEnforce: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "segmesh_policy_apply_to_enforce_seconds",
+			Help:    "Time from a policy apply to each node's first report that it enforces a netmap of that revision, in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 12), // 10 ms to about 10 min
+		}),
+		enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_enrollments_total",
+			Help: "Enrollment requests by result: ok, rate_limited, or the refusal's code (permission_denied, unauthenticated, invalid_argument, already_exists, resource_exhausted, internal, ...).",
+		}, []string{"result"}),
+		revision: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_policy_revision",
+			Help: "Policy revision in force (0: default deny).",
+		}, func() float64 {
+			rev, _ := c.policyInForce()
+			return float64(rev)
+		}),
+		nodes:     &nodesCollector{c: c, desc: prometheus.NewDesc("segmesh_nodes", "Enrolled nodes by state: online (a netmap stream is open), offline, revoked.", []string{"state"}, nil)},
+		appliedAt: map[uint64]time.Time{},
+	}
+	for _, k := range []string{"full", "delta"} {
+		m.updatesSent.WithLabelValues(k)
+	}
+	m.enrollments.WithLabelValues(enrollOK)
+	return m
+}
+
+// register registers the collectors with r; nil r registers nothing.
+func (m *metrics) register(r prometheus.Registerer) error {
+	if r == nil {
+		return nil
+	}
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes} {
+		if err := r.Register(col); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sent counts one update sent on a stream; delta tells its kind.
+func (m *metrics) sent(delta bool) {
+	kind := "full"
+	if delta {
+		kind = "delta"
+	}
+	m.updatesSent.WithLabelValues(kind).Inc()
+}
+
+// enrolled counts one enrollment outcome: err nil for success, rateLimited for a
+// request refused by the refusal budget.
+func (m *metrics) enrolled(err error, rateLimited bool) {
+	switch {
+	case rateLimited:
+		m.enrollments.WithLabelValues(enrollRateLimited).Inc()
+	case err == nil:
+		m.enrollments.WithLabelValues(enrollOK).Inc()
+	default:
+		m.enrollments.WithLabelValues(connect.CodeOf(err).String()).Inc()
+	}
+}
+
+// policyApplied records that revision rev was applied at t.
+func (m *metrics) policyApplied(rev uint64, t time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.appliedAt[rev]; ok {
+		return
+	}
+	m.appliedAt[rev] = t
+	m.appliedOrder = append(m.appliedOrder, rev)
+	if len(m.appliedOrder) > appliedRevisions {
+		delete(m.appliedAt, m.appliedOrder[0])
+		m.appliedOrder = m.appliedOrder[1:]
+	}
+}
+
+// reported observes the apply-to-enforce delay when a node's report moves from
+// revision prev to rev at now; reports that repeat a revision, and revisions
+// applied before this controller started, are not observed.
+func (m *metrics) reported(prev, rev uint64, now time.Time) {
+	if rev == prev || rev == 0 {
+		return
+	}
+	m.mu.Lock()
+	at, ok := m.appliedAt[rev]
+	m.mu.Unlock()
+	if ok {
+		m.applyToEnforce.Observe(now.Sub(at).Seconds())
+	}
+}
+
+// nodesCollector reads the inventory and the live streams at each scrape.
+type nodesCollector struct {
+	c    *Controller
+	desc *prometheus.Desc
+}
+
+func (n *nodesCollector) Describe(ch chan<- *prometheus.Desc) { ch <- n.desc }
+
+func (n *nodesCollector) Collect(ch chan<- prometheus.Metric) {
+	var nodes []store.Node
+	if err := n.c.store.View(func(tx store.Tx) error {
+		var err error
+		nodes, err = tx.Nodes()
+		return err
+	}); err != nil {
+		ch <- prometheus.NewInvalidMetric(n.desc, err)
+		return
+	}
+	counts := map[string]int{metricOnline: 0, metricOffline: 0, metricRevoked: 0}
+	n.c.live.mu.Lock()
+	for _, node := range nodes {
+		switch {
+		case node.Revoked():
+			counts[metricRevoked]++
+		case n.c.live.nodes[node.Name] != nil && len(n.c.live.nodes[node.Name].conns) > 0:
+			counts[metricOnline]++
+		default:
+			counts[metricOffline]++
+		}
+	}
+	n.c.live.mu.Unlock()
+	for state, v := range counts {
+		ch <- prometheus.MustNewConstMetric(n.desc, prometheus.GaugeValue, float64(v), state)
+	}
+}
