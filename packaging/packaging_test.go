@@ -131,6 +131,16 @@ func unitRoot(t *testing.T) string {
 
 var units = []string{"/usr/lib/systemd/system/segmesh-agent.service", "/usr/lib/systemd/system/segmesh-controller.service"}
 
+// TestShippedConfigChecks runs the packaged daemons' check-config on the
+// configuration files as installed, which the units pass with --config.
+func TestShippedConfigChecks(t *testing.T) {
+	root := unitRoot(t)
+	for _, d := range []string{"segmesh-agent", "segmesh-controller"} {
+		conf := filepath.Join(root, "etc/segmesh", strings.TrimPrefix(d, "segmesh-")+".yaml")
+		run(t, filepath.Join(root, "usr/bin", d), "check-config", "--config", conf)
+	}
+}
+
 func TestSystemdAnalyzeVerifyIsClean(t *testing.T) {
 	need(t, "systemd-analyze")
 	root := unitRoot(t)
@@ -547,7 +557,9 @@ func TestAgentNeedsOnlyCapNetAdmin(t *testing.T) {
 
 	dir := t.TempDir()
 	data, state, tokenFile := filepath.Join(dir, "controller"), filepath.Join(dir, "agent"), filepath.Join(dir, "token")
-	_, ctlLog := start(t, "ip", inNS(filepath.Join(bin, "segmesh-controller"), "--data-dir", data, "--listen", "127.0.0.1:17443")...)
+	// The shipped configuration files, with flags (which win over the file) for
+	// what a test must change.
+	_, ctlLog := start(t, "ip", inNS(filepath.Join(bin, "segmesh-controller"), "--config", "controller.yaml", "--data-dir", data, "--listen", "127.0.0.1:17443")...)
 	var token []byte
 	eventually(t, "join token from the controller", 30*time.Second, func() bool {
 		var err error
@@ -558,7 +570,7 @@ func TestAgentNeedsOnlyCapNetAdmin(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	agent, agentLog := start(t, "ip", asUnit(filepath.Join(bin, "segmesh-agent"), "--controller", "https://127.0.0.1:17443",
+	agent, agentLog := start(t, "ip", asUnit(filepath.Join(bin, "segmesh-agent"), "--config", "agent.yaml", "--controller", "https://127.0.0.1:17443",
 		"--token-file", tokenFile, "--state-dir", state, "--interface", iface, "--userspace",
 		"--endpoint", "198.51.100.7:51820")...) // a documentation address: no peer dials it here
 	exited := func() bool { return syscall.Kill(agent.Process.Pid, 0) != nil }
