@@ -80,6 +80,12 @@ func packages(t *testing.T, kind string) map[string]string {
 		built.dir = filepath.Join(workDir, "bin")
 		cmd := exec.Command("make", "package", "BIN="+built.dir)
 		cmd.Dir = ".."
+		// Not the settings of a make running this test (make unit BIN=...).
+		for _, kv := range os.Environ() {
+			if k, _, _ := strings.Cut(kv, "="); k != "MAKEFLAGS" && k != "MFLAGS" && k != "MAKELEVEL" {
+				cmd.Env = append(cmd.Env, kv)
+			}
+		}
 		if out, err := cmd.CombinedOutput(); err != nil {
 			built.err = fmt.Errorf("make package: %w\n%s", err, out)
 		}
