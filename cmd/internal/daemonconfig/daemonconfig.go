@@ -27,6 +27,8 @@ import (
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/parser"
 	"github.com/spf13/pflag"
+
+	"segmesh/policy/yamlpos"
 )
 
 // FlagName is the name of the flag that names the configuration file. It is not
@@ -367,20 +369,11 @@ func (p *fileParser) errorf(pos Pos, format string, args ...any) {
 	p.errs = append(p.errs, &Error{Pos: pos, Msg: fmt.Sprintf(format, args...)})
 }
 
-// pos returns where n starts; for a mapping, its first key.
+// pos returns where n starts; for a mapping, its first key (1:1 when n has no
+// position).
 func (p *fileParser) pos(n ast.Node) Pos {
-	switch v := n.(type) {
-	case *ast.MappingNode:
-		if len(v.Values) > 0 {
-			return p.pos(v.Values[0].Key)
-		}
-	case *ast.MappingValueNode:
-		return p.pos(v.Key)
-	}
-	if n != nil {
-		if tk := n.GetToken(); tk != nil && tk.Position != nil {
-			return Pos{File: p.file, Line: tk.Position.Line, Col: tk.Position.Column}
-		}
+	if line, col, ok := yamlpos.Of(n); ok {
+		return Pos{File: p.file, Line: line, Col: col}
 	}
 	return Pos{File: p.file, Line: 1, Col: 1}
 }
