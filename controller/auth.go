@@ -32,6 +32,9 @@ import (
 var viewerProcedures = map[string]bool{
 	segmeshv1connect.OperatorServiceStatusProcedure:              true,
 	segmeshv1connect.OperatorServiceListNodesProcedure:           true,
+	segmeshv1connect.OperatorServiceGetNodeProcedure:             true,
+	segmeshv1connect.OperatorServiceListDeniedFlowsProcedure:     true,
+	segmeshv1connect.OperatorServiceGetSegmentGraphProcedure:     true,
 	segmeshv1connect.OperatorServiceGetPolicyProcedure:           true,
 	segmeshv1connect.OperatorServiceListPolicyRevisionsProcedure: true,
 	segmeshv1connect.OperatorServiceGetNetmapProcedure:           true,

@@ -1386,9 +1386,26 @@ type ReportRequest struct {
 	// read-back); false while error is set or drift.unrepaired lists differences.
 	InSync bool `protobuf:"varint,6,opt,name=in_sync,json=inSync,proto3" json:"in_sync,omitempty"`
 	// Drift the agent found and repaired since it started.
-	Drift         *Drift `protobuf:"bytes,7,opt,name=drift,proto3" json:"drift,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Drift *Drift `protobuf:"bytes,7,opt,name=drift,proto3" json:"drift,omitempty"`
+	// When the latest apply (a reconcile that changed the kernel) finished, by the
+	// agent's clock, Unix milliseconds; 0 before the first one.
+	LastApplyUnixMs int64 `protobuf:"varint,8,opt,name=last_apply_unix_ms,json=lastApplyUnixMs,proto3" json:"last_apply_unix_ms,omitempty"`
+	// How long that apply took, microseconds.
+	LastApplyDurationUs int64 `protobuf:"varint,9,opt,name=last_apply_duration_us,json=lastApplyDurationUs,proto3" json:"last_apply_duration_us,omitempty"`
+	// The WireGuard peers as the kernel holds them: at most 64, peers without a
+	// handshake in the last 3 minutes first, then by name; peers_more counts the
+	// peers left out. Refreshed in the periodic report (every resync interval),
+	// not on every handshake.
+	Peers     []*PeerStatus `protobuf:"bytes,10,rep,name=peers,proto3" json:"peers,omitempty"`
+	PeersMore uint32        `protobuf:"varint,11,opt,name=peers_more,json=peersMore,proto3" json:"peers_more,omitempty"`
+	// Flows the node's policy dropped since the previous report that reached the
+	// controller, aggregated by (direction, source, destination, protocol, port):
+	// at most 256, the most packets first; denied_flows_more counts the flows left
+	// out here or by the kernel's bounded set.
+	DeniedFlows     []*DeniedFlow `protobuf:"bytes,12,rep,name=denied_flows,json=deniedFlows,proto3" json:"denied_flows,omitempty"`
+	DeniedFlowsMore uint64        `protobuf:"varint,13,opt,name=denied_flows_more,json=deniedFlowsMore,proto3" json:"denied_flows_more,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ReportRequest) Reset() {
@@ -1470,6 +1487,254 @@ func (x *ReportRequest) GetDrift() *Drift {
 	return nil
 }
 
+func (x *ReportRequest) GetLastApplyUnixMs() int64 {
+	if x != nil {
+		return x.LastApplyUnixMs
+	}
+	return 0
+}
+
+func (x *ReportRequest) GetLastApplyDurationUs() int64 {
+	if x != nil {
+		return x.LastApplyDurationUs
+	}
+	return 0
+}
+
+func (x *ReportRequest) GetPeers() []*PeerStatus {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+func (x *ReportRequest) GetPeersMore() uint32 {
+	if x != nil {
+		return x.PeersMore
+	}
+	return 0
+}
+
+func (x *ReportRequest) GetDeniedFlows() []*DeniedFlow {
+	if x != nil {
+		return x.DeniedFlows
+	}
+	return nil
+}
+
+func (x *ReportRequest) GetDeniedFlowsMore() uint64 {
+	if x != nil {
+		return x.DeniedFlowsMore
+	}
+	return 0
+}
+
+// One WireGuard peer as a node's kernel holds it.
+type PeerStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Peer node name (from the netmap); empty when the kernel holds a key the
+	// netmap does not name.
+	Name      string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	PublicKey string `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // base64
+	// Endpoint in use, "ip:port"; empty when none is known.
+	Endpoint string `protobuf:"bytes,3,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	// Latest handshake, Unix seconds; 0 when none.
+	LastHandshakeUnix int64  `protobuf:"varint,4,opt,name=last_handshake_unix,json=lastHandshakeUnix,proto3" json:"last_handshake_unix,omitempty"`
+	RxBytes           uint64 `protobuf:"varint,5,opt,name=rx_bytes,json=rxBytes,proto3" json:"rx_bytes,omitempty"`
+	TxBytes           uint64 `protobuf:"varint,6,opt,name=tx_bytes,json=txBytes,proto3" json:"tx_bytes,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *PeerStatus) Reset() {
+	*x = PeerStatus{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerStatus) ProtoMessage() {}
+
+func (x *PeerStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerStatus.ProtoReflect.Descriptor instead.
+func (*PeerStatus) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *PeerStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PeerStatus) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *PeerStatus) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *PeerStatus) GetLastHandshakeUnix() int64 {
+	if x != nil {
+		return x.LastHandshakeUnix
+	}
+	return 0
+}
+
+func (x *PeerStatus) GetRxBytes() uint64 {
+	if x != nil {
+		return x.RxBytes
+	}
+	return 0
+}
+
+func (x *PeerStatus) GetTxBytes() uint64 {
+	if x != nil {
+		return x.TxBytes
+	}
+	return 0
+}
+
+// Packets a node's policy dropped, of one flow, over one reporting interval.
+type DeniedFlow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "in" (to this node, dropped by its input filter) or "out" (from this node,
+	// dropped by its output filter).
+	Direction string `protobuf:"bytes,1,opt,name=direction,proto3" json:"direction,omitempty"`
+	// Overlay or external addresses, as netip writes them.
+	Source      string `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	Destination string `protobuf:"bytes,3,opt,name=destination,proto3" json:"destination,omitempty"`
+	// "tcp", "udp", "icmp", "icmpv6", "sctp", or the protocol number in decimal.
+	Protocol string `protobuf:"bytes,4,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// Destination port; 0 for a protocol without ports.
+	Port    uint32 `protobuf:"varint,5,opt,name=port,proto3" json:"port,omitempty"`
+	Packets uint64 `protobuf:"varint,6,opt,name=packets,proto3" json:"packets,omitempty"`
+	Bytes   uint64 `protobuf:"varint,7,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// First and last packet of the interval seen by the agent, Unix seconds (the
+	// agent reads its kernel's counters periodically, so both are accurate to
+	// that period).
+	FirstSeenUnix int64 `protobuf:"varint,8,opt,name=first_seen_unix,json=firstSeenUnix,proto3" json:"first_seen_unix,omitempty"`
+	LastSeenUnix  int64 `protobuf:"varint,9,opt,name=last_seen_unix,json=lastSeenUnix,proto3" json:"last_seen_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeniedFlow) Reset() {
+	*x = DeniedFlow{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeniedFlow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeniedFlow) ProtoMessage() {}
+
+func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeniedFlow.ProtoReflect.Descriptor instead.
+func (*DeniedFlow) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DeniedFlow) GetDirection() string {
+	if x != nil {
+		return x.Direction
+	}
+	return ""
+}
+
+func (x *DeniedFlow) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *DeniedFlow) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *DeniedFlow) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
+
+func (x *DeniedFlow) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *DeniedFlow) GetPackets() uint64 {
+	if x != nil {
+		return x.Packets
+	}
+	return 0
+}
+
+func (x *DeniedFlow) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *DeniedFlow) GetFirstSeenUnix() int64 {
+	if x != nil {
+		return x.FirstSeenUnix
+	}
+	return 0
+}
+
+func (x *DeniedFlow) GetLastSeenUnix() int64 {
+	if x != nil {
+		return x.LastSeenUnix
+	}
+	return 0
+}
+
 // One way a node's kernel differed from its desired dataplane.
 type DriftDifference struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1485,7 +1750,7 @@ type DriftDifference struct {
 
 func (x *DriftDifference) Reset() {
 	*x = DriftDifference{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1497,7 +1762,7 @@ func (x *DriftDifference) String() string {
 func (*DriftDifference) ProtoMessage() {}
 
 func (x *DriftDifference) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1510,7 +1775,7 @@ func (x *DriftDifference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DriftDifference.ProtoReflect.Descriptor instead.
 func (*DriftDifference) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DriftDifference) GetPart() string {
@@ -1551,7 +1816,7 @@ type Drift struct {
 
 func (x *Drift) Reset() {
 	*x = Drift{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1563,7 +1828,7 @@ func (x *Drift) String() string {
 func (*Drift) ProtoMessage() {}
 
 func (x *Drift) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1576,7 +1841,7 @@ func (x *Drift) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Drift.ProtoReflect.Descriptor instead.
 func (*Drift) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Drift) GetRepairs() uint64 {
@@ -1629,7 +1894,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1906,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1919,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
 }
 
 type RenewCertificateRequest struct {
@@ -1668,7 +1933,7 @@ type RenewCertificateRequest struct {
 
 func (x *RenewCertificateRequest) Reset() {
 	*x = RenewCertificateRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1680,7 +1945,7 @@ func (x *RenewCertificateRequest) String() string {
 func (*RenewCertificateRequest) ProtoMessage() {}
 
 func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1693,7 +1958,7 @@ func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateRequest.ProtoReflect.Descriptor instead.
 func (*RenewCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RenewCertificateRequest) GetCsrDer() []byte {
@@ -1715,7 +1980,7 @@ type RenewCertificateResponse struct {
 
 func (x *RenewCertificateResponse) Reset() {
 	*x = RenewCertificateResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1727,7 +1992,7 @@ func (x *RenewCertificateResponse) String() string {
 func (*RenewCertificateResponse) ProtoMessage() {}
 
 func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1740,7 +2005,7 @@ func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateResponse.ProtoReflect.Descriptor instead.
 func (*RenewCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RenewCertificateResponse) GetCertificateDer() []byte {
@@ -1769,7 +2034,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1781,7 +2046,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1794,7 +2059,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RotateKeyRequest) GetPublicKey() []byte {
@@ -1819,7 +2084,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1831,7 +2096,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1844,7 +2109,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
 }
 
 type NodeStatus struct {
@@ -1873,15 +2138,28 @@ type NodeStatus struct {
 	// As the agent last reported (ReportRequest.in_sync, .drift), bounded and made
 	// printable by the controller; last_repair_unix is never later than the
 	// controller's clock when the report arrived.
-	InSync        bool   `protobuf:"varint,20,opt,name=in_sync,json=inSync,proto3" json:"in_sync,omitempty"`
-	Drift         *Drift `protobuf:"bytes,21,opt,name=drift,proto3" json:"drift,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	InSync bool   `protobuf:"varint,20,opt,name=in_sync,json=inSync,proto3" json:"in_sync,omitempty"`
+	Drift  *Drift `protobuf:"bytes,21,opt,name=drift,proto3" json:"drift,omitempty"`
+	// Segments of the policy in force (serving_revision) the node belongs to, sorted.
+	Segments []string `protobuf:"bytes,22,rep,name=segments,proto3" json:"segments,omitempty"`
+	// Agent version and overlay interface from its stream (SyncRequest).
+	Version   string `protobuf:"bytes,23,opt,name=version,proto3" json:"version,omitempty"`
+	Interface string `protobuf:"bytes,24,opt,name=interface,proto3" json:"interface,omitempty"`
+	// As the agent last reported (ReportRequest fields of the same names). Peers are
+	// filled by ListNodes and GetNode, not by Status.
+	LastApplyUnixMs     int64         `protobuf:"varint,25,opt,name=last_apply_unix_ms,json=lastApplyUnixMs,proto3" json:"last_apply_unix_ms,omitempty"`
+	LastApplyDurationUs int64         `protobuf:"varint,26,opt,name=last_apply_duration_us,json=lastApplyDurationUs,proto3" json:"last_apply_duration_us,omitempty"`
+	Peers               []*PeerStatus `protobuf:"bytes,27,rep,name=peers,proto3" json:"peers,omitempty"`
+	PeersMore           uint32        `protobuf:"varint,28,opt,name=peers_more,json=peersMore,proto3" json:"peers_more,omitempty"`
+	// When the controller received the agent's latest report, Unix seconds.
+	LastReportUnix int64 `protobuf:"varint,29,opt,name=last_report_unix,json=lastReportUnix,proto3" json:"last_report_unix,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1893,7 +2171,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1906,7 +2184,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *NodeStatus) GetName() string {
@@ -2056,6 +2334,62 @@ func (x *NodeStatus) GetDrift() *Drift {
 	return nil
 }
 
+func (x *NodeStatus) GetSegments() []string {
+	if x != nil {
+		return x.Segments
+	}
+	return nil
+}
+
+func (x *NodeStatus) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *NodeStatus) GetInterface() string {
+	if x != nil {
+		return x.Interface
+	}
+	return ""
+}
+
+func (x *NodeStatus) GetLastApplyUnixMs() int64 {
+	if x != nil {
+		return x.LastApplyUnixMs
+	}
+	return 0
+}
+
+func (x *NodeStatus) GetLastApplyDurationUs() int64 {
+	if x != nil {
+		return x.LastApplyDurationUs
+	}
+	return 0
+}
+
+func (x *NodeStatus) GetPeers() []*PeerStatus {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+func (x *NodeStatus) GetPeersMore() uint32 {
+	if x != nil {
+		return x.PeersMore
+	}
+	return 0
+}
+
+func (x *NodeStatus) GetLastReportUnix() int64 {
+	if x != nil {
+		return x.LastReportUnix
+	}
+	return 0
+}
+
 type StatusRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// When set, nodes lists only the active nodes that are offline or do not
@@ -2068,7 +2402,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2414,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2427,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StatusRequest) GetUnconvergedOnly() bool {
@@ -2126,7 +2460,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2138,7 +2472,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2151,7 +2485,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StatusResponse) GetPolicyRevision() uint64 {
@@ -2211,7 +2545,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2223,7 +2557,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2236,7 +2570,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
 }
 
 type ListNodesResponse struct {
@@ -2248,7 +2582,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2260,7 +2594,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2273,12 +2607,635 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeStatus {
 	if x != nil {
 		return x.Nodes
+	}
+	return nil
+}
+
+type GetNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetNodeRequest) Reset() {
+	*x = GetNodeRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetNodeRequest) ProtoMessage() {}
+
+func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
+func (*GetNodeRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *GetNodeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type GetNodeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  *NodeStatus            `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// The peers the node's netmap lists (the desired side of NodeStatus.peers).
+	DesiredPeers  []string `protobuf:"bytes,2,rep,name=desired_peers,json=desiredPeers,proto3" json:"desired_peers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetNodeResponse) Reset() {
+	*x = GetNodeResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetNodeResponse) ProtoMessage() {}
+
+func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
+func (*GetNodeResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *GetNodeResponse) GetNode() *NodeStatus {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+func (x *GetNodeResponse) GetDesiredPeers() []string {
+	if x != nil {
+		return x.DesiredPeers
+	}
+	return nil
+}
+
+type ListDeniedFlowsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only flows reported by this node; empty for every node.
+	Node string `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// Only flows last seen at or after this time, Unix seconds; 0 for all kept.
+	SinceUnix int64 `protobuf:"varint,2,opt,name=since_unix,json=sinceUnix,proto3" json:"since_unix,omitempty"`
+	// At most this many records, the most recent first; 0 means 100, at most 1000.
+	Limit         uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDeniedFlowsRequest) Reset() {
+	*x = ListDeniedFlowsRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDeniedFlowsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDeniedFlowsRequest) ProtoMessage() {}
+
+func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDeniedFlowsRequest.ProtoReflect.Descriptor instead.
+func (*ListDeniedFlowsRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ListDeniedFlowsRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ListDeniedFlowsRequest) GetSinceUnix() int64 {
+	if x != nil {
+		return x.SinceUnix
+	}
+	return 0
+}
+
+func (x *ListDeniedFlowsRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+// One denied flow reported by a node, explained against the policy in force.
+type DeniedFlowRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The node that dropped it.
+	Node string      `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Flow *DeniedFlow `protobuf:"bytes,2,opt,name=flow,proto3" json:"flow,omitempty"`
+	// Nodes that hold the source and destination overlay addresses; empty for an
+	// external or unknown address.
+	SourceNode      string `protobuf:"bytes,3,opt,name=source_node,json=sourceNode,proto3" json:"source_node,omitempty"`
+	DestinationNode string `protobuf:"bytes,4,opt,name=destination_node,json=destinationNode,proto3" json:"destination_node,omitempty"`
+	// Segments of the policy in force each end belongs to, sorted.
+	SourceSegments      []string `protobuf:"bytes,5,rep,name=source_segments,json=sourceSegments,proto3" json:"source_segments,omitempty"`
+	DestinationSegments []string `protobuf:"bytes,6,rep,name=destination_segments,json=destinationSegments,proto3" json:"destination_segments,omitempty"`
+	// Up to 3 rules that come closest to allowing the flow, best first (policy
+	// explain's closest rules).
+	Closest []*ClosestRule `protobuf:"bytes,7,rep,name=closest,proto3" json:"closest,omitempty"`
+	// The policy revision the explanation used.
+	Revision      uint64 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeniedFlowRecord) Reset() {
+	*x = DeniedFlowRecord{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeniedFlowRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeniedFlowRecord) ProtoMessage() {}
+
+func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeniedFlowRecord.ProtoReflect.Descriptor instead.
+func (*DeniedFlowRecord) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *DeniedFlowRecord) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *DeniedFlowRecord) GetFlow() *DeniedFlow {
+	if x != nil {
+		return x.Flow
+	}
+	return nil
+}
+
+func (x *DeniedFlowRecord) GetSourceNode() string {
+	if x != nil {
+		return x.SourceNode
+	}
+	return ""
+}
+
+func (x *DeniedFlowRecord) GetDestinationNode() string {
+	if x != nil {
+		return x.DestinationNode
+	}
+	return ""
+}
+
+func (x *DeniedFlowRecord) GetSourceSegments() []string {
+	if x != nil {
+		return x.SourceSegments
+	}
+	return nil
+}
+
+func (x *DeniedFlowRecord) GetDestinationSegments() []string {
+	if x != nil {
+		return x.DestinationSegments
+	}
+	return nil
+}
+
+func (x *DeniedFlowRecord) GetClosest() []*ClosestRule {
+	if x != nil {
+		return x.Closest
+	}
+	return nil
+}
+
+func (x *DeniedFlowRecord) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type ClosestRule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Rule  string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	// Where the rule starts, "file:line:col".
+	Position string `protobuf:"bytes,2,opt,name=position,proto3" json:"position,omitempty"`
+	// Parts that match: "from", "to", "packet".
+	Matches []string `protobuf:"bytes,3,rep,name=matches,proto3" json:"matches,omitempty"`
+	// Why each other part does not, e.g. "packet: tcp/5432 is not in tcp/80".
+	Mismatches    []string `protobuf:"bytes,4,rep,name=mismatches,proto3" json:"mismatches,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClosestRule) Reset() {
+	*x = ClosestRule{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClosestRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClosestRule) ProtoMessage() {}
+
+func (x *ClosestRule) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClosestRule.ProtoReflect.Descriptor instead.
+func (*ClosestRule) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ClosestRule) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *ClosestRule) GetPosition() string {
+	if x != nil {
+		return x.Position
+	}
+	return ""
+}
+
+func (x *ClosestRule) GetMatches() []string {
+	if x != nil {
+		return x.Matches
+	}
+	return nil
+}
+
+func (x *ClosestRule) GetMismatches() []string {
+	if x != nil {
+		return x.Mismatches
+	}
+	return nil
+}
+
+type ListDeniedFlowsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Flows []*DeniedFlowRecord    `protobuf:"bytes,1,rep,name=flows,proto3" json:"flows,omitempty"`
+	// Records the controller dropped from its bounded in-memory log since it
+	// started (oldest first when full) and records nodes left out of reports.
+	Dropped       uint64 `protobuf:"varint,2,opt,name=dropped,proto3" json:"dropped,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDeniedFlowsResponse) Reset() {
+	*x = ListDeniedFlowsResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDeniedFlowsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDeniedFlowsResponse) ProtoMessage() {}
+
+func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDeniedFlowsResponse.ProtoReflect.Descriptor instead.
+func (*ListDeniedFlowsResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ListDeniedFlowsResponse) GetFlows() []*DeniedFlowRecord {
+	if x != nil {
+		return x.Flows
+	}
+	return nil
+}
+
+func (x *ListDeniedFlowsResponse) GetDropped() uint64 {
+	if x != nil {
+		return x.Dropped
+	}
+	return 0
+}
+
+// The allowed flows between segments of the policy in force, for a picture.
+type GetSegmentGraphRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSegmentGraphRequest) Reset() {
+	*x = GetSegmentGraphRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSegmentGraphRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSegmentGraphRequest) ProtoMessage() {}
+
+func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSegmentGraphRequest.ProtoReflect.Descriptor instead.
+func (*GetSegmentGraphRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
+}
+
+type SegmentGraphNode struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Segment string                 `protobuf:"bytes,1,opt,name=segment,proto3" json:"segment,omitempty"`
+	// "nodes" (a segment of nodes) or "external" (of CIDRs).
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// Nodes of the inventory in the segment (0 for an external segment).
+	Members       uint32 `protobuf:"varint,3,opt,name=members,proto3" json:"members,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SegmentGraphNode) Reset() {
+	*x = SegmentGraphNode{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SegmentGraphNode) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SegmentGraphNode) ProtoMessage() {}
+
+func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SegmentGraphNode.ProtoReflect.Descriptor instead.
+func (*SegmentGraphNode) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *SegmentGraphNode) GetSegment() string {
+	if x != nil {
+		return x.Segment
+	}
+	return ""
+}
+
+func (x *SegmentGraphNode) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *SegmentGraphNode) GetMembers() uint32 {
+	if x != nil {
+		return x.Members
+	}
+	return 0
+}
+
+type SegmentGraphEdge struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	From  string                 `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	To    string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// What the rules allow from -> to, e.g. "tcp/5432", "icmp"; sorted.
+	Ports []string `protobuf:"bytes,3,rep,name=ports,proto3" json:"ports,omitempty"`
+	// Names of the rules that allow it, in file order.
+	Rules         []string `protobuf:"bytes,4,rep,name=rules,proto3" json:"rules,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SegmentGraphEdge) Reset() {
+	*x = SegmentGraphEdge{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SegmentGraphEdge) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SegmentGraphEdge) ProtoMessage() {}
+
+func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SegmentGraphEdge.ProtoReflect.Descriptor instead.
+func (*SegmentGraphEdge) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *SegmentGraphEdge) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *SegmentGraphEdge) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *SegmentGraphEdge) GetPorts() []string {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *SegmentGraphEdge) GetRules() []string {
+	if x != nil {
+		return x.Rules
+	}
+	return nil
+}
+
+type GetSegmentGraphResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Revision uint64                 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	Segments []*SegmentGraphNode    `protobuf:"bytes,2,rep,name=segments,proto3" json:"segments,omitempty"`
+	// One edge per (from, to) pair of segments some rule allows.
+	Edges         []*SegmentGraphEdge `protobuf:"bytes,3,rep,name=edges,proto3" json:"edges,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSegmentGraphResponse) Reset() {
+	*x = GetSegmentGraphResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSegmentGraphResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSegmentGraphResponse) ProtoMessage() {}
+
+func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSegmentGraphResponse.ProtoReflect.Descriptor instead.
+func (*GetSegmentGraphResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *GetSegmentGraphResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *GetSegmentGraphResponse) GetSegments() []*SegmentGraphNode {
+	if x != nil {
+		return x.Segments
+	}
+	return nil
+}
+
+func (x *GetSegmentGraphResponse) GetEdges() []*SegmentGraphEdge {
+	if x != nil {
+		return x.Edges
 	}
 	return nil
 }
@@ -2300,7 +3257,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2312,7 +3269,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2325,7 +3282,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CreateTokenRequest) GetLabels() map[string]string {
@@ -2367,7 +3324,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +3336,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +3349,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -2440,7 +3397,7 @@ type TokenInfo struct {
 
 func (x *TokenInfo) Reset() {
 	*x = TokenInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2452,7 +3409,7 @@ func (x *TokenInfo) String() string {
 func (*TokenInfo) ProtoMessage() {}
 
 func (x *TokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2465,7 +3422,7 @@ func (x *TokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenInfo.ProtoReflect.Descriptor instead.
 func (*TokenInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *TokenInfo) GetId() string {
@@ -2546,7 +3503,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2558,7 +3515,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2571,7 +3528,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
 }
 
 type ListTokensResponse struct {
@@ -2583,7 +3540,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2595,7 +3552,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2608,7 +3565,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenInfo {
@@ -2627,7 +3584,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2639,7 +3596,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2652,7 +3609,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -2670,7 +3627,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2682,7 +3639,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2695,7 +3652,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
 }
 
 // Node life cycle. Every call names the node by name; NotFound when unknown.
@@ -2708,7 +3665,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2720,7 +3677,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2733,7 +3690,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -2751,7 +3708,7 @@ type RevokeNodeResponse struct {
 
 func (x *RevokeNodeResponse) Reset() {
 	*x = RevokeNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2763,7 +3720,7 @@ func (x *RevokeNodeResponse) String() string {
 func (*RevokeNodeResponse) ProtoMessage() {}
 
 func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2776,7 +3733,7 @@ func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
 }
 
 type DeleteNodeRequest struct {
@@ -2788,7 +3745,7 @@ type DeleteNodeRequest struct {
 
 func (x *DeleteNodeRequest) Reset() {
 	*x = DeleteNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2800,7 +3757,7 @@ func (x *DeleteNodeRequest) String() string {
 func (*DeleteNodeRequest) ProtoMessage() {}
 
 func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2813,7 +3770,7 @@ func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *DeleteNodeRequest) GetName() string {
@@ -2834,7 +3791,7 @@ type DeleteNodeResponse struct {
 
 func (x *DeleteNodeResponse) Reset() {
 	*x = DeleteNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2846,7 +3803,7 @@ func (x *DeleteNodeResponse) String() string {
 func (*DeleteNodeResponse) ProtoMessage() {}
 
 func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2859,7 +3816,7 @@ func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *DeleteNodeResponse) GetAddresses() []string {
@@ -2889,7 +3846,7 @@ type LabelNodeRequest struct {
 
 func (x *LabelNodeRequest) Reset() {
 	*x = LabelNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2901,7 +3858,7 @@ func (x *LabelNodeRequest) String() string {
 func (*LabelNodeRequest) ProtoMessage() {}
 
 func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2914,7 +3871,7 @@ func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeRequest.ProtoReflect.Descriptor instead.
 func (*LabelNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *LabelNodeRequest) GetName() string {
@@ -2949,7 +3906,7 @@ type LabelNodeResponse struct {
 
 func (x *LabelNodeResponse) Reset() {
 	*x = LabelNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2961,7 +3918,7 @@ func (x *LabelNodeResponse) String() string {
 func (*LabelNodeResponse) ProtoMessage() {}
 
 func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2974,7 +3931,7 @@ func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeResponse.ProtoReflect.Descriptor instead.
 func (*LabelNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *LabelNodeResponse) GetLabels() map[string]string {
@@ -3000,7 +3957,7 @@ type RotateNodeKeyRequest struct {
 
 func (x *RotateNodeKeyRequest) Reset() {
 	*x = RotateNodeKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3012,7 +3969,7 @@ func (x *RotateNodeKeyRequest) String() string {
 func (*RotateNodeKeyRequest) ProtoMessage() {}
 
 func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3025,7 +3982,7 @@ func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RotateNodeKeyRequest) GetName() string {
@@ -3044,7 +4001,7 @@ type RotateNodeKeyResponse struct {
 
 func (x *RotateNodeKeyResponse) Reset() {
 	*x = RotateNodeKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3056,7 +4013,7 @@ func (x *RotateNodeKeyResponse) String() string {
 func (*RotateNodeKeyResponse) ProtoMessage() {}
 
 func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3069,7 +4026,7 @@ func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *RotateNodeKeyResponse) GetGeneration() uint64 {
@@ -3094,7 +4051,7 @@ type OperatorInfo struct {
 
 func (x *OperatorInfo) Reset() {
 	*x = OperatorInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3106,7 +4063,7 @@ func (x *OperatorInfo) String() string {
 func (*OperatorInfo) ProtoMessage() {}
 
 func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3119,7 +4076,7 @@ func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorInfo.ProtoReflect.Descriptor instead.
 func (*OperatorInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *OperatorInfo) GetName() string {
@@ -3167,7 +4124,7 @@ type CreateOperatorRequest struct {
 
 func (x *CreateOperatorRequest) Reset() {
 	*x = CreateOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3179,7 +4136,7 @@ func (x *CreateOperatorRequest) String() string {
 func (*CreateOperatorRequest) ProtoMessage() {}
 
 func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3192,7 +4149,7 @@ func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorRequest.ProtoReflect.Descriptor instead.
 func (*CreateOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CreateOperatorRequest) GetName() string {
@@ -3220,7 +4177,7 @@ type CreateOperatorResponse struct {
 
 func (x *CreateOperatorResponse) Reset() {
 	*x = CreateOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3232,7 +4189,7 @@ func (x *CreateOperatorResponse) String() string {
 func (*CreateOperatorResponse) ProtoMessage() {}
 
 func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3245,7 +4202,7 @@ func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorResponse.ProtoReflect.Descriptor instead.
 func (*CreateOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CreateOperatorResponse) GetOperator() *OperatorInfo {
@@ -3270,7 +4227,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3282,7 +4239,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3295,7 +4252,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
 }
 
 type ListOperatorsResponse struct {
@@ -3307,7 +4264,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3319,7 +4276,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3332,7 +4289,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*OperatorInfo {
@@ -3351,7 +4308,7 @@ type RevokeOperatorRequest struct {
 
 func (x *RevokeOperatorRequest) Reset() {
 	*x = RevokeOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3363,7 +4320,7 @@ func (x *RevokeOperatorRequest) String() string {
 func (*RevokeOperatorRequest) ProtoMessage() {}
 
 func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3376,7 +4333,7 @@ func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorRequest.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *RevokeOperatorRequest) GetName() string {
@@ -3394,7 +4351,7 @@ type RevokeOperatorResponse struct {
 
 func (x *RevokeOperatorResponse) Reset() {
 	*x = RevokeOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3406,7 +4363,7 @@ func (x *RevokeOperatorResponse) String() string {
 func (*RevokeOperatorResponse) ProtoMessage() {}
 
 func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3419,7 +4376,7 @@ func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorResponse.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
 }
 
 // Audit log. Each record holds the SHA-256 of the one before (hash chain), so an
@@ -3446,7 +4403,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3458,7 +4415,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3471,7 +4428,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -3549,7 +4506,7 @@ type ListAuditRequest struct {
 
 func (x *ListAuditRequest) Reset() {
 	*x = ListAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3561,7 +4518,7 @@ func (x *ListAuditRequest) String() string {
 func (*ListAuditRequest) ProtoMessage() {}
 
 func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3574,7 +4531,7 @@ func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *ListAuditRequest) GetSinceUnix() int64 {
@@ -3600,7 +4557,7 @@ type ListAuditResponse struct {
 
 func (x *ListAuditResponse) Reset() {
 	*x = ListAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3612,7 +4569,7 @@ func (x *ListAuditResponse) String() string {
 func (*ListAuditResponse) ProtoMessage() {}
 
 func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3625,7 +4582,7 @@ func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *ListAuditResponse) GetRecords() []*AuditRecord {
@@ -3647,7 +4604,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3659,7 +4616,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3672,7 +4629,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *VerifyAuditRequest) GetExpectHead() string {
@@ -3702,7 +4659,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3714,7 +4671,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3727,7 +4684,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -3780,7 +4737,7 @@ type BackupRequest struct {
 
 func (x *BackupRequest) Reset() {
 	*x = BackupRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3792,7 +4749,7 @@ func (x *BackupRequest) String() string {
 func (*BackupRequest) ProtoMessage() {}
 
 func (x *BackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3805,7 +4762,7 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
 }
 
 // One piece of a consistent copy of the controller's bbolt store, in order.
@@ -3818,7 +4775,7 @@ type BackupChunk struct {
 
 func (x *BackupChunk) Reset() {
 	*x = BackupChunk{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3830,7 +4787,7 @@ func (x *BackupChunk) String() string {
 func (*BackupChunk) ProtoMessage() {}
 
 func (x *BackupChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3843,7 +4800,7 @@ func (x *BackupChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
 func (*BackupChunk) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *BackupChunk) GetData() []byte {
@@ -3864,7 +4821,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3876,7 +4833,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3889,7 +4846,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *ApplyPolicyRequest) GetFilename() string {
@@ -3921,7 +4878,7 @@ type ApplyPolicyResponse struct {
 
 func (x *ApplyPolicyResponse) Reset() {
 	*x = ApplyPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3933,7 +4890,7 @@ func (x *ApplyPolicyResponse) String() string {
 func (*ApplyPolicyResponse) ProtoMessage() {}
 
 func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3946,7 +4903,7 @@ func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *ApplyPolicyResponse) GetRevision() uint64 {
@@ -3979,7 +4936,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3991,7 +4948,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4004,7 +4961,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *GetPolicyRequest) GetRevision() uint64 {
@@ -4027,7 +4984,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4039,7 +4996,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4052,7 +5009,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *GetPolicyResponse) GetRevision() uint64 {
@@ -4109,7 +5066,7 @@ type PolicyRevision struct {
 
 func (x *PolicyRevision) Reset() {
 	*x = PolicyRevision{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4121,7 +5078,7 @@ func (x *PolicyRevision) String() string {
 func (*PolicyRevision) ProtoMessage() {}
 
 func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4134,7 +5091,7 @@ func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyRevision.ProtoReflect.Descriptor instead.
 func (*PolicyRevision) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *PolicyRevision) GetRevision() uint64 {
@@ -4194,7 +5151,7 @@ type ListPolicyRevisionsRequest struct {
 
 func (x *ListPolicyRevisionsRequest) Reset() {
 	*x = ListPolicyRevisionsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4206,7 +5163,7 @@ func (x *ListPolicyRevisionsRequest) String() string {
 func (*ListPolicyRevisionsRequest) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4219,7 +5176,7 @@ func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
 }
 
 type ListPolicyRevisionsResponse struct {
@@ -4233,7 +5190,7 @@ type ListPolicyRevisionsResponse struct {
 
 func (x *ListPolicyRevisionsResponse) Reset() {
 	*x = ListPolicyRevisionsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4245,7 +5202,7 @@ func (x *ListPolicyRevisionsResponse) String() string {
 func (*ListPolicyRevisionsResponse) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4258,7 +5215,7 @@ func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *ListPolicyRevisionsResponse) GetRevisions() []*PolicyRevision {
@@ -4285,7 +5242,7 @@ type RollbackPolicyRequest struct {
 
 func (x *RollbackPolicyRequest) Reset() {
 	*x = RollbackPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4297,7 +5254,7 @@ func (x *RollbackPolicyRequest) String() string {
 func (*RollbackPolicyRequest) ProtoMessage() {}
 
 func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4310,7 +5267,7 @@ func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyRequest.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *RollbackPolicyRequest) GetRevision() uint64 {
@@ -4334,7 +5291,7 @@ type RollbackPolicyResponse struct {
 
 func (x *RollbackPolicyResponse) Reset() {
 	*x = RollbackPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4346,7 +5303,7 @@ func (x *RollbackPolicyResponse) String() string {
 func (*RollbackPolicyResponse) ProtoMessage() {}
 
 func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4359,7 +5316,7 @@ func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyResponse.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *RollbackPolicyResponse) GetRevision() uint64 {
@@ -4395,7 +5352,7 @@ type PolicyFile struct {
 
 func (x *PolicyFile) Reset() {
 	*x = PolicyFile{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4407,7 +5364,7 @@ func (x *PolicyFile) String() string {
 func (*PolicyFile) ProtoMessage() {}
 
 func (x *PolicyFile) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4420,7 +5377,7 @@ func (x *PolicyFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyFile.ProtoReflect.Descriptor instead.
 func (*PolicyFile) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *PolicyFile) GetFilename() string {
@@ -4450,7 +5407,7 @@ type GetNetmapRequest struct {
 
 func (x *GetNetmapRequest) Reset() {
 	*x = GetNetmapRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4462,7 +5419,7 @@ func (x *GetNetmapRequest) String() string {
 func (*GetNetmapRequest) ProtoMessage() {}
 
 func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4475,7 +5432,7 @@ func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapRequest.ProtoReflect.Descriptor instead.
 func (*GetNetmapRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *GetNetmapRequest) GetNode() string {
@@ -4510,7 +5467,7 @@ type GetNetmapResponse struct {
 
 func (x *GetNetmapResponse) Reset() {
 	*x = GetNetmapResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4522,7 +5479,7 @@ func (x *GetNetmapResponse) String() string {
 func (*GetNetmapResponse) ProtoMessage() {}
 
 func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4535,7 +5492,7 @@ func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapResponse.ProtoReflect.Descriptor instead.
 func (*GetNetmapResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *GetNetmapResponse) GetNetmap() *Netmap {
@@ -4675,7 +5632,7 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\tdataplane\x18\x02 \x01(\tR\tdataplane\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12\x1c\n" +
 	"\tinterface\x18\x04 \x01(\tR\tinterface\x12#\n" +
-	"\rresync_reason\x18\x05 \x01(\tR\fresyncReason\"\xf4\x01\n" +
+	"\rresync_reason\x18\x05 \x01(\tR\fresyncReason\"\x8a\x04\n" +
 	"\rReportRequest\x12)\n" +
 	"\x10applied_revision\x18\x01 \x01(\x04R\x0fappliedRevision\x12!\n" +
 	"\fapplied_hash\x18\x02 \x01(\tR\vappliedHash\x12\x1c\n" +
@@ -4684,7 +5641,35 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\valive_peers\x18\x05 \x03(\tR\n" +
 	"alivePeers\x12\x17\n" +
 	"\ain_sync\x18\x06 \x01(\bR\x06inSync\x12'\n" +
-	"\x05drift\x18\a \x01(\v2\x11.segmesh.v1.DriftR\x05drift\"=\n" +
+	"\x05drift\x18\a \x01(\v2\x11.segmesh.v1.DriftR\x05drift\x12+\n" +
+	"\x12last_apply_unix_ms\x18\b \x01(\x03R\x0flastApplyUnixMs\x123\n" +
+	"\x16last_apply_duration_us\x18\t \x01(\x03R\x13lastApplyDurationUs\x12,\n" +
+	"\x05peers\x18\n" +
+	" \x03(\v2\x16.segmesh.v1.PeerStatusR\x05peers\x12\x1d\n" +
+	"\n" +
+	"peers_more\x18\v \x01(\rR\tpeersMore\x129\n" +
+	"\fdenied_flows\x18\f \x03(\v2\x16.segmesh.v1.DeniedFlowR\vdeniedFlows\x12*\n" +
+	"\x11denied_flows_more\x18\r \x01(\x04R\x0fdeniedFlowsMore\"\xc1\x01\n" +
+	"\n" +
+	"PeerStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\tR\tpublicKey\x12\x1a\n" +
+	"\bendpoint\x18\x03 \x01(\tR\bendpoint\x12.\n" +
+	"\x13last_handshake_unix\x18\x04 \x01(\x03R\x11lastHandshakeUnix\x12\x19\n" +
+	"\brx_bytes\x18\x05 \x01(\x04R\arxBytes\x12\x19\n" +
+	"\btx_bytes\x18\x06 \x01(\x04R\atxBytes\"\x92\x02\n" +
+	"\n" +
+	"DeniedFlow\x12\x1c\n" +
+	"\tdirection\x18\x01 \x01(\tR\tdirection\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x03 \x01(\tR\vdestination\x12\x1a\n" +
+	"\bprotocol\x18\x04 \x01(\tR\bprotocol\x12\x12\n" +
+	"\x04port\x18\x05 \x01(\rR\x04port\x12\x18\n" +
+	"\apackets\x18\x06 \x01(\x04R\apackets\x12\x14\n" +
+	"\x05bytes\x18\a \x01(\x04R\x05bytes\x12&\n" +
+	"\x0ffirst_seen_unix\x18\b \x01(\x03R\rfirstSeenUnix\x12$\n" +
+	"\x0elast_seen_unix\x18\t \x01(\x03R\flastSeenUnix\"=\n" +
 	"\x0fDriftDifference\x12\x12\n" +
 	"\x04part\x18\x01 \x01(\tR\x04part\x12\x16\n" +
 	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xa1\x02\n" +
@@ -4709,7 +5694,7 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x02 \x01(\x04R\n" +
 	"generation\"\x13\n" +
-	"\x11RotateKeyResponse\"\x8a\x06\n" +
+	"\x11RotateKeyResponse\"\xb7\b\n" +
 	"\n" +
 	"NodeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12:\n" +
@@ -4736,7 +5721,16 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x11cert_expires_unix\x18\x12 \x01(\x03R\x0fcertExpiresUnix\x12#\n" +
 	"\renrolled_unix\x18\x13 \x01(\x03R\fenrolledUnix\x12\x17\n" +
 	"\ain_sync\x18\x14 \x01(\bR\x06inSync\x12'\n" +
-	"\x05drift\x18\x15 \x01(\v2\x11.segmesh.v1.DriftR\x05drift\x1a9\n" +
+	"\x05drift\x18\x15 \x01(\v2\x11.segmesh.v1.DriftR\x05drift\x12\x1a\n" +
+	"\bsegments\x18\x16 \x03(\tR\bsegments\x12\x18\n" +
+	"\aversion\x18\x17 \x01(\tR\aversion\x12\x1c\n" +
+	"\tinterface\x18\x18 \x01(\tR\tinterface\x12+\n" +
+	"\x12last_apply_unix_ms\x18\x19 \x01(\x03R\x0flastApplyUnixMs\x123\n" +
+	"\x16last_apply_duration_us\x18\x1a \x01(\x03R\x13lastApplyDurationUs\x12,\n" +
+	"\x05peers\x18\x1b \x03(\v2\x16.segmesh.v1.PeerStatusR\x05peers\x12\x1d\n" +
+	"\n" +
+	"peers_more\x18\x1c \x01(\rR\tpeersMore\x12(\n" +
+	"\x10last_report_unix\x18\x1d \x01(\x03R\x0elastReportUnix\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\":\n" +
@@ -4752,7 +5746,51 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\rnodes_current\x18\a \x01(\rR\fnodesCurrent\"\x12\n" +
 	"\x10ListNodesRequest\"A\n" +
 	"\x11ListNodesResponse\x12,\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"\xe4\x01\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"$\n" +
+	"\x0eGetNodeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"b\n" +
+	"\x0fGetNodeResponse\x12*\n" +
+	"\x04node\x18\x01 \x01(\v2\x16.segmesh.v1.NodeStatusR\x04node\x12#\n" +
+	"\rdesired_peers\x18\x02 \x03(\tR\fdesiredPeers\"a\n" +
+	"\x16ListDeniedFlowsRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1d\n" +
+	"\n" +
+	"since_unix\x18\x02 \x01(\x03R\tsinceUnix\x12\x14\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\"\xc9\x02\n" +
+	"\x10DeniedFlowRecord\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12*\n" +
+	"\x04flow\x18\x02 \x01(\v2\x16.segmesh.v1.DeniedFlowR\x04flow\x12\x1f\n" +
+	"\vsource_node\x18\x03 \x01(\tR\n" +
+	"sourceNode\x12)\n" +
+	"\x10destination_node\x18\x04 \x01(\tR\x0fdestinationNode\x12'\n" +
+	"\x0fsource_segments\x18\x05 \x03(\tR\x0esourceSegments\x121\n" +
+	"\x14destination_segments\x18\x06 \x03(\tR\x13destinationSegments\x121\n" +
+	"\aclosest\x18\a \x03(\v2\x17.segmesh.v1.ClosestRuleR\aclosest\x12\x1a\n" +
+	"\brevision\x18\b \x01(\x04R\brevision\"w\n" +
+	"\vClosestRule\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x1a\n" +
+	"\bposition\x18\x02 \x01(\tR\bposition\x12\x18\n" +
+	"\amatches\x18\x03 \x03(\tR\amatches\x12\x1e\n" +
+	"\n" +
+	"mismatches\x18\x04 \x03(\tR\n" +
+	"mismatches\"g\n" +
+	"\x17ListDeniedFlowsResponse\x122\n" +
+	"\x05flows\x18\x01 \x03(\v2\x1c.segmesh.v1.DeniedFlowRecordR\x05flows\x12\x18\n" +
+	"\adropped\x18\x02 \x01(\x04R\adropped\"\x18\n" +
+	"\x16GetSegmentGraphRequest\"Z\n" +
+	"\x10SegmentGraphNode\x12\x18\n" +
+	"\asegment\x18\x01 \x01(\tR\asegment\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x18\n" +
+	"\amembers\x18\x03 \x01(\rR\amembers\"b\n" +
+	"\x10SegmentGraphEdge\x12\x12\n" +
+	"\x04from\x18\x01 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x14\n" +
+	"\x05ports\x18\x03 \x03(\tR\x05ports\x12\x14\n" +
+	"\x05rules\x18\x04 \x03(\tR\x05rules\"\xa3\x01\n" +
+	"\x17GetSegmentGraphResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x04R\brevision\x128\n" +
+	"\bsegments\x18\x02 \x03(\v2\x1c.segmesh.v1.SegmentGraphNodeR\bsegments\x122\n" +
+	"\x05edges\x18\x03 \x03(\v2\x1c.segmesh.v1.SegmentGraphEdgeR\x05edges\"\xe4\x01\n" +
 	"\x12CreateTokenRequest\x12B\n" +
 	"\x06labels\x18\x01 \x03(\v2*.segmesh.v1.CreateTokenRequest.LabelsEntryR\x06labels\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
@@ -4922,10 +5960,13 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\vSyncUpdates\x12\x17.segmesh.v1.SyncRequest\x1a\x18.segmesh.v1.NetmapUpdate\"\x000\x01\x12A\n" +
 	"\x06Report\x12\x19.segmesh.v1.ReportRequest\x1a\x1a.segmesh.v1.ReportResponse\"\x00\x12_\n" +
 	"\x10RenewCertificate\x12#.segmesh.v1.RenewCertificateRequest\x1a$.segmesh.v1.RenewCertificateResponse\"\x00\x12J\n" +
-	"\tRotateKey\x12\x1c.segmesh.v1.RotateKeyRequest\x1a\x1d.segmesh.v1.RotateKeyResponse\"\x002\xf2\f\n" +
+	"\tRotateKey\x12\x1c.segmesh.v1.RotateKeyRequest\x1a\x1d.segmesh.v1.RotateKeyResponse\"\x002\xf4\x0e\n" +
 	"\x0fOperatorService\x12A\n" +
 	"\x06Status\x12\x19.segmesh.v1.StatusRequest\x1a\x1a.segmesh.v1.StatusResponse\"\x00\x12J\n" +
-	"\tListNodes\x12\x1c.segmesh.v1.ListNodesRequest\x1a\x1d.segmesh.v1.ListNodesResponse\"\x00\x12P\n" +
+	"\tListNodes\x12\x1c.segmesh.v1.ListNodesRequest\x1a\x1d.segmesh.v1.ListNodesResponse\"\x00\x12D\n" +
+	"\aGetNode\x12\x1a.segmesh.v1.GetNodeRequest\x1a\x1b.segmesh.v1.GetNodeResponse\"\x00\x12\\\n" +
+	"\x0fListDeniedFlows\x12\".segmesh.v1.ListDeniedFlowsRequest\x1a#.segmesh.v1.ListDeniedFlowsResponse\"\x00\x12\\\n" +
+	"\x0fGetSegmentGraph\x12\".segmesh.v1.GetSegmentGraphRequest\x1a#.segmesh.v1.GetSegmentGraphResponse\"\x00\x12P\n" +
 	"\vCreateToken\x12\x1e.segmesh.v1.CreateTokenRequest\x1a\x1f.segmesh.v1.CreateTokenResponse\"\x00\x12P\n" +
 	"\vApplyPolicy\x12\x1e.segmesh.v1.ApplyPolicyRequest\x1a\x1f.segmesh.v1.ApplyPolicyResponse\"\x00\x12J\n" +
 	"\tGetPolicy\x12\x1c.segmesh.v1.GetPolicyRequest\x1a\x1d.segmesh.v1.GetPolicyResponse\"\x00\x12h\n" +
@@ -4961,7 +6002,7 @@ func file_segmesh_v1_segmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_segmesh_v1_segmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
 var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(Protocol)(0),                       // 0: segmesh.v1.Protocol
 	(*EnrollRequest)(nil),               // 1: segmesh.v1.EnrollRequest
@@ -4982,70 +6023,82 @@ var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(*NetmapUpdate)(nil),                // 16: segmesh.v1.NetmapUpdate
 	(*SyncRequest)(nil),                 // 17: segmesh.v1.SyncRequest
 	(*ReportRequest)(nil),               // 18: segmesh.v1.ReportRequest
-	(*DriftDifference)(nil),             // 19: segmesh.v1.DriftDifference
-	(*Drift)(nil),                       // 20: segmesh.v1.Drift
-	(*ReportResponse)(nil),              // 21: segmesh.v1.ReportResponse
-	(*RenewCertificateRequest)(nil),     // 22: segmesh.v1.RenewCertificateRequest
-	(*RenewCertificateResponse)(nil),    // 23: segmesh.v1.RenewCertificateResponse
-	(*RotateKeyRequest)(nil),            // 24: segmesh.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),           // 25: segmesh.v1.RotateKeyResponse
-	(*NodeStatus)(nil),                  // 26: segmesh.v1.NodeStatus
-	(*StatusRequest)(nil),               // 27: segmesh.v1.StatusRequest
-	(*StatusResponse)(nil),              // 28: segmesh.v1.StatusResponse
-	(*ListNodesRequest)(nil),            // 29: segmesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 30: segmesh.v1.ListNodesResponse
-	(*CreateTokenRequest)(nil),          // 31: segmesh.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),         // 32: segmesh.v1.CreateTokenResponse
-	(*TokenInfo)(nil),                   // 33: segmesh.v1.TokenInfo
-	(*ListTokensRequest)(nil),           // 34: segmesh.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),          // 35: segmesh.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),          // 36: segmesh.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),         // 37: segmesh.v1.RevokeTokenResponse
-	(*RevokeNodeRequest)(nil),           // 38: segmesh.v1.RevokeNodeRequest
-	(*RevokeNodeResponse)(nil),          // 39: segmesh.v1.RevokeNodeResponse
-	(*DeleteNodeRequest)(nil),           // 40: segmesh.v1.DeleteNodeRequest
-	(*DeleteNodeResponse)(nil),          // 41: segmesh.v1.DeleteNodeResponse
-	(*LabelNodeRequest)(nil),            // 42: segmesh.v1.LabelNodeRequest
-	(*LabelNodeResponse)(nil),           // 43: segmesh.v1.LabelNodeResponse
-	(*RotateNodeKeyRequest)(nil),        // 44: segmesh.v1.RotateNodeKeyRequest
-	(*RotateNodeKeyResponse)(nil),       // 45: segmesh.v1.RotateNodeKeyResponse
-	(*OperatorInfo)(nil),                // 46: segmesh.v1.OperatorInfo
-	(*CreateOperatorRequest)(nil),       // 47: segmesh.v1.CreateOperatorRequest
-	(*CreateOperatorResponse)(nil),      // 48: segmesh.v1.CreateOperatorResponse
-	(*ListOperatorsRequest)(nil),        // 49: segmesh.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 50: segmesh.v1.ListOperatorsResponse
-	(*RevokeOperatorRequest)(nil),       // 51: segmesh.v1.RevokeOperatorRequest
-	(*RevokeOperatorResponse)(nil),      // 52: segmesh.v1.RevokeOperatorResponse
-	(*AuditRecord)(nil),                 // 53: segmesh.v1.AuditRecord
-	(*ListAuditRequest)(nil),            // 54: segmesh.v1.ListAuditRequest
-	(*ListAuditResponse)(nil),           // 55: segmesh.v1.ListAuditResponse
-	(*VerifyAuditRequest)(nil),          // 56: segmesh.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),         // 57: segmesh.v1.VerifyAuditResponse
-	(*BackupRequest)(nil),               // 58: segmesh.v1.BackupRequest
-	(*BackupChunk)(nil),                 // 59: segmesh.v1.BackupChunk
-	(*ApplyPolicyRequest)(nil),          // 60: segmesh.v1.ApplyPolicyRequest
-	(*ApplyPolicyResponse)(nil),         // 61: segmesh.v1.ApplyPolicyResponse
-	(*GetPolicyRequest)(nil),            // 62: segmesh.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),           // 63: segmesh.v1.GetPolicyResponse
-	(*PolicyRevision)(nil),              // 64: segmesh.v1.PolicyRevision
-	(*ListPolicyRevisionsRequest)(nil),  // 65: segmesh.v1.ListPolicyRevisionsRequest
-	(*ListPolicyRevisionsResponse)(nil), // 66: segmesh.v1.ListPolicyRevisionsResponse
-	(*RollbackPolicyRequest)(nil),       // 67: segmesh.v1.RollbackPolicyRequest
-	(*RollbackPolicyResponse)(nil),      // 68: segmesh.v1.RollbackPolicyResponse
-	(*PolicyFile)(nil),                  // 69: segmesh.v1.PolicyFile
-	(*GetNetmapRequest)(nil),            // 70: segmesh.v1.GetNetmapRequest
-	(*GetNetmapResponse)(nil),           // 71: segmesh.v1.GetNetmapResponse
-	nil,                                 // 72: segmesh.v1.EnrollResponse.LabelsEntry
-	nil,                                 // 73: segmesh.v1.Node.LabelsEntry
-	nil,                                 // 74: segmesh.v1.NodeStatus.LabelsEntry
-	nil,                                 // 75: segmesh.v1.CreateTokenRequest.LabelsEntry
-	nil,                                 // 76: segmesh.v1.TokenInfo.LabelsEntry
-	nil,                                 // 77: segmesh.v1.LabelNodeRequest.SetEntry
-	nil,                                 // 78: segmesh.v1.LabelNodeResponse.LabelsEntry
+	(*PeerStatus)(nil),                  // 19: segmesh.v1.PeerStatus
+	(*DeniedFlow)(nil),                  // 20: segmesh.v1.DeniedFlow
+	(*DriftDifference)(nil),             // 21: segmesh.v1.DriftDifference
+	(*Drift)(nil),                       // 22: segmesh.v1.Drift
+	(*ReportResponse)(nil),              // 23: segmesh.v1.ReportResponse
+	(*RenewCertificateRequest)(nil),     // 24: segmesh.v1.RenewCertificateRequest
+	(*RenewCertificateResponse)(nil),    // 25: segmesh.v1.RenewCertificateResponse
+	(*RotateKeyRequest)(nil),            // 26: segmesh.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),           // 27: segmesh.v1.RotateKeyResponse
+	(*NodeStatus)(nil),                  // 28: segmesh.v1.NodeStatus
+	(*StatusRequest)(nil),               // 29: segmesh.v1.StatusRequest
+	(*StatusResponse)(nil),              // 30: segmesh.v1.StatusResponse
+	(*ListNodesRequest)(nil),            // 31: segmesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 32: segmesh.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),              // 33: segmesh.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),             // 34: segmesh.v1.GetNodeResponse
+	(*ListDeniedFlowsRequest)(nil),      // 35: segmesh.v1.ListDeniedFlowsRequest
+	(*DeniedFlowRecord)(nil),            // 36: segmesh.v1.DeniedFlowRecord
+	(*ClosestRule)(nil),                 // 37: segmesh.v1.ClosestRule
+	(*ListDeniedFlowsResponse)(nil),     // 38: segmesh.v1.ListDeniedFlowsResponse
+	(*GetSegmentGraphRequest)(nil),      // 39: segmesh.v1.GetSegmentGraphRequest
+	(*SegmentGraphNode)(nil),            // 40: segmesh.v1.SegmentGraphNode
+	(*SegmentGraphEdge)(nil),            // 41: segmesh.v1.SegmentGraphEdge
+	(*GetSegmentGraphResponse)(nil),     // 42: segmesh.v1.GetSegmentGraphResponse
+	(*CreateTokenRequest)(nil),          // 43: segmesh.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),         // 44: segmesh.v1.CreateTokenResponse
+	(*TokenInfo)(nil),                   // 45: segmesh.v1.TokenInfo
+	(*ListTokensRequest)(nil),           // 46: segmesh.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),          // 47: segmesh.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),          // 48: segmesh.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),         // 49: segmesh.v1.RevokeTokenResponse
+	(*RevokeNodeRequest)(nil),           // 50: segmesh.v1.RevokeNodeRequest
+	(*RevokeNodeResponse)(nil),          // 51: segmesh.v1.RevokeNodeResponse
+	(*DeleteNodeRequest)(nil),           // 52: segmesh.v1.DeleteNodeRequest
+	(*DeleteNodeResponse)(nil),          // 53: segmesh.v1.DeleteNodeResponse
+	(*LabelNodeRequest)(nil),            // 54: segmesh.v1.LabelNodeRequest
+	(*LabelNodeResponse)(nil),           // 55: segmesh.v1.LabelNodeResponse
+	(*RotateNodeKeyRequest)(nil),        // 56: segmesh.v1.RotateNodeKeyRequest
+	(*RotateNodeKeyResponse)(nil),       // 57: segmesh.v1.RotateNodeKeyResponse
+	(*OperatorInfo)(nil),                // 58: segmesh.v1.OperatorInfo
+	(*CreateOperatorRequest)(nil),       // 59: segmesh.v1.CreateOperatorRequest
+	(*CreateOperatorResponse)(nil),      // 60: segmesh.v1.CreateOperatorResponse
+	(*ListOperatorsRequest)(nil),        // 61: segmesh.v1.ListOperatorsRequest
+	(*ListOperatorsResponse)(nil),       // 62: segmesh.v1.ListOperatorsResponse
+	(*RevokeOperatorRequest)(nil),       // 63: segmesh.v1.RevokeOperatorRequest
+	(*RevokeOperatorResponse)(nil),      // 64: segmesh.v1.RevokeOperatorResponse
+	(*AuditRecord)(nil),                 // 65: segmesh.v1.AuditRecord
+	(*ListAuditRequest)(nil),            // 66: segmesh.v1.ListAuditRequest
+	(*ListAuditResponse)(nil),           // 67: segmesh.v1.ListAuditResponse
+	(*VerifyAuditRequest)(nil),          // 68: segmesh.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),         // 69: segmesh.v1.VerifyAuditResponse
+	(*BackupRequest)(nil),               // 70: segmesh.v1.BackupRequest
+	(*BackupChunk)(nil),                 // 71: segmesh.v1.BackupChunk
+	(*ApplyPolicyRequest)(nil),          // 72: segmesh.v1.ApplyPolicyRequest
+	(*ApplyPolicyResponse)(nil),         // 73: segmesh.v1.ApplyPolicyResponse
+	(*GetPolicyRequest)(nil),            // 74: segmesh.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),           // 75: segmesh.v1.GetPolicyResponse
+	(*PolicyRevision)(nil),              // 76: segmesh.v1.PolicyRevision
+	(*ListPolicyRevisionsRequest)(nil),  // 77: segmesh.v1.ListPolicyRevisionsRequest
+	(*ListPolicyRevisionsResponse)(nil), // 78: segmesh.v1.ListPolicyRevisionsResponse
+	(*RollbackPolicyRequest)(nil),       // 79: segmesh.v1.RollbackPolicyRequest
+	(*RollbackPolicyResponse)(nil),      // 80: segmesh.v1.RollbackPolicyResponse
+	(*PolicyFile)(nil),                  // 81: segmesh.v1.PolicyFile
+	(*GetNetmapRequest)(nil),            // 82: segmesh.v1.GetNetmapRequest
+	(*GetNetmapResponse)(nil),           // 83: segmesh.v1.GetNetmapResponse
+	nil,                                 // 84: segmesh.v1.EnrollResponse.LabelsEntry
+	nil,                                 // 85: segmesh.v1.Node.LabelsEntry
+	nil,                                 // 86: segmesh.v1.NodeStatus.LabelsEntry
+	nil,                                 // 87: segmesh.v1.CreateTokenRequest.LabelsEntry
+	nil,                                 // 88: segmesh.v1.TokenInfo.LabelsEntry
+	nil,                                 // 89: segmesh.v1.LabelNodeRequest.SetEntry
+	nil,                                 // 90: segmesh.v1.LabelNodeResponse.LabelsEntry
 }
 var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
-	72, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
-	73, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
+	84, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
+	85, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
 	0,  // 2: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
 	5,  // 3: segmesh.v1.PortMatch.ports:type_name -> segmesh.v1.PortRange
 	6,  // 4: segmesh.v1.FilterRule.matches:type_name -> segmesh.v1.PortMatch
@@ -5066,81 +6119,96 @@ var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
 	13, // 19: segmesh.v1.NetmapDelta.rules:type_name -> segmesh.v1.FilterRules
 	11, // 20: segmesh.v1.NetmapUpdate.full:type_name -> segmesh.v1.Netmap
 	15, // 21: segmesh.v1.NetmapUpdate.delta:type_name -> segmesh.v1.NetmapDelta
-	20, // 22: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
-	19, // 23: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
-	19, // 24: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
-	74, // 25: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
-	20, // 26: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
-	26, // 27: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	26, // 28: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	75, // 29: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
-	76, // 30: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
-	33, // 31: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
-	77, // 32: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
-	78, // 33: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
-	46, // 34: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
-	46, // 35: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
-	53, // 36: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
-	64, // 37: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
-	69, // 38: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
-	11, // 39: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
-	1,  // 40: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
-	17, // 41: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
-	17, // 42: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
-	18, // 43: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
-	22, // 44: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
-	24, // 45: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
-	27, // 46: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
-	29, // 47: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
-	31, // 48: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
-	60, // 49: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
-	62, // 50: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
-	65, // 51: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
-	67, // 52: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
-	70, // 53: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
-	34, // 54: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
-	36, // 55: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
-	38, // 56: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
-	40, // 57: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
-	42, // 58: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
-	44, // 59: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
-	47, // 60: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
-	49, // 61: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
-	51, // 62: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
-	54, // 63: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
-	56, // 64: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
-	58, // 65: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
-	2,  // 66: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
-	11, // 67: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
-	16, // 68: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
-	21, // 69: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
-	23, // 70: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
-	25, // 71: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
-	28, // 72: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
-	30, // 73: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
-	32, // 74: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
-	61, // 75: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
-	63, // 76: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
-	66, // 77: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
-	68, // 78: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
-	71, // 79: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
-	35, // 80: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
-	37, // 81: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
-	39, // 82: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
-	41, // 83: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
-	43, // 84: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
-	45, // 85: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
-	48, // 86: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
-	50, // 87: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
-	52, // 88: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
-	55, // 89: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
-	57, // 90: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
-	59, // 91: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
-	66, // [66:92] is the sub-list for method output_type
-	40, // [40:66] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	22, // 22: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
+	19, // 23: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
+	20, // 24: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
+	21, // 25: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
+	21, // 26: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
+	86, // 27: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
+	22, // 28: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
+	19, // 29: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
+	28, // 30: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	28, // 31: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	28, // 32: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
+	20, // 33: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
+	37, // 34: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
+	36, // 35: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
+	40, // 36: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
+	41, // 37: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
+	87, // 38: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
+	88, // 39: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
+	45, // 40: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
+	89, // 41: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
+	90, // 42: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
+	58, // 43: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
+	58, // 44: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
+	65, // 45: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
+	76, // 46: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
+	81, // 47: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
+	11, // 48: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
+	1,  // 49: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
+	17, // 50: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
+	17, // 51: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
+	18, // 52: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
+	24, // 53: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
+	26, // 54: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
+	29, // 55: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
+	31, // 56: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
+	33, // 57: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
+	35, // 58: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
+	39, // 59: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
+	43, // 60: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
+	72, // 61: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
+	74, // 62: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
+	77, // 63: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
+	79, // 64: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
+	82, // 65: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
+	46, // 66: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
+	48, // 67: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
+	50, // 68: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
+	52, // 69: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
+	54, // 70: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
+	56, // 71: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
+	59, // 72: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
+	61, // 73: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
+	63, // 74: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
+	66, // 75: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
+	68, // 76: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
+	70, // 77: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
+	2,  // 78: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
+	11, // 79: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
+	16, // 80: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
+	23, // 81: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
+	25, // 82: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
+	27, // 83: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
+	30, // 84: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
+	32, // 85: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
+	34, // 86: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
+	38, // 87: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
+	42, // 88: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
+	44, // 89: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
+	73, // 90: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
+	75, // 91: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
+	78, // 92: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
+	80, // 93: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
+	83, // 94: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
+	47, // 95: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
+	49, // 96: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
+	51, // 97: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
+	53, // 98: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
+	55, // 99: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
+	57, // 100: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
+	60, // 101: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
+	62, // 102: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
+	64, // 103: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
+	67, // 104: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
+	69, // 105: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
+	71, // 106: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
+	78, // [78:107] is the sub-list for method output_type
+	49, // [49:78] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_segmesh_v1_segmesh_proto_init() }
@@ -5158,7 +6226,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmesh_v1_segmesh_proto_rawDesc), len(file_segmesh_v1_segmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   78,
+			NumMessages:   90,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -64,6 +64,14 @@ const (
 	// OperatorServiceListNodesProcedure is the fully-qualified name of the OperatorService's ListNodes
 	// RPC.
 	OperatorServiceListNodesProcedure = "/segmesh.v1.OperatorService/ListNodes"
+	// OperatorServiceGetNodeProcedure is the fully-qualified name of the OperatorService's GetNode RPC.
+	OperatorServiceGetNodeProcedure = "/segmesh.v1.OperatorService/GetNode"
+	// OperatorServiceListDeniedFlowsProcedure is the fully-qualified name of the OperatorService's
+	// ListDeniedFlows RPC.
+	OperatorServiceListDeniedFlowsProcedure = "/segmesh.v1.OperatorService/ListDeniedFlows"
+	// OperatorServiceGetSegmentGraphProcedure is the fully-qualified name of the OperatorService's
+	// GetSegmentGraph RPC.
+	OperatorServiceGetSegmentGraphProcedure = "/segmesh.v1.OperatorService/GetSegmentGraph"
 	// OperatorServiceCreateTokenProcedure is the fully-qualified name of the OperatorService's
 	// CreateToken RPC.
 	OperatorServiceCreateTokenProcedure = "/segmesh.v1.OperatorService/CreateToken"
@@ -393,6 +401,13 @@ func (UnimplementedAgentServiceHandler) RotateKey(context.Context, *connect.Requ
 type OperatorServiceClient interface {
 	Status(context.Context, *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error)
 	ListNodes(context.Context, *connect.Request[segmeshv1.ListNodesRequest]) (*connect.Response[segmeshv1.ListNodesResponse], error)
+	// GetNode returns one node's status in depth, peers included; NotFound when unknown.
+	GetNode(context.Context, *connect.Request[segmeshv1.GetNodeRequest]) (*connect.Response[segmeshv1.GetNodeResponse], error)
+	// ListDeniedFlows lists the flows nodes reported as dropped by their policy,
+	// each with its segments and the closest rules.
+	ListDeniedFlows(context.Context, *connect.Request[segmeshv1.ListDeniedFlowsRequest]) (*connect.Response[segmeshv1.ListDeniedFlowsResponse], error)
+	// GetSegmentGraph returns the allowed flows between segments of the policy in force.
+	GetSegmentGraph(context.Context, *connect.Request[segmeshv1.GetSegmentGraphRequest]) (*connect.Response[segmeshv1.GetSegmentGraphResponse], error)
 	CreateToken(context.Context, *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error)
 	ApplyPolicy(context.Context, *connect.Request[segmeshv1.ApplyPolicyRequest]) (*connect.Response[segmeshv1.ApplyPolicyResponse], error)
 	GetPolicy(context.Context, *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error)
@@ -443,6 +458,24 @@ func NewOperatorServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			httpClient,
 			baseURL+OperatorServiceListNodesProcedure,
 			connect.WithSchema(operatorServiceMethods.ByName("ListNodes")),
+			connect.WithClientOptions(opts...),
+		),
+		getNode: connect.NewClient[segmeshv1.GetNodeRequest, segmeshv1.GetNodeResponse](
+			httpClient,
+			baseURL+OperatorServiceGetNodeProcedure,
+			connect.WithSchema(operatorServiceMethods.ByName("GetNode")),
+			connect.WithClientOptions(opts...),
+		),
+		listDeniedFlows: connect.NewClient[segmeshv1.ListDeniedFlowsRequest, segmeshv1.ListDeniedFlowsResponse](
+			httpClient,
+			baseURL+OperatorServiceListDeniedFlowsProcedure,
+			connect.WithSchema(operatorServiceMethods.ByName("ListDeniedFlows")),
+			connect.WithClientOptions(opts...),
+		),
+		getSegmentGraph: connect.NewClient[segmeshv1.GetSegmentGraphRequest, segmeshv1.GetSegmentGraphResponse](
+			httpClient,
+			baseURL+OperatorServiceGetSegmentGraphProcedure,
+			connect.WithSchema(operatorServiceMethods.ByName("GetSegmentGraph")),
 			connect.WithClientOptions(opts...),
 		),
 		createToken: connect.NewClient[segmeshv1.CreateTokenRequest, segmeshv1.CreateTokenResponse](
@@ -560,6 +593,9 @@ func NewOperatorServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 type operatorServiceClient struct {
 	status              *connect.Client[segmeshv1.StatusRequest, segmeshv1.StatusResponse]
 	listNodes           *connect.Client[segmeshv1.ListNodesRequest, segmeshv1.ListNodesResponse]
+	getNode             *connect.Client[segmeshv1.GetNodeRequest, segmeshv1.GetNodeResponse]
+	listDeniedFlows     *connect.Client[segmeshv1.ListDeniedFlowsRequest, segmeshv1.ListDeniedFlowsResponse]
+	getSegmentGraph     *connect.Client[segmeshv1.GetSegmentGraphRequest, segmeshv1.GetSegmentGraphResponse]
 	createToken         *connect.Client[segmeshv1.CreateTokenRequest, segmeshv1.CreateTokenResponse]
 	applyPolicy         *connect.Client[segmeshv1.ApplyPolicyRequest, segmeshv1.ApplyPolicyResponse]
 	getPolicy           *connect.Client[segmeshv1.GetPolicyRequest, segmeshv1.GetPolicyResponse]
@@ -588,6 +624,21 @@ func (c *operatorServiceClient) Status(ctx context.Context, req *connect.Request
 // ListNodes calls segmesh.v1.OperatorService.ListNodes.
 func (c *operatorServiceClient) ListNodes(ctx context.Context, req *connect.Request[segmeshv1.ListNodesRequest]) (*connect.Response[segmeshv1.ListNodesResponse], error) {
 	return c.listNodes.CallUnary(ctx, req)
+}
+
+// GetNode calls segmesh.v1.OperatorService.GetNode.
+func (c *operatorServiceClient) GetNode(ctx context.Context, req *connect.Request[segmeshv1.GetNodeRequest]) (*connect.Response[segmeshv1.GetNodeResponse], error) {
+	return c.getNode.CallUnary(ctx, req)
+}
+
+// ListDeniedFlows calls segmesh.v1.OperatorService.ListDeniedFlows.
+func (c *operatorServiceClient) ListDeniedFlows(ctx context.Context, req *connect.Request[segmeshv1.ListDeniedFlowsRequest]) (*connect.Response[segmeshv1.ListDeniedFlowsResponse], error) {
+	return c.listDeniedFlows.CallUnary(ctx, req)
+}
+
+// GetSegmentGraph calls segmesh.v1.OperatorService.GetSegmentGraph.
+func (c *operatorServiceClient) GetSegmentGraph(ctx context.Context, req *connect.Request[segmeshv1.GetSegmentGraphRequest]) (*connect.Response[segmeshv1.GetSegmentGraphResponse], error) {
+	return c.getSegmentGraph.CallUnary(ctx, req)
 }
 
 // CreateToken calls segmesh.v1.OperatorService.CreateToken.
@@ -684,6 +735,13 @@ func (c *operatorServiceClient) Backup(ctx context.Context, req *connect.Request
 type OperatorServiceHandler interface {
 	Status(context.Context, *connect.Request[segmeshv1.StatusRequest]) (*connect.Response[segmeshv1.StatusResponse], error)
 	ListNodes(context.Context, *connect.Request[segmeshv1.ListNodesRequest]) (*connect.Response[segmeshv1.ListNodesResponse], error)
+	// GetNode returns one node's status in depth, peers included; NotFound when unknown.
+	GetNode(context.Context, *connect.Request[segmeshv1.GetNodeRequest]) (*connect.Response[segmeshv1.GetNodeResponse], error)
+	// ListDeniedFlows lists the flows nodes reported as dropped by their policy,
+	// each with its segments and the closest rules.
+	ListDeniedFlows(context.Context, *connect.Request[segmeshv1.ListDeniedFlowsRequest]) (*connect.Response[segmeshv1.ListDeniedFlowsResponse], error)
+	// GetSegmentGraph returns the allowed flows between segments of the policy in force.
+	GetSegmentGraph(context.Context, *connect.Request[segmeshv1.GetSegmentGraphRequest]) (*connect.Response[segmeshv1.GetSegmentGraphResponse], error)
 	CreateToken(context.Context, *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error)
 	ApplyPolicy(context.Context, *connect.Request[segmeshv1.ApplyPolicyRequest]) (*connect.Response[segmeshv1.ApplyPolicyResponse], error)
 	GetPolicy(context.Context, *connect.Request[segmeshv1.GetPolicyRequest]) (*connect.Response[segmeshv1.GetPolicyResponse], error)
@@ -730,6 +788,24 @@ func NewOperatorServiceHandler(svc OperatorServiceHandler, opts ...connect.Handl
 		OperatorServiceListNodesProcedure,
 		svc.ListNodes,
 		connect.WithSchema(operatorServiceMethods.ByName("ListNodes")),
+		connect.WithHandlerOptions(opts...),
+	)
+	operatorServiceGetNodeHandler := connect.NewUnaryHandler(
+		OperatorServiceGetNodeProcedure,
+		svc.GetNode,
+		connect.WithSchema(operatorServiceMethods.ByName("GetNode")),
+		connect.WithHandlerOptions(opts...),
+	)
+	operatorServiceListDeniedFlowsHandler := connect.NewUnaryHandler(
+		OperatorServiceListDeniedFlowsProcedure,
+		svc.ListDeniedFlows,
+		connect.WithSchema(operatorServiceMethods.ByName("ListDeniedFlows")),
+		connect.WithHandlerOptions(opts...),
+	)
+	operatorServiceGetSegmentGraphHandler := connect.NewUnaryHandler(
+		OperatorServiceGetSegmentGraphProcedure,
+		svc.GetSegmentGraph,
+		connect.WithSchema(operatorServiceMethods.ByName("GetSegmentGraph")),
 		connect.WithHandlerOptions(opts...),
 	)
 	operatorServiceCreateTokenHandler := connect.NewUnaryHandler(
@@ -846,6 +922,12 @@ func NewOperatorServiceHandler(svc OperatorServiceHandler, opts ...connect.Handl
 			operatorServiceStatusHandler.ServeHTTP(w, r)
 		case OperatorServiceListNodesProcedure:
 			operatorServiceListNodesHandler.ServeHTTP(w, r)
+		case OperatorServiceGetNodeProcedure:
+			operatorServiceGetNodeHandler.ServeHTTP(w, r)
+		case OperatorServiceListDeniedFlowsProcedure:
+			operatorServiceListDeniedFlowsHandler.ServeHTTP(w, r)
+		case OperatorServiceGetSegmentGraphProcedure:
+			operatorServiceGetSegmentGraphHandler.ServeHTTP(w, r)
 		case OperatorServiceCreateTokenProcedure:
 			operatorServiceCreateTokenHandler.ServeHTTP(w, r)
 		case OperatorServiceApplyPolicyProcedure:
@@ -897,6 +979,18 @@ func (UnimplementedOperatorServiceHandler) Status(context.Context, *connect.Requ
 
 func (UnimplementedOperatorServiceHandler) ListNodes(context.Context, *connect.Request[segmeshv1.ListNodesRequest]) (*connect.Response[segmeshv1.ListNodesResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.ListNodes is not implemented"))
+}
+
+func (UnimplementedOperatorServiceHandler) GetNode(context.Context, *connect.Request[segmeshv1.GetNodeRequest]) (*connect.Response[segmeshv1.GetNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.GetNode is not implemented"))
+}
+
+func (UnimplementedOperatorServiceHandler) ListDeniedFlows(context.Context, *connect.Request[segmeshv1.ListDeniedFlowsRequest]) (*connect.Response[segmeshv1.ListDeniedFlowsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.ListDeniedFlows is not implemented"))
+}
+
+func (UnimplementedOperatorServiceHandler) GetSegmentGraph(context.Context, *connect.Request[segmeshv1.GetSegmentGraphRequest]) (*connect.Response[segmeshv1.GetSegmentGraphResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.OperatorService.GetSegmentGraph is not implemented"))
 }
 
 func (UnimplementedOperatorServiceHandler) CreateToken(context.Context, *connect.Request[segmeshv1.CreateTokenRequest]) (*connect.Response[segmeshv1.CreateTokenResponse], error) {
