@@ -480,6 +480,9 @@ func (c *Controller) httpServer() *http.Server {
 	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit),
 		connect.WithInterceptors(c.auditRefusals()))
 	mux.Handle(path, c.withOperatorAuth(h))
+	ui := uiHandler()
+	mux.Handle(UIPath, ui)
+	mux.Handle("/{$}", ui)
 	return &http.Server{
 		Handler: mux,
 		TLSConfig: &tls.Config{
