@@ -5,7 +5,8 @@
 # agent memory under load), prometheus (promtool: the metrics test checks both daemons'
 # /metrics with `promtool check metrics`); dpkg, lintian, rpm and systemd
 # (systemd-analyze, systemd-sysusers) and util-linux (setpriv) for make package and its
-# tests in packaging/. WireGuard itself needs no install: the agent
+# tests in packaging/; chromium (headless, driven by the status page test in test/e2e).
+# WireGuard itself needs no install: the agent
 # uses kernel WireGuard where present and embedded wireguard-go otherwise.
 # Idempotent: does nothing when every tool is already there.
 set -euo pipefail
@@ -23,6 +24,7 @@ command -v lintian >/dev/null || need+=(lintian)
 command -v rpm >/dev/null || need+=(rpm)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v chromium >/dev/null || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

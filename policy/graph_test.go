@@ -52,7 +52,7 @@ segments:
 		{
 			name:  "no rules: segments only, all left out",
 			nodes: inv,
-			want: "segment web 2\nsegment api 3\nsegment db 1\nsegment empty 0\nsegment partners external\n",
+			want:  "segment web 2\nsegment api 3\nsegment db 1\nsegment empty 0\nsegment partners external\n",
 		},
 		{
 			name: "one edge per pair, ports united and sorted, rules in file order once",

@@ -127,13 +127,15 @@ function renderFlows(resp, err) {
       ? "Denied flows are not available on this controller."
       : "Denied flows not available: " + err.message;
     $("flows-count").textContent = "";
+    $("flows").hidden = true;
     body.replaceChildren();
     return;
   }
   const flows = resp.flows || [];
   $("flows-count").textContent = "(" + flows.length + ")";
+  $("flows").hidden = flows.length === 0;
   note.hidden = flows.length > 0 && !num(resp.dropped);
-  note.textContent = flows.length ? num(resp.dropped) + " older records dropped from the controller's bounded log" : "No denied flow reported.";
+  note.textContent = flows.length ? num(resp.dropped) + " records not kept (the controller's log and the nodes' reports are bounded)" : "No denied flow reported.";
   body.replaceChildren(...flows.map((r) => {
     const f = r.flow || {};
     const packet = (f.protocol || "?") + (num(f.port) ? "/" + num(f.port) : "");
@@ -156,26 +158,63 @@ function renderFlows(resp, err) {
 // --- segment graph -----------------------------------------------------------
 
 const NODE_R = 38;
+const LOOP_REACH = 78; // how far a self-loop's control points lie beyond its circle
+const LABEL_H = 15;
 
 function short(s, n) { return s.length > n ? s.slice(0, n - 1) + "…" : s; }
 
+// labelBox is the box a label of text centred at (x, y) takes, roughly.
+function labelBox(x, y, text) {
+  const w = 7 * text.length + 8;
+  return { x0: x - w / 2, x1: x + w / 2, y0: y - LABEL_H / 2, y1: y + LABEL_H / 2 };
+}
+
+function boxesOverlap(a, b) { return a.x0 < b.x1 && b.x0 < a.x1 && a.y0 < b.y1 && b.y0 < a.y1; }
+
+function boxHitsCircle(b, c) {
+  const dx = Math.max(b.x0 - c.x, 0, c.x - b.x1), dy = Math.max(b.y0 - c.y, 0, c.y - b.y1);
+  return dx * dx + dy * dy < NODE_R * NODE_R;
+}
+
 // renderGraph draws the segments on a circle and one arrow per edge, each bent
 // to its right so that a -> b and b -> a stay apart; a rule within a segment is
-// a loop on the outside of the circle.
+// a loop on the outside of the circle. Each label goes at the first point along
+// its arrow where it covers no other label and no segment.
 function renderGraph(g) {
   const svg = $("graph");
   const segs = g.segments || [], edges = g.edges || [];
   $("graph-count").textContent = "(" + segs.length + " segments, " + edges.length + " edges)";
-  const R = segs.length <= 1 ? 0 : Math.max(140, Math.min(320, segs.length * 34));
-  const pad = NODE_R + 100;
-  const size = 2 * (R + pad);
-  const c = size / 2;
-  svg.setAttribute("viewBox", "0 0 " + size + " " + (segs.length ? size : 120));
+  if (!segs.length) {
+    svg.setAttribute("viewBox", "0 0 600 80");
+    svg.setAttribute("width", 600);
+    svg.setAttribute("height", 80);
+    svg.replaceChildren(el("svg:text", { x: 300, y: 45, "text-anchor": "middle", class: "empty-note" }, "No segment: the policy in force allows nothing (default deny)."));
+    return;
+  }
+  const R = segs.length <= 1 ? 0 : Math.max(165, Math.min(340, segs.length * 36));
   const pos = new Map();
   segs.forEach((s, i) => {
     const a = -Math.PI / 2 + (2 * Math.PI * i) / segs.length;
-    pos.set(s.segment, { x: c + R * Math.cos(a), y: c + R * Math.sin(a), a });
+    pos.set(s.segment, { x: R * Math.cos(a), y: R * Math.sin(a), a });
   });
+  const circles = [...pos.values()];
+  // extent collects the points the picture must hold.
+  const extent = circles.flatMap((c) => [[c.x - NODE_R, c.y - NODE_R], [c.x + NODE_R, c.y + NODE_R]]);
+  const placed = [];
+  const place = (text, candidates) => {
+    let at = candidates[0];
+    for (const [x, y] of candidates) {
+      const b = labelBox(x, y, text);
+      if (!placed.some((p) => boxesOverlap(p, b)) && !circles.some((c) => boxHitsCircle(b, c))) {
+        at = [x, y];
+        break;
+      }
+    }
+    const b = labelBox(at[0], at[1], text);
+    placed.push(b);
+    extent.push([b.x0, b.y0], [b.x1, b.y1]);
+    return at;
+  };
 
   const defs = el("svg:defs", {},
     el("svg:marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" },
@@ -183,43 +222,37 @@ function renderGraph(g) {
   const edgeLayer = el("svg:g", {});
   const nodeLayer = el("svg:g", {});
   const labelLayer = el("svg:g", {});
-
-  if (!segs.length) {
-    svg.replaceChildren(el("svg:text", { x: "50%", y: 60, "text-anchor": "middle", class: "empty-note" }, "No segment: the policy in force allows nothing (default deny)."));
-    return;
-  }
-
   const f = (v) => v.toFixed(1);
   for (const e of edges) {
     const a = pos.get(e.from), b = pos.get(e.to);
     if (!a || !b) continue;
     const ports = (e.ports || []).join(" ");
+    const text = short(ports, 30);
     const title = e.from + " → " + e.to + ": " + ports + "  (rules: " + (e.rules || []).join(", ") + ")";
     let d, lx, ly;
     if (e.from === e.to) {
       const ua = segs.length > 1 ? a.a : -Math.PI / 2;
       const p = (ang, r) => [a.x + r * Math.cos(ang), a.y + r * Math.sin(ang)];
       const [sx, sy] = p(ua - 0.45, NODE_R), [ex, ey] = p(ua + 0.45, NODE_R + 4);
-      const [c1x, c1y] = p(ua - 0.6, NODE_R + 75), [c2x, c2y] = p(ua + 0.6, NODE_R + 75);
+      const [c1x, c1y] = p(ua - 0.6, NODE_R + LOOP_REACH), [c2x, c2y] = p(ua + 0.6, NODE_R + LOOP_REACH);
       d = `M${f(sx)},${f(sy)} C${f(c1x)},${f(c1y)} ${f(c2x)},${f(c2y)} ${f(ex)},${f(ey)}`;
-      [lx, ly] = p(ua, NODE_R + 72);
+      // A cubic reaches about 3/4 of the way to its control points.
+      for (const da of [-0.5, 0, 0.5]) extent.push(p(ua + da, NODE_R + 0.75 * LOOP_REACH + 4));
+      [lx, ly] = place(text, [p(ua, NODE_R + 0.75 * LOOP_REACH + 14), p(ua, NODE_R + LOOP_REACH + 14)]);
     } else {
       const dx = b.x - a.x, dy = b.y - a.y, len = Math.hypot(dx, dy);
-      const bend = 26;
-      // control point: the chord's midpoint moved to the right of a -> b
-      const cx = (a.x + b.x) / 2 - (dy / len) * bend * 2, cy = (a.y + b.y) / 2 + (dx / len) * bend * 2;
-      const toward = (p, q, r) => { const l = Math.hypot(q.x - p.x, q.y - p.y); return [p.x + (q.x - p.x) * r / l, p.y + (q.y - p.y) * r / l]; };
-      const ctrl = { x: cx, y: cy };
-      const [sx, sy] = toward(a, ctrl, NODE_R), [ex, ey] = toward(b, ctrl, NODE_R + 4);
+      const bend = 52; // control point: the chord's midpoint moved to the right of a -> b
+      const cx = (a.x + b.x) / 2 - (dy / len) * bend, cy = (a.y + b.y) / 2 + (dx / len) * bend;
+      const toward = (p, r) => { const l = Math.hypot(cx - p.x, cy - p.y); return [p.x + (cx - p.x) * r / l, p.y + (cy - p.y) * r / l]; };
+      const [sx, sy] = toward(a, NODE_R), [ex, ey] = toward(b, NODE_R + 4);
       d = `M${f(sx)},${f(sy)} Q${f(cx)},${f(cy)} ${f(ex)},${f(ey)}`;
-      lx = 0.25 * sx + 0.5 * cx + 0.25 * ex;
-      ly = 0.25 * sy + 0.5 * cy + 0.25 * ey;
+      const at = (t) => [(1 - t) * (1 - t) * sx + 2 * (1 - t) * t * cx + t * t * ex, (1 - t) * (1 - t) * sy + 2 * (1 - t) * t * cy + t * t * ey];
+      [lx, ly] = place(text, [0.5, 0.38, 0.62, 0.28, 0.72, 0.2, 0.8].map(at));
     }
     edgeLayer.append(el("svg:g", { class: "edge", "data-edge": e.from + "->" + e.to },
       el("svg:title", {}, title),
       el("svg:path", { d, "marker-end": "url(#arrow)" })));
-    labelLayer.append(el("svg:g", { class: "edge-label" },
-      el("svg:text", { x: f(lx), y: f(ly + 4), "text-anchor": "middle" }, el("svg:title", {}, title), short(ports, 30))));
+    labelLayer.append(el("svg:text", { x: f(lx), y: f(ly + 4), "text-anchor": "middle", class: "label" }, el("svg:title", {}, title), text));
   }
   for (const s of segs) {
     const p = pos.get(s.segment);
@@ -229,10 +262,17 @@ function renderGraph(g) {
     nodeLayer.append(el("svg:g", { class: cls, "data-segment": s.segment },
       el("svg:title", {}, s.segment + (external ? " (external CIDRs)" : " (" + members + " nodes)")),
       el("svg:circle", { cx: f(p.x), cy: f(p.y), r: NODE_R }),
-      el("svg:text", { x: f(p.x), y: f(p.y - 1), "text-anchor": "middle", class: "name" }, short(s.segment, 11)),
+      el("svg:text", { x: f(p.x), y: f(p.y - 1), "text-anchor": "middle", class: s.segment.length > 7 ? "name long" : "name" }, short(s.segment, 11)),
       el("svg:text", { x: f(p.x), y: f(p.y + 15), "text-anchor": "middle", class: "members" },
         external ? "external" : members + (members === 1 ? " node" : " nodes"))));
   }
+  // Drawn at its own size (1 unit = 1 px) so that text keeps its size.
+  const m = 12;
+  const x0 = Math.min(...extent.map((p) => p[0])) - m, x1 = Math.max(...extent.map((p) => p[0])) + m;
+  const y0 = Math.min(...extent.map((p) => p[1])) - m, y1 = Math.max(...extent.map((p) => p[1])) + m;
+  svg.setAttribute("viewBox", [x0, y0, x1 - x0, y1 - y0].map(f).join(" "));
+  svg.setAttribute("width", f(x1 - x0));
+  svg.setAttribute("height", f(y1 - y0));
   svg.replaceChildren(defs, edgeLayer, nodeLayer, labelLayer);
 }
 
