@@ -229,16 +229,32 @@ func TestStatusPage(t *testing.T) {
 
 	bctx, cancel := context.WithTimeout(startChromium(t, m, serverSPKIHash(ctx, t, m, tlsCfg)), browserTimeout)
 	defer cancel()
+	signIn := func(token string) chromedp.Action[chromedp.Void] {
+		return chromedp.Steps(
+			chromedp.WaitVisible(chromedp.ID("token")),
+			chromedp.SendKeys(chromedp.ID("token"), token),
+			chromedp.Click(chromedp.CSS(`#login-form button[type="submit"]`)),
+		)
+	}
+	// The controller refuses an unknown token; the page says so and asks again.
 	err = chromedp.Do(bctx,
 		// "/" redirects to the page.
 		chromedp.Navigate(m.URL+"/"),
-		chromedp.WaitVisible(chromedp.ID("token")),
-		chromedp.SendKeys(chromedp.ID("token"), cred.Token),
-		chromedp.Click(chromedp.CSS(`#login-form button[type="submit"]`)),
-		chromedp.WaitReady(chromedp.CSS(`body[data-state="ready"]`)),
+		signIn("not-a-token"),
+		chromedp.WaitVisible(chromedp.ID("login-error")),
 	)
 	if err != nil {
+		t.Fatalf("signing in with an unknown token: %v", err)
+	}
+	if msg := run(t, bctx, chromedp.Text(chromedp.ID("login-error"))); !strings.Contains(msg, "unknown token") {
+		t.Errorf("sign-in with an unknown token says %q, want the controller's refusal", msg)
+	}
+	if err := chromedp.Do(bctx, signIn(cred.Token), chromedp.WaitReady(chromedp.CSS(`body[data-state="ready"]`))); err != nil {
 		t.Fatalf("signing in on the status page: %v", err)
+	}
+	// The token stays in the tab: no cookie, no URL.
+	if c := run(t, bctx, chromedp.Evaluate[string](`document.cookie`)); c != "" {
+		t.Errorf("the page set cookies %q", c)
 	}
 	location := run(t, bctx, chromedp.Location())
 	rows := run(t, bctx, chromedp.Evaluate[[]string](`[...document.querySelectorAll("#nodes tbody tr[data-node]")].map(r => r.dataset.node + " " + [...r.cells].slice(1, 5).map(c => c.textContent).join(" "))`))
@@ -267,6 +283,13 @@ func TestStatusPage(t *testing.T) {
 	}
 	if n := len(m.Nodes()); progress != fmt.Sprintf("%d / %d active nodes enforce it", n, n) {
 		t.Errorf("progress shown %q, want every one of the %d nodes", progress, n)
+	}
+
+	// The page refreshes by itself.
+	updated := run(t, bctx, chromedp.Text(chromedp.ID("updated")))
+	expr := fmt.Sprintf(`document.getElementById("updated").textContent !== %q`, updated)
+	if _, err := chromedp.Run(bctx, chromedp.Poll[bool](expr, chromedp.WithPollingTimeout(15*time.Second))); err != nil {
+		t.Errorf("the page did not refresh within 15s (still %q): %v", updated, err)
 	}
 
 	if *updateScreenshot {
