@@ -2,8 +2,8 @@
 // evaluates them for the people who write them: the tests section (RunTests),
 // why a packet is allowed or denied (Explain), what a change does (Diff), on a
 // real inventory (ParseInventory, the NODES.yaml format) or on one derived from
-// the policy (PrototypeInventory), and what selects no node of an inventory
-// (Warnings). Label keys and values have one syntax everywhere, defined here
+// the policy (PrototypeInventory), what selects no node of an inventory
+// (Warnings), and which segments may reach which (Graph). Label keys and values have one syntax everywhere, defined here
 // (LabelSyntax, CheckLabels) and enforced in selectors, inventories and by the
 // controller. docs/policy.md is the reference of the format and its semantics.
 //
