@@ -312,7 +312,7 @@ async function refresh() {
       lastGraph = gkey;
     }
     renderFlows(flows, flowsErr);
-    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    $("updated").textContent = "updated " + new Date().toTimeString().slice(0, 8);
     document.body.dataset.state = "ready";
   } catch (e) {
     if (e.code === "unauthenticated" || e.code === "permission_denied") {
@@ -322,7 +322,7 @@ async function refresh() {
       const banner = $("banner");
       banner.hidden = false;
       banner.textContent = e.message;
-      $("updated").textContent = "refresh failed " + new Date().toLocaleTimeString();
+      $("updated").textContent = "refresh failed " + new Date().toTimeString().slice(0, 8);
       document.body.dataset.state = "error";
     }
   } finally {

@@ -287,7 +287,11 @@ func TestStatusPage(t *testing.T) {
 
 	// The page refreshes by itself.
 	updated := run(t, bctx, chromedp.Text(chromedp.ID("updated")))
-	expr := fmt.Sprintf(`document.getElementById("updated").textContent !== %q`, updated)
+	quoted, err := json.Marshal(updated)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expr := `document.getElementById("updated").textContent !== ` + string(quoted)
 	if _, err := chromedp.Run(bctx, chromedp.Poll[bool](expr, chromedp.WithPollingTimeout(15*time.Second))); err != nil {
 		t.Errorf("the page did not refresh within 15s (still %q): %v", updated, err)
 	}
@@ -307,12 +311,16 @@ func run[T any](t *testing.T, ctx context.Context, a chromedp.Action[T]) T {
 	return v
 }
 
-// writeScreenshot saves the whole page as docs/status-page.png, after the
-// denied-flows section has had a refresh to show what the agents reported.
+// writeScreenshot saves the whole page as docs/status-page.png, once the
+// denied-flows section shows what the agents reported.
 func writeScreenshot(t *testing.T, ctx context.Context) {
 	t.Helper()
-	run(t, ctx, chromedp.Poll[bool](`document.querySelector("#flows tbody tr") !== null || !document.querySelector("#flows-note").hidden`,
-		chromedp.WithPollingTimeout(20*time.Second)))
+	// Agents report denied flows periodically: wait for the probe's, unless
+	// the controller has no denied flows to give.
+	const flowsShown = `document.querySelector("#flows tbody tr") !== null || document.getElementById("flows-note").textContent.includes("not available")`
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](flowsShown, chromedp.WithPollingTimeout(45*time.Second))); err != nil {
+		t.Logf("no denied flow on the page for the screenshot: %v", err)
+	}
 	png := run(t, ctx, chromedp.FullScreenshot(100)) // quality 100: PNG
 	path := filepath.Join(moduleRoot, "docs", "status-page.png")
 	if err := os.WriteFile(path, png, 0o644); err != nil {
