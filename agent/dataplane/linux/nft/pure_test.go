@@ -42,9 +42,10 @@ func TestDecodeRuleRoundTrip(t *testing.T) {
 			}
 		}
 	}
-	// 3 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders + final drop
-	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 3+8+2+2+1 {
-		t.Errorf("ingress has %d rules, want 16", got)
+	// 3 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders
+	// + (3 port protocols + 1 other) * 2 families of record rules + final drop
+	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 3+8+2+2+8+1 {
+		t.Errorf("ingress has %d rules, want 24", got)
 	}
 }
 
@@ -56,7 +57,18 @@ func TestDecodeRuleRejectsOtherShapes(t *testing.T) {
 		exprs []expr.Any
 		udata []byte
 	}{
-		{"counter", []expr.Any{&expr.Counter{}, accept}, nil},
+		{"counter after verdict", []expr.Any{accept, &expr.Counter{}}, nil},
+		{"two counters", []expr.Any{&expr.Counter{}, &expr.Counter{}, accept}, nil},
+		{"record without family", recordExprs(firewall.FamilyIPv4, false, "denied_in4_proto"), nil},
+		{"record with a timeout", append(append([]expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{2}}}, recordExprs(firewall.FamilyIPv4, false, "s")[:3]...),
+			&expr.Dynset{SrcRegKey: 1, SetName: "s", Operation: dynsetOpUpdate, Timeout: 1000}), nil},
+		{"record add, not update", append(append([]expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{2}}}, recordExprs(firewall.FamilyIPv4, false, "s")[:3]...),
+			&expr.Dynset{SrcRegKey: 1, SetName: "s"}), nil},
+		{"port key without protocol", append([]expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{2}}}, recordExprs(firewall.FamilyIPv4, true, "s")...), nil},
+		{"two protocol exclusions", append(notPortExprs(), notPortExprs()...), nil},
 		{"two verdicts", []expr.Any{accept, accept}, nil},
 		{"verdict before match", append([]expr.Any{accept}, tcp...), nil},
 		{"wildcard interface", []expr.Any{&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
