@@ -14,7 +14,9 @@ var (
 	local = netip.MustParseAddr("100.64.0.1")
 )
 
-func peer(i int) netip.Addr { return netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}) }
+func peer(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)})
+}
 
 // in returns a kernel flow from peer i to local TCP port 22 with its counters.
 func in(i int, packets, bytes uint64) dataplane.DeniedFlow {

@@ -90,8 +90,8 @@ func TestDeniedFlowsRecorded(t *testing.T) {
 	d := waitDenied(t, fw, func(d dataplane.Denied) bool { return d.In.Packets >= 4 && d.Out.Packets >= 1 })
 	want := map[dataplane.DeniedFlow]bool{
 		{Direction: dataplane.DirectionIn, Src: peerAddr, Dst: localAddr, Protocol: firewall.ProtoUDP, Port: 7777, Packets: 3, Bytes: 3 * 38}: true,
-		{Direction: dataplane.DirectionIn, Src: peerAddr, Dst: localAddr, Protocol: firewall.ProtoICMP, Packets: 1, Bytes: 84}: true,
-		{Direction: dataplane.DirectionOut, Src: localAddr, Dst: peerAddr, Protocol: firewall.ProtoUDP, Port: 8888, Packets: 1, Bytes: 30}: true,
+		{Direction: dataplane.DirectionIn, Src: peerAddr, Dst: localAddr, Protocol: firewall.ProtoICMP, Packets: 1, Bytes: 84}:                true,
+		{Direction: dataplane.DirectionOut, Src: localAddr, Dst: peerAddr, Protocol: firewall.ProtoUDP, Port: 8888, Packets: 1, Bytes: 30}:    true,
 	}
 	if len(d.Flows) != len(want) {
 		t.Fatalf("flows %+v, want %d", d.Flows, len(want))
