@@ -94,7 +94,7 @@ func PlanUpdate(have, want *Table) Plan {
 			p.AddSets = append(p.AddSets, w.Name)
 			continue
 		}
-		if slices.Equal(w.Elements, h.Elements) {
+		if w.Dynamic || slices.Equal(w.Elements, h.Elements) {
 			continue
 		}
 		d, a := minusIntervals(h.Elements, w.Elements), minusIntervals(w.Elements, h.Elements)
