@@ -7,7 +7,9 @@
 // sets keep their elements; or, when the table is missing, the whole table created.
 // Reads are skipped while the kernel's ruleset generation has not changed, and after
 // a change by another process only the parts it touched are read again (see
-// tracker.go).
+// tracker.go). The packet path's updates of the denied-flow sets and counters do
+// not move the generation; Denied reads them (see denied.go), the table read-back
+// never does.
 package nft
 
 import (
