@@ -105,6 +105,11 @@ func TestDeniedFlowsRecorded(t *testing.T) {
 		t.Errorf("drop counters in %+v, out %+v, full %v; want 4 packets/198 bytes in, 1/30 out, not full", d.In, d.Out, d.Full)
 	}
 
+	// With kernel state taken out, nft(8)'s listing is the table's text again.
+	if listing := firewall.ZeroKernelState(local.MustExec(t, "nft", "list", "table", "inet", TableName) + "\n"); listing != build(t, policy.Filter{}).String() {
+		t.Errorf("listing after dropped traffic, kernel state taken out:\n%s\nwant\n%s", listing, build(t, policy.Filter{}).String())
+	}
+
 	// Elements and counter values are kernel state: no drift, no read-back.
 	got, err := fw.Read()
 	if err != nil {
@@ -143,6 +148,11 @@ func TestFullDeniedSetStillDrops(t *testing.T) {
 	}
 	sendUDP(t, peer, localAddr, 0, ports...)
 	d := waitDenied(t, fw, func(d dataplane.Denied) bool { return d.In.Packets >= uint64(len(ports)) })
+	start := time.Now()
+	if _, err := fw.Denied(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("reading %d denied flows took %v", len(d.Flows), time.Since(start))
 	if d.In.Packets != uint64(len(ports)) {
 		t.Errorf("drop counter %d packets, want %d: every packet reaches the drop", d.In.Packets, len(ports))
 	}
