@@ -32,6 +32,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"segmesh/agent/dataplane"
+	"segmesh/agent/flowlog"
 	"segmesh/agent/gossip"
 	"segmesh/agent/netmap"
 	"segmesh/agent/reconcile"
@@ -86,6 +87,10 @@ type Options struct {
 	// Resync is the period of dataplane read-back (drift repair), status reports,
 	// gossip re-joins and certificate expiry checks; defaults to DefaultResync.
 	Resync time.Duration
+	// FlowInterval is how often the agent reads the flows its policy dropped from
+	// the kernel (a report follows a read that found new ones); defaults to
+	// flowlog.Interval.
+	FlowInterval time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// NewDataplane opens the dataplane for an interface name. Required.
@@ -105,6 +110,7 @@ type agent struct {
 	id      statefile.Identity
 	dp      dataplane.Dataplane
 	rec     *reconcile.Reconciler
+	flows   *flowlog.Log // denied flows waiting for a report, and drop totals
 	gossip  *gossip.Manager
 	syncer  *syncer
 	gossipC chan struct{} // member changes and new netmaps, coalesced
@@ -192,6 +198,9 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if opts.Resync <= 0 {
 		opts.Resync = DefaultResync
 	}
+	if opts.FlowInterval <= 0 {
+		opts.FlowInterval = flowlog.Interval
+	}
 	if opts.ListenPort < 0 || opts.ListenPort > 65535 || opts.GossipPort < 0 || opts.GossipPort > 65535 {
 		return nil, fmt.Errorf("agent: port out of range (listen %d, gossip %d)", opts.ListenPort, opts.GossipPort)
 	}
@@ -245,7 +254,8 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		Addresses:  addrs,
 		Routes:     routes,
 	}, a.log.With("component", "reconcile"))
-	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, time.Now)
+	a.flows = flowlog.New()
+	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, a.flows.Stats, time.Now)
 	if err := m.register(opts.Metrics); err != nil {
 		_ = a.dp.Close()
 		return nil, fmt.Errorf("agent: registering metrics: %w", err)
@@ -285,6 +295,9 @@ func (a *agent) run(ctx context.Context) {
 		a.log.Error("initial apply failed; retrying every resync", "err", st.Err, "resync", a.opts.Resync)
 	}
 	signal(a.gossipC)
+	if r, ok := a.dp.(dataplane.DeniedReader); ok {
+		wg.Go(func() { a.flowLoop(ctx, r) })
+	}
 
 	if err := a.loadCertificate(); err != nil {
 		a.log.Error("cannot talk to the controller", "err", err)

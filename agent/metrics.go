@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"segmesh/agent/dataplane"
+	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
 	"segmesh/agent/reconcile"
 )
@@ -28,11 +29,13 @@ type agentMetrics struct {
 	applySeconds prometheus.Histogram
 	repairs      *prometheus.CounterVec
 	peers        *peersCollector
+	drops        *dropsCollector
 }
 
 // newAgentMetrics returns the collectors of an agent whose enforced revision
-// revision returns and whose netmap (for peer names) netmapOf returns.
-func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, now func() time.Time) *agentMetrics {
+// revision returns, whose netmap (for peer names) netmapOf returns and whose
+// denied-flow totals flows returns.
+func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, flows func() flowlog.Stats, now func() time.Time) *agentMetrics {
 	m := &agentMetrics{
 		revision: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "segmesh_agent_policy_revision",
@@ -54,6 +57,15 @@ func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, now
 			handshake: prometheus.NewDesc("segmesh_agent_peer_last_handshake_seconds",
 				"Seconds since the latest WireGuard handshake with each peer (by node name), as of the latest read-back; peers without a handshake yet are left out.", []string{"peer"}, nil),
 		},
+		drops: &dropsCollector{
+			stats: flows,
+			packets: prometheus.NewDesc("segmesh_agent_dropped_packets_total",
+				"Packets the policy dropped on the overlay interface, by direction (in: to this node, out: from it), as of the latest read of the kernel's drop counters.", []string{"direction"}, nil),
+			bytes: prometheus.NewDesc("segmesh_agent_dropped_bytes_total",
+				"Bytes (IP header and payload) the policy dropped on the overlay interface, by direction, as of the latest read of the kernel's drop counters.", []string{"direction"}, nil),
+			records: prometheus.NewDesc("segmesh_agent_denied_flow_records_total",
+				"Denied-flow records: a flow counts once for every read of the kernel that found more of its packets dropped.", nil, nil),
+		},
 	}
 	for _, p := range driftParts {
 		m.repairs.WithLabelValues(p)
@@ -66,7 +78,7 @@ func (m *agentMetrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.revision, m.applySeconds, m.repairs, m.peers} {
+	for _, c := range []prometheus.Collector{m.revision, m.applySeconds, m.repairs, m.peers, m.drops} {
 		if err := r.Register(c); err != nil {
 			return err
 		}
@@ -142,4 +154,30 @@ func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(p.handshake, prometheus.GaugeValue, max(0, now.Sub(hs).Seconds()), name)
 	}
+}
+
+// dropsCollector exports the drop totals of the agent's flow log. The kernel's
+// counters restart with every new table or rule set; the log adds up their
+// growth, so these are true counters for the life of the process.
+type dropsCollector struct {
+	stats                   func() flowlog.Stats
+	packets, bytes, records *prometheus.Desc
+}
+
+func (d *dropsCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- d.packets
+	ch <- d.bytes
+	ch <- d.records
+}
+
+func (d *dropsCollector) Collect(ch chan<- prometheus.Metric) {
+	st := d.stats()
+	for _, dir := range []struct {
+		name string
+		t    flowlog.Totals
+	}{{dataplane.DirectionIn, st.In}, {dataplane.DirectionOut, st.Out}} {
+		ch <- prometheus.MustNewConstMetric(d.packets, prometheus.CounterValue, float64(dir.t.Packets), dir.name)
+		ch <- prometheus.MustNewConstMetric(d.bytes, prometheus.CounterValue, float64(dir.t.Bytes), dir.name)
+	}
+	ch <- prometheus.MustNewConstMetric(d.records, prometheus.CounterValue, float64(st.Records))
 }

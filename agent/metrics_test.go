@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"segmesh/agent/dataplane"
+	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
 	"segmesh/agent/reconcile"
 )
@@ -21,7 +23,8 @@ func TestAgentMetrics(t *testing.T) {
 	}
 	now := time.Date(2026, 12, 2, 4, 0, 0, 0, time.UTC)
 	nm := &netmap.Netmap{Revision: 4, Peers: []netmap.Peer{{Name: "db-1", PublicKey: key(1)}, {Name: "web-2", PublicKey: key(2)}}}
-	m := newAgentMetrics(func() uint64 { return 4 }, func() *netmap.Netmap { return nm }, func() time.Time { return now })
+	flows := flowlog.New()
+	m := newAgentMetrics(func() uint64 { return 4 }, func() *netmap.Netmap { return nm }, flows.Stats, func() time.Time { return now })
 	reg := prometheus.NewRegistry()
 	if err := m.register(reg); err != nil {
 		t.Fatal(err)
@@ -44,7 +47,28 @@ func TestAgentMetrics(t *testing.T) {
 		},
 	})
 
+	// Two reads of the kernel, the rules recreated in between (a new epoch restarts
+	// the ingress counter from 0): the counters keep growing.
+	flow := dataplane.DeniedFlow{Direction: dataplane.DirectionIn, Src: netip.MustParseAddr("100.64.0.2"), Dst: netip.MustParseAddr("100.64.0.1"),
+		Protocol: 6, Port: 22, Packets: 3, Bytes: 180}
+	flows.Observe(now, dataplane.Denied{Flows: []dataplane.DeniedFlow{flow},
+		In: dataplane.DropCounter{Packets: 3, Bytes: 180, Epoch: 1}, Out: dataplane.DropCounter{Packets: 1, Bytes: 40, Epoch: 2}})
+	flow.Packets, flow.Bytes = 5, 300
+	flows.Observe(now.Add(10*time.Second), dataplane.Denied{Flows: []dataplane.DeniedFlow{flow},
+		In: dataplane.DropCounter{Packets: 2, Bytes: 120, Epoch: 9}, Out: dataplane.DropCounter{Packets: 1, Bytes: 40, Epoch: 2}})
+
 	want := `
+# HELP segmesh_agent_denied_flow_records_total Denied-flow records: a flow counts once for every read of the kernel that found more of its packets dropped.
+# TYPE segmesh_agent_denied_flow_records_total counter
+segmesh_agent_denied_flow_records_total 2
+# HELP segmesh_agent_dropped_bytes_total Bytes (IP header and payload) the policy dropped on the overlay interface, by direction, as of the latest read of the kernel's drop counters.
+# TYPE segmesh_agent_dropped_bytes_total counter
+segmesh_agent_dropped_bytes_total{direction="in"} 300
+segmesh_agent_dropped_bytes_total{direction="out"} 40
+# HELP segmesh_agent_dropped_packets_total Packets the policy dropped on the overlay interface, by direction (in: to this node, out: from it), as of the latest read of the kernel's drop counters.
+# TYPE segmesh_agent_dropped_packets_total counter
+segmesh_agent_dropped_packets_total{direction="in"} 5
+segmesh_agent_dropped_packets_total{direction="out"} 1
 # HELP segmesh_agent_drift_repairs_total Drift repairs by the dataplane part they restored (interface, wireguard, peer, address, route, nftables); a repair of several parts counts once for each.
 # TYPE segmesh_agent_drift_repairs_total counter
 segmesh_agent_drift_repairs_total{part="address"} 0
@@ -65,7 +89,8 @@ segmesh_agent_peers 3
 segmesh_agent_policy_revision 4
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"segmesh_agent_drift_repairs_total", "segmesh_agent_peer_last_handshake_seconds", "segmesh_agent_peers", "segmesh_agent_policy_revision"); err != nil {
+		"segmesh_agent_drift_repairs_total", "segmesh_agent_peer_last_handshake_seconds", "segmesh_agent_peers", "segmesh_agent_policy_revision",
+		"segmesh_agent_dropped_packets_total", "segmesh_agent_dropped_bytes_total", "segmesh_agent_denied_flow_records_total"); err != nil {
 		t.Error(err)
 	}
 	fams, err := reg.Gather()

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"segmesh/agent/enroll"
+	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
 	"segmesh/agent/reconcile"
 	"segmesh/api/segmeshv1"
@@ -45,8 +46,9 @@ type syncer struct {
 	cancelStream context.CancelCauseFunc // ends the open netmap stream; nil when none
 	netmapErr    error                   // why the latest netmap from the controller was rejected
 	lastReport   *segmeshv1.ReportRequest
-	reportMu     sync.Mutex // serialises reports so that they arrive in order
-	legacyOnce   sync.Once  // logs the first fallback to Sync
+	flowBatch    flowlog.Batch // the denied flows of the report being built; reportMu
+	reportMu     sync.Mutex    // serialises reports so that they arrive in order
+	legacyOnce   sync.Once     // logs the first fallback to Sync
 }
 
 func newSyncer(a *agent) (*syncer, error) {
@@ -439,6 +441,7 @@ func (s *syncer) report(ctx context.Context, force bool) {
 		return
 	}
 	s.lastReport = req
+	s.a.flows.Ack(s.flowBatch) // only now: a failed report carries them again
 }
 
 func (s *syncer) buildReport() *segmeshv1.ReportRequest {
@@ -452,6 +455,8 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 	if st.Err != nil {
 		errs = append(errs, st.Err.Error())
 	}
+	s.flowBatch = s.a.flows.Pending()
+	denied, deniedMore := deniedReport(s.flowBatch)
 	return &segmeshv1.ReportRequest{
 		AppliedRevision: st.Revision,
 		AppliedHash:     st.Hash,
@@ -460,6 +465,8 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 		AlivePeers:      slices.Clone(s.a.alivePeers()),
 		InSync:          st.InSync,
 		Drift:           driftReport(st),
+		DeniedFlows:     denied,
+		DeniedFlowsMore: deniedMore,
 	}
 }
 

@@ -94,7 +94,7 @@ func PlanUpdate(have, want *Table) Plan {
 			p.AddSets = append(p.AddSets, w.Name)
 			continue
 		}
-		if slices.Equal(w.Elements, h.Elements) {
+		if w.Dynamic || slices.Equal(w.Elements, h.Elements) {
 			continue
 		}
 		d, a := minusIntervals(h.Elements, w.Elements), minusIntervals(w.Elements, h.Elements)
@@ -121,8 +121,11 @@ func PlanUpdate(have, want *Table) Plan {
 // recreates the set when it is to keep fewer elements than it loses.
 const recreateAbove = 1024
 
+// sameSetDefinition compares everything but the elements. The elements of a
+// dynamic set are never compared anywhere: the kernel's packet path writes them.
 func sameSetDefinition(a, b Set) bool {
-	return a.Name == b.Name && a.Type == b.Type && a.Interval == b.Interval && a.Foreign == b.Foreign
+	return a.Name == b.Name && a.Type == b.Type && a.Interval == b.Interval && a.Dynamic == b.Dynamic &&
+		a.Size == b.Size && a.Timeout == b.Timeout && a.Counter == b.Counter && a.Foreign == b.Foreign
 }
 
 // SameStructure reports whether a and b (both sorted) have the same flags, chains,
@@ -191,8 +194,11 @@ func Compare(want, have *Table) []string {
 		case h == nil:
 			add("set %s is missing", w.Name)
 			continue
-		case h.Type != w.Type || h.Interval != w.Interval || h.Foreign != w.Foreign:
-			add("set %s has another type or flags", w.Name)
+		case !sameSetDefinition(*h, w):
+			add("set %s has another type, flags, size, timeout or counter", w.Name)
+		}
+		if w.Dynamic || h.Dynamic {
+			continue // elements are kernel state
 		}
 		if missing := minusIntervals(w.Elements, h.Elements); len(missing) > 0 {
 			add("set %s: %s missing", w.Name, elementList(missing))

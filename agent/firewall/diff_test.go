@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"segmesh/policy"
 )
@@ -139,5 +140,62 @@ func TestPlanUpdate(t *testing.T) {
 				t.Error("Compare reports no difference")
 			}
 		})
+	}
+}
+
+// TestDeniedSetsAreNotDrift: the elements of the denied-flow sets are kernel state
+// (the packet path writes them): a read-back holding some is no difference and no
+// plan; a change of such a set's definition is, and recreates only that set.
+func TestDeniedSetsAreNotDrift(t *testing.T) {
+	want := mustBuild(t, "segmesh0", Cases()[1].F)
+	have := mustBuild(t, "segmesh0", Cases()[1].F)
+	s := have.Set("denied_in4")
+	if s == nil || !s.Dynamic || s.Size != DeniedSetSize || s.Timeout != DeniedSetTimeout || !s.Counter {
+		t.Fatalf("denied_in4 = %+v, want a dynamic set of %d flows with a %v timeout and counters", s, DeniedSetSize, DeniedSetTimeout)
+	}
+	s.Elements = []Interval{{First: netip.MustParseAddr("100.64.0.7"), Last: netip.MustParseAddr("100.64.0.7")}}
+	if d := Compare(want, have); d != nil {
+		t.Errorf("Compare reports denied flows as drift: %q", d)
+	}
+	if p := PlanUpdate(have, want); !p.Empty() {
+		t.Errorf("plan %+v for denied flows, want none", p)
+	}
+	for name, mutate := range map[string]func(*Set){
+		"size":    func(s *Set) { s.Size = 10 },
+		"timeout": func(s *Set) { s.Timeout = time.Second },
+		"counter": func(s *Set) { s.Counter = false },
+		"dynamic": func(s *Set) { s.Dynamic = false },
+	} {
+		t.Run(name, func(t *testing.T) {
+			have := mustBuild(t, "segmesh0", Cases()[1].F)
+			mutate(have.Set("denied_out6"))
+			p := PlanUpdate(have, want)
+			if p.Chains || !slices.Equal(p.DeleteSets, []string{"denied_out6"}) || !slices.Equal(p.AddSets, []string{"denied_out6"}) {
+				t.Errorf("plan %+v, want denied_out6 recreated alone", p)
+			}
+			if d := Compare(want, have); len(d) != 1 || !strings.Contains(d[0], "set denied_out6 has another") {
+				t.Errorf("Compare = %q, want the set's definition named", d)
+			}
+		})
+	}
+}
+
+func TestZeroKernelState(t *testing.T) {
+	want := mustBuild(t, "segmesh0", Cases()[1].F).String()
+	listing := strings.Replace(want, "counter packets 0 bytes 0 drop", "counter packets 17 bytes 1020 drop", 1)
+	listing = strings.Replace(listing, "\t\ttimeout 2m\n\t}\n", "\t\ttimeout 2m\n"+
+		"\t\telements = { 100.64.0.7 . 100.64.0.1 . tcp . 22 counter packets 3 bytes 180 expires 1m58s,\n"+
+		"\t\t\t     100.64.0.8 . 100.64.0.1 . udp . 53 counter packets 1 bytes 60 expires 1m2s }\n\t}\n", 1)
+	listing = strings.Replace(listing, "\t\ttimeout 2m\n\t}\n\n\tset denied_out4 {", "\t\ttimeout 2m\n"+
+		"\t\telements = { 100.64.0.7 . 100.64.0.1 . icmp counter packets 1 bytes 84 expires 2s }\n\t}\n\n\tset denied_out4 {", 1)
+	if listing == want {
+		t.Fatal("test listing has no kernel state")
+	}
+	if got := ZeroKernelState(listing); got != want {
+		t.Errorf("ZeroKernelState:\n%s\nwant\n%s", got, want)
+	}
+	// Policy set elements stay.
+	if got := ZeroKernelState(want); got != want {
+		t.Errorf("ZeroKernelState changed a listing without kernel state:\n%s", got)
 	}
 }

@@ -20,11 +20,24 @@
 //	chain forward { type filter hook forward priority filter; policy accept;
 //	                iifname IFACE jump transit; oifname IFACE jump transit }
 //	chain ingress { ct state established,related accept; ct state invalid drop;
-//	                ip saddr @SET_v4 <match> accept; ip6 saddr @SET_v6 <match> accept; ...; drop }
-//	chain egress  { the same with daddr }
+//	                ip saddr @SET_v4 <match> accept; ip6 saddr @SET_v6 <match> accept; ...;
+//	                update @denied_in4 { ip saddr . ip daddr . meta l4proto . tcp dport }; ...;
+//	                counter drop }
+//	chain egress  { the same with daddr and the denied_out* sets }
 //	chain transit { ct state established,related accept; drop }
 //	set SET_v4 { type ipv4_addr; flags interval }   one pair per policy.AddressSet
 //	set SET_v6 { type ipv6_addr; flags interval }
+//	set denied_in4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; size 4096;
+//	                 flags dynamic,timeout; counter; timeout 2m }   and 7 more (DeniedSets)
+//
+// The denied-flow log: before the final drop of chains ingress and egress, record
+// rules without a verdict add the packet's flow to a dynamic set of its direction
+// and family (keyed with the destination port for TCP, UDP and SCTP, by protocol
+// for the others), whose elements count packets and bytes and expire
+// DeniedSetTimeout after the last one; the drop rule itself counts what the policy
+// dropped. A record rule is separate from the drop because the kernel ends a rule
+// whose set is full: the drop still happens. Set elements and counter values are
+// kernel state, never compared by the diffs.
 //
 // Every policy rule becomes one kernel rule per match, family (IPv4 first) and port
 // range; each carries the FilterRule's Origin as its comment and its position (rule

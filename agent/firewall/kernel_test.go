@@ -75,7 +75,7 @@ func TestStringMatchesKernel(t *testing.T) {
 			if _, err := fw.Apply(tab); err != nil {
 				t.Fatalf("agent firewall Apply: %v", err)
 			}
-			kernel := nftIn(t, agentNS, "", "list", "table", "inet", firewall.TableName)
+			kernel := firewall.ZeroKernelState(nftIn(t, agentNS, "", "list", "table", "inet", firewall.TableName))
 			rendered := tab.String()
 			if rendered != kernel {
 				t.Errorf("String differs from the kernel's listing of the agent's table:\n--- String\n%s\n--- kernel\n%s", rendered, kernel)
@@ -85,7 +85,7 @@ func TestStringMatchesKernel(t *testing.T) {
 			// which needs every comment within nft's 128-character limit.
 			loadNS := anonNS(t)
 			nftIn(t, loadNS, rendered, "-f", "-")
-			if loaded := nftIn(t, loadNS, "", "list", "table", "inet", firewall.TableName); loaded != kernel {
+			if loaded := firewall.ZeroKernelState(nftIn(t, loadNS, "", "list", "table", "inet", firewall.TableName)); loaded != kernel {
 				t.Errorf("nft -f of String lists differently from the agent's table:\n--- loaded\n%s\n--- agent\n%s", loaded, kernel)
 			}
 		})

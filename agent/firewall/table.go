@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"segmesh/policy"
 )
@@ -121,7 +122,12 @@ const (
 	ProtoTCP    uint8 = 6
 	ProtoUDP    uint8 = 17
 	ProtoICMPv6 uint8 = 58
+	ProtoSCTP   uint8 = 132
 )
+
+// PortProtocols are the protocols whose denied flows are recorded with their
+// destination port (the port is at the same offset of all three headers).
+var PortProtocols = []uint8{ProtoTCP, ProtoUDP, ProtoSCTP}
 
 // TCP flags (RFC 9293).
 const (
@@ -167,7 +173,20 @@ type Rule struct {
 	// HasICMPType and ICMPType: the ICMP (or ICMPv6) type must be ICMPType.
 	HasICMPType bool
 	ICMPType    uint8
-	Verdict     Verdict
+	// NotPortProtocols: the layer-4 protocol must be none of PortProtocols ("meta
+	// l4proto != tcp meta l4proto != udp meta l4proto != sctp").
+	NotPortProtocols bool
+	// Counter counts the packets and bytes that reach the rule's verdict (a
+	// "counter" statement); the values are kernel state, never part of a Rule.
+	Counter bool
+	// Record names the dynamic set the rule adds the packet's flow to, or refreshes
+	// it in ("update @SET { ip saddr . ip daddr . meta l4proto [. th dport] }", the
+	// addresses of Family); "" for none. RecordPort adds the destination port of
+	// L4Proto (one of PortProtocols) to the key. A record rule has no verdict: when
+	// its set is full the kernel ends the rule and the packet goes on to the next.
+	Record     string
+	RecordPort bool
+	Verdict    Verdict
 	// Jump is the target chain of VerdictJump.
 	Jump string
 	// Comment is the rule's nft comment (see Comment).
@@ -188,23 +207,95 @@ const PosNoMatch = 0xffff
 // SetType is the key type of a set, as nftables names it.
 type SetType string
 
-// Key types of the table's sets.
+// Key types of the table's sets: addresses for the policy sets, flows (source
+// address . destination address . protocol [. destination port]) for the sets of
+// denied flows.
 const (
-	TypeIPv4 SetType = "ipv4_addr"
-	TypeIPv6 SetType = "ipv6_addr"
+	TypeIPv4       SetType = "ipv4_addr"
+	TypeIPv6       SetType = "ipv6_addr"
+	TypeFlow4      SetType = "ipv4_addr . ipv4_addr . inet_proto . inet_service"
+	TypeFlow4Proto SetType = "ipv4_addr . ipv4_addr . inet_proto"
+	TypeFlow6      SetType = "ipv6_addr . ipv6_addr . inet_proto . inet_service"
+	TypeFlow6Proto SetType = "ipv6_addr . ipv6_addr . inet_proto"
 )
 
 // Set is a named set of the table.
 type Set struct {
 	Name string
 	Type SetType
-	// Interval is the interval flag; every set Build makes has it.
+	// Interval is the interval flag; every policy set Build makes has it.
 	Interval bool
-	// Foreign lists set flags this package never uses (anonymous, constant, map,
-	// timeout, dynamic, concatenation, counter), read-back only; "" for Build's sets.
+	// Dynamic is the flag of a set the packet path fills (the denied-flow sets):
+	// its elements are kernel state, so Elements stays empty, in Build's table and
+	// in one read back, and diffs never compare them.
+	Dynamic bool
+	// Size is the most elements the set holds (0: no limit).
+	Size uint32
+	// Timeout is how long an element lives after it was last added or refreshed
+	// (0: forever), with millisecond resolution.
+	Timeout time.Duration
+	// Counter gives every element a packet and byte counter.
+	Counter bool
+	// Foreign lists set flags and expressions this package never uses (anonymous,
+	// constant, map, concatenation, a timeout flag without a timeout, expressions
+	// other than one counter), read-back only; "" for Build's sets.
 	Foreign string
 	// Elements are sorted, non-overlapping intervals of addresses of the set's family.
 	Elements []Interval
+}
+
+// Bounds of the denied-flow sets, so that memory and work stay bounded whatever
+// traffic arrives: at most DeniedSetSize flows per set (8 sets: direction ×
+// family × with or without port; the kernel keeps about 200 bytes per element
+// and CPU, so about 6.5 MiB in all on 2 CPUs), each forgotten DeniedSetTimeout
+// after its last dropped packet. A full set records no new flow; the packet is
+// still dropped and counted by the drop rule.
+const (
+	DeniedSetSize    = 4096
+	DeniedSetTimeout = 120 * time.Second
+)
+
+// DeniedSet describes one set of denied flows.
+type DeniedSet struct {
+	Name string
+	// Chain is ChainIngress or ChainEgress, whose final drop records into the set.
+	Chain  string
+	Family Family
+	// Ports: keyed by destination port too (the flows of PortProtocols); else by
+	// protocol only (every other protocol).
+	Ports bool
+}
+
+// Type returns the set's key type.
+func (d DeniedSet) Type() SetType {
+	switch {
+	case d.Family == FamilyIPv6 && d.Ports:
+		return TypeFlow6
+	case d.Family == FamilyIPv6:
+		return TypeFlow6Proto
+	case d.Ports:
+		return TypeFlow4
+	}
+	return TypeFlow4Proto
+}
+
+// DeniedSets returns the denied-flow sets of the table, by name: denied_in4,
+// denied_in4_proto, denied_in6, denied_in6_proto, then denied_out*. No name ends in
+// a policy set's family suffix, so they never collide with policy sets.
+func DeniedSets() []DeniedSet {
+	var out []DeniedSet
+	for _, dir := range []struct{ chain, name string }{{ChainIngress, "in"}, {ChainEgress, "out"}} {
+		for _, f := range families {
+			for _, ports := range []bool{true, false} {
+				name := fmt.Sprintf("denied_%s%d", dir.name, map[Family]int{FamilyIPv4: 4, FamilyIPv6: 6}[f])
+				if !ports {
+					name += "_proto"
+				}
+				out = append(out, DeniedSet{Name: name, Chain: dir.chain, Family: f, Ports: ports})
+			}
+		}
+	}
+	return out
 }
 
 // BaseChain is the hook part of a base chain.
@@ -277,7 +368,30 @@ var (
 	newNotSyn = Rule{CtState: CtNew, L4Proto: ProtoTCP, HasTCPFlags: true,
 		TCPFlagsMask: TCPFin | TCPSyn | TCPRst | TCPAck, TCPFlags: TCPSyn, Verdict: VerdictDrop}
 	finalDrop = Rule{Verdict: VerdictDrop}
+	// policyDrop is the final drop of the policy chains: it counts what the policy
+	// dropped (the record rules before it say which flows).
+	policyDrop = Rule{Counter: true, Verdict: VerdictDrop}
 )
+
+// recordRules returns the rules of chain that record a packet reaching the policy
+// drop into the denied-flow sets: per family, one rule per protocol with ports,
+// then one for every other protocol.
+func recordRules(chain string) []Rule {
+	var out []Rule
+	for _, d := range DeniedSets() {
+		if d.Chain != chain {
+			continue
+		}
+		if !d.Ports {
+			out = append(out, Rule{Family: d.Family, NotPortProtocols: true, Record: d.Name})
+			continue
+		}
+		for _, p := range PortProtocols {
+			out = append(out, Rule{Family: d.Family, L4Proto: p, Record: d.Name, RecordPort: true})
+		}
+	}
+	return out
+}
 
 func baseChain(h Hook) *BaseChain {
 	return &BaseChain{Type: "filter", Hook: h, Priority: 0, Policy: VerdictAccept}
@@ -389,9 +503,14 @@ func Build(iface string, f policy.Filter) (*Table, error) {
 			Set{Name: s.Name + "_v4", Type: TypeIPv4, Interval: true, Elements: PrefixIntervals(v4)},
 			Set{Name: s.Name + "_v6", Type: TypeIPv6, Interval: true, Elements: PrefixIntervals(v6)})
 	}
+	for _, d := range DeniedSets() {
+		t.Sets = append(t.Sets, Set{Name: d.Name, Type: d.Type(), Dynamic: true, Size: DeniedSetSize, Timeout: DeniedSetTimeout, Counter: true})
+	}
 	slices.SortStableFunc(t.Sets, func(a, b Set) int { return cmp.Compare(a.Name, b.Name) })
-	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid, newNotSyn}, policyRules(f.Ingress, AddrSource), []Rule{finalDrop})
-	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid, newNotSyn}, policyRules(f.Egress, AddrDestination), []Rule{finalDrop})
+	t.Chain(ChainIngress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid, newNotSyn}, policyRules(f.Ingress, AddrSource),
+		recordRules(ChainIngress), []Rule{policyDrop})
+	t.Chain(ChainEgress).Rules = slices.Concat([]Rule{ctEstablished, ctInvalid, newNotSyn}, policyRules(f.Egress, AddrDestination),
+		recordRules(ChainEgress), []Rule{policyDrop})
 	return t, nil
 }
 

@@ -2,11 +2,15 @@ package firewall
 
 import (
 	"fmt"
+	"regexp"
 	"strings"
+	"time"
 )
 
 // String returns the table as nft(8) lists it (`nft list table inet segmesh`, nftables
-// 1.0), ending with a newline; the text loads with `nft -f`. Sets come first, then
+// 1.0) right after the agent programmed it, ending with a newline; the text loads
+// with `nft -f`. Counters read 0 and the denied-flow sets are empty: a listing of a
+// table that has seen traffic differs in those only (see ZeroKernelState). Sets come first, then
 // chains, each sorted by name and separated by an empty line. A double quote in an
 // interface name or comment, which nft(8) cannot quote, is written as a single quote.
 // A rule read back from the kernel in a shape Build never makes (Rule.Unknown) is
@@ -56,8 +60,27 @@ func priorityText(p int32) string {
 
 func writeSet(b *strings.Builder, s Set) {
 	fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.Name, s.Type)
+	if s.Size > 0 {
+		fmt.Fprintf(b, "\t\tsize %d\n", s.Size)
+	}
+	var flags []string
 	if s.Interval {
-		b.WriteString("\t\tflags interval\n")
+		flags = append(flags, "interval")
+	}
+	if s.Dynamic {
+		flags = append(flags, "dynamic")
+	}
+	if s.Timeout > 0 {
+		flags = append(flags, "timeout")
+	}
+	if len(flags) > 0 {
+		fmt.Fprintf(b, "\t\tflags %s\n", strings.Join(flags, ","))
+	}
+	if s.Counter {
+		b.WriteString("\t\tcounter\n")
+	}
+	if s.Timeout > 0 {
+		fmt.Fprintf(b, "\t\ttimeout %s\n", durationText(s.Timeout))
 	}
 	if s.Foreign != "" {
 		fmt.Fprintf(b, "\t\t# also %s\n", s.Foreign)
@@ -86,6 +109,26 @@ func writeSet(b *strings.Builder, s Set) {
 	b.WriteString(" }\n\t}\n")
 }
 
+// durationText writes d as nft(8) does (time_print in src/datatype.c): days, hours,
+// minutes, seconds and milliseconds, each only when not zero ("2m", "1h30m5s").
+func durationText(d time.Duration) string {
+	ms := d.Milliseconds()
+	var b strings.Builder
+	for _, u := range []struct {
+		ms   int64
+		name string
+	}{{86400000, "d"}, {3600000, "h"}, {60000, "m"}, {1000, "s"}, {1, "ms"}} {
+		if n := ms / u.ms; n > 0 {
+			fmt.Fprintf(&b, "%d%s", n, u.name)
+			ms -= n * u.ms
+		}
+	}
+	if b.Len() == 0 {
+		return "0s"
+	}
+	return b.String()
+}
+
 // elementText writes an interval as nft(8) does: an address, a prefix, or a range.
 func elementText(iv Interval) string {
 	if p, ok := iv.Prefix(); ok {
@@ -97,7 +140,10 @@ func elementText(iv Interval) string {
 	return iv.First.String() + "-" + iv.Last.String()
 }
 
-// String returns the rule as nft(8) lists it.
+// String returns the rule as nft(8) lists it. For a record rule (Record set),
+// nft(8) leaves out the family and protocol matches its key implies ("update
+// @denied_in4 { ip saddr . ip daddr . meta l4proto . tcp dport }"), and so does
+// String.
 func (r Rule) String() string {
 	if r.Unknown != "" {
 		return "# rule segmesh does not write: " + r.Unknown
@@ -122,8 +168,13 @@ func (r Rule) String() string {
 			dir = "daddr"
 		}
 		add("%s %s @%s", fam, dir, r.Set)
-	} else if r.Family != FamilyAny {
+	} else if r.Family != FamilyAny && r.Record == "" {
 		add("meta nfproto %s", map[Family]string{FamilyIPv4: "ipv4", FamilyIPv6: "ipv6"}[r.Family])
+	}
+	if r.NotPortProtocols {
+		for _, p := range PortProtocols {
+			add("meta l4proto != %s", protoName(p))
+		}
 	}
 	if r.HasTCPFlags {
 		add("tcp flags != %s / %s", tcpFlagsText(r.TCPFlags), tcpFlagsText(r.TCPFlagsMask))
@@ -146,8 +197,22 @@ func (r Rule) String() string {
 		} else {
 			add("%s type %d", name, r.ICMPType)
 		}
-	case r.L4Proto != 0:
+	case r.L4Proto != 0 && !(r.Record != "" && r.RecordPort):
 		add("meta l4proto %s", protoName(r.L4Proto))
+	}
+	if r.Counter {
+		add("counter packets 0 bytes 0")
+	}
+	if r.Record != "" {
+		fam := "ip"
+		if r.Family == FamilyIPv6 {
+			fam = "ip6"
+		}
+		key := fmt.Sprintf("%[1]s saddr . %[1]s daddr . meta l4proto", fam)
+		if r.RecordPort {
+			key += fmt.Sprintf(" . %s dport", protoName(r.L4Proto))
+		}
+		add("update @%s { %s }", r.Record, key)
 	}
 	switch r.Verdict {
 	case VerdictAccept, VerdictDrop:
@@ -186,6 +251,8 @@ func protoName(p uint8) string {
 		return "icmp"
 	case ProtoICMPv6:
 		return "ipv6-icmp"
+	case ProtoSCTP:
+		return "sctp"
 	}
 	return fmt.Sprint(p)
 }
@@ -210,3 +277,32 @@ func ctStateText(m CtState) string {
 
 // quote returns s as an nft string literal.
 func quote(s string) string { return `"` + strings.ReplaceAll(s, `"`, "'") + `"` }
+
+var counterValues = regexp.MustCompile(`counter packets [0-9]+ bytes [0-9]+`)
+
+// ZeroKernelState returns a listing of the table by nft(8) with what the kernel
+// changes by itself taken out, so that it compares with Table.String: every
+// counter's values read 0, and the elements of dynamic sets (the denied flows) are
+// left out. It is the one place that knows how that state looks in nft(8) text.
+func ZeroKernelState(listing string) string {
+	listing = counterValues.ReplaceAllString(listing, "counter packets 0 bytes 0")
+	var b strings.Builder
+	dynamic, skipping := false, false
+	for _, line := range strings.SplitAfter(listing, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case skipping:
+			skipping = !strings.HasSuffix(trimmed, "}")
+			continue
+		case strings.HasPrefix(trimmed, "set "):
+			dynamic = false
+		case strings.HasPrefix(trimmed, "flags ") && strings.Contains(trimmed, "dynamic"):
+			dynamic = true
+		case dynamic && strings.HasPrefix(trimmed, "elements = {"):
+			skipping = !strings.HasSuffix(trimmed, "}")
+			continue
+		}
+		b.WriteString(line)
+	}
+	return b.String()
+}

@@ -3,6 +3,7 @@ package firewall
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -85,7 +86,8 @@ const maxJumps = 16
 // Trace walks p through the table as the kernel would: the base chain of p.Hook, its
 // rules in order, a jump entering the target chain and returning to the next rule when
 // that chain ends without a verdict; a rule without a verdict (the placeholder of a
-// rule without matches) lets the packet continue. A table without a base chain for
+// rule without matches, a record rule that adds the packet's flow to a denied-flow
+// set) lets the packet continue. A table without a base chain for
 // the hook accepts the packet (no filtering there). A rule of a shape Build never
 // makes (Unknown) is taken to match nothing. A jump to a missing chain, or deeper
 // than 16 chains, drops the packet (the kernel would refuse such a table).
@@ -159,7 +161,7 @@ func (r Rule) matches(t *Table, p Packet) bool {
 			return false
 		}
 	}
-	if r.L4Proto != 0 && r.L4Proto != p.Protocol {
+	if r.L4Proto != 0 && r.L4Proto != p.Protocol || r.NotPortProtocols && slices.Contains(PortProtocols, p.Protocol) {
 		return false
 	}
 	if r.HasTCPFlags && (p.Protocol != ProtoTCP || p.TCPFlags&r.TCPFlagsMask == r.TCPFlags) {

@@ -129,3 +129,47 @@ func TestTrace(t *testing.T) {
 		}
 	})
 }
+
+// TestTraceRecordRules: a packet the policy denies meets exactly one record rule,
+// the one of its direction, family and protocol kind, which lets it go on to the
+// counted drop.
+func TestTraceRecordRules(t *testing.T) {
+	tab := mustBuild(t, "sm0", policy.Filter{})
+	self4, self6 := netip.MustParseAddr("100.64.0.1"), netip.MustParseAddr("fd5e:6d65:7368::1")
+	remote4, remote6 := netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("fd5e:6d65:7368::2")
+	tests := []struct {
+		name    string
+		pkt     Packet
+		record  string
+		withKey bool // the key holds the port
+	}{
+		{"tcp in", Opening("sm0", true, self4, remote4, ProtoTCP, 22), "denied_in4", true},
+		{"udp out", Opening("sm0", false, self4, remote4, ProtoUDP, 53), "denied_out4", true},
+		{"sctp in v6", Opening("sm0", true, self6, remote6, ProtoSCTP, 80), "denied_in6", true},
+		{"icmp in", Opening("sm0", true, self4, remote4, ProtoICMP, 0), "denied_in4_proto", false},
+		{"icmpv6 out", Opening("sm0", false, self6, remote6, ProtoICMPv6, 0), "denied_out6_proto", false},
+		{"gre out", Opening("sm0", false, self4, remote4, 47, 0), "denied_out4_proto", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			chain := tab.Chain(map[bool]string{true: ChainIngress, false: ChainEgress}[tt.pkt.Hook == HookInput])
+			var met []Rule
+			for _, r := range chain.Rules {
+				if r.Record != "" && r.matches(tab, tt.pkt) {
+					met = append(met, r)
+				}
+			}
+			if len(met) != 1 || met[0].Record != tt.record || met[0].RecordPort != tt.withKey || met[0].Verdict != VerdictNone {
+				t.Fatalf("record rules met: %+v, want one without verdict into %s (port %v)", met, tt.record, tt.withKey)
+			}
+			if tab.Set(tt.record) == nil {
+				t.Fatalf("set %s is missing", tt.record)
+			}
+			tr := tab.Trace(tt.pkt)
+			last := chain.Rules[len(chain.Rules)-1]
+			if tr.Accepted() || tr.Decider().Rule != len(chain.Rules)-1 || !last.Counter || last.Verdict != VerdictDrop {
+				t.Errorf("trace %s, want the counted final drop (%s)", tr, last)
+			}
+		})
+	}
+}

@@ -109,6 +109,16 @@ func TestMetrics(t *testing.T) {
 		t.Fatalf("web-1 -> api-1 tcp/8080 (allowed by the example policy): %v", err)
 	}
 	conn.Close()
+	// web-1 may not reach db-1: its egress policy drops the attempt, which the
+	// agent counts within a read of the kernel (10 s).
+	dbAddr, ok := st.Node("db-1").Addr(4)
+	if !ok {
+		t.Fatal("db-1 has no IPv4 overlay address")
+	}
+	if conn, err := m.Node("web-1").Host.DialTCP(ctx, netip.AddrPortFrom(dbAddr, 5432)); err == nil {
+		conn.Close()
+		t.Fatal("web-1 -> db-1 tcp/5432 connected; the example policy denies it")
+	}
 
 	// Each agent's report reaches the controller's metrics just after its
 	// status: poll.
@@ -170,6 +180,22 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("agent %s: segmesh_agent_apply_seconds_count = %v (present %v), want at least 1", n.Name, got, ok)
 		}
 		if n.Name == "web-1" {
+			err := lab.WaitFor(ctx, 30*time.Second, func(ctx context.Context) (bool, error) {
+				var err error
+				if text, err = scrape(ctx, n.Host, netip.AddrPortFrom(n.Host.Addr, metricsPort)); err != nil {
+					return false, err
+				}
+				out, _ := sample(text, `segmesh_agent_dropped_packets_total{direction="out"}`)
+				bytes, _ := sample(text, `segmesh_agent_dropped_bytes_total{direction="out"}`)
+				records, _ := sample(text, "segmesh_agent_denied_flow_records_total")
+				return out >= 1 && bytes >= 40 && records >= 1, fmt.Errorf("dropped out %v packets %v bytes, %v denied-flow records; want the denied connection to db-1", out, bytes, records)
+			})
+			if err != nil {
+				t.Errorf("agent %s: %v", n.Name, err)
+			}
+			if _, ok := sample(text, `segmesh_agent_dropped_packets_total{direction="in"}`); !ok {
+				t.Errorf("agent %s: no segmesh_agent_dropped_packets_total{direction=\"in\"}", n.Name)
+			}
 			t.Logf("metrics of agent %s:\n%s", n.Name, text)
 		}
 	}

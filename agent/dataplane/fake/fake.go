@@ -8,6 +8,7 @@ package fake
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 
 	"segmesh/agent/dataplane"
@@ -31,6 +32,9 @@ type Dataplane struct {
 	history  []dataplane.State
 	watchers []chan struct{}
 	onApply  func(dataplane.State)
+	// denied is what ReadDenied returns while the table exists.
+	denied    dataplane.Denied
+	deniedErr error
 }
 
 // New returns an empty fake (no interface, no table) that reports kind after Apply.
@@ -92,14 +96,52 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	return o, nil
 }
 
+// ReadDenied returns the denied flows and drop counters set with SetDenied (empty
+// ones until then), or the error set with FailReadDenied; an error when no table
+// exists (before Apply, after Down), as the kernel's read would fail.
+func (d *Dataplane) ReadDenied(ctx context.Context) (dataplane.Denied, error) {
+	if err := ctx.Err(); err != nil {
+		return dataplane.Denied{}, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case d.deniedErr != nil:
+		return dataplane.Denied{}, d.deniedErr
+	case !d.up:
+		return dataplane.Denied{}, fmt.Errorf("reading denied flows: no table")
+	}
+	out := d.denied
+	out.Flows = slices.Clone(d.denied.Flows)
+	return out, nil
+}
+
+// SetDenied sets what the kernel "recorded" of dropped traffic, as the packet path
+// would (counters grow, elements come and go).
+func (d *Dataplane) SetDenied(v dataplane.Denied) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v.Flows = slices.Clone(v.Flows)
+	d.denied = v
+}
+
+// FailReadDenied makes every following ReadDenied return err; nil restores success.
+func (d *Dataplane) FailReadDenied(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.deniedErr = err
+}
+
 // Kind returns the kind given to New.
 func (d *Dataplane) Kind() dataplane.Kind { return d.kind }
 
-// Down forgets the state, as removing the interface and the table would.
+// Down forgets the state and the denied flows, as removing the interface and the
+// table would.
 func (d *Dataplane) Down(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.state = dataplane.State{}
+	d.denied = dataplane.Denied{}
 	d.applied = nil
 	d.up = false
 	d.downs++
@@ -220,6 +262,7 @@ func (d *Dataplane) Closed() bool {
 }
 
 var (
-	_ dataplane.Dataplane = (*Dataplane)(nil)
-	_ dataplane.Watcher   = (*Dataplane)(nil)
+	_ dataplane.Dataplane    = (*Dataplane)(nil)
+	_ dataplane.Watcher      = (*Dataplane)(nil)
+	_ dataplane.DeniedReader = (*Dataplane)(nil)
 )

@@ -122,3 +122,38 @@ func TestFakeRefusesInvalidState(t *testing.T) {
 		t.Fatalf("a refused Apply changed the state to %+v (stats %+v)", s, d.Stats())
 	}
 }
+
+func TestFakeDenied(t *testing.T) {
+	ctx := context.Background()
+	d := New(dataplane.KindKernel)
+	if _, err := d.ReadDenied(ctx); err == nil {
+		t.Fatal("ReadDenied before Apply succeeded; there is no table")
+	}
+	if err := d.Apply(ctx, dataplane.State{Interface: "x0"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.ReadDenied(ctx); err != nil || !reflect.DeepEqual(got, dataplane.Denied{}) {
+		t.Fatalf("ReadDenied of a new table = %+v, %v; want nothing dropped", got, err)
+	}
+	flow := dataplane.DeniedFlow{Direction: dataplane.DirectionIn, Src: netip.MustParseAddr("100.64.0.2"),
+		Dst: netip.MustParseAddr("100.64.0.1"), Protocol: 6, Port: 22, Packets: 3, Bytes: 180}
+	in := dataplane.Denied{Flows: []dataplane.DeniedFlow{flow}, In: dataplane.DropCounter{Packets: 3, Bytes: 180, Epoch: 1}}
+	d.SetDenied(in)
+	in.Flows[0].Packets = 99 // the fake must hold a copy
+	got, err := d.ReadDenied(ctx)
+	if err != nil || len(got.Flows) != 1 || got.Flows[0] != flow || got.In.Packets != 3 {
+		t.Fatalf("ReadDenied = %+v, %v; want the flow set", got, err)
+	}
+	boom := errors.New("boom")
+	d.FailReadDenied(boom)
+	if _, err := d.ReadDenied(ctx); !errors.Is(err, boom) {
+		t.Fatalf("ReadDenied = %v, want the injected error", err)
+	}
+	d.FailReadDenied(nil)
+	if err := d.Down(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.ReadDenied(ctx); err == nil {
+		t.Fatal("ReadDenied after Down succeeded; the table is gone")
+	}
+}

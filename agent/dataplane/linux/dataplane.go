@@ -134,8 +134,9 @@ func (k *sweepKey) covers(o *sweepKey) bool {
 }
 
 var (
-	_ dataplane.Dataplane = (*Dataplane)(nil)
-	_ dataplane.Watcher   = (*Dataplane)(nil)
+	_ dataplane.Dataplane    = (*Dataplane)(nil)
+	_ dataplane.Watcher      = (*Dataplane)(nil)
+	_ dataplane.DeniedReader = (*Dataplane)(nil)
 )
 
 // processNS identifies the network namespace the process started in, read while
@@ -380,6 +381,24 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 		}
 	}
 	return o, nil
+}
+
+// ReadDenied returns the flows the nftables table recorded as dropped by the policy
+// and its drop counters (see nft.Firewall.Denied); it reads the kernel every time.
+func (d *Dataplane) ReadDenied(ctx context.Context) (dataplane.Denied, error) {
+	if err := ctx.Err(); err != nil {
+		return dataplane.Denied{}, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return dataplane.Denied{}, ErrClosed
+	}
+	out, err := d.fw.Denied()
+	if err != nil {
+		return dataplane.Denied{}, fmt.Errorf("reading denied flows of table inet %s: %w", nft.TableName, err)
+	}
+	return out, nil
 }
 
 // Down removes the nftables table and the interface, closing the wireguard-go device

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables/binaryutil"
@@ -67,6 +69,9 @@ func ruleExprs(s firewall.Rule) []expr.Any {
 				Offset: offset, Len: off.length},
 			&expr.Lookup{SourceRegister: 1, SetName: s.Set})
 	}
+	if s.NotPortProtocols {
+		out = append(out, notPortExprs()...)
+	}
 	if s.L4Proto != 0 {
 		out = append(out, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, cmpEq([]byte{s.L4Proto}))
 	}
@@ -91,6 +96,12 @@ func ruleExprs(s firewall.Rule) []expr.Any {
 		out = append(out, &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1,
 			Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1}, cmpEq([]byte{s.ICMPType}))
 	}
+	if s.Counter {
+		out = append(out, &expr.Counter{})
+	}
+	if s.Record != "" {
+		out = append(out, recordExprs(s.Family, s.RecordPort, s.Record)...)
+	}
 	switch s.Verdict {
 	case firewall.VerdictAccept:
 		out = append(out, &expr.Verdict{Kind: expr.VerdictAccept})
@@ -100,6 +111,69 @@ func ruleExprs(s firewall.Rule) []expr.Any {
 		out = append(out, &expr.Verdict{Kind: expr.VerdictJump, Chain: s.Jump})
 	}
 	return out
+}
+
+// notPortExprs match a layer-4 protocol other than firewall.PortProtocols.
+func notPortExprs() []expr.Any {
+	var out []expr.Any
+	for _, p := range firewall.PortProtocols {
+		out = append(out, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{p}})
+	}
+	return out
+}
+
+// Registers of a record rule's key, as nft(8) allocates them: NFT_REG_1..4 hold 16
+// bytes each and alias the 4-byte NFT_REG32_00..15 (8 to 23), so the key's fields
+// sit back to back from NFT_REG_1, each padded to 4 bytes.
+var keyRegisters = map[firewall.Family]struct{ src, dst, proto, port uint32 }{
+	firewall.FamilyIPv4: {1, 9, 10, 11},
+	firewall.FamilyIPv6: {1, 2, 3, 17},
+}
+
+// dynsetOpUpdate is NFT_DYNSET_OP_UPDATE: add the key, or refresh its timeout.
+const dynsetOpUpdate = 1
+
+// recordExprs build the flow key of family (source and destination address,
+// protocol, with port the transport header's destination port) and update set
+// with it: "update @set { ip saddr . ip daddr . meta l4proto . th dport }".
+func recordExprs(family firewall.Family, port bool, set string) []expr.Any {
+	off, reg := addrOffsets[family], keyRegisters[family]
+	out := []expr.Any{
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg.src, Base: expr.PayloadBaseNetworkHeader, Offset: off.src, Len: off.length},
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg.dst, Base: expr.PayloadBaseNetworkHeader, Offset: off.dst, Len: off.length},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg.proto},
+	}
+	if port {
+		out = append(out, &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg.port, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2})
+	}
+	return append(out, &expr.Dynset{SrcRegKey: 1, SetName: set, Operation: dynsetOpUpdate})
+}
+
+// decodeRecord parses the record expressions at the start of exprs for family; n
+// is how many it took (0: none of that shape).
+func decodeRecord(exprs []expr.Any, family firewall.Family) (n int, port bool, set string) {
+	if _, ok := addrOffsets[family]; !ok {
+		return 0, false, ""
+	}
+	for _, port := range []bool{true, false} {
+		want := recordExprs(family, port, "")
+		if len(exprs) < len(want) {
+			continue
+		}
+		d, ok := exprs[len(want)-1].(*expr.Dynset)
+		if !ok || d.SetName == "" || d.SrcRegKey != 1 || d.SrcRegData != 0 || d.Operation != dynsetOpUpdate ||
+			d.Timeout != 0 || d.Invert || len(d.Exprs) != 0 {
+			continue
+		}
+		same := true
+		for i, w := range want[:len(want)-1] {
+			same = same && reflect.DeepEqual(w, exprs[i])
+		}
+		if same {
+			return len(want), port, d.SetName
+		}
+	}
+	return 0, false, ""
 }
 
 // userData renders the comment and position TLVs (nil when s has neither).
@@ -133,10 +207,13 @@ func decodeRule(exprs []expr.Any, udata []byte) (firewall.Rule, error) {
 		stCt
 		stFamily
 		stLookup
+		stNotPort
 		stL4
 		stTCPFlags
 		stDPort
 		stICMP
+		stCounter
+		stRecord
 		stVerdict
 	)
 	stage := 0
@@ -203,6 +280,18 @@ func decodeRule(exprs []expr.Any, udata []byte) (firewall.Rule, error) {
 					return s, fmt.Errorf("%w: family %d", errShape, data[0])
 				}
 			case expr.MetaKeyL4PROTO:
+				if c, ok := next.(*expr.Cmp); ok && c.Op == expr.CmpOpNeq {
+					want := notPortExprs()
+					if len(exprs)-i < len(want) || !reflect.DeepEqual(want, exprs[i:i+len(want)]) {
+						return s, fmt.Errorf("%w: protocol exclusion", errShape)
+					}
+					if err := advance(stNotPort); err != nil {
+						return s, err
+					}
+					s.NotPortProtocols = true
+					i += len(want) - 2 // the loop's i++ and the one below take the rest
+					break
+				}
 				data, ok := eqCmp(next, 1)
 				if !ok || data[0] == 0 {
 					return s, fmt.Errorf("%w: protocol match", errShape)
@@ -236,7 +325,23 @@ func decodeRule(exprs []expr.Any, udata []byte) (firewall.Rule, error) {
 				return s, fmt.Errorf("%w: empty conntrack state mask", errShape)
 			}
 			i += 2
+		case *expr.Counter:
+			if err := advance(stCounter); err != nil {
+				return s, err
+			}
+			s.Counter = true // its values are kernel state
 		case *expr.Payload:
+			if n, port, set := decodeRecord(exprs[i:], s.Family); n > 0 {
+				if err := advance(stRecord); err != nil {
+					return s, err
+				}
+				s.Record, s.RecordPort = set, port
+				if port && !slices.Contains(firewall.PortProtocols, s.L4Proto) {
+					return s, fmt.Errorf("%w: port key for protocol %d", errShape, s.L4Proto)
+				}
+				i += n - 1
+				break
+			}
 			if v.OperationType != expr.PayloadLoad || v.DestRegister != 1 || v.SourceRegister != 0 || v.CsumType != 0 ||
 				v.CsumOffset != 0 || v.CsumFlags != 0 {
 				return s, fmt.Errorf("%w: payload", errShape)

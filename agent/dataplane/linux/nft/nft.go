@@ -7,7 +7,9 @@
 // sets keep their elements; or, when the table is missing, the whole table created.
 // Reads are skipped while the kernel's ruleset generation has not changed, and after
 // a change by another process only the parts it touched are read again (see
-// tracker.go).
+// tracker.go). The packet path's updates of the denied-flow sets and counters do
+// not move the generation; Denied reads them (see denied.go), the table read-back
+// never does.
 package nft
 
 import (
@@ -383,7 +385,8 @@ func (f *Firewall) update(have, want *firewall.Table, plan firewall.Plan) {
 }
 
 func (f *Firewall) addSet(s firewall.Set) {
-	set := &nftables.Set{Table: f.table, Name: s.Name, Interval: s.Interval, KeyType: keyType(s.Type)}
+	set := &nftables.Set{Table: f.table, Name: s.Name, Interval: s.Interval, KeyType: keyType(s.Type),
+		Dynamic: s.Dynamic, HasTimeout: s.Timeout > 0, Timeout: s.Timeout, Size: s.Size, Counter: s.Counter}
 	// AddSet only queues a message; marshalling errors surface in Flush.
 	_ = f.conn.AddSet(set, nil)
 	f.chunked(s.Name, s.Elements, f.conn.SetAddElements)
@@ -468,7 +471,7 @@ func (f *Firewall) snapshot(base *firewall.Table, ch change) (*firewall.Table, e
 	if base != nil && !ch.structure {
 		t := &firewall.Table{Flags: base.Flags, Chains: base.Chains, Sets: slices.Clone(base.Sets)}
 		for i, s := range t.Sets {
-			if !ch.sets[s.Name] {
+			if !ch.sets[s.Name] || !addressSet(s) {
 				continue
 			}
 			elems, err := f.elements(&nftables.Set{Table: f.table, Name: s.Name, KeyType: keyType(s.Type)})
@@ -530,16 +533,28 @@ func (f *Firewall) snapshot(base *firewall.Table, ch change) (*firewall.Table, e
 	if err != nil {
 		return nil, fmt.Errorf("listing sets: %w", err)
 	}
+	setExprs, err := setExprNames(f.genConn)
+	if err != nil {
+		return nil, err
+	}
 	for _, s := range sets {
-		fs := firewall.Set{Name: s.Name, Type: firewall.SetType(s.KeyType.Name), Interval: s.Interval, Foreign: foreignFlags(s)}
+		fs := firewall.Set{Name: s.Name, Type: firewall.SetType(s.KeyType.Name), Interval: s.Interval, Dynamic: s.Dynamic,
+			Size: s.Size, Foreign: foreignFlags(s, setExprs[s.Name])}
+		if s.HasTimeout {
+			fs.Timeout = s.Timeout
+		}
+		fs.Counter = slices.Equal(setExprs[s.Name], []string{"counter"})
 		var old *firewall.Set
 		if base != nil {
 			old = base.Set(s.Name)
 		}
 		switch {
+		case !addressSet(fs):
+			// A dynamic set's elements are kernel state (see firewall.Set), and a
+			// set of another type is foreign.
 		case old != nil && !ch.sets[s.Name] && old.Type == fs.Type && old.Interval == fs.Interval && old.Foreign == fs.Foreign:
 			fs.Elements = old.Elements
-		case fs.Type == firewall.TypeIPv4 || fs.Type == firewall.TypeIPv6:
+		default:
 			if fs.Elements, err = f.elements(s); err != nil {
 				return nil, err
 			}
@@ -559,24 +574,52 @@ func (f *Firewall) elements(s *nftables.Set) ([]firewall.Interval, error) {
 	return elementIntervals(elems, int(s.KeyType.Bytes)), nil
 }
 
+// addressSet reports whether s is a set of addresses whose elements are read back
+// (a policy set).
+func addressSet(s firewall.Set) bool {
+	return !s.Dynamic && (s.Type == firewall.TypeIPv4 || s.Type == firewall.TypeIPv6)
+}
+
+func mustConcat(types ...nftables.SetDatatype) nftables.SetDatatype {
+	t, err := nftables.ConcatSetType(types...)
+	if err != nil {
+		panic(err) // four types fit in the 32-bit type magic
+	}
+	return t
+}
+
+var keyTypes = map[firewall.SetType]nftables.SetDatatype{
+	firewall.TypeIPv4:       nftables.TypeIPAddr,
+	firewall.TypeIPv6:       nftables.TypeIP6Addr,
+	firewall.TypeFlow4:      mustConcat(nftables.TypeIPAddr, nftables.TypeIPAddr, nftables.TypeInetProto, nftables.TypeInetService),
+	firewall.TypeFlow4Proto: mustConcat(nftables.TypeIPAddr, nftables.TypeIPAddr, nftables.TypeInetProto),
+	firewall.TypeFlow6:      mustConcat(nftables.TypeIP6Addr, nftables.TypeIP6Addr, nftables.TypeInetProto, nftables.TypeInetService),
+	firewall.TypeFlow6Proto: mustConcat(nftables.TypeIP6Addr, nftables.TypeIP6Addr, nftables.TypeInetProto),
+}
+
+// keyType returns the library's key type of t, a type firewall.Build uses.
 func keyType(t firewall.SetType) nftables.SetDatatype {
-	if t == firewall.TypeIPv6 {
-		return nftables.TypeIP6Addr
+	if k, ok := keyTypes[t]; ok {
+		return k
 	}
 	return nftables.TypeIPAddr
 }
 
-// foreignFlags names the flags of s that segmesh never sets.
-func foreignFlags(s *nftables.Set) string {
+// foreignFlags names the flags of s, and the element expressions exprs, that
+// segmesh never sets.
+func foreignFlags(s *nftables.Set, exprs []string) string {
 	var out []string
 	for _, fl := range []struct {
 		on   bool
 		name string
-	}{{s.Anonymous, "anonymous"}, {s.Constant, "constant"}, {s.IsMap, "map"}, {s.HasTimeout, "timeout"},
-		{s.Dynamic, "dynamic"}, {s.Concatenation, "concatenation"}, {s.Counter, "counter"}} {
+	}{{s.Anonymous, "anonymous"}, {s.Constant, "constant"}, {s.IsMap, "map"}, {s.HasTimeout && s.Timeout == 0, "timeout"},
+		{s.Concatenation, "concatenation"}} {
 		if fl.on {
 			out = append(out, fl.name)
 		}
+	}
+	if len(exprs) > 0 && !slices.Equal(exprs, []string{"counter"}) {
+		out = append(out, "expressions "+strings.Join(exprs, ","))
 	}
 	return strings.Join(out, ",")
 }

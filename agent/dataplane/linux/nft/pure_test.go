@@ -9,6 +9,7 @@ import (
 	"github.com/google/nftables/expr"
 	"pgregory.net/rapid"
 
+	"segmesh/agent/dataplane"
 	"segmesh/agent/firewall"
 	"segmesh/policy"
 )
@@ -42,9 +43,10 @@ func TestDecodeRuleRoundTrip(t *testing.T) {
 			}
 		}
 	}
-	// 3 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders + final drop
-	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 3+8+2+2+1 {
-		t.Errorf("ingress has %d rules, want 16", got)
+	// 3 fixed + (2 tcp ports + udp + icmp) * 2 families + 2 any + 2 placeholders
+	// + (3 port protocols + 1 other) * 2 families of record rules + final drop
+	if got := len(tab.Chain(firewall.ChainIngress).Rules); got != 3+8+2+2+8+1 {
+		t.Errorf("ingress has %d rules, want 24", got)
 	}
 }
 
@@ -56,7 +58,18 @@ func TestDecodeRuleRejectsOtherShapes(t *testing.T) {
 		exprs []expr.Any
 		udata []byte
 	}{
-		{"counter", []expr.Any{&expr.Counter{}, accept}, nil},
+		{"counter after verdict", []expr.Any{accept, &expr.Counter{}}, nil},
+		{"two counters", []expr.Any{&expr.Counter{}, &expr.Counter{}, accept}, nil},
+		{"record without family", recordExprs(firewall.FamilyIPv4, false, "denied_in4_proto"), nil},
+		{"record with a timeout", append(append([]expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{2}}}, recordExprs(firewall.FamilyIPv4, false, "s")[:3]...),
+			&expr.Dynset{SrcRegKey: 1, SetName: "s", Operation: dynsetOpUpdate, Timeout: 1000}), nil},
+		{"record add, not update", append(append([]expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{2}}}, recordExprs(firewall.FamilyIPv4, false, "s")[:3]...),
+			&expr.Dynset{SrcRegKey: 1, SetName: "s"}), nil},
+		{"port key without protocol", append([]expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{2}}}, recordExprs(firewall.FamilyIPv4, true, "s")...), nil},
+		{"two protocol exclusions", append(notPortExprs(), notPortExprs()...), nil},
 		{"two verdicts", []expr.Any{accept, accept}, nil},
 		{"verdict before match", append([]expr.Any{accept}, tcp...), nil},
 		{"wildcard interface", []expr.Any{&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
@@ -171,4 +184,38 @@ func TestIntervalsProperty(t *testing.T) {
 			}
 		}
 	})
+}
+
+func TestParseFlowKey(t *testing.T) {
+	sets := map[string]firewall.DeniedSet{}
+	for _, d := range firewall.DeniedSets() {
+		sets[d.Name] = d
+	}
+	v6 := func(s string) []byte { return netip.MustParseAddr(s).AsSlice() }
+	cat := func(parts ...[]byte) []byte { return slices.Concat(parts...) }
+	tests := []struct {
+		name, set string
+		key       []byte
+		want      dataplane.DeniedFlow
+		ok        bool
+	}{
+		{"v4 udp in", "denied_in4", []byte{100, 64, 0, 2, 100, 64, 0, 1, 17, 0, 0, 0, 0x1e, 0x61, 0, 0}, dataplane.DeniedFlow{Direction: "in",
+			Src: netip.MustParseAddr("100.64.0.2"), Dst: netip.MustParseAddr("100.64.0.1"), Protocol: 17, Port: 7777}, true},
+		{"v4 icmp out", "denied_out4_proto", []byte{100, 64, 0, 1, 100, 64, 0, 2, 1, 0, 0, 0}, dataplane.DeniedFlow{Direction: "out",
+			Src: netip.MustParseAddr("100.64.0.1"), Dst: netip.MustParseAddr("100.64.0.2"), Protocol: 1}, true},
+		{"v6 sctp", "denied_in6", cat(v6("fd00::2"), v6("fd00::1"), []byte{132, 0, 0, 0, 0, 80, 0, 0}), dataplane.DeniedFlow{Direction: "in",
+			Src: netip.MustParseAddr("fd00::2"), Dst: netip.MustParseAddr("fd00::1"), Protocol: 132, Port: 80}, true},
+		{"v6 icmpv6", "denied_out6_proto", cat(v6("fd00::1"), v6("fd00::2"), []byte{58, 0, 0, 0}), dataplane.DeniedFlow{Direction: "out",
+			Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), Protocol: 58}, true},
+		{"short", "denied_in4", []byte{100, 64, 0, 2}, dataplane.DeniedFlow{}, false},
+		{"v4 key in a v6 set", "denied_in6_proto", []byte{100, 64, 0, 1, 100, 64, 0, 2, 1, 0, 0, 0}, dataplane.DeniedFlow{}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := parseFlowKey(sets[tt.set], tt.key)
+			if ok != tt.ok || ok && got != tt.want {
+				t.Errorf("parseFlowKey = %+v, %v; want %+v, %v", got, ok, tt.want, tt.ok)
+			}
+		})
+	}
 }

@@ -100,6 +100,10 @@ func sameExpressions(decoded []expr.Any, kernel []string) bool {
 			name = "range"
 		case *expr.Verdict:
 			name = "immediate"
+		case *expr.Counter:
+			name = "counter"
+		case *expr.Dynset:
+			name = "dynset"
 		default:
 			return false // decodeRule refuses it anyway
 		}
@@ -108,4 +112,78 @@ func sameExpressions(decoded []expr.Any, kernel []string) bool {
 		}
 	}
 	return true
+}
+
+// Set attributes the library does not decode (linux/netfilter/nf_tables.h).
+const (
+	nftaSetExpr        = 17 // NFTA_SET_EXPR: one nested expression
+	nftaSetExpressions = 18 // NFTA_SET_EXPRESSIONS: a list of them
+)
+
+// setExprNames returns, by set name, the names of the expressions each set of
+// table inet segmesh gives its elements (e.g. ["counter"]); the library reads
+// none of them back (NFT_MSG_GETSET dump).
+func setExprNames(c *netlink.Conn) (map[string][]string, error) {
+	ae := netlink.NewAttributeEncoder()
+	ae.String(unix.NFTA_SET_TABLE, TableName)
+	attrs, err := ae.Encode()
+	if err != nil {
+		return nil, err
+	}
+	msgs, err := c.Execute(netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETSET),
+			Flags: netlink.Request | netlink.Dump},
+		Data: append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, attrs...),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dumping sets: %w", err)
+	}
+	exprName := func(e *netlink.AttributeDecoder) string {
+		name := "?"
+		for e.Next() {
+			if e.Type() == unix.NFTA_EXPR_NAME {
+				name = e.String()
+			}
+		}
+		return name
+	}
+	out := map[string][]string{}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return nil, fmt.Errorf("decoding a set: %w", err)
+		}
+		ad.ByteOrder = binary.BigEndian
+		var name string
+		var names []string
+		for ad.Next() {
+			switch ad.Type() {
+			case unix.NFTA_SET_NAME:
+				name = ad.String()
+			case nftaSetExpr:
+				ad.Nested(func(e *netlink.AttributeDecoder) error {
+					names = append(names, exprName(e))
+					return nil
+				})
+			case nftaSetExpressions:
+				ad.Nested(func(list *netlink.AttributeDecoder) error {
+					for list.Next() {
+						list.Nested(func(e *netlink.AttributeDecoder) error {
+							names = append(names, exprName(e))
+							return nil
+						})
+					}
+					return nil
+				})
+			}
+		}
+		if err := ad.Err(); err != nil {
+			return nil, fmt.Errorf("decoding a set: %w", err)
+		}
+		out[name] = names
+	}
+	return out, nil
 }
