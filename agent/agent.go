@@ -105,6 +105,7 @@ type agent struct {
 	id      statefile.Identity
 	dp      dataplane.Dataplane
 	rec     *reconcile.Reconciler
+	peers   *peerTable // the WireGuard peers of the latest read-back
 	gossip  *gossip.Manager
 	syncer  *syncer
 	gossipC chan struct{} // member changes and new netmaps, coalesced
@@ -200,6 +201,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		log:     opts.Logger,
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
+		peers:   &peerTable{},
 		rotateC: make(chan struct{}, 1),
 		renewC:  make(chan struct{}, 1),
 		claims:  map[string]gossip.Claim{},
@@ -245,7 +247,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		Addresses:  addrs,
 		Routes:     routes,
 	}, a.log.With("component", "reconcile"))
-	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, time.Now)
+	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, a.peers, time.Now)
 	if err := m.register(opts.Metrics); err != nil {
 		_ = a.dp.Close()
 		return nil, fmt.Errorf("agent: registering metrics: %w", err)

@@ -416,8 +416,10 @@ func (s *syncer) reportLoop(ctx context.Context) {
 }
 
 // report sends the current status; unless force, only when it differs from the last
-// report that reached the controller. A revoked node, or one whose certificate
-// expired, does not report.
+// report that reached the controller. The peers (endpoints, handshakes, byte
+// counters) change all the time and do not count as a difference: every report
+// carries them fresh, and the periodic one (force) keeps them current at the
+// controller. A revoked node, or one whose certificate expired, does not report.
 func (s *syncer) report(ctx context.Context, force bool) {
 	if s.a.isRevoked() || s.a.certificateExpired() {
 		return
@@ -428,6 +430,7 @@ func (s *syncer) report(ctx context.Context, force bool) {
 	if !force && s.lastReport != nil && proto.Equal(req, s.lastReport) {
 		return
 	}
+	req.Peers, req.PeersMore = s.a.peers.report(s.a.rec.Netmap(), time.Now())
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if _, err := s.agentClient().Report(rctx, connect.NewRequest(req)); err != nil {
@@ -438,6 +441,7 @@ func (s *syncer) report(ctx context.Context, force bool) {
 		s.lastReport = nil
 		return
 	}
+	req.Peers, req.PeersMore = nil, 0 // compared without them (see above)
 	s.lastReport = req
 }
 
@@ -452,7 +456,7 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 	if st.Err != nil {
 		errs = append(errs, st.Err.Error())
 	}
-	return &segmeshv1.ReportRequest{
+	req := &segmeshv1.ReportRequest{
 		AppliedRevision: st.Revision,
 		AppliedHash:     st.Hash,
 		Dataplane:       string(st.Kind),
@@ -461,6 +465,11 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 		InSync:          st.InSync,
 		Drift:           driftReport(st),
 	}
+	if !st.LastApply.IsZero() {
+		req.LastApplyUnixMs = st.LastApply.UnixMilli()
+		req.LastApplyDurationUs = st.LastApplyDuration.Microseconds()
+	}
+	return req
 }
 
 // driftReport is the wire form of the drift facts in st (already bounded by
