@@ -54,7 +54,9 @@ func TestReportedWireGuardPeers(t *testing.T) {
 			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Endpoint = wgKey(2), "192.0.2.3" }),
 			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Endpoint = wgKey(3), "192.0.2.3:0" }),
 			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Endpoint = wgKey(4), "[fe80::1%eth0]:51820" }),
-			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Endpoint = wgKey(5), "192.0.2.3:51820\n" + strings.Repeat("x", 100) }),
+			peer(func(p *segmeshv1.PeerStatus) {
+				p.PublicKey, p.Endpoint = wgKey(5), "192.0.2.3:51820\n"+strings.Repeat("x", 100)
+			}),
 		}, want: []*segmeshv1.PeerStatus{
 			peer(func(p *segmeshv1.PeerStatus) { p.Endpoint = "" }),
 			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Endpoint = wgKey(2), "" }),
@@ -110,10 +112,10 @@ func TestReportedApply(t *testing.T) {
 		wantMs, wantUs int64
 	}{
 		{ms: 1796000000000, us: 4200, wantMs: 1796000000000, wantUs: 4200},
-		{ms: 0, us: 4200, wantMs: 0, wantUs: 0},                                                         // no apply yet
-		{ms: -1, us: 4200, wantMs: 0, wantUs: 0},                                                        // before 1970
-		{ms: 1796000000000 + 3600_000, us: 1, wantMs: now.UnixMilli(), wantUs: 1},                       // the agent's clock is ahead
-		{ms: 1796000000000, us: -7, wantMs: 1796000000000, wantUs: 0},                                   // negative duration
+		{ms: 0, us: 4200, wantMs: 0, wantUs: 0},                                                          // no apply yet
+		{ms: -1, us: 4200, wantMs: 0, wantUs: 0},                                                         // before 1970
+		{ms: 1796000000000 + 3600_000, us: 1, wantMs: now.UnixMilli(), wantUs: 1},                        // the agent's clock is ahead
+		{ms: 1796000000000, us: -7, wantMs: 1796000000000, wantUs: 0},                                    // negative duration
 		{ms: 1796000000000, us: 1 << 62, wantMs: 1796000000000, wantUs: maxApplyDuration.Microseconds()}, // absurd duration
 	}
 	for _, tt := range tests {
