@@ -148,11 +148,6 @@ func (s *operatorService) GetNode(ctx context.Context, req *connect.Request[segm
 		return nil, notEnrolled(name)
 	}
 	rev, _ := c.policyInForce()
-	resp := &segmeshv1.GetNodeResponse{Node: c.nodeStatus(n, rev, true)}
-	if nm, _, ok := c.engine.Netmap(name); ok {
-		for _, p := range nm.GetPeers() {
-			resp.DesiredPeers = append(resp.DesiredPeers, p.GetName())
-		}
-	}
+	resp := &segmeshv1.GetNodeResponse{Node: c.nodeStatus(n, rev, true), DesiredPeers: c.engine.PeerNames(name)}
 	return connect.NewResponse(resp), nil
 }

@@ -251,3 +251,28 @@ func TestStatusSizeWithNodeFacts(t *testing.T) {
 	t.Logf("Status: %d bytes per node before, %d added by the new facts (%.1f MB more at 10,000 nodes); ListNodes with 64 peers: %d bytes for the node",
 		proto.Size(before), added, float64(added)*10_000/1e6, proto.Size(list.Msg.GetNodes()[slices.IndexFunc(list.Msg.GetNodes(), func(n *segmeshv1.NodeStatus) bool { return n.GetName() == "web-1" })]))
 }
+
+// BenchmarkReport64Peers measures what one agent report with 64 WireGuard peers
+// costs the controller's live status (report: checking and keeping the peers),
+// and what filling them into a NodeStatus costs (fill, for ListNodes and GetNode).
+func BenchmarkReport64Peers(b *testing.B) {
+	now := time.Now()
+	req := &segmeshv1.ReportRequest{AppliedRevision: 3, AppliedHash: "h", InSync: true, LastApplyUnixMs: now.UnixMilli(), LastApplyDurationUs: 4200}
+	for i := range maxReportedWireGuardPeers {
+		req.Peers = append(req.Peers, &segmeshv1.PeerStatus{Name: fmt.Sprintf("node-%05d", i), PublicKey: wgKey(byte(i + 1)),
+			Endpoint: "192.0.2.3:51820", LastHandshakeUnix: now.Unix(), RxBytes: 1 << 30, TxBytes: 1 << 30})
+	}
+	l := newLiveTracker()
+	b.Run("report", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			l.report("web-1", req, now)
+		}
+	})
+	b.Run("fill", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			l.fill(&segmeshv1.NodeStatus{Name: "web-1"}, true)
+		}
+	})
+}

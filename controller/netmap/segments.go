@@ -21,3 +21,22 @@ func (e *Engine) Segments(node string) []string {
 	slices.Sort(out)
 	return out
 }
+
+// PeerNames returns the names of the peers node's netmap lists, sorted, without
+// building the netmap; nil for a node the Engine does not hold, a revoked node,
+// or one without peers.
+func (e *Engine) PeerNames(node string) []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	n, ok := e.nodes[node]
+	if !ok || n.group == nil {
+		return nil
+	}
+	var out []string
+	for _, p := range n.group.peers {
+		if p.Name != node {
+			out = append(out, p.Name)
+		}
+	}
+	return out
+}

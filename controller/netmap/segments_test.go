@@ -12,6 +12,7 @@ import (
 // TestEngineSegments: a node's segments are those of the policy in force that a
 // rule references and that it belongs to, sorted; they follow relabels and
 // policy changes; a revoked or unknown node and default deny have none.
+// PeerNames lists the peers of the node's netmap.
 func TestEngineSegments(t *testing.T) {
 	prog, err := policy.Prepare(mustParse(t, webToDB+`  - name: all-to-ops
     from: [all]
@@ -28,6 +29,21 @@ func TestEngineSegments(t *testing.T) {
 	for name, want := range map[string][]string{"web-1": {"all", "web"}, "db-1": {"all", "db"}, "ops-1": {"all", "ops"}, "gone-1": nil, "ghost": nil} {
 		if got := e.Segments(name); !slices.Equal(got, want) {
 			t.Errorf("Segments(%s) = %q, want %q", name, got, want)
+		}
+	}
+	// Everyone reaches ops-1 on tcp/22, web-1 reaches db-1: the peers follow.
+	for name, want := range map[string][]string{"web-1": {"db-1", "ops-1"}, "db-1": {"ops-1", "web-1"}, "ops-1": {"db-1", "web-1"}, "gone-1": nil, "ghost": nil} {
+		if got := e.PeerNames(name); !slices.Equal(got, want) {
+			t.Errorf("PeerNames(%s) = %q, want %q", name, got, want)
+		}
+		if nm, _, ok := e.Netmap(name); ok && name != "gone-1" {
+			var fromNetmap []string
+			for _, p := range nm.GetPeers() {
+				fromNetmap = append(fromNetmap, p.GetName())
+			}
+			if !slices.Equal(fromNetmap, want) {
+				t.Errorf("%s's netmap lists peers %q, PeerNames %q", name, fromNetmap, want)
+			}
 		}
 	}
 	web.Labels = map[string]string{"role": "db"}
