@@ -182,7 +182,7 @@ func (n nodeDetailJSON) writeDetail(w io.Writer, now time.Time) error {
 		"in sync", n.inSync(),
 		"last apply", n.lastApply(now),
 		"last error", n.Error,
-		"drift repairs", n.driftRepairs(),
+		"drift repairs", n.driftRepairs(now),
 		"last repaired", joinDifferences(n.Drift.LastRepaired, n.Drift.LastRepairedMore),
 		"unrepaired drift", joinDifferences(n.Drift.Unrepaired, n.Drift.UnrepairedMore),
 		"enrolled", n.EnrolledAt,
@@ -266,8 +266,9 @@ func (n nodeDetailJSON) desiredPeers() string {
 	return strings.Join(n.DesiredPeers, ", ")
 }
 
-// peersSummary is "2 in the kernel, 1 with a handshake in the last 3 minutes",
-// with "(N more not listed)"; "" before a report.
+// peersSummary is "2 in the kernel, 1 with a handshake in the last 3 minutes"
+// ("70 in the kernel (6 not listed), ..." when the report left some out); ""
+// before a report.
 func (n nodeDetailJSON) peersSummary(now time.Time) string {
 	if n.LastReportAt == "" {
 		return ""
@@ -279,9 +280,15 @@ func (n nodeDetailJSON) peersSummary(now time.Time) string {
 		}
 	}
 	s := fmt.Sprintf("%d in the kernel", len(n.Peers)+int(n.PeersMore))
-	if n.PeersMore > 0 {
-		s += fmt.Sprintf(" (%d not listed, all with a recent handshake)", n.PeersMore)
+	switch {
+	case n.PeersMore == 0:
+	case recent > 0:
+		// The agent lists the peers without a recent handshake first: those it
+		// left out after a recent one all have one.
+		s += fmt.Sprintf(" (%d not listed)", n.PeersMore)
 		recent += int(n.PeersMore)
+	default:
+		return s + fmt.Sprintf(" (%d not listed), none of the %d listed with a handshake in the last 3 minutes", n.PeersMore, len(n.Peers))
 	}
 	return s + fmt.Sprintf(", %d with a handshake in the last 3 minutes", recent)
 }

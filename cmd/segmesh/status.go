@@ -255,12 +255,12 @@ func (n nodeJSON) driftCell(now time.Time) string {
 	return cell
 }
 
-// driftRepairs is "N" or "N, the last at TIME" for `nodes show`.
-func (n nodeJSON) driftRepairs() string {
+// driftRepairs is "N" or "N, the last at TIME (2m ago)" for `nodes show`.
+func (n nodeJSON) driftRepairs(now time.Time) string {
 	if n.Drift.LastRepairAt == "" {
 		return fmt.Sprint(n.Drift.Repairs)
 	}
-	return fmt.Sprintf("%d, the last at %s", n.Drift.Repairs, n.Drift.LastRepairAt)
+	return fmt.Sprintf("%d, the last at %s", n.Drift.Repairs, withAgo(n.Drift.LastRepairAt, now))
 }
 
 // ago prints d as "45s ago", "2m ago", "5h ago" or "3d ago" (rounded down; a
