@@ -50,7 +50,9 @@ func TestNodeDetail(t *testing.T) {
 			wantApplied: "3 (not current: desired 4)", wantPeers: "2 in the kernel, 1 with a handshake in the last 3 minutes", wantMissing: "none"},
 		{name: "same revision, newer netmap", node: node(func(n *segmeshv1.NodeStatus) { n.AppliedHash = "h4-before" }), known: true,
 			wantApplied: "4 (not current: its netmap changed since)", wantPeers: "2 in the kernel, 1 with a handshake in the last 3 minutes", wantMissing: "none"},
-		{name: "never reported", node: node(func(n *segmeshv1.NodeStatus) { n.AppliedRevision, n.AppliedHash, n.LastReportUnix, n.Peers = 0, "", 0, nil }),
+		{name: "never reported", node: node(func(n *segmeshv1.NodeStatus) {
+			n.AppliedRevision, n.AppliedHash, n.LastReportUnix, n.Peers = 0, "", 0, nil
+		}),
 			desired: []string{"db-1"}, known: true, wantApplied: "0 (not current: the agent has reported no netmap)", wantPeers: "", wantMissing: ""},
 		{name: "peers left out after recent ones", node: node(func(n *segmeshv1.NodeStatus) { many(n, false) }), desired: []string{"ops-1"}, known: true,
 			wantApplied: "4 (current)", wantPeers: "70 in the kernel (6 not listed), 70 with a handshake in the last 3 minutes", wantMissing: "unknown: the agent's report left peers out"},
