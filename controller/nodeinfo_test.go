@@ -128,7 +128,8 @@ func TestReportedApply(t *testing.T) {
 // TestGetNode: GetNode returns one node in depth: segments, agent version and
 // interface from its stream, the latest apply and report, the WireGuard peers it
 // reported and the peers its netmap lists; Status carries all but the peers,
-// ListNodes the peers too. NotFound for an unknown node; a viewer may call it.
+// ListNodes the peers too. A revoked node has no peers. NotFound for an unknown
+// node; a viewer may call it.
 func TestGetNode(t *testing.T) {
 	tc := startController(t, t.TempDir())
 	web := tc.enroll(tc.createToken(map[string]string{"role": "web"}, false), "web-1")
@@ -202,11 +203,23 @@ func TestGetNode(t *testing.T) {
 	_, err = tc.op().GetNode(bg, connect.NewRequest(&segmeshv1.GetNodeRequest{}))
 	wantCode(t, err, connect.CodeInvalidArgument)
 
+	// Revoked, web-1 shows no peers: its agent dropped them and reports no more.
+	if _, err := tc.op().RevokeNode(bg, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: "web-1"})); err != nil {
+		t.Fatal(err)
+	}
+	revoked, err := tc.op().GetNode(bg, connect.NewRequest(&segmeshv1.GetNodeRequest{Name: "web-1"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(revoked.Msg.GetNode().GetPeers()) != 0 || revoked.Msg.GetDesiredPeers() != nil {
+		t.Errorf("GetNode of revoked web-1: %v, want no peers", revoked.Msg)
+	}
+
 	op, err := tc.op().CreateOperator(bg, connect.NewRequest(&segmeshv1.CreateOperatorRequest{Name: "v", Role: "viewer"}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tc.operator(op.Msg.Token).GetNode(bg, connect.NewRequest(&segmeshv1.GetNodeRequest{Name: "web-1"})); err != nil {
+	if _, err := tc.operator(op.Msg.Token).GetNode(bg, connect.NewRequest(&segmeshv1.GetNodeRequest{Name: "db-1"})); err != nil {
 		t.Errorf("GetNode as a viewer: %v", err)
 	}
 }

@@ -159,7 +159,7 @@ func (c *Controller) listNodeStatuses(withPeers bool) ([]*segmeshv1.NodeStatus, 
 // Segments its segments under rev; AppliedRevision and AppliedHash are what the
 // agent last reported, except that AppliedRevision is raised to rev when
 // AppliedHash equals DesiredHash. The WireGuard peers its agent reported are
-// filled only when withPeers.
+// filled only when withPeers, and never for a revoked node.
 func (c *Controller) nodeStatus(n store.Node, rev uint64, withPeers bool) *segmeshv1.NodeStatus {
 	st := &segmeshv1.NodeStatus{
 		Name:            n.Name,
@@ -180,7 +180,9 @@ func (c *Controller) nodeStatus(n store.Node, rev uint64, withPeers bool) *segme
 	}
 	st.DesiredHash = c.desiredHash(n.Name)
 	st.Segments = c.engine.Segments(n.Name)
-	c.live.fill(st, withPeers)
+	// A revoked node's agent dropped its peers and no longer reports: what it
+	// reported before is not shown.
+	c.live.fill(st, withPeers && !n.Revoked())
 	// A netmap keeps the revision at which it last changed (see
 	// netmap.FromCompiled), so an agent whose netmap no later revision touched
 	// reports an older revision. When it enforces exactly the netmap the
