@@ -111,6 +111,7 @@ type agent struct {
 	dp      dataplane.Dataplane
 	rec     *reconcile.Reconciler
 	flows   *flowlog.Log // denied flows waiting for a report, and drop totals
+	peers   *peerTable   // the WireGuard peers of the latest read-back
 	gossip  *gossip.Manager
 	syncer  *syncer
 	gossipC chan struct{} // member changes and new netmaps, coalesced
@@ -209,6 +210,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		log:     opts.Logger,
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
+		peers:   &peerTable{},
 		rotateC: make(chan struct{}, 1),
 		renewC:  make(chan struct{}, 1),
 		claims:  map[string]gossip.Claim{},
@@ -255,7 +257,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		Routes:     routes,
 	}, a.log.With("component", "reconcile"))
 	a.flows = flowlog.New()
-	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, a.flows.Stats, time.Now)
+	m := newAgentMetrics(func() uint64 { return a.rec.Status().Revision }, a.rec.Netmap, a.peers, a.flows.Stats, time.Now)
 	if err := m.register(opts.Metrics); err != nil {
 		_ = a.dp.Close()
 		return nil, fmt.Errorf("agent: registering metrics: %w", err)

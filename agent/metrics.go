@@ -2,7 +2,6 @@ package agent
 
 import (
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,8 +33,9 @@ type agentMetrics struct {
 
 // newAgentMetrics returns the collectors of an agent whose enforced revision
 // revision returns, whose netmap (for peer names) netmapOf returns and whose
-// denied-flow totals flows returns.
-func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, flows func() flowlog.Stats, now func() time.Time) *agentMetrics {
+// denied-flow totals flows returns; the peers of each read-back go into peers,
+// which the peer metrics read.
+func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, peers *peerTable, flows func() flowlog.Stats, now func() time.Time) *agentMetrics {
 	m := &agentMetrics{
 		revision: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "segmesh_agent_policy_revision",
@@ -51,6 +51,7 @@ func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, flo
 			Help: "Drift repairs by the dataplane part they restored (interface, wireguard, peer, address, route, nftables); a repair of several parts counts once for each.",
 		}, []string{"part"}),
 		peers: &peersCollector{
+			table:  peers,
 			netmap: netmapOf,
 			now:    now,
 			peers:  prometheus.NewDesc("segmesh_agent_peers", "WireGuard peers on the overlay interface, as of the latest read-back.", nil, nil),
@@ -98,30 +99,17 @@ func (m *agentMetrics) Applied(took time.Duration, repaired reconcile.Difference
 	}
 }
 
-// Observed implements reconcile.Observer.
-func (m *agentMetrics) Observed(o dataplane.Observed) { m.peers.set(o) }
+// Observed implements reconcile.Observer: it records the read-back's peers in
+// the peer table (which the reports read too).
+func (m *agentMetrics) Observed(o dataplane.Observed) { m.peers.table.set(o) }
 
 // peersCollector exports the peers of the latest read-back.
 type peersCollector struct {
-	netmap     func() *netmap.Netmap
-	now        func() time.Time
-	peers      *prometheus.Desc
-	handshake  *prometheus.Desc
-	mu         sync.Mutex
-	read       bool
-	keys       []dataplane.Key
-	handshakes map[dataplane.Key]time.Time
-}
-
-func (p *peersCollector) set(o dataplane.Observed) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.read = true
-	p.keys = p.keys[:0]
-	for _, peer := range o.State.Peers {
-		p.keys = append(p.keys, peer.PublicKey)
-	}
-	p.handshakes = o.Handshakes
+	table     *peerTable
+	netmap    func() *netmap.Netmap
+	now       func() time.Time
+	peers     *prometheus.Desc
+	handshake *prometheus.Desc
 }
 
 func (p *peersCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -130,29 +118,27 @@ func (p *peersCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.read {
+	now := p.now()
+	var handshakes []prometheus.Metric
+	n := 0
+	read := p.table.visit(p.netmap(), func(peer *observedPeer) {
+		n++
+		hs := peer.stats.LastHandshake
+		if hs.IsZero() {
+			return
+		}
+		name := peer.name
+		if name == "" {
+			name = dataplane.KeyString(peer.key)
+		}
+		handshakes = append(handshakes, prometheus.MustNewConstMetric(p.handshake, prometheus.GaugeValue, max(0, now.Sub(hs).Seconds()), name))
+	})
+	if !read {
 		return
 	}
-	ch <- prometheus.MustNewConstMetric(p.peers, prometheus.GaugeValue, float64(len(p.keys)))
-	names := map[dataplane.Key]string{}
-	if nm := p.netmap(); nm != nil {
-		for _, peer := range nm.Peers {
-			names[peer.PublicKey] = peer.Name
-		}
-	}
-	now := p.now()
-	for _, k := range p.keys {
-		hs := p.handshakes[k]
-		if hs.IsZero() {
-			continue
-		}
-		name := names[k]
-		if name == "" {
-			name = dataplane.KeyString(k)
-		}
-		ch <- prometheus.MustNewConstMetric(p.handshake, prometheus.GaugeValue, max(0, now.Sub(hs).Seconds()), name)
+	ch <- prometheus.MustNewConstMetric(p.peers, prometheus.GaugeValue, float64(n))
+	for _, m := range handshakes {
+		ch <- m
 	}
 }
 

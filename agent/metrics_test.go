@@ -24,7 +24,7 @@ func TestAgentMetrics(t *testing.T) {
 	now := time.Date(2026, 12, 2, 4, 0, 0, 0, time.UTC)
 	nm := &netmap.Netmap{Revision: 4, Peers: []netmap.Peer{{Name: "db-1", PublicKey: key(1)}, {Name: "web-2", PublicKey: key(2)}}}
 	flows := flowlog.New()
-	m := newAgentMetrics(func() uint64 { return 4 }, func() *netmap.Netmap { return nm }, flows.Stats, func() time.Time { return now })
+	m := newAgentMetrics(func() uint64 { return 4 }, func() *netmap.Netmap { return nm }, &peerTable{}, flows.Stats, func() time.Time { return now })
 	reg := prometheus.NewRegistry()
 	if err := m.register(reg); err != nil {
 		t.Fatal(err)
@@ -40,9 +40,9 @@ func TestAgentMetrics(t *testing.T) {
 	}})
 	m.Observed(dataplane.Observed{
 		State: dataplane.State{Peers: []dataplane.Peer{{PublicKey: key(1)}, {PublicKey: key(2)}, {PublicKey: key(3)}}},
-		Handshakes: map[dataplane.Key]time.Time{
-			key(1): now.Add(-42 * time.Second),
-			key(3): now.Add(-5 * time.Second), // not in the netmap: named by its key
+		PeerStats: map[dataplane.Key]dataplane.PeerStats{
+			key(1): {LastHandshake: now.Add(-42 * time.Second)},
+			key(3): {LastHandshake: now.Add(-5 * time.Second)}, // not in the netmap: named by its key
 			// key(2): no handshake yet
 		},
 	})

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -9,8 +10,11 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/go-cmp/cmp"
 
 	"segmesh/agent/dataplane"
+	"segmesh/agent/dataplane/fake"
+	"segmesh/agent/netmap"
 	"segmesh/api/segmeshv1"
 )
 
@@ -122,4 +126,155 @@ func TestDeniedFlowsAreReported(t *testing.T) {
 	if fs := c.lastReport().GetDeniedFlows(); len(fs) != 1 || fs[0].GetPort() != 0 || fs[0].GetDirection() != "out" || fs[0].GetPackets() != 1 {
 		t.Fatalf("denied flows %v, want only the new ping: the ssh flow was reported already", fs)
 	}
+}
+
+// TestPeerTableReport: a report lists at most maxReportedPeers peers, those
+// without a recent handshake first, then by name (unnamed keys first, then by
+// key); it counts the peers left out.
+func TestPeerTableReport(t *testing.T) {
+	now := time.Date(2026, 12, 2, 5, 0, 0, 0, time.UTC)
+	nm := &netmap.Netmap{Peers: []netmap.Peer{{Name: "b", PublicKey: dkey(2)}, {Name: "c", PublicKey: dkey(3)}, {Name: "d", PublicKey: dkey(4)}}}
+	ep := netip.MustParseAddrPort("192.0.2.3:51820")
+	tests := []struct {
+		name     string
+		observed dataplane.Observed
+		want     []string // name or key, endpoint, handshake (Unix), rx, tx
+		wantMore uint32
+	}{
+		{name: "no read-back", want: nil},
+		{name: "stale first, then by name", observed: dataplane.Observed{
+			State: dataplane.State{Peers: []dataplane.Peer{{PublicKey: dkey(2)}, {PublicKey: dkey(3), Endpoint: ep}, {PublicKey: dkey(4)}, {PublicKey: dkey(9)}}},
+			PeerStats: map[dataplane.Key]dataplane.PeerStats{
+				dkey(2): {LastHandshake: now.Add(-10 * time.Second), RxBytes: 100, TxBytes: 200},
+				dkey(3): {LastHandshake: now.Add(-4 * time.Minute), RxBytes: 1},
+				dkey(9): {LastHandshake: now.Add(-time.Second)},
+			},
+		}, want: []string{
+			"c 192.0.2.3:51820 " + fmt.Sprint(now.Add(-4*time.Minute).Unix()) + " 1 0", // handshake too old
+			"d  0 0 0", // never
+			dataplane.KeyString(dkey(9)) + "  " + fmt.Sprint(now.Add(-time.Second).Unix()) + " 0 0", // not in the netmap: no name
+			"b  " + fmt.Sprint(now.Add(-10*time.Second).Unix()) + " 100 200",
+		}},
+	}
+	many := dataplane.Observed{}
+	for i := range maxReportedPeers + 6 {
+		var k dataplane.Key
+		k[0], k[1] = 0xee, byte(i)
+		many.State.Peers = append(many.State.Peers, dataplane.Peer{PublicKey: k})
+	}
+	tests = append(tests, struct {
+		name     string
+		observed dataplane.Observed
+		want     []string
+		wantMore uint32
+	}{name: "bounded", observed: many, wantMore: 6})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var pt peerTable
+			if tt.observed.State.Peers != nil {
+				pt.set(tt.observed)
+			}
+			got, more := pt.report(nm, now)
+			if more != tt.wantMore {
+				t.Errorf("peers_more %d, want %d", more, tt.wantMore)
+			}
+			if tt.name == "bounded" {
+				if len(got) != maxReportedPeers {
+					t.Errorf("%d peers, want %d", len(got), maxReportedPeers)
+				}
+				return
+			}
+			var lines []string
+			for _, p := range got {
+				id := nameOrKey(p.GetName(), p.GetPublicKey())
+				lines = append(lines, fmt.Sprintf("%s %s %d %d %d", id, p.GetEndpoint(), p.GetLastHandshakeUnix(), p.GetRxBytes(), p.GetTxBytes()))
+				if p.GetPublicKey() == "" {
+					t.Errorf("peer %s without a public key", id)
+				}
+			}
+			if d := cmp.Diff(tt.want, lines); d != "" {
+				t.Errorf("peers (-want +got):\n%s", d)
+			}
+		})
+	}
+}
+
+// nameOrKey returns name, or key when name is empty.
+func nameOrKey(name, key string) string {
+	if name != "" {
+		return name
+	}
+	return key
+}
+
+// TestReportPeersAndApply: reports carry the time and duration of the latest
+// apply and the peers the kernel holds; new peer counters alone send no report,
+// and the periodic report brings them to the controller.
+func TestReportPeersAndApply(t *testing.T) {
+	c := newController(t)
+	pb := wireNetmap(3, 0)
+	c.setNetmap(pb)
+	dp := fake.New(dataplane.KindUserspace)
+	before := time.Now()
+	hs := time.Now().Add(-20 * time.Second).Truncate(time.Second)
+	dp.SetPeerStats(map[dataplane.Key]dataplane.PeerStats{dkey(2): {LastHandshake: hs, RxBytes: 10, TxBytes: 20}})
+	r := startWith(t, dp, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0", Resync: time.Hour})
+	eventually(t, "report of revision 3 in sync", func() bool {
+		rep := c.lastReport()
+		return rep.GetAppliedHash() == pb.GetHash() && rep.GetInSync()
+	})
+	rep := c.lastReport()
+	if at := time.UnixMilli(rep.GetLastApplyUnixMs()); at.Before(before.Truncate(time.Millisecond)) || at.After(time.Now()) || rep.GetLastApplyDurationUs() < 0 {
+		t.Errorf("last apply at %v took %dµs, want between the start and now", at, rep.GetLastApplyDurationUs())
+	}
+	peers := map[string]*segmeshv1.PeerStatus{}
+	for _, p := range rep.GetPeers() {
+		peers[p.GetName()] = p
+	}
+	if b := peers["b"]; len(peers) != 2 || b.GetLastHandshakeUnix() != hs.Unix() || b.GetRxBytes() != 10 || b.GetTxBytes() != 20 ||
+		peers["c"].GetEndpoint() != "192.0.2.3:51820" || peers["c"].GetLastHandshakeUnix() != 0 || rep.GetPeersMore() != 0 {
+		t.Fatalf("peers %v (+%d), want b with its handshake and counters, c with its endpoint", rep.GetPeers(), rep.GetPeersMore())
+	}
+	if got := rep.GetPeers()[0].GetName(); got != "c" {
+		t.Errorf("first peer %q, want c (no handshake)", got)
+	}
+
+	// New counters, read back: no report of their own; the next report (a
+	// repair) carries them.
+	reports := c.reportCount()
+	dp.SetPeerStats(map[dataplane.Key]dataplane.PeerStats{dkey(2): {LastHandshake: hs, RxBytes: 11, TxBytes: 22}})
+	reads := dp.Stats().Reads
+	dp.Notify()
+	eventually(t, "read back", func() bool { return dp.Stats().Reads > reads })
+	r.dp.Mutate(func(s *dataplane.State) { s.Routes = nil })
+	dp.Notify()
+	eventually(t, "the repair reported", func() bool { return c.lastReport().GetDrift().GetRepairs() == 1 })
+	if n := c.reportCount() - reports; n != 1 {
+		t.Errorf("%d reports after new peer counters and a repair, want 1 (counters alone are no change)", n)
+	}
+	for _, p := range c.lastReport().GetPeers() {
+		if p.GetName() == "b" && p.GetRxBytes() != 11 {
+			t.Errorf("peer b: %d bytes received, want the fresh 11", p.GetRxBytes())
+		}
+	}
+}
+
+// TestPeriodicReportRefreshesPeers: the periodic report brings new peer counters.
+func TestPeriodicReportRefreshesPeers(t *testing.T) {
+	c := newController(t)
+	pb := wireNetmap(3, 0)
+	c.setNetmap(pb)
+	dp := fake.New(dataplane.KindUserspace)
+	startWith(t, dp, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
+	eventually(t, "report of revision 3", func() bool { return c.lastReport().GetAppliedHash() == pb.GetHash() })
+	hs := time.Now().Truncate(time.Second)
+	dp.SetPeerStats(map[dataplane.Key]dataplane.PeerStats{dkey(3): {LastHandshake: hs, RxBytes: 7}})
+	eventually(t, "the handshake with c reported", func() bool {
+		for _, p := range c.lastReport().GetPeers() {
+			if p.GetName() == "c" && p.GetLastHandshakeUnix() == hs.Unix() && p.GetRxBytes() == 7 {
+				return true
+			}
+		}
+		return false
+	})
 }

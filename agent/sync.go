@@ -418,8 +418,10 @@ func (s *syncer) reportLoop(ctx context.Context) {
 }
 
 // report sends the current status; unless force, only when it differs from the last
-// report that reached the controller. A revoked node, or one whose certificate
-// expired, does not report.
+// report that reached the controller. The peers (endpoints, handshakes, byte
+// counters) change all the time and do not count as a difference: every report
+// carries them fresh, and the periodic one (force) keeps them current at the
+// controller. A revoked node, or one whose certificate expired, does not report.
 func (s *syncer) report(ctx context.Context, force bool) {
 	if s.a.isRevoked() || s.a.certificateExpired() {
 		return
@@ -430,6 +432,7 @@ func (s *syncer) report(ctx context.Context, force bool) {
 	if !force && s.lastReport != nil && proto.Equal(req, s.lastReport) {
 		return
 	}
+	req.Peers, req.PeersMore = s.a.peers.report(s.a.rec.Netmap(), time.Now())
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if _, err := s.agentClient().Report(rctx, connect.NewRequest(req)); err != nil {
@@ -440,8 +443,12 @@ func (s *syncer) report(ctx context.Context, force bool) {
 		s.lastReport = nil
 		return
 	}
-	s.lastReport = req
 	s.a.flows.Ack(s.flowBatch) // only now: a failed report carries them again
+	// The next report is compared without peers (see above) and without the flows
+	// this one delivered, so that it is sent only when something else changed.
+	req.Peers, req.PeersMore = nil, 0
+	req.DeniedFlows, req.DeniedFlowsMore = nil, 0
+	s.lastReport = req
 }
 
 func (s *syncer) buildReport() *segmeshv1.ReportRequest {
@@ -457,7 +464,7 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 	}
 	s.flowBatch = s.a.flows.Pending()
 	denied, deniedMore := deniedReport(s.flowBatch)
-	return &segmeshv1.ReportRequest{
+	req := &segmeshv1.ReportRequest{
 		AppliedRevision: st.Revision,
 		AppliedHash:     st.Hash,
 		Dataplane:       string(st.Kind),
@@ -468,6 +475,11 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 		DeniedFlows:     denied,
 		DeniedFlowsMore: deniedMore,
 	}
+	if !st.LastApply.IsZero() {
+		req.LastApplyUnixMs = st.LastApply.UnixMilli()
+		req.LastApplyDurationUs = st.LastApplyDuration.Microseconds()
+	}
+	return req
 }
 
 // driftReport is the wire form of the drift facts in st (already bounded by

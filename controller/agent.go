@@ -555,6 +555,15 @@ type liveNode struct {
 	lastSeen    time.Time
 	inSync      bool
 	drift       *segmeshv1.Drift // sanitised (reportedDrift); nil before a report
+	// version is the agent version its latest stream named (reportedText).
+	version string
+	// lastReport is when the latest report arrived; zero before one.
+	lastReport time.Time
+	// As the latest report said, checked (nodeinfo.go): the latest apply
+	// (Unix ms, µs) and the WireGuard peers.
+	lastApplyMs, lastApplyUs int64
+	peers                    []reportedPeer
+	peersMore                uint32
 	// legacy maps the version 1 hashes of the netmaps last sent on a Sync stream
 	// to their version 2 hashes (at most legacyHashes), so that an agent that
 	// predates deltas reports a hash status can compare.
@@ -579,8 +588,9 @@ func (l *liveTracker) get(name string) *liveNode {
 // What agents report is shown to operators (status, render): it is bounded and
 // checked so that a node cannot inject lines or terminal escapes.
 const (
-	maxReportedError = 1024
-	maxAlivePeers    = 4096
+	maxReportedError   = 1024
+	maxAlivePeers      = 4096
+	maxReportedVersion = 64
 	// Bounds of each list of drift differences (the agent keeps the same ones,
 	// see agent/reconcile.Bound): items, bytes of part+detail in all, bytes of
 	// one detail, bytes of one part.
@@ -713,6 +723,9 @@ func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, cancel co
 	if i := reportedInterface(req.GetInterface()); i != "" {
 		n.iface = i
 	}
+	if v := reportedText(req.GetVersion(), maxReportedVersion); v != "" {
+		n.version = v
+	}
 	n.lastSeen = now
 	return l.nextID
 }
@@ -758,7 +771,9 @@ func (l *liveTracker) report(name string, r *segmeshv1.ReportRequest, now time.T
 	n.alivePeers = slices.Sorted(slices.Values(reportedPeers(r.GetAlivePeers())))
 	n.inSync = r.GetInSync()
 	n.drift = reportedDrift(r.GetDrift(), now)
-	n.lastSeen = now
+	n.lastApplyMs, n.lastApplyUs = reportedApply(r.GetLastApplyUnixMs(), r.GetLastApplyDurationUs(), now)
+	n.peers, n.peersMore = reportedWireGuardPeers(n.peers[:0], r.GetPeers(), r.GetPeersMore(), now)
+	n.lastSeen, n.lastReport = now, now
 	return prev
 }
 
@@ -772,8 +787,9 @@ func (l *liveTracker) iface(name string) string {
 	return ""
 }
 
-// fill copies the runtime status of node into st.
-func (l *liveTracker) fill(st *segmeshv1.NodeStatus) {
+// fill copies the runtime status of node into st; the WireGuard peers only when
+// withPeers (Status leaves them out to stay small).
+func (l *liveTracker) fill(st *segmeshv1.NodeStatus, withPeers bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n, ok := l.nodes[st.Name]
@@ -792,5 +808,13 @@ func (l *liveTracker) fill(st *segmeshv1.NodeStatus) {
 	}
 	if !n.lastSeen.IsZero() {
 		st.LastSeenUnix = n.lastSeen.Unix()
+	}
+	st.Version, st.Interface = n.version, n.iface
+	st.LastApplyUnixMs, st.LastApplyDurationUs = n.lastApplyMs, n.lastApplyUs
+	if !n.lastReport.IsZero() {
+		st.LastReportUnix = n.lastReport.Unix()
+	}
+	if withPeers {
+		st.Peers, st.PeersMore = peerStatuses(n.peers), n.peersMore
 	}
 }

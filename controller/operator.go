@@ -118,21 +118,25 @@ func distributionProgress(nodes []*segmeshv1.NodeStatus) (active, online, curren
 	return active, online, current
 }
 
-// ListNodes implements OperatorService.ListNodes.
+// ListNodes implements OperatorService.ListNodes: every node's status, with the
+// WireGuard peers its agent reported.
 func (s *operatorService) ListNodes(ctx context.Context, _ *connect.Request[segmeshv1.ListNodesRequest]) (*connect.Response[segmeshv1.ListNodesResponse], error) {
-	nodes, _, err := s.c.nodeStatuses()
+	nodes, _, err := s.c.listNodeStatuses(true)
 	if err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&segmeshv1.ListNodesResponse{Nodes: nodes}), nil
 }
 
-// nodeStatuses returns every node's status sorted by name and the policy
-// revision in force (which can be older than the latest stored revision). DesiredRevision is the revision in force, DesiredHash the
-// hash of the node's latest netmap; AppliedRevision and AppliedHash are what the
-// agent last reported, except that AppliedRevision is raised to the revision in
-// force when AppliedHash equals DesiredHash.
+// nodeStatuses returns every node's status sorted by name, without the
+// WireGuard peers (as Status has them), and the policy revision in force (which
+// can be older than the latest stored revision); see nodeStatus.
 func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
+	return c.listNodeStatuses(false)
+}
+
+// listNodeStatuses is nodeStatuses, with the WireGuard peers when withPeers.
+func (c *Controller) listNodeStatuses(withPeers bool) ([]*segmeshv1.NodeStatus, uint64, error) {
 	var nodes []store.Node
 	err := c.store.View(func(tx store.Tx) error {
 		var err error
@@ -145,35 +149,48 @@ func (c *Controller) nodeStatuses() ([]*segmeshv1.NodeStatus, uint64, error) {
 	rev, _ := c.policyInForce()
 	out := make([]*segmeshv1.NodeStatus, 0, len(nodes))
 	for _, n := range nodes {
-		st := &segmeshv1.NodeStatus{
-			Name:            n.Name,
-			DesiredRevision: rev,
-			Labels:          n.Labels,
-			Addresses:       netmap.HostPrefixes(n.Addresses),
-			Endpoint:        n.Endpoint,
-			PublicKey:       base64.StdEncoding.EncodeToString(n.PublicKey),
-			State:           nodeState(n),
-			RevokedBy:       n.RevokedBy,
-			EnrolledUnix:    n.EnrolledAt.Unix(),
-		}
-		if n.Revoked() {
-			st.RevokedUnix = n.RevokedAt.Unix()
-		}
-		if !n.CertNotAfter.IsZero() {
-			st.CertExpiresUnix = n.CertNotAfter.Unix()
-		}
-		st.DesiredHash = c.desiredHash(n.Name)
-		c.live.fill(st)
-		// A netmap keeps the revision at which it last changed (see
-		// netmap.FromCompiled), so an agent whose netmap no later revision touched
-		// reports an older revision. When it enforces exactly the netmap the
-		// current revision wants (same hash), it enforces the current revision.
-		if st.AppliedHash != "" && st.AppliedHash == st.DesiredHash && st.AppliedRevision < rev {
-			st.AppliedRevision = rev
-		}
-		out = append(out, st)
+		out = append(out, c.nodeStatus(n, rev, withPeers))
 	}
 	return out, rev, nil
+}
+
+// nodeStatus returns n's status under revision rev, the revision in force:
+// DesiredRevision is rev, DesiredHash the hash of the node's latest netmap,
+// Segments its segments under rev; AppliedRevision and AppliedHash are what the
+// agent last reported, except that AppliedRevision is raised to rev when
+// AppliedHash equals DesiredHash. The WireGuard peers its agent reported are
+// filled only when withPeers, and never for a revoked node.
+func (c *Controller) nodeStatus(n store.Node, rev uint64, withPeers bool) *segmeshv1.NodeStatus {
+	st := &segmeshv1.NodeStatus{
+		Name:            n.Name,
+		DesiredRevision: rev,
+		Labels:          n.Labels,
+		Addresses:       netmap.HostPrefixes(n.Addresses),
+		Endpoint:        n.Endpoint,
+		PublicKey:       base64.StdEncoding.EncodeToString(n.PublicKey),
+		State:           nodeState(n),
+		RevokedBy:       n.RevokedBy,
+		EnrolledUnix:    n.EnrolledAt.Unix(),
+	}
+	if n.Revoked() {
+		st.RevokedUnix = n.RevokedAt.Unix()
+	}
+	if !n.CertNotAfter.IsZero() {
+		st.CertExpiresUnix = n.CertNotAfter.Unix()
+	}
+	st.DesiredHash = c.desiredHash(n.Name)
+	st.Segments = c.engine.Segments(n.Name)
+	// A revoked node's agent dropped its peers and no longer reports: what it
+	// reported before is not shown.
+	c.live.fill(st, withPeers && !n.Revoked())
+	// A netmap keeps the revision at which it last changed (see
+	// netmap.FromCompiled), so an agent whose netmap no later revision touched
+	// reports an older revision. When it enforces exactly the netmap the
+	// current revision wants (same hash), it enforces the current revision.
+	if st.AppliedHash != "" && st.AppliedHash == st.DesiredHash && st.AppliedRevision < rev {
+		st.AppliedRevision = rev
+	}
+	return st
 }
 
 // desiredHash returns the hash of the netmap the controller holds for node (the

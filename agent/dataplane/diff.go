@@ -44,10 +44,19 @@ type Observed struct {
 	// made it hold; it is empty when the kernel still holds it, and nil before any
 	// Apply of this Dataplane.
 	Drift []Difference
-	// Handshakes holds, per peer of State.Peers, the time of its latest WireGuard
-	// handshake (zero: none yet), as of the read of the device; nil when the
-	// implementation does not know.
-	Handshakes map[Key]time.Time
+	// PeerStats holds, per peer of State.Peers, what the WireGuard device counts
+	// for it, as of the read of the device; nil when the implementation does not
+	// know.
+	PeerStats map[Key]PeerStats
+}
+
+// PeerStats is what a WireGuard device counts for one peer.
+type PeerStats struct {
+	// LastHandshake is the time of the latest handshake; zero when none yet.
+	LastHandshake time.Time
+	// RxBytes and TxBytes count the bytes received from and sent to the peer
+	// since the device learned it.
+	RxBytes, TxBytes uint64
 }
 
 // Diff lists how observed differs from desired, one Difference per item, in a fixed

@@ -127,6 +127,12 @@ type Status struct {
 	Unrepaired Differences
 	// Repairs are the drift repairs since New.
 	Repairs Repairs
+	// LastApply is the wall-clock time the latest successful apply (a step that
+	// changed the kernel: a new desired state, a drift repair or a retry after a
+	// failure) finished; zero before the first one. LastApplyDuration is how long
+	// that apply's Dataplane.Apply call took (the confirming read-back excluded).
+	LastApply         time.Time
+	LastApplyDuration time.Duration
 	// Kind is the dataplane's WireGuard kind.
 	Kind dataplane.Kind
 }
@@ -223,7 +229,7 @@ type Reconciler struct {
 	status    Status
 	changed   chan struct{} // closed and replaced whenever status changes
 
-	now func() time.Time // the clock of Repairs.Last; tests replace it before Run
+	now func() time.Time // the clock of Repairs.Last and LastApply; tests replace it before Run
 	obs Observer         // set before Run; nil: none
 
 	// owned by the Run goroutine
@@ -437,9 +443,11 @@ func (r *Reconciler) step(ctx context.Context) {
 		r.setStatus(failed(next, err, drift))
 		return
 	}
+	took := time.Since(applyStart)
 	r.pending = Differences{}
+	next.LastApply, next.LastApplyDuration = r.now(), took
 	if r.obs != nil {
-		r.obs.Applied(time.Since(applyStart), drift)
+		r.obs.Applied(took, drift)
 	}
 	if drift.Len() > 0 {
 		next.Repairs = Repairs{Count: prev.Repairs.Count + 1, Last: r.now(), Fixed: drift}

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -221,10 +222,16 @@ func TestDrift(t *testing.T) {
 
 func start(t *testing.T, resync time.Duration) (*Reconciler, *fake.Dataplane, *testlog.Buffer) {
 	t.Helper()
+	return startWithClock(t, resync, func() time.Time { return testNow })
+}
+
+// startWithClock is start with now as the reconciler's clock.
+func startWithClock(t *testing.T, resync time.Duration, now func() time.Time) (*Reconciler, *fake.Dataplane, *testlog.Buffer) {
+	t.Helper()
 	dp := fake.New(dataplane.KindUserspace)
 	logs := &testlog.Buffer{}
 	r := New(dp, local, slog.New(slog.NewTextHandler(logs, nil)))
-	r.now = func() time.Time { return testNow }
+	r.now = now
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); r.Run(ctx, resync) }()
@@ -334,6 +341,60 @@ func TestReconcilerNoApplyWithoutdrift(t *testing.T) {
 	}
 	if got := dp.Stats().Applies; got != 1 {
 		t.Fatalf("applies = %d, want 1 (read-back without drift must not apply)", got)
+	}
+}
+
+// TestReconcilerRecordsLastApply: Status.LastApply is the time the latest
+// successful apply finished (a new netmap, a drift repair), with its duration; a
+// read-back that finds nothing to do and a failed apply leave both as they were.
+func TestReconcilerRecordsLastApply(t *testing.T) {
+	var mu sync.Mutex
+	clock := testNow
+	advance := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		clock = clock.Add(time.Second)
+		return clock
+	}
+	now := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return clock
+	}
+	r, dp, _ := startWithClock(t, time.Hour, now)
+	if st := r.Status(); !st.LastApply.IsZero() || st.LastApplyDuration != 0 {
+		t.Fatalf("before any step: last apply %v took %v, want none", st.LastApply, st.LastApplyDuration)
+	}
+	st := wait(t, r, r.SetNetmap(testNetmap()))
+	if !st.LastApply.Equal(testNow) || st.LastApplyDuration <= 0 {
+		t.Fatalf("after the first apply: last apply %v took %v, want %v and a duration", st.LastApply, st.LastApplyDuration, testNow)
+	}
+
+	// A read-back without drift applies nothing.
+	t1 := advance()
+	reads := dp.Stats().Reads
+	dp.Notify()
+	eventually(t, "read back", func() bool { return dp.Stats().Reads > reads })
+	if st := r.Status(); !st.LastApply.Equal(testNow) {
+		t.Fatalf("after a read-back without drift: last apply %v, want still %v", st.LastApply, testNow)
+	}
+
+	// A repair is an apply.
+	dp.Mutate(func(s *dataplane.State) { s.Routes = nil })
+	dp.Notify()
+	eventually(t, "the repair", func() bool { return r.Status().Repairs.Count == 1 })
+	if st := r.Status(); !st.LastApply.Equal(t1) || st.LastApplyDuration <= 0 {
+		t.Fatalf("after the repair: last apply %v took %v, want %v", st.LastApply, st.LastApplyDuration, t1)
+	}
+
+	// A failed apply is not.
+	advance()
+	dp.FailApply(errors.New("nftables: boom"))
+	nm := testNetmap()
+	nm.Revision, nm.Hash = 8, "h8"
+	nm.Peers = nm.Peers[:1]
+	if st := wait(t, r, r.SetNetmap(nm)); st.Err == nil || !st.LastApply.Equal(t1) {
+		t.Fatalf("after a failed apply: err %v, last apply %v; want an error and still %v", st.Err, st.LastApply, t1)
 	}
 }
 

@@ -35,10 +35,11 @@ type fakeController struct {
 	caPEM string
 	creds string // path of an operator credential file for this server
 
-	mu      sync.Mutex
-	replies map[string]connect.AnyResponse // by procedure
-	errs    map[string]error               // by procedure; wins over a reply
-	calls   []fakeCall
+	mu       sync.Mutex
+	replies  map[string]connect.AnyResponse                                  // by procedure
+	errs     map[string]error                                                // by procedure; wins over a reply
+	handlers map[string]func(req proto.Message) (connect.AnyResponse, error) // by procedure; wins over both
+	calls    []fakeCall
 }
 
 // fakeCall is one recorded request.
@@ -53,7 +54,8 @@ const fakeToken = "admin-secret"
 
 func newFakeController(t *testing.T) *fakeController {
 	t.Helper()
-	f := &fakeController{t: t, replies: map[string]connect.AnyResponse{}, errs: map[string]error{}}
+	f := &fakeController{t: t, replies: map[string]connect.AnyResponse{}, errs: map[string]error{},
+		handlers: map[string]func(proto.Message) (connect.AnyResponse, error){}}
 	cert, caPEM := selfSignedCert(t)
 	f.caPEM = caPEM
 	intercept := connect.UnaryInterceptorFunc(func(connect.UnaryFunc) connect.UnaryFunc {
@@ -87,6 +89,9 @@ func (f *fakeController) answer(req connect.AnyRequest) (connect.AnyResponse, er
 	msg, _ := req.Any().(proto.Message)
 	p := req.Spec().Procedure
 	f.calls = append(f.calls, fakeCall{procedure: p, bearer: req.Header().Get("Authorization"), req: msg})
+	if h := f.handlers[p]; h != nil {
+		return h(msg)
+	}
 	if err := f.errs[p]; err != nil {
 		return nil, err
 	}
@@ -102,6 +107,13 @@ func (f *fakeController) reply(procedure string, resp connect.AnyResponse) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.replies[procedure] = resp
+}
+
+// handle makes the fake answer procedure with what h returns for the request.
+func (f *fakeController) handle(procedure string, h func(req proto.Message) (connect.AnyResponse, error)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.handlers[procedure] = h
 }
 
 // fail makes the fake answer procedure with err.

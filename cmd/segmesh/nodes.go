@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"slices"
 	"strings"
+	"time"
 
+	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
 	"segmesh/api/segmeshv1"
@@ -69,37 +72,117 @@ with --inventory, without the revoked nodes (they are in no netmap).`,
 func newNodesShowCmd(g *globalFlags) *cobra.Command {
 	return readCmd(&cobra.Command{
 		Use:   "show NAME",
-		Short: "Show one node: labels, state, addresses, endpoint, dataplane, revisions, certificate expiry, revocation",
-		Args:  oneArg("NAME"),
+		Short: "Show one node in depth: labels, segments, revisions, latest apply, drift repairs, WireGuard peers and their handshakes",
+		Long: `Show prints one node: labels, segments, addresses, endpoint, dataplane and
+interface, agent version, state, liveness, the revision it enforces against the
+one it should (current: it enforces exactly the netmap the controller holds for
+it), its latest apply (when, how long), its latest error, whether its latest
+read-back found the kernel in sync, its drift repairs, and the WireGuard peers
+its kernel holds as its agent last reported them (at most 64, those without a
+handshake in 3 minutes first; refreshed every resync interval of the agent),
+followed by the peers its netmap lists that the kernel does not hold.`,
+		Args: oneArg("NAME"),
 	}, func(args []string) (any, func(io.Writer) error, error) {
-		nodes, err := listNodes(g)
+		n, err := getNode(g, args[0])
 		if err != nil {
 			return nil, nil, err
 		}
-		i := slices.IndexFunc(nodes, func(n *segmeshv1.NodeStatus) bool { return n.GetName() == args[0] })
-		if i < 0 {
-			return nil, nil, &exitError{code: 1, msg: fmt.Sprintf("segmesh: node %q is not enrolled (see `segmesh nodes list`)", args[0])}
-		}
-		n := toNodeJSON(nodes[i])
-		return n, n.writeFields, nil
+		now := time.Now()
+		return n, func(w io.Writer) error { return n.writeDetail(w, now) }, nil
 	})
 }
 
-func (n nodeJSON) writeFields(w io.Writer) error {
-	return writeFields(w,
+// nodeDetailJSON is the JSON (and YAML) shape of `nodes show`: the node as
+// `nodes list` has it, and the peers its netmap lists.
+type nodeDetailJSON struct {
+	nodeJSON
+	// Current says whether the node enforces exactly the netmap the controller
+	// holds for it (the hashes are equal).
+	Current bool `json:"current"`
+	// DesiredPeers are the peers the node's netmap lists; null from a
+	// controller that predates GetNode.
+	DesiredPeers []string `json:"desired_peers"`
+	// MissingPeers are the desired peers the node's kernel does not hold, as its
+	// agent last reported; null when that is not known (no report yet, or the
+	// report left peers out).
+	MissingPeers []string `json:"missing_peers"`
+}
+
+// getNode returns node name in depth (GetNode); from a controller that predates
+// GetNode, what ListNodes has (without the desired peers).
+func getNode(g *globalFlags, name string) (nodeDetailJSON, error) {
+	client, err := operatorClient(g)
+	if err != nil {
+		return nodeDetailJSON{}, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	resp, err := client.GetNode(ctx, connect.NewRequest(&segmeshv1.GetNodeRequest{Name: name}))
+	if connect.CodeOf(err) == connect.CodeUnimplemented {
+		nodes, lerr := listNodes(g)
+		if lerr != nil {
+			return nodeDetailJSON{}, lerr
+		}
+		i := slices.IndexFunc(nodes, func(n *segmeshv1.NodeStatus) bool { return n.GetName() == name })
+		if i < 0 {
+			return nodeDetailJSON{}, &exitError{code: 1, msg: fmt.Sprintf("segmesh: node %q is not enrolled (see `segmesh nodes list`)", name)}
+		}
+		return toNodeDetailJSON(nodes[i], nil, false), nil
+	}
+	if err != nil {
+		return nodeDetailJSON{}, callError("reading node "+name, err)
+	}
+	return toNodeDetailJSON(resp.Msg.GetNode(), resp.Msg.GetDesiredPeers(), true), nil
+}
+
+// toNodeDetailJSON returns n with its desired peers (known says whether the
+// controller said them).
+func toNodeDetailJSON(n *segmeshv1.NodeStatus, desired []string, known bool) nodeDetailJSON {
+	d := nodeDetailJSON{nodeJSON: toNodeJSON(n)}
+	d.Current = d.AppliedHash != "" && d.AppliedHash == d.DesiredHash
+	if !known {
+		return d
+	}
+	d.DesiredPeers = append([]string{}, desired...)
+	if d.LastReportAt != "" && d.PeersMore == 0 {
+		held := map[string]bool{}
+		for _, p := range d.Peers {
+			held[p.Name] = true
+		}
+		d.MissingPeers = []string{}
+		for _, p := range desired {
+			if !held[p] {
+				d.MissingPeers = append(d.MissingPeers, p)
+			}
+		}
+	}
+	return d
+}
+
+// writeDetail prints n as "key: value" lines, then its peers as a table; times
+// are also given relative to now.
+func (n nodeDetailJSON) writeDetail(w io.Writer, now time.Time) error {
+	err := writeFields(w,
 		"name", n.Name,
 		"state", n.State,
 		"labels", formatLabels(n.Labels),
+		"segments", strings.Join(n.Segments, ", "),
 		"addresses", strings.Join(n.Addresses, ", "),
 		"endpoint", n.Endpoint,
 		"public key", n.PublicKey,
 		"dataplane", n.Dataplane,
+		"interface", n.Interface,
+		"agent version", n.Version,
 		"online", fmt.Sprint(n.Online),
-		"last seen", n.LastSeen,
+		"last seen", withAgo(n.LastSeen, now),
+		"last report", withAgo(n.LastReportAt, now),
 		"desired revision", fmt.Sprint(n.DesiredRevision),
-		"applied revision", fmt.Sprint(n.AppliedRevision),
+		"applied revision", n.appliedRevision(),
 		"sync", n.Sync,
-		"drift repairs", n.driftRepairs(),
+		"in sync", n.inSync(),
+		"last apply", n.lastApply(now),
+		"last error", n.Error,
+		"drift repairs", n.driftRepairs(now),
 		"last repaired", joinDifferences(n.Drift.LastRepaired, n.Drift.LastRepairedMore),
 		"unrepaired drift", joinDifferences(n.Drift.Unrepaired, n.Drift.UnrepairedMore),
 		"enrolled", n.EnrolledAt,
@@ -107,8 +190,135 @@ func (n nodeJSON) writeFields(w io.Writer) error {
 		"revoked at", n.RevokedAt,
 		"revoked by", n.RevokedBy,
 		"alive peers", strings.Join(n.AlivePeers, ", "),
-		"error", n.Error,
+		"desired peers", n.desiredPeers(),
+		"peers", n.peersSummary(now),
+		"missing peers", n.missingPeers(),
 	)
+	if err != nil || len(n.Peers) == 0 {
+		return err
+	}
+	fmt.Fprintln(w)
+	rows := make([][]string, 0, len(n.Peers))
+	for _, p := range n.Peers {
+		name := p.Name
+		if name == "" {
+			name = "(key " + p.PublicKey + ")"
+		}
+		hs := "never"
+		if t, err := time.Parse(time.RFC3339, p.LastHandshakeAt); err == nil {
+			hs = ago(now.Sub(t))
+		}
+		rows = append(rows, []string{name, p.Endpoint, hs, formatBytes(p.RxBytes), formatBytes(p.TxBytes)})
+	}
+	return writeTable(w, []string{"NAME", "ENDPOINT", "LAST HANDSHAKE", "RX", "TX"}, rows)
+}
+
+// withAgo is "TIME (12s ago)"; "" when t is "".
+func withAgo(t string, now time.Time) string {
+	at, err := time.Parse(time.RFC3339, t)
+	if err != nil {
+		return t
+	}
+	return t + " (" + ago(now.Sub(at)) + ")"
+}
+
+// appliedRevision is the applied revision and whether the node enforces the
+// netmap the controller holds for it: "3 (current)", "2 (not current: desired
+// 3)", "3 (not current: its netmap changed since)".
+func (n nodeDetailJSON) appliedRevision() string {
+	switch {
+	case n.State == nodeStateRevoked:
+		return fmt.Sprint(n.AppliedRevision)
+	case n.Current:
+		return fmt.Sprintf("%d (current)", n.AppliedRevision)
+	case n.AppliedHash == "":
+		return fmt.Sprintf("%d (not current: the agent has reported no netmap)", n.AppliedRevision)
+	case n.AppliedRevision != n.DesiredRevision:
+		return fmt.Sprintf("%d (not current: desired %d)", n.AppliedRevision, n.DesiredRevision)
+	}
+	return fmt.Sprintf("%d (not current: its netmap changed since)", n.AppliedRevision)
+}
+
+// inSync is the agent's latest read-back: "true", "false" or "" before a report.
+func (n nodeDetailJSON) inSync() string {
+	if n.LastReportAt == "" {
+		return ""
+	}
+	return fmt.Sprint(n.InSync)
+}
+
+// lastApply is "TIME (12s ago), took 4.2ms"; "" before the first apply.
+func (n nodeDetailJSON) lastApply(now time.Time) string {
+	at, err := time.Parse(time.RFC3339, n.LastApplyAt)
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%s (%s), took %v", n.LastApplyAt, ago(now.Sub(at)), time.Duration(n.LastApplyDurationUs)*time.Microsecond)
+}
+
+func (n nodeDetailJSON) desiredPeers() string {
+	if n.DesiredPeers == nil {
+		return ""
+	}
+	if len(n.DesiredPeers) == 0 {
+		return "none"
+	}
+	return strings.Join(n.DesiredPeers, ", ")
+}
+
+// peersSummary is "2 in the kernel, 1 with a handshake in the last 3 minutes"
+// ("70 in the kernel (6 not listed), ..." when the report left some out); ""
+// before a report.
+func (n nodeDetailJSON) peersSummary(now time.Time) string {
+	if n.LastReportAt == "" {
+		return ""
+	}
+	recent := 0
+	for _, p := range n.Peers {
+		if t, err := time.Parse(time.RFC3339, p.LastHandshakeAt); err == nil && now.Sub(t) < 3*time.Minute {
+			recent++
+		}
+	}
+	s := fmt.Sprintf("%d in the kernel", len(n.Peers)+int(n.PeersMore))
+	switch {
+	case n.PeersMore == 0:
+	case recent > 0:
+		// The agent lists the peers without a recent handshake first: those it
+		// left out after a recent one all have one.
+		s += fmt.Sprintf(" (%d not listed)", n.PeersMore)
+		recent += int(n.PeersMore)
+	default:
+		return s + fmt.Sprintf(" (%d not listed), none of the %d listed with a handshake in the last 3 minutes", n.PeersMore, len(n.Peers))
+	}
+	return s + fmt.Sprintf(", %d with a handshake in the last 3 minutes", recent)
+}
+
+// missingPeers lists the desired peers the kernel does not hold, "none", or
+// says why that is not known.
+func (n nodeDetailJSON) missingPeers() string {
+	switch {
+	case n.MissingPeers == nil && n.DesiredPeers != nil && n.PeersMore > 0:
+		return "unknown: the agent's report left peers out"
+	case n.MissingPeers == nil:
+		return ""
+	case len(n.MissingPeers) == 0:
+		return "none"
+	}
+	return strings.Join(n.MissingPeers, ", ")
+}
+
+// formatBytes prints n bytes as "512 B", "1.5 KiB", "3.2 MiB", "7.0 GiB"...
+func formatBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 func newNodesRevokeCmd(g *globalFlags) *cobra.Command {

@@ -3,9 +3,11 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -28,27 +30,60 @@ const (
 )
 
 // repairUnix is when web-1's agent last repaired drift: 150 s before the tests
-// started, so that status prints "2m ago" for it.
-var repairUnix = time.Now().Add(-150 * time.Second).Unix()
+// started, so that status prints "2m ago" for it. handshakeUnix is its latest
+// handshake with api-1, 12 s before; applyUnixMs its latest apply, 40 s before.
+var (
+	repairUnix    = time.Now().Add(-150 * time.Second).Unix()
+	handshakeUnix = time.Now().Add(-12 * time.Second).Unix()
+	applyUnixMs   = time.Now().Add(-40 * time.Second).UnixMilli()
+)
 
-// fixtureNodes: web-1 active, online and in sync after 3 drift repairs, db-1
-// revoked by admin.
+// fixtureNodes: web-1 active, online and in sync after 3 drift repairs, with two
+// WireGuard peers (api-1 handshaked, db-1 never); db-1 revoked by admin.
 func fixtureNodes() []*segmeshv1.NodeStatus {
 	return []*segmeshv1.NodeStatus{
 		{Name: "web-1", State: "active", Labels: map[string]string{"role": "web", "env": "prod"}, Addresses: []string{"100.64.0.2/32", "fd5e:6d65:7368::2/128"},
-			Online: true, DesiredRevision: 3, AppliedRevision: 3, Dataplane: "kernel", Endpoint: "192.0.2.10:51820", PublicKey: "a2V5",
+			Online: true, DesiredRevision: 3, AppliedRevision: 3, DesiredHash: "h3", AppliedHash: "h3", Dataplane: "kernel", Endpoint: "192.0.2.10:51820", PublicKey: "a2V5",
 			LastSeenUnix: t2, EnrolledUnix: t1, CertExpiresUnix: 1798678400, AlivePeers: []string{"db-1"},
 			InSync: true, Drift: &segmeshv1.Drift{Repairs: 3, LastRepairUnix: repairUnix, LastRepairedMore: 1,
-				LastRepaired: []*segmeshv1.DriftDifference{{Part: "route", Detail: "missing [100.64.0.0/10]"}}}},
+				LastRepaired: []*segmeshv1.DriftDifference{{Part: "route", Detail: "missing [100.64.0.0/10]"}}},
+			Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0", LastApplyUnixMs: applyUnixMs, LastApplyDurationUs: 4200, LastReportUnix: t2,
+			Peers: []*segmeshv1.PeerStatus{
+				{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
+				{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeUnix: handshakeUnix, RxBytes: 1536, TxBytes: 3 << 20},
+			}},
 		{Name: "db-1", State: "revoked", Labels: map[string]string{"role": "db"}, Addresses: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"},
 			DesiredRevision: 3, EnrolledUnix: t1, RevokedUnix: t2, RevokedBy: "admin"},
 	}
 }
 
-// withFixtures makes f answer every read call with a small, fixed mesh.
+// statusNodes are the fixture nodes as Status has them: without peers.
+func statusNodes() []*segmeshv1.NodeStatus {
+	nodes := fixtureNodes()
+	for _, n := range nodes {
+		n.Peers, n.PeersMore = nil, 0
+	}
+	return nodes
+}
+
+// withFixtures makes f answer every read call with a small, fixed mesh; GetNode
+// says web-1's netmap lists api-1, db-1 and ops-1.
 func withFixtures(f *fakeController) *fakeController {
 	f.reply(segmeshv1connect.OperatorServiceStatusProcedure, connect.NewResponse(&segmeshv1.StatusResponse{
-		PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: fixtureNodes()}))
+		PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: statusNodes()}))
+	f.handle(segmeshv1connect.OperatorServiceGetNodeProcedure, func(req proto.Message) (connect.AnyResponse, error) {
+		name := req.(*segmeshv1.GetNodeRequest).GetName()
+		for _, n := range fixtureNodes() {
+			if n.GetName() == name {
+				var desired []string
+				if name == "web-1" {
+					desired = []string{"api-1", "db-1", "ops-1"}
+				}
+				return connect.NewResponse(&segmeshv1.GetNodeResponse{Node: n, DesiredPeers: desired}), nil
+			}
+		}
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q is not enrolled (see `segmesh nodes list`)", name))
+	})
 	f.reply(segmeshv1connect.OperatorServiceListNodesProcedure, connect.NewResponse(&segmeshv1.ListNodesResponse{Nodes: fixtureNodes()}))
 	f.reply(segmeshv1connect.OperatorServiceListTokensProcedure, connect.NewResponse(&segmeshv1.ListTokensResponse{Tokens: []*segmeshv1.TokenInfo{
 		{Id: "tok1", Labels: map[string]string{"role": "web"}, CreatedUnix: t1, ExpiresUnix: 4102444800, Uses: 1, UsedBy: "web-1", Creator: "admin"},
@@ -134,15 +169,19 @@ func TestReadCommandTables(t *testing.T) {
 	}
 }
 
-func TestNodesShowTable(t *testing.T) {
-	f := withFixtures(newFakeController(t))
-	out, errOut, code := f.run("nodes", "show", "db-1")
+// showFields runs `nodes show NAME` against f and returns its "key: value"
+// lines as a map, their keys in order, and the lines after them (the peers
+// table), each as strings.Fields; it checks that the values are aligned.
+func showFields(t *testing.T, f *fakeController, name string) (map[string]string, []string, [][]string) {
+	t.Helper()
+	out, errOut, code := f.run("nodes", "show", name)
 	if code != 0 {
-		t.Fatalf("exit %d: %s", code, errOut)
+		t.Fatalf("nodes show %s: exit %d: %s", name, code, errOut)
 	}
+	head, tail, _ := strings.Cut(strings.TrimSuffix(out, "\n"), "\n\n")
 	fields := map[string]string{}
 	var keys []string
-	for _, l := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
+	for _, l := range strings.Split(head, "\n") {
 		k, v, _ := strings.Cut(l, ":")
 		keys = append(keys, k)
 		fields[k] = strings.TrimSpace(v)
@@ -150,20 +189,79 @@ func TestNodesShowTable(t *testing.T) {
 			t.Errorf("value of %q not aligned after the longest key: %q", k, l)
 		}
 	}
-	wantKeys := []string{"name", "state", "labels", "addresses", "endpoint", "public key", "dataplane", "online", "last seen",
-		"desired revision", "applied revision", "sync", "drift repairs", "last repaired", "unrepaired drift", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers", "error"}
+	var table [][]string
+	if tail != "" {
+		for _, l := range strings.Split(tail, "\n") {
+			table = append(table, strings.Fields(l))
+		}
+	}
+	return fields, keys, table
+}
+
+func TestNodesShowTable(t *testing.T) {
+	f := withFixtures(newFakeController(t))
+	fields, keys, table := showFields(t, f, "db-1")
+	wantKeys := []string{"name", "state", "labels", "segments", "addresses", "endpoint", "public key", "dataplane", "interface", "agent version",
+		"online", "last seen", "last report", "desired revision", "applied revision", "sync", "in sync", "last apply", "last error",
+		"drift repairs", "last repaired", "unrepaired drift", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers",
+		"desired peers", "peers", "missing peers"}
 	if !slices.Equal(keys, wantKeys) {
 		t.Errorf("keys %q, want %q", keys, wantKeys)
 	}
 	for k, want := range map[string]string{"name": "db-1", "state": "revoked", "labels": "role=db", "addresses": "100.64.0.3/32, fd5e:6d65:7368::3/128",
 		"endpoint": "-", "online": "false", "enrolled": "2026-11-30T00:53:20Z", "revoked at": "2026-12-01T00:53:20Z", "revoked by": "admin",
-		"cert expires": "-", "desired revision": "3", "applied revision": "0"} {
+		"cert expires": "-", "desired revision": "3", "applied revision": "0", "segments": "-", "last apply": "-", "in sync": "-",
+		"peers": "-", "desired peers": "none", "missing peers": "-"} {
 		if fields[k] != want {
-			t.Errorf("%s: %q, want %q", k, fields[k], want)
+			t.Errorf("db-1 %s: %q, want %q", k, fields[k], want)
 		}
 	}
-	_, errOut, code = f.run("nodes", "show", "ghost")
+	if table != nil {
+		t.Errorf("db-1 has no peers, yet a table: %q", table)
+	}
+
+	fields, _, table = showFields(t, f, "web-1")
+	for k, want := range map[string]string{"segments": "prod, web", "interface": "segmesh0", "agent version": "v1.2.3",
+		"applied revision": "3 (current)", "sync": "in sync", "in sync": "true", "desired peers": "api-1, db-1, ops-1",
+		"peers": "2 in the kernel, 1 with a handshake in the last 3 minutes", "missing peers": "ops-1", "last error": "-"} {
+		if fields[k] != want {
+			t.Errorf("web-1 %s: %q, want %q", k, fields[k], want)
+		}
+	}
+	if want := regexp.MustCompile(`^` + regexp.QuoteMeta(unixMilliTime(applyUnixMs)) + ` \(4[0-9]s ago\), took 4\.2ms$`); !want.MatchString(fields["last apply"]) {
+		t.Errorf("web-1 last apply %q, want %s", fields["last apply"], want)
+	}
+	if want := regexp.MustCompile(`^2026-12-01T00:53:20Z \([0-9]+h ago\)$`); !want.MatchString(fields["last report"]) {
+		t.Errorf("web-1 last report %q, want %s", fields["last report"], want)
+	}
+	wantTable := [][]string{
+		{"NAME", "ENDPOINT", "LAST", "HANDSHAKE", "RX", "TX"},
+		{"db-1", "192.0.2.30:51820", "never", "0", "B", "0", "B"},
+		{"api-1", "192.0.2.20:51820", "HS", "ago", "1.5", "KiB", "3.0", "MiB"},
+	}
+	if len(table) == 3 && len(table[2]) > 2 && regexp.MustCompile(`^1[2-9]s$`).MatchString(table[2][2]) {
+		wantTable[2][2] = table[2][2]
+	}
+	if d := cmp.Diff(wantTable, table); d != "" {
+		t.Errorf("web-1 peers table (-want +got):\n%s", d)
+	}
+
+	_, errOut, code := f.run("nodes", "show", "ghost")
 	if code != 1 || !strings.Contains(errOut, `node "ghost" is not enrolled`) {
+		t.Errorf("nodes show ghost: exit %d %q, want exit 1 naming the node", code, errOut)
+	}
+}
+
+// TestNodesShowOlderController: against a controller without GetNode, nodes show
+// prints what ListNodes has, without the desired peers.
+func TestNodesShowOlderController(t *testing.T) {
+	f := newFakeController(t)
+	f.reply(segmeshv1connect.OperatorServiceListNodesProcedure, connect.NewResponse(&segmeshv1.ListNodesResponse{Nodes: fixtureNodes()}))
+	fields, _, table := showFields(t, f, "web-1")
+	if fields["segments"] != "prod, web" || fields["desired peers"] != "-" || fields["missing peers"] != "-" || len(table) != 3 {
+		t.Errorf("nodes show web-1: %q, peers %q", fields, table)
+	}
+	if _, errOut, code := f.run("nodes", "show", "ghost"); code != 1 || !strings.Contains(errOut, `node "ghost" is not enrolled`) {
 		t.Errorf("nodes show ghost: exit %d %q, want exit 1 naming the node", code, errOut)
 	}
 }
@@ -177,10 +275,15 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		Dataplane: "kernel", Endpoint: "192.0.2.10:51820", PublicKey: "a2V5", LastSeen: "2026-12-01T00:53:20Z",
 		EnrolledAt: "2026-11-30T00:53:20Z", CertExpiresAt: "2026-12-31T00:53:20Z", AlivePeers: []string{"db-1"},
 		Sync: "in sync", InSync: true, Drift: driftJSON{Repairs: 3, LastRepairAt: unixTime(repairUnix), LastRepairedMore: 1,
-			LastRepaired: []differenceJSON{{Part: "route", Detail: "missing [100.64.0.0/10]"}}, Unrepaired: []differenceJSON{}}}
+			LastRepaired: []differenceJSON{{Part: "route", Detail: "missing [100.64.0.0/10]"}}, Unrepaired: []differenceJSON{}},
+		DesiredHash: "h3", AppliedHash: "h3", Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0",
+		LastApplyAt: unixMilliTime(applyUnixMs), LastApplyDurationUs: 4200, LastReportAt: "2026-12-01T00:53:20Z"}
+	webWithPeers := web
+	webWithPeers.Peers = []wgPeerJSON{{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
+		{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeAt: unixTime(handshakeUnix), RxBytes: 1536, TxBytes: 3 << 20}}
 	db := nodeJSON{Name: "db-1", State: "revoked", Labels: map[string]string{"role": "db"}, Addresses: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"},
 		DesiredRevision: 3, EnrolledAt: "2026-11-30T00:53:20Z", RevokedAt: "2026-12-01T00:53:20Z", RevokedBy: "admin", AlivePeers: []string{},
-		Drift: driftJSON{LastRepaired: []differenceJSON{}, Unrepaired: []differenceJSON{}}}
+		Drift: driftJSON{LastRepaired: []differenceJSON{}, Unrepaired: []differenceJSON{}}, Segments: []string{}}
 	tests := []struct {
 		args []string
 		want any
@@ -189,9 +292,12 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 	}{
 		{[]string{"status"}, statusJSON{PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: []nodeJSON{web, db}},
 			[]string{`"policy_revision"`, `"serving_revision"`, `"state": "revoked"`, `"revoked_by": "admin"`, `"cert_expires_at"`, `"alive_peers"`,
-				`"sync": "in sync"`, `"in_sync": true`, `"repairs": 3`, `"last_repair_at"`, `"last_repaired": [`, `"last_repaired_more": 1`, `"unrepaired": []`}},
-		{[]string{"nodes", "list"}, []nodeJSON{web, db}, []string{`"desired_revision"`, `"revoked_at"`, `"enrolled_at"`}},
-		{[]string{"nodes", "show", "web-1"}, web, []string{`"name": "web-1"`, `"last_seen"`}},
+				`"sync": "in sync"`, `"in_sync": true`, `"repairs": 3`, `"last_repair_at"`, `"last_repaired": [`, `"last_repaired_more": 1`, `"unrepaired": []`,
+				`"segments": [`, `"version": "v1.2.3"`, `"interface": "segmesh0"`, `"last_apply_at"`, `"last_apply_duration_us": 4200`, `"last_report_at"`}},
+		{[]string{"nodes", "list"}, []nodeJSON{webWithPeers, db}, []string{`"desired_revision"`, `"revoked_at"`, `"enrolled_at"`, `"peers": [`}},
+		{[]string{"nodes", "show", "web-1"}, nodeDetailJSON{nodeJSON: webWithPeers, Current: true, DesiredPeers: []string{"api-1", "db-1", "ops-1"}, MissingPeers: []string{"ops-1"}},
+			[]string{`"name": "web-1"`, `"last_seen"`, `"last_handshake_at"`, `"rx_bytes": 1536`, `"tx_bytes"`, `"endpoint": "192.0.2.20:51820"`,
+				`"desired_peers": [`, `"missing_peers": [`, `"current": true`}},
 		{[]string{"token", "list"}, []tokenJSON{
 			{ID: "tok1", Labels: map[string]string{"role": "web"}, CreatedAt: "2026-11-30T00:53:20Z", ExpiresAt: "2100-01-01T00:00:00Z", Uses: 1, UsedBy: "web-1", Creator: "admin", State: "used"},
 			{ID: "tok2", Labels: map[string]string{}, CreatedAt: "2026-11-30T00:53:20Z", ExpiresAt: "2100-01-01T00:00:00Z", Reusable: true, Uses: 2, UsedBy: "db-1", Creator: "ci", State: "valid"},
@@ -227,7 +333,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 			if err := json.Unmarshal([]byte(jsonOut), got.Interface()); err != nil {
 				t.Fatalf("-o json does not decode: %v\n%s", err, jsonOut)
 			}
-			if d := cmp.Diff(tt.want, got.Elem().Interface()); d != "" {
+			if d := cmp.Diff(tt.want, got.Elem().Interface(), cmp.AllowUnexported(nodeDetailJSON{})); d != "" {
 				t.Errorf("-o json (-want +got):\n%s", d)
 			}
 			if tt.args[0] == "nodes" && tt.args[1] == "list" {
@@ -237,11 +343,17 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 			if code != 0 {
 				t.Fatalf("-o yaml: exit %d: %s", code, errOut)
 			}
-			fromYAML := reflect.New(reflect.TypeOf(tt.want))
-			if err := yaml.Unmarshal([]byte(yamlOut), fromYAML.Interface()); err != nil {
+			// Decoded through JSON: a YAML decoder cannot fill the unexported
+			// embedded nodeJSON of nodes show.
+			asJSON, err := yaml.YAMLToJSON([]byte(yamlOut))
+			if err != nil {
 				t.Fatalf("-o yaml does not decode: %v\n%s", err, yamlOut)
 			}
-			if d := cmp.Diff(tt.want, fromYAML.Elem().Interface()); d != "" {
+			fromYAML := reflect.New(reflect.TypeOf(tt.want))
+			if err := json.Unmarshal(asJSON, fromYAML.Interface()); err != nil {
+				t.Fatalf("-o yaml does not decode: %v\n%s", err, yamlOut)
+			}
+			if d := cmp.Diff(tt.want, fromYAML.Elem().Interface(), cmp.AllowUnexported(nodeDetailJSON{})); d != "" {
 				t.Errorf("-o yaml (-want +got):\n%s\n%s", d, yamlOut)
 			}
 		})

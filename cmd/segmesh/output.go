@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/goccy/go-yaml"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 )
 
 // One output vocabulary for every read command: -o table (the default, for people),
@@ -130,6 +132,12 @@ func unixTime(sec int64) string {
 		return ""
 	}
 	return time.Unix(sec, 0).UTC().Format(time.RFC3339)
+}
+
+// isTerminal says whether w is a terminal (a program redraws in place there).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
 }
 
 func orDash(s string) string {

@@ -1,14 +1,20 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
+	"context"
 	"fmt"
 	"io"
 	"maps"
+	"os"
+	"os/signal"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
 	"segmesh/api/segmeshv1"
@@ -52,6 +58,60 @@ type nodeJSON struct {
 	// found exactly the desired state.
 	InSync bool      `json:"in_sync"`
 	Drift  driftJSON `json:"drift"`
+	// Segments are the segments of the policy in force the node belongs to (those
+	// a rule references), sorted.
+	Segments []string `json:"segments"`
+	// Version and Interface are the agent version and overlay interface its
+	// stream named.
+	Version   string `json:"version,omitempty"`
+	Interface string `json:"interface,omitempty"`
+	// LastApplyAt is when the agent's latest apply that changed the kernel
+	// finished (RFC 3339 with milliseconds, by the agent's clock, never later
+	// than the controller's); LastApplyDurationUs how long it took, µs.
+	LastApplyAt         string `json:"last_apply_at,omitempty"`
+	LastApplyDurationUs int64  `json:"last_apply_duration_us,omitempty"`
+	// LastReportAt is when the controller received the agent's latest report.
+	LastReportAt string `json:"last_report_at,omitempty"`
+	// Peers are the WireGuard peers as the node's kernel holds them, as its
+	// agent last reported (nodes list and nodes show; status leaves them out):
+	// at most 64, those without a handshake in 3 minutes first; PeersMore
+	// counts those left out.
+	Peers     []wgPeerJSON `json:"peers,omitempty"`
+	PeersMore uint32       `json:"peers_more,omitempty"`
+}
+
+// wgPeerJSON is one WireGuard peer as a node's kernel holds it.
+type wgPeerJSON struct {
+	// Name is the peer's node name; empty for a key the node's netmap does not
+	// name.
+	Name      string `json:"name"`
+	PublicKey string `json:"public_key"` // base64
+	Endpoint  string `json:"endpoint,omitempty"`
+	// LastHandshakeAt is the latest handshake (RFC 3339); omitted when none.
+	LastHandshakeAt string `json:"last_handshake_at,omitempty"`
+	RxBytes         uint64 `json:"rx_bytes"`
+	TxBytes         uint64 `json:"tx_bytes"`
+}
+
+func toWGPeersJSON(ps []*segmeshv1.PeerStatus) []wgPeerJSON {
+	if len(ps) == 0 {
+		return nil
+	}
+	out := make([]wgPeerJSON, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, wgPeerJSON{Name: p.GetName(), PublicKey: p.GetPublicKey(), Endpoint: p.GetEndpoint(),
+			LastHandshakeAt: unixTime(p.GetLastHandshakeUnix()), RxBytes: p.GetRxBytes(), TxBytes: p.GetTxBytes()})
+	}
+	return out
+}
+
+// unixMilliTime formats Unix milliseconds as RFC 3339 in UTC with milliseconds;
+// 0 is "".
+func unixMilliTime(ms int64) string {
+	if ms == 0 {
+		return ""
+	}
+	return time.UnixMilli(ms).UTC().Format("2006-01-02T15:04:05.000Z07:00")
 }
 
 // driftJSON is the drift an agent found and repaired since it started, as it
@@ -123,6 +183,9 @@ func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
 		LastSeen: unixTime(n.GetLastSeenUnix()), EnrolledAt: unixTime(n.GetEnrolledUnix()), CertExpiresAt: unixTime(n.GetCertExpiresUnix()),
 		RevokedAt: unixTime(n.GetRevokedUnix()), RevokedBy: n.GetRevokedBy(),
 		AlivePeers: n.GetAlivePeers(), Error: n.GetError(), InSync: n.GetInSync(),
+		Segments: n.GetSegments(), Version: n.GetVersion(), Interface: n.GetInterface(),
+		LastApplyAt: unixMilliTime(n.GetLastApplyUnixMs()), LastApplyDurationUs: n.GetLastApplyDurationUs(),
+		LastReportAt: unixTime(n.GetLastReportUnix()), Peers: toWGPeersJSON(n.GetPeers()), PeersMore: n.GetPeersMore(),
 	}
 	d := n.GetDrift()
 	out.Drift = driftJSON{Repairs: d.GetRepairs(), LastRepairAt: unixTime(d.GetLastRepairUnix()),
@@ -137,6 +200,9 @@ func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
 	}
 	if out.AlivePeers == nil {
 		out.AlivePeers = []string{}
+	}
+	if out.Segments == nil {
+		out.Segments = []string{}
 	}
 	return out
 }
@@ -189,12 +255,12 @@ func (n nodeJSON) driftCell(now time.Time) string {
 	return cell
 }
 
-// driftRepairs is "N" or "N, the last at TIME" for `nodes show`.
-func (n nodeJSON) driftRepairs() string {
+// driftRepairs is "N" or "N, the last at TIME (2m ago)" for `nodes show`.
+func (n nodeJSON) driftRepairs(now time.Time) string {
 	if n.Drift.LastRepairAt == "" {
 		return fmt.Sprint(n.Drift.Repairs)
 	}
-	return fmt.Sprintf("%d, the last at %s", n.Drift.Repairs, n.Drift.LastRepairAt)
+	return fmt.Sprintf("%d, the last at %s", n.Drift.Repairs, withAgo(n.Drift.LastRepairAt, now))
 }
 
 // ago prints d as "45s ago", "2m ago", "5h ago" or "3d ago" (rounded down; a
@@ -219,22 +285,162 @@ func formatLabels(m map[string]string) string {
 	return strings.Join(parts, ",")
 }
 
+// Defaults and limits of status --watch.
+const (
+	defaultWatchInterval = 2 * time.Second
+	minWatchInterval     = 500 * time.Millisecond
+)
+
 func newStatusCmd(g *globalFlags) *cobra.Command {
-	return readCmd(&cobra.Command{
+	var watch bool
+	var interval time.Duration
+	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the policy revision and, per node, state, desired vs applied revision, sync, drift repairs, liveness and dataplane",
-		Args:  cobra.NoArgs,
-	}, func([]string) (any, func(io.Writer) error, error) {
-		resp, err := invoke(g, "reading status", segmeshv1connect.OperatorServiceClient.Status, &segmeshv1.StatusRequest{})
-		if err != nil {
-			return nil, nil, err
+		Long: `Status prints the policy revision in force, how many active nodes enforce it,
+and one line per node (see ` + "`segmesh nodes show NAME`" + ` for one node in depth).
+
+--watch prints the status again every --interval until interrupted (Ctrl-C or
+SIGTERM, exit 0). On a terminal it redraws in place; otherwise (a pipe, a file)
+it prints each refresh after a blank line (-o yaml: after a "---" line). A
+refresh the controller does not answer (unreachable, busy) shows the error and
+the next one tries again; a refused one (an unknown or revoked credential, a
+role that may not read) ends the command.`,
+		Args: cobra.NoArgs,
+	}
+	output := addOutputFlag(cmd, "")
+	cmd.Flags().BoolVarP(&watch, "watch", "w", false, "print the status again every --interval until interrupted, in place on a terminal")
+	cmd.Flags().DurationVar(&interval, "interval", defaultWatchInterval, "how often --watch refreshes (at least "+minWatchInterval.String()+")")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if !watch {
+			if cmd.Flags().Changed("interval") {
+				return &exitError{code: 2, msg: "segmesh: --interval only applies with --watch"}
+			}
+			client, err := operatorClient(g)
+			if err != nil {
+				return err
+			}
+			st, err := fetchStatus(cmd.Context(), client)
+			if err != nil {
+				return callError("reading status", err)
+			}
+			now := time.Now()
+			return output.write(cmd.OutOrStdout(), st, func(w io.Writer) error { return st.writeTable(w, now) })
 		}
-		st := statusJSON{PolicyRevision: resp.GetPolicyRevision(), ServingRevision: resp.GetServingRevision(),
-			PolicyError: resp.GetPolicyError(), NodesActive: resp.GetNodesActive(), NodesOnline: resp.GetNodesOnline(),
-			NodesCurrent: resp.GetNodesCurrent(), Nodes: toNodesJSON(resp.GetNodes())}
-		now := time.Now()
-		return st, func(w io.Writer) error { return st.writeTable(w, now) }, nil
-	})
+		if interval < minWatchInterval {
+			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: --interval %v: want at least %v, e.g. 2s", interval, minWatchInterval)}
+		}
+		client, err := operatorClient(g)
+		if err != nil {
+			return err
+		}
+		ctx, stop := watchContext(cmd.Context())
+		defer stop()
+		out := cmd.OutOrStdout()
+		v := statusWatch{out: out, errOut: cmd.ErrOrStderr(), tty: isTerminal(out), interval: interval, format: *output, now: time.Now,
+			fetch: func(ctx context.Context) (statusJSON, error) { return fetchStatus(ctx, client) }}
+		return v.run(ctx)
+	}
+	return cmd
+}
+
+// fetchStatus calls Status under requestTimeout and returns it in its JSON shape.
+func fetchStatus(ctx context.Context, client segmeshv1connect.OperatorServiceClient) (statusJSON, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	resp, err := client.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{}))
+	if err != nil {
+		return statusJSON{}, err
+	}
+	m := resp.Msg
+	return statusJSON{PolicyRevision: m.GetPolicyRevision(), ServingRevision: m.GetServingRevision(),
+		PolicyError: m.GetPolicyError(), NodesActive: m.GetNodesActive(), NodesOnline: m.GetNodesOnline(),
+		NodesCurrent: m.GetNodesCurrent(), Nodes: toNodesJSON(m.GetNodes())}, nil
+}
+
+// watchContext returns a context that ends at Ctrl-C (SIGINT) or SIGTERM, and
+// the function that stops listening for them.
+func watchContext(parent context.Context) (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+}
+
+// statusWatch is status --watch: fetch, print, wait interval, until the context
+// ends.
+type statusWatch struct {
+	out, errOut io.Writer
+	// tty redraws in place: cursor home, each line cleared to its end, the rest
+	// of the screen cleared (no flicker, unlike clearing the whole screen first).
+	tty      bool
+	interval time.Duration
+	format   outFormat
+	now      func() time.Time
+	fetch    func(ctx context.Context) (statusJSON, error)
+}
+
+// run refreshes until ctx ends, then returns nil. A call that may succeed later
+// (retryable) shows its error in place of the status; any other error ends the
+// watch with callError's exit code.
+func (v statusWatch) run(ctx context.Context) error {
+	t := time.NewTicker(v.interval)
+	defer t.Stop()
+	for n := 0; ; n++ {
+		st, err := v.fetch(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		var frame bytes.Buffer
+		switch {
+		case err != nil && !retryable(err):
+			return callError("reading status", err)
+		case err != nil:
+			msg := callError("reading status", err).Error() + fmt.Sprintf(" (retrying every %v)", v.interval)
+			if v.tty {
+				fmt.Fprintln(&frame, msg)
+			} else {
+				fmt.Fprintln(v.errOut, msg)
+			}
+		default:
+			now := v.now()
+			if err := v.format.write(&frame, st, func(w io.Writer) error { return st.writeTable(w, now) }); err != nil {
+				return err
+			}
+		}
+		if err := v.draw(frame.Bytes(), n == 0); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// draw writes one refresh: on a terminal in place under a header line ("Every 2s:
+// segmesh status" and the time, as watch(1) has it); elsewhere after a separator
+// from the previous one.
+func (v statusWatch) draw(frame []byte, first bool) error {
+	var b bytes.Buffer
+	if v.tty {
+		if first {
+			b.WriteString("\x1b[H\x1b[2J")
+		}
+		b.WriteString("\x1b[H")
+		fmt.Fprintf(&b, "Every %v: segmesh status    %s\x1b[K\n\x1b[K\n", v.interval, v.now().UTC().Format(time.RFC3339))
+		b.Write(bytes.ReplaceAll(frame, []byte("\n"), []byte("\x1b[K\n")))
+		b.WriteString("\x1b[J")
+	} else {
+		switch {
+		case first || len(frame) == 0:
+		case v.format == formatYAML:
+			b.WriteString("---\n")
+		default:
+			b.WriteString("\n")
+		}
+		b.Write(frame)
+	}
+	_, err := v.out.Write(b.Bytes())
+	return err
 }
 
 // progress is the status line on distribution: "revision 7: 998/1000 active

@@ -1,11 +1,21 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 )
 
 // TestSyncAndDriftColumns: SYNC says "in sync" only when the node enforces its
@@ -77,5 +87,189 @@ func TestSyncAndDriftColumns(t *testing.T) {
 				t.Errorf("DRIFT column of %q is not %q:\n%s", row, want, out.String())
 			}
 		})
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader in two goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitFor polls cond every 10ms until it holds or 10s pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestStatusWatchCLI: status --watch, its output not a terminal, prints the
+// status every --interval, each refresh after a blank line, until its context
+// ends (as at Ctrl-C), and then exits 0.
+func TestStatusWatchCLI(t *testing.T) {
+	f := withFixtures(newFakeController(t))
+	root := newRootCmd()
+	var out, errOut syncBuffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs([]string{"--credentials", f.creds, "status", "--watch", "--interval", "500ms"})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- root.ExecuteContext(ctx) }()
+	waitFor(t, "three refreshes", func() bool { return strings.Count(out.String(), "policy revision: 3\n") >= 3 })
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("status --watch after an interrupt: %v, want a clean exit", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("status --watch did not end with its context")
+	}
+	frames := strings.Split(out.String(), "\n\npolicy revision: ")
+	if len(frames) < 3 || strings.Contains(out.String(), "\x1b") {
+		t.Fatalf("want refreshes separated by a blank line, without terminal escapes:\n%q", out.String())
+	}
+	for _, fr := range frames[1 : len(frames)-1] {
+		if !strings.HasPrefix(fr, "3\nrevision 3: 1/1 active nodes enforce it") || !strings.Contains(fr, "\nweb-1 ") {
+			t.Errorf("refresh %q is not a whole status", fr)
+		}
+	}
+	if n := len(f.requests(segmeshv1connect.OperatorServiceStatusProcedure)); n < 3 {
+		t.Errorf("%d Status calls, want one per refresh", n)
+	}
+}
+
+// TestStatusWatchFlags: --interval needs --watch, and is not too short.
+func TestStatusWatchFlags(t *testing.T) {
+	f := withFixtures(newFakeController(t))
+	for _, args := range [][]string{{"status", "--interval", "5s"}, {"status", "--watch", "--interval", "100ms"}, {"status", "--watch", "--interval", "-1s"}} {
+		if _, errOut, code := f.run(args...); code != 2 || !strings.Contains(errOut, "--interval") {
+			t.Errorf("%q: exit %d %q, want exit 2 about --interval", args, code, errOut)
+		}
+	}
+}
+
+// TestStatusWatchView: on a terminal every refresh redraws in place (cursor home,
+// each line cleared to its end, the rest of the screen cleared) under a header;
+// elsewhere refreshes follow each other after a separator. A refresh the
+// controller could not answer shows the error and the watch goes on; a refused
+// one ends it.
+func TestStatusWatchView(t *testing.T) {
+	now := time.Date(2026, 12, 2, 5, 0, 0, 0, time.UTC)
+	st := statusJSON{PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: toNodesJSON(statusNodes())}
+	unavailable := connect.NewError(connect.CodeUnavailable, errors.New("dial tcp: connection refused"))
+	tests := []struct {
+		name    string
+		tty     bool
+		format  outFormat
+		results []error // of the fetches in order; the watch ends after the last
+		check   func(t *testing.T, out, errOut string)
+		wantErr string
+	}{
+		{name: "terminal", tty: true, format: formatTable, results: []error{nil, nil}, check: func(t *testing.T, out, errOut string) {
+			if !strings.HasPrefix(out, "\x1b[H\x1b[2J\x1b[HEvery 1ms: segmesh status    2026-12-02T05:00:00Z\x1b[K\n\x1b[K\npolicy revision: 3\x1b[K\n") {
+				t.Errorf("first frame: %q", out)
+			}
+			frames := strings.Split(out, "\x1b[J")
+			if len(frames) != 3 || frames[2] != "" || !strings.HasPrefix(frames[1], "\x1b[HEvery 1ms") || strings.Contains(frames[1], "\x1b[2J") {
+				t.Errorf("want two frames, the second redrawn from the cursor home without clearing the screen first: %q", out)
+			}
+			for _, l := range strings.Split(strings.TrimSuffix(frames[0], "\n"), "\n") {
+				if !strings.HasSuffix(l, "\x1b[K") {
+					t.Errorf("line %q is not cleared to its end", l)
+				}
+			}
+		}},
+		{name: "terminal, controller unreachable once", tty: true, format: formatTable, results: []error{unavailable, nil}, check: func(t *testing.T, out, errOut string) {
+			frames := strings.Split(out, "\x1b[J")
+			if len(frames) != 3 || !strings.Contains(frames[0], "controller unreachable") || !strings.Contains(frames[0], "retrying every 1ms") || !strings.Contains(frames[1], "policy revision: 3") {
+				t.Errorf("want the error, then the status: %q", out)
+			}
+		}},
+		{name: "pipe, json", format: formatJSON, results: []error{nil, unavailable, nil}, check: func(t *testing.T, out, errOut string) {
+			dec := json.NewDecoder(strings.NewReader(out))
+			for i := range 2 {
+				var got statusJSON
+				if err := dec.Decode(&got); err != nil || got.PolicyRevision != 3 {
+					t.Fatalf("document %d: %v %+v in %q", i, err, got, out)
+				}
+			}
+			if !strings.Contains(out, "}\n\n{") {
+				t.Errorf("documents not separated by a blank line: %q", out)
+			}
+			if !strings.Contains(errOut, "controller unreachable") {
+				t.Errorf("stderr %q, want the failed refresh", errOut)
+			}
+		}},
+		{name: "pipe, yaml", format: formatYAML, results: []error{nil, nil}, check: func(t *testing.T, out, errOut string) {
+			if docs := strings.Split(out, "\n---\n"); len(docs) != 2 || !strings.HasPrefix(docs[1], "policy_revision: 3\n") {
+				t.Errorf("want two YAML documents separated by ---: %q", out)
+			}
+		}},
+		{name: "refused", format: formatTable, results: []error{nil, connect.NewError(connect.CodeUnauthenticated, errors.New("unknown credential"))},
+			wantErr: "unknown credential"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var out, errOut bytes.Buffer
+			calls := 0
+			v := statusWatch{out: &out, errOut: &errOut, tty: tt.tty, interval: time.Millisecond, format: tt.format, now: func() time.Time { return now },
+				fetch: func(context.Context) (statusJSON, error) {
+					if calls == len(tt.results) {
+						// Interrupted during the call: the watch ends
+						// without drawing it.
+						cancel()
+						return st, nil
+					}
+					calls++
+					return st, tt.results[calls-1]
+				}}
+			err := v.run(ctx)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("run: %v, want an error with %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("run: %v", err)
+			}
+			tt.check(t, out.String(), errOut.String())
+		})
+	}
+}
+
+// TestWatchContextEndsAtSIGTERM: status --watch ends cleanly at SIGTERM (and
+// Ctrl-C, SIGINT) instead of being killed.
+func TestWatchContextEndsAtSIGTERM(t *testing.T) {
+	ctx, stop := watchContext(context.Background())
+	defer stop()
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ctx.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watch context did not end at SIGTERM")
 	}
 }

@@ -222,7 +222,8 @@ type progressView struct {
 func newProgressView(w io.Writer) *progressView {
 	v := &progressView{w: w, now: time.Now}
 	v.start = v.now()
-	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+	if isTerminal(w) {
+		f := w.(*os.File)
 		v.tty = true
 		v.width = func() int {
 			if cols, _, err := term.GetSize(int(f.Fd())); err == nil && cols > 0 {

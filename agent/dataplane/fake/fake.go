@@ -8,6 +8,7 @@ package fake
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 
@@ -35,6 +36,7 @@ type Dataplane struct {
 	// denied is what ReadDenied returns while the table exists.
 	denied    dataplane.Denied
 	deniedErr error
+	stats     map[dataplane.Key]dataplane.PeerStats // SetPeerStats
 }
 
 // New returns an empty fake (no interface, no table) that reports kind after Apply.
@@ -92,6 +94,12 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	}
 	if d.applied != nil {
 		o.Drift = dataplane.Diff(*d.applied, o.State)
+	}
+	if d.stats != nil {
+		o.PeerStats = map[dataplane.Key]dataplane.PeerStats{}
+		for _, p := range o.State.Peers {
+			o.PeerStats[p.PublicKey] = d.stats[p.PublicKey]
+		}
 	}
 	return o, nil
 }
@@ -202,6 +210,15 @@ func (d *Dataplane) Mutate(f func(s *dataplane.State)) {
 	f(&s)
 	d.state = dataplane.Canonical(s)
 	d.up = true
+}
+
+// SetPeerStats makes every following Read report stats (copied) for the peers
+// the stored state holds (zero stats for those stats lacks), as a WireGuard
+// device counts them; nil, the default, reports none (Observed.PeerStats nil).
+func (d *Dataplane) SetPeerStats(stats map[dataplane.Key]dataplane.PeerStats) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.stats = maps.Clone(stats)
 }
 
 // FailApply makes every following Apply return err; nil restores success.

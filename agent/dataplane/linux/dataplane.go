@@ -26,7 +26,6 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -364,8 +363,8 @@ func (d *Dataplane) Read(ctx context.Context) (dataplane.Observed, error) {
 	if err := ctx.Err(); err != nil {
 		return dataplane.Observed{}, err
 	}
-	o.Handshakes = map[dataplane.Key]time.Time{}
-	if err := d.readInterfaceHandshakes(&o.State, o.Handshakes); err != nil {
+	o.PeerStats = map[dataplane.Key]dataplane.PeerStats{}
+	if err := d.readInterfaceStats(&o.State, o.PeerStats); err != nil {
 		return dataplane.Observed{}, err
 	}
 	o.State = dataplane.Canonical(o.State)

@@ -153,8 +153,12 @@ func TestOverlayEnforcesFilter(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := obs.Handshakes[dataplane.Key(b.key.PublicKey())]; !got.Equal(hs) {
-			t.Errorf("Read: handshake with b at %v, want %v as wgctrl reports", got, hs)
+		got := obs.PeerStats[dataplane.Key(b.key.PublicKey())]
+		if !got.LastHandshake.Equal(hs) {
+			t.Errorf("Read: handshake with b at %v, want %v as wgctrl reports", got.LastHandshake, hs)
+		}
+		if got.RxBytes == 0 || got.TxBytes == 0 {
+			t.Errorf("Read: %d bytes received from b, %d sent, want both counted after traffic", got.RxBytes, got.TxBytes)
 		}
 		a.log.take()
 		b.log.take()

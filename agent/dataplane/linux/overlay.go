@@ -3,7 +3,6 @@ package linux
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"segmesh/agent/dataplane"
 )
@@ -35,12 +34,12 @@ func (d *Dataplane) applyInterface(ctx context.Context, want dataplane.State, mt
 // readInterface fills the interface fields of s (see Read): nothing when the link is
 // missing. d.mu must be held.
 func (d *Dataplane) readInterface(s *dataplane.State) error {
-	return d.readInterfaceHandshakes(s, nil)
+	return d.readInterfaceStats(s, nil)
 }
 
-// readInterfaceHandshakes is readInterface that also records each peer's latest
-// handshake in hs when hs is not nil.
-func (d *Dataplane) readInterfaceHandshakes(s *dataplane.State, hs map[dataplane.Key]time.Time) error {
+// readInterfaceStats is readInterface that also records each peer's counters
+// (latest handshake, bytes) in stats when stats is not nil.
+func (d *Dataplane) readInterfaceStats(s *dataplane.State, stats map[dataplane.Key]dataplane.PeerStats) error {
 	snap, err := d.linkState()
 	if err != nil || snap.link == nil {
 		return err
@@ -52,7 +51,7 @@ func (d *Dataplane) readInterfaceHandshakes(s *dataplane.State, hs map[dataplane
 	}
 	s.Addresses = snap.addresses()
 	s.Routes = snap.routeDsts()
-	if err := d.readWireGuard(s, hs); err != nil {
+	if err := d.readWireGuard(s, stats); err != nil {
 		return fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
 	}
 	return nil

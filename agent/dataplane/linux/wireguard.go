@@ -108,9 +108,9 @@ func (d *Dataplane) configureWireGuard(s dataplane.State) error {
 }
 
 // readWireGuard fills the WireGuard fields of s from the device; a missing device
-// leaves them zero. A peer whose keepalive is pending reads with it. hs, when not
-// nil, receives each peer's latest handshake time.
-func (d *Dataplane) readWireGuard(s *dataplane.State, hs map[dataplane.Key]time.Time) error {
+// leaves them zero. A peer whose keepalive is pending reads with it. stats, when
+// not nil, receives each peer's latest handshake time and byte counters.
+func (d *Dataplane) readWireGuard(s *dataplane.State, stats map[dataplane.Key]dataplane.PeerStats) error {
 	dev, err := d.device()
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -129,8 +129,9 @@ func (d *Dataplane) readWireGuard(s *dataplane.State, hs map[dataplane.Key]time.
 		if want, ok := d.pending[p.PublicKey]; ok && ka == 0 {
 			ka = want
 		}
-		if hs != nil {
-			hs[dataplane.Key(p.PublicKey)] = p.LastHandshakeTime
+		if stats != nil {
+			stats[dataplane.Key(p.PublicKey)] = dataplane.PeerStats{LastHandshake: p.LastHandshakeTime,
+				RxBytes: uint64(max(p.ReceiveBytes, 0)), TxBytes: uint64(max(p.TransmitBytes, 0))}
 		}
 		s.Peers = append(s.Peers, dataplane.Peer{
 			PublicKey:           dataplane.Key(p.PublicKey),
