@@ -131,18 +131,21 @@ func (c *Controller) recordDeniedFlows(node store.Node, r *segmeshv1.ReportReque
 		flows = flows[:maxReportedFlows]
 	}
 	var recs []flowlog.Record
+	var firstErr error
 	invalid := 0
 	for _, f := range flows {
 		rec, err := reportedFlow(node, f, now)
 		if err != nil {
-			invalid++
+			if invalid++; firstErr == nil {
+				firstErr = err
+			}
 			continue
 		}
 		recs = append(recs, rec)
 	}
 	c.dropFlows(flowDropInvalid, uint64(invalid))
 	if invalid > 0 {
-		c.log.Debug("denied flows refused", "node", node.Name, "refused", invalid)
+		c.log.Debug("denied flows refused", "node", node.Name, "refused", invalid, "first", firstErr)
 	}
 	allowed := c.flows.budget.allowUpTo(node.Name, now, len(recs))
 	c.dropFlows(flowDropRateLimited, uint64(len(recs)-allowed))
