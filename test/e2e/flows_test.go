@@ -97,7 +97,8 @@ func TestDeniedFlows(t *testing.T) {
 			} else {
 				c := f.Closest[0]
 				check("closest rule", c.Rule, "api-to-db")
-				check("closest rule position", c.Position, "policy.yaml:40:5")
+				// The CLI sends the file's path as the policy's file name.
+				check("closest rule position", c.Position, examplePolicy()+":40:5")
 				check("closest rule matches", strings.Join(c.Matches, ","), "to,packet")
 				check("closest rule mismatches", strings.Join(c.Mismatches, "; "), "from: web-1 is not in api")
 			}
@@ -117,7 +118,7 @@ func TestDeniedFlows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(table, "web-1[web]") || !strings.Contains(table, "api-to-db at policy.yaml:40:5: from: web-1 is not in api") {
+	if !strings.Contains(table, "web-1[web]") || !strings.Contains(table, "api-to-db at "+examplePolicy()+":40:5: from: web-1 is not in api") {
 		t.Errorf("flows --denied table lacks the probe's flow:\n%s", table)
 	}
 	t.Logf("segmesh flows --denied -o json:\n%s\nsegmesh flows --denied:\n%s", found, table)
