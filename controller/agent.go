@@ -534,6 +534,7 @@ func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv
 	now := s.c.now()
 	prev := s.c.live.report(node.Name, req.Msg, now)
 	s.c.metrics.reported(prev, req.Msg.GetAppliedRevision(), now)
+	s.c.recordDeniedFlows(node, req.Msg, now)
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
 }
 

@@ -145,6 +145,7 @@ type Controller struct {
 	engine        *netmap.Engine
 	hub           *fanout.Hub
 	live          *liveTracker
+	flows         *deniedFlows // see flows.go
 	recomputeKick chan struct{}
 	sendBudget    *semaphore.Weighted // see sendBudget in agent.go
 	sendSlots     *slots
@@ -177,6 +178,7 @@ func New(opts Options) (_ *Controller, err error) {
 		opts:            opts,
 		log:             opts.Logger,
 		live:            newLiveTracker(),
+		flows:           newDeniedFlows(),
 		enrollLimits:    newRefusalLimiter(),
 		enrollSlots:     newSlotLimiter(),
 		candidateSlots:  make(chan struct{}, 2),

@@ -40,6 +40,8 @@ type metrics struct {
 	enrollments    *prometheus.CounterVec
 	revision       prometheus.GaugeFunc
 	nodes          *nodesCollector
+	flows          prometheus.Counter
+	flowsDrop      *prometheus.CounterVec
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -72,8 +74,19 @@ func newMetrics(c *Controller) *metrics {
 			rev, _ := c.policyInForce()
 			return float64(rev)
 		}),
-		nodes:     &nodesCollector{c: c, desc: prometheus.NewDesc("segmesh_nodes", "Enrolled nodes by state: online (a netmap stream is open), offline, revoked.", []string{"state"}, nil)},
+		nodes: &nodesCollector{c: c, desc: prometheus.NewDesc("segmesh_nodes", "Enrolled nodes by state: online (a netmap stream is open), offline, revoked.", []string{"state"}, nil)},
+		flows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "segmesh_controller_denied_flows_total",
+			Help: "Denied flows received in agent reports (aggregated per node and reporting interval), before checks and bounds.",
+		}),
+		flowsDrop: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_controller_denied_flows_dropped_total",
+			Help: "Denied flows not kept or no longer kept, by reason: evicted (the bounded log was full), node_omitted (left out by the agent), invalid, over_limit (past 256 in a report), rate_limited (past the node's budget).",
+		}, []string{"reason"}),
 		appliedAt: map[uint64]time.Time{},
+	}
+	for _, r := range flowDropReasons {
+		m.flowsDrop.WithLabelValues(r)
 	}
 	for _, k := range []string{"full", "delta"} {
 		m.updatesSent.WithLabelValues(k)
@@ -87,7 +100,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
@@ -180,5 +193,15 @@ func (n *nodesCollector) Collect(ch chan<- prometheus.Metric) {
 	n.c.live.mu.Unlock()
 	for state, v := range counts {
 		ch <- prometheus.MustNewConstMetric(n.desc, prometheus.GaugeValue, float64(v), state)
+	}
+}
+
+// flowsReceived counts n denied flows received in a report.
+func (m *metrics) flowsReceived(n int) { m.flows.Add(float64(n)) }
+
+// flowsDropped counts n denied flows dropped for reason (see flowDropReasons).
+func (m *metrics) flowsDropped(reason string, n uint64) {
+	if n > 0 {
+		m.flowsDrop.WithLabelValues(reason).Add(float64(n))
 	}
 }

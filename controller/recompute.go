@@ -60,6 +60,7 @@ func (c *Controller) syncNodes(names ...string) {
 // recomputed.
 func (c *Controller) syncNodesLocked(names ...string) {
 	start := time.Now()
+	c.flows.inventoryChanged()
 	recs := make([]store.Node, len(names))
 	found := make([]bool, len(names))
 	err := c.store.View(func(tx store.Tx) error {

@@ -128,6 +128,17 @@ func Explain(p *Policy, nodes []Node, q Query) (*Explanation, error) {
 		return nil, err
 	}
 	x := &Explanation{From: from.String(), To: to.String(), Packet: pk}
+	if err := u.explain(x, srcs, dsts, u.name); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// explain fills x's cases and verdict for the flows from the parties of srcs to
+// those of dsts with packet x.Packet; name says how messages call a party. It
+// returns an error when the sets hold no flow.
+func (u *universe) explain(x *Explanation, srcs, dsts partySet, name func(int) string) error {
+	pk := x.Packet
 	type caseAcc struct {
 		c       ExplainCase
 		flows   map[[2]int]int
@@ -168,7 +179,7 @@ func Explain(p *Policy, nodes []Node, q Query) (*Explanation, error) {
 					order = append(order, key)
 					if !ec.Allowed {
 						s, d, _ := firstPair(ss, ds)
-						acc.c.Closest = u.closestRules(a, b, f, pk, s, d)
+						acc.c.Closest = u.closestRules(a, b, f, pk, s, d, name)
 					}
 				}
 				if !acc.counted[[2]int{cs, cd}] {
@@ -190,7 +201,7 @@ func Explain(p *Policy, nodes []Node, q Query) (*Explanation, error) {
 							acc.c.Flows[i] += " and " + familyName(f)
 						} else if len(acc.flows) < maxCaseFlows {
 							acc.flows[k] = len(acc.c.Flows)
-							acc.c.Flows = append(acc.c.Flows, fmt.Sprintf("%s -> %s over %s", u.name(s), u.name(d), familyName(f)))
+							acc.c.Flows = append(acc.c.Flows, fmt.Sprintf("%s -> %s over %s", name(s), name(d), familyName(f)))
 						}
 					}
 				}
@@ -198,7 +209,7 @@ func Explain(p *Policy, nodes []Node, q Query) (*Explanation, error) {
 		}
 	}
 	if len(order) == 0 {
-		return nil, fmt.Errorf("no flow from %s to %s: they hold no two distinct parties with a common address family", x.From, x.To)
+		return fmt.Errorf("no flow from %s to %s: they hold no two distinct parties with a common address family", x.From, x.To)
 	}
 	allowed, denied := 0, 0
 	for _, k := range order {
@@ -228,7 +239,7 @@ func Explain(p *Policy, nodes []Node, q Query) (*Explanation, error) {
 	default:
 		x.Verdict = PartlyAllowed
 	}
-	return x, nil
+	return nil
 }
 
 // queryPacket combines a query's packet with the port of its destination.
@@ -309,8 +320,9 @@ func (u *universe) closest(a, b *class, f int, pk PortSet) []closeness {
 	return out[:min(3, len(out))]
 }
 
-// closestRules describes closest for the flow from party s to party d.
-func (u *universe) closestRules(a, b *class, f int, pk Packet, s, d int) []ClosestRule {
+// closestRules describes closest for the flow from party s to party d; name
+// says how messages call a party.
+func (u *universe) closestRules(a, b *class, f int, pk Packet, s, d int, name func(int) string) []ClosestRule {
 	var out []ClosestRule
 	for _, c := range u.closest(a, b, f, pk.set()) {
 		r := &u.rules[c.rule]
@@ -328,7 +340,7 @@ func (u *universe) closestRules(a, b *class, f int, pk Packet, s, d int) []Close
 				cr.Matches = append(cr.Matches, part.name)
 				continue
 			}
-			msg := fmt.Sprintf("%s: %s is not in %s", part.name, u.name(part.party), strings.Join(part.segs, ", "))
+			msg := fmt.Sprintf("%s: %s is not in %s", part.name, name(part.party), strings.Join(part.segs, ", "))
 			if part.cl.node && part.cl.ext[f].intersects(part.ext) {
 				msg += fmt.Sprintf(" (an external segment there holds its %s address, but external segments hold no node)", familyName(f))
 			}

@@ -66,7 +66,7 @@ func newRootCmd() *cobra.Command {
 		"controller URL, e.g. https://192.0.2.1:7443 (default: from the credential file; env SEGMESH_CONTROLLER)")
 	root.PersistentFlags().StringVar(&g.credentials, "credentials", os.Getenv("SEGMESH_CREDENTIALS"),
 		"operator credential file written by the controller (DATA_DIR/operator.json; env SEGMESH_CREDENTIALS)")
-	root.AddCommand(newPolicyCmd(g), newTokenCmd(g), newNodesCmd(g), newStatusCmd(g), newOperatorsCmd(g), newAuditCmd(g))
+	root.AddCommand(newPolicyCmd(g), newTokenCmd(g), newNodesCmd(g), newStatusCmd(g), newOperatorsCmd(g), newAuditCmd(g), newFlowsCmd(g))
 	return root
 }
 
