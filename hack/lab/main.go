@@ -14,14 +14,18 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -85,12 +89,13 @@ func run() int {
 		return d.fail(err)
 	}
 	opts := lab.MeshOptions{
-		Options: lab.Options{Logger: logger, KeepDir: *keep},
-		BinDir:  abs,
-		Nodes:   lab.ExampleNodes(),
+		Options:   lab.Options{Logger: logger, KeepDir: *keep},
+		BinDir:    abs,
+		Nodes:     lab.ExampleNodes(),
+		AgentArgs: []string{"--metrics-listen", ":" + strconv.Itoa(lab.MetricsPort)},
 	}
 	if *verbose {
-		opts.AgentArgs = []string{"--log-level", "debug"}
+		opts.AgentArgs = append(opts.AgentArgs, "--log-level", "debug")
 	}
 	d.step("creating the lab: an underlay bridge, a controller host and %d node hosts", len(opts.Nodes))
 	mesh, err = lab.NewMesh(ctx, opts)
@@ -213,7 +218,61 @@ func (d *demo) run(ctx context.Context, m *lab.Mesh, pol *lab.Policy, policyPath
 		note = fmt.Sprintf(" (mismatching cells re-probed %d times while the overlay settled)", rounds-1)
 	}
 	fmt.Fprintf(d.out, "\nall %d cells match the policy%s\n", len(cells), note)
+	if err := d.observe(ctx, m, showNode); err != nil {
+		return d.fail(err)
+	}
 	return 0
+}
+
+// showNode is the node whose status in depth, denied flows and agent metrics the
+// demo prints after the matrix: the matrix's denied probes reach it from every
+// other node.
+const showNode = "db-1"
+
+// observe prints what an operator sees after the matrix: `segmesh nodes show`, the
+// denied flows the agents reported (each agent reads its kernel's denied-flow sets
+// every 10 s, so it waits up to 30 s for the first), and one agent's metrics.
+func (d *demo) observe(ctx context.Context, m *lab.Mesh, node string) error {
+	d.step("segmesh nodes show %s", node)
+	out, err := m.CLI(ctx, "nodes", "show", node)
+	fmt.Fprint(d.out, out)
+	if err != nil {
+		return err
+	}
+
+	d.step("segmesh flows --denied --node %s: the matrix's denied probes, with the closest rule", node)
+	err = lab.WaitFor(ctx, 30*time.Second, func(ctx context.Context) (bool, error) {
+		out, err := m.CLI(ctx, "flows", "--denied", "--node", node, "-o", "json")
+		if err != nil {
+			return false, err
+		}
+		var got struct{ Flows []json.RawMessage }
+		if err := json.Unmarshal([]byte(out), &got); err != nil {
+			return false, fmt.Errorf("segmesh flows -o json: %w", err)
+		}
+		return len(got.Flows) > 0, nil
+	})
+	if err != nil {
+		return fmt.Errorf("waiting for %s to report denied flows: %w", node, err)
+	}
+	out, err = m.CLI(ctx, "flows", "--denied", "--node", node, "--limit", "12")
+	fmt.Fprint(d.out, out)
+	if err != nil {
+		return err
+	}
+
+	n := m.Node(node)
+	d.step("metrics of %s's agent (http://%s:%d/metrics; histogram buckets left out)", node, n.Host.Addr, lab.MetricsPort)
+	text, err := n.Host.Scrape(ctx, netip.AddrPortFrom(n.Host.Addr, lab.MetricsPort))
+	if err != nil {
+		return err
+	}
+	for line := range strings.Lines(text) {
+		if strings.HasPrefix(line, "segmesh_agent_") && !strings.Contains(line, "_bucket{") {
+			fmt.Fprint(d.out, line)
+		}
+	}
+	return nil
 }
 
 func verdict(allowed bool) string {

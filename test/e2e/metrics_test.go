@@ -4,10 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"maps"
-	"net"
-	"net/http"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -18,36 +15,6 @@ import (
 
 	"segmesh/test/lab"
 )
-
-// metricsPort is where every daemon of TestMetrics serves --metrics-listen, in
-// its own network namespace.
-const metricsPort = 9464
-
-// scrape fetches http://addr/metrics from inside host's network namespace.
-func scrape(ctx context.Context, h *lab.Host, addr netip.AddrPort) (string, error) {
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return h.DialTCP(ctx, addr) },
-	}}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+"/metrics", nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return "", fmt.Errorf("scraping %s on %s: %w", addr, h.Name, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", fmt.Errorf("scraping %s on %s: %w", addr, h.Name, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("scraping %s on %s: %s: %s", addr, h.Name, resp.Status, body)
-	}
-	return string(body), nil
-}
 
 // promtoolCheck runs `promtool check metrics` on text (Debian package
 // prometheus, installed by hack/deps.sh).
@@ -89,7 +56,7 @@ func TestMetrics(t *testing.T) {
 			nodes = append(nodes, n)
 		}
 	}
-	listen := []string{"--metrics-listen", ":" + strconv.Itoa(metricsPort)}
+	listen := []string{"--metrics-listen", ":" + strconv.Itoa(lab.MetricsPort)}
 	m := newMeshArgs(t, nodes, listen, listen)
 	ctx := context.Background()
 	st, err := m.Up(ctx, examplePolicy(), convergeTimeout)
@@ -132,7 +99,7 @@ func TestMetrics(t *testing.T) {
 	var ctlText string
 	err = lab.WaitFor(ctx, 10*time.Second, func(ctx context.Context) (bool, error) {
 		var err error
-		if ctlText, err = scrape(ctx, m.Controller, netip.AddrPortFrom(lab.ControllerAddr, metricsPort)); err != nil {
+		if ctlText, err = m.Controller.Scrape(ctx, netip.AddrPortFrom(lab.ControllerAddr, lab.MetricsPort)); err != nil {
 			return false, err
 		}
 		for _, series := range slices.Sorted(maps.Keys(ctlWant)) {
@@ -157,7 +124,7 @@ func TestMetrics(t *testing.T) {
 		// handshake after the device is read again: poll.
 		err := lab.WaitFor(ctx, 60*time.Second, func(ctx context.Context) (bool, error) {
 			var err error
-			if text, err = scrape(ctx, n.Host, netip.AddrPortFrom(n.Host.Addr, metricsPort)); err != nil {
+			if text, err = n.Host.Scrape(ctx, netip.AddrPortFrom(n.Host.Addr, lab.MetricsPort)); err != nil {
 				return false, err
 			}
 			if n.Name == "web-1" {
@@ -182,7 +149,7 @@ func TestMetrics(t *testing.T) {
 		if n.Name == "web-1" {
 			err := lab.WaitFor(ctx, 30*time.Second, func(ctx context.Context) (bool, error) {
 				var err error
-				if text, err = scrape(ctx, n.Host, netip.AddrPortFrom(n.Host.Addr, metricsPort)); err != nil {
+				if text, err = n.Host.Scrape(ctx, netip.AddrPortFrom(n.Host.Addr, lab.MetricsPort)); err != nil {
 					return false, err
 				}
 				out, _ := sample(text, `segmesh_agent_dropped_packets_total{direction="out"}`)
