@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"golang.org/x/time/rate"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/controller/flowlog"
@@ -164,14 +163,7 @@ func (l *actorLimiter) allowUpTo(actor string, now time.Time, n int) int {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	lim := l.lims[actor]
-	if lim == nil {
-		if len(l.lims) >= refusalKeys {
-			clear(l.lims)
-		}
-		lim = rate.NewLimiter(l.rate, l.burst)
-		l.lims[actor] = lim
-	}
+	lim := l.limiter(actor)
 	k := min(n, int(math.Max(0, math.Floor(lim.TokensAt(now)))))
 	if k > 0 && !lim.AllowN(now, k) {
 		return 0

@@ -145,10 +145,9 @@ func newActorLimiterWith(r float64, burst int) *actorLimiter {
 	return &actorLimiter{lims: map[string]*rate.Limiter{}, rate: rate.Limit(r), burst: burst}
 }
 
-// allow reports whether actor may have one more event at now.
-func (l *actorLimiter) allow(actor string, now time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+// limiter returns actor's limiter, made on first use; l.mu must be held. At most
+// refusalKeys actors are kept: past that, every budget starts afresh.
+func (l *actorLimiter) limiter(actor string) *rate.Limiter {
 	lim := l.lims[actor]
 	if lim == nil {
 		if len(l.lims) >= refusalKeys {
@@ -157,7 +156,14 @@ func (l *actorLimiter) allow(actor string, now time.Time) bool {
 		lim = rate.NewLimiter(l.rate, l.burst)
 		l.lims[actor] = lim
 	}
-	return lim.AllowN(now, 1)
+	return lim
+}
+
+// allow reports whether actor may have one more event at now.
+func (l *actorLimiter) allow(actor string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.limiter(actor).AllowN(now, 1)
 }
 
 // Enrollments in progress, which hold an unauthenticated body in memory: at most
