@@ -179,7 +179,6 @@ func (n nodeDetailJSON) writeDetail(w io.Writer, now time.Time) error {
 		"desired revision", fmt.Sprint(n.DesiredRevision),
 		"applied revision", n.appliedRevision(),
 		"sync", n.Sync,
-		"in sync", n.inSync(),
 		"last apply", n.lastApply(now),
 		"last error", n.Error,
 		"drift repairs", n.driftRepairs(now),
@@ -237,14 +236,6 @@ func (n nodeDetailJSON) appliedRevision() string {
 		return fmt.Sprintf("%d (not current: desired %d)", n.AppliedRevision, n.DesiredRevision)
 	}
 	return fmt.Sprintf("%d (not current: its netmap changed since)", n.AppliedRevision)
-}
-
-// inSync is the agent's latest read-back: "true", "false" or "" before a report.
-func (n nodeDetailJSON) inSync() string {
-	if n.LastReportAt == "" {
-		return ""
-	}
-	return fmt.Sprint(n.InSync)
 }
 
 // lastApply is "TIME (12s ago), took 4.2ms"; "" before the first apply.

@@ -202,7 +202,7 @@ func TestNodesShowTable(t *testing.T) {
 	f := withFixtures(newFakeController(t))
 	fields, keys, table := showFields(t, f, "db-1")
 	wantKeys := []string{"name", "state", "labels", "segments", "addresses", "endpoint", "public key", "dataplane", "interface", "agent version",
-		"online", "last seen", "last report", "desired revision", "applied revision", "sync", "in sync", "last apply", "last error",
+		"online", "last seen", "last report", "desired revision", "applied revision", "sync", "last apply", "last error",
 		"drift repairs", "last repaired", "unrepaired drift", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers",
 		"desired peers", "peers", "missing peers"}
 	if !slices.Equal(keys, wantKeys) {
@@ -210,7 +210,7 @@ func TestNodesShowTable(t *testing.T) {
 	}
 	for k, want := range map[string]string{"name": "db-1", "state": "revoked", "labels": "role=db", "addresses": "100.64.0.3/32, fd5e:6d65:7368::3/128",
 		"endpoint": "-", "online": "false", "enrolled": "2026-11-30T00:53:20Z", "revoked at": "2026-12-01T00:53:20Z", "revoked by": "admin",
-		"cert expires": "-", "desired revision": "3", "applied revision": "0", "segments": "-", "last apply": "-", "in sync": "-",
+		"cert expires": "-", "desired revision": "3", "applied revision": "0", "segments": "-", "last apply": "-",
 		"peers": "-", "desired peers": "none", "missing peers": "-"} {
 		if fields[k] != want {
 			t.Errorf("db-1 %s: %q, want %q", k, fields[k], want)
@@ -222,7 +222,7 @@ func TestNodesShowTable(t *testing.T) {
 
 	fields, _, table = showFields(t, f, "web-1")
 	for k, want := range map[string]string{"segments": "prod, web", "interface": "segmesh0", "agent version": "v1.2.3",
-		"applied revision": "3 (current)", "sync": "in sync", "in sync": "true", "desired peers": "api-1, db-1, ops-1",
+		"applied revision": "3 (current)", "sync": "in sync", "desired peers": "api-1, db-1, ops-1",
 		"peers": "2 in the kernel, 1 with a handshake in the last 3 minutes", "missing peers": "ops-1", "last error": "-"} {
 		if fields[k] != want {
 			t.Errorf("web-1 %s: %q, want %q", k, fields[k], want)
