@@ -350,7 +350,12 @@ type Peer struct {
 	// PKIX DER of the peer's ECDSA P-256 TLS client public key, which signs its
 	// gossip endpoint claims; empty when the controller does not know it (agents then
 	// never take an endpoint for this peer from gossip).
-	IdentityKey   []byte `protobuf:"bytes,5,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"`
+	IdentityKey []byte `protobuf:"bytes,5,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"`
+	// Every underlay endpoint the peer may be reached at, best first: its local
+	// addresses, the address the controller observes, its STUN-discovered mapping,
+	// and relay endpoints the controller authorised for this pair. endpoint above is
+	// the first direct candidate (for agents before candidates).
+	Candidates    []*Candidate `protobuf:"bytes,6,rep,name=candidates,proto3" json:"candidates,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -420,6 +425,144 @@ func (x *Peer) GetIdentityKey() []byte {
 	return nil
 }
 
+func (x *Peer) GetCandidates() []*Candidate {
+	if x != nil {
+		return x.Candidates
+	}
+	return nil
+}
+
+// One possible endpoint of a node.
+type Candidate struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Underlay "ip:port".
+	Endpoint string `protobuf:"bytes,1,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	// "local" (an address of the host), "observed" (the source address the
+	// controller sees, with the WireGuard port), "stun" (the mapping a STUN server
+	// saw for the WireGuard socket) or "relay" (a port on a relay node).
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// For kind "relay": the relay node's name.
+	Relay         string `protobuf:"bytes,3,opt,name=relay,proto3" json:"relay,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Candidate) Reset() {
+	*x = Candidate{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Candidate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Candidate) ProtoMessage() {}
+
+func (x *Candidate) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
+func (*Candidate) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Candidate) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *Candidate) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Candidate) GetRelay() string {
+	if x != nil {
+		return x.Relay
+	}
+	return ""
+}
+
+// Punch asks an agent to send to a peer's candidates now: the controller sends it
+// to both ends of a pair at once, so that each NAT opens a mapping for the other
+// (hole punching).
+type Punch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The peer's name and WireGuard public key, as in the netmap.
+	Peer      string `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	PublicKey []byte `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// The peer's current candidates (they may be newer than the netmap's).
+	Candidates    []*Candidate `protobuf:"bytes,3,rep,name=candidates,proto3" json:"candidates,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Punch) Reset() {
+	*x = Punch{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Punch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Punch) ProtoMessage() {}
+
+func (x *Punch) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Punch.ProtoReflect.Descriptor instead.
+func (*Punch) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Punch) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *Punch) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
+func (x *Punch) GetCandidates() []*Candidate {
+	if x != nil {
+		return x.Candidates
+	}
+	return nil
+}
+
 type PortRange struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	First         uint32                 `protobuf:"varint,1,opt,name=first,proto3" json:"first,omitempty"`
@@ -430,7 +573,7 @@ type PortRange struct {
 
 func (x *PortRange) Reset() {
 	*x = PortRange{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[4]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +585,7 @@ func (x *PortRange) String() string {
 func (*PortRange) ProtoMessage() {}
 
 func (x *PortRange) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[4]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,7 +598,7 @@ func (x *PortRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortRange.ProtoReflect.Descriptor instead.
 func (*PortRange) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{4}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PortRange) GetFirst() uint32 {
@@ -483,7 +626,7 @@ type PortMatch struct {
 
 func (x *PortMatch) Reset() {
 	*x = PortMatch{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[5]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +638,7 @@ func (x *PortMatch) String() string {
 func (*PortMatch) ProtoMessage() {}
 
 func (x *PortMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[5]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +651,7 @@ func (x *PortMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortMatch.ProtoReflect.Descriptor instead.
 func (*PortMatch) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{5}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PortMatch) GetProtocol() Protocol {
@@ -536,7 +679,7 @@ type AddressSet struct {
 
 func (x *AddressSet) Reset() {
 	*x = AddressSet{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[6]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -548,7 +691,7 @@ func (x *AddressSet) String() string {
 func (*AddressSet) ProtoMessage() {}
 
 func (x *AddressSet) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[6]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -561,7 +704,7 @@ func (x *AddressSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddressSet.ProtoReflect.Descriptor instead.
 func (*AddressSet) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{6}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AddressSet) GetName() string {
@@ -592,7 +735,7 @@ type FilterRule struct {
 
 func (x *FilterRule) Reset() {
 	*x = FilterRule{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[7]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +747,7 @@ func (x *FilterRule) String() string {
 func (*FilterRule) ProtoMessage() {}
 
 func (x *FilterRule) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[7]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +760,7 @@ func (x *FilterRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FilterRule.ProtoReflect.Descriptor instead.
 func (*FilterRule) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{7}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *FilterRule) GetSet() string {
@@ -652,7 +795,7 @@ type Filter struct {
 
 func (x *Filter) Reset() {
 	*x = Filter{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[8]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -664,7 +807,7 @@ func (x *Filter) String() string {
 func (*Filter) ProtoMessage() {}
 
 func (x *Filter) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[8]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -677,7 +820,7 @@ func (x *Filter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Filter.ProtoReflect.Descriptor instead.
 func (*Filter) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{8}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Filter) GetSets() []*AddressSet {
@@ -713,7 +856,7 @@ type GossipConfig struct {
 
 func (x *GossipConfig) Reset() {
 	*x = GossipConfig{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[9]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -725,7 +868,7 @@ func (x *GossipConfig) String() string {
 func (*GossipConfig) ProtoMessage() {}
 
 func (x *GossipConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[9]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -738,7 +881,7 @@ func (x *GossipConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GossipConfig.ProtoReflect.Descriptor instead.
 func (*GossipConfig) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{9}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GossipConfig) GetKey() []byte {
@@ -786,7 +929,7 @@ type Netmap struct {
 
 func (x *Netmap) Reset() {
 	*x = Netmap{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[10]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -798,7 +941,7 @@ func (x *Netmap) String() string {
 func (*Netmap) ProtoMessage() {}
 
 func (x *Netmap) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[10]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,7 +954,7 @@ func (x *Netmap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Netmap.ProtoReflect.Descriptor instead.
 func (*Netmap) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{10}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Netmap) GetPolicyRevision() uint64 {
@@ -898,7 +1041,7 @@ type NetmapHeader struct {
 
 func (x *NetmapHeader) Reset() {
 	*x = NetmapHeader{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[11]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -910,7 +1053,7 @@ func (x *NetmapHeader) String() string {
 func (*NetmapHeader) ProtoMessage() {}
 
 func (x *NetmapHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[11]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -923,7 +1066,7 @@ func (x *NetmapHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetmapHeader.ProtoReflect.Descriptor instead.
 func (*NetmapHeader) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{11}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *NetmapHeader) GetSelf() *Node {
@@ -965,7 +1108,7 @@ type FilterRules struct {
 
 func (x *FilterRules) Reset() {
 	*x = FilterRules{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[12]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -977,7 +1120,7 @@ func (x *FilterRules) String() string {
 func (*FilterRules) ProtoMessage() {}
 
 func (x *FilterRules) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[12]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -990,7 +1133,7 @@ func (x *FilterRules) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FilterRules.ProtoReflect.Descriptor instead.
 func (*FilterRules) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{12}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FilterRules) GetIngress() []*FilterRule {
@@ -1025,7 +1168,7 @@ type AddressSetDelta struct {
 
 func (x *AddressSetDelta) Reset() {
 	*x = AddressSetDelta{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1037,7 +1180,7 @@ func (x *AddressSetDelta) String() string {
 func (*AddressSetDelta) ProtoMessage() {}
 
 func (x *AddressSetDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[13]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1050,7 +1193,7 @@ func (x *AddressSetDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddressSetDelta.ProtoReflect.Descriptor instead.
 func (*AddressSetDelta) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{13}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AddressSetDelta) GetName() string {
@@ -1123,7 +1266,7 @@ type NetmapDelta struct {
 
 func (x *NetmapDelta) Reset() {
 	*x = NetmapDelta{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1278,7 @@ func (x *NetmapDelta) String() string {
 func (*NetmapDelta) ProtoMessage() {}
 
 func (x *NetmapDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[14]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1291,7 @@ func (x *NetmapDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetmapDelta.ProtoReflect.Descriptor instead.
 func (*NetmapDelta) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{14}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NetmapDelta) GetBaseHash() string {
@@ -1214,6 +1357,7 @@ type NetmapUpdate struct {
 	//
 	//	*NetmapUpdate_Full
 	//	*NetmapUpdate_Delta
+	//	*NetmapUpdate_Punch
 	Update        isNetmapUpdate_Update `protobuf_oneof:"update"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1221,7 +1365,7 @@ type NetmapUpdate struct {
 
 func (x *NetmapUpdate) Reset() {
 	*x = NetmapUpdate{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1233,7 +1377,7 @@ func (x *NetmapUpdate) String() string {
 func (*NetmapUpdate) ProtoMessage() {}
 
 func (x *NetmapUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[15]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1246,7 +1390,7 @@ func (x *NetmapUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetmapUpdate.ProtoReflect.Descriptor instead.
 func (*NetmapUpdate) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{15}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *NetmapUpdate) GetUpdate() isNetmapUpdate_Update {
@@ -1274,6 +1418,15 @@ func (x *NetmapUpdate) GetDelta() *NetmapDelta {
 	return nil
 }
 
+func (x *NetmapUpdate) GetPunch() *Punch {
+	if x != nil {
+		if x, ok := x.Update.(*NetmapUpdate_Punch); ok {
+			return x.Punch
+		}
+	}
+	return nil
+}
+
 type isNetmapUpdate_Update interface {
 	isNetmapUpdate_Update()
 }
@@ -1286,9 +1439,16 @@ type NetmapUpdate_Delta struct {
 	Delta *NetmapDelta `protobuf:"bytes,2,opt,name=delta,proto3,oneof"`
 }
 
+type NetmapUpdate_Punch struct {
+	// Sent only to agents whose SyncRequest.features lists "punch".
+	Punch *Punch `protobuf:"bytes,3,opt,name=punch,proto3,oneof"`
+}
+
 func (*NetmapUpdate_Full) isNetmapUpdate_Update() {}
 
 func (*NetmapUpdate_Delta) isNetmapUpdate_Update() {}
+
+func (*NetmapUpdate_Punch) isNetmapUpdate_Update() {}
 
 type SyncRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1301,14 +1461,18 @@ type SyncRequest struct {
 	// Why the agent opens a new SyncUpdates stream while it holds a netmap of the
 	// stream before, e.g. "delta base mismatch" (logged by the controller); empty
 	// for a plain (re)connect.
-	ResyncReason  string `protobuf:"bytes,5,opt,name=resync_reason,json=resyncReason,proto3" json:"resync_reason,omitempty"`
+	ResyncReason string `protobuf:"bytes,5,opt,name=resync_reason,json=resyncReason,proto3" json:"resync_reason,omitempty"`
+	// The agent's own endpoint candidates (kinds "local" and "stun").
+	Candidates []*Candidate `protobuf:"bytes,6,rep,name=candidates,proto3" json:"candidates,omitempty"`
+	// Optional update kinds this agent understands, e.g. "punch".
+	Features      []string `protobuf:"bytes,7,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1320,7 +1484,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[16]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1333,7 +1497,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{16}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SyncRequest) GetEndpoint() string {
@@ -1371,6 +1535,20 @@ func (x *SyncRequest) GetResyncReason() string {
 	return ""
 }
 
+func (x *SyncRequest) GetCandidates() []*Candidate {
+	if x != nil {
+		return x.Candidates
+	}
+	return nil
+}
+
+func (x *SyncRequest) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
 type ReportRequest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	AppliedRevision uint64                 `protobuf:"varint,1,opt,name=applied_revision,json=appliedRevision,proto3" json:"applied_revision,omitempty"`
@@ -1404,13 +1582,18 @@ type ReportRequest struct {
 	// out here or by the kernel's bounded set.
 	DeniedFlows     []*DeniedFlow `protobuf:"bytes,12,rep,name=denied_flows,json=deniedFlows,proto3" json:"denied_flows,omitempty"`
 	DeniedFlowsMore uint64        `protobuf:"varint,13,opt,name=denied_flows_more,json=deniedFlowsMore,proto3" json:"denied_flows_more,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The endpoint and candidates the agent advertises now (as in SyncRequest), so
+	// that a roamed host tells the controller without reopening its stream; empty
+	// when the agent predates this field.
+	Endpoint      string       `protobuf:"bytes,14,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Candidates    []*Candidate `protobuf:"bytes,15,rep,name=candidates,proto3" json:"candidates,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1422,7 +1605,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[17]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1435,7 +1618,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{17}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReportRequest) GetAppliedRevision() uint64 {
@@ -1529,6 +1712,20 @@ func (x *ReportRequest) GetDeniedFlowsMore() uint64 {
 	return 0
 }
 
+func (x *ReportRequest) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *ReportRequest) GetCandidates() []*Candidate {
+	if x != nil {
+		return x.Candidates
+	}
+	return nil
+}
+
 // One WireGuard peer as a node's kernel holds it.
 type PeerStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1542,13 +1739,17 @@ type PeerStatus struct {
 	LastHandshakeUnix int64  `protobuf:"varint,4,opt,name=last_handshake_unix,json=lastHandshakeUnix,proto3" json:"last_handshake_unix,omitempty"`
 	RxBytes           uint64 `protobuf:"varint,5,opt,name=rx_bytes,json=rxBytes,proto3" json:"rx_bytes,omitempty"`
 	TxBytes           uint64 `protobuf:"varint,6,opt,name=tx_bytes,json=txBytes,proto3" json:"tx_bytes,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// "direct" or "relay"; empty when unknown.
+	Path string `protobuf:"bytes,7,opt,name=path,proto3" json:"path,omitempty"`
+	// For path "relay": the relay node's name.
+	Relay         string `protobuf:"bytes,8,opt,name=relay,proto3" json:"relay,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PeerStatus) Reset() {
 	*x = PeerStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1560,7 +1761,7 @@ func (x *PeerStatus) String() string {
 func (*PeerStatus) ProtoMessage() {}
 
 func (x *PeerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1573,7 +1774,7 @@ func (x *PeerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerStatus.ProtoReflect.Descriptor instead.
 func (*PeerStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PeerStatus) GetName() string {
@@ -1618,6 +1819,20 @@ func (x *PeerStatus) GetTxBytes() uint64 {
 	return 0
 }
 
+func (x *PeerStatus) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *PeerStatus) GetRelay() string {
+	if x != nil {
+		return x.Relay
+	}
+	return ""
+}
+
 // Packets a node's policy dropped, of one flow, over one reporting interval.
 type DeniedFlow struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1644,7 +1859,7 @@ type DeniedFlow struct {
 
 func (x *DeniedFlow) Reset() {
 	*x = DeniedFlow{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1656,7 +1871,7 @@ func (x *DeniedFlow) String() string {
 func (*DeniedFlow) ProtoMessage() {}
 
 func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1669,7 +1884,7 @@ func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedFlow.ProtoReflect.Descriptor instead.
 func (*DeniedFlow) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeniedFlow) GetDirection() string {
@@ -1750,7 +1965,7 @@ type DriftDifference struct {
 
 func (x *DriftDifference) Reset() {
 	*x = DriftDifference{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1977,7 @@ func (x *DriftDifference) String() string {
 func (*DriftDifference) ProtoMessage() {}
 
 func (x *DriftDifference) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +1990,7 @@ func (x *DriftDifference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DriftDifference.ProtoReflect.Descriptor instead.
 func (*DriftDifference) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DriftDifference) GetPart() string {
@@ -1816,7 +2031,7 @@ type Drift struct {
 
 func (x *Drift) Reset() {
 	*x = Drift{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1828,7 +2043,7 @@ func (x *Drift) String() string {
 func (*Drift) ProtoMessage() {}
 
 func (x *Drift) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1841,7 +2056,7 @@ func (x *Drift) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Drift.ProtoReflect.Descriptor instead.
 func (*Drift) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Drift) GetRepairs() uint64 {
@@ -1894,7 +2109,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1906,7 +2121,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1919,7 +2134,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
 }
 
 type RenewCertificateRequest struct {
@@ -1933,7 +2148,7 @@ type RenewCertificateRequest struct {
 
 func (x *RenewCertificateRequest) Reset() {
 	*x = RenewCertificateRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1945,7 +2160,7 @@ func (x *RenewCertificateRequest) String() string {
 func (*RenewCertificateRequest) ProtoMessage() {}
 
 func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1958,7 +2173,7 @@ func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateRequest.ProtoReflect.Descriptor instead.
 func (*RenewCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RenewCertificateRequest) GetCsrDer() []byte {
@@ -1980,7 +2195,7 @@ type RenewCertificateResponse struct {
 
 func (x *RenewCertificateResponse) Reset() {
 	*x = RenewCertificateResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2207,7 @@ func (x *RenewCertificateResponse) String() string {
 func (*RenewCertificateResponse) ProtoMessage() {}
 
 func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2220,7 @@ func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateResponse.ProtoReflect.Descriptor instead.
 func (*RenewCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RenewCertificateResponse) GetCertificateDer() []byte {
@@ -2034,7 +2249,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2261,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2059,7 +2274,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RotateKeyRequest) GetPublicKey() []byte {
@@ -2084,7 +2299,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2096,7 +2311,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2109,7 +2324,87 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+}
+
+type RequestPunchRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          string                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestPunchRequest) Reset() {
+	*x = RequestPunchRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestPunchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestPunchRequest) ProtoMessage() {}
+
+func (x *RequestPunchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestPunchRequest.ProtoReflect.Descriptor instead.
+func (*RequestPunchRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *RequestPunchRequest) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+type RequestPunchResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestPunchResponse) Reset() {
+	*x = RequestPunchResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestPunchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestPunchResponse) ProtoMessage() {}
+
+func (x *RequestPunchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestPunchResponse.ProtoReflect.Descriptor instead.
+func (*RequestPunchResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
 }
 
 type NodeStatus struct {
@@ -2159,7 +2454,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2171,7 +2466,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2184,7 +2479,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *NodeStatus) GetName() string {
@@ -2402,7 +2697,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2414,7 +2709,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2427,7 +2722,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StatusRequest) GetUnconvergedOnly() bool {
@@ -2460,7 +2755,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2472,7 +2767,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2485,7 +2780,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *StatusResponse) GetPolicyRevision() uint64 {
@@ -2545,7 +2840,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2557,7 +2852,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2570,7 +2865,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
 }
 
 type ListNodesResponse struct {
@@ -2582,7 +2877,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2594,7 +2889,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2607,7 +2902,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeStatus {
@@ -2626,7 +2921,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2638,7 +2933,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2651,7 +2946,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetNodeRequest) GetName() string {
@@ -2672,7 +2967,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2684,7 +2979,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2697,7 +2992,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetNodeResponse) GetNode() *NodeStatus {
@@ -2728,7 +3023,7 @@ type ListDeniedFlowsRequest struct {
 
 func (x *ListDeniedFlowsRequest) Reset() {
 	*x = ListDeniedFlowsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2740,7 +3035,7 @@ func (x *ListDeniedFlowsRequest) String() string {
 func (*ListDeniedFlowsRequest) ProtoMessage() {}
 
 func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2753,7 +3048,7 @@ func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedFlowsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeniedFlowsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListDeniedFlowsRequest) GetNode() string {
@@ -2801,7 +3096,7 @@ type DeniedFlowRecord struct {
 
 func (x *DeniedFlowRecord) Reset() {
 	*x = DeniedFlowRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2813,7 +3108,7 @@ func (x *DeniedFlowRecord) String() string {
 func (*DeniedFlowRecord) ProtoMessage() {}
 
 func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2826,7 +3121,7 @@ func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedFlowRecord.ProtoReflect.Descriptor instead.
 func (*DeniedFlowRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DeniedFlowRecord) GetNode() string {
@@ -2900,7 +3195,7 @@ type ClosestRule struct {
 
 func (x *ClosestRule) Reset() {
 	*x = ClosestRule{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2912,7 +3207,7 @@ func (x *ClosestRule) String() string {
 func (*ClosestRule) ProtoMessage() {}
 
 func (x *ClosestRule) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2925,7 +3220,7 @@ func (x *ClosestRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClosestRule.ProtoReflect.Descriptor instead.
 func (*ClosestRule) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ClosestRule) GetRule() string {
@@ -2968,7 +3263,7 @@ type ListDeniedFlowsResponse struct {
 
 func (x *ListDeniedFlowsResponse) Reset() {
 	*x = ListDeniedFlowsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2980,7 +3275,7 @@ func (x *ListDeniedFlowsResponse) String() string {
 func (*ListDeniedFlowsResponse) ProtoMessage() {}
 
 func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2993,7 +3288,7 @@ func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedFlowsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeniedFlowsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListDeniedFlowsResponse) GetFlows() []*DeniedFlowRecord {
@@ -3019,7 +3314,7 @@ type GetSegmentGraphRequest struct {
 
 func (x *GetSegmentGraphRequest) Reset() {
 	*x = GetSegmentGraphRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3031,7 +3326,7 @@ func (x *GetSegmentGraphRequest) String() string {
 func (*GetSegmentGraphRequest) ProtoMessage() {}
 
 func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3044,7 +3339,7 @@ func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentGraphRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentGraphRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
 }
 
 type SegmentGraphNode struct {
@@ -3060,7 +3355,7 @@ type SegmentGraphNode struct {
 
 func (x *SegmentGraphNode) Reset() {
 	*x = SegmentGraphNode{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3072,7 +3367,7 @@ func (x *SegmentGraphNode) String() string {
 func (*SegmentGraphNode) ProtoMessage() {}
 
 func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3085,7 +3380,7 @@ func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentGraphNode.ProtoReflect.Descriptor instead.
 func (*SegmentGraphNode) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SegmentGraphNode) GetSegment() string {
@@ -3123,7 +3418,7 @@ type SegmentGraphEdge struct {
 
 func (x *SegmentGraphEdge) Reset() {
 	*x = SegmentGraphEdge{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3135,7 +3430,7 @@ func (x *SegmentGraphEdge) String() string {
 func (*SegmentGraphEdge) ProtoMessage() {}
 
 func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3148,7 +3443,7 @@ func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentGraphEdge.ProtoReflect.Descriptor instead.
 func (*SegmentGraphEdge) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *SegmentGraphEdge) GetFrom() string {
@@ -3191,7 +3486,7 @@ type GetSegmentGraphResponse struct {
 
 func (x *GetSegmentGraphResponse) Reset() {
 	*x = GetSegmentGraphResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3203,7 +3498,7 @@ func (x *GetSegmentGraphResponse) String() string {
 func (*GetSegmentGraphResponse) ProtoMessage() {}
 
 func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3216,7 +3511,7 @@ func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentGraphResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentGraphResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *GetSegmentGraphResponse) GetRevision() uint64 {
@@ -3257,7 +3552,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3269,7 +3564,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3282,7 +3577,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *CreateTokenRequest) GetLabels() map[string]string {
@@ -3324,7 +3619,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3336,7 +3631,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3349,7 +3644,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -3397,7 +3692,7 @@ type TokenInfo struct {
 
 func (x *TokenInfo) Reset() {
 	*x = TokenInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3409,7 +3704,7 @@ func (x *TokenInfo) String() string {
 func (*TokenInfo) ProtoMessage() {}
 
 func (x *TokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3422,7 +3717,7 @@ func (x *TokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenInfo.ProtoReflect.Descriptor instead.
 func (*TokenInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *TokenInfo) GetId() string {
@@ -3503,7 +3798,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3515,7 +3810,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3528,7 +3823,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
 }
 
 type ListTokensResponse struct {
@@ -3540,7 +3835,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3552,7 +3847,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3565,7 +3860,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenInfo {
@@ -3584,7 +3879,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3596,7 +3891,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3609,7 +3904,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -3627,7 +3922,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3639,7 +3934,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3652,7 +3947,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
 }
 
 // Node life cycle. Every call names the node by name; NotFound when unknown.
@@ -3665,7 +3960,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3677,7 +3972,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3690,7 +3985,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -3708,7 +4003,7 @@ type RevokeNodeResponse struct {
 
 func (x *RevokeNodeResponse) Reset() {
 	*x = RevokeNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3720,7 +4015,7 @@ func (x *RevokeNodeResponse) String() string {
 func (*RevokeNodeResponse) ProtoMessage() {}
 
 func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3733,7 +4028,7 @@ func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
 }
 
 type DeleteNodeRequest struct {
@@ -3745,7 +4040,7 @@ type DeleteNodeRequest struct {
 
 func (x *DeleteNodeRequest) Reset() {
 	*x = DeleteNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3757,7 +4052,7 @@ func (x *DeleteNodeRequest) String() string {
 func (*DeleteNodeRequest) ProtoMessage() {}
 
 func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3770,7 +4065,7 @@ func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *DeleteNodeRequest) GetName() string {
@@ -3791,7 +4086,7 @@ type DeleteNodeResponse struct {
 
 func (x *DeleteNodeResponse) Reset() {
 	*x = DeleteNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3803,7 +4098,7 @@ func (x *DeleteNodeResponse) String() string {
 func (*DeleteNodeResponse) ProtoMessage() {}
 
 func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3816,7 +4111,7 @@ func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *DeleteNodeResponse) GetAddresses() []string {
@@ -3846,7 +4141,7 @@ type LabelNodeRequest struct {
 
 func (x *LabelNodeRequest) Reset() {
 	*x = LabelNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3858,7 +4153,7 @@ func (x *LabelNodeRequest) String() string {
 func (*LabelNodeRequest) ProtoMessage() {}
 
 func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3871,7 +4166,7 @@ func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeRequest.ProtoReflect.Descriptor instead.
 func (*LabelNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *LabelNodeRequest) GetName() string {
@@ -3906,7 +4201,7 @@ type LabelNodeResponse struct {
 
 func (x *LabelNodeResponse) Reset() {
 	*x = LabelNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3918,7 +4213,7 @@ func (x *LabelNodeResponse) String() string {
 func (*LabelNodeResponse) ProtoMessage() {}
 
 func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3931,7 +4226,7 @@ func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeResponse.ProtoReflect.Descriptor instead.
 func (*LabelNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *LabelNodeResponse) GetLabels() map[string]string {
@@ -3957,7 +4252,7 @@ type RotateNodeKeyRequest struct {
 
 func (x *RotateNodeKeyRequest) Reset() {
 	*x = RotateNodeKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3969,7 +4264,7 @@ func (x *RotateNodeKeyRequest) String() string {
 func (*RotateNodeKeyRequest) ProtoMessage() {}
 
 func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3982,7 +4277,7 @@ func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *RotateNodeKeyRequest) GetName() string {
@@ -4001,7 +4296,7 @@ type RotateNodeKeyResponse struct {
 
 func (x *RotateNodeKeyResponse) Reset() {
 	*x = RotateNodeKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4013,7 +4308,7 @@ func (x *RotateNodeKeyResponse) String() string {
 func (*RotateNodeKeyResponse) ProtoMessage() {}
 
 func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4026,7 +4321,7 @@ func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RotateNodeKeyResponse) GetGeneration() uint64 {
@@ -4051,7 +4346,7 @@ type OperatorInfo struct {
 
 func (x *OperatorInfo) Reset() {
 	*x = OperatorInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4063,7 +4358,7 @@ func (x *OperatorInfo) String() string {
 func (*OperatorInfo) ProtoMessage() {}
 
 func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4076,7 +4371,7 @@ func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorInfo.ProtoReflect.Descriptor instead.
 func (*OperatorInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *OperatorInfo) GetName() string {
@@ -4124,7 +4419,7 @@ type CreateOperatorRequest struct {
 
 func (x *CreateOperatorRequest) Reset() {
 	*x = CreateOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4136,7 +4431,7 @@ func (x *CreateOperatorRequest) String() string {
 func (*CreateOperatorRequest) ProtoMessage() {}
 
 func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4149,7 +4444,7 @@ func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorRequest.ProtoReflect.Descriptor instead.
 func (*CreateOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *CreateOperatorRequest) GetName() string {
@@ -4177,7 +4472,7 @@ type CreateOperatorResponse struct {
 
 func (x *CreateOperatorResponse) Reset() {
 	*x = CreateOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4189,7 +4484,7 @@ func (x *CreateOperatorResponse) String() string {
 func (*CreateOperatorResponse) ProtoMessage() {}
 
 func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4202,7 +4497,7 @@ func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorResponse.ProtoReflect.Descriptor instead.
 func (*CreateOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *CreateOperatorResponse) GetOperator() *OperatorInfo {
@@ -4227,7 +4522,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4239,7 +4534,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4252,7 +4547,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
 }
 
 type ListOperatorsResponse struct {
@@ -4264,7 +4559,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4276,7 +4571,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4289,7 +4584,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*OperatorInfo {
@@ -4308,7 +4603,7 @@ type RevokeOperatorRequest struct {
 
 func (x *RevokeOperatorRequest) Reset() {
 	*x = RevokeOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4320,7 +4615,7 @@ func (x *RevokeOperatorRequest) String() string {
 func (*RevokeOperatorRequest) ProtoMessage() {}
 
 func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4333,7 +4628,7 @@ func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorRequest.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *RevokeOperatorRequest) GetName() string {
@@ -4351,7 +4646,7 @@ type RevokeOperatorResponse struct {
 
 func (x *RevokeOperatorResponse) Reset() {
 	*x = RevokeOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4363,7 +4658,7 @@ func (x *RevokeOperatorResponse) String() string {
 func (*RevokeOperatorResponse) ProtoMessage() {}
 
 func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4376,7 +4671,7 @@ func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorResponse.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
 }
 
 // Audit log. Each record holds the SHA-256 of the one before (hash chain), so an
@@ -4403,7 +4698,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4415,7 +4710,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4428,7 +4723,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -4506,7 +4801,7 @@ type ListAuditRequest struct {
 
 func (x *ListAuditRequest) Reset() {
 	*x = ListAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4518,7 +4813,7 @@ func (x *ListAuditRequest) String() string {
 func (*ListAuditRequest) ProtoMessage() {}
 
 func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4531,7 +4826,7 @@ func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *ListAuditRequest) GetSinceUnix() int64 {
@@ -4557,7 +4852,7 @@ type ListAuditResponse struct {
 
 func (x *ListAuditResponse) Reset() {
 	*x = ListAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4569,7 +4864,7 @@ func (x *ListAuditResponse) String() string {
 func (*ListAuditResponse) ProtoMessage() {}
 
 func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4582,7 +4877,7 @@ func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ListAuditResponse) GetRecords() []*AuditRecord {
@@ -4604,7 +4899,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4616,7 +4911,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4629,7 +4924,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *VerifyAuditRequest) GetExpectHead() string {
@@ -4659,7 +4954,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4671,7 +4966,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4684,7 +4979,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -4737,7 +5032,7 @@ type BackupRequest struct {
 
 func (x *BackupRequest) Reset() {
 	*x = BackupRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4749,7 +5044,7 @@ func (x *BackupRequest) String() string {
 func (*BackupRequest) ProtoMessage() {}
 
 func (x *BackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4762,7 +5057,7 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
 }
 
 // One piece of a consistent copy of the controller's bbolt store, in order.
@@ -4775,7 +5070,7 @@ type BackupChunk struct {
 
 func (x *BackupChunk) Reset() {
 	*x = BackupChunk{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4787,7 +5082,7 @@ func (x *BackupChunk) String() string {
 func (*BackupChunk) ProtoMessage() {}
 
 func (x *BackupChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4800,7 +5095,7 @@ func (x *BackupChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
 func (*BackupChunk) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *BackupChunk) GetData() []byte {
@@ -4821,7 +5116,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4833,7 +5128,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4846,7 +5141,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ApplyPolicyRequest) GetFilename() string {
@@ -4878,7 +5173,7 @@ type ApplyPolicyResponse struct {
 
 func (x *ApplyPolicyResponse) Reset() {
 	*x = ApplyPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4890,7 +5185,7 @@ func (x *ApplyPolicyResponse) String() string {
 func (*ApplyPolicyResponse) ProtoMessage() {}
 
 func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4903,7 +5198,7 @@ func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *ApplyPolicyResponse) GetRevision() uint64 {
@@ -4936,7 +5231,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4948,7 +5243,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4961,7 +5256,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *GetPolicyRequest) GetRevision() uint64 {
@@ -4984,7 +5279,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4996,7 +5291,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5009,7 +5304,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *GetPolicyResponse) GetRevision() uint64 {
@@ -5066,7 +5361,7 @@ type PolicyRevision struct {
 
 func (x *PolicyRevision) Reset() {
 	*x = PolicyRevision{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5078,7 +5373,7 @@ func (x *PolicyRevision) String() string {
 func (*PolicyRevision) ProtoMessage() {}
 
 func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5091,7 +5386,7 @@ func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyRevision.ProtoReflect.Descriptor instead.
 func (*PolicyRevision) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *PolicyRevision) GetRevision() uint64 {
@@ -5151,7 +5446,7 @@ type ListPolicyRevisionsRequest struct {
 
 func (x *ListPolicyRevisionsRequest) Reset() {
 	*x = ListPolicyRevisionsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5163,7 +5458,7 @@ func (x *ListPolicyRevisionsRequest) String() string {
 func (*ListPolicyRevisionsRequest) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5176,7 +5471,7 @@ func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
 }
 
 type ListPolicyRevisionsResponse struct {
@@ -5190,7 +5485,7 @@ type ListPolicyRevisionsResponse struct {
 
 func (x *ListPolicyRevisionsResponse) Reset() {
 	*x = ListPolicyRevisionsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5202,7 +5497,7 @@ func (x *ListPolicyRevisionsResponse) String() string {
 func (*ListPolicyRevisionsResponse) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5215,7 +5510,7 @@ func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *ListPolicyRevisionsResponse) GetRevisions() []*PolicyRevision {
@@ -5242,7 +5537,7 @@ type RollbackPolicyRequest struct {
 
 func (x *RollbackPolicyRequest) Reset() {
 	*x = RollbackPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5254,7 +5549,7 @@ func (x *RollbackPolicyRequest) String() string {
 func (*RollbackPolicyRequest) ProtoMessage() {}
 
 func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5267,7 +5562,7 @@ func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyRequest.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *RollbackPolicyRequest) GetRevision() uint64 {
@@ -5291,7 +5586,7 @@ type RollbackPolicyResponse struct {
 
 func (x *RollbackPolicyResponse) Reset() {
 	*x = RollbackPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5303,7 +5598,7 @@ func (x *RollbackPolicyResponse) String() string {
 func (*RollbackPolicyResponse) ProtoMessage() {}
 
 func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5316,7 +5611,7 @@ func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyResponse.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *RollbackPolicyResponse) GetRevision() uint64 {
@@ -5352,7 +5647,7 @@ type PolicyFile struct {
 
 func (x *PolicyFile) Reset() {
 	*x = PolicyFile{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5364,7 +5659,7 @@ func (x *PolicyFile) String() string {
 func (*PolicyFile) ProtoMessage() {}
 
 func (x *PolicyFile) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5377,7 +5672,7 @@ func (x *PolicyFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyFile.ProtoReflect.Descriptor instead.
 func (*PolicyFile) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *PolicyFile) GetFilename() string {
@@ -5407,7 +5702,7 @@ type GetNetmapRequest struct {
 
 func (x *GetNetmapRequest) Reset() {
 	*x = GetNetmapRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5419,7 +5714,7 @@ func (x *GetNetmapRequest) String() string {
 func (*GetNetmapRequest) ProtoMessage() {}
 
 func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5432,7 +5727,7 @@ func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapRequest.ProtoReflect.Descriptor instead.
 func (*GetNetmapRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *GetNetmapRequest) GetNode() string {
@@ -5467,7 +5762,7 @@ type GetNetmapResponse struct {
 
 func (x *GetNetmapResponse) Reset() {
 	*x = GetNetmapResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5479,7 +5774,7 @@ func (x *GetNetmapResponse) String() string {
 func (*GetNetmapResponse) ProtoMessage() {}
 
 func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5492,7 +5787,7 @@ func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapResponse.ProtoReflect.Descriptor instead.
 func (*GetNetmapResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *GetNetmapResponse) GetNetmap() *Netmap {
@@ -5556,7 +5851,7 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\bendpoint\x18\x05 \x01(\tR\bendpoint\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x99\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd0\x01\n" +
 	"\x04Peer\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -5564,7 +5859,21 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\bendpoint\x18\x03 \x01(\tR\bendpoint\x12\x1f\n" +
 	"\vallowed_ips\x18\x04 \x03(\tR\n" +
 	"allowedIps\x12!\n" +
-	"\fidentity_key\x18\x05 \x01(\fR\videntityKey\"5\n" +
+	"\fidentity_key\x18\x05 \x01(\fR\videntityKey\x125\n" +
+	"\n" +
+	"candidates\x18\x06 \x03(\v2\x15.segmesh.v1.CandidateR\n" +
+	"candidates\"Q\n" +
+	"\tCandidate\x12\x1a\n" +
+	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x14\n" +
+	"\x05relay\x18\x03 \x01(\tR\x05relay\"q\n" +
+	"\x05Punch\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\tR\x04peer\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\fR\tpublicKey\x125\n" +
+	"\n" +
+	"candidates\x18\x03 \x03(\v2\x15.segmesh.v1.CandidateR\n" +
+	"candidates\"5\n" +
 	"\tPortRange\x12\x14\n" +
 	"\x05first\x18\x01 \x01(\rR\x05first\x12\x12\n" +
 	"\x04last\x18\x02 \x01(\rR\x04last\"j\n" +
@@ -5622,17 +5931,22 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x0eupserted_peers\x18\x05 \x03(\v2\x10.segmesh.v1.PeerR\rupsertedPeers\x12#\n" +
 	"\rremoved_peers\x18\x06 \x03(\tR\fremovedPeers\x12/\n" +
 	"\x04sets\x18\a \x03(\v2\x1b.segmesh.v1.AddressSetDeltaR\x04sets\x12-\n" +
-	"\x05rules\x18\b \x01(\v2\x17.segmesh.v1.FilterRulesR\x05rules\"s\n" +
+	"\x05rules\x18\b \x01(\v2\x17.segmesh.v1.FilterRulesR\x05rules\"\x9e\x01\n" +
 	"\fNetmapUpdate\x12(\n" +
 	"\x04full\x18\x01 \x01(\v2\x12.segmesh.v1.NetmapH\x00R\x04full\x12/\n" +
-	"\x05delta\x18\x02 \x01(\v2\x17.segmesh.v1.NetmapDeltaH\x00R\x05deltaB\b\n" +
-	"\x06update\"\xa4\x01\n" +
+	"\x05delta\x18\x02 \x01(\v2\x17.segmesh.v1.NetmapDeltaH\x00R\x05delta\x12)\n" +
+	"\x05punch\x18\x03 \x01(\v2\x11.segmesh.v1.PunchH\x00R\x05punchB\b\n" +
+	"\x06update\"\xf7\x01\n" +
 	"\vSyncRequest\x12\x1a\n" +
 	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x1c\n" +
 	"\tdataplane\x18\x02 \x01(\tR\tdataplane\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12\x1c\n" +
 	"\tinterface\x18\x04 \x01(\tR\tinterface\x12#\n" +
-	"\rresync_reason\x18\x05 \x01(\tR\fresyncReason\"\x8a\x04\n" +
+	"\rresync_reason\x18\x05 \x01(\tR\fresyncReason\x125\n" +
+	"\n" +
+	"candidates\x18\x06 \x03(\v2\x15.segmesh.v1.CandidateR\n" +
+	"candidates\x12\x1a\n" +
+	"\bfeatures\x18\a \x03(\tR\bfeatures\"\xdd\x04\n" +
 	"\rReportRequest\x12)\n" +
 	"\x10applied_revision\x18\x01 \x01(\x04R\x0fappliedRevision\x12!\n" +
 	"\fapplied_hash\x18\x02 \x01(\tR\vappliedHash\x12\x1c\n" +
@@ -5649,7 +5963,11 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\n" +
 	"peers_more\x18\v \x01(\rR\tpeersMore\x129\n" +
 	"\fdenied_flows\x18\f \x03(\v2\x16.segmesh.v1.DeniedFlowR\vdeniedFlows\x12*\n" +
-	"\x11denied_flows_more\x18\r \x01(\x04R\x0fdeniedFlowsMore\"\xc1\x01\n" +
+	"\x11denied_flows_more\x18\r \x01(\x04R\x0fdeniedFlowsMore\x12\x1a\n" +
+	"\bendpoint\x18\x0e \x01(\tR\bendpoint\x125\n" +
+	"\n" +
+	"candidates\x18\x0f \x03(\v2\x15.segmesh.v1.CandidateR\n" +
+	"candidates\"\xeb\x01\n" +
 	"\n" +
 	"PeerStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
@@ -5658,7 +5976,9 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\bendpoint\x18\x03 \x01(\tR\bendpoint\x12.\n" +
 	"\x13last_handshake_unix\x18\x04 \x01(\x03R\x11lastHandshakeUnix\x12\x19\n" +
 	"\brx_bytes\x18\x05 \x01(\x04R\arxBytes\x12\x19\n" +
-	"\btx_bytes\x18\x06 \x01(\x04R\atxBytes\"\x92\x02\n" +
+	"\btx_bytes\x18\x06 \x01(\x04R\atxBytes\x12\x12\n" +
+	"\x04path\x18\a \x01(\tR\x04path\x12\x14\n" +
+	"\x05relay\x18\b \x01(\tR\x05relay\"\x92\x02\n" +
 	"\n" +
 	"DeniedFlow\x12\x1c\n" +
 	"\tdirection\x18\x01 \x01(\tR\tdirection\x12\x16\n" +
@@ -5694,7 +6014,10 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x02 \x01(\x04R\n" +
 	"generation\"\x13\n" +
-	"\x11RotateKeyResponse\"\xb7\b\n" +
+	"\x11RotateKeyResponse\")\n" +
+	"\x13RequestPunchRequest\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\tR\x04peer\"\x16\n" +
+	"\x14RequestPunchResponse\"\xb7\b\n" +
 	"\n" +
 	"NodeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12:\n" +
@@ -5954,13 +6277,14 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\fPROTOCOL_UDP\x10\x03\x12\x11\n" +
 	"\rPROTOCOL_ICMP\x10\x042R\n" +
 	"\rEnrollService\x12A\n" +
-	"\x06Enroll\x12\x19.segmesh.v1.EnrollRequest\x1a\x1a.segmesh.v1.EnrollResponse\"\x002\xfd\x02\n" +
+	"\x06Enroll\x12\x19.segmesh.v1.EnrollRequest\x1a\x1a.segmesh.v1.EnrollResponse\"\x002\xd2\x03\n" +
 	"\fAgentService\x127\n" +
 	"\x04Sync\x12\x17.segmesh.v1.SyncRequest\x1a\x12.segmesh.v1.Netmap\"\x000\x01\x12D\n" +
 	"\vSyncUpdates\x12\x17.segmesh.v1.SyncRequest\x1a\x18.segmesh.v1.NetmapUpdate\"\x000\x01\x12A\n" +
 	"\x06Report\x12\x19.segmesh.v1.ReportRequest\x1a\x1a.segmesh.v1.ReportResponse\"\x00\x12_\n" +
 	"\x10RenewCertificate\x12#.segmesh.v1.RenewCertificateRequest\x1a$.segmesh.v1.RenewCertificateResponse\"\x00\x12J\n" +
-	"\tRotateKey\x12\x1c.segmesh.v1.RotateKeyRequest\x1a\x1d.segmesh.v1.RotateKeyResponse\"\x002\xf4\x0e\n" +
+	"\tRotateKey\x12\x1c.segmesh.v1.RotateKeyRequest\x1a\x1d.segmesh.v1.RotateKeyResponse\"\x00\x12S\n" +
+	"\fRequestPunch\x12\x1f.segmesh.v1.RequestPunchRequest\x1a .segmesh.v1.RequestPunchResponse\"\x002\xf4\x0e\n" +
 	"\x0fOperatorService\x12A\n" +
 	"\x06Status\x12\x19.segmesh.v1.StatusRequest\x1a\x1a.segmesh.v1.StatusResponse\"\x00\x12J\n" +
 	"\tListNodes\x12\x1c.segmesh.v1.ListNodesRequest\x1a\x1d.segmesh.v1.ListNodesResponse\"\x00\x12D\n" +
@@ -6002,213 +6326,224 @@ func file_segmesh_v1_segmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_segmesh_v1_segmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
+var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 94)
 var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(Protocol)(0),                       // 0: segmesh.v1.Protocol
 	(*EnrollRequest)(nil),               // 1: segmesh.v1.EnrollRequest
 	(*EnrollResponse)(nil),              // 2: segmesh.v1.EnrollResponse
 	(*Node)(nil),                        // 3: segmesh.v1.Node
 	(*Peer)(nil),                        // 4: segmesh.v1.Peer
-	(*PortRange)(nil),                   // 5: segmesh.v1.PortRange
-	(*PortMatch)(nil),                   // 6: segmesh.v1.PortMatch
-	(*AddressSet)(nil),                  // 7: segmesh.v1.AddressSet
-	(*FilterRule)(nil),                  // 8: segmesh.v1.FilterRule
-	(*Filter)(nil),                      // 9: segmesh.v1.Filter
-	(*GossipConfig)(nil),                // 10: segmesh.v1.GossipConfig
-	(*Netmap)(nil),                      // 11: segmesh.v1.Netmap
-	(*NetmapHeader)(nil),                // 12: segmesh.v1.NetmapHeader
-	(*FilterRules)(nil),                 // 13: segmesh.v1.FilterRules
-	(*AddressSetDelta)(nil),             // 14: segmesh.v1.AddressSetDelta
-	(*NetmapDelta)(nil),                 // 15: segmesh.v1.NetmapDelta
-	(*NetmapUpdate)(nil),                // 16: segmesh.v1.NetmapUpdate
-	(*SyncRequest)(nil),                 // 17: segmesh.v1.SyncRequest
-	(*ReportRequest)(nil),               // 18: segmesh.v1.ReportRequest
-	(*PeerStatus)(nil),                  // 19: segmesh.v1.PeerStatus
-	(*DeniedFlow)(nil),                  // 20: segmesh.v1.DeniedFlow
-	(*DriftDifference)(nil),             // 21: segmesh.v1.DriftDifference
-	(*Drift)(nil),                       // 22: segmesh.v1.Drift
-	(*ReportResponse)(nil),              // 23: segmesh.v1.ReportResponse
-	(*RenewCertificateRequest)(nil),     // 24: segmesh.v1.RenewCertificateRequest
-	(*RenewCertificateResponse)(nil),    // 25: segmesh.v1.RenewCertificateResponse
-	(*RotateKeyRequest)(nil),            // 26: segmesh.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),           // 27: segmesh.v1.RotateKeyResponse
-	(*NodeStatus)(nil),                  // 28: segmesh.v1.NodeStatus
-	(*StatusRequest)(nil),               // 29: segmesh.v1.StatusRequest
-	(*StatusResponse)(nil),              // 30: segmesh.v1.StatusResponse
-	(*ListNodesRequest)(nil),            // 31: segmesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 32: segmesh.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),              // 33: segmesh.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),             // 34: segmesh.v1.GetNodeResponse
-	(*ListDeniedFlowsRequest)(nil),      // 35: segmesh.v1.ListDeniedFlowsRequest
-	(*DeniedFlowRecord)(nil),            // 36: segmesh.v1.DeniedFlowRecord
-	(*ClosestRule)(nil),                 // 37: segmesh.v1.ClosestRule
-	(*ListDeniedFlowsResponse)(nil),     // 38: segmesh.v1.ListDeniedFlowsResponse
-	(*GetSegmentGraphRequest)(nil),      // 39: segmesh.v1.GetSegmentGraphRequest
-	(*SegmentGraphNode)(nil),            // 40: segmesh.v1.SegmentGraphNode
-	(*SegmentGraphEdge)(nil),            // 41: segmesh.v1.SegmentGraphEdge
-	(*GetSegmentGraphResponse)(nil),     // 42: segmesh.v1.GetSegmentGraphResponse
-	(*CreateTokenRequest)(nil),          // 43: segmesh.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),         // 44: segmesh.v1.CreateTokenResponse
-	(*TokenInfo)(nil),                   // 45: segmesh.v1.TokenInfo
-	(*ListTokensRequest)(nil),           // 46: segmesh.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),          // 47: segmesh.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),          // 48: segmesh.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),         // 49: segmesh.v1.RevokeTokenResponse
-	(*RevokeNodeRequest)(nil),           // 50: segmesh.v1.RevokeNodeRequest
-	(*RevokeNodeResponse)(nil),          // 51: segmesh.v1.RevokeNodeResponse
-	(*DeleteNodeRequest)(nil),           // 52: segmesh.v1.DeleteNodeRequest
-	(*DeleteNodeResponse)(nil),          // 53: segmesh.v1.DeleteNodeResponse
-	(*LabelNodeRequest)(nil),            // 54: segmesh.v1.LabelNodeRequest
-	(*LabelNodeResponse)(nil),           // 55: segmesh.v1.LabelNodeResponse
-	(*RotateNodeKeyRequest)(nil),        // 56: segmesh.v1.RotateNodeKeyRequest
-	(*RotateNodeKeyResponse)(nil),       // 57: segmesh.v1.RotateNodeKeyResponse
-	(*OperatorInfo)(nil),                // 58: segmesh.v1.OperatorInfo
-	(*CreateOperatorRequest)(nil),       // 59: segmesh.v1.CreateOperatorRequest
-	(*CreateOperatorResponse)(nil),      // 60: segmesh.v1.CreateOperatorResponse
-	(*ListOperatorsRequest)(nil),        // 61: segmesh.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 62: segmesh.v1.ListOperatorsResponse
-	(*RevokeOperatorRequest)(nil),       // 63: segmesh.v1.RevokeOperatorRequest
-	(*RevokeOperatorResponse)(nil),      // 64: segmesh.v1.RevokeOperatorResponse
-	(*AuditRecord)(nil),                 // 65: segmesh.v1.AuditRecord
-	(*ListAuditRequest)(nil),            // 66: segmesh.v1.ListAuditRequest
-	(*ListAuditResponse)(nil),           // 67: segmesh.v1.ListAuditResponse
-	(*VerifyAuditRequest)(nil),          // 68: segmesh.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),         // 69: segmesh.v1.VerifyAuditResponse
-	(*BackupRequest)(nil),               // 70: segmesh.v1.BackupRequest
-	(*BackupChunk)(nil),                 // 71: segmesh.v1.BackupChunk
-	(*ApplyPolicyRequest)(nil),          // 72: segmesh.v1.ApplyPolicyRequest
-	(*ApplyPolicyResponse)(nil),         // 73: segmesh.v1.ApplyPolicyResponse
-	(*GetPolicyRequest)(nil),            // 74: segmesh.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),           // 75: segmesh.v1.GetPolicyResponse
-	(*PolicyRevision)(nil),              // 76: segmesh.v1.PolicyRevision
-	(*ListPolicyRevisionsRequest)(nil),  // 77: segmesh.v1.ListPolicyRevisionsRequest
-	(*ListPolicyRevisionsResponse)(nil), // 78: segmesh.v1.ListPolicyRevisionsResponse
-	(*RollbackPolicyRequest)(nil),       // 79: segmesh.v1.RollbackPolicyRequest
-	(*RollbackPolicyResponse)(nil),      // 80: segmesh.v1.RollbackPolicyResponse
-	(*PolicyFile)(nil),                  // 81: segmesh.v1.PolicyFile
-	(*GetNetmapRequest)(nil),            // 82: segmesh.v1.GetNetmapRequest
-	(*GetNetmapResponse)(nil),           // 83: segmesh.v1.GetNetmapResponse
-	nil,                                 // 84: segmesh.v1.EnrollResponse.LabelsEntry
-	nil,                                 // 85: segmesh.v1.Node.LabelsEntry
-	nil,                                 // 86: segmesh.v1.NodeStatus.LabelsEntry
-	nil,                                 // 87: segmesh.v1.CreateTokenRequest.LabelsEntry
-	nil,                                 // 88: segmesh.v1.TokenInfo.LabelsEntry
-	nil,                                 // 89: segmesh.v1.LabelNodeRequest.SetEntry
-	nil,                                 // 90: segmesh.v1.LabelNodeResponse.LabelsEntry
+	(*Candidate)(nil),                   // 5: segmesh.v1.Candidate
+	(*Punch)(nil),                       // 6: segmesh.v1.Punch
+	(*PortRange)(nil),                   // 7: segmesh.v1.PortRange
+	(*PortMatch)(nil),                   // 8: segmesh.v1.PortMatch
+	(*AddressSet)(nil),                  // 9: segmesh.v1.AddressSet
+	(*FilterRule)(nil),                  // 10: segmesh.v1.FilterRule
+	(*Filter)(nil),                      // 11: segmesh.v1.Filter
+	(*GossipConfig)(nil),                // 12: segmesh.v1.GossipConfig
+	(*Netmap)(nil),                      // 13: segmesh.v1.Netmap
+	(*NetmapHeader)(nil),                // 14: segmesh.v1.NetmapHeader
+	(*FilterRules)(nil),                 // 15: segmesh.v1.FilterRules
+	(*AddressSetDelta)(nil),             // 16: segmesh.v1.AddressSetDelta
+	(*NetmapDelta)(nil),                 // 17: segmesh.v1.NetmapDelta
+	(*NetmapUpdate)(nil),                // 18: segmesh.v1.NetmapUpdate
+	(*SyncRequest)(nil),                 // 19: segmesh.v1.SyncRequest
+	(*ReportRequest)(nil),               // 20: segmesh.v1.ReportRequest
+	(*PeerStatus)(nil),                  // 21: segmesh.v1.PeerStatus
+	(*DeniedFlow)(nil),                  // 22: segmesh.v1.DeniedFlow
+	(*DriftDifference)(nil),             // 23: segmesh.v1.DriftDifference
+	(*Drift)(nil),                       // 24: segmesh.v1.Drift
+	(*ReportResponse)(nil),              // 25: segmesh.v1.ReportResponse
+	(*RenewCertificateRequest)(nil),     // 26: segmesh.v1.RenewCertificateRequest
+	(*RenewCertificateResponse)(nil),    // 27: segmesh.v1.RenewCertificateResponse
+	(*RotateKeyRequest)(nil),            // 28: segmesh.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),           // 29: segmesh.v1.RotateKeyResponse
+	(*RequestPunchRequest)(nil),         // 30: segmesh.v1.RequestPunchRequest
+	(*RequestPunchResponse)(nil),        // 31: segmesh.v1.RequestPunchResponse
+	(*NodeStatus)(nil),                  // 32: segmesh.v1.NodeStatus
+	(*StatusRequest)(nil),               // 33: segmesh.v1.StatusRequest
+	(*StatusResponse)(nil),              // 34: segmesh.v1.StatusResponse
+	(*ListNodesRequest)(nil),            // 35: segmesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 36: segmesh.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),              // 37: segmesh.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),             // 38: segmesh.v1.GetNodeResponse
+	(*ListDeniedFlowsRequest)(nil),      // 39: segmesh.v1.ListDeniedFlowsRequest
+	(*DeniedFlowRecord)(nil),            // 40: segmesh.v1.DeniedFlowRecord
+	(*ClosestRule)(nil),                 // 41: segmesh.v1.ClosestRule
+	(*ListDeniedFlowsResponse)(nil),     // 42: segmesh.v1.ListDeniedFlowsResponse
+	(*GetSegmentGraphRequest)(nil),      // 43: segmesh.v1.GetSegmentGraphRequest
+	(*SegmentGraphNode)(nil),            // 44: segmesh.v1.SegmentGraphNode
+	(*SegmentGraphEdge)(nil),            // 45: segmesh.v1.SegmentGraphEdge
+	(*GetSegmentGraphResponse)(nil),     // 46: segmesh.v1.GetSegmentGraphResponse
+	(*CreateTokenRequest)(nil),          // 47: segmesh.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),         // 48: segmesh.v1.CreateTokenResponse
+	(*TokenInfo)(nil),                   // 49: segmesh.v1.TokenInfo
+	(*ListTokensRequest)(nil),           // 50: segmesh.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),          // 51: segmesh.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),          // 52: segmesh.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),         // 53: segmesh.v1.RevokeTokenResponse
+	(*RevokeNodeRequest)(nil),           // 54: segmesh.v1.RevokeNodeRequest
+	(*RevokeNodeResponse)(nil),          // 55: segmesh.v1.RevokeNodeResponse
+	(*DeleteNodeRequest)(nil),           // 56: segmesh.v1.DeleteNodeRequest
+	(*DeleteNodeResponse)(nil),          // 57: segmesh.v1.DeleteNodeResponse
+	(*LabelNodeRequest)(nil),            // 58: segmesh.v1.LabelNodeRequest
+	(*LabelNodeResponse)(nil),           // 59: segmesh.v1.LabelNodeResponse
+	(*RotateNodeKeyRequest)(nil),        // 60: segmesh.v1.RotateNodeKeyRequest
+	(*RotateNodeKeyResponse)(nil),       // 61: segmesh.v1.RotateNodeKeyResponse
+	(*OperatorInfo)(nil),                // 62: segmesh.v1.OperatorInfo
+	(*CreateOperatorRequest)(nil),       // 63: segmesh.v1.CreateOperatorRequest
+	(*CreateOperatorResponse)(nil),      // 64: segmesh.v1.CreateOperatorResponse
+	(*ListOperatorsRequest)(nil),        // 65: segmesh.v1.ListOperatorsRequest
+	(*ListOperatorsResponse)(nil),       // 66: segmesh.v1.ListOperatorsResponse
+	(*RevokeOperatorRequest)(nil),       // 67: segmesh.v1.RevokeOperatorRequest
+	(*RevokeOperatorResponse)(nil),      // 68: segmesh.v1.RevokeOperatorResponse
+	(*AuditRecord)(nil),                 // 69: segmesh.v1.AuditRecord
+	(*ListAuditRequest)(nil),            // 70: segmesh.v1.ListAuditRequest
+	(*ListAuditResponse)(nil),           // 71: segmesh.v1.ListAuditResponse
+	(*VerifyAuditRequest)(nil),          // 72: segmesh.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),         // 73: segmesh.v1.VerifyAuditResponse
+	(*BackupRequest)(nil),               // 74: segmesh.v1.BackupRequest
+	(*BackupChunk)(nil),                 // 75: segmesh.v1.BackupChunk
+	(*ApplyPolicyRequest)(nil),          // 76: segmesh.v1.ApplyPolicyRequest
+	(*ApplyPolicyResponse)(nil),         // 77: segmesh.v1.ApplyPolicyResponse
+	(*GetPolicyRequest)(nil),            // 78: segmesh.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),           // 79: segmesh.v1.GetPolicyResponse
+	(*PolicyRevision)(nil),              // 80: segmesh.v1.PolicyRevision
+	(*ListPolicyRevisionsRequest)(nil),  // 81: segmesh.v1.ListPolicyRevisionsRequest
+	(*ListPolicyRevisionsResponse)(nil), // 82: segmesh.v1.ListPolicyRevisionsResponse
+	(*RollbackPolicyRequest)(nil),       // 83: segmesh.v1.RollbackPolicyRequest
+	(*RollbackPolicyResponse)(nil),      // 84: segmesh.v1.RollbackPolicyResponse
+	(*PolicyFile)(nil),                  // 85: segmesh.v1.PolicyFile
+	(*GetNetmapRequest)(nil),            // 86: segmesh.v1.GetNetmapRequest
+	(*GetNetmapResponse)(nil),           // 87: segmesh.v1.GetNetmapResponse
+	nil,                                 // 88: segmesh.v1.EnrollResponse.LabelsEntry
+	nil,                                 // 89: segmesh.v1.Node.LabelsEntry
+	nil,                                 // 90: segmesh.v1.NodeStatus.LabelsEntry
+	nil,                                 // 91: segmesh.v1.CreateTokenRequest.LabelsEntry
+	nil,                                 // 92: segmesh.v1.TokenInfo.LabelsEntry
+	nil,                                 // 93: segmesh.v1.LabelNodeRequest.SetEntry
+	nil,                                 // 94: segmesh.v1.LabelNodeResponse.LabelsEntry
 }
 var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
-	84, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
-	85, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
-	0,  // 2: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
-	5,  // 3: segmesh.v1.PortMatch.ports:type_name -> segmesh.v1.PortRange
-	6,  // 4: segmesh.v1.FilterRule.matches:type_name -> segmesh.v1.PortMatch
-	7,  // 5: segmesh.v1.Filter.sets:type_name -> segmesh.v1.AddressSet
-	8,  // 6: segmesh.v1.Filter.ingress:type_name -> segmesh.v1.FilterRule
-	8,  // 7: segmesh.v1.Filter.egress:type_name -> segmesh.v1.FilterRule
-	3,  // 8: segmesh.v1.Netmap.self:type_name -> segmesh.v1.Node
-	4,  // 9: segmesh.v1.Netmap.peers:type_name -> segmesh.v1.Peer
-	9,  // 10: segmesh.v1.Netmap.filter:type_name -> segmesh.v1.Filter
-	10, // 11: segmesh.v1.Netmap.gossip:type_name -> segmesh.v1.GossipConfig
-	3,  // 12: segmesh.v1.NetmapHeader.self:type_name -> segmesh.v1.Node
-	10, // 13: segmesh.v1.NetmapHeader.gossip:type_name -> segmesh.v1.GossipConfig
-	8,  // 14: segmesh.v1.FilterRules.ingress:type_name -> segmesh.v1.FilterRule
-	8,  // 15: segmesh.v1.FilterRules.egress:type_name -> segmesh.v1.FilterRule
-	12, // 16: segmesh.v1.NetmapDelta.header:type_name -> segmesh.v1.NetmapHeader
-	4,  // 17: segmesh.v1.NetmapDelta.upserted_peers:type_name -> segmesh.v1.Peer
-	14, // 18: segmesh.v1.NetmapDelta.sets:type_name -> segmesh.v1.AddressSetDelta
-	13, // 19: segmesh.v1.NetmapDelta.rules:type_name -> segmesh.v1.FilterRules
-	11, // 20: segmesh.v1.NetmapUpdate.full:type_name -> segmesh.v1.Netmap
-	15, // 21: segmesh.v1.NetmapUpdate.delta:type_name -> segmesh.v1.NetmapDelta
-	22, // 22: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
-	19, // 23: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
-	20, // 24: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
-	21, // 25: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
-	21, // 26: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
-	86, // 27: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
-	22, // 28: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
-	19, // 29: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
-	28, // 30: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	28, // 31: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	28, // 32: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
-	20, // 33: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
-	37, // 34: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
-	36, // 35: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
-	40, // 36: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
-	41, // 37: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
-	87, // 38: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
-	88, // 39: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
-	45, // 40: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
-	89, // 41: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
-	90, // 42: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
-	58, // 43: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
-	58, // 44: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
-	65, // 45: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
-	76, // 46: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
-	81, // 47: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
-	11, // 48: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
-	1,  // 49: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
-	17, // 50: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
-	17, // 51: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
-	18, // 52: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
-	24, // 53: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
-	26, // 54: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
-	29, // 55: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
-	31, // 56: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
-	33, // 57: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
-	35, // 58: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
-	39, // 59: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
-	43, // 60: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
-	72, // 61: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
-	74, // 62: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
-	77, // 63: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
-	79, // 64: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
-	82, // 65: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
-	46, // 66: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
-	48, // 67: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
-	50, // 68: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
-	52, // 69: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
-	54, // 70: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
-	56, // 71: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
-	59, // 72: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
-	61, // 73: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
-	63, // 74: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
-	66, // 75: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
-	68, // 76: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
-	70, // 77: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
-	2,  // 78: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
-	11, // 79: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
-	16, // 80: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
-	23, // 81: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
-	25, // 82: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
-	27, // 83: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
-	30, // 84: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
-	32, // 85: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
-	34, // 86: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
-	38, // 87: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
-	42, // 88: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
-	44, // 89: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
-	73, // 90: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
-	75, // 91: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
-	78, // 92: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
-	80, // 93: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
-	83, // 94: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
-	47, // 95: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
-	49, // 96: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
-	51, // 97: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
-	53, // 98: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
-	55, // 99: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
-	57, // 100: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
-	60, // 101: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
-	62, // 102: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
-	64, // 103: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
-	67, // 104: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
-	69, // 105: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
-	71, // 106: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
-	78, // [78:107] is the sub-list for method output_type
-	49, // [49:78] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	88, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
+	89, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
+	5,  // 2: segmesh.v1.Peer.candidates:type_name -> segmesh.v1.Candidate
+	5,  // 3: segmesh.v1.Punch.candidates:type_name -> segmesh.v1.Candidate
+	0,  // 4: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
+	7,  // 5: segmesh.v1.PortMatch.ports:type_name -> segmesh.v1.PortRange
+	8,  // 6: segmesh.v1.FilterRule.matches:type_name -> segmesh.v1.PortMatch
+	9,  // 7: segmesh.v1.Filter.sets:type_name -> segmesh.v1.AddressSet
+	10, // 8: segmesh.v1.Filter.ingress:type_name -> segmesh.v1.FilterRule
+	10, // 9: segmesh.v1.Filter.egress:type_name -> segmesh.v1.FilterRule
+	3,  // 10: segmesh.v1.Netmap.self:type_name -> segmesh.v1.Node
+	4,  // 11: segmesh.v1.Netmap.peers:type_name -> segmesh.v1.Peer
+	11, // 12: segmesh.v1.Netmap.filter:type_name -> segmesh.v1.Filter
+	12, // 13: segmesh.v1.Netmap.gossip:type_name -> segmesh.v1.GossipConfig
+	3,  // 14: segmesh.v1.NetmapHeader.self:type_name -> segmesh.v1.Node
+	12, // 15: segmesh.v1.NetmapHeader.gossip:type_name -> segmesh.v1.GossipConfig
+	10, // 16: segmesh.v1.FilterRules.ingress:type_name -> segmesh.v1.FilterRule
+	10, // 17: segmesh.v1.FilterRules.egress:type_name -> segmesh.v1.FilterRule
+	14, // 18: segmesh.v1.NetmapDelta.header:type_name -> segmesh.v1.NetmapHeader
+	4,  // 19: segmesh.v1.NetmapDelta.upserted_peers:type_name -> segmesh.v1.Peer
+	16, // 20: segmesh.v1.NetmapDelta.sets:type_name -> segmesh.v1.AddressSetDelta
+	15, // 21: segmesh.v1.NetmapDelta.rules:type_name -> segmesh.v1.FilterRules
+	13, // 22: segmesh.v1.NetmapUpdate.full:type_name -> segmesh.v1.Netmap
+	17, // 23: segmesh.v1.NetmapUpdate.delta:type_name -> segmesh.v1.NetmapDelta
+	6,  // 24: segmesh.v1.NetmapUpdate.punch:type_name -> segmesh.v1.Punch
+	5,  // 25: segmesh.v1.SyncRequest.candidates:type_name -> segmesh.v1.Candidate
+	24, // 26: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
+	21, // 27: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
+	22, // 28: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
+	5,  // 29: segmesh.v1.ReportRequest.candidates:type_name -> segmesh.v1.Candidate
+	23, // 30: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
+	23, // 31: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
+	90, // 32: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
+	24, // 33: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
+	21, // 34: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
+	32, // 35: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	32, // 36: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	32, // 37: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
+	22, // 38: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
+	41, // 39: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
+	40, // 40: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
+	44, // 41: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
+	45, // 42: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
+	91, // 43: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
+	92, // 44: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
+	49, // 45: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
+	93, // 46: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
+	94, // 47: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
+	62, // 48: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
+	62, // 49: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
+	69, // 50: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
+	80, // 51: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
+	85, // 52: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
+	13, // 53: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
+	1,  // 54: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
+	19, // 55: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
+	19, // 56: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
+	20, // 57: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
+	26, // 58: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
+	28, // 59: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
+	30, // 60: segmesh.v1.AgentService.RequestPunch:input_type -> segmesh.v1.RequestPunchRequest
+	33, // 61: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
+	35, // 62: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
+	37, // 63: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
+	39, // 64: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
+	43, // 65: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
+	47, // 66: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
+	76, // 67: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
+	78, // 68: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
+	81, // 69: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
+	83, // 70: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
+	86, // 71: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
+	50, // 72: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
+	52, // 73: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
+	54, // 74: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
+	56, // 75: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
+	58, // 76: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
+	60, // 77: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
+	63, // 78: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
+	65, // 79: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
+	67, // 80: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
+	70, // 81: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
+	72, // 82: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
+	74, // 83: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
+	2,  // 84: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
+	13, // 85: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
+	18, // 86: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
+	25, // 87: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
+	27, // 88: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
+	29, // 89: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
+	31, // 90: segmesh.v1.AgentService.RequestPunch:output_type -> segmesh.v1.RequestPunchResponse
+	34, // 91: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
+	36, // 92: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
+	38, // 93: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
+	42, // 94: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
+	46, // 95: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
+	48, // 96: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
+	77, // 97: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
+	79, // 98: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
+	82, // 99: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
+	84, // 100: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
+	87, // 101: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
+	51, // 102: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
+	53, // 103: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
+	55, // 104: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
+	57, // 105: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
+	59, // 106: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
+	61, // 107: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
+	64, // 108: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
+	66, // 109: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
+	68, // 110: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
+	71, // 111: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
+	73, // 112: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
+	75, // 113: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
+	84, // [84:114] is the sub-list for method output_type
+	54, // [54:84] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_segmesh_v1_segmesh_proto_init() }
@@ -6216,9 +6551,10 @@ func file_segmesh_v1_segmesh_proto_init() {
 	if File_segmesh_v1_segmesh_proto != nil {
 		return
 	}
-	file_segmesh_v1_segmesh_proto_msgTypes[15].OneofWrappers = []any{
+	file_segmesh_v1_segmesh_proto_msgTypes[17].OneofWrappers = []any{
 		(*NetmapUpdate_Full)(nil),
 		(*NetmapUpdate_Delta)(nil),
+		(*NetmapUpdate_Punch)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -6226,7 +6562,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmesh_v1_segmesh_proto_rawDesc), len(file_segmesh_v1_segmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   90,
+			NumMessages:   94,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

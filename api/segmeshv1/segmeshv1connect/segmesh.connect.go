@@ -59,6 +59,9 @@ const (
 	AgentServiceRenewCertificateProcedure = "/segmesh.v1.AgentService/RenewCertificate"
 	// AgentServiceRotateKeyProcedure is the fully-qualified name of the AgentService's RotateKey RPC.
 	AgentServiceRotateKeyProcedure = "/segmesh.v1.AgentService/RotateKey"
+	// AgentServiceRequestPunchProcedure is the fully-qualified name of the AgentService's RequestPunch
+	// RPC.
+	AgentServiceRequestPunchProcedure = "/segmesh.v1.AgentService/RequestPunch"
 	// OperatorServiceStatusProcedure is the fully-qualified name of the OperatorService's Status RPC.
 	OperatorServiceStatusProcedure = "/segmesh.v1.OperatorService/Status"
 	// OperatorServiceListNodesProcedure is the fully-qualified name of the OperatorService's ListNodes
@@ -217,6 +220,9 @@ type AgentServiceClient interface {
 	// RotateKey replaces the node's WireGuard public key after an operator asked
 	// for a rotation.
 	RotateKey(context.Context, *connect.Request[segmeshv1.RotateKeyRequest]) (*connect.Response[segmeshv1.RotateKeyResponse], error)
+	// RequestPunch asks the controller to make this node and a peer its netmap
+	// lists send to each other at once (a Punch to both); rate-limited per pair.
+	RequestPunch(context.Context, *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the segmesh.v1.AgentService service. By default, it
@@ -260,6 +266,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("RotateKey")),
 			connect.WithClientOptions(opts...),
 		),
+		requestPunch: connect.NewClient[segmeshv1.RequestPunchRequest, segmeshv1.RequestPunchResponse](
+			httpClient,
+			baseURL+AgentServiceRequestPunchProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("RequestPunch")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -270,6 +282,7 @@ type agentServiceClient struct {
 	report           *connect.Client[segmeshv1.ReportRequest, segmeshv1.ReportResponse]
 	renewCertificate *connect.Client[segmeshv1.RenewCertificateRequest, segmeshv1.RenewCertificateResponse]
 	rotateKey        *connect.Client[segmeshv1.RotateKeyRequest, segmeshv1.RotateKeyResponse]
+	requestPunch     *connect.Client[segmeshv1.RequestPunchRequest, segmeshv1.RequestPunchResponse]
 }
 
 // Sync calls segmesh.v1.AgentService.Sync.
@@ -297,6 +310,11 @@ func (c *agentServiceClient) RotateKey(ctx context.Context, req *connect.Request
 	return c.rotateKey.CallUnary(ctx, req)
 }
 
+// RequestPunch calls segmesh.v1.AgentService.RequestPunch.
+func (c *agentServiceClient) RequestPunch(ctx context.Context, req *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error) {
+	return c.requestPunch.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the segmesh.v1.AgentService service.
 type AgentServiceHandler interface {
 	// Long-lived stream: the controller sends the current netmap at once and again
@@ -317,6 +335,9 @@ type AgentServiceHandler interface {
 	// RotateKey replaces the node's WireGuard public key after an operator asked
 	// for a rotation.
 	RotateKey(context.Context, *connect.Request[segmeshv1.RotateKeyRequest]) (*connect.Response[segmeshv1.RotateKeyResponse], error)
+	// RequestPunch asks the controller to make this node and a peer its netmap
+	// lists send to each other at once (a Punch to both); rate-limited per pair.
+	RequestPunch(context.Context, *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -356,6 +377,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("RotateKey")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceRequestPunchHandler := connect.NewUnaryHandler(
+		AgentServiceRequestPunchProcedure,
+		svc.RequestPunch,
+		connect.WithSchema(agentServiceMethods.ByName("RequestPunch")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/segmesh.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceSyncProcedure:
@@ -368,6 +395,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceRenewCertificateHandler.ServeHTTP(w, r)
 		case AgentServiceRotateKeyProcedure:
 			agentServiceRotateKeyHandler.ServeHTTP(w, r)
+		case AgentServiceRequestPunchProcedure:
+			agentServiceRequestPunchHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -395,6 +424,10 @@ func (UnimplementedAgentServiceHandler) RenewCertificate(context.Context, *conne
 
 func (UnimplementedAgentServiceHandler) RotateKey(context.Context, *connect.Request[segmeshv1.RotateKeyRequest]) (*connect.Response[segmeshv1.RotateKeyResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.AgentService.RotateKey is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) RequestPunch(context.Context, *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.AgentService.RequestPunch is not implemented"))
 }
 
 // OperatorServiceClient is a client for the segmesh.v1.OperatorService service.
