@@ -45,7 +45,9 @@ func newFlowsLab(t *testing.T) *flowsLab {
 	l := &flowsLab{tc: tc}
 	l.web = tc.enroll(tc.createToken(map[string]string{"role": "web"}, false), "web-1")
 	l.db = tc.enroll(tc.createToken(map[string]string{"role": "db"}, false), "db-1")
-	addr := func(a *enrolledAgent, i int) string { return netip.MustParsePrefix(a.resp.Addresses[i]).Addr().String() }
+	addr := func(a *enrolledAgent, i int) string {
+		return netip.MustParsePrefix(a.resp.Addresses[i]).Addr().String()
+	}
 	l.webA, l.webA6 = addr(l.web, 0), addr(l.web, 1)
 	l.dbA, l.dbA6 = addr(l.db, 0), addr(l.db, 1)
 	apply(t, tc, flowsPolicy)
