@@ -199,3 +199,40 @@ func TestZeroKernelState(t *testing.T) {
 		t.Errorf("ZeroKernelState changed a listing without kernel state:\n%s", got)
 	}
 }
+
+// TestNormalizeListing: a listing whose sets the kernel holds in another order
+// (new sets after the denied-flow sets, as an update in place leaves them) reads
+// as Table.String once normalised; chains are not reordered.
+func TestNormalizeListing(t *testing.T) {
+	want := mustBuild(t, "segmesh0", Cases()[1].F).String()
+	blocks := strings.SplitAfter(want, "\t}\n\n")
+	var sets, rest []string
+	for _, b := range blocks {
+		if strings.Contains(b, "\tset ") && !strings.Contains(b, "\tchain ") {
+			sets = append(sets, b)
+		} else {
+			rest = append(rest, b)
+		}
+	}
+	if len(sets) < 3 {
+		t.Fatalf("want a table with at least 3 sets, got %d:\n%s", len(sets), want)
+	}
+	const head = "table inet segmesh {\n"
+	first, ok := strings.CutPrefix(sets[0], head)
+	if !ok {
+		t.Fatalf("table text does not start with %q", head)
+	}
+	sets[0] = first
+	// The first set moves to the end of the sets, the last to the front.
+	sets[0], sets[len(sets)-1] = sets[len(sets)-1], sets[0]
+	swapped := head + strings.Join(sets, "") + strings.Join(rest, "")
+	if swapped == want {
+		t.Fatal("the swapped listing equals the table; the test swaps nothing")
+	}
+	if got := NormalizeListing(swapped); got != want {
+		t.Errorf("normalised listing differs from the table:\n%s\nwant:\n%s", got, want)
+	}
+	if got := NormalizeListing(want); got != want {
+		t.Errorf("normalising the table's own text changed it:\n%s", got)
+	}
+}

@@ -3,6 +3,7 @@ package firewall
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 )
@@ -305,4 +306,74 @@ func ZeroKernelState(listing string) string {
 		b.WriteString(line)
 	}
 	return b.String()
+}
+
+// NormalizeListing is ZeroKernelState with the table's sets put in name order,
+// as Table.String writes them. nft(8) lists sets in the order they were created,
+// and an update in place (PlanUpdate) adds new sets after the ones the table
+// already holds, so two listings of the same table may order their sets
+// differently. Chains keep their order: it is part of the table's meaning.
+func NormalizeListing(listing string) string {
+	listing = ZeroKernelState(listing)
+	lines := strings.SplitAfter(listing, "\n")
+	var head, tail []string
+	type block struct {
+		name  string
+		lines []string
+	}
+	var sets []block
+	for i := 0; i < len(lines); i++ {
+		name, ok := strings.CutPrefix(lines[i], "\tset ")
+		if !ok {
+			if len(sets) == 0 {
+				head = append(head, lines[i])
+			} else {
+				tail = append(tail, lines[i])
+			}
+			continue
+		}
+		if len(tail) > 0 && strings.TrimSpace(strings.Join(tail, "")) != "" {
+			return listing // a set after a chain: not a listing nft(8) writes
+		}
+		tail = nil
+		b := block{name: strings.TrimSuffix(strings.TrimSpace(name), " {")}
+		for ; i < len(lines); i++ {
+			b.lines = append(b.lines, lines[i])
+			if lines[i] == "\t}\n" {
+				break
+			}
+		}
+		// The blank line that separates it from the next block.
+		if i+1 < len(lines) && lines[i+1] == "\n" {
+			i++
+			b.lines = append(b.lines, lines[i])
+		}
+		sets = append(sets, b)
+	}
+	if len(sets) == 0 {
+		return listing
+	}
+	last := sets[len(sets)-1].lines
+	sep := last[len(last)-1] == "\n"
+	slices.SortStableFunc(sets, func(a, b block) int { return strings.Compare(a.name, b.name) })
+	var out strings.Builder
+	for _, l := range head {
+		out.WriteString(l)
+	}
+	for i, s := range sets {
+		ls := s.lines
+		if ls[len(ls)-1] == "\n" {
+			ls = ls[:len(ls)-1]
+		}
+		for _, l := range ls {
+			out.WriteString(l)
+		}
+		if i < len(sets)-1 || sep {
+			out.WriteString("\n")
+		}
+	}
+	for _, l := range tail {
+		out.WriteString(l)
+	}
+	return out.String()
 }
