@@ -82,7 +82,12 @@ func TestMetrics(t *testing.T) {
 	if !ok {
 		t.Fatal("db-1 has no IPv4 overlay address")
 	}
-	if conn, err := m.Node("web-1").Host.DialTCP(ctx, netip.AddrPortFrom(dbAddr, 5432)); err == nil {
+	// The SYN is dropped, so the connect would wait for the kernel's retries
+	// (about two minutes); a few seconds of it are enough.
+	dialCtx, cancelDial := context.WithTimeout(ctx, 3*time.Second)
+	conn, err = m.Node("web-1").Host.DialTCP(dialCtx, netip.AddrPortFrom(dbAddr, 5432))
+	cancelDial()
+	if err == nil {
 		conn.Close()
 		t.Fatal("web-1 -> db-1 tcp/5432 connected; the example policy denies it")
 	}
