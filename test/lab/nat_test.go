@@ -324,18 +324,24 @@ func TestNATRenumberAndMove(t *testing.T) {
 		name       string
 		do         func() error
 		wantNAT    *NAT
-		wantAddr   string // "" : any address of the NAT's prefix
-		wantPublic func() netip.Addr
+		wantAddr   string // the host's address on eth0
+		wantPublic netip.Addr
+		// keepsPort: the controller sees the socket's own port. Behind 1:1 this
+		// needs the router to forget the old address's conntrack entries, which
+		// otherwise hold the port towards the controller.
+		keepsPort bool
 		// inbound: an unsolicited datagram from the controller to the host's
 		// public address reaches it (1:1 or public).
 		inbound bool
 	}{
-		{"behind port-preserving", func() error { return nil }, pp, "10.1.0.2", func() netip.Addr { return pp.PublicAddr }, false},
-		{"renumbered behind port-preserving", func() error { return h.Renumber(ctx, netip.MustParseAddr("10.1.0.50")) }, pp, "10.1.0.50", func() netip.Addr { return pp.PublicAddr }, false},
-		{"moved behind 1:1", func() error { return h.MoveTo(ctx, one, netip.Addr{}) }, one, "10.2.0.2", func() netip.Addr { return netip.MustParseAddr("192.0.2.101") }, true},
-		{"renumbered behind 1:1", func() error { return h.Renumber(ctx, netip.MustParseAddr("10.2.0.9")) }, one, "10.2.0.9", func() netip.Addr { return netip.MustParseAddr("192.0.2.101") }, true},
-		{"moved to the public underlay", func() error { return h.MoveTo(ctx, nil, netip.MustParseAddr("192.0.2.60")) }, nil, "192.0.2.60", func() netip.Addr { return netip.MustParseAddr("192.0.2.60") }, true},
-		{"moved back behind port-preserving", func() error { return h.MoveTo(ctx, pp, netip.Addr{}) }, pp, "10.1.0.2", func() netip.Addr { return pp.PublicAddr }, false},
+		{"behind port-preserving", func() error { return nil }, pp, "10.1.0.2", pp.PublicAddr, true, false},
+		// The old address's mapping still holds port 40000 towards the
+		// controller: the new address may get another port, as on a real router.
+		{"renumbered behind port-preserving", func() error { return h.Renumber(ctx, netip.MustParseAddr("10.1.0.50")) }, pp, "10.1.0.50", pp.PublicAddr, false, false},
+		{"moved behind 1:1", func() error { return h.MoveTo(ctx, one, netip.Addr{}) }, one, "10.2.0.2", netip.MustParseAddr("192.0.2.101"), true, true},
+		{"renumbered behind 1:1", func() error { return h.Renumber(ctx, netip.MustParseAddr("10.2.0.9")) }, one, "10.2.0.9", netip.MustParseAddr("192.0.2.101"), true, true},
+		{"moved to the public underlay", func() error { return h.MoveTo(ctx, nil, netip.MustParseAddr("192.0.2.60")) }, nil, "192.0.2.60", netip.MustParseAddr("192.0.2.60"), true, true},
+		{"moved back behind port-preserving", func() error { return h.MoveTo(ctx, pp, netip.Addr{}) }, pp, "10.1.0.2", pp.PublicAddr, false, false},
 	}
 	for i, st := range steps {
 		t.Run(st.name, func(t *testing.T) {
@@ -343,8 +349,8 @@ func TestNATRenumberAndMove(t *testing.T) {
 				t.Fatal(err)
 			}
 			u := h.Underlay()
-			if u.NAT != st.wantNAT || u.Addr.String() != st.wantAddr || u.Public != st.wantPublic() {
-				t.Fatalf("underlay %+v; want NAT %s, address %s, public %s", u, natName(st.wantNAT), st.wantAddr, st.wantPublic())
+			if u.NAT != st.wantNAT || u.Addr.String() != st.wantAddr || u.Public != st.wantPublic {
+				t.Fatalf("underlay %+v; want NAT %s, address %s, public %s", u, natName(st.wantNAT), st.wantAddr, st.wantPublic)
 			}
 			addrs, err := h.Exec(ctx, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
 			if err != nil || strings.Count(addrs, " inet ") != 1 || !strings.Contains(addrs, " inet "+st.wantAddr+"/") {
@@ -360,12 +366,12 @@ func TestNATRenumberAndMove(t *testing.T) {
 				t.Errorf("default route %q, want via %s", route, st.wantNAT.Gateway)
 			}
 			src := deliver(t, c, ctlEP, ctlConn, fmt.Sprintf("step %d", i))
-			if src.Addr() != st.wantPublic() {
-				t.Errorf("the controller saw source %s, want address %s", src, st.wantPublic())
+			if src.Addr() != st.wantPublic || (st.keepsPort && src.Port() != 40000) {
+				t.Errorf("the controller saw source %s, want address %s (port 40000: %v)", src, st.wantPublic, st.keepsPort)
 			}
 			if st.inbound {
 				idle := listenUDP(t, h, uint16(41000+i))
-				deliver(t, ctlConn, netip.AddrPortFrom(st.wantPublic(), uint16(41000+i)), idle, fmt.Sprintf("unsolicited %d", i))
+				deliver(t, ctlConn, netip.AddrPortFrom(st.wantPublic, uint16(41000+i)), idle, fmt.Sprintf("unsolicited %d", i))
 			}
 			if !sleeper.Running() || sleeper.PID() != pid {
 				t.Errorf("the host's process stopped or changed (pid %d, was %d)", sleeper.PID(), pid)
@@ -425,7 +431,7 @@ func TestNATCleanup(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Make the next AddNAT fail half-way: its public veth end's name is taken.
-	if err := l.ip(ctx, "-n", l.underlayNS, "link", "add", fmt.Sprintf("r%d", len(nats)+1), "type", "dummy"); err != nil {
+	if err := l.ip(ctx, "-n", l.underlayNS, "link", "add", fmt.Sprintf("r%d", len(nats)+1), "type", "bridge"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := l.AddNAT(ctx, NATSpec{Name: "broken", Kind: NATPortPreserving}); err == nil {
