@@ -128,7 +128,7 @@ type agent struct {
 
 	// claims is the last gossip endpoint claim accepted from each peer, by peer
 	// name; only gossipStep (one goroutine) uses it.
-	claims map[string]gossip.Claim
+	claims map[string]acceptedClaim
 
 	// enrolledNow is set when this run enrolled the node (a join token given for
 	// that is no news to log).
@@ -213,7 +213,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		peers:   &peerTable{},
 		rotateC: make(chan struct{}, 1),
 		renewC:  make(chan struct{}, 1),
-		claims:  map[string]gossip.Claim{},
+		claims:  map[string]acceptedClaim{},
 	}
 	var err error
 	if a.dir, err = statefile.Open(opts.StateDir, a.log); err != nil {
