@@ -232,7 +232,7 @@ func (a *agent) alivePeers() []string {
 // currentEndpoint returns the endpoint to advertise, rediscovering it (the route to
 // the controller may change); it falls back to the last known one on failure.
 func (a *agent) currentEndpoint() (netip.AddrPort, error) {
-	ep, err := discoverEndpoint(a.opts.Endpoint, a.id.Controller, a.id.ListenPort)
+	ep, err := discover(a.opts.Endpoint, a.id.Controller, a.id.ListenPort)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {
@@ -243,6 +243,7 @@ func (a *agent) currentEndpoint() (netip.AddrPort, error) {
 	}
 	if a.endpoint.IsValid() && a.endpoint != ep {
 		a.log.Info("local endpoint changed", "old", a.endpoint, "new", ep)
+		defer a.endpointMoved()
 	}
 	a.endpoint = ep
 	return ep, nil
