@@ -4,7 +4,7 @@ GO ?= go
 BIN ?= bin
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build test unit e2e demo lint fmt deps clean unauthload loadgen bench bench-build package
+.PHONY: all build test unit e2e demo demo-nat lint fmt deps clean unauthload loadgen bench bench-build package
 
 all: build
 
@@ -27,6 +27,12 @@ e2e:
 
 demo: deps
 	hack/demo.sh
+
+# The demo with nodes behind NAT routers (hack/lab -nat: two port-preserving, one
+# symmetric, one 1:1). Not part of `make test`: until endpoint discovery and relays
+# (issue 10) land, its matrix has mismatches and it exits 1.
+demo-nat: deps
+	hack/demo.sh -nat
 
 # Peak controller RSS while 60 unauthenticated clients send 15 MiB bodies (issue 6).
 unauthload: build

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -63,7 +64,9 @@ type Lab struct {
 
 	mu         sync.Mutex
 	hosts      []*Host
-	namespaces []string // created, in creation order
+	nats       []*NAT
+	namespaces []string   // created, in creation order
+	resources  []resource // links and nftables tables created, in creation order
 	procs      []*Process
 	hooks      []func(context.Context) error
 	uapiNames  []string // interface names whose UAPI socket Close removes
@@ -73,13 +76,16 @@ type Lab struct {
 	closeErr  error
 }
 
-// Host is one network namespace attached to the lab's underlay.
+// Host is one network namespace attached to the lab's underlay: to the public
+// bridge, or to the private side of a NAT router (see NAT).
 type Host struct {
 	// Name is the lab-local host name ("web-1").
 	Name string
 	// Namespace is the network namespace name ("smlab-<id>-web-1").
 	Namespace string
-	// Addr is the host's underlay address on eth0.
+	// Addr is the host's underlay address on eth0: a private address behind a
+	// NAT. Renumber and MoveTo change it; code that runs concurrently with them
+	// reads Underlay instead.
 	Addr netip.Addr
 	// Index numbers hosts from 1 in creation order.
 	Index int
@@ -87,6 +93,12 @@ type Host struct {
 	Dir string
 
 	lab *Lab
+	// nat is the NAT the host sits behind (nil: the public underlay) and public
+	// its 1:1 public address; both guarded by lab.mu.
+	nat    *NAT
+	public netip.Addr
+	// moveMu serialises Renumber and MoveTo of this host.
+	moveMu sync.Mutex
 }
 
 // New creates an empty lab: its directory and the underlay namespace with its bridge.
@@ -124,7 +136,7 @@ func New(ctx context.Context, opts Options) (*Lab, error) {
 		l.Close()
 		return nil, err
 	}
-	if err := l.ip(ctx, "-n", l.underlayNS, "link", "add", "br0", "type", "bridge"); err != nil {
+	if err := l.addLink(ctx, l.underlayNS, "br0", "type", "bridge"); err != nil {
 		l.Close()
 		return nil, err
 	}
@@ -173,31 +185,39 @@ func (l *Lab) ReserveInterface(name string) {
 }
 
 // AddHost creates the namespace "smlab-<id>-<name>", connects its eth0 to the
-// underlay bridge with address addr/24, brings lo up and enables IPv6.
+// public underlay bridge with address addr/24, brings lo up and enables IPv6.
+// The host has no default route: everything it reaches is on the bridge.
 func (l *Lab) AddHost(ctx context.Context, name string, addr netip.Addr) (*Host, error) {
-	if !UnderlayPrefix.Contains(addr) {
-		return nil, fmt.Errorf("adding host %s: address %s outside the underlay %s", name, addr, UnderlayPrefix)
-	}
+	return l.addHost(ctx, name, nil, addr)
+}
+
+// addHost creates a host on the public underlay (nat == nil) or behind nat; an
+// invalid addr behind a NAT means the next free private address.
+func (l *Lab) addHost(ctx context.Context, name string, nat *NAT, addr netip.Addr) (*Host, error) {
 	l.mu.Lock()
 	if l.closing {
 		l.mu.Unlock()
 		return nil, errors.New("adding host: lab is closed")
 	}
 	for _, h := range l.hosts {
-		if h.Name == name || h.Addr == addr {
+		if h.Name == name {
 			l.mu.Unlock()
-			return nil, fmt.Errorf("adding host %s: name or address %s already used by host %s", name, addr, h.Name)
+			return nil, fmt.Errorf("adding host %s: name already used by host %s", name, h.Name)
 		}
 	}
 	h := &Host{
 		Name:      name,
 		Namespace: nsPrefix + l.ID + "-" + name,
-		Addr:      addr,
 		Index:     len(l.hosts) + 1,
 		Dir:       filepath.Join(l.Dir, name),
 		lab:       l,
 	}
+	if err := l.placeLocked(h, nat, addr); err != nil {
+		l.mu.Unlock()
+		return nil, fmt.Errorf("adding host %s: %w", name, err)
+	}
 	l.hosts = append(l.hosts, h)
+	under := h.underlayLocked()
 	l.mu.Unlock()
 
 	if err := os.MkdirAll(h.Dir, 0o755); err != nil {
@@ -206,24 +226,44 @@ func (l *Lab) AddHost(ctx context.Context, name string, addr netip.Addr) (*Host,
 	if err := l.addNamespace(ctx, h.Namespace); err != nil {
 		return nil, fmt.Errorf("adding host %s: %w", name, err)
 	}
-	ulPort := fmt.Sprintf("v%d", h.Index)
+	// The host's eth0 is one end of a veth pair; the other end, v<index>, is a
+	// port of the bridge of the host's network (br0 in the underlay namespace,
+	// lan0 in a NAT router's namespace). MoveTo moves that end.
+	port := h.port()
+	brNS, bridge := l.bridgeOf(nat)
+	if err := l.addLink(ctx, brNS, port, "type", "veth", "peer", "name", "eth0", "netns", h.Namespace); err != nil {
+		return nil, fmt.Errorf("adding host %s: %w", name, err)
+	}
 	steps := [][]string{
-		{"-n", l.underlayNS, "link", "add", ulPort, "type", "veth", "peer", "name", "eth0", "netns", h.Namespace},
-		{"-n", l.underlayNS, "link", "set", ulPort, "master", "br0", "up"},
-		{"-n", h.Namespace, "addr", "add", netip.PrefixFrom(addr, UnderlayPrefix.Bits()).String(), "dev", "eth0"},
+		{"-n", brNS, "link", "set", port, "master", bridge, "up"},
+		{"-n", h.Namespace, "addr", "add", under.Prefix.String(), "dev", "eth0"},
 		{"-n", h.Namespace, "link", "set", "eth0", "up"},
+	}
+	if under.Gateway.IsValid() {
+		steps = append(steps, []string{"-n", h.Namespace, "route", "add", "default", "via", under.Gateway.String(), "dev", "eth0"})
 	}
 	for _, args := range steps {
 		if err := l.ip(ctx, args...); err != nil {
 			return nil, fmt.Errorf("adding host %s: %w", name, err)
 		}
 	}
-	l.log.Debug("host added", "host", name, "netns", h.Namespace, "addr", addr)
+	if nat != nil && nat.Kind == NATOneToOne {
+		if err := nat.apply(ctx); err != nil {
+			return nil, fmt.Errorf("adding host %s: %w", name, err)
+		}
+	}
+	l.log.Debug("host added", "host", name, "netns", h.Namespace, "addr", under.Addr, "nat", natName(nat), "public", under.Public)
 	return h, nil
 }
 
 // addNamespace creates a namespace, records it for Close, brings lo up and enables IPv6.
 func (l *Lab) addNamespace(ctx context.Context, ns string) error {
+	l.mu.Lock()
+	if slices.Contains(l.namespaces, ns) {
+		l.mu.Unlock()
+		return fmt.Errorf("creating namespace %s: the lab already has it (choose another host or NAT name)", ns)
+	}
+	l.mu.Unlock()
 	if err := l.ip(ctx, "netns", "add", ns); err != nil {
 		return err
 	}
@@ -280,7 +320,9 @@ func (l *Lab) Exec(ctx context.Context, host string, args ...string) (string, er
 }
 
 // Close stops every process the lab started (SIGTERM to its process group, SIGKILL
-// after Options.StopTimeout), runs the OnClose hooks, deletes every namespace it created,
+// after Options.StopTimeout), runs the OnClose hooks, deletes by name every link
+// (bridges, veths) and nftables table it created (newest first; one already gone
+// is no error), then every namespace it created,
 // removes leftover UAPI sockets of its interfaces and, for a temporary directory,
 // the directory. It returns every error it met, joined. Calling it again (also
 // concurrently) waits for the first call and returns the same error.
@@ -295,6 +337,7 @@ func (l *Lab) close() error {
 	procs := append([]*Process(nil), l.procs...)
 	hooks := append([]func(context.Context) error(nil), l.hooks...)
 	namespaces := append([]string(nil), l.namespaces...)
+	resources := append([]resource(nil), l.resources...)
 	uapi := append([]string(nil), l.uapiNames...)
 	l.mu.Unlock()
 
@@ -305,6 +348,11 @@ func (l *Lab) close() error {
 	defer cancel()
 	for i := len(hooks) - 1; i >= 0; i-- {
 		if err := hooks[i](ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for i := len(resources) - 1; i >= 0; i-- {
+		if err := l.deleteResource(ctx, resources[i]); err != nil {
 			errs = append(errs, err)
 		}
 	}

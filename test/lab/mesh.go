@@ -35,10 +35,14 @@ var (
 	ProbeUDPPorts = []int{514}
 )
 
-// NodeSpec is a node to create: its name and the labels its join token binds.
+// NodeSpec is a node to create: its name, the labels its join token binds and,
+// optionally, the NAT it sits behind.
 type NodeSpec struct {
 	Name   string
 	Labels map[string]string
+	// NAT names one of MeshOptions.NATs to put the node's host behind (several
+	// nodes may share one); empty means the public underlay.
+	NAT string
 }
 
 // ExampleNodes are the five hosts the demo and the end-to-end tests run with
@@ -54,11 +58,32 @@ func ExampleNodes() []NodeSpec {
 	}
 }
 
+// ExampleNATs is the NAT scenario of `make demo-nat` (hack/lab -nat): the
+// ExampleNodes with web-1 and web-2 behind two different port-preserving NATs
+// (home-a, home-b), api-1 behind a symmetric NAT (corp), db-1 behind a 1:1 NAT
+// (cloud) and ops-1 on the public underlay.
+func ExampleNATs() ([]NATSpec, []NodeSpec) {
+	nats := []NATSpec{
+		{Name: "home-a", Kind: NATPortPreserving},
+		{Name: "home-b", Kind: NATPortPreserving},
+		{Name: "corp", Kind: NATSymmetric},
+		{Name: "cloud", Kind: NATOneToOne},
+	}
+	nodes := ExampleNodes()
+	for i, nat := range []string{"home-a", "home-b", "corp", "cloud"} {
+		nodes[i].NAT = nat
+	}
+	return nats, nodes
+}
+
 // MeshOptions configure NewMesh.
 type MeshOptions struct {
 	Options
 	// BinDir holds segmesh-controller, segmesh-agent, segmesh and probe (see Build).
 	BinDir string
+	// NATs are the NAT routers to create before the nodes (see NAT); nodes
+	// join them with NodeSpec.NAT.
+	NATs []NATSpec
 	// Nodes to create hosts for, in order; each gets a probe server at once.
 	Nodes []NodeSpec
 	// AgentArgs are appended to every agent command line (e.g. "--log-level", "debug").
@@ -68,7 +93,8 @@ type MeshOptions struct {
 }
 
 // Mesh is a Lab running segmesh: a controller host ("controller", 192.0.2.1) and one
-// host per node (192.0.2.11, .12, ...), each with a probe server.
+// host per node, each with a probe server: on the public underlay (192.0.2.11,
+// .12, ... in order) or behind a NAT router (its next free private address).
 type Mesh struct {
 	Lab    *Lab
 	BinDir string
@@ -90,6 +116,9 @@ type Node struct {
 	Name   string
 	Labels map[string]string
 	Host   *Host
+	// NAT is the name of the NAT the node was created behind ("": public); see
+	// Host.Underlay for where it sits now.
+	NAT string
 	// Interface is the node's overlay interface name (unique machine-wide).
 	Interface string
 	StateDir  string
@@ -113,6 +142,15 @@ func NewMesh(ctx context.Context, opts MeshOptions) (*Mesh, error) {
 			return nil, fmt.Errorf("creating mesh: binary %s: %w (build with lab.Build)", b, err)
 		}
 	}
+	nats := map[string]bool{}
+	for _, n := range opts.NATs {
+		nats[n.Name] = true
+	}
+	for _, spec := range opts.Nodes {
+		if spec.NAT != "" && !nats[spec.NAT] {
+			return nil, fmt.Errorf("creating mesh: node %s is behind NAT %q, which MeshOptions.NATs does not define", spec.Name, spec.NAT)
+		}
+	}
 	l, err := New(ctx, opts.Options)
 	if err != nil {
 		return nil, err
@@ -134,17 +172,29 @@ func (m *Mesh) init(ctx context.Context) error {
 	m.DataDir = filepath.Join(ctl.Dir, "data")
 	m.Credentials = filepath.Join(m.DataDir, "operator.json")
 	m.URL = "https://" + netip.AddrPortFrom(ControllerAddr, ControllerPort).String()
+	for _, spec := range m.opts.NATs {
+		if _, err := m.Lab.AddNAT(ctx, spec); err != nil {
+			return err
+		}
+	}
 	addr := FirstNodeAddr
 	for _, spec := range m.opts.Nodes {
-		h, err := m.Lab.AddHost(ctx, spec.Name, addr)
+		var h *Host
+		var err error
+		if spec.NAT != "" {
+			h, err = m.Lab.AddHostBehind(ctx, spec.Name, m.Lab.NAT(spec.NAT), netip.Addr{})
+		} else {
+			h, err = m.Lab.AddHost(ctx, spec.Name, addr)
+			addr = addr.Next()
+		}
 		if err != nil {
 			return err
 		}
-		addr = addr.Next()
 		n := &Node{
 			Name:      spec.Name,
 			Labels:    maps.Clone(spec.Labels),
 			Host:      h,
+			NAT:       spec.NAT,
 			Interface: m.Lab.InterfaceName(h.Index),
 			StateDir:  filepath.Join(h.Dir, "state"),
 		}
