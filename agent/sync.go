@@ -307,8 +307,8 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 		}
 		held = next
 		s.logConnected(received, ep)
+		s.handleNetmap(ctx, next, !received)
 		received = true
-		s.handleNetmap(ctx, next)
 	}
 	if err := stream.Err(); err != nil {
 		return received, fmt.Errorf("netmap stream: %w", err)
@@ -327,8 +327,8 @@ func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServ
 	received := false
 	for stream.Receive() {
 		s.logConnected(received, ep)
+		s.handleNetmap(ctx, stream.Msg(), !received)
 		received = true
-		s.handleNetmap(ctx, stream.Msg())
 	}
 	if err := stream.Err(); err != nil {
 		return received, fmt.Errorf("netmap stream: %w", err)
@@ -343,12 +343,21 @@ func (s *syncer) logConnected(before bool, ep netip.AddrPort) {
 	}
 }
 
-// handleNetmap validates, persists and applies one netmap, then reports. An invalid
-// netmap is rejected (and the rejection reported); the previous one stays in force.
+// handleNetmap validates, persists and applies one netmap, then reports when the
+// report changed. After the first netmap of a stream (first) the next report is
+// sent even when unchanged, so that a controller that just (re)connected learns
+// the node's status; an apply wakes reportLoop too, and whichever report comes
+// second is not sent again. An invalid netmap is rejected (and the
+// rejection reported); the previous one stays in force.
 // A revoked netmap puts the node at default deny (see enterRevoked); a netmap that
 // asks for a key rotation wakes rotateLoop.
-func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap) {
+func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap, first bool) {
 	a := s.a
+	if first {
+		s.reportMu.Lock()
+		s.lastReport = nil
+		s.reportMu.Unlock()
+	}
 	nm, err := netmap.Parse(pb)
 	if err == nil && nm.Self.Name != a.id.NodeName {
 		err = fmt.Errorf("netmap is for node %q, this node is %q", nm.Self.Name, a.id.NodeName)
@@ -389,7 +398,7 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap) {
 		}
 	}
 	signal(a.rotateC)
-	s.report(ctx, true)
+	s.report(ctx, false)
 }
 
 // checkRevoked puts the node at default deny when err is the controller saying that
