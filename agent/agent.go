@@ -116,6 +116,7 @@ type agent struct {
 	syncer  *syncer
 	gossipC chan struct{} // member changes and new netmaps, coalesced
 	reportC chan struct{} // something in the report changed, coalesced
+	movedC  chan struct{} // the local endpoint changed, coalesced
 	rotateC chan struct{} // a netmap may ask for a key rotation, coalesced
 	renewC  chan struct{} // check the certificate now, coalesced
 
@@ -128,7 +129,7 @@ type agent struct {
 
 	// claims is the last gossip endpoint claim accepted from each peer, by peer
 	// name; only gossipStep (one goroutine) uses it.
-	claims map[string]gossip.Claim
+	claims map[string]acceptedClaim
 
 	// enrolledNow is set when this run enrolled the node (a join token given for
 	// that is no news to log).
@@ -210,10 +211,11 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		log:     opts.Logger,
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
+		movedC:  make(chan struct{}, 1),
 		peers:   &peerTable{},
 		rotateC: make(chan struct{}, 1),
 		renewC:  make(chan struct{}, 1),
-		claims:  map[string]gossip.Claim{},
+		claims:  map[string]acceptedClaim{},
 	}
 	var err error
 	if a.dir, err = statefile.Open(opts.StateDir, a.log); err != nil {
@@ -317,6 +319,7 @@ func (a *agent) run(ctx context.Context) {
 	a.syncer = s
 	signal(a.rotateC) // a rotation a restart interrupted, or one the stored netmap asks for
 	wg.Go(func() { a.gossipLoop(ctx) })
+	wg.Go(func() { a.endpointLoop(ctx) })
 	wg.Go(func() { a.syncer.reportLoop(ctx) })
 	wg.Go(func() { a.renewLoop(ctx) })
 	wg.Go(func() { a.rotateLoop(ctx) })

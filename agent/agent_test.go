@@ -925,13 +925,16 @@ func TestGossipView(t *testing.T) {
 	tampered.Claim.Endpoint = ep("203.0.113.66:51820")
 	bNew := claim("b", 2, "198.51.100.2:2", 20, 2)
 	tests := []struct {
-		name      string
-		nm        *netmap.Netmap // nil: nm
-		accepted  map[string]gossip.Claim
-		members   []gossip.Member
-		endpoints map[dataplane.Key]netip.AddrPort
-		alive     []string
-		wantTS    map[string]int64 // timestamps of the accepted claims afterwards
+		name     string
+		nm       *netmap.Netmap          // nil: nm
+		accepted map[string]gossip.Claim // accepted while the netmap said what nm says
+		// acceptedWhen, when set, is the netmap endpoint under which accepted was
+		// accepted (instead of nm's)
+		acceptedWhen map[string]netip.AddrPort
+		members      []gossip.Member
+		endpoints    map[dataplane.Key]netip.AddrPort
+		alive        []string
+		wantTS       map[string]int64 // timestamps of the accepted claims afterwards
 	}{
 		{name: "none"},
 		{name: "valid claim accepted", members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)},
@@ -945,9 +948,9 @@ func TestGossipView(t *testing.T) {
 		{name: "claim signed by an intruder refused", members: []gossip.Member{member("b", claim("b", 2, "198.51.100.9:1", 10, 9))}},
 		{name: "tampered endpoint refused", members: []gossip.Member{tampered}},
 		{name: "replayed older claim refused", accepted: map[string]gossip.Claim{"b": bNew},
-			members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
+			members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)}, endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:2")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
 		{name: "other claim with the accepted timestamp refused", accepted: map[string]gossip.Claim{"b": bNew},
-			members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 20)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
+			members: []gossip.Member{signed("b", 2, "198.51.100.2:1", 20)}, endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:2")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
 		{name: "the accepted claim again still counts", accepted: map[string]gossip.Claim{"b": bNew},
 			members:   []gossip.Member{member("b", bNew)},
 			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:2")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
@@ -958,6 +961,16 @@ func TestGossipView(t *testing.T) {
 			alive: []string{"b"}},
 		{name: "sorted", members: []gossip.Member{signed("c", 3, "", 10), signed("b", 2, "", 10)}, alive: []string{"b", "c"},
 			wantTS: map[string]int64{"b": 10, "c": 10}},
+		// Issue 10, roaming defect 4: a roamed peer marked failed keeps the
+		// endpoint gossip last accepted, until the controller's is newer.
+		{name: "failed member keeps the last accepted endpoint", accepted: map[string]gossip.Claim{"b": bNew},
+			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:2")}, wantTS: map[string]int64{"b": 20}},
+		{name: "the controller's newer endpoint replaces it", accepted: map[string]gossip.Claim{"b": bNew},
+			acceptedWhen: map[string]netip.AddrPort{"b": ep("192.0.2.99:51820")}, wantTS: map[string]int64{"b": 20}},
+		{name: "the accepted claim again does not outrank the controller's newer endpoint", accepted: map[string]gossip.Claim{"b": bNew},
+			acceptedWhen: map[string]netip.AddrPort{"b": ep("192.0.2.99:51820")}, members: []gossip.Member{member("b", bNew)},
+			alive: []string{"b"}, wantTS: map[string]int64{"b": 20}},
+		{name: "a claim of a name that is no longer a peer is forgotten", accepted: map[string]gossip.Claim{"gone": claim("gone", 9, "198.51.100.9:1", 10, 9)}},
 	}
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
 	for _, tt := range tests {
@@ -966,9 +979,16 @@ func TestGossipView(t *testing.T) {
 			if tt.nm != nil {
 				view = tt.nm
 			}
-			accepted := map[string]gossip.Claim{}
+			accepted := map[string]acceptedClaim{}
 			for k, v := range tt.accepted {
-				accepted[k] = v
+				a := acceptedClaim{Claim: v}
+				if p, ok := view.Peer(v.PublicKey); ok {
+					a.netmapEndpoint = p.Endpoint
+				}
+				if e, ok := tt.acceptedWhen[k]; ok {
+					a.netmapEndpoint = e
+				}
+				accepted[k] = a
 			}
 			eps, alive := gossipView(view, tt.members, accepted, logger)
 			if d := cmp.Diff(tt.endpoints, eps, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
@@ -986,7 +1006,7 @@ func TestGossipView(t *testing.T) {
 			}
 		})
 	}
-	if eps, alive := gossipView(nil, []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)}, map[string]gossip.Claim{}, logger); eps != nil || alive != nil {
+	if eps, alive := gossipView(nil, []gossip.Member{signed("b", 2, "198.51.100.2:1", 10)}, map[string]acceptedClaim{}, logger); eps != nil || alive != nil {
 		t.Error("members counted without a netmap")
 	}
 }
@@ -1236,7 +1256,7 @@ func newGossipAgent(t *testing.T, logger *slog.Logger) *agent {
 		id:      statefile.Identity{NodeName: "web-1", Controller: "https://127.0.0.1:7443", ListenPort: 51820},
 		wgKey:   dkey(1),
 		tlsKey:  identities[1],
-		claims:  map[string]gossip.Claim{},
+		claims:  map[string]acceptedClaim{},
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
 	}

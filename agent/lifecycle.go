@@ -271,7 +271,7 @@ func (s *syncer) renew(ctx context.Context) error {
 	a.log.Info("renewed the node certificate with a new TLS key", "node", a.id.NodeName,
 		"not_after", leaf.NotAfter.UTC(), "previous_not_after", old.UTC())
 	signal(a.gossipC)
-	s.reconnect()
+	s.reconnect(errReconnect)
 	return nil
 }
 

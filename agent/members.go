@@ -14,20 +14,35 @@ import (
 	"segmesh/agent/netmap"
 )
 
+// acceptedClaim is the last gossip endpoint claim accepted from a peer, with the
+// peer's netmap endpoint when it was accepted.
+type acceptedClaim struct {
+	gossip.Claim
+	// netmapEndpoint is the netmap's endpoint for the peer when the claim was
+	// accepted; once the netmap says something else, the controller's endpoint
+	// is newer than the claim.
+	netmapEndpoint netip.AddrPort
+}
+
 // gossipView relates gossip members to the netmap's peers. A member counts only when
 // its claim's public key belongs to a peer of nm and both its member name and its
 // claim's name are that peer's name; members that are not peers are ignored, so
 // gossip can never add a peer. Such a member is alive when the peer has no identity
 // key in nm, or when its claim's signature verifies with that key.
 //
-// A member's advertised endpoint, when valid and different from the netmap's,
-// becomes an endpoint override only when its claim is accepted: the peer has an
-// identity key, the signature verifies with it, and the claim is newer than the last
-// one accepted from that peer (accepted, keyed by peer name, which gossipView
-// updates) or is that very claim again. Anything else (no identity key, a forged or
-// tampered claim, a replayed older one) is ignored and logged at debug level. alive
-// is sorted.
-func gossipView(nm *netmap.Netmap, members []gossip.Member, accepted map[string]gossip.Claim, log *slog.Logger) (endpoints map[dataplane.Key]netip.AddrPort, alive []string) {
+// A claim is accepted only when the peer has an identity key, the signature
+// verifies with it, and the claim is newer than the last one accepted from that
+// peer (accepted, keyed by peer name, which gossipView updates) or is that very
+// claim again. Anything else (no identity key, a forged or tampered claim, a
+// replayed older one) is ignored and logged at debug level.
+//
+// The endpoint of the last accepted claim, when valid and different from the
+// netmap's, is an endpoint override until the netmap's endpoint for that peer
+// changes (the controller's is then newer): also while the member is not alive
+// (failed, left), so that a peer that roamed and then failed keeps its newest
+// endpoint rather than falling back to the controller's older one. Claims of
+// names that are no longer peers are forgotten. alive is sorted.
+func gossipView(nm *netmap.Netmap, members []gossip.Member, accepted map[string]acceptedClaim, log *slog.Logger) (endpoints map[dataplane.Key]netip.AddrPort, alive []string) {
 	if nm == nil {
 		return nil, nil
 	}
@@ -49,17 +64,33 @@ func gossipView(nm *netmap.Netmap, members []gossip.Member, accepted map[string]
 			continue
 		}
 		alive = append(alive, p.Name)
-		if last, seen := accepted[p.Name]; seen && (c.Timestamp < last.Timestamp || c.Timestamp == last.Timestamp && (c.Name != last.Name || c.Meta != last.Meta)) {
+		last, seen := accepted[p.Name]
+		if seen && (c.Timestamp < last.Timestamp || c.Timestamp == last.Timestamp && (c.Name != last.Name || c.Meta != last.Meta)) {
 			log.Debug("ignoring gossip endpoint claim: not newer than the last accepted one", "peer", p.Name, "endpoint", c.Endpoint,
 				"signed", time.Unix(0, c.Timestamp).UTC(), "last_signed", time.Unix(0, last.Timestamp).UTC())
 			continue
 		}
-		accepted[p.Name] = c
+		if !seen || c.Timestamp != last.Timestamp {
+			accepted[p.Name] = acceptedClaim{Claim: c, netmapEndpoint: p.Endpoint}
+		}
+	}
+	peers := make(map[string]bool, len(nm.Peers))
+	for _, p := range nm.Peers {
+		peers[p.Name] = true
+		c, ok := accepted[p.Name]
+		if !ok || p.IdentityKey == nil || c.PublicKey != p.PublicKey || c.netmapEndpoint != p.Endpoint {
+			continue
+		}
 		if ep := c.Endpoint; ep.IsValid() && !ep.Addr().IsUnspecified() && ep != p.Endpoint {
 			if endpoints == nil {
 				endpoints = map[dataplane.Key]netip.AddrPort{}
 			}
 			endpoints[p.PublicKey] = ep
+		}
+	}
+	for name := range accepted {
+		if !peers[name] {
+			delete(accepted, name)
 		}
 	}
 	slices.Sort(alive)
@@ -201,7 +232,7 @@ func (a *agent) alivePeers() []string {
 // currentEndpoint returns the endpoint to advertise, rediscovering it (the route to
 // the controller may change); it falls back to the last known one on failure.
 func (a *agent) currentEndpoint() (netip.AddrPort, error) {
-	ep, err := discoverEndpoint(a.opts.Endpoint, a.id.Controller, a.id.ListenPort)
+	ep, err := discover(a.opts.Endpoint, a.id.Controller, a.id.ListenPort)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {
@@ -212,6 +243,7 @@ func (a *agent) currentEndpoint() (netip.AddrPort, error) {
 	}
 	if a.endpoint.IsValid() && a.endpoint != ep {
 		a.log.Info("local endpoint changed", "old", a.endpoint, "new", ep)
+		defer a.endpointMoved()
 	}
 	a.endpoint = ep
 	return ep, nil

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -290,4 +291,40 @@ func TestPeriodicReportRefreshesPeers(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// TestEndpointChangeIsReportedAtOnce (issue 10, roaming defect 3): a new local
+// endpoint reaches the controller within seconds, in a report
+// (ReportRequest.endpoint) and on a new netmap stream opened from the new
+// address, without waiting for the old stream to time out or for a resync.
+func TestEndpointChangeIsReportedAtOnce(t *testing.T) {
+	var current atomic.Value
+	current.Store(netip.MustParseAddrPort("192.0.2.10:51820"))
+	prev := discover
+	discover = func(string, string, int) (netip.AddrPort, error) { return current.Load().(netip.AddrPort), nil }
+	t.Cleanup(func() { discover = prev })
+
+	c := newController(t)
+	pb := wireNetmap(3, 0)
+	c.setNetmap(pb)
+	// A resync far beyond the test: only the endpoint change can send the report.
+	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0", Resync: time.Hour})
+	eventually(t, "the first report", func() bool { return c.lastReport().GetAppliedHash() == pb.GetHash() })
+	_, streams := c.counts()
+
+	moved := netip.MustParseAddrPort("198.51.100.10:51820")
+	current.Store(moved)
+	deadline := time.Now().Add(3 * endpointPoll)
+	eventually(t, "a report of the new endpoint", func() bool { return c.lastReport().GetEndpoint() == moved.String() })
+	eventually(t, "a new stream from the new endpoint", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.syncs) > streams && c.syncs[len(c.syncs)-1].GetEndpoint() == moved.String()
+	})
+	if time.Now().After(deadline) {
+		t.Errorf("the new endpoint took longer than %v to reach the controller", 3*endpointPoll)
+	}
+	if !strings.Contains(r.logs.String(), "local endpoint changed") {
+		t.Errorf("no log of the change:\n%s", r.logs)
+	}
 }

@@ -82,10 +82,12 @@ func (s *syncer) agentClient() segmeshv1connect.AgentServiceClient {
 	return s.client
 }
 
-// reconnect drops every connection made with the previous certificate: it puts a
-// new HTTP client in place and ends the open netmap stream, which connectLoop
-// reopens at once (and then closes the old client's connections).
-func (s *syncer) reconnect() {
+// reconnect drops every connection made so far (with the previous certificate,
+// or from the previous local address): it puts a new HTTP client in place and
+// ends the open netmap stream with cause (errReconnect or errEndpointMoved),
+// which connectLoop reopens at once (and then closes the old client's
+// connections).
+func (s *syncer) reconnect(cause error) {
 	pool, err := s.a.dir.CAPool()
 	if err != nil {
 		s.a.log.Warn("reloading the CA certificate; the next connection presents the renewed certificate", "err", err)
@@ -99,7 +101,7 @@ func (s *syncer) reconnect() {
 	}
 	s.mu.Unlock()
 	if cancel != nil {
-		cancel(errReconnect)
+		cancel(cause)
 	}
 	s.closeRetired()
 }
@@ -187,8 +189,8 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if errors.Is(err, errReconnect) {
-			a.log.Info("reconnecting to the controller with the renewed certificate")
+		if errors.Is(err, errReconnect) || errors.Is(err, errEndpointMoved) {
+			a.log.Info("reconnecting to the controller", "reason", err)
 			s.closeRetired() // the old stream is closed now
 			bo.reset()
 			continue
@@ -237,7 +239,7 @@ func (s *syncer) connectLoop(ctx context.Context) {
 // Every connection tries SyncUpdates first, so that an upgraded controller sends
 // deltas from the next reconnect on; the fallback is logged once per process.
 //
-// The error is errReconnect when reconnect ended the stream, a *resyncError when
+// The error is errReconnect or errEndpointMoved when reconnect ended the stream, a *resyncError when
 // an update did not apply.
 func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 	ep, err := s.a.currentEndpoint()
@@ -270,8 +272,8 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 		req.ResyncReason = ""
 		received, err = s.syncFull(ctx, client, req, ep)
 	}
-	if errors.Is(context.Cause(ctx), errReconnect) {
-		return received, errReconnect
+	if c := context.Cause(ctx); errors.Is(c, errReconnect) || errors.Is(c, errEndpointMoved) {
+		return received, c
 	}
 	return received, err
 }
@@ -408,7 +410,9 @@ func (s *syncer) checkRevoked(ctx context.Context, err error) {
 }
 
 // reportLoop reports every resync interval, and whenever the reconcile status or the
-// set of alive peers changes.
+// set of alive peers changes; when the local endpoint changed, it reconnects first
+// (see errEndpointMoved), so that the report carrying the new endpoint leaves from
+// the new address.
 func (s *syncer) reportLoop(ctx context.Context) {
 	t := time.NewTicker(s.a.opts.Resync)
 	defer t.Stop()
@@ -421,6 +425,8 @@ func (s *syncer) reportLoop(ctx context.Context) {
 			force = true
 		case <-s.a.rec.Changed():
 		case <-s.a.reportC:
+		case <-s.a.movedC:
+			s.reconnect(errEndpointMoved)
 		}
 		s.report(ctx, force)
 	}
@@ -479,6 +485,7 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 		Dataplane:       string(st.Kind),
 		Error:           strings.Join(errs, "; "),
 		AlivePeers:      slices.Clone(s.a.alivePeers()),
+		Endpoint:        s.a.advertisedEndpoint(),
 		InSync:          st.InSync,
 		Drift:           driftReport(st),
 		DeniedFlows:     denied,

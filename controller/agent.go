@@ -168,20 +168,8 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 		return err
 	}
 	ep := req.Msg.GetEndpoint()
-	if ep != "" {
-		if err := validateEndpoint(ep, c.opts.OverlayPrefixes); err != nil {
-			return connect.NewError(connect.CodeInvalidArgument, err)
-		}
-		if ep != node.Endpoint {
-			// Every change is a write and a netmap for each peer: a node may
-			// roam, not churn.
-			if !c.endpointChanges.allow(node.Name, c.now()) {
-				return connect.NewError(connect.CodeResourceExhausted, errors.New("endpoint changes too often; retry in a few seconds"))
-			}
-			if err := c.setEndpoint(node.Name, ep); err != nil {
-				return internalOr("storing the endpoint", err)
-			}
-		}
+	if err := c.updateEndpoint(node, ep); err != nil {
+		return err
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -503,6 +491,32 @@ func (s *agentService) RotateKey(ctx context.Context, req *connect.Request[segme
 	return connect.NewResponse(&segmeshv1.RotateKeyResponse{}), nil
 }
 
+// updateEndpoint records ep, the endpoint a node's agent says it has now (a
+// SyncRequest or a ReportRequest; "" says nothing), when it differs from the
+// stored one: checked (validateEndpoint: CodeInvalidArgument) and rate limited
+// per node (endpointChanges: CodeResourceExhausted), then persisted with a
+// recompute of the affected netmaps (setEndpoint).
+func (c *Controller) updateEndpoint(node store.Node, ep string) error {
+	if ep == "" {
+		return nil
+	}
+	if err := validateEndpoint(ep, c.opts.OverlayPrefixes); err != nil {
+		return connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	if ep == node.Endpoint {
+		return nil
+	}
+	// Every change is a write and a netmap for each peer: a node may roam, not
+	// churn.
+	if !c.endpointChanges.allow(node.Name, c.now()) {
+		return connect.NewError(connect.CodeResourceExhausted, errors.New("endpoint changes too often; retry in a few seconds"))
+	}
+	if err := c.setEndpoint(node.Name, ep); err != nil {
+		return internalOr("storing the endpoint", err)
+	}
+	return nil
+}
+
 // setEndpoint persists a node's new endpoint and schedules a recompute. A node
 // revoked meanwhile is refused with PermissionDenied.
 func (c *Controller) setEndpoint(name, ep string) error {
@@ -525,7 +539,11 @@ func (c *Controller) setEndpoint(name, ep string) error {
 	return nil
 }
 
-// Report implements AgentService.Report: it records what the agent enforces.
+// Report implements AgentService.Report: it records what the agent enforces and,
+// when the report names a new endpoint (the host roamed), updates the node's
+// endpoint as a new stream's SyncRequest.endpoint would (updateEndpoint: the same
+// checks and rate limit). The status is recorded even when the endpoint is
+// refused; the error then tells the agent to report again.
 func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
 	node, err := s.authenticate(ctx)
 	if err != nil {
@@ -535,6 +553,9 @@ func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv
 	prev := s.c.live.report(node.Name, req.Msg, now)
 	s.c.metrics.reported(prev, req.Msg.GetAppliedRevision(), now)
 	s.c.recordDeniedFlows(node, req.Msg, now)
+	if err := s.c.updateEndpoint(node, req.Msg.GetEndpoint()); err != nil {
+		return nil, err
+	}
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
 }
 

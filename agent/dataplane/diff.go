@@ -98,7 +98,7 @@ func Diff(desired, observed State) []Difference {
 		}
 		delete(have, dp.PublicKey)
 		if dp.Endpoint.IsValid() && dp.Endpoint != op.Endpoint {
-			peer("%s: endpoint %v, want %v", name, op.Endpoint, dp.Endpoint)
+			peer("%s"+endpointDetail+"%v, want %v", name, op.Endpoint, dp.Endpoint)
 		}
 		prefixDiff(peer, name+": allowed IPs ", dp.AllowedIPs, op.AllowedIPs)
 		if dp.PersistentKeepalive != op.PersistentKeepalive {
@@ -116,6 +116,29 @@ func Diff(desired, observed State) []Difference {
 		}
 	}
 	return out
+}
+
+// endpointDetail follows the peer's key in the Detail of an endpoint difference.
+const endpointDetail = ": endpoint "
+
+// EndpointDifferenceKey returns the peer whose endpoint d says differs ("KEY:
+// endpoint HAVE, want WANT", as Diff writes it), and false when d is another
+// difference.
+func EndpointDifferenceKey(d Difference) (Key, bool) {
+	var k Key
+	if d.Part != PartPeer {
+		return k, false
+	}
+	name, _, ok := strings.Cut(d.Detail, endpointDetail)
+	if !ok {
+		return k, false
+	}
+	b, err := base64.StdEncoding.DecodeString(name)
+	if err != nil || len(b) != len(k) {
+		return k, false
+	}
+	copy(k[:], b)
+	return k, true
 }
 
 // Equal reports whether a and b, both canonical (see Canonical), describe the same

@@ -224,8 +224,14 @@ func NewManager(logger *slog.Logger, onChange func()) *Manager {
 // Configure starts memberlist with cfg, restarts it when the cluster configuration
 // changed, updates the advertised metadata when only that changed, and stops it when
 // cfg.Key is empty. Every new advertisement is a claim signed with cfg.IdentityKey
-// at the current time (strictly later than the previous one). If binding cfg.BindAddr fails (for example an endpoint behind
-// NAT), it binds the wildcard address and still advertises cfg.BindAddr.
+// at the current time (strictly later than the previous one).
+//
+// Memberlist binds the wildcard address of cfg.BindAddr's family and advertises
+// cfg.BindAddr (which may be an address behind NAT that cannot be bound). So when
+// the host's address changes (it roamed), the restart's leave goes out from the
+// new address, the old one being gone: the other members mark the old entry left
+// and take the new address at once, instead of calling it a conflict until the
+// old entry is dead plus DeadNodeReclaimTime.
 func (m *Manager) Configure(cfg Config) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -256,19 +262,15 @@ func (m *Manager) Configure(cfg Config) error {
 	if err != nil {
 		return err
 	}
-	d := &delegate{onChange: m.onChange, meta: meta}
+	d := &delegate{onChange: m.onChange, meta: meta, self: cfg.NodeName}
 	lw := &logWriter{log: m.log}
-	ml, err := memberlist.Create(m.memberlistConfig(cfg, cfg.BindAddr, d, lw))
-	if err != nil && !cfg.BindAddr.IsUnspecified() {
-		wild := netip.IPv4Unspecified()
-		if cfg.BindAddr.Is6() {
-			wild = netip.IPv6Unspecified()
-		}
-		m.log.Warn("binding gossip to the endpoint address failed; binding the wildcard address", "addr", cfg.BindAddr, "err", err)
-		ml, err = memberlist.Create(m.memberlistConfig(cfg, wild, d, lw))
+	wild := netip.IPv4Unspecified()
+	if cfg.BindAddr.Is6() {
+		wild = netip.IPv6Unspecified()
 	}
+	ml, err := memberlist.Create(m.memberlistConfig(cfg, wild, d, lw))
 	if err != nil {
-		return fmt.Errorf("starting gossip on %s: %w", net.JoinHostPort(cfg.BindAddr.String(), strconv.Itoa(cfg.Port)), err)
+		return fmt.Errorf("starting gossip on %s (advertising %s): %w", net.JoinHostPort(wild.String(), strconv.Itoa(cfg.Port)), cfg.BindAddr, err)
 	}
 	m.ml, m.cfg, m.delegate, m.logs = ml, cfg, d, lw
 	ln := ml.LocalNode()
@@ -288,6 +290,7 @@ func (m *Manager) memberlistConfig(cfg Config, bind netip.Addr, d *delegate, lw 
 	c.GossipVerifyOutgoing = true
 	c.Delegate = d
 	c.Events = d
+	c.Conflict = d
 	// A restarted agent may come back with a new address under the same name.
 	c.DeadNodeReclaimTime = 10 * time.Second
 	c.Logger = log.New(lw, "", 0)
@@ -319,7 +322,7 @@ func (m *Manager) Join(addrs []netip.AddrPort) (int, error) {
 		return 0, errors.New("joining gossip: not running")
 	}
 	known := map[netip.AddrPort]bool{}
-	for _, n := range d.snapshot() {
+	for _, n := range d.current() {
 		known[n.addr] = true
 	}
 	var todo []string
@@ -339,7 +342,10 @@ func (m *Manager) Join(addrs []netip.AddrPort) (int, error) {
 }
 
 // Members returns the other members that joined and did not leave or die (alive
-// or suspect) whose metadata decodes, sorted by name.
+// or suspect) whose metadata decodes, sorted by name. A member that announced
+// itself from a new address while memberlist still holds its old one (see
+// delegate.NotifyConflict) is listed with the new address and claim when that
+// claim is newer.
 func (m *Manager) Members() []Member {
 	m.mu.Lock()
 	d, self := m.delegate, m.cfg.NodeName
@@ -348,7 +354,7 @@ func (m *Manager) Members() []Member {
 		return nil
 	}
 	var out []Member
-	for _, n := range d.snapshot() {
+	for _, n := range d.current() {
 		if n.name == self {
 			continue
 		}
@@ -411,9 +417,14 @@ func (m *Manager) stopLocked() {
 // memberlist's node lock, so copying the node there is race-free.
 type delegate struct {
 	onChange func()
+	self     string // our member name
 	mu       sync.Mutex
 	meta     []byte
 	members  map[string]member
+	// moved holds, by name, the latest announcement of a known member from
+	// another address than the one memberlist holds for it (NotifyConflict); it
+	// is dropped when memberlist takes that address or the member is updated.
+	moved map[string]member
 }
 
 // member is a copy of what memberlist knows about a node.
@@ -421,17 +432,14 @@ type member struct {
 	name string
 	addr netip.AddrPort
 	meta []byte
+	at   time.Time // when it was announced; only for moved
 }
 
-func (d *delegate) snapshot() []member {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	out := make([]member, 0, len(d.members))
-	for _, m := range d.members {
-		out = append(out, m)
-	}
-	return out
-}
+// movedTTL bounds how long an announcement from a new address (delegate.moved)
+// counts without being repeated: memberlist takes the new address itself once
+// the old entry is dead plus DeadNodeReclaimTime (about 20 s on a LAN), and a
+// member that died meanwhile must not stay listed.
+const movedTTL = time.Minute
 
 func (d *delegate) put(n *memberlist.Node) {
 	a, _ := netip.AddrFromSlice(n.Addr)
@@ -440,9 +448,50 @@ func (d *delegate) put(n *memberlist.Node) {
 	if d.members == nil {
 		d.members = map[string]member{}
 	}
+	if mv, ok := d.moved[n.Name]; ok && (mv.addr == m.addr || !newerClaim(mv.meta, m.meta)) {
+		delete(d.moved, n.Name)
+	}
 	d.members[n.Name] = m
 	d.mu.Unlock()
 	d.onChange()
+}
+
+// current returns the members, each replaced by its announcement from a new
+// address (moved) when that carries a newer claim. A moved member whose old
+// entry left or died is listed too: it announced itself alive.
+func (d *delegate) current() []member {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := time.Now()
+	for name, mv := range d.moved {
+		if now.Sub(mv.at) > movedTTL {
+			delete(d.moved, name)
+		}
+	}
+	out := make([]member, 0, len(d.members)+len(d.moved))
+	for name, m := range d.members {
+		if mv, ok := d.moved[name]; ok && newerClaim(mv.meta, m.meta) {
+			m = mv
+		}
+		out = append(out, m)
+	}
+	for name, mv := range d.moved {
+		if _, ok := d.members[name]; !ok {
+			out = append(out, mv)
+		}
+	}
+	return out
+}
+
+// newerClaim reports whether metadata a decodes to a claim newer than b's (or b
+// does not decode). Signatures are checked by the receiver of Members.
+func newerClaim(a, b []byte) bool {
+	ca, err := DecodeClaim(a)
+	if err != nil {
+		return false
+	}
+	cb, err := DecodeClaim(b)
+	return err != nil || ca.Timestamp > cb.Timestamp
 }
 
 func (d *delegate) NotifyJoin(n *memberlist.Node)   { d.put(n) }
@@ -452,6 +501,33 @@ func (d *delegate) NotifyLeave(n *memberlist.Node) {
 	delete(d.members, n.Name)
 	d.mu.Unlock()
 	d.onChange()
+}
+
+// NotifyConflict is memberlist telling that other announced itself alive under
+// the name of existing from another address. Memberlist keeps existing until it
+// is dead plus DeadNodeReclaimTime; a member that roamed without its leave
+// reaching us (it restarted, or its leave was lost) would be unreachable through
+// gossip meanwhile. The announcement is kept (moved) so that Members can offer
+// its claim, which the receiver verifies like any other; announcements about
+// ourselves are ignored; memberlist reports conflicts only for names in its node
+// map, so moved stays bounded by it (and entries expire after movedTTL).
+func (d *delegate) NotifyConflict(existing, other *memberlist.Node) {
+	if other.Name == d.self || existing.Name != other.Name {
+		return
+	}
+	a, _ := netip.AddrFromSlice(other.Addr)
+	m := member{name: other.Name, addr: netip.AddrPortFrom(a.Unmap(), other.Port), meta: slices.Clone(other.Meta), at: time.Now()}
+	d.mu.Lock()
+	prev, had := d.moved[other.Name]
+	changed := !had || prev.addr != m.addr || !bytes.Equal(prev.meta, m.meta)
+	if d.moved == nil {
+		d.moved = map[string]member{}
+	}
+	d.moved[other.Name] = m
+	d.mu.Unlock()
+	if changed {
+		d.onChange()
+	}
 }
 
 func (d *delegate) setMeta(b []byte) {

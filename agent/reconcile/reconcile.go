@@ -234,6 +234,7 @@ type Reconciler struct {
 
 	// owned by the Run goroutine
 	lastDesired *dataplane.State
+	roam        roaming // peers' roamed endpoints adopted from the device
 	// pending is the drift a read-back found that no apply has repaired yet (the
 	// apply failed, or the read-back confirming an apply found it); the next
 	// successful apply counts as its repair.
@@ -404,7 +405,9 @@ func (r *Reconciler) step(ctx context.Context) {
 
 	next := prev
 	next.Generation = gen
-	desired := Desired(local, nm, eps)
+	base := Desired(local, nm, eps)
+	r.roam.track(base, r.now())
+	desired := r.roam.apply(base)
 	needApply := prev.Err != nil || r.lastDesired == nil || !dataplane.Equal(*r.lastDesired, desired)
 	drift := r.pending
 	if !needApply {
@@ -420,9 +423,15 @@ func (r *Reconciler) step(ctx context.Context) {
 		if r.obs != nil {
 			r.obs.Observed(observed)
 		}
-		drift = Bound(observed.Drift)
+		if r.roam.observe(observed, r.now()) {
+			// A peer roamed (or its roaming ended): the desired state follows.
+			desired = r.roam.apply(base)
+			needApply = true
+			r.logRoaming(base, observed)
+		}
+		drift = Bound(r.roam.adoptedDrift(observed.Drift, observed))
 		r.pending = drift
-		if drift.Len() == 0 {
+		if drift.Len() == 0 && !needApply {
 			// The kernel already holds what nm asks for (for example a netmap without
 			// peers or rules after default deny): nm is enforced without a change.
 			if !sameNetmap(prev, nm) {
@@ -475,15 +484,49 @@ func (r *Reconciler) step(ctx context.Context) {
 		}
 		r.log.Warn("reading dataplane back after the apply failed", "err", err)
 		next = failed(next, fmt.Errorf("reading dataplane back after the apply: %w", err), Differences{})
-	case len(observed.Drift) > 0:
-		r.pending = Bound(observed.Drift)
+	default:
+		if r.roamedMeanwhile(base, observed) {
+			// A peer roamed, or its roaming ended, while this step applied: the
+			// next step makes that the desired state.
+			r.Trigger()
+		}
+		r.pending = Bound(r.roam.adoptedDrift(observed.Drift, observed))
+		if r.pending.Len() == 0 {
+			next = inSync(next)
+			break
+		}
 		next.InSync, next.Err, next.Unrepaired = false, nil, r.pending
 		r.log.Warn("the dataplane differs from the state just applied; repairing at the next watch event or resync",
 			"interface", desired.Interface, "diff", next.Unrepaired.String())
-	default:
-		next = inSync(next)
 	}
 	r.setStatus(next)
+}
+
+// roamedMeanwhile updates the adoptions from the read-back confirming an apply
+// and reports whether they changed (then it logs them).
+func (r *Reconciler) roamedMeanwhile(base dataplane.State, o dataplane.Observed) bool {
+	if !r.roam.observe(o, r.now()) {
+		return false
+	}
+	r.logRoaming(base, o)
+	return true
+}
+
+// logRoaming logs the peers whose adopted endpoint (see roaming) differs from
+// the desired one of base, and those whose adoption ended.
+func (r *Reconciler) logRoaming(base dataplane.State, o dataplane.Observed) {
+	for _, p := range base.Peers {
+		ep, adopted := r.roam.adopted[p.PublicKey]
+		dev := deviceEndpoint(o.State, p.PublicKey)
+		switch {
+		case adopted:
+			r.log.Info("peer roamed: keeping the endpoint its handshake came from", "peer", dataplane.KeyString(p.PublicKey),
+				"endpoint", ep, "desired", p.Endpoint, "handshake", o.PeerStats[p.PublicKey].LastHandshake)
+		case p.Endpoint.IsValid() && dev.IsValid() && dev != p.Endpoint:
+			r.log.Info("peer endpoint not proven by a recent handshake; the desired one applies", "peer", dataplane.KeyString(p.PublicKey),
+				"device", dev, "desired", p.Endpoint, "handshake", o.PeerStats[p.PublicKey].LastHandshake)
+		}
+	}
 }
 
 // inSync returns st for a step whose last read-back found no difference.
