@@ -144,7 +144,7 @@ func (p *fileParser) parseFile(data []byte) *Policy {
 		in, isInt := n.(*ast.IntegerNode)
 		switch {
 		case !isInt:
-			p.errorf(p.pos(n), "version must be an integer, got %s", kindOf(n))
+			p.errorf(p.pos(n), "version must be an integer, got %s", yamlpos.Kind(n))
 		case in.GetToken().Value != "1":
 			// Only the literal 1: 0x1, 01 and +1 are the same integer to YAML but
 			// not what a reader of the file expects to see.
@@ -197,27 +197,6 @@ func (p *fileParser) value(n ast.Node) ast.Node {
 	return n
 }
 
-// kindOf names the YAML type of n for error messages.
-func kindOf(n ast.Node) string {
-	switch n.(type) {
-	case *ast.MappingNode, *ast.MappingValueNode:
-		return "a mapping"
-	case *ast.SequenceNode:
-		return "a list"
-	case *ast.StringNode, *ast.LiteralNode:
-		return "a string"
-	case *ast.IntegerNode:
-		return "an integer"
-	case *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
-		return "a number"
-	case *ast.BoolNode:
-		return "a boolean"
-	case *ast.NullNode:
-		return "nothing"
-	}
-	return "an unsupported YAML value"
-}
-
 // mapping returns the entries of a YAML mapping by key. It reports a value that
 // is not a mapping, keys that are not plain strings and keys outside known (with
 // a hint when one is close); known == nil accepts every key.
@@ -232,7 +211,7 @@ func (p *fileParser) mapping(n ast.Node, what string, known []string) (map[strin
 	case *ast.MappingValueNode:
 		values = []*ast.MappingValueNode{v}
 	default:
-		p.errorf(p.pos(n), "%s must be a mapping, got %s", what, kindOf(n))
+		p.errorf(p.pos(n), "%s must be a mapping, got %s", what, yamlpos.Kind(n))
 		return nil, false
 	}
 	out := make(map[string]*ast.MappingValueNode, len(values))
@@ -281,7 +260,7 @@ func (p *fileParser) list(n ast.Node, what string) ([]ast.Node, bool) {
 	case *ast.NullNode:
 		return nil, true
 	}
-	p.errorf(p.pos(n), "%s must be a list, got %s", what, kindOf(n))
+	p.errorf(p.pos(n), "%s must be a list, got %s", what, yamlpos.Kind(n))
 	return nil, false
 }
 
@@ -306,14 +285,14 @@ func (p *fileParser) str(n ast.Node, what string) (string, bool) {
 	case *ast.LiteralNode: // a block scalar (| or >)
 		return v.Value.Value, true
 	case *ast.IntegerNode, *ast.FloatNode, *ast.BoolNode:
-		p.errorf(p.pos(n), "%s must be a string, got %s (quote it: %q)", what, kindOf(n), v.GetToken().Value)
+		p.errorf(p.pos(n), "%s must be a string, got %s (quote it: %q)", what, yamlpos.Kind(n), v.GetToken().Value)
 		return "", false
 	}
 	if text, ok := unquotedIPv6(n); ok {
 		p.errorf(p.pos(n), "%s must be a string, got a mapping: YAML reads an unquoted IPv6 address or CIDR in a flow list as KEY: VALUE; quote it: %q", what, text)
 		return "", false
 	}
-	p.errorf(p.pos(n), "%s must be a string, got %s", what, kindOf(n))
+	p.errorf(p.pos(n), "%s must be a string, got %s", what, yamlpos.Kind(n))
 	return "", false
 }
 
@@ -703,7 +682,7 @@ func (p *fileParser) parsePortEntry(n ast.Node) (PortMatch, bool) {
 		p.errorf(p.pos(n), "port %s has no protocol; did you mean tcp/%s or udp/%s?", s, s, s)
 		return PortMatch{}, false
 	}
-	p.errorf(p.pos(n), "port must be a string such as tcp/443, got %s", kindOf(n))
+	p.errorf(p.pos(n), "port must be a string such as tcp/443, got %s", yamlpos.Kind(n))
 	return PortMatch{}, false
 }
 

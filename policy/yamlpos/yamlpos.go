@@ -24,3 +24,26 @@ func Of(n ast.Node) (line, col int, ok bool) {
 	}
 	return 0, 0, false
 }
+
+// Kind names the YAML type of n for error messages: "a mapping", "a list", "a
+// string", "an integer", "a number", "a boolean", "nothing" or "an unsupported
+// YAML value".
+func Kind(n ast.Node) string {
+	switch n.(type) {
+	case *ast.MappingNode, *ast.MappingValueNode:
+		return "a mapping"
+	case *ast.SequenceNode:
+		return "a list"
+	case *ast.StringNode, *ast.LiteralNode:
+		return "a string"
+	case *ast.IntegerNode:
+		return "an integer"
+	case *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
+		return "a number"
+	case *ast.BoolNode:
+		return "a boolean"
+	case *ast.NullNode:
+		return "nothing"
+	}
+	return "an unsupported YAML value"
+}

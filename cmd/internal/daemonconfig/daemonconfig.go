@@ -424,7 +424,7 @@ func (p *fileParser) entries(data []byte) (out []*ast.MappingValueNode) {
 	case *ast.MappingValueNode:
 		return []*ast.MappingValueNode{v}
 	}
-	p.errorf(p.pos(body), "a configuration file is a mapping of keys to values (e.g. \"log-level: info\"), got %s", kindOf(body))
+	p.errorf(p.pos(body), "a configuration file is a mapping of keys to values (e.g. \"log-level: info\"), got %s", yamlpos.Kind(body))
 	return nil
 }
 
@@ -465,7 +465,7 @@ func (p *fileParser) set(f *pflag.Flag, n ast.Node) (Pos, bool) {
 	if sv, isSlice := f.Value.(pflag.SliceValue); isSlice {
 		seq, ok := n.(*ast.SequenceNode)
 		if !ok {
-			p.errorf(pos, "%s must be a list, e.g. %s: [%s], got %s", f.Name, f.Name, example(f), kindOf(n))
+			p.errorf(pos, "%s must be a list, e.g. %s: [%s], got %s", f.Name, f.Name, example(f), yamlpos.Kind(n))
 			return Pos{}, false
 		}
 		items := make([]string, 0, len(seq.Values))
@@ -512,7 +512,7 @@ func (p *fileParser) scalar(f *pflag.Flag, n ast.Node, what string) (string, boo
 		p.errorf(p.pos(n), "%s has no value: give one (e.g. %s), or remove the key to keep the default", what, example(f))
 		return "", false
 	}
-	p.errorf(p.pos(n), "%s must be a single value, got %s", what, kindOf(n))
+	p.errorf(p.pos(n), "%s must be a single value, got %s", what, yamlpos.Kind(n))
 	return "", false
 }
 
@@ -547,27 +547,6 @@ func example(f *pflag.Flag) string {
 		return "30s"
 	}
 	return "VALUE"
-}
-
-// kindOf names the YAML type of n for error messages.
-func kindOf(n ast.Node) string {
-	switch n.(type) {
-	case *ast.MappingNode, *ast.MappingValueNode:
-		return "a mapping"
-	case *ast.SequenceNode:
-		return "a list"
-	case *ast.StringNode, *ast.LiteralNode:
-		return "a string"
-	case *ast.IntegerNode:
-		return "an integer"
-	case *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
-		return "a number"
-	case *ast.BoolNode:
-		return "a boolean"
-	case *ast.NullNode:
-		return "nothing"
-	}
-	return "an unsupported YAML value"
 }
 
 // closest returns the candidate within edit distance 2 of s (the nearest), or "".
