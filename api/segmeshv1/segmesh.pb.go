@@ -1358,6 +1358,7 @@ type NetmapUpdate struct {
 	//	*NetmapUpdate_Full
 	//	*NetmapUpdate_Delta
 	//	*NetmapUpdate_Punch
+	//	*NetmapUpdate_Relay
 	Update        isNetmapUpdate_Update `protobuf_oneof:"update"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1427,6 +1428,15 @@ func (x *NetmapUpdate) GetPunch() *Punch {
 	return nil
 }
 
+func (x *NetmapUpdate) GetRelay() *RelayConfig {
+	if x != nil {
+		if x, ok := x.Update.(*NetmapUpdate_Relay); ok {
+			return x.Relay
+		}
+	}
+	return nil
+}
+
 type isNetmapUpdate_Update interface {
 	isNetmapUpdate_Update()
 }
@@ -1444,11 +1454,156 @@ type NetmapUpdate_Punch struct {
 	Punch *Punch `protobuf:"bytes,3,opt,name=punch,proto3,oneof"`
 }
 
+type NetmapUpdate_Relay struct {
+	// Sent only to relay nodes whose SyncRequest.features lists "relay": every
+	// session this node must forward now (replaces the previous set).
+	Relay *RelayConfig `protobuf:"bytes,4,opt,name=relay,proto3,oneof"`
+}
+
 func (*NetmapUpdate_Full) isNetmapUpdate_Update() {}
 
 func (*NetmapUpdate_Delta) isNetmapUpdate_Update() {}
 
 func (*NetmapUpdate_Punch) isNetmapUpdate_Update() {}
+
+func (*NetmapUpdate_Relay) isNetmapUpdate_Update() {}
+
+// RelayConfig is the whole set of sessions one relay node forwards.
+type RelayConfig struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sessions      []*RelaySession        `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RelayConfig) Reset() {
+	*x = RelayConfig{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RelayConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RelayConfig) ProtoMessage() {}
+
+func (x *RelayConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RelayConfig.ProtoReflect.Descriptor instead.
+func (*RelayConfig) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RelayConfig) GetSessions() []*RelaySession {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+// RelaySession is one pair of nodes the controller authorised a relay to forward
+// for. Like a TURN allocation (RFC 8656) it is two UDP ports on the relay: node a
+// sends its WireGuard packets for b to port_a, the relay forwards them to b from
+// port_b; b sends to port_b, they reach a from port_a. The relay learns each
+// end's address from the first handshake message at its port whose WireGuard
+// mac1 is valid for the other end's public key, and forwards nothing else.
+type RelaySession struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// WireGuard public keys of the two ends (32 bytes each).
+	KeyA  []byte `protobuf:"bytes,2,opt,name=key_a,json=keyA,proto3" json:"key_a,omitempty"`
+	KeyB  []byte `protobuf:"bytes,3,opt,name=key_b,json=keyB,proto3" json:"key_b,omitempty"`
+	PortA uint32 `protobuf:"varint,4,opt,name=port_a,json=portA,proto3" json:"port_a,omitempty"`
+	PortB uint32 `protobuf:"varint,5,opt,name=port_b,json=portB,proto3" json:"port_b,omitempty"`
+	// The session ends at this time, Unix seconds, unless renewed.
+	ExpiresUnix   int64 `protobuf:"varint,6,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RelaySession) Reset() {
+	*x = RelaySession{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RelaySession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RelaySession) ProtoMessage() {}
+
+func (x *RelaySession) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RelaySession.ProtoReflect.Descriptor instead.
+func (*RelaySession) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RelaySession) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *RelaySession) GetKeyA() []byte {
+	if x != nil {
+		return x.KeyA
+	}
+	return nil
+}
+
+func (x *RelaySession) GetKeyB() []byte {
+	if x != nil {
+		return x.KeyB
+	}
+	return nil
+}
+
+func (x *RelaySession) GetPortA() uint32 {
+	if x != nil {
+		return x.PortA
+	}
+	return 0
+}
+
+func (x *RelaySession) GetPortB() uint32 {
+	if x != nil {
+		return x.PortB
+	}
+	return 0
+}
+
+func (x *RelaySession) GetExpiresUnix() int64 {
+	if x != nil {
+		return x.ExpiresUnix
+	}
+	return 0
+}
 
 type SyncRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1464,15 +1619,17 @@ type SyncRequest struct {
 	ResyncReason string `protobuf:"bytes,5,opt,name=resync_reason,json=resyncReason,proto3" json:"resync_reason,omitempty"`
 	// The agent's own endpoint candidates (kinds "local" and "stun").
 	Candidates []*Candidate `protobuf:"bytes,6,rep,name=candidates,proto3" json:"candidates,omitempty"`
-	// Optional update kinds this agent understands, e.g. "punch".
-	Features      []string `protobuf:"bytes,7,rep,name=features,proto3" json:"features,omitempty"`
+	// Optional update kinds this agent understands: "punch", "relay".
+	Features []string `protobuf:"bytes,7,rep,name=features,proto3" json:"features,omitempty"`
+	// On a relay node: the UDP ports it forwards on, "first-last" (inclusive).
+	RelayPorts    string `protobuf:"bytes,8,opt,name=relay_ports,json=relayPorts,proto3" json:"relay_ports,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1484,7 +1641,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1497,7 +1654,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SyncRequest) GetEndpoint() string {
@@ -1549,6 +1706,13 @@ func (x *SyncRequest) GetFeatures() []string {
 	return nil
 }
 
+func (x *SyncRequest) GetRelayPorts() string {
+	if x != nil {
+		return x.RelayPorts
+	}
+	return ""
+}
+
 type ReportRequest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	AppliedRevision uint64                 `protobuf:"varint,1,opt,name=applied_revision,json=appliedRevision,proto3" json:"applied_revision,omitempty"`
@@ -1593,7 +1757,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1769,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1782,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReportRequest) GetAppliedRevision() uint64 {
@@ -1749,7 +1913,7 @@ type PeerStatus struct {
 
 func (x *PeerStatus) Reset() {
 	*x = PeerStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1761,7 +1925,7 @@ func (x *PeerStatus) String() string {
 func (*PeerStatus) ProtoMessage() {}
 
 func (x *PeerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1774,7 +1938,7 @@ func (x *PeerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerStatus.ProtoReflect.Descriptor instead.
 func (*PeerStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PeerStatus) GetName() string {
@@ -1859,7 +2023,7 @@ type DeniedFlow struct {
 
 func (x *DeniedFlow) Reset() {
 	*x = DeniedFlow{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1871,7 +2035,7 @@ func (x *DeniedFlow) String() string {
 func (*DeniedFlow) ProtoMessage() {}
 
 func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1884,7 +2048,7 @@ func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedFlow.ProtoReflect.Descriptor instead.
 func (*DeniedFlow) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeniedFlow) GetDirection() string {
@@ -1965,7 +2129,7 @@ type DriftDifference struct {
 
 func (x *DriftDifference) Reset() {
 	*x = DriftDifference{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1977,7 +2141,7 @@ func (x *DriftDifference) String() string {
 func (*DriftDifference) ProtoMessage() {}
 
 func (x *DriftDifference) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1990,7 +2154,7 @@ func (x *DriftDifference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DriftDifference.ProtoReflect.Descriptor instead.
 func (*DriftDifference) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DriftDifference) GetPart() string {
@@ -2031,7 +2195,7 @@ type Drift struct {
 
 func (x *Drift) Reset() {
 	*x = Drift{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2043,7 +2207,7 @@ func (x *Drift) String() string {
 func (*Drift) ProtoMessage() {}
 
 func (x *Drift) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2056,7 +2220,7 @@ func (x *Drift) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Drift.ProtoReflect.Descriptor instead.
 func (*Drift) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Drift) GetRepairs() uint64 {
@@ -2109,7 +2273,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2121,7 +2285,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2134,7 +2298,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
 }
 
 type RenewCertificateRequest struct {
@@ -2148,7 +2312,7 @@ type RenewCertificateRequest struct {
 
 func (x *RenewCertificateRequest) Reset() {
 	*x = RenewCertificateRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2160,7 +2324,7 @@ func (x *RenewCertificateRequest) String() string {
 func (*RenewCertificateRequest) ProtoMessage() {}
 
 func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2173,7 +2337,7 @@ func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateRequest.ProtoReflect.Descriptor instead.
 func (*RenewCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RenewCertificateRequest) GetCsrDer() []byte {
@@ -2195,7 +2359,7 @@ type RenewCertificateResponse struct {
 
 func (x *RenewCertificateResponse) Reset() {
 	*x = RenewCertificateResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2207,7 +2371,7 @@ func (x *RenewCertificateResponse) String() string {
 func (*RenewCertificateResponse) ProtoMessage() {}
 
 func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2220,7 +2384,7 @@ func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateResponse.ProtoReflect.Descriptor instead.
 func (*RenewCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RenewCertificateResponse) GetCertificateDer() []byte {
@@ -2249,7 +2413,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2261,7 +2425,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2274,7 +2438,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RotateKeyRequest) GetPublicKey() []byte {
@@ -2299,7 +2463,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2311,7 +2475,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2324,7 +2488,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
 }
 
 type RequestPunchRequest struct {
@@ -2336,7 +2500,7 @@ type RequestPunchRequest struct {
 
 func (x *RequestPunchRequest) Reset() {
 	*x = RequestPunchRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2348,7 +2512,7 @@ func (x *RequestPunchRequest) String() string {
 func (*RequestPunchRequest) ProtoMessage() {}
 
 func (x *RequestPunchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2361,7 +2525,7 @@ func (x *RequestPunchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestPunchRequest.ProtoReflect.Descriptor instead.
 func (*RequestPunchRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RequestPunchRequest) GetPeer() string {
@@ -2379,7 +2543,7 @@ type RequestPunchResponse struct {
 
 func (x *RequestPunchResponse) Reset() {
 	*x = RequestPunchResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2391,7 +2555,7 @@ func (x *RequestPunchResponse) String() string {
 func (*RequestPunchResponse) ProtoMessage() {}
 
 func (x *RequestPunchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2404,7 +2568,106 @@ func (x *RequestPunchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestPunchResponse.ProtoReflect.Descriptor instead.
 func (*RequestPunchResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+}
+
+type RequestRelayRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          string                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestRelayRequest) Reset() {
+	*x = RequestRelayRequest{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestRelayRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestRelayRequest) ProtoMessage() {}
+
+func (x *RequestRelayRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestRelayRequest.ProtoReflect.Descriptor instead.
+func (*RequestRelayRequest) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *RequestRelayRequest) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+type RequestRelayResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// This node's relay candidate for the peer (kind "relay"): the relay's address
+	// and the port it forwards to the peer from. The peer gets its own in a Punch.
+	Candidate *Candidate `protobuf:"bytes,1,opt,name=candidate,proto3" json:"candidate,omitempty"`
+	// When the session ends unless requested again, Unix seconds.
+	ExpiresUnix   int64 `protobuf:"varint,2,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestRelayResponse) Reset() {
+	*x = RequestRelayResponse{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestRelayResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestRelayResponse) ProtoMessage() {}
+
+func (x *RequestRelayResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestRelayResponse.ProtoReflect.Descriptor instead.
+func (*RequestRelayResponse) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *RequestRelayResponse) GetCandidate() *Candidate {
+	if x != nil {
+		return x.Candidate
+	}
+	return nil
+}
+
+func (x *RequestRelayResponse) GetExpiresUnix() int64 {
+	if x != nil {
+		return x.ExpiresUnix
+	}
+	return 0
 }
 
 type NodeStatus struct {
@@ -2454,7 +2717,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2466,7 +2729,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2479,7 +2742,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *NodeStatus) GetName() string {
@@ -2697,7 +2960,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2709,7 +2972,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2722,7 +2985,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *StatusRequest) GetUnconvergedOnly() bool {
@@ -2755,7 +3018,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2767,7 +3030,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2780,7 +3043,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StatusResponse) GetPolicyRevision() uint64 {
@@ -2840,7 +3103,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2852,7 +3115,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2865,7 +3128,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
 }
 
 type ListNodesResponse struct {
@@ -2877,7 +3140,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2889,7 +3152,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2902,7 +3165,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeStatus {
@@ -2921,7 +3184,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2933,7 +3196,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2946,7 +3209,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetNodeRequest) GetName() string {
@@ -2967,7 +3230,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2979,7 +3242,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2992,7 +3255,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetNodeResponse) GetNode() *NodeStatus {
@@ -3023,7 +3286,7 @@ type ListDeniedFlowsRequest struct {
 
 func (x *ListDeniedFlowsRequest) Reset() {
 	*x = ListDeniedFlowsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3035,7 +3298,7 @@ func (x *ListDeniedFlowsRequest) String() string {
 func (*ListDeniedFlowsRequest) ProtoMessage() {}
 
 func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3048,7 +3311,7 @@ func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedFlowsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeniedFlowsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ListDeniedFlowsRequest) GetNode() string {
@@ -3096,7 +3359,7 @@ type DeniedFlowRecord struct {
 
 func (x *DeniedFlowRecord) Reset() {
 	*x = DeniedFlowRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3108,7 +3371,7 @@ func (x *DeniedFlowRecord) String() string {
 func (*DeniedFlowRecord) ProtoMessage() {}
 
 func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3121,7 +3384,7 @@ func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedFlowRecord.ProtoReflect.Descriptor instead.
 func (*DeniedFlowRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeniedFlowRecord) GetNode() string {
@@ -3195,7 +3458,7 @@ type ClosestRule struct {
 
 func (x *ClosestRule) Reset() {
 	*x = ClosestRule{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3207,7 +3470,7 @@ func (x *ClosestRule) String() string {
 func (*ClosestRule) ProtoMessage() {}
 
 func (x *ClosestRule) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3220,7 +3483,7 @@ func (x *ClosestRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClosestRule.ProtoReflect.Descriptor instead.
 func (*ClosestRule) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ClosestRule) GetRule() string {
@@ -3263,7 +3526,7 @@ type ListDeniedFlowsResponse struct {
 
 func (x *ListDeniedFlowsResponse) Reset() {
 	*x = ListDeniedFlowsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3275,7 +3538,7 @@ func (x *ListDeniedFlowsResponse) String() string {
 func (*ListDeniedFlowsResponse) ProtoMessage() {}
 
 func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3288,7 +3551,7 @@ func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedFlowsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeniedFlowsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ListDeniedFlowsResponse) GetFlows() []*DeniedFlowRecord {
@@ -3314,7 +3577,7 @@ type GetSegmentGraphRequest struct {
 
 func (x *GetSegmentGraphRequest) Reset() {
 	*x = GetSegmentGraphRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3326,7 +3589,7 @@ func (x *GetSegmentGraphRequest) String() string {
 func (*GetSegmentGraphRequest) ProtoMessage() {}
 
 func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3339,7 +3602,7 @@ func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentGraphRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentGraphRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
 }
 
 type SegmentGraphNode struct {
@@ -3355,7 +3618,7 @@ type SegmentGraphNode struct {
 
 func (x *SegmentGraphNode) Reset() {
 	*x = SegmentGraphNode{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3367,7 +3630,7 @@ func (x *SegmentGraphNode) String() string {
 func (*SegmentGraphNode) ProtoMessage() {}
 
 func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3380,7 +3643,7 @@ func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentGraphNode.ProtoReflect.Descriptor instead.
 func (*SegmentGraphNode) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SegmentGraphNode) GetSegment() string {
@@ -3418,7 +3681,7 @@ type SegmentGraphEdge struct {
 
 func (x *SegmentGraphEdge) Reset() {
 	*x = SegmentGraphEdge{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3430,7 +3693,7 @@ func (x *SegmentGraphEdge) String() string {
 func (*SegmentGraphEdge) ProtoMessage() {}
 
 func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3443,7 +3706,7 @@ func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentGraphEdge.ProtoReflect.Descriptor instead.
 func (*SegmentGraphEdge) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SegmentGraphEdge) GetFrom() string {
@@ -3486,7 +3749,7 @@ type GetSegmentGraphResponse struct {
 
 func (x *GetSegmentGraphResponse) Reset() {
 	*x = GetSegmentGraphResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3498,7 +3761,7 @@ func (x *GetSegmentGraphResponse) String() string {
 func (*GetSegmentGraphResponse) ProtoMessage() {}
 
 func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3511,7 +3774,7 @@ func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentGraphResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentGraphResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GetSegmentGraphResponse) GetRevision() uint64 {
@@ -3552,7 +3815,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3564,7 +3827,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3577,7 +3840,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *CreateTokenRequest) GetLabels() map[string]string {
@@ -3619,7 +3882,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3631,7 +3894,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3644,7 +3907,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -3692,7 +3955,7 @@ type TokenInfo struct {
 
 func (x *TokenInfo) Reset() {
 	*x = TokenInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3704,7 +3967,7 @@ func (x *TokenInfo) String() string {
 func (*TokenInfo) ProtoMessage() {}
 
 func (x *TokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3717,7 +3980,7 @@ func (x *TokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenInfo.ProtoReflect.Descriptor instead.
 func (*TokenInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *TokenInfo) GetId() string {
@@ -3798,7 +4061,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3810,7 +4073,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3823,7 +4086,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
 }
 
 type ListTokensResponse struct {
@@ -3835,7 +4098,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3847,7 +4110,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3860,7 +4123,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenInfo {
@@ -3879,7 +4142,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3891,7 +4154,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3904,7 +4167,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -3922,7 +4185,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3934,7 +4197,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3947,7 +4210,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
 }
 
 // Node life cycle. Every call names the node by name; NotFound when unknown.
@@ -3960,7 +4223,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3972,7 +4235,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3985,7 +4248,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -4003,7 +4266,7 @@ type RevokeNodeResponse struct {
 
 func (x *RevokeNodeResponse) Reset() {
 	*x = RevokeNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4015,7 +4278,7 @@ func (x *RevokeNodeResponse) String() string {
 func (*RevokeNodeResponse) ProtoMessage() {}
 
 func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4028,7 +4291,7 @@ func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
 }
 
 type DeleteNodeRequest struct {
@@ -4040,7 +4303,7 @@ type DeleteNodeRequest struct {
 
 func (x *DeleteNodeRequest) Reset() {
 	*x = DeleteNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4052,7 +4315,7 @@ func (x *DeleteNodeRequest) String() string {
 func (*DeleteNodeRequest) ProtoMessage() {}
 
 func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4065,7 +4328,7 @@ func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *DeleteNodeRequest) GetName() string {
@@ -4086,7 +4349,7 @@ type DeleteNodeResponse struct {
 
 func (x *DeleteNodeResponse) Reset() {
 	*x = DeleteNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4098,7 +4361,7 @@ func (x *DeleteNodeResponse) String() string {
 func (*DeleteNodeResponse) ProtoMessage() {}
 
 func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4111,7 +4374,7 @@ func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DeleteNodeResponse) GetAddresses() []string {
@@ -4141,7 +4404,7 @@ type LabelNodeRequest struct {
 
 func (x *LabelNodeRequest) Reset() {
 	*x = LabelNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4153,7 +4416,7 @@ func (x *LabelNodeRequest) String() string {
 func (*LabelNodeRequest) ProtoMessage() {}
 
 func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4166,7 +4429,7 @@ func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeRequest.ProtoReflect.Descriptor instead.
 func (*LabelNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *LabelNodeRequest) GetName() string {
@@ -4201,7 +4464,7 @@ type LabelNodeResponse struct {
 
 func (x *LabelNodeResponse) Reset() {
 	*x = LabelNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4213,7 +4476,7 @@ func (x *LabelNodeResponse) String() string {
 func (*LabelNodeResponse) ProtoMessage() {}
 
 func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4226,7 +4489,7 @@ func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeResponse.ProtoReflect.Descriptor instead.
 func (*LabelNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *LabelNodeResponse) GetLabels() map[string]string {
@@ -4252,7 +4515,7 @@ type RotateNodeKeyRequest struct {
 
 func (x *RotateNodeKeyRequest) Reset() {
 	*x = RotateNodeKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4264,7 +4527,7 @@ func (x *RotateNodeKeyRequest) String() string {
 func (*RotateNodeKeyRequest) ProtoMessage() {}
 
 func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4277,7 +4540,7 @@ func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *RotateNodeKeyRequest) GetName() string {
@@ -4296,7 +4559,7 @@ type RotateNodeKeyResponse struct {
 
 func (x *RotateNodeKeyResponse) Reset() {
 	*x = RotateNodeKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4308,7 +4571,7 @@ func (x *RotateNodeKeyResponse) String() string {
 func (*RotateNodeKeyResponse) ProtoMessage() {}
 
 func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4321,7 +4584,7 @@ func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *RotateNodeKeyResponse) GetGeneration() uint64 {
@@ -4346,7 +4609,7 @@ type OperatorInfo struct {
 
 func (x *OperatorInfo) Reset() {
 	*x = OperatorInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4358,7 +4621,7 @@ func (x *OperatorInfo) String() string {
 func (*OperatorInfo) ProtoMessage() {}
 
 func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4371,7 +4634,7 @@ func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorInfo.ProtoReflect.Descriptor instead.
 func (*OperatorInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *OperatorInfo) GetName() string {
@@ -4419,7 +4682,7 @@ type CreateOperatorRequest struct {
 
 func (x *CreateOperatorRequest) Reset() {
 	*x = CreateOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4431,7 +4694,7 @@ func (x *CreateOperatorRequest) String() string {
 func (*CreateOperatorRequest) ProtoMessage() {}
 
 func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4444,7 +4707,7 @@ func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorRequest.ProtoReflect.Descriptor instead.
 func (*CreateOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *CreateOperatorRequest) GetName() string {
@@ -4472,7 +4735,7 @@ type CreateOperatorResponse struct {
 
 func (x *CreateOperatorResponse) Reset() {
 	*x = CreateOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4484,7 +4747,7 @@ func (x *CreateOperatorResponse) String() string {
 func (*CreateOperatorResponse) ProtoMessage() {}
 
 func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4497,7 +4760,7 @@ func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorResponse.ProtoReflect.Descriptor instead.
 func (*CreateOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *CreateOperatorResponse) GetOperator() *OperatorInfo {
@@ -4522,7 +4785,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4534,7 +4797,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4547,7 +4810,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
 }
 
 type ListOperatorsResponse struct {
@@ -4559,7 +4822,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4571,7 +4834,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4584,7 +4847,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*OperatorInfo {
@@ -4603,7 +4866,7 @@ type RevokeOperatorRequest struct {
 
 func (x *RevokeOperatorRequest) Reset() {
 	*x = RevokeOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4615,7 +4878,7 @@ func (x *RevokeOperatorRequest) String() string {
 func (*RevokeOperatorRequest) ProtoMessage() {}
 
 func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4628,7 +4891,7 @@ func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorRequest.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *RevokeOperatorRequest) GetName() string {
@@ -4646,7 +4909,7 @@ type RevokeOperatorResponse struct {
 
 func (x *RevokeOperatorResponse) Reset() {
 	*x = RevokeOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4658,7 +4921,7 @@ func (x *RevokeOperatorResponse) String() string {
 func (*RevokeOperatorResponse) ProtoMessage() {}
 
 func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4671,7 +4934,7 @@ func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorResponse.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
 }
 
 // Audit log. Each record holds the SHA-256 of the one before (hash chain), so an
@@ -4698,7 +4961,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4710,7 +4973,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4723,7 +4986,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -4801,7 +5064,7 @@ type ListAuditRequest struct {
 
 func (x *ListAuditRequest) Reset() {
 	*x = ListAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4813,7 +5076,7 @@ func (x *ListAuditRequest) String() string {
 func (*ListAuditRequest) ProtoMessage() {}
 
 func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4826,7 +5089,7 @@ func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *ListAuditRequest) GetSinceUnix() int64 {
@@ -4852,7 +5115,7 @@ type ListAuditResponse struct {
 
 func (x *ListAuditResponse) Reset() {
 	*x = ListAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4864,7 +5127,7 @@ func (x *ListAuditResponse) String() string {
 func (*ListAuditResponse) ProtoMessage() {}
 
 func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4877,7 +5140,7 @@ func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ListAuditResponse) GetRecords() []*AuditRecord {
@@ -4899,7 +5162,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4911,7 +5174,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4924,7 +5187,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *VerifyAuditRequest) GetExpectHead() string {
@@ -4954,7 +5217,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4966,7 +5229,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4979,7 +5242,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -5032,7 +5295,7 @@ type BackupRequest struct {
 
 func (x *BackupRequest) Reset() {
 	*x = BackupRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5044,7 +5307,7 @@ func (x *BackupRequest) String() string {
 func (*BackupRequest) ProtoMessage() {}
 
 func (x *BackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5057,7 +5320,7 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
 }
 
 // One piece of a consistent copy of the controller's bbolt store, in order.
@@ -5070,7 +5333,7 @@ type BackupChunk struct {
 
 func (x *BackupChunk) Reset() {
 	*x = BackupChunk{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5082,7 +5345,7 @@ func (x *BackupChunk) String() string {
 func (*BackupChunk) ProtoMessage() {}
 
 func (x *BackupChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5095,7 +5358,7 @@ func (x *BackupChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
 func (*BackupChunk) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *BackupChunk) GetData() []byte {
@@ -5116,7 +5379,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5128,7 +5391,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5141,7 +5404,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ApplyPolicyRequest) GetFilename() string {
@@ -5173,7 +5436,7 @@ type ApplyPolicyResponse struct {
 
 func (x *ApplyPolicyResponse) Reset() {
 	*x = ApplyPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5185,7 +5448,7 @@ func (x *ApplyPolicyResponse) String() string {
 func (*ApplyPolicyResponse) ProtoMessage() {}
 
 func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5198,7 +5461,7 @@ func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *ApplyPolicyResponse) GetRevision() uint64 {
@@ -5231,7 +5494,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5243,7 +5506,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5256,7 +5519,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *GetPolicyRequest) GetRevision() uint64 {
@@ -5279,7 +5542,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5291,7 +5554,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5304,7 +5567,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *GetPolicyResponse) GetRevision() uint64 {
@@ -5361,7 +5624,7 @@ type PolicyRevision struct {
 
 func (x *PolicyRevision) Reset() {
 	*x = PolicyRevision{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5373,7 +5636,7 @@ func (x *PolicyRevision) String() string {
 func (*PolicyRevision) ProtoMessage() {}
 
 func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5386,7 +5649,7 @@ func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyRevision.ProtoReflect.Descriptor instead.
 func (*PolicyRevision) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *PolicyRevision) GetRevision() uint64 {
@@ -5446,7 +5709,7 @@ type ListPolicyRevisionsRequest struct {
 
 func (x *ListPolicyRevisionsRequest) Reset() {
 	*x = ListPolicyRevisionsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5458,7 +5721,7 @@ func (x *ListPolicyRevisionsRequest) String() string {
 func (*ListPolicyRevisionsRequest) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5471,7 +5734,7 @@ func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{84}
 }
 
 type ListPolicyRevisionsResponse struct {
@@ -5485,7 +5748,7 @@ type ListPolicyRevisionsResponse struct {
 
 func (x *ListPolicyRevisionsResponse) Reset() {
 	*x = ListPolicyRevisionsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5497,7 +5760,7 @@ func (x *ListPolicyRevisionsResponse) String() string {
 func (*ListPolicyRevisionsResponse) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5510,7 +5773,7 @@ func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *ListPolicyRevisionsResponse) GetRevisions() []*PolicyRevision {
@@ -5537,7 +5800,7 @@ type RollbackPolicyRequest struct {
 
 func (x *RollbackPolicyRequest) Reset() {
 	*x = RollbackPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5549,7 +5812,7 @@ func (x *RollbackPolicyRequest) String() string {
 func (*RollbackPolicyRequest) ProtoMessage() {}
 
 func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5562,7 +5825,7 @@ func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyRequest.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *RollbackPolicyRequest) GetRevision() uint64 {
@@ -5586,7 +5849,7 @@ type RollbackPolicyResponse struct {
 
 func (x *RollbackPolicyResponse) Reset() {
 	*x = RollbackPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5598,7 +5861,7 @@ func (x *RollbackPolicyResponse) String() string {
 func (*RollbackPolicyResponse) ProtoMessage() {}
 
 func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5611,7 +5874,7 @@ func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyResponse.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{83}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *RollbackPolicyResponse) GetRevision() uint64 {
@@ -5647,7 +5910,7 @@ type PolicyFile struct {
 
 func (x *PolicyFile) Reset() {
 	*x = PolicyFile{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5659,7 +5922,7 @@ func (x *PolicyFile) String() string {
 func (*PolicyFile) ProtoMessage() {}
 
 func (x *PolicyFile) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5672,7 +5935,7 @@ func (x *PolicyFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyFile.ProtoReflect.Descriptor instead.
 func (*PolicyFile) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{84}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *PolicyFile) GetFilename() string {
@@ -5702,7 +5965,7 @@ type GetNetmapRequest struct {
 
 func (x *GetNetmapRequest) Reset() {
 	*x = GetNetmapRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5714,7 +5977,7 @@ func (x *GetNetmapRequest) String() string {
 func (*GetNetmapRequest) ProtoMessage() {}
 
 func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5727,7 +5990,7 @@ func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapRequest.ProtoReflect.Descriptor instead.
 func (*GetNetmapRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{85}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *GetNetmapRequest) GetNode() string {
@@ -5762,7 +6025,7 @@ type GetNetmapResponse struct {
 
 func (x *GetNetmapResponse) Reset() {
 	*x = GetNetmapResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5774,7 +6037,7 @@ func (x *GetNetmapResponse) String() string {
 func (*GetNetmapResponse) ProtoMessage() {}
 
 func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5787,7 +6050,7 @@ func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapResponse.ProtoReflect.Descriptor instead.
 func (*GetNetmapResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{86}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *GetNetmapResponse) GetNetmap() *Netmap {
@@ -5931,12 +6194,22 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x0eupserted_peers\x18\x05 \x03(\v2\x10.segmesh.v1.PeerR\rupsertedPeers\x12#\n" +
 	"\rremoved_peers\x18\x06 \x03(\tR\fremovedPeers\x12/\n" +
 	"\x04sets\x18\a \x03(\v2\x1b.segmesh.v1.AddressSetDeltaR\x04sets\x12-\n" +
-	"\x05rules\x18\b \x01(\v2\x17.segmesh.v1.FilterRulesR\x05rules\"\x9e\x01\n" +
+	"\x05rules\x18\b \x01(\v2\x17.segmesh.v1.FilterRulesR\x05rules\"\xcf\x01\n" +
 	"\fNetmapUpdate\x12(\n" +
 	"\x04full\x18\x01 \x01(\v2\x12.segmesh.v1.NetmapH\x00R\x04full\x12/\n" +
 	"\x05delta\x18\x02 \x01(\v2\x17.segmesh.v1.NetmapDeltaH\x00R\x05delta\x12)\n" +
-	"\x05punch\x18\x03 \x01(\v2\x11.segmesh.v1.PunchH\x00R\x05punchB\b\n" +
-	"\x06update\"\xf7\x01\n" +
+	"\x05punch\x18\x03 \x01(\v2\x11.segmesh.v1.PunchH\x00R\x05punch\x12/\n" +
+	"\x05relay\x18\x04 \x01(\v2\x17.segmesh.v1.RelayConfigH\x00R\x05relayB\b\n" +
+	"\x06update\"C\n" +
+	"\vRelayConfig\x124\n" +
+	"\bsessions\x18\x01 \x03(\v2\x18.segmesh.v1.RelaySessionR\bsessions\"\x99\x01\n" +
+	"\fRelaySession\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x13\n" +
+	"\x05key_a\x18\x02 \x01(\fR\x04keyA\x12\x13\n" +
+	"\x05key_b\x18\x03 \x01(\fR\x04keyB\x12\x15\n" +
+	"\x06port_a\x18\x04 \x01(\rR\x05portA\x12\x15\n" +
+	"\x06port_b\x18\x05 \x01(\rR\x05portB\x12!\n" +
+	"\fexpires_unix\x18\x06 \x01(\x03R\vexpiresUnix\"\x98\x02\n" +
 	"\vSyncRequest\x12\x1a\n" +
 	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x1c\n" +
 	"\tdataplane\x18\x02 \x01(\tR\tdataplane\x12\x18\n" +
@@ -5946,7 +6219,9 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\n" +
 	"candidates\x18\x06 \x03(\v2\x15.segmesh.v1.CandidateR\n" +
 	"candidates\x12\x1a\n" +
-	"\bfeatures\x18\a \x03(\tR\bfeatures\"\xdd\x04\n" +
+	"\bfeatures\x18\a \x03(\tR\bfeatures\x12\x1f\n" +
+	"\vrelay_ports\x18\b \x01(\tR\n" +
+	"relayPorts\"\xdd\x04\n" +
 	"\rReportRequest\x12)\n" +
 	"\x10applied_revision\x18\x01 \x01(\x04R\x0fappliedRevision\x12!\n" +
 	"\fapplied_hash\x18\x02 \x01(\tR\vappliedHash\x12\x1c\n" +
@@ -6017,7 +6292,12 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x11RotateKeyResponse\")\n" +
 	"\x13RequestPunchRequest\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\tR\x04peer\"\x16\n" +
-	"\x14RequestPunchResponse\"\xb7\b\n" +
+	"\x14RequestPunchResponse\")\n" +
+	"\x13RequestRelayRequest\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\tR\x04peer\"n\n" +
+	"\x14RequestRelayResponse\x123\n" +
+	"\tcandidate\x18\x01 \x01(\v2\x15.segmesh.v1.CandidateR\tcandidate\x12!\n" +
+	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"\xb7\b\n" +
 	"\n" +
 	"NodeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12:\n" +
@@ -6277,14 +6557,15 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\fPROTOCOL_UDP\x10\x03\x12\x11\n" +
 	"\rPROTOCOL_ICMP\x10\x042R\n" +
 	"\rEnrollService\x12A\n" +
-	"\x06Enroll\x12\x19.segmesh.v1.EnrollRequest\x1a\x1a.segmesh.v1.EnrollResponse\"\x002\xd2\x03\n" +
+	"\x06Enroll\x12\x19.segmesh.v1.EnrollRequest\x1a\x1a.segmesh.v1.EnrollResponse\"\x002\xa7\x04\n" +
 	"\fAgentService\x127\n" +
 	"\x04Sync\x12\x17.segmesh.v1.SyncRequest\x1a\x12.segmesh.v1.Netmap\"\x000\x01\x12D\n" +
 	"\vSyncUpdates\x12\x17.segmesh.v1.SyncRequest\x1a\x18.segmesh.v1.NetmapUpdate\"\x000\x01\x12A\n" +
 	"\x06Report\x12\x19.segmesh.v1.ReportRequest\x1a\x1a.segmesh.v1.ReportResponse\"\x00\x12_\n" +
 	"\x10RenewCertificate\x12#.segmesh.v1.RenewCertificateRequest\x1a$.segmesh.v1.RenewCertificateResponse\"\x00\x12J\n" +
 	"\tRotateKey\x12\x1c.segmesh.v1.RotateKeyRequest\x1a\x1d.segmesh.v1.RotateKeyResponse\"\x00\x12S\n" +
-	"\fRequestPunch\x12\x1f.segmesh.v1.RequestPunchRequest\x1a .segmesh.v1.RequestPunchResponse\"\x002\xf4\x0e\n" +
+	"\fRequestPunch\x12\x1f.segmesh.v1.RequestPunchRequest\x1a .segmesh.v1.RequestPunchResponse\"\x00\x12S\n" +
+	"\fRequestRelay\x12\x1f.segmesh.v1.RequestRelayRequest\x1a .segmesh.v1.RequestRelayResponse\"\x002\xf4\x0e\n" +
 	"\x0fOperatorService\x12A\n" +
 	"\x06Status\x12\x19.segmesh.v1.StatusRequest\x1a\x1a.segmesh.v1.StatusResponse\"\x00\x12J\n" +
 	"\tListNodes\x12\x1c.segmesh.v1.ListNodesRequest\x1a\x1d.segmesh.v1.ListNodesResponse\"\x00\x12D\n" +
@@ -6326,7 +6607,7 @@ func file_segmesh_v1_segmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_segmesh_v1_segmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 94)
+var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 98)
 var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(Protocol)(0),                       // 0: segmesh.v1.Protocol
 	(*EnrollRequest)(nil),               // 1: segmesh.v1.EnrollRequest
@@ -6347,86 +6628,90 @@ var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(*AddressSetDelta)(nil),             // 16: segmesh.v1.AddressSetDelta
 	(*NetmapDelta)(nil),                 // 17: segmesh.v1.NetmapDelta
 	(*NetmapUpdate)(nil),                // 18: segmesh.v1.NetmapUpdate
-	(*SyncRequest)(nil),                 // 19: segmesh.v1.SyncRequest
-	(*ReportRequest)(nil),               // 20: segmesh.v1.ReportRequest
-	(*PeerStatus)(nil),                  // 21: segmesh.v1.PeerStatus
-	(*DeniedFlow)(nil),                  // 22: segmesh.v1.DeniedFlow
-	(*DriftDifference)(nil),             // 23: segmesh.v1.DriftDifference
-	(*Drift)(nil),                       // 24: segmesh.v1.Drift
-	(*ReportResponse)(nil),              // 25: segmesh.v1.ReportResponse
-	(*RenewCertificateRequest)(nil),     // 26: segmesh.v1.RenewCertificateRequest
-	(*RenewCertificateResponse)(nil),    // 27: segmesh.v1.RenewCertificateResponse
-	(*RotateKeyRequest)(nil),            // 28: segmesh.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),           // 29: segmesh.v1.RotateKeyResponse
-	(*RequestPunchRequest)(nil),         // 30: segmesh.v1.RequestPunchRequest
-	(*RequestPunchResponse)(nil),        // 31: segmesh.v1.RequestPunchResponse
-	(*NodeStatus)(nil),                  // 32: segmesh.v1.NodeStatus
-	(*StatusRequest)(nil),               // 33: segmesh.v1.StatusRequest
-	(*StatusResponse)(nil),              // 34: segmesh.v1.StatusResponse
-	(*ListNodesRequest)(nil),            // 35: segmesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 36: segmesh.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),              // 37: segmesh.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),             // 38: segmesh.v1.GetNodeResponse
-	(*ListDeniedFlowsRequest)(nil),      // 39: segmesh.v1.ListDeniedFlowsRequest
-	(*DeniedFlowRecord)(nil),            // 40: segmesh.v1.DeniedFlowRecord
-	(*ClosestRule)(nil),                 // 41: segmesh.v1.ClosestRule
-	(*ListDeniedFlowsResponse)(nil),     // 42: segmesh.v1.ListDeniedFlowsResponse
-	(*GetSegmentGraphRequest)(nil),      // 43: segmesh.v1.GetSegmentGraphRequest
-	(*SegmentGraphNode)(nil),            // 44: segmesh.v1.SegmentGraphNode
-	(*SegmentGraphEdge)(nil),            // 45: segmesh.v1.SegmentGraphEdge
-	(*GetSegmentGraphResponse)(nil),     // 46: segmesh.v1.GetSegmentGraphResponse
-	(*CreateTokenRequest)(nil),          // 47: segmesh.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),         // 48: segmesh.v1.CreateTokenResponse
-	(*TokenInfo)(nil),                   // 49: segmesh.v1.TokenInfo
-	(*ListTokensRequest)(nil),           // 50: segmesh.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),          // 51: segmesh.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),          // 52: segmesh.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),         // 53: segmesh.v1.RevokeTokenResponse
-	(*RevokeNodeRequest)(nil),           // 54: segmesh.v1.RevokeNodeRequest
-	(*RevokeNodeResponse)(nil),          // 55: segmesh.v1.RevokeNodeResponse
-	(*DeleteNodeRequest)(nil),           // 56: segmesh.v1.DeleteNodeRequest
-	(*DeleteNodeResponse)(nil),          // 57: segmesh.v1.DeleteNodeResponse
-	(*LabelNodeRequest)(nil),            // 58: segmesh.v1.LabelNodeRequest
-	(*LabelNodeResponse)(nil),           // 59: segmesh.v1.LabelNodeResponse
-	(*RotateNodeKeyRequest)(nil),        // 60: segmesh.v1.RotateNodeKeyRequest
-	(*RotateNodeKeyResponse)(nil),       // 61: segmesh.v1.RotateNodeKeyResponse
-	(*OperatorInfo)(nil),                // 62: segmesh.v1.OperatorInfo
-	(*CreateOperatorRequest)(nil),       // 63: segmesh.v1.CreateOperatorRequest
-	(*CreateOperatorResponse)(nil),      // 64: segmesh.v1.CreateOperatorResponse
-	(*ListOperatorsRequest)(nil),        // 65: segmesh.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 66: segmesh.v1.ListOperatorsResponse
-	(*RevokeOperatorRequest)(nil),       // 67: segmesh.v1.RevokeOperatorRequest
-	(*RevokeOperatorResponse)(nil),      // 68: segmesh.v1.RevokeOperatorResponse
-	(*AuditRecord)(nil),                 // 69: segmesh.v1.AuditRecord
-	(*ListAuditRequest)(nil),            // 70: segmesh.v1.ListAuditRequest
-	(*ListAuditResponse)(nil),           // 71: segmesh.v1.ListAuditResponse
-	(*VerifyAuditRequest)(nil),          // 72: segmesh.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),         // 73: segmesh.v1.VerifyAuditResponse
-	(*BackupRequest)(nil),               // 74: segmesh.v1.BackupRequest
-	(*BackupChunk)(nil),                 // 75: segmesh.v1.BackupChunk
-	(*ApplyPolicyRequest)(nil),          // 76: segmesh.v1.ApplyPolicyRequest
-	(*ApplyPolicyResponse)(nil),         // 77: segmesh.v1.ApplyPolicyResponse
-	(*GetPolicyRequest)(nil),            // 78: segmesh.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),           // 79: segmesh.v1.GetPolicyResponse
-	(*PolicyRevision)(nil),              // 80: segmesh.v1.PolicyRevision
-	(*ListPolicyRevisionsRequest)(nil),  // 81: segmesh.v1.ListPolicyRevisionsRequest
-	(*ListPolicyRevisionsResponse)(nil), // 82: segmesh.v1.ListPolicyRevisionsResponse
-	(*RollbackPolicyRequest)(nil),       // 83: segmesh.v1.RollbackPolicyRequest
-	(*RollbackPolicyResponse)(nil),      // 84: segmesh.v1.RollbackPolicyResponse
-	(*PolicyFile)(nil),                  // 85: segmesh.v1.PolicyFile
-	(*GetNetmapRequest)(nil),            // 86: segmesh.v1.GetNetmapRequest
-	(*GetNetmapResponse)(nil),           // 87: segmesh.v1.GetNetmapResponse
-	nil,                                 // 88: segmesh.v1.EnrollResponse.LabelsEntry
-	nil,                                 // 89: segmesh.v1.Node.LabelsEntry
-	nil,                                 // 90: segmesh.v1.NodeStatus.LabelsEntry
-	nil,                                 // 91: segmesh.v1.CreateTokenRequest.LabelsEntry
-	nil,                                 // 92: segmesh.v1.TokenInfo.LabelsEntry
-	nil,                                 // 93: segmesh.v1.LabelNodeRequest.SetEntry
-	nil,                                 // 94: segmesh.v1.LabelNodeResponse.LabelsEntry
+	(*RelayConfig)(nil),                 // 19: segmesh.v1.RelayConfig
+	(*RelaySession)(nil),                // 20: segmesh.v1.RelaySession
+	(*SyncRequest)(nil),                 // 21: segmesh.v1.SyncRequest
+	(*ReportRequest)(nil),               // 22: segmesh.v1.ReportRequest
+	(*PeerStatus)(nil),                  // 23: segmesh.v1.PeerStatus
+	(*DeniedFlow)(nil),                  // 24: segmesh.v1.DeniedFlow
+	(*DriftDifference)(nil),             // 25: segmesh.v1.DriftDifference
+	(*Drift)(nil),                       // 26: segmesh.v1.Drift
+	(*ReportResponse)(nil),              // 27: segmesh.v1.ReportResponse
+	(*RenewCertificateRequest)(nil),     // 28: segmesh.v1.RenewCertificateRequest
+	(*RenewCertificateResponse)(nil),    // 29: segmesh.v1.RenewCertificateResponse
+	(*RotateKeyRequest)(nil),            // 30: segmesh.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),           // 31: segmesh.v1.RotateKeyResponse
+	(*RequestPunchRequest)(nil),         // 32: segmesh.v1.RequestPunchRequest
+	(*RequestPunchResponse)(nil),        // 33: segmesh.v1.RequestPunchResponse
+	(*RequestRelayRequest)(nil),         // 34: segmesh.v1.RequestRelayRequest
+	(*RequestRelayResponse)(nil),        // 35: segmesh.v1.RequestRelayResponse
+	(*NodeStatus)(nil),                  // 36: segmesh.v1.NodeStatus
+	(*StatusRequest)(nil),               // 37: segmesh.v1.StatusRequest
+	(*StatusResponse)(nil),              // 38: segmesh.v1.StatusResponse
+	(*ListNodesRequest)(nil),            // 39: segmesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 40: segmesh.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),              // 41: segmesh.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),             // 42: segmesh.v1.GetNodeResponse
+	(*ListDeniedFlowsRequest)(nil),      // 43: segmesh.v1.ListDeniedFlowsRequest
+	(*DeniedFlowRecord)(nil),            // 44: segmesh.v1.DeniedFlowRecord
+	(*ClosestRule)(nil),                 // 45: segmesh.v1.ClosestRule
+	(*ListDeniedFlowsResponse)(nil),     // 46: segmesh.v1.ListDeniedFlowsResponse
+	(*GetSegmentGraphRequest)(nil),      // 47: segmesh.v1.GetSegmentGraphRequest
+	(*SegmentGraphNode)(nil),            // 48: segmesh.v1.SegmentGraphNode
+	(*SegmentGraphEdge)(nil),            // 49: segmesh.v1.SegmentGraphEdge
+	(*GetSegmentGraphResponse)(nil),     // 50: segmesh.v1.GetSegmentGraphResponse
+	(*CreateTokenRequest)(nil),          // 51: segmesh.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),         // 52: segmesh.v1.CreateTokenResponse
+	(*TokenInfo)(nil),                   // 53: segmesh.v1.TokenInfo
+	(*ListTokensRequest)(nil),           // 54: segmesh.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),          // 55: segmesh.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),          // 56: segmesh.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),         // 57: segmesh.v1.RevokeTokenResponse
+	(*RevokeNodeRequest)(nil),           // 58: segmesh.v1.RevokeNodeRequest
+	(*RevokeNodeResponse)(nil),          // 59: segmesh.v1.RevokeNodeResponse
+	(*DeleteNodeRequest)(nil),           // 60: segmesh.v1.DeleteNodeRequest
+	(*DeleteNodeResponse)(nil),          // 61: segmesh.v1.DeleteNodeResponse
+	(*LabelNodeRequest)(nil),            // 62: segmesh.v1.LabelNodeRequest
+	(*LabelNodeResponse)(nil),           // 63: segmesh.v1.LabelNodeResponse
+	(*RotateNodeKeyRequest)(nil),        // 64: segmesh.v1.RotateNodeKeyRequest
+	(*RotateNodeKeyResponse)(nil),       // 65: segmesh.v1.RotateNodeKeyResponse
+	(*OperatorInfo)(nil),                // 66: segmesh.v1.OperatorInfo
+	(*CreateOperatorRequest)(nil),       // 67: segmesh.v1.CreateOperatorRequest
+	(*CreateOperatorResponse)(nil),      // 68: segmesh.v1.CreateOperatorResponse
+	(*ListOperatorsRequest)(nil),        // 69: segmesh.v1.ListOperatorsRequest
+	(*ListOperatorsResponse)(nil),       // 70: segmesh.v1.ListOperatorsResponse
+	(*RevokeOperatorRequest)(nil),       // 71: segmesh.v1.RevokeOperatorRequest
+	(*RevokeOperatorResponse)(nil),      // 72: segmesh.v1.RevokeOperatorResponse
+	(*AuditRecord)(nil),                 // 73: segmesh.v1.AuditRecord
+	(*ListAuditRequest)(nil),            // 74: segmesh.v1.ListAuditRequest
+	(*ListAuditResponse)(nil),           // 75: segmesh.v1.ListAuditResponse
+	(*VerifyAuditRequest)(nil),          // 76: segmesh.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),         // 77: segmesh.v1.VerifyAuditResponse
+	(*BackupRequest)(nil),               // 78: segmesh.v1.BackupRequest
+	(*BackupChunk)(nil),                 // 79: segmesh.v1.BackupChunk
+	(*ApplyPolicyRequest)(nil),          // 80: segmesh.v1.ApplyPolicyRequest
+	(*ApplyPolicyResponse)(nil),         // 81: segmesh.v1.ApplyPolicyResponse
+	(*GetPolicyRequest)(nil),            // 82: segmesh.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),           // 83: segmesh.v1.GetPolicyResponse
+	(*PolicyRevision)(nil),              // 84: segmesh.v1.PolicyRevision
+	(*ListPolicyRevisionsRequest)(nil),  // 85: segmesh.v1.ListPolicyRevisionsRequest
+	(*ListPolicyRevisionsResponse)(nil), // 86: segmesh.v1.ListPolicyRevisionsResponse
+	(*RollbackPolicyRequest)(nil),       // 87: segmesh.v1.RollbackPolicyRequest
+	(*RollbackPolicyResponse)(nil),      // 88: segmesh.v1.RollbackPolicyResponse
+	(*PolicyFile)(nil),                  // 89: segmesh.v1.PolicyFile
+	(*GetNetmapRequest)(nil),            // 90: segmesh.v1.GetNetmapRequest
+	(*GetNetmapResponse)(nil),           // 91: segmesh.v1.GetNetmapResponse
+	nil,                                 // 92: segmesh.v1.EnrollResponse.LabelsEntry
+	nil,                                 // 93: segmesh.v1.Node.LabelsEntry
+	nil,                                 // 94: segmesh.v1.NodeStatus.LabelsEntry
+	nil,                                 // 95: segmesh.v1.CreateTokenRequest.LabelsEntry
+	nil,                                 // 96: segmesh.v1.TokenInfo.LabelsEntry
+	nil,                                 // 97: segmesh.v1.LabelNodeRequest.SetEntry
+	nil,                                 // 98: segmesh.v1.LabelNodeResponse.LabelsEntry
 }
 var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
-	88, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
-	89, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
+	92, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
+	93, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
 	5,  // 2: segmesh.v1.Peer.candidates:type_name -> segmesh.v1.Candidate
 	5,  // 3: segmesh.v1.Punch.candidates:type_name -> segmesh.v1.Candidate
 	0,  // 4: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
@@ -6450,100 +6735,105 @@ var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
 	13, // 22: segmesh.v1.NetmapUpdate.full:type_name -> segmesh.v1.Netmap
 	17, // 23: segmesh.v1.NetmapUpdate.delta:type_name -> segmesh.v1.NetmapDelta
 	6,  // 24: segmesh.v1.NetmapUpdate.punch:type_name -> segmesh.v1.Punch
-	5,  // 25: segmesh.v1.SyncRequest.candidates:type_name -> segmesh.v1.Candidate
-	24, // 26: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
-	21, // 27: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
-	22, // 28: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
-	5,  // 29: segmesh.v1.ReportRequest.candidates:type_name -> segmesh.v1.Candidate
-	23, // 30: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
-	23, // 31: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
-	90, // 32: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
-	24, // 33: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
-	21, // 34: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
-	32, // 35: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	32, // 36: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	32, // 37: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
-	22, // 38: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
-	41, // 39: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
-	40, // 40: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
-	44, // 41: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
-	45, // 42: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
-	91, // 43: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
-	92, // 44: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
-	49, // 45: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
-	93, // 46: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
-	94, // 47: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
-	62, // 48: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
-	62, // 49: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
-	69, // 50: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
-	80, // 51: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
-	85, // 52: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
-	13, // 53: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
-	1,  // 54: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
-	19, // 55: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
-	19, // 56: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
-	20, // 57: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
-	26, // 58: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
-	28, // 59: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
-	30, // 60: segmesh.v1.AgentService.RequestPunch:input_type -> segmesh.v1.RequestPunchRequest
-	33, // 61: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
-	35, // 62: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
-	37, // 63: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
-	39, // 64: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
-	43, // 65: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
-	47, // 66: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
-	76, // 67: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
-	78, // 68: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
-	81, // 69: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
-	83, // 70: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
-	86, // 71: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
-	50, // 72: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
-	52, // 73: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
-	54, // 74: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
-	56, // 75: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
-	58, // 76: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
-	60, // 77: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
-	63, // 78: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
-	65, // 79: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
-	67, // 80: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
-	70, // 81: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
-	72, // 82: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
-	74, // 83: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
-	2,  // 84: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
-	13, // 85: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
-	18, // 86: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
-	25, // 87: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
-	27, // 88: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
-	29, // 89: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
-	31, // 90: segmesh.v1.AgentService.RequestPunch:output_type -> segmesh.v1.RequestPunchResponse
-	34, // 91: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
-	36, // 92: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
-	38, // 93: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
-	42, // 94: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
-	46, // 95: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
-	48, // 96: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
-	77, // 97: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
-	79, // 98: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
-	82, // 99: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
-	84, // 100: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
-	87, // 101: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
-	51, // 102: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
-	53, // 103: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
-	55, // 104: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
-	57, // 105: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
-	59, // 106: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
-	61, // 107: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
-	64, // 108: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
-	66, // 109: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
-	68, // 110: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
-	71, // 111: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
-	73, // 112: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
-	75, // 113: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
-	84, // [84:114] is the sub-list for method output_type
-	54, // [54:84] is the sub-list for method input_type
-	54, // [54:54] is the sub-list for extension type_name
-	54, // [54:54] is the sub-list for extension extendee
-	0,  // [0:54] is the sub-list for field type_name
+	19, // 25: segmesh.v1.NetmapUpdate.relay:type_name -> segmesh.v1.RelayConfig
+	20, // 26: segmesh.v1.RelayConfig.sessions:type_name -> segmesh.v1.RelaySession
+	5,  // 27: segmesh.v1.SyncRequest.candidates:type_name -> segmesh.v1.Candidate
+	26, // 28: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
+	23, // 29: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
+	24, // 30: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
+	5,  // 31: segmesh.v1.ReportRequest.candidates:type_name -> segmesh.v1.Candidate
+	25, // 32: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
+	25, // 33: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
+	5,  // 34: segmesh.v1.RequestRelayResponse.candidate:type_name -> segmesh.v1.Candidate
+	94, // 35: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
+	26, // 36: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
+	23, // 37: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
+	36, // 38: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	36, // 39: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	36, // 40: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
+	24, // 41: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
+	45, // 42: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
+	44, // 43: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
+	48, // 44: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
+	49, // 45: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
+	95, // 46: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
+	96, // 47: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
+	53, // 48: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
+	97, // 49: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
+	98, // 50: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
+	66, // 51: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
+	66, // 52: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
+	73, // 53: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
+	84, // 54: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
+	89, // 55: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
+	13, // 56: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
+	1,  // 57: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
+	21, // 58: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
+	21, // 59: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
+	22, // 60: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
+	28, // 61: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
+	30, // 62: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
+	32, // 63: segmesh.v1.AgentService.RequestPunch:input_type -> segmesh.v1.RequestPunchRequest
+	34, // 64: segmesh.v1.AgentService.RequestRelay:input_type -> segmesh.v1.RequestRelayRequest
+	37, // 65: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
+	39, // 66: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
+	41, // 67: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
+	43, // 68: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
+	47, // 69: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
+	51, // 70: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
+	80, // 71: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
+	82, // 72: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
+	85, // 73: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
+	87, // 74: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
+	90, // 75: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
+	54, // 76: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
+	56, // 77: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
+	58, // 78: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
+	60, // 79: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
+	62, // 80: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
+	64, // 81: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
+	67, // 82: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
+	69, // 83: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
+	71, // 84: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
+	74, // 85: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
+	76, // 86: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
+	78, // 87: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
+	2,  // 88: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
+	13, // 89: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
+	18, // 90: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
+	27, // 91: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
+	29, // 92: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
+	31, // 93: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
+	33, // 94: segmesh.v1.AgentService.RequestPunch:output_type -> segmesh.v1.RequestPunchResponse
+	35, // 95: segmesh.v1.AgentService.RequestRelay:output_type -> segmesh.v1.RequestRelayResponse
+	38, // 96: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
+	40, // 97: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
+	42, // 98: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
+	46, // 99: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
+	50, // 100: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
+	52, // 101: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
+	81, // 102: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
+	83, // 103: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
+	86, // 104: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
+	88, // 105: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
+	91, // 106: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
+	55, // 107: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
+	57, // 108: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
+	59, // 109: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
+	61, // 110: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
+	63, // 111: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
+	65, // 112: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
+	68, // 113: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
+	70, // 114: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
+	72, // 115: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
+	75, // 116: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
+	77, // 117: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
+	79, // 118: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
+	88, // [88:119] is the sub-list for method output_type
+	57, // [57:88] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_segmesh_v1_segmesh_proto_init() }
@@ -6555,6 +6845,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 		(*NetmapUpdate_Full)(nil),
 		(*NetmapUpdate_Delta)(nil),
 		(*NetmapUpdate_Punch)(nil),
+		(*NetmapUpdate_Relay)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -6562,7 +6853,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmesh_v1_segmesh_proto_rawDesc), len(file_segmesh_v1_segmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   94,
+			NumMessages:   98,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

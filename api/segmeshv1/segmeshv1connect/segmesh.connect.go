@@ -62,6 +62,9 @@ const (
 	// AgentServiceRequestPunchProcedure is the fully-qualified name of the AgentService's RequestPunch
 	// RPC.
 	AgentServiceRequestPunchProcedure = "/segmesh.v1.AgentService/RequestPunch"
+	// AgentServiceRequestRelayProcedure is the fully-qualified name of the AgentService's RequestRelay
+	// RPC.
+	AgentServiceRequestRelayProcedure = "/segmesh.v1.AgentService/RequestRelay"
 	// OperatorServiceStatusProcedure is the fully-qualified name of the OperatorService's Status RPC.
 	OperatorServiceStatusProcedure = "/segmesh.v1.OperatorService/Status"
 	// OperatorServiceListNodesProcedure is the fully-qualified name of the OperatorService's ListNodes
@@ -223,6 +226,9 @@ type AgentServiceClient interface {
 	// RequestPunch asks the controller to make this node and a peer its netmap
 	// lists send to each other at once (a Punch to both); rate-limited per pair.
 	RequestPunch(context.Context, *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error)
+	// RequestRelay asks for a relay session to a peer the netmap lists, on a relay
+	// the policy lets both use: FailedPrecondition when there is none.
+	RequestRelay(context.Context, *connect.Request[segmeshv1.RequestRelayRequest]) (*connect.Response[segmeshv1.RequestRelayResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the segmesh.v1.AgentService service. By default, it
@@ -272,6 +278,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("RequestPunch")),
 			connect.WithClientOptions(opts...),
 		),
+		requestRelay: connect.NewClient[segmeshv1.RequestRelayRequest, segmeshv1.RequestRelayResponse](
+			httpClient,
+			baseURL+AgentServiceRequestRelayProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("RequestRelay")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -283,6 +295,7 @@ type agentServiceClient struct {
 	renewCertificate *connect.Client[segmeshv1.RenewCertificateRequest, segmeshv1.RenewCertificateResponse]
 	rotateKey        *connect.Client[segmeshv1.RotateKeyRequest, segmeshv1.RotateKeyResponse]
 	requestPunch     *connect.Client[segmeshv1.RequestPunchRequest, segmeshv1.RequestPunchResponse]
+	requestRelay     *connect.Client[segmeshv1.RequestRelayRequest, segmeshv1.RequestRelayResponse]
 }
 
 // Sync calls segmesh.v1.AgentService.Sync.
@@ -315,6 +328,11 @@ func (c *agentServiceClient) RequestPunch(ctx context.Context, req *connect.Requ
 	return c.requestPunch.CallUnary(ctx, req)
 }
 
+// RequestRelay calls segmesh.v1.AgentService.RequestRelay.
+func (c *agentServiceClient) RequestRelay(ctx context.Context, req *connect.Request[segmeshv1.RequestRelayRequest]) (*connect.Response[segmeshv1.RequestRelayResponse], error) {
+	return c.requestRelay.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the segmesh.v1.AgentService service.
 type AgentServiceHandler interface {
 	// Long-lived stream: the controller sends the current netmap at once and again
@@ -338,6 +356,9 @@ type AgentServiceHandler interface {
 	// RequestPunch asks the controller to make this node and a peer its netmap
 	// lists send to each other at once (a Punch to both); rate-limited per pair.
 	RequestPunch(context.Context, *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error)
+	// RequestRelay asks for a relay session to a peer the netmap lists, on a relay
+	// the policy lets both use: FailedPrecondition when there is none.
+	RequestRelay(context.Context, *connect.Request[segmeshv1.RequestRelayRequest]) (*connect.Response[segmeshv1.RequestRelayResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -383,6 +404,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("RequestPunch")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceRequestRelayHandler := connect.NewUnaryHandler(
+		AgentServiceRequestRelayProcedure,
+		svc.RequestRelay,
+		connect.WithSchema(agentServiceMethods.ByName("RequestRelay")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/segmesh.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceSyncProcedure:
@@ -397,6 +424,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceRotateKeyHandler.ServeHTTP(w, r)
 		case AgentServiceRequestPunchProcedure:
 			agentServiceRequestPunchHandler.ServeHTTP(w, r)
+		case AgentServiceRequestRelayProcedure:
+			agentServiceRequestRelayHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -428,6 +457,10 @@ func (UnimplementedAgentServiceHandler) RotateKey(context.Context, *connect.Requ
 
 func (UnimplementedAgentServiceHandler) RequestPunch(context.Context, *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.AgentService.RequestPunch is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) RequestRelay(context.Context, *connect.Request[segmeshv1.RequestRelayRequest]) (*connect.Response[segmeshv1.RequestRelayResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("segmesh.v1.AgentService.RequestRelay is not implemented"))
 }
 
 // OperatorServiceClient is a client for the segmesh.v1.OperatorService service.
