@@ -115,7 +115,10 @@ type Options struct {
 	// (an IPv4 address or an IPv6 /64); loopback is exempt. Further connections
 	// from it are closed at once.
 	MaxConnectionsPerSource int
-	Logger                  *slog.Logger
+	// STUNListen is the UDP address "host:port" of the STUN Binding responder
+	// (RFC 8489; usually ":3478"); empty disables it.
+	STUNListen string
+	Logger     *slog.Logger
 	// Metrics, when set, receives the controller's collectors (see
 	// docs/metrics.md); give each controller its own registry. Nil exports none.
 	Metrics prometheus.Registerer
@@ -154,6 +157,8 @@ type Controller struct {
 	nodeErrs      map[string]string   // under computeMu: nodes the engine refused, and why
 	now           func() time.Time
 	metrics       *metrics
+	// stunConn is the STUN responder's socket (nil when Options.STUNListen is empty).
+	stunConn net.PacketConn
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
@@ -224,6 +229,13 @@ func New(opts Options) (_ *Controller, err error) {
 		return nil, fmt.Errorf("listening on %s: %w", opts.Listen, err)
 	}
 	cleanup = append(cleanup, func() { _ = c.ln.Close() })
+	if opts.STUNListen != "" {
+		c.stunConn, err = net.ListenPacket("udp", opts.STUNListen)
+		if err != nil {
+			return nil, fmt.Errorf("STUN: listening on udp %s: %w", opts.STUNListen, err)
+		}
+		cleanup = append(cleanup, func() { _ = c.stunConn.Close() })
+	}
 	c.advertiseURL, err = advertiseURL(opts.AdvertiseURL, c.ln.Addr().(*net.TCPAddr))
 	if err != nil {
 		return nil, err
@@ -434,6 +446,19 @@ func (c *Controller) run(ctx context.Context) error {
 	serveErr := make(chan error, 1)
 	ln := newSourceLimitListener(netutil.LimitListener(c.ln, c.opts.MaxConnections), c.opts.MaxConnectionsPerSource)
 	go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
+	if c.stunConn != nil {
+		stunDone := make(chan struct{})
+		go func() {
+			defer close(stunDone)
+			if err := newSTUNServer(c.stunConn, c.metrics.stun).serve(); err != nil {
+				c.log.Error("STUN responder stopped", "err", err)
+			}
+		}()
+		defer func() {
+			_ = c.stunConn.Close()
+			<-stunDone
+		}()
+	}
 
 	select {
 	case err := <-serveErr:

@@ -42,6 +42,7 @@ type metrics struct {
 	nodes          *nodesCollector
 	flows          prometheus.Counter
 	flowsDrop      *prometheus.CounterVec
+	stunRequests   *prometheus.CounterVec
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -83,7 +84,14 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_denied_flows_dropped_total",
 			Help: "Denied flows not kept or no longer kept, by reason: evicted (the bounded log was full), node_omitted (left out by the agent), invalid, over_limit (past 256 in a report), rate_limited (past the node's budget).",
 		}, []string{"reason"}),
+		stunRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_controller_stun_requests_total",
+			Help: "Datagrams received by the STUN responder (--stun-listen), by result: answered, dropped (over the rate limits or unsendable), invalid (not a STUN Binding request).",
+		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
+	}
+	for _, r := range []string{stunAnswered, stunDropped, stunInvalid} {
+		m.stunRequests.WithLabelValues(r)
 	}
 	for _, r := range flowDropReasons {
 		m.flowsDrop.WithLabelValues(r)
@@ -100,7 +108,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
@@ -205,3 +213,6 @@ func (m *metrics) flowsDropped(reason string, n uint64) {
 		m.flowsDrop.WithLabelValues(reason).Add(float64(n))
 	}
 }
+
+// stun counts one datagram of the STUN responder by result.
+func (m *metrics) stun(result string) { m.stunRequests.WithLabelValues(result).Inc() }

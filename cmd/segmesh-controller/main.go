@@ -139,6 +139,7 @@ check-config" checks a configuration without starting.`,
 	f.DurationVar(&opts.AddressQuarantine, "address-quarantine", controller.DefaultAddressQuarantine, "how long a deleted node's overlay addresses stay reserved")
 	f.IntVar(&opts.MaxConnections, "max-connections", controller.DefaultMaxConnections, "maximum concurrent TCP connections (agents, operators, enrolling hosts)")
 	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
+	f.StringVar(&opts.STUNListen, "stun-listen", "", `answer STUN Binding requests (RFC 8489) on this UDP address, usually ":3478"; empty: off`)
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
 	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)
