@@ -26,7 +26,9 @@
 //     STUN, garbage) is dropped and counted by reason in Stats.
 //   - If the other end has not latched yet, the latest accepted handshake
 //     message is kept for up to 5 s and delivered when the other end latches,
-//     so the first handshake does not wait for WireGuard's 5 s retry.
+//     so the first handshake does not wait for WireGuard's 5 s retry; the
+//     latching message itself is then not forwarded (crossing initiations
+//     would make both ends refuse each other's response).
 //   - Bytes are limited by a per-session and a total token bucket
 //     (golang.org/x/time/rate); packets beyond are dropped and counted.
 //   - An expired session stops forwarding at once, even before the next Set.
@@ -353,9 +355,16 @@ func (f *Forwarder) handle(s *session, i int, b []byte, src netip.AddrPort) {
 			f.log.Debug("relay latch", "id", s.ID, "side", i, "addr", src)
 		}
 		me.latch = src
-		// Deliver the other end's waiting handshake to the end that just latched.
-		if other.pend.n > 0 && now.Sub(other.pend.at) < pendingTTL && f.allow(s, now, other.pend.n) {
-			f.send(me.conn, other.pend.buf[:other.pend.n], src)
+		// Deliver the other end's waiting handshake to the end that just
+		// latched, instead of forwarding this one: two initiations crossing
+		// would make both ends refuse each other's response.
+		if other.pend.n > 0 && now.Sub(other.pend.at) < pendingTTL {
+			n := other.pend.n
+			other.pend.n = 0
+			if f.allow(s, now, n) {
+				f.send(me.conn, other.pend.buf[:n], src)
+				return
+			}
 		}
 		other.pend.n = 0
 		if !other.latch.IsValid() {
