@@ -15,12 +15,11 @@ import (
 )
 
 type wgNode struct {
-	tun      *tuntest.ChannelTUN
-	dev      *device.Device
-	priv     [32]byte
-	pub      [32]byte
-	overlay  netip.Addr
-	listenTo uint16
+	tun     *tuntest.ChannelTUN
+	dev     *device.Device
+	priv    [32]byte
+	pub     [32]byte
+	overlay netip.Addr
 }
 
 func newWGNode(t *testing.T, overlay string) *wgNode {
