@@ -37,6 +37,7 @@ import (
 	"segmesh/agent/gossip"
 	"segmesh/agent/internal/testpki"
 	"segmesh/agent/netmap"
+	"segmesh/agent/path"
 	"segmesh/agent/reconcile"
 	"segmesh/agent/statefile"
 	"segmesh/api/jointoken"
@@ -1263,6 +1264,8 @@ func newGossipAgent(t *testing.T, logger *slog.Logger) *agent {
 	a.rec = reconcile.New(fake.New(dataplane.KindUserspace), reconcile.Local{Interface: "smt0"}, logger)
 	a.gossip = gossip.NewManager(logger, nil)
 	t.Cleanup(a.gossip.Stop)
+	a.path = path.New(path.Options{Logger: logger})
+	a.peers = &peerTable{}
 	return a
 }
 

@@ -144,7 +144,8 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 		if err := a.gossip.Configure(gossip.Config{}); err != nil {
 			a.log.Warn("stopping gossip", "err", err)
 		}
-		a.rec.SetEndpoints(nil)
+		a.updateSelf()
+		a.path.SetPeers(pathPeers(nm, nil))
 		a.setAlive(nil)
 		return nil
 	}
@@ -171,9 +172,8 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 		return nil
 	}
 	endpoints, alive := gossipView(nm, a.gossip.Members(), a.claims, a.log)
-	if _, changed := a.rec.SetEndpoints(endpoints); changed {
-		a.log.Info("peer endpoints learned by gossip", "overrides", len(endpoints))
-	}
+	a.updateSelf()
+	a.path.SetPeers(pathPeers(nm, endpoints))
 	a.setAlive(alive)
 	var join []netip.AddrPort
 	for _, p := range nm.Peers {

@@ -77,6 +77,9 @@ const (
 	handshakeFresh = 150 * time.Second
 	// maxRounds is the most connectivity-check rounds in flight.
 	maxRounds = 16
+	// preferWait is how long a round waits, after a candidate answered, for
+	// better ones still in flight.
+	preferWait = 200 * time.Millisecond
 	// tick is how often Run looks for due rounds.
 	tick = 250 * time.Millisecond
 )
@@ -401,36 +404,66 @@ func (s *Selector) step(ctx context.Context) {
 		s.bg.Go(func() {
 			defer func() { <-s.sem }()
 			answered := s.probeAll(ctx, cands)
+			last := hs[k]
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			p.running = false
 			if cur, ok := s.peers[k]; ok && cur == p && ctx.Err() == nil {
-				s.finish(ctx, p, cands, answered)
+				s.finish(ctx, p, cands, answered, last)
 			}
 		})
 	}
 }
 
 // probeAll checks every candidate at once and returns the first one in cands
-// order that answered (index -1: none).
+// order that answered (index -1: none). It returns as soon as that is known: a
+// candidate answered and every better one failed, or preferWait passed since
+// the first answer (a better candidate that answers later loses).
 func (s *Selector) probeAll(ctx context.Context, cands []netmap.Candidate) int {
 	if len(cands) == 0 {
 		return -1
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.o.ProbeTimeout)
 	defer cancel()
-	ok := make([]bool, len(cands))
-	var wg sync.WaitGroup
-	for i, c := range cands {
-		wg.Go(func() { ok[i] = s.o.Probe(ctx, c.Endpoint) == nil })
+	type result struct {
+		i  int
+		ok bool
 	}
-	wg.Wait()
-	return slices.Index(ok, true)
+	results := make(chan result, len(cands))
+	for i, c := range cands {
+		go func() { results <- result{i, s.o.Probe(ctx, c.Endpoint) == nil} }()
+	}
+	done := make([]bool, len(cands))
+	best := -1
+	var grace <-chan time.Time
+	for range cands {
+		select {
+		case r := <-results:
+			done[r.i] = true
+			if r.ok && (best < 0 || r.i < best) {
+				best = r.i
+				if grace == nil {
+					grace = time.After(preferWait)
+				}
+			}
+		case <-grace:
+			return best
+		}
+		if best >= 0 && !slices.Contains(done[:best], false) {
+			return best
+		}
+	}
+	return best
 }
 
 // finish applies the outcome of a round at now. s.mu held.
-func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate, answered int) {
+func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate, answered int, last time.Time) {
 	now := s.o.Now()
+	if o := p.relay; o != nil && p.path.Kind == Relay && now.Sub(o.got) > handshakeFresh && now.Sub(last) > handshakeFresh {
+		// The relay carries no handshakes (it went away): ask for another.
+		s.log.Info("relay path without handshakes; asking for a new relay session", "peer", p.Name, "relay", o.c.Relay)
+		p.relay = nil
+	}
 	if answered >= 0 {
 		c := cands[answered]
 		p.failingSince = time.Time{}

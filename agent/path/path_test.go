@@ -198,12 +198,23 @@ func TestRelayRenewedAtHalfLife(t *testing.T) {
 	if _, relays := w.calls(); len(relays) != 1 {
 		t.Fatalf("relay requests %v, want one", relays)
 	}
-	for i := 0; i < 12; i++ { // 6 min of direct retries
+	for i := 0; i < 12; i++ { // 6 min of direct retries, the relay handshaking
 		w.advance(DefaultDirectRetry)
+		w.mu.Lock()
+		w.handshakes[keyB] = w.now
+		w.mu.Unlock()
 		settle(t, s)
 	}
 	if _, relays := w.calls(); len(relays) != 2 {
 		t.Fatalf("relay requests %v after 6 of 10 minutes, want a renewal", relays)
+	}
+	// The relay goes away: no handshakes for longer than handshakeFresh.
+	for i := 0; i < 7; i++ {
+		w.advance(DefaultDirectRetry)
+		settle(t, s)
+	}
+	if _, relays := w.calls(); len(relays) != 3 {
+		t.Fatalf("relay requests %v after the relay stopped carrying handshakes, want a new one", relays)
 	}
 }
 
