@@ -9,6 +9,7 @@ import (
 	"segmesh/agent/dataplane"
 	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
+	"segmesh/agent/path"
 	"segmesh/agent/reconcile"
 )
 
@@ -55,6 +56,7 @@ func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, pee
 			netmap: netmapOf,
 			now:    now,
 			peers:  prometheus.NewDesc("segmesh_agent_peers", "WireGuard peers on the overlay interface, as of the latest read-back.", nil, nil),
+			byPath: prometheus.NewDesc("segmesh_agent_peers_by_path", "WireGuard peers by the path in use: direct, relay, or unknown (no path proven yet, or the device's endpoint is not the chosen one), as of the latest read-back.", []string{"path"}, nil),
 			handshake: prometheus.NewDesc("segmesh_agent_peer_last_handshake_seconds",
 				"Seconds since the latest WireGuard handshake with each peer (by node name), as of the latest read-back; peers without a handshake yet are left out.", []string{"peer"}, nil),
 		},
@@ -103,17 +105,22 @@ func (m *agentMetrics) Applied(took time.Duration, repaired reconcile.Difference
 // the peer table (which the reports read too).
 func (m *agentMetrics) Observed(o dataplane.Observed) { m.peers.table.set(o) }
 
+// pathUnknown is the path label of peers without a proven path.
+const pathUnknown = "unknown"
+
 // peersCollector exports the peers of the latest read-back.
 type peersCollector struct {
 	table     *peerTable
 	netmap    func() *netmap.Netmap
 	now       func() time.Time
 	peers     *prometheus.Desc
+	byPath    *prometheus.Desc
 	handshake *prometheus.Desc
 }
 
 func (p *peersCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- p.peers
+	ch <- p.byPath
 	ch <- p.handshake
 }
 
@@ -121,8 +128,18 @@ func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
 	now := p.now()
 	var handshakes []prometheus.Metric
 	n := 0
+	var paths map[dataplane.Key]path.Path
+	if p.table.paths != nil {
+		paths = p.table.paths()
+	}
+	byPath := map[string]int{path.Direct: 0, path.Relay: 0, pathUnknown: 0}
 	read := p.table.visit(p.netmap(), func(peer *observedPeer) {
 		n++
+		if pa, ok := paths[peer.key]; ok && pa.Kind != "" && pa.Endpoint == peer.endpoint {
+			byPath[pa.Kind]++
+		} else {
+			byPath[pathUnknown]++
+		}
 		hs := peer.stats.LastHandshake
 		if hs.IsZero() {
 			return
@@ -137,6 +154,9 @@ func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	ch <- prometheus.MustNewConstMetric(p.peers, prometheus.GaugeValue, float64(n))
+	for k, v := range byPath {
+		ch <- prometheus.MustNewConstMetric(p.byPath, prometheus.GaugeValue, float64(v), k)
+	}
 	for _, m := range handshakes {
 		ch <- m
 	}
