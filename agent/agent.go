@@ -292,7 +292,7 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	a.rec.SetObserver(m)
 	a.gossip = gossip.NewManager(a.log.With("component", "gossip"), func() { signal(a.gossipC) })
 	po := path.Options{
-		Handshakes:   a.handshakes,
+		Device:       a.device,
 		RequestPunch: a.requestPunch,
 		RequestRelay: a.requestRelay,
 		Logger:       a.log.With("component", "path"),

@@ -253,10 +253,13 @@ func (a *agent) pathLoop(ctx context.Context) {
 	}
 }
 
-// handshakes returns the latest handshake of every peer of the latest read-back.
-func (a *agent) handshakes() map[dataplane.Key]time.Time {
-	out := map[dataplane.Key]time.Time{}
-	a.peers.visit(nil, func(p *observedPeer) { out[p.key] = p.stats.LastHandshake })
+// device returns the endpoint and latest handshake of every peer of the latest
+// read-back.
+func (a *agent) device() map[dataplane.Key]path.Device {
+	out := map[dataplane.Key]path.Device{}
+	a.peers.visit(a.rec.Netmap(), func(p *observedPeer) {
+		out[p.key] = path.Device{Endpoint: p.endpoint, LastHandshake: p.stats.LastHandshake}
+	})
 	return out
 }
 

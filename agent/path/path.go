@@ -110,14 +110,30 @@ type Path struct {
 	Relay string
 }
 
+// Device is what the WireGuard device holds for a peer.
+type Device struct {
+	// Endpoint is where the device sends now: the one configured, or the source
+	// of the peer's latest authenticated packet (WireGuard roaming).
+	Endpoint netip.AddrPort
+	// LastHandshake is the latest completed handshake; zero for none.
+	LastHandshake time.Time
+}
+
+// CandidateHandshake is the Path.Candidate of a direct path that WireGuard
+// proved (an endpoint the device learned from the peer's authenticated
+// packets, such as a mapping of a NAT that maps per destination) where no
+// connectivity check answered.
+const CandidateHandshake = "handshake"
+
 // Options configure a Selector. Zero durations take the defaults.
 type Options struct {
 	// Probe sends a connectivity check to dst from the WireGuard socket and
 	// returns when dst answered (nil) or ctx ended. Nil when the socket cannot
 	// carry one (kernel WireGuard).
 	Probe func(ctx context.Context, dst netip.AddrPort) error
-	// Handshakes returns every peer's latest WireGuard handshake (zero: none).
-	Handshakes func() map[dataplane.Key]time.Time
+	// Device returns what the WireGuard device holds for every peer: its
+	// endpoint now and its latest handshake.
+	Device func() map[dataplane.Key]Device
 	// RequestPunch asks the controller to make the peer send to this node now;
 	// nil disables hole punching.
 	RequestPunch func(ctx context.Context, peer string) error
@@ -190,8 +206,8 @@ func New(o Options) *Selector {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	if o.Handshakes == nil {
-		o.Handshakes = func() map[dataplane.Key]time.Time { return nil }
+	if o.Device == nil {
+		o.Device = func() map[dataplane.Key]Device { return nil }
 	}
 	return &Selector{o: o, log: o.Logger, changed: make(chan struct{}, 1), sem: make(chan struct{}, maxRounds), peers: map[dataplane.Key]*peer{}}
 }
@@ -373,7 +389,7 @@ func (s *Selector) Run(ctx context.Context) {
 
 // step starts the rounds that are due.
 func (s *Selector) step(ctx context.Context) {
-	hs := s.o.Handshakes()
+	devs := s.o.Device()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.o.Now()
@@ -382,10 +398,10 @@ func (s *Selector) step(ctx context.Context) {
 			continue
 		}
 		if s.o.Probe == nil {
-			s.trialStep(ctx, p, hs[k], now)
+			s.trialStep(ctx, p, devs[k].LastHandshake, now)
 			continue
 		}
-		if last := hs[k]; p.path.Kind == Direct && now.Sub(last) < handshakeFresh && p.failingSince.IsZero() {
+		if d := devs[k]; p.path.Kind == Direct && d.Endpoint == p.path.Endpoint && now.Sub(d.LastHandshake) < handshakeFresh && p.failingSince.IsZero() {
 			// WireGuard proves the direct path; check again later.
 			p.next = now.Add(s.o.DirectRetry)
 			continue
@@ -404,12 +420,12 @@ func (s *Selector) step(ctx context.Context) {
 		s.bg.Go(func() {
 			defer func() { <-s.sem }()
 			answered := s.probeAll(ctx, cands)
-			last := hs[k]
+			dev := devs[k]
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			p.running = false
 			if cur, ok := s.peers[k]; ok && cur == p && ctx.Err() == nil {
-				s.finish(ctx, p, cands, answered, last)
+				s.finish(ctx, p, cands, answered, dev)
 			}
 		})
 	}
@@ -457,9 +473,20 @@ func (s *Selector) probeAll(ctx context.Context, cands []netmap.Candidate) int {
 }
 
 // finish applies the outcome of a round at now. s.mu held.
-func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate, answered int, last time.Time) {
+func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate, answered int, dev Device) {
 	now := s.o.Now()
-	if o := p.relay; o != nil && p.path.Kind == Relay && now.Sub(o.got) > handshakeFresh && now.Sub(last) > handshakeFresh {
+	fresh := !dev.LastHandshake.IsZero() && now.Sub(dev.LastHandshake) < handshakeFresh
+	if answered < 0 && fresh && dev.Endpoint.IsValid() && !(p.path.Kind == Relay && dev.Endpoint == p.path.Endpoint) &&
+		(p.relay == nil || dev.Endpoint != p.relay.c.Endpoint) && !slices.Contains(s.self, dev.Endpoint) {
+		// No check answered, but WireGuard handshakes with the peer at the
+		// device's endpoint: the peer's NAT maps per destination, and the
+		// peer's own packets opened the way. Keep what works.
+		p.failingSince = time.Time{}
+		s.setPath(p, Path{Endpoint: dev.Endpoint, Kind: Direct, Candidate: CandidateHandshake})
+		p.next = now.Add(s.o.DirectRetry)
+		return
+	}
+	if o := p.relay; o != nil && p.path.Kind == Relay && now.Sub(o.got) > handshakeFresh && !fresh {
 		// The relay carries no handshakes (it went away): ask for another.
 		s.log.Info("relay path without handshakes; asking for a new relay session", "peer", p.Name, "relay", o.c.Relay)
 		p.relay = nil

@@ -20,6 +20,7 @@ type world struct {
 	now        time.Time
 	answers    map[netip.AddrPort]bool
 	handshakes map[dataplane.Key]time.Time
+	devEP      map[dataplane.Key]netip.AddrPort
 	punches    []string
 	relays     []string
 	punchErr   error
@@ -27,7 +28,7 @@ type world struct {
 }
 
 func newWorld() *world {
-	return &world{now: time.Unix(1_800_000_000, 0), answers: map[netip.AddrPort]bool{}, handshakes: map[dataplane.Key]time.Time{}}
+	return &world{now: time.Unix(1_800_000_000, 0), answers: map[netip.AddrPort]bool{}, handshakes: map[dataplane.Key]time.Time{}, devEP: map[dataplane.Key]netip.AddrPort{}}
 }
 
 func (w *world) clock() time.Time { w.mu.Lock(); defer w.mu.Unlock(); return w.now }
@@ -54,12 +55,12 @@ func (w *world) options(probe bool) Options {
 		Now:          w.clock,
 		ProbeTimeout: 20 * time.Millisecond,
 		Logger:       slog.New(slog.DiscardHandler),
-		Handshakes: func() map[dataplane.Key]time.Time {
+		Device: func() map[dataplane.Key]Device {
 			w.mu.Lock()
 			defer w.mu.Unlock()
-			out := map[dataplane.Key]time.Time{}
+			out := map[dataplane.Key]Device{}
 			for k, v := range w.handshakes {
-				out[k] = v
+				out[k] = Device{LastHandshake: v, Endpoint: w.devEP[k]}
 			}
 			return out
 		},
@@ -306,5 +307,38 @@ func TestKernelKeepsHandshakingCandidate(t *testing.T) {
 	settle(t, s)
 	if got := pathOf(s); got.Kind != Direct || got.Endpoint.String() != "198.51.100.2:51820" {
 		t.Fatalf("path %+v, want direct to the handshaking candidate", got)
+	}
+}
+
+func TestKeepsWhatWireGuardProves(t *testing.T) {
+	w := newWorld()
+	s := New(w.options(true))
+	s.SetPeers(peerB(cand("203.0.113.9:51820", netmap.CandidateObserved)))
+	// The peer is behind a NAT that maps per destination: no check answers, but
+	// its handshakes arrive from the mapping it made towards this host.
+	w.mu.Lock()
+	w.handshakes[keyB] = w.now
+	w.devEP[keyB] = netip.MustParseAddrPort("203.0.113.9:61002")
+	w.mu.Unlock()
+	settle(t, s)
+	got := pathOf(s)
+	if got.Kind != Direct || got.Endpoint.String() != "203.0.113.9:61002" || got.Candidate != CandidateHandshake {
+		t.Fatalf("path %+v, want direct to the endpoint WireGuard handshakes at", got)
+	}
+	if _, relays := w.calls(); len(relays) != 0 {
+		t.Fatalf("asked for a relay (%v) although WireGuard handshakes directly", relays)
+	}
+	// A handshake through the relay proves nothing about direct paths.
+	s.Punch(keyB, []netmap.Candidate{relayCand})
+	w.mu.Lock()
+	w.devEP[keyB] = relayCand.Endpoint
+	w.handshakes[keyB] = time.Time{}
+	w.mu.Unlock()
+	for i := 0; i < 8; i++ {
+		w.advance(DefaultDirectRetry)
+		settle(t, s)
+	}
+	if got := pathOf(s); got.Kind != Relay {
+		t.Fatalf("path %+v, want the relay once the direct handshakes stopped", got)
 	}
 }
