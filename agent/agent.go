@@ -307,6 +307,13 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	a.peers.paths = a.path.Paths
 	if a.relayFirst != 0 {
 		a.relay = relay.New(relay.Options{Logger: a.log.With("component", "relay")})
+		if opts.Metrics != nil {
+			if err := opts.Metrics.Register(newRelayCollector(a.relay.Stats)); err != nil {
+				_ = a.relay.Close()
+				_ = a.dp.Close()
+				return nil, fmt.Errorf("agent: registering relay metrics: %w", err)
+			}
+		}
 	}
 	return a, nil
 }

@@ -10,6 +10,7 @@ import (
 	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
 	"segmesh/agent/path"
+	"segmesh/agent/relay"
 	"segmesh/agent/reconcile"
 )
 
@@ -186,4 +187,38 @@ func (d *dropsCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d.bytes, prometheus.CounterValue, float64(dir.t.Bytes), dir.name)
 	}
 	ch <- prometheus.MustNewConstMetric(d.records, prometheus.CounterValue, float64(st.Records))
+}
+
+// relayCollector exports the relay forwarder's counters (relay nodes only).
+type relayCollector struct {
+	stats                             func() relay.Stats
+	sessions, packets, bytes, dropped *prometheus.Desc
+}
+
+func newRelayCollector(stats func() relay.Stats) *relayCollector {
+	return &relayCollector{
+		stats:    stats,
+		sessions: prometheus.NewDesc("segmesh_agent_relay_sessions", "Relay sessions (authorised pairs of nodes) this node forwards for now.", nil, nil),
+		packets:  prometheus.NewDesc("segmesh_agent_relay_packets_total", "WireGuard packets this node relayed.", nil, nil),
+		bytes:    prometheus.NewDesc("segmesh_agent_relay_bytes_total", "Bytes (UDP payload) this node relayed.", nil, nil),
+		dropped: prometheus.NewDesc("segmesh_agent_relay_dropped_packets_total",
+			"Packets the relay refused, by reason (unauthorised: no session's keys, or not from a latched end; replay; rate; malformed; ...).", []string{"reason"}, nil),
+	}
+}
+
+func (c *relayCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.sessions
+	ch <- c.packets
+	ch <- c.bytes
+	ch <- c.dropped
+}
+
+func (c *relayCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stats()
+	ch <- prometheus.MustNewConstMetric(c.sessions, prometheus.GaugeValue, float64(st.Sessions))
+	ch <- prometheus.MustNewConstMetric(c.packets, prometheus.CounterValue, float64(st.Packets))
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(st.Bytes))
+	for reason, n := range st.Dropped {
+		ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(n), reason)
+	}
 }
