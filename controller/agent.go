@@ -155,7 +155,9 @@ func orUnknown(s string) string {
 }
 
 // serve runs one netmap stream (Sync or SyncUpdates): it records the agent's
-// endpoint (a change is persisted and recomputes netmaps), marks the node online,
+// endpoint and candidates (updateEndpoint, updateCandidates: a change is
+// persisted and recomputes netmaps; candidates refused for their rate are only
+// logged), marks the node online,
 // sends the node's current netmap at once and then, on every change, a delta
 // (with deltas) or the whole netmap, until the agent goes away or the controller shuts down. Before each
 // netmap it authenticates the node again; a node revoked or deleted meanwhile is
@@ -170,6 +172,12 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	ep := req.Msg.GetEndpoint()
 	if err := c.updateEndpoint(node, ep); err != nil {
 		return err
+	}
+	if err := c.updateCandidates(node, req.Peer().Addr, ep, req.Msg.GetCandidates()); err != nil {
+		if isCutOff(err) {
+			return err
+		}
+		c.log.Debug("endpoint candidates not stored; the stored ones stay", "node", node.Name, "err", err)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -520,16 +528,9 @@ func (c *Controller) updateEndpoint(node store.Node, ep string) error {
 // setEndpoint persists a node's new endpoint and schedules a recompute. A node
 // revoked meanwhile is refused with PermissionDenied.
 func (c *Controller) setEndpoint(name, ep string) error {
-	err := c.store.Update(func(tx store.Tx) error {
-		n, ok, err := tx.Node(name)
-		if err != nil || !ok {
-			return err
-		}
-		if n.Revoked() {
-			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked", name))
-		}
+	_, err := c.editNode(name, func(n *store.Node) bool {
 		n.Endpoint = ep
-		return tx.PutNode(n)
+		return true
 	})
 	if err != nil {
 		return fmt.Errorf("storing endpoint of node %s: %w", name, err)
@@ -542,8 +543,10 @@ func (c *Controller) setEndpoint(name, ep string) error {
 // Report implements AgentService.Report: it records what the agent enforces and,
 // when the report names a new endpoint (the host roamed), updates the node's
 // endpoint as a new stream's SyncRequest.endpoint would (updateEndpoint: the same
-// checks and rate limit). The status is recorded even when the endpoint is
-// refused; the error then tells the agent to report again.
+// checks and rate limit), then, when it names an endpoint or candidates, the
+// node's candidates (updateCandidates). The status is recorded even when the
+// endpoint or the candidates are refused; the error then tells the agent to
+// report again.
 func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
 	node, err := s.authenticate(ctx)
 	if err != nil {
@@ -553,8 +556,14 @@ func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv
 	prev := s.c.live.report(node.Name, req.Msg, now)
 	s.c.metrics.reported(prev, req.Msg.GetAppliedRevision(), now)
 	s.c.recordDeniedFlows(node, req.Msg, now)
-	if err := s.c.updateEndpoint(node, req.Msg.GetEndpoint()); err != nil {
+	ep := req.Msg.GetEndpoint()
+	if err := s.c.updateEndpoint(node, ep); err != nil {
 		return nil, err
+	}
+	if ep != "" || len(req.Msg.GetCandidates()) > 0 { // else the agent predates candidates in reports
+		if err := s.c.updateCandidates(node, req.Peer().Addr, ep, req.Msg.GetCandidates()); err != nil {
+			return nil, err
+		}
 	}
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
 }
