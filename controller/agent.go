@@ -186,7 +186,12 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	c.log.Info("agent connected", "node", node.Name, "peer", req.Peer().Addr, "endpoint", ep, "dataplane", req.Msg.GetDataplane(), "version", req.Msg.GetVersion())
 	defer c.log.Info("agent disconnected", "node", node.Name, "peer", req.Peer().Addr)
 
-	sub := c.hub.Subscribe(node.Name, deltas)
+	var features []string
+	if deltas { // out-of-band updates are NetmapUpdates: SyncUpdates streams only
+		features = streamFeatures(req.Msg.GetFeatures())
+	}
+	c.live.setFeatures(node.Name, conn, features)
+	sub := c.hub.Subscribe(node.Name, deltas, features...)
 	defer sub.Close()
 	for {
 		select {
@@ -228,7 +233,46 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 				c.log.Debug("netmap sent", "node", node.Name, "revision", u.GetFull().GetPolicyRevision(), "hash", u.GetFull().GetHash())
 			}
 		}
+		for _, u := range sub.Pushed() { // after the netmap, which may name their peers
+			if err := c.sendLimited(ctx, u, send); err != nil {
+				return fmt.Errorf("sending an out-of-band update to %s: %w", node.Name, err)
+			}
+		}
 	}
+}
+
+// Features of SyncRequest.features the controller knows: the kinds of
+// out-of-band update (Controller.push) an agent understands.
+const (
+	featurePunch = "punch"
+	featureRelay = "relay"
+)
+
+// streamFeatures returns the known features among fs, once each, in the order
+// featurePunch, featureRelay.
+func streamFeatures(fs []string) []string {
+	var out []string
+	for _, f := range []string{featurePunch, featureRelay} {
+		if slices.Contains(fs, f) {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// push queues u, an update that is not a netmap (a Punch, a RelayConfig), for
+// the open SyncUpdates streams of node whose agents listed feature in their
+// SyncRequest.features (at most fanout.MaxPushed per stream, the oldest dropped
+// and counted in segmesh_controller_pushes_dropped_total). It reports whether
+// any stream queued it; false when node has no such stream (offline, or its
+// agent predates feature).
+func (c *Controller) push(node, feature string, u *segmeshv1.NetmapUpdate) bool {
+	queued, dropped := c.hub.Push(node, feature, u)
+	if dropped > 0 {
+		c.metrics.pushesDropped.Add(float64(dropped))
+		c.log.Debug("out-of-band updates dropped: the stream's queue was full", "node", node, "dropped", dropped)
+	}
+	return queued > 0
 }
 
 // heavyUpdate is the number of peers and set elements above which an update
@@ -595,6 +639,10 @@ type liveNode struct {
 	lastApplyMs, lastApplyUs int64
 	peers                    []reportedPeer
 	peersMore                uint32
+	// features are the known SyncRequest.features of the newest stream
+	// (streamFeatures; none on a Sync stream), featuresOf its ID.
+	features   []string
+	featuresOf uint64
 	// legacy maps the version 1 hashes of the netmaps last sent on a Sync stream
 	// to their version 2 hashes (at most legacyHashes), so that an agent that
 	// predates deltas reports a hash status can compare.
@@ -759,6 +807,29 @@ func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, cancel co
 	}
 	n.lastSeen = now
 	return l.nextID
+}
+
+// setFeatures records the features of node name's stream id (streamFeatures)
+// unless a newer stream recorded its own.
+func (l *liveTracker) setFeatures(name string, id uint64, features []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := l.get(name)
+	if id >= n.featuresOf {
+		n.features, n.featuresOf = features, id
+	}
+}
+
+// online reports whether node name has an open netmap stream and the features
+// of its newest one.
+func (l *liveTracker) online(name string) (bool, []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n, ok := l.nodes[name]
+	if !ok || len(n.conns) == 0 {
+		return false, nil
+	}
+	return true, slices.Clone(n.features)
 }
 
 // disconnect closes stream id of node; the node stays online while another

@@ -43,6 +43,7 @@ type metrics struct {
 	flows          prometheus.Counter
 	flowsDrop      *prometheus.CounterVec
 	stunRequests   *prometheus.CounterVec
+	pushesDropped  prometheus.Counter
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -88,6 +89,10 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_stun_requests_total",
 			Help: "Datagrams received by the STUN responder (--stun-listen), by result: answered, dropped (over the rate limits or unsendable), invalid (not a STUN Binding request).",
 		}, []string{"result"}),
+		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "segmesh_controller_pushes_dropped_total",
+			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
+		}),
 		appliedAt: map[uint64]time.Time{},
 	}
 	for _, r := range []string{stunAnswered, stunDropped, stunInvalid} {
@@ -108,7 +113,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.pushesDropped} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
