@@ -43,6 +43,8 @@ type metrics struct {
 	flows          prometheus.Counter
 	flowsDrop      *prometheus.CounterVec
 	stunRequests   *prometheus.CounterVec
+	pushesDropped  prometheus.Counter
+	punchRequests  *prometheus.CounterVec
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -88,7 +90,18 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_stun_requests_total",
 			Help: "Datagrams received by the STUN responder (--stun-listen), by result: answered, dropped (over the rate limits or unsendable), invalid (not a STUN Binding request).",
 		}, []string{"result"}),
+		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "segmesh_controller_pushes_dropped_total",
+			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
+		}),
+		punchRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_controller_punch_requests_total",
+			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's rate limit).",
+		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
+	}
+	for _, r := range []string{punchOK, punchNotPeer, punchOffline, punchLimited} {
+		m.punchRequests.WithLabelValues(r)
 	}
 	for _, r := range []string{stunAnswered, stunDropped, stunInvalid} {
 		m.stunRequests.WithLabelValues(r)
@@ -108,7 +121,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.pushesDropped, m.punchRequests} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
@@ -216,3 +229,6 @@ func (m *metrics) flowsDropped(reason string, n uint64) {
 
 // stun counts one datagram of the STUN responder by result.
 func (m *metrics) stun(result string) { m.stunRequests.WithLabelValues(result).Inc() }
+
+// punched counts one hole punching request by result (punchOK, ...).
+func (m *metrics) punched(result string) { m.punchRequests.WithLabelValues(result).Inc() }
