@@ -69,7 +69,7 @@ func TestNATTraversal(t *testing.T) {
 	m := newMeshOpts(t, lab.MeshOptions{
 		NATs: nats, Nodes: nodes,
 		ControllerArgs: []string{"--stun-listen", ":3478"},
-		AgentArgs:      []string{"--relay-ports", relayPorts},
+		AgentArgs:      []string{"--relay-ports", relayPorts, "--metrics-listen", ":" + strconv.Itoa(lab.MetricsPort)},
 	})
 	ctx := context.Background()
 	if _, err := m.Up(ctx, emptyPolicy(), convergeTimeout); err != nil {
@@ -96,6 +96,8 @@ func TestNATTraversal(t *testing.T) {
 		requirePath(t, m, p.src, p.dst, p.path)
 		requirePath(t, m, p.dst, p.src, p.path)
 	}
+
+	requireRelayRefusesStrangers(t, m)
 
 	direct := iperf(t, m, st, "web-1", "web-2")
 	relayed := iperf(t, m, st, "web-1", "api-1")
@@ -261,4 +263,50 @@ func iperf(t *testing.T, m *lab.Mesh, st *lab.Status, src, dst string) float64 {
 		t.Fatalf("decoding iperf3 output: %v\n%s", err, out)
 	}
 	return res.End.SumReceived.BitsPerSecond / 1e6
+}
+
+// requireRelayRefusesStrangers sends, from db-1 (whose pairs are all direct),
+// WireGuard handshake initiations to every relay port of ops-1: the relay
+// must count them as refused for a bad mac1 (it checks each handshake message
+// against the keys of the session the port belongs to) instead of forwarding.
+func requireRelayRefusesStrangers(t *testing.T, m *lab.Mesh) {
+	t.Helper()
+	ctx := context.Background()
+	ops := m.Node("ops-1")
+	scrape := func() (dropped float64) {
+		text, err := ops.Host.Scrape(ctx, netip.AddrPortFrom(ops.Host.Addr, lab.MetricsPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v, ok := sample(text, "segmesh_agent_relay_sessions"); !ok || v < 1 {
+			t.Fatalf("ops-1 relays no session (segmesh_agent_relay_sessions %v, %v)", v, ok)
+		}
+		d, _ := sample(text, `segmesh_agent_relay_dropped_packets_total{reason="mac1"}`)
+		return d
+	}
+	before := scrape()
+	conn, err := m.Node("db-1").Host.ListenUDP(netip.AddrPortFrom(netip.IPv4Unspecified(), 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	first, last, _ := strings.Cut(relayPorts, "-")
+	lo, _ := strconv.Atoi(first)
+	hi, _ := strconv.Atoi(last)
+	// A handshake initiation (type 1, 148 bytes) whose mac1 is not valid for
+	// any key the relay forwards to.
+	msg := make([]byte, 148)
+	msg[0] = 1
+	for i := 8; i < len(msg); i++ {
+		msg[i] = byte(i * 7)
+	}
+	for port := lo; port <= hi; port++ {
+		if _, err := conn.WriteToUDPAddrPort(msg, netip.AddrPortFrom(ops.Host.Addr, uint16(port))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = lab.WaitFor(ctx, 10*time.Second, func(ctx context.Context) (bool, error) { return scrape() >= before+1, nil })
+	if err != nil {
+		t.Fatalf("the relay did not count forged handshakes from a stranger as refused (mac1 drops before %v, now %v): %v", before, scrape(), err)
+	}
 }
