@@ -107,7 +107,7 @@ func (a *agent) stunLoop(ctx context.Context, server netip.AddrPort) {
 			return
 		case err != nil:
 			if !warned {
-				a.log.Warn("no STUN mapping for the WireGuard port; retrying", "server", server, "err", err)
+				a.log.Info("no STUN mapping for the WireGuard port, so no stun candidate (does the controller run --stun-listen? see --stun-server); retrying every 30 s", "server", server, "err", err)
 				warned = true
 			}
 		default:
