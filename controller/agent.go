@@ -180,6 +180,8 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 
 	sub := c.hub.Subscribe(node.Name, deltas)
 	defer sub.Close()
+	c.relayStreamOpened(node.Name, conn, req.Msg)
+	defer c.relayStreamClosed(node.Name, conn)
 	for {
 		select {
 		case <-ctx.Done():

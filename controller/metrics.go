@@ -43,6 +43,8 @@ type metrics struct {
 	flows          prometheus.Counter
 	flowsDrop      *prometheus.CounterVec
 	stunRequests   *prometheus.CounterVec
+	relaySessions  prometheus.GaugeFunc
+	relayRequests  *prometheus.CounterVec
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -88,7 +90,18 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_stun_requests_total",
 			Help: "Datagrams received by the STUN responder (--stun-listen), by result: answered, dropped (over the rate limits or unsendable), invalid (not a STUN Binding request).",
 		}, []string{"result"}),
+		relaySessions: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_controller_relay_sessions",
+			Help: "Relay sessions in force (unexpired), on all relays.",
+		}, func() float64 { return float64(c.relays.alloc.Total()) }),
+		relayRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_controller_relay_requests_total",
+			Help: "RequestRelay calls of authenticated nodes by result: ok, not_peer (the peer is not in the caller's netmap), offline (the peer is not connected or takes no punches), no_relay (no relay both may use is online), limited (over the caller's rate), exhausted (no relay has room, or an end has too many sessions).",
+		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
+	}
+	for _, r := range relayResults {
+		m.relayRequests.WithLabelValues(r)
 	}
 	for _, r := range []string{stunAnswered, stunDropped, stunInvalid} {
 		m.stunRequests.WithLabelValues(r)
@@ -108,7 +121,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
@@ -216,3 +229,6 @@ func (m *metrics) flowsDropped(reason string, n uint64) {
 
 // stun counts one datagram of the STUN responder by result.
 func (m *metrics) stun(result string) { m.stunRequests.WithLabelValues(result).Inc() }
+
+// relayRequest counts one RequestRelay call by result (see relayResults).
+func (m *metrics) relayRequest(result string) { m.relayRequests.WithLabelValues(result).Inc() }

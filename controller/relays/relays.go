@@ -331,15 +331,7 @@ func (a *Allocator) Sessions(relayName string) []Session {
 	if r == nil {
 		return nil
 	}
-	now := a.opts.Now()
-	out := make([]Session, 0, len(r.sessions))
-	for _, s := range r.sessions {
-		if now.Before(s.Expires) {
-			out = append(out, *s)
-		}
-	}
-	slices.SortFunc(out, func(x, y Session) int { return cmp.Compare(x.ID, y.ID) })
-	return out
+	return liveSorted(r.sessions, a.opts.Now())
 }
 
 // Count returns the number of unexpired sessions of relay (0 when not online).
@@ -353,16 +345,48 @@ func (a *Allocator) Count(relayName string) int {
 	return countLive(r.sessions, a.opts.Now())
 }
 
-// Total returns the number of sessions held on all relays, expired ones not yet
-// removed by Expire included.
+// Total returns the number of unexpired sessions on all relays.
 func (a *Allocator) Total() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	now := a.opts.Now()
 	n := 0
 	for _, r := range a.relays {
-		n += len(r.sessions)
+		n += countLive(r.sessions, now)
 	}
 	return n
+}
+
+// Of returns the unexpired sessions node is an end of, on every relay, by ID.
+func (a *Allocator) Of(node string) []Session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return liveSorted(a.byNode[node], a.opts.Now())
+}
+
+// liveSorted returns copies of the sessions of m unexpired at now, by ID.
+func liveSorted(m map[uint64]*Session, now time.Time) []Session {
+	out := make([]Session, 0, len(m))
+	for _, s := range m {
+		if now.Before(s.Expires) {
+			out = append(out, *s)
+		}
+	}
+	slices.SortFunc(out, func(x, y Session) int { return cmp.Compare(x.ID, y.ID) })
+	return out
+}
+
+// Drop removes session id and returns its relay; false when there is none.
+func (a *Allocator) Drop(id uint64) (relay string, ok bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for name, r := range a.relays {
+		if s := r.sessions[id]; s != nil {
+			a.remove(r, s)
+			return name, true
+		}
+	}
+	return "", false
 }
 
 // Expire removes the expired sessions (Expires at or before now) and returns

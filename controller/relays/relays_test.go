@@ -371,3 +371,38 @@ func TestImports(t *testing.T) {
 		}
 	}
 }
+
+func TestOfDropTotal(t *testing.T) {
+	a, c := newTest(t, Options{TTL: time.Minute})
+	a.SetRelay("r", 40000, 40999)
+	a.SetRelay("q", 50000, 50999)
+	s1 := mustAllocate(t, a, "r", party("x"), party("y"))
+	c.advance(30 * time.Second)
+	s2 := mustAllocate(t, a, "q", party("z"), party("x"))
+	s3 := mustAllocate(t, a, "r", party("y"), party("z"))
+	if got := ids(a.Of("x")); !slices.Equal(got, []uint64{s1.ID, s2.ID}) {
+		t.Errorf("Of(x) = %v, want [%d %d]", got, s1.ID, s2.ID)
+	}
+	if got := a.Of("nobody"); len(got) != 0 {
+		t.Errorf("Of(nobody) = %v", got)
+	}
+	if a.Total() != 3 {
+		t.Errorf("Total = %d, want 3", a.Total())
+	}
+	c.advance(30 * time.Second) // s1 expires, not yet removed
+	if a.Total() != 2 || len(a.Of("x")) != 1 {
+		t.Errorf("after s1 expired: Total %d, Of(x) %v", a.Total(), a.Of("x"))
+	}
+	if r, ok := a.Drop(s2.ID); !ok || r != "q" {
+		t.Errorf("Drop(%d) = %q, %v, want q, true", s2.ID, r, ok)
+	}
+	if _, ok := a.Drop(s2.ID); ok {
+		t.Errorf("second Drop(%d) found it", s2.ID)
+	}
+	if got := ids(a.Sessions("r")); !slices.Equal(got, []uint64{s3.ID}) {
+		t.Errorf("Sessions(r) = %v, want [%d]", got, s3.ID)
+	}
+	if a.Count("q") != 0 || len(a.Of("x")) != 0 {
+		t.Errorf("after Drop: Count(q) %d, Of(x) %v", a.Count("q"), a.Of("x"))
+	}
+}

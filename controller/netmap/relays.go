@@ -1,0 +1,57 @@
+package netmap
+
+import (
+	"slices"
+	"strings"
+
+	"segmesh/api/segmeshv1"
+)
+
+// relayProgram is the part of policy.Program that names relays.
+// TODO(i10-policy-relays): stand-in until the policy branch is merged; then
+// call e.prog directly.
+type relayProgram interface {
+	RelaysFor(a, b []int32) []string
+	Relays() []string
+}
+
+// Relays returns the relay node names of the policy in force, in policy order;
+// nil under default deny. The slice is the caller's.
+func (e *Engine) Relays() []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	rp, ok := any(e.prog).(relayProgram)
+	if e.prog == nil || !ok {
+		return nil
+	}
+	return slices.Clone(rp.Relays())
+}
+
+// RelaysFor returns the relay nodes the policy in force lets nodes a and b both
+// use (policy.Program.RelaysFor on their memberships), in policy order, a and b
+// left out (a relay never relays for itself). It returns nil when the Engine
+// does not hold a or b, either is revoked, or under default deny. It does not
+// check that the policy connects a and b (PeerNames). The slice is the caller's.
+func (e *Engine) RelaysFor(a, b string) []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	na, nb := e.nodes[a], e.nodes[b]
+	rp, ok := any(e.prog).(relayProgram)
+	if na == nil || nb == nil || na.peer == nil || nb.peer == nil || e.prog == nil || !ok {
+		return nil
+	}
+	return slices.DeleteFunc(slices.Clone(rp.RelaysFor(na.segs, nb.segs)), func(r string) bool { return r == a || r == b })
+}
+
+// IsPeer reports whether node's netmap lists peer (the policy connects them),
+// in O(log peers); false when the Engine does not hold node or it is revoked.
+func (e *Engine) IsPeer(node, peer string) bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	n, ok := e.nodes[node]
+	if !ok || n.group == nil || node == peer {
+		return false
+	}
+	_, found := slices.BinarySearchFunc(n.group.peers, peer, func(p *segmeshv1.Peer, name string) int { return strings.Compare(p.Name, name) })
+	return found
+}
