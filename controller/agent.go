@@ -155,7 +155,9 @@ func orUnknown(s string) string {
 }
 
 // serve runs one netmap stream (Sync or SyncUpdates): it records the agent's
-// endpoint (a change is persisted and recomputes netmaps), marks the node online,
+// endpoint and candidates (updateEndpoint, updateCandidates: a change is
+// persisted and recomputes netmaps; candidates refused for their rate are only
+// logged), marks the node online,
 // sends the node's current netmap at once and then, on every change, a delta
 // (with deltas) or the whole netmap, until the agent goes away or the controller shuts down. Before each
 // netmap it authenticates the node again; a node revoked or deleted meanwhile is
@@ -171,6 +173,12 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	if err := c.updateEndpoint(node, ep); err != nil {
 		return err
 	}
+	if err := c.updateCandidates(node, req.Peer().Addr, ep, req.Msg.GetCandidates()); err != nil {
+		if isCutOff(err) {
+			return err
+		}
+		c.log.Debug("endpoint candidates not stored; the stored ones stay", "node", node.Name, "err", err)
+	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	conn := c.live.connect(node.Name, req.Msg, cancel, c.now())
@@ -178,9 +186,14 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	c.log.Info("agent connected", "node", node.Name, "peer", req.Peer().Addr, "endpoint", ep, "dataplane", req.Msg.GetDataplane(), "version", req.Msg.GetVersion())
 	defer c.log.Info("agent disconnected", "node", node.Name, "peer", req.Peer().Addr)
 
-	sub := c.hub.Subscribe(node.Name, deltas)
+	var features []string
+	if deltas { // out-of-band updates are NetmapUpdates: SyncUpdates streams only
+		features = streamFeatures(req.Msg.GetFeatures())
+	}
+	c.live.setFeatures(node.Name, conn, features)
+	sub := c.hub.Subscribe(node.Name, deltas, features...)
 	defer sub.Close()
-	c.relayStreamOpened(node.Name, conn, req.Msg)
+	c.relayStreamOpened(node.Name, conn, features, req.Msg.GetRelayPorts())
 	defer c.relayStreamClosed(node.Name, conn)
 	for {
 		select {
@@ -222,7 +235,46 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 				c.log.Debug("netmap sent", "node", node.Name, "revision", u.GetFull().GetPolicyRevision(), "hash", u.GetFull().GetHash())
 			}
 		}
+		for _, u := range sub.Pushed() { // after the netmap, which may name their peers
+			if err := c.sendLimited(ctx, u, send); err != nil {
+				return fmt.Errorf("sending an out-of-band update to %s: %w", node.Name, err)
+			}
+		}
 	}
+}
+
+// Features of SyncRequest.features the controller knows: the kinds of
+// out-of-band update (Controller.push) an agent understands.
+const (
+	featurePunch = "punch"
+	featureRelay = "relay"
+)
+
+// streamFeatures returns the known features among fs, once each, in the order
+// featurePunch, featureRelay.
+func streamFeatures(fs []string) []string {
+	var out []string
+	for _, f := range []string{featurePunch, featureRelay} {
+		if slices.Contains(fs, f) {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// push queues u, an update that is not a netmap (a Punch, a RelayConfig), for
+// the open SyncUpdates streams of node whose agents listed feature in their
+// SyncRequest.features (at most fanout.MaxPushed per stream, the oldest dropped
+// and counted in segmesh_controller_pushes_dropped_total). It reports whether
+// any stream queued it; false when node has no such stream (offline, or its
+// agent predates feature).
+func (c *Controller) push(node, feature string, u *segmeshv1.NetmapUpdate) bool {
+	queued, dropped := c.hub.Push(node, feature, u)
+	if dropped > 0 {
+		c.metrics.pushesDropped.Add(float64(dropped))
+		c.log.Debug("out-of-band updates dropped: the stream's queue was full", "node", node, "dropped", dropped)
+	}
+	return queued > 0
 }
 
 // heavyUpdate is the number of peers and set elements above which an update
@@ -522,16 +574,9 @@ func (c *Controller) updateEndpoint(node store.Node, ep string) error {
 // setEndpoint persists a node's new endpoint and schedules a recompute. A node
 // revoked meanwhile is refused with PermissionDenied.
 func (c *Controller) setEndpoint(name, ep string) error {
-	err := c.store.Update(func(tx store.Tx) error {
-		n, ok, err := tx.Node(name)
-		if err != nil || !ok {
-			return err
-		}
-		if n.Revoked() {
-			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q was revoked", name))
-		}
+	_, err := c.editNode(name, func(n *store.Node) bool {
 		n.Endpoint = ep
-		return tx.PutNode(n)
+		return true
 	})
 	if err != nil {
 		return fmt.Errorf("storing endpoint of node %s: %w", name, err)
@@ -544,8 +589,10 @@ func (c *Controller) setEndpoint(name, ep string) error {
 // Report implements AgentService.Report: it records what the agent enforces and,
 // when the report names a new endpoint (the host roamed), updates the node's
 // endpoint as a new stream's SyncRequest.endpoint would (updateEndpoint: the same
-// checks and rate limit). The status is recorded even when the endpoint is
-// refused; the error then tells the agent to report again.
+// checks and rate limit), then, when it names an endpoint or candidates, the
+// node's candidates (updateCandidates). The status is recorded even when the
+// endpoint or the candidates are refused; the error then tells the agent to
+// report again.
 func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv1.ReportRequest]) (*connect.Response[segmeshv1.ReportResponse], error) {
 	node, err := s.authenticate(ctx)
 	if err != nil {
@@ -555,8 +602,14 @@ func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv
 	prev := s.c.live.report(node.Name, req.Msg, now)
 	s.c.metrics.reported(prev, req.Msg.GetAppliedRevision(), now)
 	s.c.recordDeniedFlows(node, req.Msg, now)
-	if err := s.c.updateEndpoint(node, req.Msg.GetEndpoint()); err != nil {
+	ep := req.Msg.GetEndpoint()
+	if err := s.c.updateEndpoint(node, ep); err != nil {
 		return nil, err
+	}
+	if ep != "" || len(req.Msg.GetCandidates()) > 0 { // else the agent predates candidates in reports
+		if err := s.c.updateCandidates(node, req.Peer().Addr, ep, req.Msg.GetCandidates()); err != nil {
+			return nil, err
+		}
 	}
 	return connect.NewResponse(&segmeshv1.ReportResponse{}), nil
 }
@@ -588,6 +641,10 @@ type liveNode struct {
 	lastApplyMs, lastApplyUs int64
 	peers                    []reportedPeer
 	peersMore                uint32
+	// features are the known SyncRequest.features of the newest stream
+	// (streamFeatures; none on a Sync stream), featuresOf its ID.
+	features   []string
+	featuresOf uint64
 	// legacy maps the version 1 hashes of the netmaps last sent on a Sync stream
 	// to their version 2 hashes (at most legacyHashes), so that an agent that
 	// predates deltas reports a hash status can compare.
@@ -752,6 +809,29 @@ func (l *liveTracker) connect(name string, req *segmeshv1.SyncRequest, cancel co
 	}
 	n.lastSeen = now
 	return l.nextID
+}
+
+// setFeatures records the features of node name's stream id (streamFeatures)
+// unless a newer stream recorded its own.
+func (l *liveTracker) setFeatures(name string, id uint64, features []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := l.get(name)
+	if id >= n.featuresOf {
+		n.features, n.featuresOf = features, id
+	}
+}
+
+// online reports whether node name has an open netmap stream and the features
+// of its newest one.
+func (l *liveTracker) online(name string) (bool, []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n, ok := l.nodes[name]
+	if !ok || len(n.conns) == 0 {
+		return false, nil
+	}
+	return true, slices.Clone(n.features)
 }
 
 // disconnect closes stream id of node; the node stays online while another

@@ -142,7 +142,9 @@ type Controller struct {
 	candidateSlots chan struct{}
 	// endpointChanges budgets endpoint changes per node.
 	endpointChanges *actorLimiter
-	refusalAudits   *actorLimiter
+	// candidateChanges budgets candidate changes per node, as endpointChanges.
+	candidateChanges *actorLimiter
+	refusalAudits    *actorLimiter
 	// engine computes the netmaps; hub fans their changes out to the streams.
 	// Both are replaced only at start-up (rebuildLocked).
 	engine        *netmap.Engine
@@ -182,22 +184,23 @@ func New(opts Options) (_ *Controller, err error) {
 		return nil, err
 	}
 	c := &Controller{
-		opts:            opts,
-		log:             opts.Logger,
-		live:            newLiveTracker(),
-		flows:           newDeniedFlows(),
-		enrollLimits:    newRefusalLimiter(),
-		enrollSlots:     newSlotLimiter(),
-		candidateSlots:  make(chan struct{}, 2),
-		endpointChanges: newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
-		refusalAudits:   newActorLimiter(),
-		recomputeKick:   make(chan struct{}, 1),
-		dirty:           map[string]struct{}{},
-		nodeErrs:        map[string]string{},
-		sendBudget:      semaphore.NewWeighted(sendBudget),
-		sendSlots:       newSlots(2*runtime.GOMAXPROCS(0), slotLease),
-		now:             time.Now,
-		shutdown:        make(chan struct{}),
+		opts:             opts,
+		log:              opts.Logger,
+		live:             newLiveTracker(),
+		flows:            newDeniedFlows(),
+		enrollLimits:     newRefusalLimiter(),
+		enrollSlots:      newSlotLimiter(),
+		candidateSlots:   make(chan struct{}, 2),
+		endpointChanges:  newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
+		candidateChanges: newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
+		refusalAudits:    newActorLimiter(),
+		recomputeKick:    make(chan struct{}, 1),
+		dirty:            map[string]struct{}{},
+		nodeErrs:         map[string]string{},
+		sendBudget:       semaphore.NewWeighted(sendBudget),
+		sendSlots:        newSlots(2*runtime.GOMAXPROCS(0), slotLease),
+		now:              time.Now,
+		shutdown:         make(chan struct{}),
 	}
 	c.relays = newRelayState(func() time.Time { return c.now() })
 	c.metrics = newMetrics(c)

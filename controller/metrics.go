@@ -45,6 +45,7 @@ type metrics struct {
 	stunRequests   *prometheus.CounterVec
 	relaySessions  prometheus.GaugeFunc
 	relayRequests  *prometheus.CounterVec
+	pushesDropped  prometheus.Counter
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -98,6 +99,10 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_relay_requests_total",
 			Help: "RequestRelay calls of authenticated nodes by result: ok, not_peer (the peer is not in the caller's netmap), offline (the peer is not connected or takes no punches), no_relay (no relay both may use is online), limited (over the caller's rate), exhausted (no relay has room, or an end has too many sessions).",
 		}, []string{"result"}),
+		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "segmesh_controller_pushes_dropped_total",
+			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
+		}),
 		appliedAt: map[uint64]time.Time{},
 	}
 	for _, r := range relayResults {
@@ -121,7 +126,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests, m.pushesDropped} {
 		if err := r.Register(col); err != nil {
 			return err
 		}

@@ -30,12 +30,8 @@ import (
 // no longer authorises (a revoked, deleted or relabeled end, a rotated key, a
 // policy change).
 
-// Relay features and candidate kinds on the wire.
-const (
-	featureRelay   = "relay"
-	featurePunch   = "punch"
-	candidateRelay = "relay"
-)
+// candidateRelay is the kind of relay candidates (segmeshv1.Candidate.kind).
+const candidateRelay = "relay"
 
 // relaySweepInterval is how often expired sessions are removed and their
 // relays told.
@@ -86,15 +82,16 @@ func newRelayState(now func() time.Time) *relayState {
 	}
 }
 
-// relayStreamOpened records stream conn of node when req offers to relay,
+// relayStreamOpened records stream conn of node when its features (the known
+// ones, streamFeatures) list "relay", with the ports of SyncRequest.relay_ports,
 // makes node an available relay when the policy names it, and pushes it its
-// session set. A stream that lists the feature with invalid relay_ports is
-// logged and not used.
-func (c *Controller) relayStreamOpened(node string, conn uint64, req *segmeshv1.SyncRequest) {
-	if !slices.Contains(req.GetFeatures(), featureRelay) {
+// session set. A stream that lists the feature with invalid ports is logged and
+// not used.
+func (c *Controller) relayStreamOpened(node string, conn uint64, features []string, ports string) {
+	if !slices.Contains(features, featureRelay) {
 		return
 	}
-	first, last, err := relays.ParsePorts(req.GetRelayPorts())
+	first, last, err := relays.ParsePorts(ports)
 	if err != nil {
 		c.log.Warn("agent offers to relay with invalid ports; not used as a relay", "node", node, "err", err)
 		return
@@ -306,8 +303,8 @@ func party(n store.Node) relays.Party {
 // relayAddr returns the address peers reach relay node n at: the IP of its
 // "stun" candidate, else of its "observed" one, else of its endpoint.
 func relayAddr(n store.Node) (netip.Addr, bool) {
-	for _, kind := range []string{"stun", "observed"} {
-		for _, cand := range nodeCandidates(n) {
+	for _, kind := range []string{candidateSTUN, candidateObserved} {
+		for _, cand := range n.Candidates {
 			if cand.Kind != kind {
 				continue
 			}
@@ -358,7 +355,7 @@ func (c *Controller) requestRelay(name, peer string) (*segmeshv1.RequestRelayRes
 	if !c.engine.IsPeer(name, peer) {
 		return nil, relayNotPeer, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("peer %q is not in your netmap", reportedText(peer, 64)))
 	}
-	if !c.streamHas(peer, featurePunch) {
+	if online, features := c.live.online(peer); !online || !slices.Contains(features, featurePunch) {
 		return nil, relayOffline, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("peer %q is offline or its agent does not take relay candidates", peer))
 	}
 	var candidates []string

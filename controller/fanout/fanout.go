@@ -7,16 +7,25 @@
 // deltas composed into one (a burst coalesces), or the whole netmap when the node
 // needs it (first message, a change without a delta, a gap) or when more than
 // MaxPending changes piled up, which bounds the memory a stuck agent holds.
+//
+// Push queues an update that is not a netmap (a hole-punching request, a relay
+// configuration) for the streams of one node whose agents understand it (the
+// features they subscribed with), at most MaxPushed per stream.
 package fanout
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/wire"
 	"segmesh/controller/netmap"
 )
+
+// MaxPushed is the number of out-of-band updates (Push) a subscription queues
+// for its stream; past it, the oldest is dropped.
+const MaxPushed = 64
 
 // MaxPending is the number of changes a subscription keeps for its stream; past
 // it, the stream gets the whole netmap instead.
@@ -98,10 +107,12 @@ func (h *Hub) All() map[string]Latest {
 }
 
 // Subscribe registers a stream for node: with deltas, Next yields deltas after the
-// first netmap; without, always whole netmaps. The subscription starts woken, so
-// the first Next yields the current netmap. Close it when the stream ends.
-func (h *Hub) Subscribe(node string, deltas bool) *Subscription {
-	s := &Subscription{hub: h, node: node, deltas: deltas, wake: make(chan struct{}, 1)}
+// first netmap; without, always whole netmaps. features name the kinds of
+// out-of-band update the stream's agent understands (see Push). The
+// subscription starts woken, so the first Next yields the current netmap. Close
+// it when the stream ends.
+func (h *Hub) Subscribe(node string, deltas bool, features ...string) *Subscription {
+	s := &Subscription{hub: h, node: node, deltas: deltas, features: slices.Clone(features), wake: make(chan struct{}, 1)}
 	s.wakeUp()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -112,19 +123,54 @@ func (h *Hub) Subscribe(node string, deltas bool) *Subscription {
 	return s
 }
 
-// Subscription is one stream's view of its node's netmap. Next and Wake are meant
-// for the one goroutine that serves the stream.
+// Push queues u, an update that is not a netmap, for every subscription of node
+// that lists feature, dropping the oldest queued one of a subscription that holds
+// MaxPushed already, and wakes them; their streams take it with Pushed. It
+// returns how many subscriptions queued u (0: the node has no stream that
+// understands feature) and how many older updates were dropped for it.
+func (h *Hub) Push(node, feature string, u *segmeshv1.NetmapUpdate) (queued, dropped int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for s := range h.subs[node] {
+		if !slices.Contains(s.features, feature) {
+			continue
+		}
+		if len(s.pushed) >= MaxPushed {
+			s.pushed = slices.Delete(s.pushed, 0, len(s.pushed)-MaxPushed+1)
+			dropped++
+		}
+		s.pushed = append(s.pushed, u)
+		queued++
+		s.wakeUp()
+	}
+	return queued, dropped
+}
+
+// Subscription is one stream's view of its node's netmap. Next, Pushed and Wake
+// are meant for the one goroutine that serves the stream.
 type Subscription struct {
-	hub    *Hub
-	node   string
-	deltas bool
-	wake   chan struct{}
-	sent   uint64 // version of the netmap the stream has; 0 for none
+	hub      *Hub
+	node     string
+	deltas   bool
+	features []string
+	wake     chan struct{}
+	sent     uint64 // version of the netmap the stream has; 0 for none
 
 	// guarded by hub.mu
 	pending  []*netmap.Update
 	needFull bool
-	reset    bool // the node was removed: forget sent
+	reset    bool                      // the node was removed: forget sent
+	pushed   []*segmeshv1.NetmapUpdate // see Push, oldest first
+}
+
+// Pushed returns the updates Push queued for the stream since the last call,
+// oldest first, and empties the queue.
+func (s *Subscription) Pushed() []*segmeshv1.NetmapUpdate {
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	out := s.pushed
+	s.pushed = nil
+	return out
 }
 
 func (s *Subscription) wakeUp() {

@@ -258,3 +258,74 @@ func TestDeletedAndEnrolledAgain(t *testing.T) {
 		t.Fatalf("update after enrolling again = %v, want the new whole netmap", u)
 	}
 }
+
+func punchFor(peer string) *segmeshv1.NetmapUpdate {
+	return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Punch{Punch: &segmeshv1.Punch{Peer: peer}}}
+}
+
+// TestPush: an out-of-band update reaches only the streams of its node that
+// subscribed with its feature, wakes them, is taken once, in order, and the queue
+// keeps the newest MaxPushed.
+func TestPush(t *testing.T) {
+	_, h := fixture(t)
+	with := h.Subscribe("web-1", true, "relay", "punch")
+	without := h.Subscribe("web-1", true)
+	other := h.Subscribe("web-2", true, "punch")
+	for _, s := range []*Subscription{with, without, other} {
+		next(t, s) // the first netmap
+		woken(s)
+	}
+	tests := []struct {
+		node, feature       string
+		queued              int
+		withGets, otherGets bool
+	}{
+		{"web-1", "punch", 1, true, false},
+		{"web-1", "relay", 1, true, false},
+		{"web-1", "gossip", 0, false, false},
+		{"web-2", "punch", 1, false, true},
+		{"db-1", "punch", 0, false, false}, // no stream
+	}
+	for _, tt := range tests {
+		q, d := h.Push(tt.node, tt.feature, punchFor(tt.feature))
+		if q != tt.queued || d != 0 {
+			t.Errorf("Push(%s, %s) = %d queued %d dropped, want %d, 0", tt.node, tt.feature, q, d, tt.queued)
+		}
+		if got := woken(with); got != tt.withGets {
+			t.Errorf("Push(%s, %s): web-1's punch stream woken %v, want %v", tt.node, tt.feature, got, tt.withGets)
+		}
+		if got := woken(other); got != tt.otherGets {
+			t.Errorf("Push(%s, %s): web-2's stream woken %v, want %v", tt.node, tt.feature, got, tt.otherGets)
+		}
+		if woken(without) {
+			t.Errorf("Push(%s, %s) woke a stream without features", tt.node, tt.feature)
+		}
+	}
+	if got := with.Pushed(); len(got) != 2 || got[0].GetPunch().GetPeer() != "punch" || got[1].GetPunch().GetPeer() != "relay" {
+		t.Errorf("web-1 Pushed = %v, want the punch then the relay update", got)
+	}
+	if got := with.Pushed(); got != nil {
+		t.Errorf("second Pushed = %v, want nothing", got)
+	}
+	if got := without.Pushed(); got != nil {
+		t.Errorf("Pushed of a stream without features = %v", got)
+	}
+	if _, ok := with.Next(); ok {
+		t.Error("a push made Next yield a netmap")
+	}
+
+	dropped := 0
+	for i := range MaxPushed + 3 {
+		_, d := h.Push("web-2", "punch", punchFor(fmt.Sprint(i)))
+		dropped += d
+	}
+	got := other.Pushed()
+	if dropped != 4 || len(got) != MaxPushed || got[0].GetPunch().GetPeer() != "3" || got[MaxPushed-1].GetPunch().GetPeer() != fmt.Sprint(MaxPushed+2) {
+		t.Errorf("after %d pushes to a queue of %d (one queued before): dropped %d, kept %d from %q to %q; want 4 dropped, the newest %d kept",
+			MaxPushed+3, MaxPushed, dropped, len(got), got[0].GetPunch().GetPeer(), got[len(got)-1].GetPunch().GetPeer(), MaxPushed)
+	}
+	other.Close()
+	if q, _ := h.Push("web-2", "punch", punchFor("x")); q != 0 {
+		t.Errorf("Push after Close queued %d", q)
+	}
+}

@@ -159,7 +159,7 @@ func newNodeState(sn store.Node) *nodeState {
 	for i, a := range sn.Addresses {
 		n.hostPfx[i] = policy.HostPrefix(a)
 	}
-	n.peer = &segmeshv1.Peer{Name: sn.Name, PublicKey: sn.PublicKey, Endpoint: sn.Endpoint, AllowedIps: HostPrefixes(sn.Addresses), IdentityKey: sn.IdentityKey}
+	n.peer = PeerOf(&sn)
 	n.peerDig = wire.PeerDigest(n.peer)
 	n.self = &segmeshv1.Node{Name: sn.Name, Labels: sn.Labels, Addresses: n.peer.AllowedIps, PublicKey: sn.PublicKey, Endpoint: sn.Endpoint}
 	return n

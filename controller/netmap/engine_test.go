@@ -65,7 +65,14 @@ func (m *engineModel) drawNode(name string, i int) store.Node {
 	if rapid.Bool().Draw(t, "identity") {
 		n.IdentityKey = []byte{0x30, byte(i)}
 	}
+	n.Candidates = drawCandidates(t)
 	return n
+}
+
+// drawCandidates draws a node's stored candidates: none, or some of a few.
+func drawCandidates(t *rapid.T) []store.Candidate {
+	all := []store.Candidate{{Endpoint: "10.0.0.1:51820", Kind: "local"}, {Endpoint: "192.0.2.1:51820", Kind: "observed"}, {Endpoint: "203.0.113.9:4000", Kind: "stun"}}
+	return rapid.SliceOfNDistinct(rapid.SampledFrom(all), 0, len(all), func(c store.Candidate) string { return c.Endpoint }).Draw(t, "candidates")
 }
 
 func (m *engineModel) drawPolicy() *policy.Policy {
@@ -212,7 +219,7 @@ func testEngineMatchesFromScratch(t *testing.T, mergeRotation bool) {
 			i := slices.Index(modelNames, name)
 			n, exists := m.nodes[name]
 			var updates []Update
-			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip", "identity", "noaddr", "empty"}).Draw(t, "op")
+			op := rapid.SampledFrom([]string{"enroll", "relabel", "revoke", "delete", "endpoint", "address", "key", "rotation", "policy", "deny", "gossip", "identity", "noaddr", "empty", "candidates"}).Draw(t, "op")
 			label := fmt.Sprintf("step %d: %s %s", step, op, name)
 			switch {
 			case op == "enroll" && !exists:
@@ -232,6 +239,10 @@ func testEngineMatchesFromScratch(t *testing.T, mergeRotation bool) {
 				updates = m.engine.Remove(name)
 			case op == "endpoint" && exists:
 				n.Endpoint = rapid.SampledFrom([]string{"", "192.0.2.1:51820", "198.51.100.7:4000"}).Draw(t, "endpoint")
+				m.nodes[name] = n
+				updates = m.upsert(n)
+			case op == "candidates" && exists:
+				n.Candidates = drawCandidates(t)
 				m.nodes[name] = n
 				updates = m.upsert(n)
 			case op == "address" && exists:

@@ -119,13 +119,7 @@ func fromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, byName map[
 		if !ok || name == n.Name || p.Revoked() {
 			continue
 		}
-		nm.Peers = append(nm.Peers, &segmeshv1.Peer{
-			Name:        p.Name,
-			PublicKey:   p.PublicKey,
-			Endpoint:    p.Endpoint,
-			AllowedIps:  HostPrefixes(p.Addresses),
-			IdentityKey: p.IdentityKey,
-		})
+		nm.Peers = append(nm.Peers, PeerOf(p))
 	}
 	// Least privilege: only a node with peers gossips, so a node the policy
 	// isolates never learns the key (and with it the member list).
@@ -141,6 +135,20 @@ func fromCompiled(cfg Config, rev uint64, compiled *policy.Compiled, byName map[
 	}
 	nm.Hash = wire.NetmapHashV2(nm)
 	return nm
+}
+
+// PeerOf returns node n's entry in its peers' netmaps: its key, endpoint, overlay
+// addresses as allowed IPs, identity key and stored candidates (nil when it has
+// none).
+func PeerOf(n *store.Node) *segmeshv1.Peer {
+	p := &segmeshv1.Peer{Name: n.Name, PublicKey: n.PublicKey, Endpoint: n.Endpoint, AllowedIps: HostPrefixes(n.Addresses), IdentityKey: n.IdentityKey}
+	if len(n.Candidates) > 0 {
+		p.Candidates = make([]*segmeshv1.Candidate, len(n.Candidates))
+		for i, c := range n.Candidates {
+			p.Candidates[i] = &segmeshv1.Candidate{Endpoint: c.Endpoint, Kind: c.Kind}
+		}
+	}
+	return p
 }
 
 // HostPrefixes formats addresses as single-address prefixes ("100.64.0.2/32",

@@ -42,9 +42,13 @@ type Node struct {
 	// PrevIdentityUntil ends the grace of PrevIdentityKey.
 	PrevIdentityUntil time.Time `json:"prev_identity_until,omitzero"`
 	// Endpoint is the underlay "ip:port" of the node's WireGuard; empty when unknown.
-	Endpoint   string    `json:"endpoint,omitempty"`
-	Hostname   string    `json:"hostname,omitempty"`
-	EnrolledAt time.Time `json:"enrolled_at"`
+	Endpoint string `json:"endpoint,omitempty"`
+	// Candidates are the node's endpoint candidates, best first: the local
+	// addresses its agent advertised, the one the controller observed, then its
+	// STUN mappings (see Candidate); nil when none is known.
+	Candidates []Candidate `json:"candidates,omitempty"`
+	Hostname   string      `json:"hostname,omitempty"`
+	EnrolledAt time.Time   `json:"enrolled_at"`
 	// TokenID is the hex ID of the join token the node last enrolled with.
 	TokenID string `json:"token_id"`
 	// RevokedAt is when an operator revoked the node (zero: active); RevokedBy
@@ -57,6 +61,14 @@ type Node struct {
 	// operator requested; KeyRotationDone the last one the agent completed.
 	KeyRotation     uint64 `json:"key_rotation,omitempty"`
 	KeyRotationDone uint64 `json:"key_rotation_done,omitempty"`
+}
+
+// Candidate is one endpoint candidate of a node.
+type Candidate struct {
+	// Endpoint is an underlay "ip:port".
+	Endpoint string `json:"endpoint"`
+	// Kind is "local", "observed" or "stun" (segmeshv1.Candidate.kind).
+	Kind string `json:"kind"`
 }
 
 // Revoked reports whether an operator revoked the node.

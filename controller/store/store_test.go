@@ -31,6 +31,7 @@ func TestRoundTripAndPersistence(t *testing.T) {
 		Name: "db-1", Labels: map[string]string{"role": "db"},
 		Addresses: []netip.Addr{netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("fd5e::2")},
 		PublicKey: make([]byte, 32), IdentityKey: []byte{0x30, 0x59, 1}, Endpoint: "192.0.2.1:51820", EnrolledAt: now, TokenID: "00aa",
+		Candidates: []Candidate{{Endpoint: "10.0.0.1:51820", Kind: "local"}, {Endpoint: "192.0.2.1:51820", Kind: "observed"}},
 	}
 	tok := Token{ID: "00aa", SecretHash: []byte{1, 2}, Labels: map[string]string{"role": "db"}, CreatedAt: now, ExpiresAt: now.Add(time.Hour), UsedBy: "db-1", UsedAt: now, Uses: 1}
 	pol := Policy{Revision: 1, Filename: "p.yaml", Content: []byte("segments: {}\n"), AppliedAt: now, AppliedBy: "operator"}
