@@ -139,14 +139,21 @@ type resolvedRule struct {
 	ports    []PortMatch
 }
 
-// resolve builds the segment table (index 0 is "all") and resolves rule references.
-func resolve(p *Policy) ([]segInfo, []resolvedRule, error) {
+// resolvedRelay is a Relay with a bitset of segment numbers instead of names.
+type resolvedRelay struct {
+	node string
+	segs bitset // the segments of For
+}
+
+// resolve builds the segment table (index 0 is "all") and resolves rule and
+// relay references; a segment either references counts as referenced.
+func resolve(p *Policy) ([]segInfo, []resolvedRule, []resolvedRelay, error) {
 	segs := []segInfo{{name: AllSegment}}
 	segIndex := map[string]int32{AllSegment: 0}
 	for i := range p.Segments {
 		s := &p.Segments[i]
 		if _, dup := segIndex[s.Name]; dup {
-			return nil, nil, fmt.Errorf("segment %q defined twice (%s)", s.Name, s.Pos)
+			return nil, nil, nil, fmt.Errorf("segment %q defined twice (%s)", s.Name, s.Pos)
 		}
 		segIndex[s.Name] = int32(len(segs))
 		segs = append(segs, segInfo{name: s.Name, external: s.External(), seg: s})
@@ -162,7 +169,7 @@ func resolve(p *Policy) ([]segInfo, []resolvedRule, error) {
 			for _, name := range side.names {
 				si, ok := segIndex[name]
 				if !ok {
-					return nil, nil, fmt.Errorf("rule %q references undefined segment %q", r.Name, name)
+					return nil, nil, nil, fmt.Errorf("rule %q references undefined segment %q", r.Name, name)
 				}
 				segs[si].referenced = true
 				*side.out = append(*side.out, si)
@@ -172,7 +179,29 @@ func resolve(p *Policy) ([]segInfo, []resolvedRule, error) {
 		}
 		rules = append(rules, rr)
 	}
-	return segs, rules, nil
+	relays := make([]resolvedRelay, 0, len(p.Relays))
+	seen := make(map[string]bool, len(p.Relays))
+	for i := range p.Relays {
+		r := &p.Relays[i]
+		if seen[r.Node] {
+			return nil, nil, nil, fmt.Errorf("relay %q listed twice (%s)", r.Node, r.Pos)
+		}
+		seen[r.Node] = true
+		rr := resolvedRelay{node: r.Node, segs: newBitset(len(segs))}
+		for _, name := range r.For {
+			si, ok := segIndex[name]
+			switch {
+			case !ok:
+				return nil, nil, nil, fmt.Errorf("relay %q references undefined segment %q", r.Node, name)
+			case segs[si].external:
+				return nil, nil, nil, fmt.Errorf("relay %q references external segment %q; a relay forwards only between nodes", r.Node, name)
+			}
+			segs[si].referenced = true
+			rr.segs.set(int(si))
+		}
+		relays = append(relays, rr)
+	}
+	return segs, rules, relays, nil
 }
 
 // resolveMembers computes the members of every referenced node segment

@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 )
@@ -16,6 +17,9 @@ type DiffResult struct {
 	// Peers lists, for every node whose WireGuard peers change, the peers it gains
 	// and loses, sorted by node name.
 	Peers []PeerChange `json:"peers"`
+	// Relays lists, for every relay node whose users change, the nodes that
+	// gain and lose the right to use it, sorted by relay name (see RelayChange).
+	Relays []RelayChange `json:"relays"`
 }
 
 // FlowChange is a group of flows that change the same way. From and To are the
@@ -41,19 +45,52 @@ type FlowChange struct {
 // PeerChange is how one node's WireGuard peers change.
 type PeerChange struct {
 	Node string `json:"node"`
-	// Added and Removed list up to 100 peer names each, sorted; the counts are exact.
+	NameChanges
+}
+
+// RelayChange is how the users of one relay node change. The users of a relay R
+// are the nodes other than R that belong to a segment of R's for: R may forward
+// between any two of them that the rules make peers. A relay only one policy
+// lists gains or loses all its users. The order of the relays section is not
+// compared.
+type RelayChange struct {
+	Relay string `json:"relay"`
+	NameChanges
+}
+
+// NameChanges are the names one node gains and loses (peers, or users of a relay).
+type NameChanges struct {
+	// Added and Removed list up to 100 names each, sorted; the counts are exact.
 	Added        []string `json:"added,omitempty"`
 	Removed      []string `json:"removed,omitempty"`
 	AddedCount   int      `json:"added_count"`
 	RemovedCount int      `json:"removed_count"`
 }
 
+// String writes the changes as "+a +b +N more -c -M more".
+func (c NameChanges) String() string {
+	var parts []string
+	for _, n := range c.Added {
+		parts = append(parts, "+"+n)
+	}
+	if more := c.AddedCount - len(c.Added); more > 0 {
+		parts = append(parts, fmt.Sprintf("+%d more", more))
+	}
+	for _, n := range c.Removed {
+		parts = append(parts, "-"+n)
+	}
+	if more := c.RemovedCount - len(c.Removed); more > 0 {
+		parts = append(parts, fmt.Sprintf("-%d more", more))
+	}
+	return strings.Join(parts, " ")
+}
+
 const maxPeerNames = 100
 
-// Identical reports whether the two policies allow exactly the same flows and
-// give every node the same peers on the inventory.
+// Identical reports whether the two policies allow exactly the same flows,
+// give every node the same peers and every relay the same users on the inventory.
 func (d *DiffResult) Identical() bool {
-	return len(d.Added) == 0 && len(d.Removed) == 0 && len(d.Peers) == 0
+	return len(d.Added) == 0 && len(d.Removed) == 0 && len(d.Peers) == 0 && len(d.Relays) == 0
 }
 
 // Diff compares what old and new allow on the inventory nodes (nil: the
@@ -61,8 +98,9 @@ func (d *DiffResult) Identical() bool {
 // semantics of RunTests: per pair of distinct parties (nodes, and ranges of
 // external addresses that the same segments of either policy hold) and address
 // family, the packets allowed; per node, its peers. Policies that differ only
-// in order, names or layout but allow the same flows are identical. It returns
-// an error when nodes is not a valid inventory (see Compile).
+// in order, names or layout but allow the same flows are identical. Per relay
+// node it compares the users (see RelayChange). It returns an error when nodes
+// is not a valid inventory (see Compile).
 func Diff(old, new *Policy, nodes []Node) (*DiffResult, error) {
 	if old == nil || new == nil {
 		return nil, fmt.Errorf("diffing policies: nil policy")
@@ -104,6 +142,9 @@ func Diff(old, new *Policy, nodes []Node) (*DiffResult, error) {
 	}
 
 	d := &DiffResult{Added: []FlowChange{}, Removed: []FlowChange{}, Peers: []PeerChange{}}
+	if d.Relays, err = relayChanges(old, new, nodes); err != nil {
+		return nil, fmt.Errorf("diffing policies: %w", err)
+	}
 	groups := map[string]*FlowChange{}
 	var keys []string
 	record := func(added bool, u *universe, ci, cj *combined, fam string, f int, delta PortSet) {
@@ -195,6 +236,73 @@ func Diff(old, new *Policy, nodes []Node) (*DiffResult, error) {
 	}
 	d.Peers = peerChanges(uo, members, peerDelta)
 	return d, nil
+}
+
+// relayUsers returns, per relay node of p that has users among nodes, its
+// users, sorted.
+func relayUsers(p *Policy, nodes []Node) (map[string][]string, error) {
+	prog, err := Prepare(p)
+	if err != nil {
+		return nil, err
+	}
+	users := make(map[string][]string, len(prog.relays))
+	var ms []int32
+	for i := range nodes {
+		n := &nodes[i]
+		ms = prog.Memberships(n, ms[:0])
+		for ri := range prog.relays {
+			r := &prog.relays[ri]
+			if r.node != n.Name && r.segs.anyOf(ms) {
+				users[r.node] = append(users[r.node], n.Name)
+			}
+		}
+	}
+	for _, u := range users {
+		slices.Sort(u)
+	}
+	return users, nil
+}
+
+// relayChanges compares the users of every relay of old and new on nodes.
+func relayChanges(old, new *Policy, nodes []Node) ([]RelayChange, error) {
+	uo, err := relayUsers(old, nodes)
+	if err != nil {
+		return nil, fmt.Errorf("old policy: %w", err)
+	}
+	un, err := relayUsers(new, nodes)
+	if err != nil {
+		return nil, fmt.Errorf("new policy: %w", err)
+	}
+	names := slices.AppendSeq(slices.Collect(maps.Keys(uo)), maps.Keys(un))
+	slices.Sort(names)
+	names = slices.Compact(names)
+	out := []RelayChange{}
+	for _, relay := range names {
+		rc := RelayChange{Relay: relay}
+		rc.Added, rc.AddedCount = sortedMinus(un[relay], uo[relay])
+		rc.Removed, rc.RemovedCount = sortedMinus(uo[relay], un[relay])
+		if rc.AddedCount+rc.RemovedCount > 0 {
+			out = append(out, rc)
+		}
+	}
+	return out, nil
+}
+
+// sortedMinus returns up to maxPeerNames of the names of sorted list a that
+// sorted list b lacks, and how many there are.
+func sortedMinus(a, b []string) ([]string, int) {
+	var out []string
+	n := 0
+	for _, x := range a {
+		if _, found := slices.BinarySearch(b, x); found {
+			continue
+		}
+		n++
+		if len(out) < maxPeerNames {
+			out = append(out, x)
+		}
+	}
+	return out, n
 }
 
 func pick(added bool, old, new int) int {
@@ -327,8 +435,8 @@ func (u *universe) attribute(a, b *class, f int, delta PortSet) []attribution {
 }
 
 // Text writes the diff for people: "identical" or the added and removed flows
-// ("+ FROM -> TO PORTS (N flows: ...) by rule ...") and the peers per node
-// ("NODE: +gained -lost").
+// ("+ FROM -> TO PORTS (N flows: ...) by rule ..."), the peers per node
+// ("NODE: +gained -lost") and the users per relay ("RELAY: +gained -lost").
 func (d *DiffResult) Text() string {
 	if d.Identical() {
 		return "identical: no flow and no peer changes\n"
@@ -369,20 +477,13 @@ func (d *DiffResult) Text() string {
 	if len(d.Peers) > 0 {
 		fmt.Fprintf(&b, "peers:\n")
 		for _, pc := range d.Peers {
-			var parts []string
-			for _, n := range pc.Added {
-				parts = append(parts, "+"+n)
-			}
-			if more := pc.AddedCount - len(pc.Added); more > 0 {
-				parts = append(parts, fmt.Sprintf("+%d more", more))
-			}
-			for _, n := range pc.Removed {
-				parts = append(parts, "-"+n)
-			}
-			if more := pc.RemovedCount - len(pc.Removed); more > 0 {
-				parts = append(parts, fmt.Sprintf("-%d more", more))
-			}
-			fmt.Fprintf(&b, "  %s: %s\n", pc.Node, strings.Join(parts, " "))
+			fmt.Fprintf(&b, "  %s: %s\n", pc.Node, pc.NameChanges)
+		}
+	}
+	if len(d.Relays) > 0 {
+		fmt.Fprintf(&b, "relay users:\n")
+		for _, rc := range d.Relays {
+			fmt.Fprintf(&b, "  %s: %s\n", rc.Relay, rc.NameChanges)
 		}
 	}
 	return b.String()

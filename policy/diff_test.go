@@ -104,7 +104,7 @@ func TestDiffJSON(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `{"added":[],"removed":[{"from":"a","to":"b","ports":"other","rules":[{"name":"r","pos":"old.yaml:6:6"}],"count":1,"flows":["x -\u003e y"]}],"peers":[]}`
+	want := `{"added":[],"removed":[{"from":"a","to":"b","ports":"other","rules":[{"name":"r","pos":"old.yaml:6:6"}],"count":1,"flows":["x -\u003e y"]}],"peers":[],"relays":[]}`
 	if string(got) != want {
 		t.Errorf("JSON:\n%s\nwant\n%s", got, want)
 	}

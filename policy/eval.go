@@ -36,6 +36,16 @@ func newBitset(n int) bitset { return make(bitset, (n+63)/64) }
 func (b bitset) set(i int)      { b[i/64] |= 1 << (i % 64) }
 func (b bitset) has(i int) bool { return i/64 < len(b) && b[i/64]&(1<<(i%64)) != 0 }
 
+// anyOf reports whether b holds at least one of is.
+func (b bitset) anyOf(is []int32) bool {
+	for _, i := range is {
+		if b.has(int(i)) {
+			return true
+		}
+	}
+	return false
+}
+
 func (b bitset) intersects(o bitset) bool {
 	for i := range min(len(b), len(o)) {
 		if b[i]&o[i] != 0 {

@@ -15,14 +15,17 @@ import (
 
 // FuzzParse checks that Parse never panics, that it returns either a policy or a
 // sorted, positioned ErrorList, and that every policy it accepts compiles, has
-// every rule match a packet on its prototype inventory, runs its tests, explains
-// and diffs without error, is identical to itself, and has its warnings positioned.
+// every rule match a packet on its prototype inventory, prepares (RelaysFor
+// naming only its relays), runs its tests, explains and diffs without error, is
+// identical to itself, and has its warnings positioned.
 func FuzzParse(f *testing.F) {
 	seeds := []string{"", "version: 1\n", "version: 1\nsegments: [{name: a, nodes: [x]}]\nrules: [{name: r, from: [a], to: [all], ports: [tcp/1-2, icmp]}]\n",
 		"version: 1\nsegments: [{name: a, nodes: [x]}, {name: b, cidrs: [\"2001:db8::/32\"]}]\nrules: [{name: r, from: [a], to: [b], ports: [udp]}]\n" +
 			"tests:\n  - {name: t, from: a, to: \"2001:db8::1\", allow: [udp/53], deny: [tcp]}\n  - {name: u, from: x, only: [b, \"[2001:db8::2]\"]}\n",
 		testSegs + "  - {name: a, from: web, to: api, allow: [tcp/8080], deny: [icmp]}\n  - {name: b, from: db, only: [ops]}\n",
-		dualStackPolicy}
+		dualStackPolicy,
+		relaySegs + "  - {node: ops-1, for: [web, api]}\n  - node: edge.lan\n    for: [all]\n",
+		relaySegs + "  - {node: ops-1, for: [partner, wbe]}\n  - {node: ops-1, for: [solo]}\n  - {for: []}\n"}
 	files, _ := filepath.Glob("testdata/policies/*.yaml")
 	files = append(files, "../examples/policy.yaml")
 	for _, p := range files {
@@ -86,6 +89,21 @@ func FuzzParse(f *testing.F) {
 			// no external party on the prototype; real inventories differ.
 			if !overlay && !ruleMatchesAPacket(u, i) {
 				t.Fatalf("accepted rule %s matches no packet", u.rules[i].rule.Name)
+			}
+		}
+		prog, err := Prepare(p)
+		if err != nil {
+			t.Fatalf("Prepare of an accepted policy: %v", err)
+		}
+		if got := prog.Relays(); len(got) != len(p.Relays) {
+			t.Fatalf("Relays() = %v for %d relays", got, len(p.Relays))
+		}
+		for i := range inv {
+			ms := prog.Memberships(&inv[i], nil)
+			for _, r := range prog.RelaysFor(ms, ms) {
+				if !slices.ContainsFunc(p.Relays, func(pr Relay) bool { return pr.Node == r }) {
+					t.Fatalf("RelaysFor returned %q, which is no relay", r)
+				}
 			}
 		}
 		if _, err := RunTests(p, inv); err != nil {

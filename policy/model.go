@@ -17,6 +17,24 @@ type Policy struct {
 	Rules    []Rule
 	// Tests are the file's assertions, in file order; RunTests evaluates them.
 	Tests []Test
+	// Relays are the file's relay nodes, in file order (the order callers
+	// prefer them in); each node appears at most once.
+	Relays []Relay
+}
+
+// Relay is one entry of a policy file's relays section: node Node may forward
+// WireGuard ciphertext between two nodes that cannot reach each other directly
+// when both are members of at least one of the segments of For (not
+// necessarily the same one). A relay never forwards for a pair it is part of,
+// and it relays only for pairs the rules also make peers: For narrows who may
+// use the relay, it never widens access.
+type Relay struct {
+	// Node is the relay's node name (ValidNodeName); it need not be in any segment.
+	Node string
+	// For are names of node segments or "all", in file order; never external segments.
+	For []string
+	// Pos is where the relay's entry starts (its first key).
+	Pos Pos
 }
 
 // Segment is a named set of nodes or of external prefixes. A node segment has

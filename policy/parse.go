@@ -134,7 +134,7 @@ func (p *fileParser) parseFile(data []byte) *Policy {
 		p.errorf(Pos{File: p.file, Line: 1, Col: 1}, `missing "version: 1" (an empty policy is a file holding only "version: 1")`)
 		return nil
 	}
-	top, ok := p.mapping(body, "policy", []string{"version", "segments", "rules", "tests"})
+	top, ok := p.mapping(body, "policy", []string{"version", "segments", "rules", "tests", "relays"})
 	if !ok {
 		return nil
 	}
@@ -177,6 +177,15 @@ func (p *fileParser) parseFile(data []byte) *Policy {
 		for _, item := range items {
 			if t := p.parseTest(item, names); t != nil {
 				pol.Tests = append(pol.Tests, *t)
+			}
+		}
+	}
+	if v, ok := top["relays"]; ok {
+		seen := map[string]Pos{}
+		items, _ := p.list(v.Value, "relays")
+		for _, item := range items {
+			if r := p.parseRelay(item, segs, seen); r != nil {
+				pol.Relays = append(pol.Relays, *r)
 			}
 		}
 	}
@@ -339,6 +348,16 @@ func (p *fileParser) name(n ast.Node, what string) (string, bool) {
 	return s, true
 }
 
+// nodeName returns a valid node name (ValidNodeName).
+func (p *fileParser) nodeName(n ast.Node) (string, bool) {
+	s, ok := p.str(n, "node name")
+	if ok && !ValidNodeName(s) {
+		p.errorf(p.pos(n), "invalid node name %q: must match %s", s, NodeNameSyntax)
+		return "", false
+	}
+	return s, ok
+}
+
 func (p *fileParser) parseSegment(n ast.Node, defined map[string]*Segment) *Segment {
 	m, ok := p.mapping(n, "segment", []string{"name", "selectors", "nodes", "cidrs"})
 	if !ok {
@@ -378,11 +397,7 @@ func (p *fileParser) parseSegment(n ast.Node, defined map[string]*Segment) *Segm
 		items, ok := p.nonEmptyList(v.Value, "nodes", "list at least one node name or remove the field")
 		valid = valid && ok
 		for _, item := range items {
-			s, ok := p.str(item, "node name")
-			if ok && !ValidNodeName(s) {
-				p.errorf(p.pos(item), "invalid node name %q: must match %s", s, NodeNameSyntax)
-				ok = false
-			}
+			s, ok := p.nodeName(item)
 			if !ok {
 				valid = false
 				continue
@@ -627,7 +642,31 @@ func (p *fileParser) parseRefs(rule ast.Node, m map[string]*ast.MappingValueNode
 	if !ok {
 		return nil, false, false
 	}
-	ok, external = true, true
+	sr, ok := p.segmentRefs(items, field, segs)
+	external = true
+	for _, r := range sr {
+		external = external && r.seg != nil && r.seg.External()
+		refs = append(refs, r.name)
+	}
+	return refs, external, ok
+}
+
+// segRef is one resolved segment reference of a list: the name, the segment
+// (nil for "all") and where the name is written.
+type segRef struct {
+	name string
+	seg  *Segment
+	node ast.Node
+}
+
+// segmentRefs resolves the items of a list of segment references (the from or
+// to of a rule, the for of a relay: field) against the defined segments segs.
+// It reports an item that is not a string, an undefined segment (with the
+// closest defined name as a hint) and "all" combined with other segments, and
+// returns the references it resolved, in list order, with ok false when it
+// reported a problem.
+func (p *fileParser) segmentRefs(items []ast.Node, field string, segs map[string]*Segment) (refs []segRef, ok bool) {
+	ok = true
 	var allPos *Pos
 	for _, item := range items {
 		name, good := p.str(item, "segment reference")
@@ -635,11 +674,12 @@ func (p *fileParser) parseRefs(rule ast.Node, m map[string]*ast.MappingValueNode
 			ok = false
 			continue
 		}
-		if name == AllSegment {
+		s, def := segs[name]
+		switch {
+		case name == AllSegment:
 			pos := p.pos(item)
 			allPos = &pos
-			external = false
-		} else if s, def := segs[name]; !def {
+		case !def:
 			msg := fmt.Sprintf("undefined segment %q", name)
 			cands := make([]string, 0, len(segs)+1)
 			for k := range segs {
@@ -652,16 +692,66 @@ func (p *fileParser) parseRefs(rule ast.Node, m map[string]*ast.MappingValueNode
 			p.errorf(p.pos(item), "%s", msg)
 			ok = false
 			continue
-		} else if !s.External() {
-			external = false
 		}
-		refs = append(refs, name)
+		refs = append(refs, segRef{name: name, seg: s, node: item})
 	}
 	if allPos != nil && len(items) > 1 {
 		p.errorf(*allPos, "%q already holds every node; do not combine it with other segments in %s", AllSegment, field)
 		ok = false
 	}
-	return refs, external, ok
+	return refs, ok
+}
+
+// parseRelay parses one entry of the relays section; seen maps the relay nodes
+// parsed so far to their entries' positions.
+func (p *fileParser) parseRelay(n ast.Node, segs map[string]*Segment, seen map[string]Pos) *Relay {
+	m, ok := p.mapping(n, "relay", []string{"node", "for"})
+	if !ok {
+		return nil
+	}
+	r := &Relay{Pos: p.pos(n)}
+	valid := true
+	if v, ok := m["node"]; !ok {
+		p.errorf(r.Pos, "relay is missing its node (the name of the relay node)")
+		valid = false
+	} else if name, ok := p.nodeName(v.Value); !ok {
+		valid = false
+	} else if first, dup := seen[name]; dup {
+		p.errorf(p.pos(v.Value), "duplicate relay %q (first defined at %s); list its segments in one for", name, first)
+		valid = false
+	} else {
+		r.Node = name
+		seen[name] = r.Pos
+	}
+	v, ok := m["for"]
+	if !ok {
+		p.errorf(r.Pos, "relay is missing for (a list of the segments whose nodes may use it)")
+		return nil
+	}
+	items, ok := p.nonEmptyList(v.Value, "for", "list at least one segment whose nodes may use the relay")
+	if !ok {
+		return nil
+	}
+	refs, ok := p.segmentRefs(items, "for", segs)
+	valid = valid && ok
+	for _, ref := range refs {
+		if ref.seg != nil && ref.seg.External() {
+			p.errorf(p.pos(ref.node), "segment %q holds external addresses (cidrs); a relay forwards only between nodes, so for lists node segments or %q", ref.name, AllSegment)
+			valid = false
+			continue
+		}
+		r.For = append(r.For, ref.name)
+	}
+	if valid {
+		if only, ok := soleNode(r.For, segs); ok {
+			p.errorf(p.pos(v.Key), "relay %q forwards for no pair: its for holds only node %q, and a relay forwards between two nodes other than itself", r.Node, only)
+			valid = false
+		}
+	}
+	if !valid {
+		return nil
+	}
+	return r
 }
 
 func (p *fileParser) parsePortEntry(n ast.Node) (PortMatch, bool) {

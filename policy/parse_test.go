@@ -166,23 +166,28 @@ func TestParseErrors(t *testing.T) {
 		}},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			p, err := Parse("p.yaml", []byte(tt.src))
-			if p != nil {
-				t.Errorf("Parse returned a policy alongside errors")
-			}
-			var list ErrorList
-			if !errors.As(err, &list) {
-				t.Fatalf("Parse error = %v (%T), want ErrorList", err, err)
-			}
-			got := strings.Split(err.Error(), "\n")
-			if !reflect.DeepEqual(got, tt.want) {
-				t.Errorf("errors:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(tt.want, "\n"))
-			}
-			if len(list) != len(got) {
-				t.Errorf("ErrorList has %d entries, Error() has %d lines", len(list), len(got))
-			}
-		})
+		t.Run(tt.name, func(t *testing.T) { checkParseErrors(t, tt.src, tt.want) })
+	}
+}
+
+// checkParseErrors checks that Parse("p.yaml", src) fails with exactly the
+// errors want, one per line, as an ErrorList.
+func checkParseErrors(t *testing.T, src string, want []string) {
+	t.Helper()
+	p, err := Parse("p.yaml", []byte(src))
+	if p != nil {
+		t.Errorf("Parse returned a policy alongside errors")
+	}
+	var list ErrorList
+	if !errors.As(err, &list) {
+		t.Fatalf("Parse error = %v (%T), want ErrorList", err, err)
+	}
+	got := strings.Split(err.Error(), "\n")
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("errors:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if len(list) != len(got) {
+		t.Errorf("ErrorList has %d entries, Error() has %d lines", len(list), len(got))
 	}
 }
 

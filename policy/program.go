@@ -15,23 +15,29 @@ import (
 // Segment numbers run from 0 (the built-in "all") to Segments()-1, in the order
 // of the policy's segments.
 type Program struct {
-	segs     []segInfo
-	rules    []resolvedRule
-	explicit []map[string]bool // per segment: names listed in nodes:, nil for none
+	segs       []segInfo
+	rules      []resolvedRule
+	explicit   []map[string]bool // per segment: names listed in nodes:, nil for none
+	relays     []resolvedRelay   // policy order
+	relayNames []string          // relays[i].node
 }
 
 // Prepare resolves p's segment references. It fails, like Compile, when p (if
-// not from Parse) defines a segment twice or a rule references an undefined
-// segment.
+// not from Parse) defines a segment twice, a rule or a relay references an
+// undefined segment, a relay references an external segment, or a relay node
+// is listed twice.
 func Prepare(p *Policy) (*Program, error) {
 	if p == nil {
 		return nil, fmt.Errorf("compiling policy: nil policy")
 	}
-	segs, rules, err := resolve(p)
+	segs, rules, relays, err := resolve(p)
 	if err != nil {
 		return nil, fmt.Errorf("compiling policy: %w", err)
 	}
-	prog := &Program{segs: segs, rules: rules, explicit: make([]map[string]bool, len(segs))}
+	prog := &Program{segs: segs, rules: rules, explicit: make([]map[string]bool, len(segs)), relays: relays}
+	for _, r := range relays {
+		prog.relayNames = append(prog.relayNames, r.node)
+	}
 	for si := range segs {
 		s := &segs[si]
 		if !s.referenced {
@@ -61,8 +67,9 @@ func (p *Program) SegmentName(si int32) string { return p.segs[si].name }
 func (p *Program) External(si int32) bool { return p.segs[si].external }
 
 // Memberships appends to dst, in ascending order, the node segments that a rule
-// references and that n belongs to (by name or by a selector), and returns it.
-// A node's netmap depends on the policy only through this list.
+// or a relay's for references and that n belongs to (by name or by a
+// selector), and returns it. A node's netmap, relays included, depends on the
+// policy only through this list.
 func (p *Program) Memberships(n *Node, dst []int32) []int32 {
 	for si := range p.segs {
 		s := &p.segs[si]
@@ -110,3 +117,31 @@ func (p *Program) Group(memberships []int32) GroupSpec {
 // HostPrefix returns a as a single-address prefix (/32 or /128), the form node
 // addresses take in address sets.
 func HostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+// Relays returns the names of the policy's relay nodes in policy order (the
+// order of preference), or nil when it has none. The slice is the caller's.
+func (p *Program) Relays() []string { return slices.Clone(p.relayNames) }
+
+// RelaysFor returns the names of the relay nodes, in policy order, that may
+// forward between two nodes whose Memberships are a and b (ascending segment
+// numbers, as Memberships returns them): a relay R qualifies when a holds at
+// least one segment of R's for, and so does b (not necessarily the same one).
+// It returns nil when no relay qualifies. Its cost is O(len(Relays()) *
+// (len(a)+len(b))) and it allocates only the result.
+//
+// RelaysFor sees memberships, not names, so it cannot tell that a or b is a
+// relay itself: the caller must drop R from the result for a pair in which a
+// or b is R (a relay never relays for itself). RelaysFor does not check that
+// the rules connect a and b either: the caller offers a relay only to pairs
+// that are peers (Group's PeerSegments), since for narrows who may use a relay
+// and never widens access.
+func (p *Program) RelaysFor(a, b []int32) []string {
+	var out []string
+	for i := range p.relays {
+		r := &p.relays[i]
+		if r.segs.anyOf(a) && r.segs.anyOf(b) {
+			out = append(out, r.node)
+		}
+	}
+	return out
+}
