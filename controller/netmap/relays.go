@@ -7,24 +7,15 @@ import (
 	"segmesh/api/segmeshv1"
 )
 
-// relayProgram is the part of policy.Program that names relays.
-// TODO(i10-policy-relays): stand-in until the policy branch is merged; then
-// call e.prog directly.
-type relayProgram interface {
-	RelaysFor(a, b []int32) []string
-	Relays() []string
-}
-
 // Relays returns the relay node names of the policy in force, in policy order;
 // nil under default deny. The slice is the caller's.
 func (e *Engine) Relays() []string {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	rp, ok := any(e.prog).(relayProgram)
-	if e.prog == nil || !ok {
+	if e.prog == nil {
 		return nil
 	}
-	return slices.Clone(rp.Relays())
+	return e.prog.Relays()
 }
 
 // RelaysFor returns the relay nodes the policy in force lets nodes a and b both
@@ -36,11 +27,10 @@ func (e *Engine) RelaysFor(a, b string) []string {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	na, nb := e.nodes[a], e.nodes[b]
-	rp, ok := any(e.prog).(relayProgram)
-	if na == nil || nb == nil || na.peer == nil || nb.peer == nil || e.prog == nil || !ok {
+	if na == nil || nb == nil || na.peer == nil || nb.peer == nil || e.prog == nil {
 		return nil
 	}
-	return slices.DeleteFunc(slices.Clone(rp.RelaysFor(na.segs, nb.segs)), func(r string) bool { return r == a || r == b })
+	return slices.DeleteFunc(e.prog.RelaysFor(na.segs, nb.segs), func(r string) bool { return r == a || r == b })
 }
 
 // IsPeer reports whether node's netmap lists peer (the policy connects them),
