@@ -97,7 +97,7 @@ func newMetrics(c *Controller) *metrics {
 		}, func() float64 { return float64(c.relays.alloc.Total()) }),
 		relayRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "segmesh_controller_relay_requests_total",
-			Help: "RequestRelay calls of authenticated nodes by result: ok, not_peer (the peer is not in the caller's netmap), offline (the peer is not connected or takes no punches), no_relay (no relay both may use is online), limited (over the caller's rate), exhausted (no relay has room, or an end has too many sessions).",
+			Help: "RequestRelay calls of authenticated nodes by result: ok, not_peer (the peer is not in the caller's netmap), offline (the peer is not connected or takes no punches), no_relay (no relay both may use is online), limited (over the caller's rate), exhausted (no relay has room, or an end has too many sessions), error (internal).",
 		}, []string{"result"}),
 		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "segmesh_controller_pushes_dropped_total",

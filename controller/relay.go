@@ -52,9 +52,10 @@ const (
 	relayOffline   = "offline"
 	relayLimited   = "limited"
 	relayExhausted = "exhausted"
+	relayError     = "error"
 )
 
-var relayResults = []string{relayOK, relayNotPeer, relayNoRelay, relayOffline, relayLimited, relayExhausted}
+var relayResults = []string{relayOK, relayNotPeer, relayNoRelay, relayOffline, relayLimited, relayExhausted, relayError}
 
 // relayState is the controller's relay bookkeeping.
 type relayState struct {
@@ -384,7 +385,7 @@ func (c *Controller) requestRelay(name, peer string) (*segmeshv1.RequestRelayRes
 		return nil
 	})
 	if err != nil {
-		return nil, relayExhausted, internalOr("reading the nodes of a relay request", err)
+		return nil, relayError, internalOr("reading the nodes of a relay request", err)
 	}
 	me, them := recs[name], recs[peer]
 	if me.Name == "" || them.Name == "" {
@@ -409,10 +410,10 @@ func (c *Controller) requestRelay(name, peer string) (*segmeshv1.RequestRelayRes
 		theirs, _ := sess.PortFor(peer)
 		punch := &segmeshv1.Punch{Peer: name, PublicKey: slices.Clone(me.PublicKey), Candidates: []*segmeshv1.Candidate{
 			{Endpoint: netip.AddrPortFrom(addr, theirs).String(), Kind: candidateRelay, Relay: r}}}
+		c.pushRelayConfigLocked(r) // first: the peer may send at once
 		if !c.push(peer, featurePunch, &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Punch{Punch: punch}}) {
 			c.log.Debug("relay candidate not delivered to the peer", "node", name, "peer", peer, "relay", r)
 		}
-		c.pushRelayConfigLocked(r)
 		c.log.Info("relay session", "relay", r, "a", sess.A.Name, "b", sess.B.Name, "id", sess.ID, "expires", sess.Expires)
 		return &segmeshv1.RequestRelayResponse{
 			Candidate:   &segmeshv1.Candidate{Endpoint: netip.AddrPortFrom(addr, mine).String(), Kind: candidateRelay, Relay: r},

@@ -391,3 +391,22 @@ func TestRequestRelayRateLimit(t *testing.T) {
 	tc.clock.Advance(time.Second)
 	l.mustRequest(t, l.web, "db-1")
 }
+
+// TestRequestRelayExhausted: a relay without free ports refuses further pairs
+// with ResourceExhausted; renewing a pair it holds still works.
+func TestRequestRelayExhausted(t *testing.T) {
+	l := newRelayLab(t)
+	tc := l.tc
+	l.relCh = l.relayStream(t, "40000-40001") // one session
+	web2 := tc.enroll(tc.createToken(map[string]string{"role": "web"}, false), "web-2")
+	recvUpdate(t, tc.rawStream(web2, &segmeshv1.SyncRequest{Features: []string{featurePunch}}))
+	l.mustRequest(t, l.web, "db-1")
+	_, err := l.request(web2, "db-1")
+	if ce := wantCode(t, err, connect.CodeResourceExhausted); !strings.Contains(ce.Message(), "no free ports") {
+		t.Errorf("message %q, want no free ports", ce.Message())
+	}
+	if n := relayResult(tc, relayExhausted); n != 1 {
+		t.Errorf("exhausted requests = %v, want 1", n)
+	}
+	l.mustRequest(t, l.db, "web-1")
+}
