@@ -174,10 +174,14 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 		return err
 	}
 	if err := c.updateCandidates(node, req.Peer().Addr, ep, req.Msg.GetCandidates()); err != nil {
-		if isCutOff(err) {
+		switch connect.CodeOf(err) {
+		case connect.CodePermissionDenied:
 			return err
+		case connect.CodeResourceExhausted:
+			c.log.Debug("endpoint candidates not stored; the stored ones stay", "node", node.Name, "err", err)
+		default:
+			c.log.Warn("endpoint candidates not stored; the stored ones stay", "node", node.Name, "err", err)
 		}
-		c.log.Debug("endpoint candidates not stored; the stored ones stay", "node", node.Name, "err", err)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)

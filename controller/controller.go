@@ -144,7 +144,9 @@ type Controller struct {
 	endpointChanges *actorLimiter
 	// candidateChanges budgets candidate changes per node, as endpointChanges.
 	candidateChanges *actorLimiter
-	refusalAudits    *actorLimiter
+	// punches budgets hole punching requests per pair of nodes (punch.go).
+	punches       *actorLimiter
+	refusalAudits *actorLimiter
 	// engine computes the netmaps; hub fans their changes out to the streams.
 	// Both are replaced only at start-up (rebuildLocked).
 	engine        *netmap.Engine
@@ -193,6 +195,7 @@ func New(opts Options) (_ *Controller, err error) {
 		candidateSlots:   make(chan struct{}, 2),
 		endpointChanges:  newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
 		candidateChanges: newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
+		punches:          newActorLimiterWith(punchRate, punchBurst),
 		refusalAudits:    newActorLimiter(),
 		recomputeKick:    make(chan struct{}, 1),
 		dirty:            map[string]struct{}{},

@@ -46,6 +46,7 @@ type metrics struct {
 	relaySessions  prometheus.GaugeFunc
 	relayRequests  *prometheus.CounterVec
 	pushesDropped  prometheus.Counter
+	punchRequests  *prometheus.CounterVec
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -103,10 +104,17 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_pushes_dropped_total",
 			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
 		}),
+		punchRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_controller_punch_requests_total",
+			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's rate limit).",
+		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
 	}
 	for _, r := range relayResults {
 		m.relayRequests.WithLabelValues(r)
+	}
+	for _, r := range []string{punchOK, punchNotPeer, punchOffline, punchLimited} {
+		m.punchRequests.WithLabelValues(r)
 	}
 	for _, r := range []string{stunAnswered, stunDropped, stunInvalid} {
 		m.stunRequests.WithLabelValues(r)
@@ -126,7 +134,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests, m.pushesDropped} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests, m.pushesDropped, m.punchRequests} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
@@ -237,3 +245,6 @@ func (m *metrics) stun(result string) { m.stunRequests.WithLabelValues(result).I
 
 // relayRequest counts one RequestRelay call by result (see relayResults).
 func (m *metrics) relayRequest(result string) { m.relayRequests.WithLabelValues(result).Inc() }
+
+// punched counts one hole punching request by result (punchOK, ...).
+func (m *metrics) punched(result string) { m.punchRequests.WithLabelValues(result).Inc() }

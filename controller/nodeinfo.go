@@ -40,6 +40,8 @@ type reportedPeer struct {
 	endpoint  netip.AddrPort // zero when none or invalid
 	handshake int64          // Unix seconds, 0 for none; never after the report arrived
 	rx, tx    uint64
+	path      string // "direct", "relay" or "" (unknown)
+	relay     string // for path "relay": a valid node name, or ""
 }
 
 // reportedApply returns the latest apply an agent reported (Unix ms, µs), checked:
@@ -106,6 +108,15 @@ func reportedPeerOf(p *segmeshv1.PeerStatus, now time.Time) (reportedPeer, bool)
 	}
 	rp.handshake = min(max(p.GetLastHandshakeUnix(), 0), now.Unix())
 	rp.rx, rp.tx = p.GetRxBytes(), p.GetTxBytes()
+	switch p.GetPath() {
+	case "direct":
+		rp.path = "direct"
+	case "relay":
+		rp.path = "relay"
+		if policy.ValidNodeName(p.GetRelay()) {
+			rp.relay = p.GetRelay()
+		}
+	}
 	return rp, true
 }
 
@@ -117,7 +128,7 @@ func peerStatuses(ps []reportedPeer) []*segmeshv1.PeerStatus {
 	out := make([]*segmeshv1.PeerStatus, len(ps))
 	for i, p := range ps {
 		out[i] = &segmeshv1.PeerStatus{Name: p.name, PublicKey: base64.StdEncoding.EncodeToString(p.key[:]),
-			LastHandshakeUnix: p.handshake, RxBytes: p.rx, TxBytes: p.tx}
+			LastHandshakeUnix: p.handshake, RxBytes: p.rx, TxBytes: p.tx, Path: p.path, Relay: p.relay}
 		if p.endpoint.IsValid() {
 			out[i].Endpoint = p.endpoint.String()
 		}

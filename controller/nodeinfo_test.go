@@ -72,6 +72,19 @@ func TestReportedWireGuardPeers(t *testing.T) {
 			peer(func(p *segmeshv1.PeerStatus) { p.LastHandshakeUnix = now.Unix() }),
 			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.LastHandshakeUnix = wgKey(2), 0 }),
 		}},
+		{name: "path", in: []*segmeshv1.PeerStatus{
+			peer(func(p *segmeshv1.PeerStatus) { p.Path = "direct" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path, p.Relay = wgKey(2), "relay", "relay-1" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path, p.Relay = wgKey(3), "relay", "Not a name\x1b" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path, p.Relay = wgKey(4), "direct", "relay-1" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path = wgKey(5), "teleport" }),
+		}, want: []*segmeshv1.PeerStatus{
+			peer(func(p *segmeshv1.PeerStatus) { p.Path = "direct" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path, p.Relay = wgKey(2), "relay", "relay-1" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path = wgKey(3), "relay" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey, p.Path = wgKey(4), "direct" }),
+			peer(func(p *segmeshv1.PeerStatus) { p.PublicKey = wgKey(5) }),
+		}},
 		{name: "the agent's count saturates", in: []*segmeshv1.PeerStatus{peer(func(p *segmeshv1.PeerStatus) { p.PublicKey = "" })}, more: ^uint32(0), wantMore: ^uint32(0)},
 	}
 	var many []*segmeshv1.PeerStatus

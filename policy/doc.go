@@ -3,7 +3,8 @@
 // why a packet is allowed or denied (Explain), what a change does (Diff), on a
 // real inventory (ParseInventory, the NODES.yaml format) or on one derived from
 // the policy (PrototypeInventory), what selects no node of an inventory
-// (Warnings), and which segments may reach which (Graph). Label keys and values have one syntax everywhere, defined here
+// (Warnings), which segments may reach which (Graph), and which relay nodes a
+// pair of nodes may use (Program.RelaysFor). Label keys and values have one syntax everywhere, defined here
 // (LabelSyntax, CheckLabels) and enforced in selectors, inventories and by the
 // controller. docs/policy.md is the reference of the format and its semantics.
 //

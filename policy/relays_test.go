@@ -1,10 +1,13 @@
 package policy
 
 import (
+	"fmt"
 	"reflect"
 	"slices"
 	"strings"
 	"testing"
+
+	"pgregory.net/rapid"
 )
 
 // relaySegs is a policy prefix for relay tests: four node segments, an
@@ -260,4 +263,48 @@ func TestDiffRelays(t *testing.T) {
 		!slices.IsSorted(d.Relays[0].Added) || !strings.HasSuffix(d.Text(), " +3 more\n") {
 		t.Errorf("Diff of %d users: %+v", len(many), d.Relays)
 	}
+}
+
+// TestRelaysForProperty checks RelaysFor on generated policies and inventories
+// against a direct reading of the semantics: relay R serves the pair (a, b) when
+// a is a member of a segment of R's for and so is b.
+func TestRelaysForProperty(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		p := genPolicy(t)
+		nodes := genInventory(t)
+		var segs []string
+		for _, s := range p.Segments {
+			if !s.External() {
+				segs = append(segs, s.Name)
+			}
+		}
+		for i := range rapid.IntRange(0, 3).Draw(t, "relays") {
+			r := Relay{Node: fmt.Sprintf("relay-%d", i), Pos: Pos{"p.yaml", 30 + i, 5}}
+			if len(segs) == 0 || rapid.Bool().Draw(t, "all") {
+				r.For = []string{AllSegment}
+			} else {
+				r.For = rapid.SliceOfNDistinct(rapid.SampledFrom(segs), 1, len(segs), rapid.ID).Draw(t, "for")
+			}
+			p.Relays = append(p.Relays, r)
+		}
+		prog, err := Prepare(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ref := reference{p: p}
+		for _, a := range nodes {
+			for _, b := range nodes {
+				var want []string
+				for _, r := range p.Relays {
+					if slices.ContainsFunc(r.For, func(s string) bool { return ref.member(s, a) }) &&
+						slices.ContainsFunc(r.For, func(s string) bool { return ref.member(s, b) }) {
+						want = append(want, r.Node)
+					}
+				}
+				if got := prog.RelaysFor(prog.Memberships(&a, nil), prog.Memberships(&b, nil)); !slices.Equal(got, want) {
+					t.Fatalf("RelaysFor(%s, %s) = %v, want %v", a.Name, b.Name, got, want)
+				}
+			}
+		}
+	})
 }

@@ -36,7 +36,9 @@ const (
 //   - a node name listed in a segment's nodes without a node of that name, at
 //     the name, with the closest node name as a hint;
 //   - a rule whose from or to holds no node and no external (cidrs) segment,
-//     at the from or to key: the rule allows nothing.
+//     at the from or to key: the rule allows nothing;
+//   - a relay whose node is not in the inventory, at the relay's entry, with
+//     the closest node name as a hint: it relays for no pair.
 //
 // External segments never count as empty. nodes is the inventory whatever its
 // length: an empty (or nil) inventory makes every node segment and every rule
@@ -59,6 +61,19 @@ func Warnings(p *Policy, nodes []Node) []Warning {
 	}
 	var nameList []string // for hints; built on first use
 	hints := 0
+	// hint returns " (did you mean NAME?)" for a missing node name n, or "".
+	hint := func(n string) string {
+		if hints++; hints > maxHints || len(nodes) > maxHintNodes {
+			return ""
+		}
+		if nameList == nil {
+			nameList = slices.Collect(maps.Keys(names))
+		}
+		if c := closest(n, nameList); c != "" {
+			return fmt.Sprintf(" (did you mean %q?)", c)
+		}
+		return ""
+	}
 	// empty[name] reports whether a node segment holds no node; external
 	// segments are absent. "all" is empty exactly when the inventory is.
 	empty := map[string]bool{AllSegment: len(nodes) == 0}
@@ -77,16 +92,7 @@ func Warnings(p *Policy, nodes []Node) []Warning {
 			if i < len(s.NodesPos) {
 				pos = s.NodesPos[i]
 			}
-			hint := ""
-			if hints++; hints <= maxHints && len(nodes) <= maxHintNodes {
-				if nameList == nil {
-					nameList = slices.Collect(maps.Keys(names))
-				}
-				if c := closest(n, nameList); c != "" {
-					hint = fmt.Sprintf(" (did you mean %q?)", c)
-				}
-			}
-			add(pos, s.Pos, "segment %q names node %q, which is not in the inventory%s", s.Name, n, hint)
+			add(pos, s.Pos, "segment %q names node %q, which is not in the inventory%s", s.Name, n, hint(n))
 		}
 		for i := 0; !found && i < len(nodes); i++ {
 			found = anySelector(s.Selectors, nodes[i].Labels)
@@ -125,6 +131,11 @@ func Warnings(p *Policy, nodes []Node) []Warning {
 				}
 			}
 			add(side.pos, r.Pos, "rule %q allows nothing: its %s selects no node of the inventory (%s)", r.Name, side.field, why)
+		}
+	}
+	for _, r := range p.Relays {
+		if !names[r.Node] {
+			add(r.Pos, r.Pos, "relay %q is not in the inventory; it relays for no pair%s", r.Node, hint(r.Node))
 		}
 	}
 	slices.SortStableFunc(ws, func(a, b Warning) int {

@@ -85,6 +85,17 @@ rules:
 			`p.yaml:7:15: warning: rule "s" allows nothing: its from selects no node of the inventory (segment "web" is empty)`,
 			`p.yaml:7:28: warning: rule "s" allows nothing: its to selects no node of the inventory (the inventory has no node)`,
 		}},
+		{"relays", `version: 1
+segments:
+  - {name: web, selectors: [{role: web}]}
+relays:
+  - {node: db-1, for: [web]}
+  - {node: web1, for: [web]}
+  - {node: edge-9, for: [all]}
+`, nodes, []string{
+			`p.yaml:6:6: warning: relay "web1" is not in the inventory; it relays for no pair (did you mean "web-1"?)`,
+			`p.yaml:7:6: warning: relay "edge-9" is not in the inventory; it relays for no pair`,
+		}},
 		{"many missing labels", `version: 1
 segments:
   - {name: x, selectors: [{a: "1", b: "2"}, {c: "3", d: "4"}, {role: wbe}]}

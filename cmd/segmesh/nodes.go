@@ -78,7 +78,8 @@ interface, agent version, state, liveness, the revision it enforces against the
 one it should (current: it enforces exactly the netmap the controller holds for
 it), its latest apply (when, how long), its latest error, whether its latest
 read-back found the kernel in sync, its drift repairs, and the WireGuard peers
-its kernel holds as its agent last reported them (at most 64, those without a
+its kernel holds as its agent last reported them, with their path (direct,
+relay via a relay node, or - when not reported; at most 64, those without a
 handshake in 3 minutes first; refreshed every resync interval of the agent),
 followed by the peers its netmap lists that the kernel does not hold.`,
 		Args: oneArg("NAME"),
@@ -207,9 +208,9 @@ func (n nodeDetailJSON) writeDetail(w io.Writer, now time.Time) error {
 		if t, err := time.Parse(time.RFC3339, p.LastHandshakeAt); err == nil {
 			hs = ago(now.Sub(t))
 		}
-		rows = append(rows, []string{name, p.Endpoint, hs, formatBytes(p.RxBytes), formatBytes(p.TxBytes)})
+		rows = append(rows, []string{name, p.Endpoint, p.pathText(), hs, formatBytes(p.RxBytes), formatBytes(p.TxBytes)})
 	}
-	return writeTable(w, []string{"NAME", "ENDPOINT", "LAST HANDSHAKE", "RX", "TX"}, rows)
+	return writeTable(w, []string{"NAME", "ENDPOINT", "PATH", "LAST HANDSHAKE", "RX", "TX"}, rows)
 }
 
 // withAgo is "TIME (12s ago)"; "" when t is "".

@@ -88,3 +88,18 @@ func TestFormatBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestPeerPathText(t *testing.T) {
+	tests := []struct{ path, relay, want string }{
+		{"direct", "", "direct"},
+		{"relay", "relay-1", "relay via relay-1"},
+		{"relay", "", "relay"},
+		{"", "", "-"},
+		{"", "relay-1", "-"},
+	}
+	for _, tt := range tests {
+		if got := (wgPeerJSON{Path: tt.path, Relay: tt.relay}).pathText(); got != tt.want {
+			t.Errorf("path %q relay %q: %q, want %q", tt.path, tt.relay, got, tt.want)
+		}
+	}
+}

@@ -50,7 +50,7 @@ func fixtureNodes() []*segmeshv1.NodeStatus {
 			Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0", LastApplyUnixMs: applyUnixMs, LastApplyDurationUs: 4200, LastReportUnix: t2,
 			Peers: []*segmeshv1.PeerStatus{
 				{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
-				{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeUnix: handshakeUnix, RxBytes: 1536, TxBytes: 3 << 20},
+				{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeUnix: handshakeUnix, RxBytes: 1536, TxBytes: 3 << 20, Path: "relay", Relay: "relay-1"},
 			}},
 		{Name: "db-1", State: "revoked", Labels: map[string]string{"role": "db"}, Addresses: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"},
 			DesiredRevision: 3, EnrolledUnix: t1, RevokedUnix: t2, RevokedBy: "admin"},
@@ -235,12 +235,12 @@ func TestNodesShowTable(t *testing.T) {
 		t.Errorf("web-1 last report %q, want %s", fields["last report"], want)
 	}
 	wantTable := [][]string{
-		{"NAME", "ENDPOINT", "LAST", "HANDSHAKE", "RX", "TX"},
-		{"db-1", "192.0.2.30:51820", "never", "0", "B", "0", "B"},
-		{"api-1", "192.0.2.20:51820", "HS", "ago", "1.5", "KiB", "3.0", "MiB"},
+		{"NAME", "ENDPOINT", "PATH", "LAST", "HANDSHAKE", "RX", "TX"},
+		{"db-1", "192.0.2.30:51820", "-", "never", "0", "B", "0", "B"},
+		{"api-1", "192.0.2.20:51820", "relay", "via", "relay-1", "HS", "ago", "1.5", "KiB", "3.0", "MiB"},
 	}
-	if len(table) == 3 && len(table[2]) > 2 && regexp.MustCompile(`^1[2-9]s$`).MatchString(table[2][2]) {
-		wantTable[2][2] = table[2][2]
+	if len(table) == 3 && len(table[2]) > 5 && regexp.MustCompile(`^1[2-9]s$`).MatchString(table[2][5]) {
+		wantTable[2][5] = table[2][5]
 	}
 	if d := cmp.Diff(wantTable, table); d != "" {
 		t.Errorf("web-1 peers table (-want +got):\n%s", d)
@@ -280,7 +280,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		LastApplyAt: unixMilliTime(applyUnixMs), LastApplyDurationUs: 4200, LastReportAt: "2026-12-01T00:53:20Z"}
 	webWithPeers := web
 	webWithPeers.Peers = []wgPeerJSON{{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
-		{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeAt: unixTime(handshakeUnix), RxBytes: 1536, TxBytes: 3 << 20}}
+		{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeAt: unixTime(handshakeUnix), RxBytes: 1536, TxBytes: 3 << 20, Path: "relay", Relay: "relay-1"}}
 	db := nodeJSON{Name: "db-1", State: "revoked", Labels: map[string]string{"role": "db"}, Addresses: []string{"100.64.0.3/32", "fd5e:6d65:7368::3/128"},
 		DesiredRevision: 3, EnrolledAt: "2026-11-30T00:53:20Z", RevokedAt: "2026-12-01T00:53:20Z", RevokedBy: "admin", AlivePeers: []string{},
 		Drift: driftJSON{LastRepaired: []differenceJSON{}, Unrepaired: []differenceJSON{}}, Segments: []string{}}
@@ -297,7 +297,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		{[]string{"nodes", "list"}, []nodeJSON{webWithPeers, db}, []string{`"desired_revision"`, `"revoked_at"`, `"enrolled_at"`, `"peers": [`}},
 		{[]string{"nodes", "show", "web-1"}, nodeDetailJSON{nodeJSON: webWithPeers, Current: true, DesiredPeers: []string{"api-1", "db-1", "ops-1"}, MissingPeers: []string{"ops-1"}},
 			[]string{`"name": "web-1"`, `"last_seen"`, `"last_handshake_at"`, `"rx_bytes": 1536`, `"tx_bytes"`, `"endpoint": "192.0.2.20:51820"`,
-				`"desired_peers": [`, `"missing_peers": [`, `"current": true`}},
+				`"path": "relay"`, `"relay": "relay-1"`, `"desired_peers": [`, `"missing_peers": [`, `"current": true`}},
 		{[]string{"token", "list"}, []tokenJSON{
 			{ID: "tok1", Labels: map[string]string{"role": "web"}, CreatedAt: "2026-11-30T00:53:20Z", ExpiresAt: "2100-01-01T00:00:00Z", Uses: 1, UsedBy: "web-1", Creator: "admin", State: "used"},
 			{ID: "tok2", Labels: map[string]string{}, CreatedAt: "2026-11-30T00:53:20Z", ExpiresAt: "2100-01-01T00:00:00Z", Reusable: true, Uses: 2, UsedBy: "db-1", Creator: "ci", State: "valid"},

@@ -91,6 +91,21 @@ type wgPeerJSON struct {
 	LastHandshakeAt string `json:"last_handshake_at,omitempty"`
 	RxBytes         uint64 `json:"rx_bytes"`
 	TxBytes         uint64 `json:"tx_bytes"`
+	// Path is "direct" or "relay" (through node Relay); omitted when unknown.
+	Path  string `json:"path,omitempty"`
+	Relay string `json:"relay,omitempty"`
+}
+
+// pathText is the PATH column of a WireGuard peer: "direct", "relay via R"
+// ("relay" when the relay is unknown), or "-" when the agent did not say.
+func (p wgPeerJSON) pathText() string {
+	switch {
+	case p.Path == "relay" && p.Relay != "":
+		return "relay via " + p.Relay
+	case p.Path == "":
+		return "-"
+	}
+	return p.Path
 }
 
 func toWGPeersJSON(ps []*segmeshv1.PeerStatus) []wgPeerJSON {
@@ -100,7 +115,7 @@ func toWGPeersJSON(ps []*segmeshv1.PeerStatus) []wgPeerJSON {
 	out := make([]wgPeerJSON, 0, len(ps))
 	for _, p := range ps {
 		out = append(out, wgPeerJSON{Name: p.GetName(), PublicKey: p.GetPublicKey(), Endpoint: p.GetEndpoint(),
-			LastHandshakeAt: unixTime(p.GetLastHandshakeUnix()), RxBytes: p.GetRxBytes(), TxBytes: p.GetTxBytes()})
+			LastHandshakeAt: unixTime(p.GetLastHandshakeUnix()), RxBytes: p.GetRxBytes(), TxBytes: p.GetTxBytes(), Path: p.GetPath(), Relay: p.GetRelay()})
 	}
 	return out
 }

@@ -1,6 +1,11 @@
 package netmap
 
-import "slices"
+import (
+	"cmp"
+	"slices"
+
+	"segmesh/api/segmeshv1"
+)
 
 // Segments returns the names of the node segments of the policy in force that
 // node belongs to, sorted: those a rule references (the memberships its netmap
@@ -39,4 +44,22 @@ func (e *Engine) PeerNames(node string) []string {
 		}
 	}
 	return out
+}
+
+// Peer returns the entry of peer in node's netmap, without building the
+// netmap; false when node's netmap does not list peer (a node the Engine does
+// not hold, revoked, or not connected to peer by the policy; a node is never
+// its own peer). The entry is shared and must not be modified.
+func (e *Engine) Peer(node, peer string) (*segmeshv1.Peer, bool) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	n, ok := e.nodes[node]
+	if !ok || n.group == nil || peer == node {
+		return nil, false
+	}
+	i, found := slices.BinarySearchFunc(n.group.peers, peer, func(p *segmeshv1.Peer, name string) int { return cmp.Compare(p.Name, name) })
+	if !found {
+		return nil, false
+	}
+	return n.group.peers[i], true
 }

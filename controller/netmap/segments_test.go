@@ -12,7 +12,7 @@ import (
 // TestEngineSegments: a node's segments are those of the policy in force that a
 // rule references and that it belongs to, sorted; they follow relabels and
 // policy changes; a revoked or unknown node and default deny have none.
-// PeerNames lists the peers of the node's netmap.
+// PeerNames lists the peers of the node's netmap, Peer finds each.
 func TestEngineSegments(t *testing.T) {
 	prog, err := policy.Prepare(mustParse(t, webToDB+`  - name: all-to-ops
     from: [all]
@@ -43,6 +43,13 @@ func TestEngineSegments(t *testing.T) {
 			}
 			if !slices.Equal(fromNetmap, want) {
 				t.Errorf("%s's netmap lists peers %q, PeerNames %q", name, fromNetmap, want)
+			}
+		}
+		// Peer finds exactly the netmap's peers, with their entries.
+		for _, peer := range []string{"web-1", "db-1", "ops-1", "gone-1", "ghost"} {
+			p, ok := e.Peer(name, peer)
+			if ok != slices.Contains(want, peer) || ok && (p.GetName() != peer || len(p.GetPublicKey()) != 32) {
+				t.Errorf("Peer(%s, %s) = %v, %v; want found %v", name, peer, p, ok, slices.Contains(want, peer))
 			}
 		}
 	}
