@@ -291,7 +291,13 @@ func (c *Controller) pruneRelaysLocked(sessions []relays.Session) {
 func (c *Controller) relayAuthorised(relay string, a, b store.Node, ka, kb [32]byte) bool {
 	return a.Name != "" && b.Name != "" && !a.Revoked() && !b.Revoked() &&
 		string(a.PublicKey) == string(ka[:]) && string(b.PublicKey) == string(kb[:]) &&
-		c.engine.IsPeer(a.Name, b.Name) && slices.Contains(c.engine.RelaysFor(a.Name, b.Name), relay)
+		c.isPeer(a.Name, b.Name) && slices.Contains(c.engine.RelaysFor(a.Name, b.Name), relay)
+}
+
+// isPeer reports whether node's netmap lists peer.
+func (c *Controller) isPeer(node, peer string) bool {
+	_, ok := c.engine.Peer(node, peer)
+	return ok
 }
 
 // party returns n as a session end.
@@ -353,7 +359,7 @@ func (c *Controller) requestRelay(name, peer string) (*segmeshv1.RequestRelayRes
 	}
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
-	if !c.engine.IsPeer(name, peer) {
+	if !c.isPeer(name, peer) {
 		return nil, relayNotPeer, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("peer %q is not in your netmap", reportedText(peer, 64)))
 	}
 	if online, features := c.live.online(peer); !online || !slices.Contains(features, featurePunch) {

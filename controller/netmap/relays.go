@@ -1,11 +1,6 @@
 package netmap
 
-import (
-	"slices"
-	"strings"
-
-	"segmesh/api/segmeshv1"
-)
+import "slices"
 
 // Relays returns the relay node names of the policy in force, in policy order;
 // nil under default deny. The slice is the caller's.
@@ -22,7 +17,7 @@ func (e *Engine) Relays() []string {
 // use (policy.Program.RelaysFor on their memberships), in policy order, a and b
 // left out (a relay never relays for itself). It returns nil when the Engine
 // does not hold a or b, either is revoked, or under default deny. It does not
-// check that the policy connects a and b (PeerNames). The slice is the caller's.
+// check that the policy connects a and b (Peer). The slice is the caller's.
 func (e *Engine) RelaysFor(a, b string) []string {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
@@ -31,17 +26,4 @@ func (e *Engine) RelaysFor(a, b string) []string {
 		return nil
 	}
 	return slices.DeleteFunc(e.prog.RelaysFor(na.segs, nb.segs), func(r string) bool { return r == a || r == b })
-}
-
-// IsPeer reports whether node's netmap lists peer (the policy connects them),
-// in O(log peers); false when the Engine does not hold node or it is revoked.
-func (e *Engine) IsPeer(node, peer string) bool {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	n, ok := e.nodes[node]
-	if !ok || n.group == nil || node == peer {
-		return false
-	}
-	_, found := slices.BinarySearchFunc(n.group.peers, peer, func(p *segmeshv1.Peer, name string) int { return strings.Compare(p.Name, name) })
-	return found
 }

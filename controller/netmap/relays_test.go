@@ -9,7 +9,7 @@ import (
 	"segmesh/policy"
 )
 
-// TestEngineRelays: Relays, RelaysFor and IsPeer follow the policy in force
+// TestEngineRelays: Relays, RelaysFor and Peer follow the policy in force
 // and the nodes' records (relabel, revocation, default deny).
 func TestEngineRelays(t *testing.T) {
 	src := webToDB + "relays:\n  - {node: relay-1, for: [web, db]}\n  - {node: db-2, for: [all]}\n"
@@ -39,8 +39,8 @@ func TestEngineRelays(t *testing.T) {
 		if got := e.RelaysFor(tt.a, tt.b); !slices.Equal(got, tt.relays) {
 			t.Errorf("RelaysFor(%s, %s) = %v, want %v", tt.a, tt.b, got, tt.relays)
 		}
-		if got := e.IsPeer(tt.a, tt.b); got != tt.peer {
-			t.Errorf("IsPeer(%s, %s) = %v, want %v", tt.a, tt.b, got, tt.peer)
+		if got := isPeer(e, tt.a, tt.b); got != tt.peer {
+			t.Errorf("Peer(%s, %s) = %v, want %v", tt.a, tt.b, got, tt.peer)
 		}
 	}
 
@@ -50,8 +50,8 @@ func TestEngineRelays(t *testing.T) {
 	if _, err := e.Upsert(db); err != nil {
 		t.Fatal(err)
 	}
-	if got := e.RelaysFor("web-1", "db-1"); !slices.Equal(got, []string{"db-2"}) || e.IsPeer("web-1", "db-1") {
-		t.Errorf("after relabel: RelaysFor = %v, IsPeer %v; want [db-2], false", got, e.IsPeer("web-1", "db-1"))
+	if got := e.RelaysFor("web-1", "db-1"); !slices.Equal(got, []string{"db-2"}) || isPeer(e, "web-1", "db-1") {
+		t.Errorf("after relabel: RelaysFor = %v, Peer %v; want [db-2], false", got, isPeer(e, "web-1", "db-1"))
 	}
 	db.RevokedAt = time.Unix(1, 0)
 	if _, err := e.Upsert(db); err != nil {
@@ -62,7 +62,12 @@ func TestEngineRelays(t *testing.T) {
 	}
 
 	e.SetPolicy(2, nil)
-	if e.Relays() != nil || e.RelaysFor("web-1", "db-2") != nil || e.IsPeer("web-1", "db-2") {
-		t.Errorf("default deny: Relays %v, RelaysFor %v, IsPeer %v", e.Relays(), e.RelaysFor("web-1", "db-2"), e.IsPeer("web-1", "db-2"))
+	if e.Relays() != nil || e.RelaysFor("web-1", "db-2") != nil || isPeer(e, "web-1", "db-2") {
+		t.Errorf("default deny: Relays %v, RelaysFor %v, Peer %v", e.Relays(), e.RelaysFor("web-1", "db-2"), isPeer(e, "web-1", "db-2"))
 	}
+}
+
+func isPeer(e *Engine, a, b string) bool {
+	_, ok := e.Peer(a, b)
+	return ok
 }
