@@ -197,6 +197,8 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	c.live.setFeatures(node.Name, conn, features)
 	sub := c.hub.Subscribe(node.Name, deltas, features...)
 	defer sub.Close()
+	c.relayStreamOpened(node.Name, conn, features, req.Msg.GetRelayPorts())
+	defer c.relayStreamClosed(node.Name, conn)
 	for {
 		select {
 		case <-ctx.Done():

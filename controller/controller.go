@@ -163,6 +163,8 @@ type Controller struct {
 	metrics       *metrics
 	// stunConn is the STUN responder's socket (nil when Options.STUNListen is empty).
 	stunConn net.PacketConn
+	// relays holds the relay sessions (relay.go).
+	relays *relayState
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
@@ -203,6 +205,7 @@ func New(opts Options) (_ *Controller, err error) {
 		now:              time.Now,
 		shutdown:         make(chan struct{}),
 	}
+	c.relays = newRelayState(func() time.Time { return c.now() })
 	c.metrics = newMetrics(c)
 	var cleanup []func()
 	defer func() {
@@ -439,13 +442,19 @@ func (c *Controller) run(ctx context.Context) error {
 	}()
 	loopCtx, stopLoop := context.WithCancel(context.Background())
 	loopDone := make(chan struct{})
+	sweepDone := make(chan struct{})
 	go func() {
 		defer close(loopDone)
 		c.recomputeLoop(loopCtx)
 	}()
+	go func() {
+		defer close(sweepDone)
+		c.relaySweepLoop(loopCtx)
+	}()
 	defer func() {
 		stopLoop()
 		<-loopDone
+		<-sweepDone
 	}()
 
 	srv := c.httpServer()

@@ -43,6 +43,8 @@ type metrics struct {
 	flows          prometheus.Counter
 	flowsDrop      *prometheus.CounterVec
 	stunRequests   *prometheus.CounterVec
+	relaySessions  prometheus.GaugeFunc
+	relayRequests  *prometheus.CounterVec
 	pushesDropped  prometheus.Counter
 	punchRequests  *prometheus.CounterVec
 	mu             sync.Mutex
@@ -90,6 +92,14 @@ func newMetrics(c *Controller) *metrics {
 			Name: "segmesh_controller_stun_requests_total",
 			Help: "Datagrams received by the STUN responder (--stun-listen), by result: answered, dropped (over the rate limits or unsendable), invalid (not a STUN Binding request).",
 		}, []string{"result"}),
+		relaySessions: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_controller_relay_sessions",
+			Help: "Relay sessions in force (unexpired), on all relays.",
+		}, func() float64 { return float64(c.relays.alloc.Total()) }),
+		relayRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "segmesh_controller_relay_requests_total",
+			Help: "RequestRelay calls of authenticated nodes by result: ok, not_peer (the peer is not in the caller's netmap), offline (the peer is not connected or takes no punches), no_relay (no relay both may use is online), limited (over the caller's rate), exhausted (no relay has room, or an end has too many sessions), error (internal).",
+		}, []string{"result"}),
 		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "segmesh_controller_pushes_dropped_total",
 			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
@@ -99,6 +109,9 @@ func newMetrics(c *Controller) *metrics {
 			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's rate limit).",
 		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
+	}
+	for _, r := range relayResults {
+		m.relayRequests.WithLabelValues(r)
 	}
 	for _, r := range []string{punchOK, punchNotPeer, punchOffline, punchLimited} {
 		m.punchRequests.WithLabelValues(r)
@@ -121,7 +134,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.pushesDropped, m.punchRequests} {
+	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests, m.pushesDropped, m.punchRequests} {
 		if err := r.Register(col); err != nil {
 			return err
 		}
@@ -229,6 +242,9 @@ func (m *metrics) flowsDropped(reason string, n uint64) {
 
 // stun counts one datagram of the STUN responder by result.
 func (m *metrics) stun(result string) { m.stunRequests.WithLabelValues(result).Inc() }
+
+// relayRequest counts one RequestRelay call by result (see relayResults).
+func (m *metrics) relayRequest(result string) { m.relayRequests.WithLabelValues(result).Inc() }
 
 // punched counts one hole punching request by result (punchOK, ...).
 func (m *metrics) punched(result string) { m.punchRequests.WithLabelValues(result).Inc() }

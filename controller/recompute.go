@@ -97,6 +97,7 @@ func (c *Controller) syncNodesLocked(names ...string) {
 		errs = append(errs, c.nodeErrs[name])
 	}
 	c.setComputeErr(strings.Join(errs, "\n"))
+	c.relaysNodesChanged(names)
 	c.metrics.computeSeconds.Observe(time.Since(start).Seconds())
 	c.log.Debug("netmaps computed", "nodes", names, "changed", changed, "took", time.Since(start))
 }
@@ -140,7 +141,9 @@ func (c *Controller) setPolicyLocked(rev uint64, pol *policy.Policy) (int, error
 	if err != nil {
 		return 0, err
 	}
-	return c.publishLocked(c.engine.SetPolicy(rev, prog)), nil
+	changed := c.publishLocked(c.engine.SetPolicy(rev, prog))
+	c.relaysPolicyChanged()
+	return changed, nil
 }
 
 // setGossipKeyLocked puts key in every netmap that holds the gossip key and
