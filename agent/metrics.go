@@ -10,8 +10,8 @@ import (
 	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
 	"segmesh/agent/path"
-	"segmesh/agent/relay"
 	"segmesh/agent/reconcile"
+	"segmesh/agent/relay"
 )
 
 // Metrics (see docs/metrics.md). The agent registers them with Options.Metrics;

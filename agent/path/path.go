@@ -178,9 +178,12 @@ type peer struct {
 	failingSince time.Time
 	next         time.Time // when the next round is due
 	running      bool      // a round is in flight
-	punchAsked   time.Time
-	relayAsked   time.Time
-	offline      bool
+	// gen counts changes of what a round checks (candidates, punches, this
+	// host's endpoints); a round that started before the latest is discarded.
+	gen        uint64
+	punchAsked time.Time
+	relayAsked time.Time
+	offline    bool
 	// trial is the candidate index tried by handshake (no Probe), and since when.
 	trial      int
 	trialSince time.Time
@@ -227,10 +230,14 @@ func (s *Selector) signal() {
 func (s *Selector) SetSelf(own []netip.AddrPort, public netip.Addr) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if slices.Equal(s.self, own) && s.pub == public {
+		return
+	}
 	s.self = slices.Clone(own)
 	s.pub = public
 	for _, p := range s.peers {
 		p.next = time.Time{}
+		p.gen++
 	}
 }
 
@@ -261,7 +268,9 @@ func (s *Selector) SetPeers(peers []Peer) {
 			continue
 		}
 		p.Peer = in
+		p.punched = nil // the netmap is newer
 		p.next = time.Time{}
+		p.gen++
 		p.trial, p.trialSince = 0, time.Time{}
 		if p.path.Kind == Direct && !slices.ContainsFunc(s.usable(p), func(c netmap.Candidate) bool { return c.Endpoint == p.path.Endpoint }) {
 			p.path = Path{}
@@ -301,6 +310,7 @@ func (s *Selector) Punch(k dataplane.Key, cands []netmap.Candidate) {
 	}
 	p.offline = false
 	p.next = time.Time{}
+	p.gen++
 	if p.relay != nil && p.path.Kind != Direct {
 		s.setPath(p, Path{Endpoint: p.relay.c.Endpoint, Kind: Relay, Candidate: netmap.CandidateRelay, Relay: p.relay.c.Relay})
 	}
@@ -417,6 +427,7 @@ func (s *Selector) step(ctx context.Context) {
 			continue // next tick
 		}
 		p.running = true
+		gen := p.gen
 		s.bg.Go(func() {
 			defer func() { <-s.sem }()
 			answered := s.probeAll(ctx, cands)
@@ -424,7 +435,11 @@ func (s *Selector) step(ctx context.Context) {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			p.running = false
-			if cur, ok := s.peers[k]; ok && cur == p && ctx.Err() == nil {
+			switch cur, ok := s.peers[k]; {
+			case !ok || cur != p || ctx.Err() != nil:
+			case p.gen != gen:
+				p.next = time.Time{} // checked what is no longer current: again
+			default:
 				s.finish(ctx, p, cands, answered, dev)
 			}
 		})
