@@ -281,19 +281,17 @@ func (d *demo) paths(ctx context.Context, m *lab.Mesh, node string) error {
 			return false, err
 		}
 		var got struct {
-			Node struct {
-				Peers []struct{ Path string } `json:"peers"`
-			} `json:"node"`
+			Peers []struct{ Path string } `json:"peers"`
 		}
 		if err := json.Unmarshal([]byte(out), &got); err != nil {
 			return false, fmt.Errorf("segmesh nodes show -o json: %w", err)
 		}
-		for _, p := range got.Node.Peers {
+		for _, p := range got.Peers {
 			if p.Path == "" {
 				return false, nil
 			}
 		}
-		return len(got.Node.Peers) > 0, nil
+		return len(got.Peers) > 0, nil
 	})
 	if err != nil {
 		return fmt.Errorf("waiting for %s to report the path of every peer: %w", node, err)

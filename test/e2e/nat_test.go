@@ -185,19 +185,17 @@ func peerPaths(ctx context.Context, m *lab.Mesh, node string) (map[string]string
 		return nil, err
 	}
 	var v struct {
-		Node struct {
-			Peers []struct {
-				Name  string `json:"name"`
-				Path  string `json:"path"`
-				Relay string `json:"relay"`
-			} `json:"peers"`
-		} `json:"node"`
+		Peers []struct {
+			Name  string `json:"name"`
+			Path  string `json:"path"`
+			Relay string `json:"relay"`
+		} `json:"peers"`
 	}
 	if err := json.Unmarshal([]byte(out), &v); err != nil {
 		return nil, fmt.Errorf("decoding nodes show %q: %w", out, err)
 	}
 	paths := map[string]string{}
-	for _, p := range v.Node.Peers {
+	for _, p := range v.Peers {
 		paths[p.Name] = p.Path
 		if p.Relay != "" {
 			paths[p.Name] += " via " + p.Relay
