@@ -253,10 +253,23 @@ func (a *agent) pathLoop(ctx context.Context) {
 	}
 }
 
-// device returns the endpoint and latest handshake of every peer of the latest
-// read-back.
+// device returns the endpoint and latest handshake of every peer: fresh from
+// the device when the dataplane can read its peers alone, else as of the
+// latest read-back.
 func (a *agent) device() map[dataplane.Key]path.Device {
 	out := map[dataplane.Key]path.Device{}
+	if r, ok := a.dp.(dataplane.PeerReader); ok {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if ps, err := r.ReadPeers(ctx); err == nil {
+			for k, p := range ps {
+				out[k] = path.Device{Endpoint: p.Endpoint, LastHandshake: p.LastHandshake}
+			}
+			return out
+		} else {
+			a.log.Debug("reading the WireGuard peers for path selection; using the latest read-back", "err", err)
+		}
+	}
 	a.peers.visit(a.rec.Netmap(), func(p *observedPeer) {
 		out[p.key] = path.Device{Endpoint: p.endpoint, LastHandshake: p.stats.LastHandshake}
 	})

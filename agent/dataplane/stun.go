@@ -24,3 +24,21 @@ type STUN interface {
 	// when the socket cannot carry STUN.
 	Binding(ctx context.Context, dst netip.AddrPort) (netip.AddrPort, error)
 }
+
+// PeerState is where a WireGuard device sends to one peer now and what it counts.
+type PeerState struct {
+	// Endpoint is the configured endpoint, or the source of the peer's latest
+	// authenticated packet (WireGuard roaming); zero when none.
+	Endpoint netip.AddrPort
+	PeerStats
+}
+
+// PeerReader is implemented by dataplanes that read the WireGuard peers alone,
+// fresh from the device (Read may serve a cached read of the device, which
+// does not see roaming or handshakes): the path selection asks it before it
+// falls back to a relay.
+type PeerReader interface {
+	// ReadPeers returns the state of every peer of the device; an empty map
+	// when the device does not exist.
+	ReadPeers(ctx context.Context) (map[Key]PeerState, error)
+}

@@ -397,12 +397,22 @@ func (s *Selector) Run(ctx context.Context) {
 	}
 }
 
-// step starts the rounds that are due.
+// step starts the rounds that are due. It reads the device only when one is.
 func (s *Selector) step(ctx context.Context) {
+	s.mu.Lock()
+	now := s.o.Now()
+	due := false
+	for _, p := range s.peers {
+		due = due || !p.running && !now.Before(p.next)
+	}
+	s.mu.Unlock()
+	if !due {
+		return
+	}
 	devs := s.o.Device()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.o.Now()
+	now = s.o.Now()
 	for k, p := range s.peers {
 		if p.running || now.Before(p.next) {
 			continue

@@ -92,7 +92,7 @@ func newMeshOpts(t *testing.T, opts lab.MeshOptions) *lab.Mesh {
 	dir := t.TempDir()
 	if os.Getenv("SEGMESH_E2E_KEEP") != "" {
 		var err error
-		if dir, err = os.MkdirTemp("", "segmesh-e2e-"+t.Name()+"-"); err != nil {
+		if dir, err = os.MkdirTemp("", "segmesh-e2e-"+strings.ReplaceAll(t.Name(), "/", "_")+"-"); err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("lab directory (kept): %s", dir)

@@ -162,6 +162,24 @@ func (d *Dataplane) SetBinding(f func(ctx context.Context, dst netip.AddrPort) (
 	d.binding = f
 }
 
+// ReadPeers implements dataplane.PeerReader: the endpoints of the peers the
+// fake holds, with the statistics set by SetPeerStats.
+func (d *Dataplane) ReadPeers(ctx context.Context) (map[dataplane.Key]dataplane.PeerState, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[dataplane.Key]dataplane.PeerState{}
+	if !d.up {
+		return out, nil
+	}
+	for _, p := range d.state.Peers {
+		out[p.PublicKey] = dataplane.PeerState{Endpoint: p.Endpoint, PeerStats: d.stats[p.PublicKey]}
+	}
+	return out, nil
+}
+
 // Kind returns the kind given to New.
 func (d *Dataplane) Kind() dataplane.Kind { return d.kind }
 
