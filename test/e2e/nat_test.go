@@ -33,8 +33,12 @@ const (
 	iperfTime          = 3 // seconds
 )
 
-func natPolicy() string   { return filepath.Join(moduleRoot, "test", "e2e", "testdata", "policy-nat.yaml") }
-func emptyPolicy() string { return filepath.Join(moduleRoot, "test", "e2e", "testdata", "policy-empty.yaml") }
+func natPolicy() string {
+	return filepath.Join(moduleRoot, "test", "e2e", "testdata", "policy-nat.yaml")
+}
+func emptyPolicy() string {
+	return filepath.Join(moduleRoot, "test", "e2e", "testdata", "policy-empty.yaml")
+}
 
 // natPair is an allowed flow between two nodes behind the NATs of
 // lab.ExampleNATs and the path each end must choose for the other.
