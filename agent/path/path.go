@@ -181,6 +181,7 @@ type peer struct {
 	// gen counts changes of what a round checks (candidates, punches, this
 	// host's endpoints); a round that started before the latest is discarded.
 	gen        uint64
+	checkedGen uint64 // gen of the latest round that finished
 	punchAsked time.Time
 	relayAsked time.Time
 	offline    bool
@@ -421,8 +422,9 @@ func (s *Selector) step(ctx context.Context) {
 			s.trialStep(ctx, p, devs[k].LastHandshake, now)
 			continue
 		}
-		if d := devs[k]; p.path.Kind == Direct && d.Endpoint == p.path.Endpoint && now.Sub(d.LastHandshake) < handshakeFresh && p.failingSince.IsZero() {
-			// WireGuard proves the direct path; check again later.
+		if d := devs[k]; p.path.Kind == Direct && p.checkedGen == p.gen && d.Endpoint == p.path.Endpoint && now.Sub(d.LastHandshake) < handshakeFresh && p.failingSince.IsZero() {
+			// WireGuard proves the direct path and nothing changed since the
+			// last round; check again later.
 			p.next = now.Add(s.o.DirectRetry)
 			continue
 		}
@@ -437,7 +439,7 @@ func (s *Selector) step(ctx context.Context) {
 			continue // next tick
 		}
 		p.running = true
-		gen := p.gen
+		gen, started := p.gen, now
 		s.bg.Go(func() {
 			defer func() { <-s.sem }()
 			answered := s.probeAll(ctx, cands)
@@ -450,7 +452,8 @@ func (s *Selector) step(ctx context.Context) {
 			case p.gen != gen:
 				p.next = time.Time{} // checked what is no longer current: again
 			default:
-				s.finish(ctx, p, cands, answered, dev)
+				p.checkedGen = gen
+				s.finish(ctx, p, cands, answered, dev, started)
 			}
 		})
 	}
@@ -497,8 +500,8 @@ func (s *Selector) probeAll(ctx context.Context, cands []netmap.Candidate) int {
 	return best
 }
 
-// finish applies the outcome of a round at now. s.mu held.
-func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate, answered int, dev Device) {
+// finish applies the outcome of a round that started at started. s.mu held.
+func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate, answered int, dev Device, started time.Time) {
 	now := s.o.Now()
 	fresh := !dev.LastHandshake.IsZero() && now.Sub(dev.LastHandshake) < handshakeFresh
 	if answered < 0 && fresh && dev.Endpoint.IsValid() && !(p.path.Kind == Relay && dev.Endpoint == p.path.Endpoint) &&
@@ -525,7 +528,7 @@ func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate
 		return
 	}
 	if p.failingSince.IsZero() {
-		p.failingSince = now
+		p.failingSince = started // FallbackAfter counts from the first check
 		if p.path.Kind == Direct {
 			p.path = Path{}
 			s.signal()

@@ -342,3 +342,29 @@ func TestKeepsWhatWireGuardProves(t *testing.T) {
 		t.Fatalf("path %+v, want the relay once the direct handshakes stopped", got)
 	}
 }
+
+func TestNewCandidateCheckedDespiteFreshHandshake(t *testing.T) {
+	w := newWorld()
+	w.answer("198.51.100.2:51820", true)
+	s := New(w.options(true))
+	s.SetPeers(peerB(cand("198.51.100.2:51820", netmap.CandidateLocal)))
+	settle(t, s)
+	// WireGuard handshakes on the chosen path: no more checks needed...
+	w.mu.Lock()
+	w.handshakes[keyB] = w.now
+	w.devEP[keyB] = netip.MustParseAddrPort("198.51.100.2:51820")
+	w.mu.Unlock()
+	w.advance(DefaultDirectRetry)
+	settle(t, s)
+	// ...until the peer moves: gossip brings its new address first, the netmap
+	// (controller down) still lists the old one, and WireGuard still shows a
+	// fresh handshake on the old one.
+	w.answer("198.51.100.9:51820", true)
+	w.answer("198.51.100.2:51820", false)
+	s.SetPeers(peerB(cand("198.51.100.9:51820", netmap.CandidateLocal), cand("198.51.100.2:51820", netmap.CandidateLocal)))
+	w.advance(time.Second)
+	settle(t, s)
+	if got := pathOf(s); got.Endpoint.String() != "198.51.100.9:51820" {
+		t.Fatalf("path %+v, want the new address checked at once", got)
+	}
+}
