@@ -105,6 +105,9 @@ func TestNATTraversal(t *testing.T) {
 
 	direct := iperf(t, m, st, "web-1", "web-2")
 	relayed := iperf(t, m, st, "web-1", "api-1")
+	if direct <= 0 || relayed <= 0 {
+		t.Errorf("TCP throughput direct %.0f Mbit/s, relayed %.0f Mbit/s: want both above 0", direct, relayed)
+	}
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "%-38s %-14s %-7s %s\n", "NAT scenario", "pair", "path", "first packet after apply")
 	for _, p := range natPairs {
