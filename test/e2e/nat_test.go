@@ -249,23 +249,32 @@ func iperf(t *testing.T, m *lab.Mesh, st *lab.Status, src, dst string) float64 {
 		t.Fatal(err)
 	}
 	defer func() { _ = srv.Stop(5 * time.Second) }()
-	var out string
-	err = lab.WaitFor(ctx, 10*time.Second, func(ctx context.Context) (bool, error) {
-		out, err = m.Node(src).Host.Exec(ctx, "iperf3", "-c", addr.String(), "-p", strconv.Itoa(iperfPort), "-t", strconv.Itoa(iperfTime), "-J")
-		return err == nil, nil
-	})
-	if err != nil {
-		t.Fatalf("iperf3 %s -> %s: %v\n%s", src, dst, err, out)
-	}
-	var res struct {
-		End struct {
+	type result struct {
+		Error string `json:"error"`
+		End   struct {
 			SumReceived struct {
 				BitsPerSecond float64 `json:"bits_per_second"`
 			} `json:"sum_received"`
 		} `json:"end"`
 	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil {
-		t.Fatalf("decoding iperf3 output: %v\n%s", err, out)
+	var res result
+	var out string
+	err = lab.WaitFor(ctx, 15*time.Second, func(ctx context.Context) (bool, error) {
+		out, err = m.Node(src).Host.Exec(ctx, "iperf3", "-c", addr.String(), "-p", strconv.Itoa(iperfPort), "-t", strconv.Itoa(iperfTime), "-J")
+		if err != nil {
+			return false, nil // the server is not listening yet
+		}
+		res = result{}
+		if err := json.Unmarshal([]byte(out), &res); err != nil {
+			return false, lab.Abort(fmt.Errorf("decoding iperf3 output: %w", err))
+		}
+		return true, nil
+	})
+	if err != nil || res.Error != "" {
+		t.Fatalf("iperf3 %s -> %s: %v %s\n%s", src, dst, err, res.Error, out)
+	}
+	if res.End.SumReceived.BitsPerSecond == 0 {
+		t.Logf("iperf3 %s -> %s carried nothing:\n%s", src, dst, out)
 	}
 	return res.End.SumReceived.BitsPerSecond / 1e6
 }
