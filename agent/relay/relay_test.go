@@ -60,6 +60,35 @@ func handshake(t testing.TB, typ byte, receiver [32]byte) []byte {
 	return b
 }
 
+// answer crafts a message of type typ (2: response with a valid mac1 for
+// receiver, 3: cookie reply, 4: transport data) whose receiver index is the
+// sender index of hs, as the end that authenticated hs would send.
+func answer(t testing.TB, typ byte, receiver [32]byte, hs []byte) []byte {
+	t.Helper()
+	switch typ {
+	case device.MessageResponseType:
+		b := make([]byte, device.MessageResponseSize)
+		if _, err := rand.Read(b); err != nil {
+			t.Fatal(err)
+		}
+		b[0], b[1], b[2], b[3] = typ, 0, 0, 0
+		copy(b[8:12], hs[4:8])
+		var g device.CookieGenerator
+		g.Init(device.NoisePublicKey(receiver))
+		g.AddMacs(b)
+		return b
+	case device.MessageCookieReplyType:
+		b := make([]byte, device.MessageCookieReplySize)
+		b[0] = typ
+		copy(b[4:8], hs[4:8])
+		return b
+	default:
+		b := data(64)
+		copy(b[4:8], hs[4:8])
+		return b
+	}
+}
+
 func data(n int) []byte {
 	b := make([]byte, n)
 	b[0] = device.MessageTransportType
@@ -275,11 +304,15 @@ func TestReplayAndRoam(t *testing.T) {
 	waitDrop(t, r.f, DropUnlatched, 1)
 	r.b.expectNothing()
 
-	// A roams: a fresh handshake from a new address moves the latch.
+	// A roams: a fresh handshake from a new address moves the latch once B
+	// answers it.
 	roamed := newEnd(t, r.sess.PortA)
 	init2 := handshake(t, device.MessageInitiationType, r.keyB)
 	roamed.send(init2)
 	r.b.expect(init2, r.sess.PortB)
+	resp := answer(t, device.MessageResponseType, r.keyA, init2)
+	r.b.send(resp)
+	roamed.expect(resp, r.sess.PortA)
 	r.b.send(d)
 	roamed.expect(d, r.sess.PortA)
 	r.a.send(d) // the old address no longer forwards
@@ -371,4 +404,78 @@ func TestSetErrors(t *testing.T) {
 	if err := f.Set(nil); err == nil {
 		t.Fatal("Set after Close succeeded")
 	}
+}
+
+// TestLatchNotHijacked: mac1 proves only knowledge of the receiver's public
+// key, which every peer of B holds; such a peer (or a stranger who learned the
+// key) must not redirect A's side of the session to its own address, nor to a
+// victim's.
+func TestLatchNotHijacked(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// crafted is the type of the message the attacker sends to A's port,
+		// with a valid mac1 for B's key.
+		crafted byte
+		// forgeOnB: the attacker also answers it on B's port, as B would.
+		forgeOnB bool
+		// confirm, when set, is what B (from its latch) answers it with.
+		confirm byte
+	}{
+		{name: "crafted initiation", crafted: device.MessageInitiationType},
+		{name: "crafted response", crafted: device.MessageResponseType},
+		{name: "cookie reply of B confirms nothing", crafted: device.MessageInitiationType, confirm: device.MessageCookieReplyType},
+		{name: "answer forged on B's port", crafted: device.MessageInitiationType, forgeOnB: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, Options{})
+			r.latch(t)
+			attacker, attackerB := newEnd(t, r.sess.PortA), newEnd(t, r.sess.PortB)
+			h := handshake(t, tc.crafted, r.keyB)
+			attacker.send(h)
+			r.b.expect(h, r.sess.PortB) // forwarded: B will not answer it
+			unlatched := uint64(0)
+			if tc.forgeOnB {
+				attackerB.send(answer(t, device.MessageResponseType, r.keyA, h))
+				r.a.recv(2 * time.Second) // delivered to A's latch, like any response
+				attackerB.send(answer(t, device.MessageTransportType, r.keyA, h))
+				unlatched++
+				waitDrop(t, r.f, DropUnlatched, unlatched)
+			}
+			if tc.confirm != 0 {
+				c := answer(t, tc.confirm, r.keyA, h)
+				r.b.send(c)
+				r.a.expect(c, r.sess.PortA)
+			}
+			d := data(120)
+			r.b.send(d)
+			r.a.expect(d, r.sess.PortA)
+			attacker.expectNothing()
+			attacker.send(d)
+			waitDrop(t, r.f, DropUnlatched, unlatched+1)
+			r.b.expectNothing()
+		})
+	}
+}
+
+// TestRoamAsResponder: an end that roams and answers the other end's
+// initiation from its new address is latched there once the initiator's
+// transport data names it.
+func TestRoamAsResponder(t *testing.T) {
+	r := newRig(t, Options{})
+	r.latch(t)
+	init := handshake(t, device.MessageInitiationType, r.keyA)
+	r.b.send(init)
+	r.a.expect(init, r.sess.PortA)
+	roamed := newEnd(t, r.sess.PortA)
+	resp := answer(t, device.MessageResponseType, r.keyB, init)
+	copy(resp[4:8], []byte{9, 9, 9, 9}) // A's new sender index
+	var g device.CookieGenerator
+	g.Init(device.NoisePublicKey(r.keyB))
+	g.AddMacs(resp)
+	roamed.send(resp)
+	r.b.expect(resp, r.sess.PortB)
+	keepalive := answer(t, device.MessageTransportType, r.keyA, resp)
+	r.b.send(keepalive)
+	roamed.expect(keepalive, r.sess.PortA)
+	r.a.expectNothing()
 }
