@@ -106,7 +106,7 @@ func newMetrics(c *Controller) *metrics {
 		}),
 		punchRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "segmesh_controller_punch_requests_total",
-			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's rate limit).",
+			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's or the caller's rate limit).",
 		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
 	}
