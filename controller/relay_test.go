@@ -410,3 +410,24 @@ func TestRequestRelayExhausted(t *testing.T) {
 	}
 	l.mustRequest(t, l.db, "web-1")
 }
+
+// TestRelayRevoked: revoking the relay node itself ends its sessions and its
+// relay role: it forwards for nobody, and no session is given on it.
+func TestRelayRevoked(t *testing.T) {
+	l := newRelayLab(t)
+	tc := l.tc
+	l.mustRequest(t, l.web, "db-1")
+	if n := tc.c.relays.alloc.Total(); n != 1 {
+		t.Fatalf("%d sessions, want 1", n)
+	}
+	if _, err := tc.op().RevokeNode(bg, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: "relay-1"})); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "relay-1 offline as a relay", func() bool { return !tc.c.relays.alloc.Online("relay-1") })
+	if n := tc.c.relays.alloc.Total(); n != 0 {
+		t.Fatalf("after revoking the relay: %d sessions, want 0", n)
+	}
+	tc.clock.Advance(5 * time.Second)
+	_, err := l.request(l.web, "db-1")
+	wantCode(t, err, connect.CodeFailedPrecondition)
+}
