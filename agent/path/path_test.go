@@ -42,6 +42,7 @@ func (w *world) answer(ep string, ok bool) {
 	defer w.mu.Unlock()
 	w.answers[netip.MustParseAddrPort(ep)] = ok
 }
+
 // handshakeNow records a handshake with peer b now, at device endpoint ep.
 func (w *world) handshakeNow(ep string) {
 	w.mu.Lock()
