@@ -411,23 +411,29 @@ func TestRequestRelayExhausted(t *testing.T) {
 	l.mustRequest(t, l.db, "web-1")
 }
 
-// TestRelayRevoked: revoking the relay node itself ends its sessions and its
-// relay role: it forwards for nobody, and no session is given on it.
-func TestRelayRevoked(t *testing.T) {
+// TestRequestRelayRenewsOnItsRelay: asking again renews the pair's session on
+// the relay it is on, even when another relay has fewer sessions; otherwise
+// every request (or renewal) could take one more session of both ends' budgets,
+// one per relay, and move the pair.
+func TestRequestRelayRenewsOnItsRelay(t *testing.T) {
 	l := newRelayLab(t)
 	tc := l.tc
-	l.mustRequest(t, l.web, "db-1")
+	rel2 := tc.enroll(tc.createToken(map[string]string{"role": "relay"}, false), "relay-2")
+	apply(t, tc, policyRelay+`  - node: relay-2
+    for: [web, db]
+`)
+	ch := tc.rawStream(rel2, &segmeshv1.SyncRequest{Endpoint: "192.0.2.51:51820", Features: []string{featureRelay}, RelayPorts: "42000-42009",
+		Candidates: []*segmeshv1.Candidate{cand("stun", "203.0.113.51:51820")}})
+	recvUpdate(t, ch)
+	eventually(t, "relay-2 online", func() bool { return tc.c.relays.alloc.Online("relay-2") })
+	first := l.mustRequest(t, l.web, "db-1").GetCandidate()
+	for _, asker := range []*enrolledAgent{l.web, l.db} {
+		got := l.mustRequest(t, asker, map[string]string{"web-1": "db-1", "db-1": "web-1"}[asker.name]).GetCandidate()
+		if got.GetRelay() != first.GetRelay() {
+			t.Errorf("%s asked again: relay %s, want the pair's %s", asker.name, got.GetRelay(), first.GetRelay())
+		}
+	}
 	if n := tc.c.relays.alloc.Total(); n != 1 {
-		t.Fatalf("%d sessions, want 1", n)
+		t.Fatalf("%d sessions for one pair, want 1", n)
 	}
-	if _, err := tc.op().RevokeNode(bg, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: "relay-1"})); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "relay-1 offline as a relay", func() bool { return !tc.c.relays.alloc.Online("relay-1") })
-	if n := tc.c.relays.alloc.Total(); n != 0 {
-		t.Fatalf("after revoking the relay: %d sessions, want 0", n)
-	}
-	tc.clock.Advance(5 * time.Second)
-	_, err := l.request(l.web, "db-1")
-	wantCode(t, err, connect.CodeFailedPrecondition)
 }
