@@ -20,10 +20,11 @@
 //     only knowledge of the receiver's public key, which every peer of the
 //     receiver holds, so an accepted message from another address does not
 //     move the latch by itself: it is forwarded and its sender index
-//     remembered (the last 8 per side), and the latch moves (the end roamed)
-//     only when the other end, from its latched address, answers that index
-//     with a handshake response or transport data, which it sends only for a
-//     handshake it authenticated. A message whose mac1 was already seen on
+//     remembered (the last 8 per side; not an index the latch or an earlier
+//     roam uses, which anyone on the path could copy), and the latch moves
+//     (the end roamed) only when the other end, from its latched address,
+//     answers that index with a handshake response or transport data, which
+//     it sends only for a handshake it authenticated. A message whose mac1 was already seen on
 //     that side (the last 64 are kept) is a replay and is dropped.
 //   - Cookie replies (type 3, 64 bytes) and transport data (type 4, at least
 //     32 bytes) are forwarded only from the latched address of their side.
@@ -45,6 +46,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -186,11 +188,20 @@ type side struct {
 	pend    pending
 	roams   [roamCandidates]roam
 	roamsN  int
+	// latchIdx is the sender index of the latest handshake from the latch: the
+	// index the other end's transport data names, visible on the path.
+	latchIdx [4]byte
 }
 
 // addRoam remembers that a handshake with sender index idx came from addr,
-// which is not the latch.
+// which is not the latch. An index already in use (the latch's, or that of an
+// earlier roam) is not taken: whoever sees the traffic on the path sees the
+// indices too, and a copy must not win the other end's answer to the
+// original.
 func (sd *side) addRoam(addr netip.AddrPort, idx [4]byte) {
+	if idx == sd.latchIdx || slices.ContainsFunc(sd.roams[:min(sd.roamsN, roamCandidates)], func(r roam) bool { return r.index == idx }) {
+		return
+	}
 	sd.roams[sd.roamsN%roamCandidates] = roam{addr: addr, index: idx}
 	sd.roamsN++
 }
@@ -203,7 +214,7 @@ func (sd *side) dest(idx [4]byte, confirms bool) netip.AddrPort {
 	if confirms {
 		for k := range min(sd.roamsN, roamCandidates) {
 			if r := sd.roams[k]; r.addr.IsValid() && r.index == idx {
-				sd.latch = r.addr
+				sd.latch, sd.latchIdx = r.addr, r.index
 				sd.roams, sd.roamsN = [roamCandidates]roam{}, 0
 				break
 			}
@@ -401,8 +412,10 @@ func (f *Forwarder) handle(s *session, i int, b []byte, src netip.AddrPort) {
 		switch {
 		case !me.latch.IsValid():
 			f.log.Debug("relay latch", "id", s.ID, "side", i, "addr", src)
-			me.latch = src
-		case me.latch != src:
+			me.latch, me.latchIdx = src, index(b, 4)
+		case me.latch == src:
+			me.latchIdx = index(b, 4)
+		default:
 			// Maybe the end roamed, maybe someone who knows the other end's
 			// public key: the other end's answer will tell (side.dest).
 			me.addRoam(src, index(b, 4))

@@ -89,6 +89,16 @@ func answer(t testing.TB, typ byte, receiver [32]byte, hs []byte) []byte {
 	}
 }
 
+// withSender sets the sender index of handshake message b and its macs again
+// for receiver; it returns b.
+func withSender(b []byte, receiver [32]byte, sender []byte) []byte {
+	copy(b[4:8], sender)
+	var g device.CookieGenerator
+	g.Init(device.NoisePublicKey(receiver))
+	g.AddMacs(b)
+	return b
+}
+
 func data(n int) []byte {
 	b := make([]byte, n)
 	b[0] = device.MessageTransportType
@@ -171,6 +181,8 @@ type rig struct {
 	sess       Session
 	keyA, keyB [32]byte
 	a, b       *end
+	// lastInit is A's initiation of latch.
+	lastInit []byte
 }
 
 func newRig(t *testing.T, opts Options) *rig {
@@ -195,6 +207,7 @@ func newRig(t *testing.T, opts Options) *rig {
 func (r *rig) latch(t *testing.T) {
 	t.Helper()
 	init := handshake(t, device.MessageInitiationType, r.keyB)
+	r.lastInit = init
 	r.a.send(init)
 	waitStat(t, r.f, func(s Stats) bool { return r.latched(0) })
 	resp := handshake(t, device.MessageResponseType, r.keyA)
@@ -310,6 +323,11 @@ func TestReplayAndRoam(t *testing.T) {
 	init2 := handshake(t, device.MessageInitiationType, r.keyB)
 	roamed.send(init2)
 	r.b.expect(init2, r.sess.PortB)
+	// Someone on the path copies its sender index: the original's answer
+	// still goes to the original.
+	copied := withSender(handshake(t, device.MessageInitiationType, r.keyB), r.keyB, init2[4:8])
+	attacker.send(copied)
+	r.b.expect(copied, r.sess.PortB)
 	resp := answer(t, device.MessageResponseType, r.keyA, init2)
 	r.b.send(resp)
 	roamed.expect(resp, r.sess.PortA)
@@ -420,17 +438,25 @@ func TestLatchNotHijacked(t *testing.T) {
 		forgeOnB bool
 		// confirm, when set, is what B (from its latch) answers it with.
 		confirm byte
+		// copyIndex: the crafted message carries the sender index of A's
+		// latest handshake, as anyone on the path sees it; B's transport
+		// data names that index.
+		copyIndex bool
 	}{
 		{name: "crafted initiation", crafted: device.MessageInitiationType},
 		{name: "crafted response", crafted: device.MessageResponseType},
 		{name: "cookie reply of B confirms nothing", crafted: device.MessageInitiationType, confirm: device.MessageCookieReplyType},
 		{name: "answer forged on B's port", crafted: device.MessageInitiationType, forgeOnB: true},
+		{name: "copied index of A's handshake", crafted: device.MessageInitiationType, copyIndex: true, confirm: device.MessageTransportType},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRig(t, Options{})
 			r.latch(t)
 			attacker, attackerB := newEnd(t, r.sess.PortA), newEnd(t, r.sess.PortB)
 			h := handshake(t, tc.crafted, r.keyB)
+			if tc.copyIndex {
+				h = withSender(h, r.keyB, r.lastInit[4:8])
+			}
 			attacker.send(h)
 			r.b.expect(h, r.sess.PortB) // forwarded: B will not answer it
 			unlatched := uint64(0)
@@ -467,11 +493,7 @@ func TestRoamAsResponder(t *testing.T) {
 	r.b.send(init)
 	r.a.expect(init, r.sess.PortA)
 	roamed := newEnd(t, r.sess.PortA)
-	resp := answer(t, device.MessageResponseType, r.keyB, init)
-	copy(resp[4:8], []byte{9, 9, 9, 9}) // A's new sender index
-	var g device.CookieGenerator
-	g.Init(device.NoisePublicKey(r.keyB))
-	g.AddMacs(resp)
+	resp := withSender(answer(t, device.MessageResponseType, r.keyB, init), r.keyB, []byte{9, 9, 9, 9}) // A's new sender index
 	roamed.send(resp)
 	r.b.expect(resp, r.sess.PortB)
 	keepalive := answer(t, device.MessageTransportType, r.keyA, resp)
