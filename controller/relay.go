@@ -223,21 +223,16 @@ func (c *Controller) relaysPolicyChanged() {
 }
 
 // relaysNodesChanged removes the sessions of names (whose records changed) that
-// are no longer authorised, and drops the relay role of those revoked or
-// deleted. It is cheap for nodes without sessions.
+// are no longer authorised (a revoked or deleted relay loses its role when its
+// streams end). It is cheap for nodes without sessions. The caller updated the
+// engine first.
 func (c *Controller) relaysNodesChanged(names []string) {
 	rs := c.relays
-	var sessions []relays.Session
-	for _, n := range names {
-		sessions = append(sessions, rs.alloc.Of(n)...)
-	}
-	if len(sessions) == 0 {
-		return
-	}
+	// Under the lock, always: a RequestRelay that checked the pair under the old
+	// inventory and has not allocated yet holds it, and its session must be seen.
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
-	// Of again under the lock: a RequestRelay that allocated meanwhile is seen.
-	sessions = sessions[:0]
+	var sessions []relays.Session
 	for _, n := range names {
 		sessions = append(sessions, rs.alloc.Of(n)...)
 	}

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"bytes"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -436,4 +437,41 @@ func TestRequestRelayRenewsOnItsRelay(t *testing.T) {
 	if n := tc.c.relays.alloc.Total(); n != 1 {
 		t.Fatalf("%d sessions for one pair, want 1", n)
 	}
+}
+
+// TestRelayPruneWaitsForRequestInFlight: an inventory change that ends a pair's
+// authorisation while a RequestRelay for the pair has passed its checks (it
+// holds the relay lock) but not yet allocated must still prune the session it
+// allocates, not skip the pair for having no session yet.
+func TestRelayPruneWaitsForRequestInFlight(t *testing.T) {
+	l := newRelayLab(t)
+	tc := l.tc
+	rs := tc.c.relays
+	rs.mu.Lock() // the request in flight
+	unlocked := false
+	defer func() {
+		if !unlocked {
+			rs.mu.Unlock()
+		}
+	}()
+	done := make(chan error, 1)
+	go func() { // db-1 out of relay-1's for; still web-1's peer (web-to-ops)
+		_, err := tc.op().LabelNode(bg, connect.NewRequest(&segmeshv1.LabelNodeRequest{Name: "db-1", Set: map[string]string{"role": "ops"}}))
+		done <- err
+	}()
+	eventually(t, "the engine sees the relabel", func() bool {
+		return tc.c.isPeer("web-1", "db-1") && !slices.Contains(tc.c.engine.RelaysFor("web-1", "db-1"), "relay-1")
+	})
+	web, db := relays.Party{Name: "web-1"}, relays.Party{Name: "db-1"}
+	copy(web.Key[:], l.web.id.publicKey)
+	copy(db.Key[:], l.db.id.publicKey)
+	if _, err := rs.alloc.Allocate("relay-1", web, db); err != nil {
+		t.Fatal(err)
+	}
+	rs.mu.Unlock()
+	unlocked = true
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the session allocated under the old labels pruned", func() bool { return rs.alloc.Total() == 0 })
 }
