@@ -102,7 +102,7 @@ func newMetrics(c *Controller) *metrics {
 		}, []string{"result"}),
 		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "segmesh_controller_pushes_dropped_total",
-			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
+			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped, never a relay's newest session set.",
 		}),
 		punchRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "segmesh_controller_punch_requests_total",
