@@ -70,7 +70,8 @@ func stunServer(opt, controller string) (netip.AddrPort, error) {
 }
 
 // parseRelayPorts parses Options.RelayPorts, "first-last" (inclusive, both at
-// least 1024), "" for none.
+// least 1024, at least two ports: a session takes two, and the controller
+// refuses fewer), "" for none.
 func parseRelayPorts(s string) (first, last uint16, err error) {
 	if s == "" {
 		return 0, 0, nil
@@ -78,8 +79,8 @@ func parseRelayPorts(s string) (first, last uint16, err error) {
 	a, b, ok := strings.Cut(s, "-")
 	f, err1 := strconv.ParseUint(a, 10, 16)
 	l, err2 := strconv.ParseUint(b, 10, 16)
-	if !ok || err1 != nil || err2 != nil || f < 1024 || l < f {
-		return 0, 0, fmt.Errorf("--relay-ports %q: want FIRST-LAST, two UDP ports from 1024 to 65535 with FIRST <= LAST (e.g. 40000-40999)", s)
+	if !ok || err1 != nil || err2 != nil || f < 1024 || l <= f {
+		return 0, 0, fmt.Errorf("--relay-ports %q: want FIRST-LAST, two UDP ports from 1024 to 65535 with FIRST < LAST (a session takes two; e.g. 40000-40999)", s)
 	}
 	return uint16(f), uint16(l), nil
 }

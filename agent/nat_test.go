@@ -19,7 +19,8 @@ func TestParseRelayPorts(t *testing.T) {
 	}{
 		{in: ""},
 		{in: "40000-40999", first: 40000, last: 40999},
-		{in: "40000-40000", first: 40000, last: 40000},
+		{in: "40000-40001", first: 40000, last: 40001},
+		{in: "40000-40000", bad: true}, // one port: no session; the controller refuses it
 		{in: "40999-40000", bad: true},
 		{in: "80-90", bad: true},
 		{in: "40000", bad: true},

@@ -82,6 +82,10 @@ const (
 	preferWait = 200 * time.Millisecond
 	// tick is how often Run looks for due rounds.
 	tick = 250 * time.Millisecond
+	// dudFor is how long a candidate that answers checks but on which WireGuard
+	// did not handshake for handshakeFresh is left out (unless the peer's
+	// candidates change first).
+	dudFor = 10 * time.Minute
 )
 
 // ErrOffline is what RequestPunch returns (wrapped) when the controller says
@@ -188,6 +192,11 @@ type peer struct {
 	// trial is the candidate index tried by handshake (no Probe), and since when.
 	trial      int
 	trialSince time.Time
+	// directSince is when a check made the direct path what it is.
+	directSince time.Time
+	// duds are candidates that answer checks but WireGuard does not handshake
+	// on (something else speaks STUN there), left out until the time given.
+	duds map[netip.AddrPort]time.Time
 }
 
 // New returns a Selector with no peers.
@@ -273,6 +282,7 @@ func (s *Selector) SetPeers(peers []Peer) {
 		p.next = time.Time{}
 		p.gen++
 		p.trial, p.trialSince = 0, time.Time{}
+		p.duds = nil
 		if p.path.Kind == Direct && !slices.ContainsFunc(s.usable(p), func(c netmap.Candidate) bool { return c.Endpoint == p.path.Endpoint }) {
 			p.path = Path{}
 		}
@@ -344,7 +354,8 @@ func (s *Selector) Endpoints() map[dataplane.Key]netip.AddrPort {
 }
 
 // usable returns p's direct candidates (punched ones first) without this host's
-// own endpoints and without private local addresses of another site. s.mu held.
+// own endpoints, without private local addresses of another site and without
+// its duds. s.mu held.
 func (s *Selector) usable(p *peer) []netmap.Candidate {
 	var peerPub netip.Addr
 	for _, c := range slices.Concat(p.punched, p.Candidates) {
@@ -354,10 +365,12 @@ func (s *Selector) usable(p *peer) []netmap.Candidate {
 		}
 	}
 	otherSite := s.pub.IsValid() && peerPub.IsValid() && s.pub != peerPub
+	now := s.o.Now()
 	var out []netmap.Candidate
 	for _, c := range slices.Concat(p.punched, p.Candidates) {
 		switch {
 		case slices.Contains(s.self, c.Endpoint):
+		case now.Before(p.duds[c.Endpoint]):
 		case c.Kind == netmap.CandidateLocal && otherSite && private(c.Endpoint.Addr()):
 		case slices.ContainsFunc(out, func(o netmap.Candidate) bool { return o.Endpoint == c.Endpoint }):
 		default:
@@ -519,11 +532,18 @@ func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate
 		s.log.Info("relay path without handshakes; asking for a new relay session", "peer", p.Name, "relay", o.c.Relay)
 		p.relay = nil
 	}
+	if answered >= 0 && s.dud(p, cands[answered], dev, now) {
+		answered = -1
+	}
 	if answered >= 0 {
 		c := cands[answered]
 		p.failingSince = time.Time{}
 		p.offline = false
-		s.setPath(p, Path{Endpoint: c.Endpoint, Kind: Direct, Candidate: c.Kind})
+		np := Path{Endpoint: c.Endpoint, Kind: Direct, Candidate: c.Kind}
+		if p.path != np {
+			p.directSince = now
+		}
+		s.setPath(p, np)
 		p.next = now.Add(s.o.DirectRetry)
 		return
 	}
@@ -535,6 +555,24 @@ func (s *Selector) finish(ctx context.Context, p *peer, cands []netmap.Candidate
 		}
 	}
 	s.noDirect(ctx, p, now)
+}
+
+// dud reports whether c, which answered a check, is the direct path a check
+// chose at least handshakeFresh ago without WireGuard handshaking there since: the
+// check proves only that something there speaks STUN (a STUN server, another
+// host that took the address over), not that the peer is there. A dud is left
+// out for dudFor, or until the peer's candidates change. s.mu held.
+func (s *Selector) dud(p *peer, c netmap.Candidate, dev Device, now time.Time) bool {
+	if p.path.Kind != Direct || p.path.Endpoint != c.Endpoint || p.path.Candidate == CandidateHandshake ||
+		now.Sub(p.directSince) < handshakeFresh || dev.Endpoint == c.Endpoint && dev.LastHandshake.After(p.directSince) {
+		return false
+	}
+	s.log.Warn("peer candidate answers checks but WireGuard does not handshake there; leaving it out", "peer", p.Name, "endpoint", c.Endpoint, "for", dudFor)
+	if p.duds == nil {
+		p.duds = map[netip.AddrPort]time.Time{}
+	}
+	p.duds[c.Endpoint] = now.Add(dudFor)
+	return true
 }
 
 // noDirect is the next step for a peer no direct candidate answers for: punch,

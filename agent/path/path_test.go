@@ -42,6 +42,15 @@ func (w *world) answer(ep string, ok bool) {
 	defer w.mu.Unlock()
 	w.answers[netip.MustParseAddrPort(ep)] = ok
 }
+
+// handshakeNow records a handshake with peer b now, at device endpoint ep.
+func (w *world) handshakeNow(ep string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.handshakes[keyB] = w.now
+	w.devEP[keyB] = netip.MustParseAddrPort(ep)
+}
+
 func (w *world) calls() (punches, relays []string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -366,5 +375,54 @@ func TestNewCandidateCheckedDespiteFreshHandshake(t *testing.T) {
 	settle(t, s)
 	if got := pathOf(s); got.Endpoint.String() != "198.51.100.9:51820" {
 		t.Fatalf("path %+v, want the new address checked at once", got)
+
+// TestAnsweringCandidateWithoutHandshakeIsDropped: a check proves only that
+// something at the candidate speaks STUN (any STUN server, another host that
+// took over the address, another segmesh node), not that the peer is there. A
+// direct path WireGuard never handshakes on must not be kept forever.
+func TestAnsweringCandidateWithoutHandshakeIsDropped(t *testing.T) {
+	const dud, good = "198.51.100.2:51820", "203.0.113.9:51820"
+	for _, tc := range []struct {
+		name string
+		// handshakeAt, when set, is where WireGuard handshakes with the peer
+		// all along (the device's endpoint).
+		handshakeAt string
+		// goodAnswers: the later candidate answers, and WireGuard handshakes
+		// there once it is the path.
+		goodAnswers bool
+		want        Path
+	}{
+		{name: "only the dud answers: relay", want: Path{Endpoint: relayCand.Endpoint, Kind: Relay, Candidate: netmap.CandidateRelay, Relay: "r1"}},
+		{name: "a later candidate answers", goodAnswers: true, want: Path{Endpoint: netip.MustParseAddrPort(good), Kind: Direct, Candidate: netmap.CandidateSTUN}},
+		{name: "WireGuard handshakes elsewhere", handshakeAt: "203.0.113.9:61002", want: Path{Endpoint: netip.MustParseAddrPort("203.0.113.9:61002"), Kind: Direct, Candidate: CandidateHandshake}},
+		{name: "WireGuard handshakes at it: kept", handshakeAt: dud, want: Path{Endpoint: netip.MustParseAddrPort(dud), Kind: Direct, Candidate: netmap.CandidateLocal}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld()
+			w.answer(dud, true)
+			s := New(w.options(true))
+			s.SetPeers(peerB(cand(dud, netmap.CandidateLocal), cand(good, netmap.CandidateSTUN)))
+			settle(t, s)
+			if got := pathOf(s); got.Endpoint.String() != dud || got.Kind != Direct {
+				t.Fatalf("first round: path %+v, want direct to the first answering candidate", got)
+			}
+			w.answer(good, tc.goodAnswers)
+			for range 2 * int(handshakeFresh/DefaultDirectRetry) {
+				w.advance(DefaultDirectRetry)
+				if tc.handshakeAt != "" {
+					w.handshakeNow(tc.handshakeAt)
+				}
+				for range 8 { // the rounds of a failing peer, a second apart
+					settle(t, s)
+					if tc.goodAnswers && pathOf(s).Endpoint.String() == good {
+						w.handshakeNow(good)
+					}
+					w.advance(time.Second)
+				}
+			}
+			if got := pathOf(s); got != tc.want {
+				t.Fatalf("path %+v, want %+v", got, tc.want)
+			}
+		})
 	}
 }
