@@ -375,6 +375,8 @@ func TestNewCandidateCheckedDespiteFreshHandshake(t *testing.T) {
 	settle(t, s)
 	if got := pathOf(s); got.Endpoint.String() != "198.51.100.9:51820" {
 		t.Fatalf("path %+v, want the new address checked at once", got)
+	}
+}
 
 // TestAnsweringCandidateWithoutHandshakeIsDropped: a check proves only that
 // something at the candidate speaks STUN (any STUN server, another host that
