@@ -35,7 +35,9 @@ import (
 	"segmesh/agent/flowlog"
 	"segmesh/agent/gossip"
 	"segmesh/agent/netmap"
+	"segmesh/agent/path"
 	"segmesh/agent/reconcile"
+	"segmesh/agent/relay"
 	"segmesh/agent/statefile"
 	"segmesh/api/wire"
 )
@@ -95,6 +97,15 @@ type Options struct {
 	Logger *slog.Logger
 	// NewDataplane opens the dataplane for an interface name. Required.
 	NewDataplane func(iface string) (dataplane.Dataplane, error)
+	// STUNServer is the STUN server ("host:port") that tells the agent the NAT
+	// mapping of its WireGuard port (a "stun" endpoint candidate); empty means
+	// the controller's host on DefaultSTUNPort, STUNOff disables it. Only
+	// embedded wireguard-go can send STUN from its WireGuard socket.
+	STUNServer string
+	// RelayPorts, "first-last", makes this node offer to relay WireGuard
+	// ciphertext for pairs of nodes on those UDP ports (the policy must also name
+	// it a relay); empty offers nothing.
+	RelayPorts string
 	// Metrics, when set, receives the agent's collectors (see docs/metrics.md);
 	// give each agent its own registry, and each Run a new one. Nil exports none.
 	Metrics prometheus.Registerer
@@ -107,18 +118,24 @@ type agent struct {
 	dir  *statefile.Dir
 	// id is set up before the loops start and not changed after (the key
 	// generation lives in keyGen).
-	id      statefile.Identity
-	dp      dataplane.Dataplane
-	rec     *reconcile.Reconciler
-	flows   *flowlog.Log // denied flows waiting for a report, and drop totals
-	peers   *peerTable   // the WireGuard peers of the latest read-back
-	gossip  *gossip.Manager
-	syncer  *syncer
-	gossipC chan struct{} // member changes and new netmaps, coalesced
-	reportC chan struct{} // something in the report changed, coalesced
-	movedC  chan struct{} // the local endpoint changed, coalesced
-	rotateC chan struct{} // a netmap may ask for a key rotation, coalesced
-	renewC  chan struct{} // check the certificate now, coalesced
+	id     statefile.Identity
+	dp     dataplane.Dataplane
+	rec    *reconcile.Reconciler
+	flows  *flowlog.Log // denied flows waiting for a report, and drop totals
+	peers  *peerTable   // the WireGuard peers of the latest read-back
+	gossip *gossip.Manager
+	syncer *syncer
+	path   *path.Selector   // the path to every peer
+	relay  *relay.Forwarder // nil unless RelayPorts
+	// relayFirst and relayLast are RelayPorts; zero for none.
+	relayFirst, relayLast uint16
+	stunAddr              netip.AddrPort // the STUN server; invalid for none
+	gossipC               chan struct{}  // member changes and new netmaps, coalesced
+	reportC               chan struct{}  // something in the report changed, coalesced
+	movedC                chan struct{}  // the local endpoint changed, coalesced
+	stunC                 chan struct{}  // ask the STUN server again, coalesced
+	rotateC               chan struct{}  // a netmap may ask for a key rotation, coalesced
+	renewC                chan struct{}  // check the certificate now, coalesced
 
 	joins sync.WaitGroup // gossip joins in flight
 
@@ -137,6 +154,7 @@ type agent struct {
 
 	mu       sync.Mutex
 	endpoint netip.AddrPort // last discovered; zero until known
+	mapped   netip.AddrPort // the STUN mapping of the WireGuard port; zero until known
 	alive    []string       // netmap peers gossip sees alive, sorted
 	wgKey    dataplane.Key  // current WireGuard private key
 	tlsKey   *ecdsa.PrivateKey
@@ -212,12 +230,16 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		gossipC: make(chan struct{}, 1),
 		reportC: make(chan struct{}, 1),
 		movedC:  make(chan struct{}, 1),
+		stunC:   make(chan struct{}, 1),
 		peers:   &peerTable{},
 		rotateC: make(chan struct{}, 1),
 		renewC:  make(chan struct{}, 1),
 		claims:  map[string]acceptedClaim{},
 	}
 	var err error
+	if a.relayFirst, a.relayLast, err = parseRelayPorts(opts.RelayPorts); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
 	if a.dir, err = statefile.Open(opts.StateDir, a.log); err != nil {
 		return nil, err
 	}
@@ -241,6 +263,9 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	}
 	if err := checkControllerURL("the controller URL in "+a.dir.Path(), a.id.Controller); err != nil {
 		return nil, fmt.Errorf("%w (pass --controller to replace it)", err)
+	}
+	if a.stunAddr, err = stunServer(opts.STUNServer, a.id.Controller); err != nil {
+		return nil, fmt.Errorf("agent: %w (pass --stun-server HOST:PORT, or off)", err)
 	}
 	if n := len(a.id.Interface); n == 0 || n > 15 {
 		return nil, fmt.Errorf("agent: interface name %q must have 1 to 15 bytes", a.id.Interface)
@@ -266,6 +291,30 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	}
 	a.rec.SetObserver(m)
 	a.gossip = gossip.NewManager(a.log.With("component", "gossip"), func() { signal(a.gossipC) })
+	po := path.Options{
+		Device:       a.device,
+		RequestPunch: a.requestPunch,
+		RequestRelay: a.requestRelay,
+		Logger:       a.log.With("component", "path"),
+	}
+	if st, ok := a.dp.(dataplane.STUN); ok {
+		po.Probe = func(ctx context.Context, dst netip.AddrPort) error {
+			_, err := st.Binding(ctx, dst)
+			return err
+		}
+	}
+	a.path = path.New(po)
+	a.peers.paths = a.path.Paths
+	if a.relayFirst != 0 {
+		a.relay = relay.New(relay.Options{Logger: a.log.With("component", "relay")})
+		if opts.Metrics != nil {
+			if err := opts.Metrics.Register(newRelayCollector(a.relay.Stats)); err != nil {
+				_ = a.relay.Close()
+				_ = a.dp.Close()
+				return nil, fmt.Errorf("agent: registering relay metrics: %w", err)
+			}
+		}
+	}
 	return a, nil
 }
 
@@ -285,6 +334,9 @@ func (a *agent) run(ctx context.Context) {
 		a.waitJoins(2 * time.Second)
 		if s != nil {
 			s.close()
+		}
+		if a.relay != nil {
+			_ = a.relay.Close()
 		}
 	}()
 	wg.Go(func() { a.rec.Run(ctx, a.opts.Resync) })
@@ -320,6 +372,8 @@ func (a *agent) run(ctx context.Context) {
 	signal(a.rotateC) // a rotation a restart interrupted, or one the stored netmap asks for
 	wg.Go(func() { a.gossipLoop(ctx) })
 	wg.Go(func() { a.endpointLoop(ctx) })
+	wg.Go(func() { a.stunLoop(ctx, a.stunAddr) })
+	wg.Go(func() { a.pathLoop(ctx) })
 	wg.Go(func() { a.syncer.reportLoop(ctx) })
 	wg.Go(func() { a.renewLoop(ctx) })
 	wg.Go(func() { a.rotateLoop(ctx) })

@@ -37,6 +37,7 @@ import (
 	"segmesh/agent/gossip"
 	"segmesh/agent/internal/testpki"
 	"segmesh/agent/netmap"
+	"segmesh/agent/path"
 	"segmesh/agent/reconcile"
 	"segmesh/agent/statefile"
 	"segmesh/api/jointoken"
@@ -941,6 +942,14 @@ func TestGossipView(t *testing.T) {
 			endpoints: map[dataplane.Key]netip.AddrPort{dkey(2): ep("198.51.100.2:1")}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
 		{name: "same endpoint as the netmap", members: []gossip.Member{signed("c", 3, "192.0.2.3:51820", 10)}, alive: []string{"c"}, wantTS: map[string]int64{"c": 10}},
 		{name: "no endpoint advertised", members: []gossip.Member{signed("c", 3, "", 10)}, alive: []string{"c"}, wantTS: map[string]int64{"c": 10}},
+		// A peer signs its own claims: like the controller for candidates, the
+		// agent must not send to an address no peer on another host has.
+		{name: "loopback endpoint not used", members: []gossip.Member{signed("b", 2, "127.0.0.1:22", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
+		{name: "link-local endpoint not used", members: []gossip.Member{signed("b", 2, "169.254.169.254:80", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
+		{name: "multicast endpoint not used", members: []gossip.Member{signed("b", 2, "224.0.0.251:5353", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
+		{name: "broadcast endpoint not used", members: []gossip.Member{signed("b", 2, "255.255.255.255:51820", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
+		{name: "port 0 not used", members: []gossip.Member{signed("b", 2, "198.51.100.2:0", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
+		{name: "overlay endpoint not used", members: []gossip.Member{signed("b", 2, "100.64.0.3:51820", 10)}, alive: []string{"b"}, wantTS: map[string]int64{"b": 10}},
 		{name: "unknown key ignored", members: []gossip.Member{signed("x", 9, "198.51.100.9:1", 10)}},
 		{name: "peer's key under another name ignored", members: []gossip.Member{member("x", claim("x", 2, "198.51.100.9:1", 10, 2))}},
 		{name: "claim names another member", members: []gossip.Member{member("b", claim("c", 2, "198.51.100.9:1", 10, 2))}},
@@ -1263,6 +1272,8 @@ func newGossipAgent(t *testing.T, logger *slog.Logger) *agent {
 	a.rec = reconcile.New(fake.New(dataplane.KindUserspace), reconcile.Local{Interface: "smt0"}, logger)
 	a.gossip = gossip.NewManager(logger, nil)
 	t.Cleanup(a.gossip.Stop)
+	a.path = path.New(path.Options{Logger: logger})
+	a.peers = &peerTable{}
 	return a
 }
 

@@ -36,8 +36,8 @@ type acceptedClaim struct {
 // claim again. Anything else (no identity key, a forged or tampered claim, a
 // replayed older one) is ignored and logged at debug level.
 //
-// The endpoint of the last accepted claim, when valid and different from the
-// netmap's, is an endpoint override until the netmap's endpoint for that peer
+// The endpoint of the last accepted claim, when reachable (see reachable) and
+// different from the netmap's, is an endpoint override until the netmap's endpoint for that peer
 // changes (the controller's is then newer): also while the member is not alive
 // (failed, left), so that a peer that roamed and then failed keeps its newest
 // endpoint rather than falling back to the controller's older one. Claims of
@@ -81,7 +81,7 @@ func gossipView(nm *netmap.Netmap, members []gossip.Member, accepted map[string]
 		if !ok || p.IdentityKey == nil || c.PublicKey != p.PublicKey || c.netmapEndpoint != p.Endpoint {
 			continue
 		}
-		if ep := c.Endpoint; ep.IsValid() && !ep.Addr().IsUnspecified() && ep != p.Endpoint {
+		if ep := c.Endpoint; reachable(ep, nm.OverlayPrefixes) && ep != p.Endpoint {
 			if endpoints == nil {
 				endpoints = map[dataplane.Key]netip.AddrPort{}
 			}
@@ -95,6 +95,21 @@ func gossipView(nm *netmap.Netmap, members []gossip.Member, accepted map[string]
 	}
 	slices.Sort(alive)
 	return endpoints, alive
+}
+
+// reachable reports whether ep is an endpoint a peer on another host may have,
+// by the rules the controller applies to advertised endpoints and candidates: a
+// specific address and a non-zero port, not loopback, link-local, multicast,
+// broadcast, zoned or inside one of the overlay prefixes. A peer signs its own
+// gossip claims, so without this it could make this host send WireGuard
+// packets and connectivity checks to its own services or the overlay.
+func reachable(ep netip.AddrPort, overlay []netip.Prefix) bool {
+	a := ep.Addr().Unmap()
+	if !ep.IsValid() || ep.Port() == 0 || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() ||
+		a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || a.Zone() != "" {
+		return false
+	}
+	return !slices.ContainsFunc(overlay, func(p netip.Prefix) bool { return p.Contains(a) })
 }
 
 // gossipLoop keeps memberlist configured from the current netmap, feeds learned
@@ -144,7 +159,8 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 		if err := a.gossip.Configure(gossip.Config{}); err != nil {
 			a.log.Warn("stopping gossip", "err", err)
 		}
-		a.rec.SetEndpoints(nil)
+		a.updateSelf()
+		a.path.SetPeers(pathPeers(nm, nil))
 		a.setAlive(nil)
 		return nil
 	}
@@ -171,9 +187,8 @@ func (a *agent) gossipStep(nm *netmap.Netmap) []netip.AddrPort {
 		return nil
 	}
 	endpoints, alive := gossipView(nm, a.gossip.Members(), a.claims, a.log)
-	if _, changed := a.rec.SetEndpoints(endpoints); changed {
-		a.log.Info("peer endpoints learned by gossip", "overrides", len(endpoints))
-	}
+	a.updateSelf()
+	a.path.SetPeers(pathPeers(nm, endpoints))
 	a.setAlive(alive)
 	var join []netip.AddrPort
 	for _, p := range nm.Peers {

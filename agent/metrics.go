@@ -9,7 +9,9 @@ import (
 	"segmesh/agent/dataplane"
 	"segmesh/agent/flowlog"
 	"segmesh/agent/netmap"
+	"segmesh/agent/path"
 	"segmesh/agent/reconcile"
+	"segmesh/agent/relay"
 )
 
 // Metrics (see docs/metrics.md). The agent registers them with Options.Metrics;
@@ -55,6 +57,7 @@ func newAgentMetrics(revision func() uint64, netmapOf func() *netmap.Netmap, pee
 			netmap: netmapOf,
 			now:    now,
 			peers:  prometheus.NewDesc("segmesh_agent_peers", "WireGuard peers on the overlay interface, as of the latest read-back.", nil, nil),
+			byPath: prometheus.NewDesc("segmesh_agent_peers_by_path", "WireGuard peers by the path in use: direct, relay, or unknown (no path proven yet, or the device's endpoint is not the chosen one), as of the latest read-back.", []string{"path"}, nil),
 			handshake: prometheus.NewDesc("segmesh_agent_peer_last_handshake_seconds",
 				"Seconds since the latest WireGuard handshake with each peer (by node name), as of the latest read-back; peers without a handshake yet are left out.", []string{"peer"}, nil),
 		},
@@ -103,17 +106,22 @@ func (m *agentMetrics) Applied(took time.Duration, repaired reconcile.Difference
 // the peer table (which the reports read too).
 func (m *agentMetrics) Observed(o dataplane.Observed) { m.peers.table.set(o) }
 
+// pathUnknown is the path label of peers without a proven path.
+const pathUnknown = "unknown"
+
 // peersCollector exports the peers of the latest read-back.
 type peersCollector struct {
 	table     *peerTable
 	netmap    func() *netmap.Netmap
 	now       func() time.Time
 	peers     *prometheus.Desc
+	byPath    *prometheus.Desc
 	handshake *prometheus.Desc
 }
 
 func (p *peersCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- p.peers
+	ch <- p.byPath
 	ch <- p.handshake
 }
 
@@ -121,8 +129,18 @@ func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
 	now := p.now()
 	var handshakes []prometheus.Metric
 	n := 0
+	var paths map[dataplane.Key]path.Path
+	if p.table.paths != nil {
+		paths = p.table.paths()
+	}
+	byPath := map[string]int{path.Direct: 0, path.Relay: 0, pathUnknown: 0}
 	read := p.table.visit(p.netmap(), func(peer *observedPeer) {
 		n++
+		if pa, ok := paths[peer.key]; ok && pa.Kind != "" && pa.Endpoint == peer.endpoint {
+			byPath[pa.Kind]++
+		} else {
+			byPath[pathUnknown]++
+		}
 		hs := peer.stats.LastHandshake
 		if hs.IsZero() {
 			return
@@ -137,6 +155,9 @@ func (p *peersCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	ch <- prometheus.MustNewConstMetric(p.peers, prometheus.GaugeValue, float64(n))
+	for k, v := range byPath {
+		ch <- prometheus.MustNewConstMetric(p.byPath, prometheus.GaugeValue, float64(v), k)
+	}
 	for _, m := range handshakes {
 		ch <- m
 	}
@@ -166,4 +187,38 @@ func (d *dropsCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d.bytes, prometheus.CounterValue, float64(dir.t.Bytes), dir.name)
 	}
 	ch <- prometheus.MustNewConstMetric(d.records, prometheus.CounterValue, float64(st.Records))
+}
+
+// relayCollector exports the relay forwarder's counters (relay nodes only).
+type relayCollector struct {
+	stats                             func() relay.Stats
+	sessions, packets, bytes, dropped *prometheus.Desc
+}
+
+func newRelayCollector(stats func() relay.Stats) *relayCollector {
+	return &relayCollector{
+		stats:    stats,
+		sessions: prometheus.NewDesc("segmesh_agent_relay_sessions", "Relay sessions (authorised pairs of nodes) this node forwards for now.", nil, nil),
+		packets:  prometheus.NewDesc("segmesh_agent_relay_packets_total", "WireGuard packets this node relayed.", nil, nil),
+		bytes:    prometheus.NewDesc("segmesh_agent_relay_bytes_total", "Bytes (UDP payload) this node relayed.", nil, nil),
+		dropped: prometheus.NewDesc("segmesh_agent_relay_dropped_packets_total",
+			"Packets the relay refused, by reason (unauthorised: no session's keys, or not from a latched end; replay; rate; malformed; ...).", []string{"reason"}, nil),
+	}
+}
+
+func (c *relayCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.sessions
+	ch <- c.packets
+	ch <- c.bytes
+	ch <- c.dropped
+}
+
+func (c *relayCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stats()
+	ch <- prometheus.MustNewConstMetric(c.sessions, prometheus.GaugeValue, float64(st.Sessions))
+	ch <- prometheus.MustNewConstMetric(c.packets, prometheus.CounterValue, float64(st.Packets))
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(st.Bytes))
+	for reason, n := range st.Dropped {
+		ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(n), reason)
+	}
 }

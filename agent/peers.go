@@ -9,6 +9,7 @@ import (
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/netmap"
+	"segmesh/agent/path"
 	"segmesh/api/segmeshv1"
 )
 
@@ -32,6 +33,8 @@ type peerTable struct {
 	// when the netmap in force changes.
 	namesOf *netmap.Netmap
 	names   map[dataplane.Key]string
+	// paths, when set, returns the path chosen for every peer (agent/path).
+	paths func() map[dataplane.Key]path.Path
 }
 
 // observedPeer is one peer of a read-back.
@@ -106,6 +109,10 @@ func (t *peerTable) report(nm *netmap.Netmap, now time.Time) ([]*segmeshv1.PeerS
 	if n == 0 {
 		return nil, 0
 	}
+	var paths map[dataplane.Key]path.Path
+	if t.paths != nil {
+		paths = t.paths()
+	}
 	out := make([]*segmeshv1.PeerStatus, n)
 	for i, p := range t.peers[:n] {
 		ps := &segmeshv1.PeerStatus{Name: p.name, PublicKey: dataplane.KeyString(p.key), RxBytes: p.stats.RxBytes, TxBytes: p.stats.TxBytes}
@@ -114,6 +121,9 @@ func (t *peerTable) report(nm *netmap.Netmap, now time.Time) ([]*segmeshv1.PeerS
 		}
 		if !p.stats.LastHandshake.IsZero() {
 			ps.LastHandshakeUnix = p.stats.LastHandshake.Unix()
+		}
+		if pa, ok := paths[p.key]; ok && pa.Endpoint == p.endpoint {
+			ps.Path, ps.Relay = pa.Kind, pa.Relay
 		}
 		out[i] = ps
 	}

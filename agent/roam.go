@@ -53,4 +53,5 @@ func (a *agent) advertisedEndpoint() string {
 func (a *agent) endpointMoved() {
 	signal(a.gossipC)
 	signal(a.movedC)
+	signal(a.stunC)
 }

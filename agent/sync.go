@@ -263,6 +263,12 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 		Version:      Version,
 		Interface:    s.a.id.Interface,
 		ResyncReason: resync,
+		Candidates:   s.a.candidates(),
+		Features:     []string{featurePunch},
+	}
+	if s.a.relay != nil {
+		req.Features = append(req.Features, featureRelay)
+		req.RelayPorts = fmt.Sprintf("%d-%d", s.a.relayFirst, s.a.relayLast)
 	}
 	received, err := s.syncUpdates(ctx, client, req, ep)
 	if !received && connect.CodeOf(err) == connect.CodeUnimplemented && context.Cause(ctx) == nil {
@@ -295,6 +301,12 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 		switch u := stream.Msg().GetUpdate().(type) {
 		case *segmeshv1.NetmapUpdate_Full:
 			next = u.Full
+		case *segmeshv1.NetmapUpdate_Punch:
+			s.a.handlePunch(u.Punch)
+			continue
+		case *segmeshv1.NetmapUpdate_Relay:
+			s.a.handleRelayConfig(u.Relay)
+			continue
 		case *segmeshv1.NetmapUpdate_Delta:
 			if held == nil {
 				return received, &resyncError{reason: fmt.Sprintf("delta to revision %d before any full netmap", u.Delta.GetPolicyRevision())}
@@ -486,6 +498,7 @@ func (s *syncer) buildReport() *segmeshv1.ReportRequest {
 		Error:           strings.Join(errs, "; "),
 		AlivePeers:      slices.Clone(s.a.alivePeers()),
 		Endpoint:        s.a.advertisedEndpoint(),
+		Candidates:      s.a.candidates(),
 		InSync:          st.InSync,
 		Drift:           driftReport(st),
 		DeniedFlows:     denied,

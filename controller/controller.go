@@ -145,7 +145,9 @@ type Controller struct {
 	// candidateChanges budgets candidate changes per node, as endpointChanges.
 	candidateChanges *actorLimiter
 	// punches budgets hole punching requests per pair of nodes (punch.go).
-	punches       *actorLimiter
+	punches *actorLimiter
+	// punchNodes budgets hole punching requests per requesting node.
+	punchNodes    *actorLimiter
 	refusalAudits *actorLimiter
 	// engine computes the netmaps; hub fans their changes out to the streams.
 	// Both are replaced only at start-up (rebuildLocked).
@@ -196,6 +198,7 @@ func New(opts Options) (_ *Controller, err error) {
 		endpointChanges:  newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
 		candidateChanges: newActorLimiterWith(endpointChangeRate, endpointChangeBurst),
 		punches:          newActorLimiterWith(punchRate, punchBurst),
+		punchNodes:       newActorLimiterWith(punchNodeRate, punchNodeBurst),
 		refusalAudits:    newActorLimiter(),
 		recomputeKick:    make(chan struct{}, 1),
 		dirty:            map[string]struct{}{},

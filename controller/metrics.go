@@ -102,11 +102,11 @@ func newMetrics(c *Controller) *metrics {
 		}, []string{"result"}),
 		pushesDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "segmesh_controller_pushes_dropped_total",
-			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped.",
+			Help: "Out-of-band updates (punch, relay) dropped because a stream's queue held 64 already (its agent reads too slowly); the oldest is dropped, never a relay's newest session set.",
 		}),
 		punchRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "segmesh_controller_punch_requests_total",
-			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's rate limit).",
+			Help: "Hole punching requests (RequestPunch) by result: ok (a Punch pushed to both ends), not_peer (the peer is not in the caller's netmap), offline (the peer has no stream that takes a Punch), limited (over the pair's or the caller's rate limit).",
 		}, []string{"result"}),
 		appliedAt: map[uint64]time.Time{},
 	}

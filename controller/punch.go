@@ -19,6 +19,16 @@ const (
 	punchRate  = 0.5
 )
 
+// Hole punching requests one node may make over all its peers: punchNodeBurst
+// at once, then punchNodeRate per second. Each Punch makes the peer check every
+// candidate of the caller, addresses the caller chose, so without this bound a
+// node with many peers could make all of them send to an address of its choice
+// at a rate that grows with their number.
+const (
+	punchNodeBurst = 64
+	punchNodeRate  = 8.0
+)
+
 // Results of segmesh_controller_punch_requests_total.
 const (
 	punchOK      = "ok"
@@ -34,7 +44,8 @@ const (
 // NATs open a mapping. Errors: FailedPrecondition when P is not in N's netmap or
 // P has no stream that takes a Punch (offline, or its agent predates punching);
 // ResourceExhausted past punchBurst requests per pair at once and punchRate per
-// second; authenticate's errors.
+// second, and past punchNodeBurst requests of the caller at once and
+// punchNodeRate per second; authenticate's errors.
 func (s *agentService) RequestPunch(ctx context.Context, req *connect.Request[segmeshv1.RequestPunchRequest]) (*connect.Response[segmeshv1.RequestPunchResponse], error) {
 	c := s.c
 	node, err := s.authenticate(ctx)
@@ -42,6 +53,10 @@ func (s *agentService) RequestPunch(ctx context.Context, req *connect.Request[se
 		return nil, err
 	}
 	peer := req.Msg.GetPeer()
+	if !c.punchNodes.allow(node.Name, c.now()) {
+		c.metrics.punched(punchLimited)
+		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("hole punching requested too often; at most %.0f per second over all peers", punchNodeRate))
+	}
 	var toNode, toPeer *segmeshv1.Peer // the entries of the peer and of the node
 	ok := policy.ValidNodeName(peer)
 	if ok {

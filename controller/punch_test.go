@@ -54,6 +54,9 @@ func TestRequestPunch(t *testing.T) {
 		advance            time.Duration
 		code               connect.Code // 0: ok
 		msg                string
+		// drain uses up the caller's budget over all peers first, as requests
+		// for as many other peers would.
+		drain bool
 	}{
 		{name: "peer", caller: "web-1", peer: "db-1"},
 		{name: "the other end, within the burst", caller: "db-1", peer: "web-1"},
@@ -64,9 +67,12 @@ func TestRequestPunch(t *testing.T) {
 		{name: "unknown", caller: "web-1", peer: "ghost\n", code: connect.CodeFailedPrecondition, msg: "not in your netmap"},
 		{name: "offline peer", caller: "web-1", peer: "db-2", code: connect.CodeFailedPrecondition, msg: "peer db-2 is offline"},
 		{name: "peer without punching", caller: "web-1", peer: "db-3", code: connect.CodeFailedPrecondition, msg: "does not take punch requests"},
+		{name: "over the caller's limit over all peers", caller: "db-1", peer: "web-1", advance: 2 * time.Second, drain: true, code: connect.CodeResourceExhausted, msg: "over all peers"},
 	}
 	for _, tt := range tests {
 		tc.clock.Advance(tt.advance)
+		for tt.drain && tc.c.punchNodes.allow(tt.caller, tc.c.now()) {
+		}
 		_, err := tc.agent(agents[tt.caller]).RequestPunch(bg, connect.NewRequest(&segmeshv1.RequestPunchRequest{Peer: tt.peer}))
 		if tt.code != 0 {
 			if ce := wantCode(t, err, tt.code); !strings.Contains(ce.Message(), tt.msg) {
@@ -89,7 +95,7 @@ func TestRequestPunch(t *testing.T) {
 			}
 		}
 	}
-	for result, want := range map[string]float64{punchOK: 3, punchLimited: 1, punchNotPeer: 3, punchOffline: 2} {
+	for result, want := range map[string]float64{punchOK: 3, punchLimited: 2, punchNotPeer: 3, punchOffline: 2} {
 		if got := testutil.ToFloat64(tc.c.metrics.punchRequests.WithLabelValues(result)); got != want {
 			t.Errorf("punch requests %s: %v, want %v", result, got, want)
 		}

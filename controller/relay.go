@@ -223,21 +223,16 @@ func (c *Controller) relaysPolicyChanged() {
 }
 
 // relaysNodesChanged removes the sessions of names (whose records changed) that
-// are no longer authorised, and drops the relay role of those revoked or
-// deleted. It is cheap for nodes without sessions.
+// are no longer authorised (a revoked or deleted relay loses its role when its
+// streams end). It is cheap for nodes without sessions. The caller updated the
+// engine first.
 func (c *Controller) relaysNodesChanged(names []string) {
 	rs := c.relays
-	var sessions []relays.Session
-	for _, n := range names {
-		sessions = append(sessions, rs.alloc.Of(n)...)
-	}
-	if len(sessions) == 0 {
-		return
-	}
+	// Under the lock, always: a RequestRelay that checked the pair under the old
+	// inventory and has not allocated yet holds it, and its session must be seen.
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
-	// Of again under the lock: a RequestRelay that allocated meanwhile is seen.
-	sessions = sessions[:0]
+	var sessions []relays.Session
 	for _, n := range names {
 		sessions = append(sessions, rs.alloc.Of(n)...)
 	}
@@ -328,8 +323,9 @@ func relayAddr(n store.Node) (netip.Addr, bool) {
 }
 
 // RequestRelay implements AgentService.RequestRelay: a relay session between the
-// caller N and peer P on the available relay the policy lets both use with the
-// fewest sessions (an existing session of the pair there is renewed). N gets its
+// caller N and peer P: an existing session of the pair on a relay still
+// available to both is renewed, else one on the available relay the policy
+// lets both use with the fewest sessions. N gets its
 // relay candidate in the response, P its own in a Punch (feature "punch"), the
 // relay its session set. Errors: ResourceExhausted past the caller's rate
 // (relayRequestRate, burst relayRequestBurst) or when no relay has room;
@@ -374,8 +370,25 @@ func (c *Controller) requestRelay(name, peer string) (*segmeshv1.RequestRelayRes
 	if len(candidates) == 0 {
 		return nil, relayNoRelay, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("no relay the policy lets %s and %s both use is online", name, peer))
 	}
-	// Fewest sessions first; policy order among equals.
-	slices.SortStableFunc(candidates, func(x, y string) int { return rs.alloc.Count(x) - rs.alloc.Count(y) })
+	// The relay the pair already has a session on first (asking again renews
+	// it there, rather than taking one more session of both ends' budgets on
+	// another relay and moving the pair), then fewest sessions; policy order
+	// among equals.
+	onPair := map[string]bool{}
+	for _, s := range rs.alloc.Of(name) {
+		if s.A.Name == peer || s.B.Name == peer {
+			onPair[s.Relay] = true
+		}
+	}
+	slices.SortStableFunc(candidates, func(x, y string) int {
+		if onPair[x] != onPair[y] {
+			if onPair[x] {
+				return -1
+			}
+			return 1
+		}
+		return rs.alloc.Count(x) - rs.alloc.Count(y)
+	})
 
 	recs := map[string]store.Node{}
 	err := c.store.View(func(tx store.Tx) error {

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"bytes"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -409,4 +410,68 @@ func TestRequestRelayExhausted(t *testing.T) {
 		t.Errorf("exhausted requests = %v, want 1", n)
 	}
 	l.mustRequest(t, l.db, "web-1")
+}
+
+// TestRequestRelayRenewsOnItsRelay: asking again renews the pair's session on
+// the relay it is on, even when another relay has fewer sessions; otherwise
+// every request (or renewal) could take one more session of both ends' budgets,
+// one per relay, and move the pair.
+func TestRequestRelayRenewsOnItsRelay(t *testing.T) {
+	l := newRelayLab(t)
+	tc := l.tc
+	rel2 := tc.enroll(tc.createToken(map[string]string{"role": "relay"}, false), "relay-2")
+	apply(t, tc, policyRelay+`  - node: relay-2
+    for: [web, db]
+`)
+	ch := tc.rawStream(rel2, &segmeshv1.SyncRequest{Endpoint: "192.0.2.51:51820", Features: []string{featureRelay}, RelayPorts: "42000-42009",
+		Candidates: []*segmeshv1.Candidate{cand("stun", "203.0.113.51:51820")}})
+	recvUpdate(t, ch)
+	eventually(t, "relay-2 online", func() bool { return tc.c.relays.alloc.Online("relay-2") })
+	first := l.mustRequest(t, l.web, "db-1").GetCandidate()
+	for _, asker := range []*enrolledAgent{l.web, l.db} {
+		got := l.mustRequest(t, asker, map[string]string{"web-1": "db-1", "db-1": "web-1"}[asker.name]).GetCandidate()
+		if got.GetRelay() != first.GetRelay() {
+			t.Errorf("%s asked again: relay %s, want the pair's %s", asker.name, got.GetRelay(), first.GetRelay())
+		}
+	}
+	if n := tc.c.relays.alloc.Total(); n != 1 {
+		t.Fatalf("%d sessions for one pair, want 1", n)
+	}
+}
+
+// TestRelayPruneWaitsForRequestInFlight: an inventory change that ends a pair's
+// authorisation while a RequestRelay for the pair has passed its checks (it
+// holds the relay lock) but not yet allocated must still prune the session it
+// allocates, not skip the pair for having no session yet.
+func TestRelayPruneWaitsForRequestInFlight(t *testing.T) {
+	l := newRelayLab(t)
+	tc := l.tc
+	rs := tc.c.relays
+	rs.mu.Lock() // the request in flight
+	unlocked := false
+	defer func() {
+		if !unlocked {
+			rs.mu.Unlock()
+		}
+	}()
+	done := make(chan error, 1)
+	go func() { // db-1 out of relay-1's for; still web-1's peer (web-to-ops)
+		_, err := tc.op().LabelNode(bg, connect.NewRequest(&segmeshv1.LabelNodeRequest{Name: "db-1", Set: map[string]string{"role": "ops"}}))
+		done <- err
+	}()
+	eventually(t, "the engine sees the relabel", func() bool {
+		return tc.c.isPeer("web-1", "db-1") && !slices.Contains(tc.c.engine.RelaysFor("web-1", "db-1"), "relay-1")
+	})
+	web, db := relays.Party{Name: "web-1"}, relays.Party{Name: "db-1"}
+	copy(web.Key[:], l.web.id.publicKey)
+	copy(db.Key[:], l.db.id.publicKey)
+	if _, err := rs.alloc.Allocate("relay-1", web, db); err != nil {
+		t.Fatal(err)
+	}
+	rs.mu.Unlock()
+	unlocked = true
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the session allocated under the old labels pruned", func() bool { return rs.alloc.Total() == 0 })
 }

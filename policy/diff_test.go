@@ -66,6 +66,8 @@ peers:
   role=ops#2: +role=gateway#1 +role=gateway#2
   role=web#1: +role=gateway#1 +role=gateway#2
   role=web#2: +role=gateway#1 +role=gateway#2
+relay users:
+  ops-1: +role=gateway#1 +role=gateway#2
 `},
 		{"external segment added", edit("  - name: ops\n", "  - name: partner\n    cidrs: [192.0.2.0/24, \"2001:db8::/48\"]\n  - name: ops\n",
 			"rules:\n", "rules:\n  - name: partner-in\n    from: [partner]\n    to: [web]\n    ports: [tcp/443]\n"), true, `flows added:

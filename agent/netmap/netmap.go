@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"segmesh/agent/dataplane"
 	"segmesh/api/segmeshv1"
@@ -58,6 +59,60 @@ type Peer struct {
 	// claims; nil when the controller does not know it (gossip then never sets the
 	// peer's endpoint).
 	IdentityKey *ecdsa.PublicKey
+	// Candidates are the endpoints the peer may be reached at, best first, as the
+	// controller sent them (see Candidate); invalid ones are left out.
+	Candidates []Candidate
+}
+
+// Candidate kinds (segmesh.v1.Candidate.kind).
+const (
+	CandidateLocal    = "local"    // an address of the peer's host
+	CandidateObserved = "observed" // the source address the controller sees, with the WireGuard port
+	CandidateSTUN     = "stun"     // the mapping a STUN server saw for the peer's WireGuard socket
+	CandidateRelay    = "relay"    // a port on a relay node that forwards to the peer
+)
+
+// Candidate is one possible endpoint of a peer.
+type Candidate struct {
+	Endpoint netip.AddrPort
+	// Kind is one of the Candidate* constants.
+	Kind string
+	// Relay is the relay node's name for kind CandidateRelay.
+	Relay string
+}
+
+// MaxCandidates is the most candidates kept per peer; the controller sends at
+// most 8 direct ones plus relays.
+const MaxCandidates = 16
+
+// ParseCandidates returns the valid candidates of cs, in order, at most
+// MaxCandidates: an endpoint "ip:port" with a non-zero port, a known kind, a
+// relay name for (only) kind relay, and no endpoint twice. Candidates are
+// advice (the peer is still only what the netmap authorises), so an invalid one
+// is dropped rather than failing the netmap.
+func ParseCandidates(cs []*segmeshv1.Candidate) []Candidate {
+	var out []Candidate
+	for _, c := range cs {
+		ep, err := netip.ParseAddrPort(c.GetEndpoint())
+		if err != nil || ep.Port() == 0 || ep.Addr().IsUnspecified() || ep.Addr().IsMulticast() {
+			continue
+		}
+		ep = netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())
+		switch k := c.GetKind(); {
+		case k == CandidateRelay && c.GetRelay() != "":
+		case (k == CandidateLocal || k == CandidateObserved || k == CandidateSTUN) && c.GetRelay() == "":
+		default:
+			continue
+		}
+		if slices.ContainsFunc(out, func(o Candidate) bool { return o.Endpoint == ep }) {
+			continue
+		}
+		out = append(out, Candidate{Endpoint: ep, Kind: c.GetKind(), Relay: c.GetRelay()})
+		if len(out) == MaxCandidates {
+			break
+		}
+	}
+	return out
 }
 
 // Gossip configures memberlist.
@@ -151,7 +206,7 @@ func Parse(nm *segmeshv1.Netmap) (*Netmap, error) {
 				return nil, fmt.Errorf("netmap: peer %s: identity key: %w", name, err)
 			}
 		}
-		out.Peers = append(out.Peers, Peer{Name: p.GetName(), PublicKey: k, Endpoint: ep, AllowedIPs: ips, IdentityKey: idKey})
+		out.Peers = append(out.Peers, Peer{Name: p.GetName(), PublicKey: k, Endpoint: ep, AllowedIPs: ips, IdentityKey: idKey, Candidates: ParseCandidates(p.GetCandidates())})
 	}
 	if out.Filter, err = wire.FilterFromProto(nm.GetFilter()); err != nil {
 		return nil, fmt.Errorf("netmap: filter: %w", err)

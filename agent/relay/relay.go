@@ -15,11 +15,17 @@
 //     bytes) carry mac1 = MAC(HASH("mac1----" || receiver public key),
 //     msg[:len-32]) at msg[len-32:len-16] (section 5.4.4). A handshake message
 //     arriving at PortA is accepted only if its mac1 is valid for KeyB (the
-//     receiver), checked with wireguard-go's device.CookieChecker. An accepted
-//     message latches the sender's address for its side; a later accepted
-//     message from another address moves the latch (the end roamed). A
-//     message whose mac1 was already seen on that side (the last 64 are kept)
-//     is a replay and is dropped.
+//     receiver), checked with wireguard-go's device.CookieChecker. The first
+//     accepted message latches the sender's address for its side. mac1 proves
+//     only knowledge of the receiver's public key, which every peer of the
+//     receiver holds, so an accepted message from another address does not
+//     move the latch by itself: it is forwarded and its sender index
+//     remembered (the last 8 per side; not an index the latch or an earlier
+//     roam uses, which anyone on the path could copy), and the latch moves
+//     (the end roamed) only when the other end, from its latched address,
+//     answers that index with a handshake response or transport data, which
+//     it sends only for a handshake it authenticated. A message whose mac1 was already seen on
+//     that side (the last 64 are kept) is a replay and is dropped.
 //   - Cookie replies (type 3, 64 bytes) and transport data (type 4, at least
 //     32 bytes) are forwarded only from the latched address of their side.
 //   - Everything else (unlatched source, bad mac1, wrong size, unknown type,
@@ -40,6 +46,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -113,8 +120,11 @@ const (
 	defaultMaxSessions = 1024
 	pendingTTL         = 5 * time.Second
 	replayWindow       = 64
-	mac1Off            = 32 // mac1 starts this many bytes before the end of a handshake message
-	maxPacket          = 65535
+	// roamCandidates is how many unconfirmed addresses (with their sender
+	// index) a side remembers.
+	roamCandidates = 8
+	mac1Off        = 32 // mac1 starts this many bytes before the end of a handshake message
+	maxPacket      = 65535
 )
 
 // Forwarder relays WireGuard packets for the sessions it was given. Safe
@@ -162,6 +172,13 @@ type pending struct {
 	at  time.Time
 }
 
+// roam is an address a side's handshake came from that is not (yet) its
+// latch, with the handshake's sender index.
+type roam struct {
+	addr  netip.AddrPort
+	index [4]byte
+}
+
 type side struct {
 	conn    *net.UDPConn
 	checker device.CookieChecker // keyed by the receiver's (other end's) public key
@@ -169,6 +186,47 @@ type side struct {
 	seen    [replayWindow][16]byte
 	seenN   int
 	pend    pending
+	roams   [roamCandidates]roam
+	roamsN  int
+	// latchIdx is the sender index of the latest handshake from the latch: the
+	// index the other end's transport data names, visible on the path.
+	latchIdx [4]byte
+}
+
+// addRoam remembers that a handshake with sender index idx came from addr,
+// which is not the latch. An index already in use (the latch's, or that of an
+// earlier roam) is not taken: whoever sees the traffic on the path sees the
+// indices too, and a copy must not win the other end's answer to the
+// original.
+func (sd *side) addRoam(addr netip.AddrPort, idx [4]byte) {
+	if idx == sd.latchIdx || slices.ContainsFunc(sd.roams[:min(sd.roamsN, roamCandidates)], func(r roam) bool { return r.index == idx }) {
+		return
+	}
+	sd.roams[sd.roamsN%roamCandidates] = roam{addr: addr, index: idx}
+	sd.roamsN++
+}
+
+// dest returns where a message for this side carrying receiver index idx
+// (confirms: sent by the other end from its latch, and one it sends only for
+// an authenticated handshake) goes: the address of the roam candidate with
+// that index, which becomes the latch, else the latch.
+func (sd *side) dest(idx [4]byte, confirms bool) netip.AddrPort {
+	if confirms {
+		for k := range min(sd.roamsN, roamCandidates) {
+			if r := sd.roams[k]; r.addr.IsValid() && r.index == idx {
+				sd.latch, sd.latchIdx = r.addr, r.index
+				sd.roams, sd.roamsN = [roamCandidates]roam{}, 0
+				break
+			}
+		}
+	}
+	return sd.latch
+}
+
+// index returns the 4 bytes of b at off (a WireGuard sender or receiver index).
+func index(b []byte, off int) (idx [4]byte) {
+	copy(idx[:], b[off:off+4])
+	return idx
 }
 
 type session struct {
@@ -351,32 +409,44 @@ func (f *Forwarder) handle(s *session, i int, b []byte, src netip.AddrPort) {
 		}
 		me.seen[me.seenN%replayWindow] = mac
 		me.seenN++
-		if me.latch != src {
+		switch {
+		case !me.latch.IsValid():
 			f.log.Debug("relay latch", "id", s.ID, "side", i, "addr", src)
+			me.latch, me.latchIdx = src, index(b, 4)
+		case me.latch == src:
+			me.latchIdx = index(b, 4)
+		default:
+			// Maybe the end roamed, maybe someone who knows the other end's
+			// public key: the other end's answer will tell (side.dest).
+			me.addRoam(src, index(b, 4))
 		}
-		me.latch = src
 		// Deliver the other end's waiting handshake to the end that just
 		// latched, instead of forwarding this one: two initiations crossing
 		// would make both ends refuse each other's response.
-		if other.pend.n > 0 && now.Sub(other.pend.at) < pendingTTL {
-			n := other.pend.n
-			other.pend.n = 0
-			if f.allow(s, now, n) {
-				f.send(me.conn, other.pend.buf[:n], src)
-				return
+		if me.latch == src {
+			if other.pend.n > 0 && now.Sub(other.pend.at) < pendingTTL {
+				n := other.pend.n
+				other.pend.n = 0
+				if f.allow(s, now, n) {
+					f.send(me.conn, other.pend.buf[:n], src)
+					return
+				}
 			}
+			other.pend.n = 0
 		}
-		other.pend.n = 0
 		if !other.latch.IsValid() {
 			me.pend.n = copy(me.pend.buf[:], b)
 			me.pend.at = now
 			return
 		}
+		// A response from the latched address answers the initiation with
+		// that receiver index: it confirms a roam of the other side.
+		dst := other.dest(index(b, 8), b[0] == device.MessageResponseType && me.latch == src)
 		if !f.allow(s, now, len(b)) {
 			f.drop(DropRate)
 			return
 		}
-		f.send(other.conn, b, other.latch)
+		f.send(other.conn, b, dst)
 	case device.MessageCookieReplyType, device.MessageTransportType:
 		if (b[0] == device.MessageCookieReplyType && len(b) != device.MessageCookieReplySize) ||
 			(b[0] == device.MessageTransportType && len(b) < device.MessageTransportSize) {
@@ -385,7 +455,14 @@ func (f *Forwarder) handle(s *session, i int, b []byte, src netip.AddrPort) {
 		}
 		s.mu.Lock()
 		expired := !now.Before(s.expires)
-		latched, dst := me.latch == src, other.latch
+		latched := me.latch == src
+		// Transport data from the latched address is for a handshake its
+		// sender completed: it confirms a roam of the other side. Cookie
+		// replies are sent before any authentication and confirm nothing.
+		dst := other.latch
+		if !expired && latched {
+			dst = other.dest(index(b, 4), b[0] == device.MessageTransportType)
+		}
 		s.mu.Unlock()
 		switch {
 		case expired:

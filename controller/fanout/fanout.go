@@ -124,19 +124,27 @@ func (h *Hub) Subscribe(node string, deltas bool, features ...string) *Subscript
 }
 
 // Push queues u, an update that is not a netmap, for every subscription of node
-// that lists feature, dropping the oldest queued one of a subscription that holds
-// MaxPushed already, and wakes them; their streams take it with Pushed. It
-// returns how many subscriptions queued u (0: the node has no stream that
-// understands feature) and how many older updates were dropped for it.
+// that lists feature, and wakes them; their streams take it with Pushed. A
+// RelayConfig (a relay's whole session set) replaces a queued older one. A
+// subscription that holds MaxPushed already drops its oldest queued update
+// other than a RelayConfig (the queue holds at most one). It returns how many
+// subscriptions queued u (0: the node has no stream that understands feature)
+// and how many older updates were dropped for it (replaced RelayConfigs do
+// not count).
 func (h *Hub) Push(node, feature string, u *segmeshv1.NetmapUpdate) (queued, dropped int) {
+	isRelay := func(u *segmeshv1.NetmapUpdate) bool { return u.GetRelay() != nil }
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for s := range h.subs[node] {
 		if !slices.Contains(s.features, feature) {
 			continue
 		}
+		if isRelay(u) {
+			s.pushed = slices.DeleteFunc(s.pushed, isRelay)
+		}
 		if len(s.pushed) >= MaxPushed {
-			s.pushed = slices.Delete(s.pushed, 0, len(s.pushed)-MaxPushed+1)
+			i := max(0, slices.IndexFunc(s.pushed, func(u *segmeshv1.NetmapUpdate) bool { return !isRelay(u) }))
+			s.pushed = slices.Delete(s.pushed, i, i+1)
 			dropped++
 		}
 		s.pushed = append(s.pushed, u)

@@ -329,3 +329,34 @@ func TestPush(t *testing.T) {
 		t.Errorf("Push after Close queued %d", q)
 	}
 }
+
+// TestPushKeepsRelayConfig: a RelayConfig is a relay's whole session set, so a
+// newer one replaces a queued older one, and a burst of punches (which peers of
+// the relay node can cause) drops punches, never the latest RelayConfig: the
+// relay would not serve its newest sessions until its set changed again.
+func TestPushKeepsRelayConfig(t *testing.T) {
+	_, h := fixture(t)
+	s := h.Subscribe("web-1", true, "relay", "punch")
+	next(t, s)
+	relayCfg := func(id uint64) *segmeshv1.NetmapUpdate {
+		return &segmeshv1.NetmapUpdate{Update: &segmeshv1.NetmapUpdate_Relay{Relay: &segmeshv1.RelayConfig{Sessions: []*segmeshv1.RelaySession{{Id: id}}}}}
+	}
+	h.Push("web-1", "relay", relayCfg(1))
+	h.Push("web-1", "relay", relayCfg(2))
+	for i := range MaxPushed {
+		h.Push("web-1", "punch", punchFor(fmt.Sprint("p", i)))
+	}
+	got := s.Pushed()
+	var cfgs []uint64
+	for _, u := range got {
+		if r := u.GetRelay(); r != nil {
+			cfgs = append(cfgs, r.GetSessions()[0].GetId())
+		}
+	}
+	if len(got) != MaxPushed || len(cfgs) != 1 || cfgs[0] != 2 {
+		t.Fatalf("queued %d updates with relay configs %v, want %d with only the newest config (2)", len(got), cfgs, MaxPushed)
+	}
+	if last := got[len(got)-1].GetPunch().GetPeer(); last != fmt.Sprint("p", MaxPushed-1) {
+		t.Errorf("newest queued punch %q, want the last one pushed", last)
+	}
+}

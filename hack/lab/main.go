@@ -10,9 +10,11 @@
 //
 // With -nat (`make demo-nat`) the hosts sit behind the NAT routers of
 // lab.ExampleNATs: web-1 and web-2 behind two port-preserving NATs, api-1 behind
-// a symmetric NAT, db-1 behind a 1:1 NAT, ops-1 on the public underlay. Until
-// segmesh discovers endpoints through NATs and relays (issue 10) the matrix has
-// mismatches there, so -nat is not part of `make test`.
+// a symmetric NAT, db-1 behind a 1:1 NAT, ops-1 on the public underlay. The
+// controller answers STUN (--stun-listen :3478) and the agents offer relay
+// ports (only ops-1 relays: the example policy's relays section names it); the
+// demo then prints the path every peer of api-1 takes (direct or relay via
+// ops-1) with `segmesh nodes show api-1`.
 //
 // Exit status: 0 when every matrix cell matches the policy, 1 on any mismatch or
 // error, 130 when interrupted.
@@ -51,6 +53,13 @@ func run() int {
 	convergeTimeout := flag.Duration("converge-timeout", 60*time.Second, "how long to wait for every node to enforce the policy")
 	matrixTimeout := flag.Duration("matrix-timeout", 20*time.Second, "how long mismatching cells are re-probed before they count")
 	flag.Parse()
+	matrixSet := false
+	flag.Visit(func(f *flag.Flag) { matrixSet = matrixSet || f.Name == "matrix-timeout" })
+	if *behindNAT && !matrixSet {
+		// Relayed pairs need a few seconds after convergence: direct checks
+		// for 5 s, then a relay session and WireGuard's handshake through it.
+		*matrixTimeout = 45 * time.Second
+	}
 	if *binDir == "" || flag.NArg() != 0 {
 		flag.Usage()
 		return 2
@@ -106,6 +115,8 @@ func run() int {
 	}
 	if *behindNAT {
 		opts.NATs, opts.Nodes = lab.ExampleNATs()
+		opts.ControllerArgs = append(opts.ControllerArgs, "--stun-listen", ":3478")
+		opts.AgentArgs = append(opts.AgentArgs, "--relay-ports", "40000-40099")
 		d.step("creating the lab: an underlay bridge, a controller host, %d NAT routers and %d node hosts", len(opts.NATs), len(opts.Nodes))
 	} else {
 		d.step("creating the lab: an underlay bridge, a controller host and %d node hosts", len(opts.Nodes))
@@ -239,6 +250,11 @@ func (d *demo) run(ctx context.Context, m *lab.Mesh, pol *lab.Policy, policyPath
 		note = fmt.Sprintf(" (mismatching cells re-probed %d times while the overlay settled)", rounds-1)
 	}
 	fmt.Fprintf(d.out, "\nall %d cells match the policy%s\n", len(cells), note)
+	if len(m.Lab.NATs()) > 0 {
+		if err := d.paths(ctx, m, pathsNode); err != nil {
+			return d.fail(err)
+		}
+	}
 	if err := d.observe(ctx, m, showNode); err != nil {
 		return d.fail(err)
 	}
@@ -249,6 +265,41 @@ func (d *demo) run(ctx context.Context, m *lab.Mesh, pol *lab.Policy, policyPath
 // demo prints after the matrix: the matrix's denied probes reach it from every
 // other node.
 const showNode = "db-1"
+
+// pathsNode is the node whose peers' paths the NAT demo prints: behind the
+// symmetric NAT, it reaches the front ends through the relay.
+const pathsNode = "api-1"
+
+// paths waits until node reports a path for every peer (agents report every
+// 10 s), then prints `segmesh nodes show NODE`, whose PATH column says direct
+// or relay via R per peer.
+func (d *demo) paths(ctx context.Context, m *lab.Mesh, node string) error {
+	d.step("paths through the NATs: segmesh nodes show %s (PATH: direct, or relay via ops-1)", node)
+	err := lab.WaitFor(ctx, 40*time.Second, func(ctx context.Context) (bool, error) {
+		out, err := m.CLI(ctx, "nodes", "show", node, "-o", "json")
+		if err != nil {
+			return false, err
+		}
+		var got struct {
+			Peers []struct{ Path string } `json:"peers"`
+		}
+		if err := json.Unmarshal([]byte(out), &got); err != nil {
+			return false, fmt.Errorf("segmesh nodes show -o json: %w", err)
+		}
+		for _, p := range got.Peers {
+			if p.Path == "" {
+				return false, nil
+			}
+		}
+		return len(got.Peers) > 0, nil
+	})
+	if err != nil {
+		return fmt.Errorf("waiting for %s to report the path of every peer: %w", node, err)
+	}
+	out, err := m.CLI(ctx, "nodes", "show", node)
+	fmt.Fprint(d.out, out)
+	return err
+}
 
 // observe prints what an operator sees after the matrix: `segmesh nodes show`, the
 // denied flows the agents reported (each agent reads its kernel's denied-flow sets

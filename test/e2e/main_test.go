@@ -80,24 +80,25 @@ func newMeshWith(t *testing.T, nodes []lab.NodeSpec, controllerArgs []string) *l
 // newMeshArgs is newMesh with extra controller and agent arguments.
 func newMeshArgs(t *testing.T, nodes []lab.NodeSpec, controllerArgs, agentArgs []string) *lab.Mesh {
 	t.Helper()
+	return newMeshOpts(t, lab.MeshOptions{Nodes: nodes, ControllerArgs: controllerArgs, AgentArgs: agentArgs})
+}
+
+// newMeshOpts is newMesh with opts (Dir and BinDir are set here).
+func newMeshOpts(t *testing.T, opts lab.MeshOptions) *lab.Mesh {
+	t.Helper()
 	if setupErr != nil {
 		t.Fatal(setupErr)
 	}
 	dir := t.TempDir()
 	if os.Getenv("SEGMESH_E2E_KEEP") != "" {
 		var err error
-		if dir, err = os.MkdirTemp("", "segmesh-e2e-"+t.Name()+"-"); err != nil {
+		if dir, err = os.MkdirTemp("", "segmesh-e2e-"+strings.ReplaceAll(t.Name(), "/", "_")+"-"); err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("lab directory (kept): %s", dir)
 	}
-	opts := lab.MeshOptions{
-		Options:        lab.Options{Dir: dir},
-		BinDir:         binDir,
-		Nodes:          nodes,
-		ControllerArgs: controllerArgs,
-		AgentArgs:      agentArgs,
-	}
+	opts.Options.Dir = dir
+	opts.BinDir = binDir
 	if lvl := os.Getenv("SEGMESH_E2E_LOG_LEVEL"); lvl != "" {
 		opts.AgentArgs = append(opts.AgentArgs, "--log-level", lvl)
 	}

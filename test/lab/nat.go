@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/vishvananda/netlink"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -409,6 +410,28 @@ func (n *NAT) apply(ctx context.Context) error {
 		n.lab.record(resource{ns: n.Namespace, kind: resourceTable, name: "ip " + NATTable})
 		n.tableRecorded = true
 	}
+	return nil
+}
+
+// SetKind changes the router's kind (what a NAT that an operator reconfigures,
+// or a router that reboots with another firmware, does): it replaces the
+// ruleset and flushes the router's conntrack table, so that no mapping of the
+// old kind survives. Changing from or to NATOneToOne is refused (the hosts'
+// public addresses would change).
+func (n *NAT) SetKind(ctx context.Context, kind NATKind) error {
+	if !kind.valid() || kind == NATOneToOne || n.Kind == NATOneToOne {
+		return fmt.Errorf("NAT %s: cannot change kind %s to %q", n.Name, n.Kind, kind)
+	}
+	n.applyMu.Lock()
+	n.Kind = kind
+	n.applyMu.Unlock()
+	if err := n.apply(ctx); err != nil {
+		return err
+	}
+	if err := inNamespace(n.Namespace, func() error { return netlink.ConntrackTableFlush(netlink.ConntrackTable) }); err != nil {
+		return fmt.Errorf("flushing the conntrack table of NAT %s: %w", n.Name, err)
+	}
+	n.lab.log.Debug("NAT kind changed", "nat", n.Name, "kind", kind)
 	return nil
 }
 

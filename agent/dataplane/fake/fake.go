@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 
@@ -37,6 +38,7 @@ type Dataplane struct {
 	denied    dataplane.Denied
 	deniedErr error
 	stats     map[dataplane.Key]dataplane.PeerStats // SetPeerStats
+	binding   func(ctx context.Context, dst netip.AddrPort) (netip.AddrPort, error)
 }
 
 // New returns an empty fake (no interface, no table) that reports kind after Apply.
@@ -138,6 +140,44 @@ func (d *Dataplane) FailReadDenied(err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.deniedErr = err
+}
+
+// Binding implements dataplane.STUN with the function set by SetBinding; until
+// then, and for a kernel fake, it returns dataplane.ErrNoSTUN.
+func (d *Dataplane) Binding(ctx context.Context, dst netip.AddrPort) (netip.AddrPort, error) {
+	d.mu.Lock()
+	f := d.binding
+	d.mu.Unlock()
+	if f == nil || d.kind == dataplane.KindKernel {
+		return netip.AddrPort{}, fmt.Errorf("STUN Binding with %v: %w", dst, dataplane.ErrNoSTUN)
+	}
+	return f(ctx, dst)
+}
+
+// SetBinding makes Binding answer with f (a STUN server and peers' sockets, as
+// the test sees them); nil restores ErrNoSTUN.
+func (d *Dataplane) SetBinding(f func(ctx context.Context, dst netip.AddrPort) (netip.AddrPort, error)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.binding = f
+}
+
+// ReadPeers implements dataplane.PeerReader: the endpoints of the peers the
+// fake holds, with the statistics set by SetPeerStats.
+func (d *Dataplane) ReadPeers(ctx context.Context) (map[dataplane.Key]dataplane.PeerState, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[dataplane.Key]dataplane.PeerState{}
+	if !d.up {
+		return out, nil
+	}
+	for _, p := range d.state.Peers {
+		out[p.PublicKey] = dataplane.PeerState{Endpoint: p.Endpoint, PeerStats: d.stats[p.PublicKey]}
+	}
+	return out, nil
 }
 
 // Kind returns the kind given to New.

@@ -1,10 +1,12 @@
 package linux
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -17,6 +19,7 @@ import (
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/dataplane/linux/internal/nsutil"
+	"segmesh/agent/dataplane/stunbind"
 )
 
 // userDevice is an embedded wireguard-go device on a TUN interface, configured through
@@ -26,11 +29,30 @@ type userDevice struct {
 	dev   *device.Device
 	index int
 	log   *slog.Logger
+	// stun shares the device's UDP socket with STUN (see Binding).
+	stun *stunbind.Bind
 
 	uapi     net.Listener
 	uapiDone chan struct{} // closed when the accept loop ends
 	// onSet is called after each UAPI "set" operation (see uapiConn).
 	onSet func()
+}
+
+// Binding implements dataplane.STUN on the wireguard-go device's socket. With
+// kernel WireGuard, or before the first Apply created the device, it returns
+// dataplane.ErrNoSTUN; after the device was re-created, transactions in flight
+// end with stunbind.ErrClosed.
+func (d *Dataplane) Binding(ctx context.Context, dst netip.AddrPort) (netip.AddrPort, error) {
+	d.mu.Lock()
+	var sb *stunbind.Bind
+	if d.user != nil {
+		sb = d.user.stun
+	}
+	d.mu.Unlock()
+	if sb == nil {
+		return netip.AddrPort{}, fmt.Errorf("STUN Binding with %v: %w", dst, dataplane.ErrNoSTUN)
+	}
+	return sb.Binding(ctx, dst)
 }
 
 // ensureDevice makes the WireGuard interface exist (kernel WireGuard unless forced to
@@ -172,16 +194,17 @@ func (d *Dataplane) newUserDevice(mtu int) (*userDevice, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("creating TUN device: %w", err)
 	}
-	bind := conn.NewDefaultBind()
+	var bind conn.Bind = conn.NewDefaultBind()
 	if d.foreignNS {
 		bind = &nsBind{Bind: bind, ns: d.ns}
 	}
 	log := d.log.With("interface", name, "component", "wireguard-go")
+	sb := stunbind.New(bind, log.With("component", "stun"))
 	logger := &device.Logger{
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	u := &userDevice{name: name, dev: device.NewDevice(tdev, bind, logger), log: log, onSet: d.uapiSet}
+	u := &userDevice{name: name, dev: device.NewDevice(tdev, sb, logger), stun: sb, log: log, onSet: d.uapiSet}
 	link, err := d.linkByName()
 	if err == nil && link == nil {
 		err = fmt.Errorf("TUN device %s vanished", name)
@@ -310,3 +333,5 @@ func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err e
 
 // addrGenModeNone is IN6_ADDR_GEN_MODE_NONE (linux/if_link.h).
 const addrGenModeNone = 1
+
+var _ dataplane.STUN = (*Dataplane)(nil)

@@ -1,6 +1,7 @@
 package linux
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -185,3 +186,27 @@ func ipNets(ps []netip.Prefix) []net.IPNet {
 	}
 	return out
 }
+
+// ReadPeers implements dataplane.PeerReader with an uncached read of the device.
+func (d *Dataplane) ReadPeers(ctx context.Context) (map[dataplane.Key]dataplane.PeerState, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[dataplane.Key]dataplane.PeerState{}
+	dev, err := d.wg.Device(d.opts.Interface)
+	if errors.Is(err, os.ErrNotExist) {
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading WireGuard device %s: %w", d.opts.Interface, err)
+	}
+	for _, p := range dev.Peers {
+		out[dataplane.Key(p.PublicKey)] = dataplane.PeerState{Endpoint: udpAddrPort(p.Endpoint), PeerStats: dataplane.PeerStats{
+			LastHandshake: p.LastHandshakeTime, RxBytes: uint64(max(p.ReceiveBytes, 0)), TxBytes: uint64(max(p.TransmitBytes, 0))}}
+	}
+	return out, nil
+}
+
+var _ dataplane.PeerReader = (*Dataplane)(nil)

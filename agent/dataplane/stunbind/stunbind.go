@@ -1,7 +1,7 @@
 // Package stunbind shares wireguard-go's UDP socket with STUN (RFC 8489).
 //
 // A *Bind wraps a conn.Bind: its receive functions divert STUN messages before
-// WireGuard sees them, answer Binding requests from anyone (rate limited, never
+// WireGuard sees them, answer Binding requests from anyone (rate limited per source and in total, never
 // larger than the request plus 32 bytes), and complete the Binding transactions
 // started by (*Bind).Binding, so the address a NAT maps the WireGuard socket to
 // can be learned from the socket itself.
@@ -30,6 +30,13 @@ const (
 	// answerRate and answerBurst bound the Binding requests answered, globally.
 	answerRate  = 64
 	answerBurst = 128
+	// sourceRate and sourceBurst bound those of one source (an IPv4 address or
+	// an IPv6 /64), so that one flooding source cannot use up the global budget
+	// peers' connectivity checks need; maxSources bounds the map of sources,
+	// which starts over when full.
+	sourceRate  = 8
+	sourceBurst = 16
+	maxSources  = 4096
 	// maxGrowth is how much larger than its request a response may be.
 	maxGrowth = 32
 	// magicCookie is the STUN magic cookie (RFC 8489 section 5).
@@ -69,6 +76,9 @@ type Bind struct {
 	log *slog.Logger
 	lim *rate.Limiter
 
+	limMu sync.Mutex
+	bySrc map[netip.Addr]*rate.Limiter
+
 	mu   sync.Mutex
 	open bool
 	txs  map[[stun.TransactionIDSize]byte]*transaction
@@ -82,10 +92,11 @@ func New(inner conn.Bind, log *slog.Logger) *Bind {
 		log = slog.Default()
 	}
 	return &Bind{
-		Bind: inner,
-		log:  log.With("component", "stunbind"),
-		lim:  rate.NewLimiter(answerRate, answerBurst),
-		txs:  make(map[[stun.TransactionIDSize]byte]*transaction),
+		Bind:  inner,
+		log:   log.With("component", "stunbind"),
+		lim:   rate.NewLimiter(answerRate, answerBurst),
+		bySrc: make(map[netip.Addr]*rate.Limiter),
+		txs:   make(map[[stun.TransactionIDSize]byte]*transaction),
 	}
 }
 
@@ -197,8 +208,29 @@ func (b *Bind) handle(p []byte, ep conn.Endpoint) {
 	}
 }
 
+// allow reports whether a Binding request from src may be answered now: within
+// its source's budget (sourceRate) and then the global one (answerRate).
+func (b *Bind) allow(src netip.Addr) bool {
+	key := src.Unmap()
+	if key.Is6() {
+		p, _ := key.Prefix(64)
+		key = p.Addr()
+	}
+	b.limMu.Lock()
+	defer b.limMu.Unlock()
+	l := b.bySrc[key]
+	if l == nil {
+		if len(b.bySrc) >= maxSources {
+			clear(b.bySrc)
+		}
+		l = rate.NewLimiter(sourceRate, sourceBurst)
+		b.bySrc[key] = l
+	}
+	return l.Allow() && b.lim.Allow()
+}
+
 func (b *Bind) answer(req *stun.Message, src netip.AddrPort, ep conn.Endpoint) {
-	if !b.lim.Allow() {
+	if !b.allow(src.Addr()) {
 		b.dropped.Add(1)
 		return
 	}

@@ -160,7 +160,7 @@ func TestRateLimit(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	s := b.Stats()
-	if s.RequestsAnswered > answerBurst+answerRate*4 || s.RequestsDropped == 0 {
+	if s.RequestsAnswered > sourceBurst+sourceRate*4 || s.RequestsDropped == 0 {
 		t.Fatalf("rate limit did not hold: %+v", s)
 	}
 }
@@ -184,4 +184,58 @@ func FuzzIsSTUN(f *testing.F) {
 			b.handle(p, nil)
 		}
 	})
+}
+
+// TestFloodFromOneSourceLeavesOthersAnswered: a stranger who floods the
+// WireGuard port with Binding requests must not use up the answers peers'
+// connectivity checks need (they would all fall back to relays).
+func TestFloodFromOneSourceLeavesOthersAnswered(t *testing.T) {
+	b, port, _ := open(t)
+	flooder := udp(t)
+	to := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: int(port)}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		// 2000 requests per second: far over the budget, not so many that
+		// the socket's receive buffer overflows.
+		req := stun.MustBuild(stun.TransactionID, stun.BindingRequest).Raw
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				flooder.WriteToUDP(req, to)
+				flooder.WriteToUDP(req, to)
+			}
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	deadline := time.Now().Add(3 * time.Second)
+	for b.Stats().RequestsDropped < 500 {
+		if time.Now().After(deadline) {
+			t.Fatalf("flood not under way: %+v", b.Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	peer, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
+	if err != nil {
+		t.Skipf("no second loopback address: %v", err)
+	}
+	defer peer.Close()
+	buf := make([]byte, 1500)
+	for range 3 { // a check retransmits; one answer is enough
+		req := stun.MustBuild(stun.TransactionID, stun.BindingRequest)
+		peer.WriteToUDP(req.Raw, to)
+		peer.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		if n, _, err := peer.ReadFromUDP(buf); err == nil {
+			m := &stun.Message{Raw: buf[:n]}
+			if m.Decode() == nil && m.TransactionID == req.TransactionID {
+				return
+			}
+		}
+	}
+	t.Fatalf("no answer for another source during a flood: %+v", b.Stats())
 }
