@@ -29,3 +29,12 @@ func TestConformance(t *testing.T) {
 		}
 	})
 }
+
+func TestUndecodableRevision(t *testing.T) {
+	s, err := store.Open(filepath.Join(t.TempDir(), "controller.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	storetest.UndecodableRevision(t, s, func(rev uint64, raw []byte) error { return store.PutPolicyRecord(s, rev, raw) })
+}

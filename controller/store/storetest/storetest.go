@@ -439,3 +439,45 @@ func auditChain(t *testing.T, open Opener) {
 		t.Fatal(err)
 	}
 }
+
+// UndecodableRevision checks that a revision record that does not decode
+// (edited by hand; corrupt overwrites revision rev with raw, outside the Store)
+// is still listed and counted, so the next revision can be stored, while reading
+// it reports the decode error. s must be empty.
+func UndecodableRevision(t *testing.T, s store.Store, corrupt func(rev uint64, raw []byte) error) {
+	t.Helper()
+	for rev := uint64(1); rev <= 2; rev++ {
+		if err := s.Update(func(tx store.Tx) error { return tx.PutPolicy(store.Policy{Revision: rev, Content: []byte("x")}) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := corrupt(2, []byte("{not json")); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.View(func(tx store.Tx) error {
+		revs, err := tx.PolicyRevisions()
+		if err != nil || !slices.Equal(revs, []uint64{1, 2}) {
+			t.Errorf("PolicyRevisions = %v, %v; want [1 2]", revs, err)
+		}
+		if _, _, err := tx.Policy(2); err == nil {
+			t.Error("Policy(2) decoded a corrupt record")
+		}
+		if _, _, err := tx.LatestPolicy(); err == nil {
+			t.Error("LatestPolicy decoded a corrupt record")
+		}
+		if p, ok, err := tx.Policy(1); err != nil || !ok || p.Revision != 1 {
+			t.Errorf("Policy(1) = %v %v %v", p.Revision, ok, err)
+		}
+		return nil
+	})
+	tests := []struct {
+		rev     uint64
+		wantErr bool
+	}{{2, true}, {4, true}, {3, false}}
+	for _, tt := range tests {
+		err := s.Update(func(tx store.Tx) error { return tx.PutPolicy(store.Policy{Revision: tt.rev}) })
+		if (err != nil) != tt.wantErr {
+			t.Errorf("PutPolicy(%d) after a corrupt latest: err = %v, wantErr %v", tt.rev, err, tt.wantErr)
+		}
+	}
+}
