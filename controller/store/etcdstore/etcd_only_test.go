@@ -155,10 +155,15 @@ func TestTxnLimit(t *testing.T) {
 			_, err := tx.Nodes()
 			return errors.Join(err, lookups(tx, 200), tx.PutMeta("k", nil))
 		}, false, 0},
+		{"refused by etcd when MaxTxnOps is set too high", func(tx store.Tx) error { return putNodes(tx, 200) }, true, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := openAt(t, newPrefix(t), nil)
+			s := openAt(t, newPrefix(t), func(c *Config) {
+				if strings.Contains(tt.name, "too high") {
+					c.MaxTxnOps = 1000
+				}
+			})
 			err := s.Update(tt.fn)
 			if tt.wantErr != (err != nil) || (err != nil && !errors.Is(err, ErrTooLarge)) {
 				t.Fatalf("err = %v, wantErr %v (ErrTooLarge)", err, tt.wantErr)
@@ -249,4 +254,40 @@ func TestAuditTampering(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestUpdateRetriesAfterCompaction: when etcd compacts the revision a
+// transaction reads at, fn runs again on a fresh snapshot.
+func TestUpdateRetriesAfterCompaction(t *testing.T) {
+	prefix := newPrefix(t)
+	s := openAt(t, prefix, nil)
+	runs := 0
+	err := s.Update(func(tx store.Tx) error {
+		runs++
+		if _, err := tx.Meta("a"); err != nil {
+			return err
+		}
+		if runs == 1 {
+			resp, err := s.cli.Put(context.Background(), prefix+"unrelated", "x")
+			if err != nil {
+				return err
+			}
+			if _, err := s.cli.Compact(context.Background(), resp.Header.Revision); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.Meta("b"); err != nil {
+			return err
+		}
+		return tx.PutMeta("done", []byte("yes"))
+	})
+	if err != nil || runs != 2 {
+		t.Fatalf("err = %v after %d runs, want nil after 2", err, runs)
+	}
+	_ = s.View(func(tx store.Tx) error {
+		if v, err := tx.Meta("done"); err != nil || string(v) != "yes" {
+			t.Errorf("Meta(done) = %q %v", v, err)
+		}
+		return nil
+	})
 }

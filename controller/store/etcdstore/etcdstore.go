@@ -38,6 +38,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 
 	"segmesh/controller/store"
 )
@@ -122,7 +123,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		Endpoints:   cfg.Endpoints,
 		TLS:         cfg.TLS,
 		DialTimeout: cfg.DialTimeout,
-		Logger:      nil,
+		Logger:      zap.NewNop(), // its errors come back to the caller; its retry chatter stays out of the logs
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", where, err)
@@ -152,7 +153,9 @@ func (s *Store) Close() error {
 }
 
 // View implements store.Store: fn reads at one etcd revision (a snapshot; the
-// first read is linearizable and fixes it). Write methods fail. fn runs once.
+// first read is linearizable and fixes it). Write methods fail. fn runs once; a
+// read fails (rpctypes.ErrCompacted) when etcd compacts that revision away while
+// fn runs.
 func (s *Store) View(fn func(store.Tx) error) error {
 	return fn(s.newTx(false))
 }
@@ -163,7 +166,8 @@ func (s *Store) View(fn func(store.Tx) error) error {
 // if nothing fn read has changed since: every key read must have the same
 // ModRevision (absent keys: still absent) and every table fn listed (Nodes,
 // Tokens, Operators, PolicyRevisions, LatestPolicy, Audit...) must have the same
-// version. When that fails, fn RUNS AGAIN from scratch on a fresh snapshot, after
+// version. When that fails, or when etcd compacted the snapshot's revision away
+// while fn read, fn RUNS AGAIN from scratch on a fresh snapshot, after
 // a short jittered backoff, up to Config.MaxAttempts times; then Update returns an
 // error wrapping ErrConflict. So fn may run several times and must have no effect
 // outside the transaction it cannot repeat. When fn returns an error nothing is
@@ -176,15 +180,17 @@ func (s *Store) Update(fn func(store.Tx) error) error {
 	backoff := time.Millisecond
 	for attempt := 1; ; attempt++ {
 		t := s.newTx(true)
-		if err := fn(t); err != nil {
+		if err := fn(t); err != nil && !t.compacted {
 			return err
 		}
-		ok, err := t.commit()
-		if err != nil {
-			return err
-		}
-		if ok {
-			return nil
+		if !t.compacted {
+			ok, err := t.commit()
+			if err != nil {
+				return err
+			}
+			if ok {
+				return nil
+			}
 		}
 		if attempt >= s.cfg.MaxAttempts {
 			return fmt.Errorf("etcd store: %d attempts: %w", attempt, ErrConflict)

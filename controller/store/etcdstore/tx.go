@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -56,6 +57,8 @@ type tx struct {
 	writes map[string]change // by full key
 	// touched are the tables written to.
 	touched map[string]bool
+	// compacted is set when a read failed because etcd compacted rev away.
+	compacted bool
 }
 
 func (s *Store) newTx(writable bool) *tx {
@@ -80,6 +83,7 @@ func (t *tx) get(key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, 
 	defer cancel()
 	resp, err := t.s.cli.Get(ctx, key, opts...)
 	if err != nil {
+		t.compacted = t.compacted || errors.Is(err, rpctypes.ErrCompacted)
 		return nil, fmt.Errorf("etcd at %s: reading %s: %w", strings.Join(t.s.cfg.Endpoints, ","), key, err)
 	}
 	if t.rev == 0 {
@@ -271,6 +275,10 @@ func (t *tx) commit() (bool, error) {
 	ctx, cancel := context.WithTimeout(t.s.ctx, t.s.cfg.RequestTimeout)
 	defer cancel()
 	resp, err := t.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if errors.Is(err, rpctypes.ErrTooManyOps) || errors.Is(err, rpctypes.ErrRequestTooLarge) {
+		return false, fmt.Errorf("etcd at %s: committing %d compares and %d writes: %w: %w (is Config.MaxTxnOps above the cluster's --max-txn-ops?)",
+			strings.Join(t.s.cfg.Endpoints, ","), len(cmps), len(ops), ErrTooLarge, err)
+	}
 	if err != nil {
 		return false, fmt.Errorf("etcd at %s: committing %d writes: %w", strings.Join(t.s.cfg.Endpoints, ","), len(ops), err)
 	}
