@@ -161,8 +161,12 @@ func (t *tx) scan(table string, last bool) ([]kv, error) {
 			merged[k] = w.val
 		}
 	}
-	if last && deleted {
-		return t.scan(table, false) // the last stored record was deleted here: look at all of them
+	if last && deleted { // the last stored record was deleted here: look at all of them
+		all, err := t.scan(table, false)
+		if len(all) > 1 {
+			all = all[len(all)-1:]
+		}
+		return all, err
 	}
 	keys := make([]string, 0, len(merged))
 	for k := range merged {
