@@ -171,11 +171,17 @@ func (s *Store) View(fn func(store.Tx) error) error {
 // a short jittered backoff, up to Config.MaxAttempts times; then Update returns an
 // error wrapping ErrConflict. So fn may run several times and must have no effect
 // outside the transaction it cannot repeat. When fn returns an error nothing is
-// written and that error is returned (not retried). A transaction that needs more
-// than Config.MaxTxnOps compares or writes (about MaxTxnOps/2 records, since each
-// write also bumps its table version; reading a whole table costs one compare)
-// fails with ErrTooLarge; etcd's request size limit (--max-request-bytes, 1.5 MiB
-// by default) also applies.
+// written and that error is returned (not retried).
+//
+// Limits: one etcd Txn holds at most Config.MaxTxnOps (128) compares and as many
+// writes. Writes count one per record written plus one per table written (its
+// version key), so 127 records of one table fit. Compares count one per table
+// listed plus one per key read in a table that was not listed (listing a table
+// covers every key of it). A transaction beyond that fails with ErrTooLarge
+// before anything is sent, nothing is written, and it is not retried; so does one
+// etcd refuses as too many operations or larger than its --max-request-bytes
+// (1.5 MiB by default). Callers that need more must split the work into several
+// Updates.
 func (s *Store) Update(fn func(store.Tx) error) error {
 	backoff := time.Millisecond
 	for attempt := 1; ; attempt++ {
