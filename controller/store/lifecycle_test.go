@@ -1,9 +1,7 @@
 package store
 
 import (
-	"bytes"
 	"encoding/json"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -93,74 +91,4 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 			}
 		})
 	}
-}
-
-func TestDeleteNodeQuarantinesAddresses(t *testing.T) {
-	s, _ := openTemp(t)
-	a4, a6 := netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("fd5e::2")
-	key := bytes.Repeat([]byte{7}, 32)
-	until := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	err := s.Update(func(tx Tx) error {
-		if err := tx.ClaimAddress(a4, "web-1"); err != nil {
-			return err
-		}
-		if err := tx.ClaimAddress(a6, "web-1"); err != nil {
-			return err
-		}
-		if err := tx.PutNode(Node{Name: "web-1", PublicKey: key, Addresses: []netip.Addr{a4, a6}}); err != nil {
-			return err
-		}
-		return tx.DeleteNode("web-1", until)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = s.View(func(tx Tx) error {
-		if _, ok, _ := tx.Node("web-1"); ok {
-			t.Error("node still stored after DeleteNode")
-		}
-		if _, ok, _ := tx.NodeByPublicKey(key); ok {
-			t.Error("public key still indexed after DeleteNode")
-		}
-		for _, a := range []netip.Addr{a4, a6} {
-			if _, ok, _ := tx.AddressOwner(a); ok {
-				t.Errorf("%s still claimed", a)
-			}
-			got, ok, err := tx.AddressQuarantine(a)
-			if err != nil || !ok || !got.Equal(until) {
-				t.Errorf("AddressQuarantine(%s) = %v %v %v, want %v", a, got, ok, err, until)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-func TestOperatorsIndexedByTokenHash(t *testing.T) {
-	s, _ := openTemp(t)
-	h1, h2 := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
-	err := s.Update(func(tx Tx) error {
-		if err := tx.PutOperator(Operator{Name: "admin", Role: RoleAdmin, TokenHash: h1}); err != nil {
-			return err
-		}
-		if err := tx.PutOperator(Operator{Name: "eve", Role: RoleViewer, TokenHash: h1}); err == nil {
-			t.Error("two operators with one token hash were accepted")
-		}
-		// Replacing the token of an operator drops the old hash from the index.
-		return tx.PutOperator(Operator{Name: "admin", Role: RoleAdmin, TokenHash: h2})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = s.View(func(tx Tx) error {
-		if _, ok, _ := tx.OperatorByTokenHash(h1); ok {
-			t.Error("old token hash still finds the operator")
-		}
-		if o, ok, _ := tx.OperatorByTokenHash(h2); !ok || o.Name != "admin" {
-			t.Errorf("OperatorByTokenHash = %+v %v", o, ok)
-		}
-		return nil
-	})
 }

@@ -1,0 +1,213 @@
+// Package etcdstore implements store.Store on an etcd cluster, so that several
+// controllers can share one state.
+//
+// Every invariant of the store (policy revisions without a gap, one owner per
+// overlay address and public key, a gapless audit chain) is kept by etcd
+// transactions, not by in-process locks: Update runs its function against a
+// transaction that reads at one etcd revision and buffers its writes, then commits
+// them with one etcd Txn guarded by compares on everything it read. When another
+// writer got there first the compares fail and the function runs again (see
+// Store.Update).
+//
+// Keys live under Config.Prefix, one key per record, with the same JSON encodings
+// as the bbolt store:
+//
+//	PREFIX nodes/NAME               store.Node
+//	PREFIX tokens/ID                store.Token
+//	PREFIX operators/NAME           store.Operator
+//	PREFIX operator-tokens/HEX      operator name (index by token hash)
+//	PREFIX pubkeys/HEX              node name (index by WireGuard public key)
+//	PREFIX policies/%016x           store.Policy (revision, zero-padded hex)
+//	PREFIX ipam/HEX                 node name holding the overlay address
+//	PREFIX quarantine/HEX           RFC 3339 time the address is free again
+//	PREFIX meta/KEY                 raw bytes (audit-head is "SEQ HASH")
+//	PREFIX audit/%016x              store.AuditEntry (sequence number)
+//	PREFIX version/TABLE            bumped by every write to TABLE
+//
+// HEX is the lower-case hex of the raw bytes (netip.Addr.AsSlice for addresses).
+package etcdstore
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"segmesh/controller/store"
+)
+
+// Defaults of Config.
+const (
+	DefaultPrefix         = "/segmesh/"
+	DefaultDialTimeout    = 5 * time.Second
+	DefaultRequestTimeout = 10 * time.Second
+	// DefaultMaxTxnOps is etcd's default --max-txn-ops.
+	DefaultMaxTxnOps = 128
+	// DefaultMaxAttempts bounds how often Update runs its function.
+	DefaultMaxAttempts = 32
+)
+
+// ErrConflict is returned (wrapped) by Update when every attempt lost a race
+// against another writer.
+var ErrConflict = errors.New("etcd transaction kept conflicting with other writers")
+
+// ErrTooLarge is returned (wrapped) by Update when the transaction needs more
+// compares or more writes than one etcd Txn may hold (Config.MaxTxnOps). Nothing is
+// written.
+var ErrTooLarge = errors.New("transaction too large for one etcd Txn")
+
+// Config configures Open.
+type Config struct {
+	// Endpoints are the etcd client URLs, e.g. "https://10.0.0.1:2379"; at least one.
+	Endpoints []string
+	// TLS configures client TLS (nil: plain connections).
+	TLS *tls.Config
+	// Prefix is prepended to every key; default DefaultPrefix. It should end in "/".
+	Prefix string
+	// DialTimeout bounds connecting and the first status check; default DefaultDialTimeout.
+	DialTimeout time.Duration
+	// RequestTimeout bounds each etcd request; default DefaultRequestTimeout.
+	RequestTimeout time.Duration
+	// MaxTxnOps is the cluster's --max-txn-ops; default DefaultMaxTxnOps.
+	MaxTxnOps int
+	// MaxAttempts bounds how often Update runs its function; default DefaultMaxAttempts.
+	MaxAttempts int
+	// Logger receives retries and errors; default slog.Default().
+	Logger *slog.Logger
+}
+
+// Store is a store.Store on etcd. It is safe for concurrent use.
+type Store struct {
+	cli    *clientv3.Client
+	cfg    Config
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+var _ store.Store = (*Store)(nil)
+
+// Open connects to the etcd cluster at cfg.Endpoints and checks that one endpoint
+// answers within cfg.DialTimeout. Errors name the endpoints ("etcd at URL: ...").
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if len(cfg.Endpoints) == 0 {
+		return nil, errors.New("opening etcd store: no endpoints")
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = DefaultPrefix
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = DefaultRequestTimeout
+	}
+	if cfg.MaxTxnOps <= 0 {
+		cfg.MaxTxnOps = DefaultMaxTxnOps
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	where := "etcd at " + strings.Join(cfg.Endpoints, ",")
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   cfg.Endpoints,
+		TLS:         cfg.TLS,
+		DialTimeout: cfg.DialTimeout,
+		Logger:      zap.NewNop(), // its errors come back to the caller; its retry chatter stays out of the logs
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", where, err)
+	}
+	var lastErr error
+	for _, ep := range cfg.Endpoints {
+		sctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
+		_, lastErr = cli.Status(sctx, ep)
+		cancel()
+		if lastErr == nil {
+			break
+		}
+		lastErr = fmt.Errorf("etcd at %s: %w", ep, lastErr)
+	}
+	if lastErr != nil {
+		_ = cli.Close()
+		return nil, fmt.Errorf("opening etcd store: no endpoint answered: %w", lastErr)
+	}
+	sctx, cancel := context.WithCancel(context.Background())
+	return &Store{cli: cli, cfg: cfg, log: cfg.Logger, ctx: sctx, cancel: cancel}, nil
+}
+
+// Close implements store.Store: it cancels requests in flight and closes the client.
+func (s *Store) Close() error {
+	s.cancel()
+	return s.cli.Close()
+}
+
+// View implements store.Store: fn reads at one etcd revision (a snapshot; the
+// first read is linearizable and fixes it). Write methods fail. fn runs once; a
+// read fails (rpctypes.ErrCompacted) when etcd compacts that revision away while
+// fn runs.
+func (s *Store) View(fn func(store.Tx) error) error {
+	return fn(s.newTx(false))
+}
+
+// Update implements store.Store. fn runs against a transaction that reads at one
+// etcd revision and buffers its writes (reads see the transaction's own writes).
+// When fn returns nil, the writes are committed with one etcd Txn that holds only
+// if nothing fn read has changed since: every key read must have the same
+// ModRevision (absent keys: still absent) and every table fn listed (Nodes,
+// Tokens, Operators, PolicyRevisions, LatestPolicy, Audit...) must have the same
+// version. When that fails, or when etcd compacted the snapshot's revision away
+// while fn read, fn RUNS AGAIN from scratch on a fresh snapshot, after
+// a short jittered backoff, up to Config.MaxAttempts times; then Update returns an
+// error wrapping ErrConflict. So fn may run several times and must have no effect
+// outside the transaction it cannot repeat. When fn returns an error nothing is
+// written and that error is returned (not retried).
+//
+// Limits: one etcd Txn holds at most Config.MaxTxnOps (128) compares and as many
+// writes. Writes count one per record written plus one per table written (its
+// version key), so 127 records of one table fit. Compares count one per table
+// listed plus one per key read in a table that was not listed (listing a table
+// covers every key of it). A transaction beyond that fails with ErrTooLarge
+// before anything is sent, nothing is written, and it is not retried; so does one
+// etcd refuses as too many operations or larger than its --max-request-bytes
+// (1.5 MiB by default). Callers that need more must split the work into several
+// Updates.
+func (s *Store) Update(fn func(store.Tx) error) error {
+	backoff := time.Millisecond
+	for attempt := 1; ; attempt++ {
+		t := s.newTx(true)
+		if err := fn(t); err != nil && !t.compacted {
+			return err
+		}
+		if !t.compacted {
+			ok, err := t.commit()
+			if err != nil {
+				return err
+			}
+			if ok {
+				return nil
+			}
+		}
+		if attempt >= s.cfg.MaxAttempts {
+			return fmt.Errorf("etcd store: %d attempts: %w", attempt, ErrConflict)
+		}
+		s.log.Debug("etcd store: transaction conflicted, retrying", "attempt", attempt)
+		wait := backoff/2 + rand.N(backoff)
+		select {
+		case <-time.After(wait):
+		case <-s.ctx.Done():
+			return fmt.Errorf("etcd store: %w", s.ctx.Err())
+		}
+		backoff = min(2*backoff, 100*time.Millisecond)
+	}
+}
