@@ -270,8 +270,8 @@ const showNode = "db-1"
 // symmetric NAT, it reaches the front ends through the relay.
 const pathsNode = "api-1"
 
-// paths waits until node reports a path for every peer (agents report every
-// 10 s), then prints `segmesh nodes show NODE`, whose PATH column says direct
+// paths waits until node reports a path and a handshake for every peer
+// (agents report every 10 s), then prints `segmesh nodes show NODE`, whose PATH column says direct
 // or relay via R per peer.
 func (d *demo) paths(ctx context.Context, m *lab.Mesh, node string) error {
 	d.step("paths through the NATs: segmesh nodes show %s (PATH: direct, or relay via ops-1)", node)
@@ -281,13 +281,16 @@ func (d *demo) paths(ctx context.Context, m *lab.Mesh, node string) error {
 			return false, err
 		}
 		var got struct {
-			Peers []struct{ Path string } `json:"peers"`
+			Peers []struct {
+				Path          string `json:"path"`
+				LastHandshake string `json:"last_handshake_at"`
+			} `json:"peers"`
 		}
 		if err := json.Unmarshal([]byte(out), &got); err != nil {
 			return false, fmt.Errorf("segmesh nodes show -o json: %w", err)
 		}
 		for _, p := range got.Peers {
-			if p.Path == "" {
+			if p.Path == "" || p.LastHandshake == "" {
 				return false, nil
 			}
 		}
