@@ -1359,6 +1359,7 @@ type NetmapUpdate struct {
 	//	*NetmapUpdate_Delta
 	//	*NetmapUpdate_Punch
 	//	*NetmapUpdate_Relay
+	//	*NetmapUpdate_Controllers
 	Update        isNetmapUpdate_Update `protobuf_oneof:"update"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1437,6 +1438,15 @@ func (x *NetmapUpdate) GetRelay() *RelayConfig {
 	return nil
 }
 
+func (x *NetmapUpdate) GetControllers() *ControllerSet {
+	if x != nil {
+		if x, ok := x.Update.(*NetmapUpdate_Controllers); ok {
+			return x.Controllers
+		}
+	}
+	return nil
+}
+
 type isNetmapUpdate_Update interface {
 	isNetmapUpdate_Update()
 }
@@ -1460,6 +1470,15 @@ type NetmapUpdate_Relay struct {
 	Relay *RelayConfig `protobuf:"bytes,4,opt,name=relay,proto3,oneof"`
 }
 
+type NetmapUpdate_Controllers struct {
+	// Sent only to agents whose SyncRequest.features lists "controllers": the
+	// URLs of every controller replica serving this fleet (sharing one etcd
+	// store), sent after the first full netmap of a stream and whenever the set
+	// changes. The agent keeps them and, when its stream is lost, connects to
+	// the next one.
+	Controllers *ControllerSet `protobuf:"bytes,5,opt,name=controllers,proto3,oneof"`
+}
+
 func (*NetmapUpdate_Full) isNetmapUpdate_Update() {}
 
 func (*NetmapUpdate_Delta) isNetmapUpdate_Update() {}
@@ -1467,6 +1486,55 @@ func (*NetmapUpdate_Delta) isNetmapUpdate_Update() {}
 func (*NetmapUpdate_Punch) isNetmapUpdate_Update() {}
 
 func (*NetmapUpdate_Relay) isNetmapUpdate_Update() {}
+
+func (*NetmapUpdate_Controllers) isNetmapUpdate_Update() {}
+
+// ControllerSet lists the controller replicas an agent may connect to.
+type ControllerSet struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// https:// URLs, e.g. "https://10.0.0.1:7443", in the order the agent should
+	// try them; the replica sending the set is first.
+	Urls          []string `protobuf:"bytes,1,rep,name=urls,proto3" json:"urls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControllerSet) Reset() {
+	*x = ControllerSet{}
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControllerSet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControllerSet) ProtoMessage() {}
+
+func (x *ControllerSet) ProtoReflect() protoreflect.Message {
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControllerSet.ProtoReflect.Descriptor instead.
+func (*ControllerSet) Descriptor() ([]byte, []int) {
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ControllerSet) GetUrls() []string {
+	if x != nil {
+		return x.Urls
+	}
+	return nil
+}
 
 // RelayConfig is the whole set of sessions one relay node forwards.
 type RelayConfig struct {
@@ -1478,7 +1546,7 @@ type RelayConfig struct {
 
 func (x *RelayConfig) Reset() {
 	*x = RelayConfig{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1558,7 @@ func (x *RelayConfig) String() string {
 func (*RelayConfig) ProtoMessage() {}
 
 func (x *RelayConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[18]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1571,7 @@ func (x *RelayConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RelayConfig.ProtoReflect.Descriptor instead.
 func (*RelayConfig) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{18}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RelayConfig) GetSessions() []*RelaySession {
@@ -1535,7 +1603,7 @@ type RelaySession struct {
 
 func (x *RelaySession) Reset() {
 	*x = RelaySession{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +1615,7 @@ func (x *RelaySession) String() string {
 func (*RelaySession) ProtoMessage() {}
 
 func (x *RelaySession) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[19]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,7 +1628,7 @@ func (x *RelaySession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RelaySession.ProtoReflect.Descriptor instead.
 func (*RelaySession) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{19}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RelaySession) GetId() uint64 {
@@ -1629,7 +1697,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1709,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[20]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1722,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{20}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SyncRequest) GetEndpoint() string {
@@ -1757,7 +1825,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1769,7 +1837,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[21]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1782,7 +1850,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{21}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReportRequest) GetAppliedRevision() uint64 {
@@ -1913,7 +1981,7 @@ type PeerStatus struct {
 
 func (x *PeerStatus) Reset() {
 	*x = PeerStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1925,7 +1993,7 @@ func (x *PeerStatus) String() string {
 func (*PeerStatus) ProtoMessage() {}
 
 func (x *PeerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[22]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1938,7 +2006,7 @@ func (x *PeerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerStatus.ProtoReflect.Descriptor instead.
 func (*PeerStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{22}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PeerStatus) GetName() string {
@@ -2023,7 +2091,7 @@ type DeniedFlow struct {
 
 func (x *DeniedFlow) Reset() {
 	*x = DeniedFlow{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2035,7 +2103,7 @@ func (x *DeniedFlow) String() string {
 func (*DeniedFlow) ProtoMessage() {}
 
 func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[23]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2048,7 +2116,7 @@ func (x *DeniedFlow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedFlow.ProtoReflect.Descriptor instead.
 func (*DeniedFlow) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{23}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DeniedFlow) GetDirection() string {
@@ -2129,7 +2197,7 @@ type DriftDifference struct {
 
 func (x *DriftDifference) Reset() {
 	*x = DriftDifference{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +2209,7 @@ func (x *DriftDifference) String() string {
 func (*DriftDifference) ProtoMessage() {}
 
 func (x *DriftDifference) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[24]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +2222,7 @@ func (x *DriftDifference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DriftDifference.ProtoReflect.Descriptor instead.
 func (*DriftDifference) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{24}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DriftDifference) GetPart() string {
@@ -2195,7 +2263,7 @@ type Drift struct {
 
 func (x *Drift) Reset() {
 	*x = Drift{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2207,7 +2275,7 @@ func (x *Drift) String() string {
 func (*Drift) ProtoMessage() {}
 
 func (x *Drift) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[25]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2220,7 +2288,7 @@ func (x *Drift) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Drift.ProtoReflect.Descriptor instead.
 func (*Drift) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{25}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Drift) GetRepairs() uint64 {
@@ -2273,7 +2341,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2285,7 +2353,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[26]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2298,7 +2366,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{26}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
 }
 
 type RenewCertificateRequest struct {
@@ -2312,7 +2380,7 @@ type RenewCertificateRequest struct {
 
 func (x *RenewCertificateRequest) Reset() {
 	*x = RenewCertificateRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2324,7 +2392,7 @@ func (x *RenewCertificateRequest) String() string {
 func (*RenewCertificateRequest) ProtoMessage() {}
 
 func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[27]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2337,7 +2405,7 @@ func (x *RenewCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateRequest.ProtoReflect.Descriptor instead.
 func (*RenewCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{27}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RenewCertificateRequest) GetCsrDer() []byte {
@@ -2359,7 +2427,7 @@ type RenewCertificateResponse struct {
 
 func (x *RenewCertificateResponse) Reset() {
 	*x = RenewCertificateResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2371,7 +2439,7 @@ func (x *RenewCertificateResponse) String() string {
 func (*RenewCertificateResponse) ProtoMessage() {}
 
 func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[28]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2384,7 +2452,7 @@ func (x *RenewCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewCertificateResponse.ProtoReflect.Descriptor instead.
 func (*RenewCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{28}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RenewCertificateResponse) GetCertificateDer() []byte {
@@ -2413,7 +2481,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2425,7 +2493,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[29]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2438,7 +2506,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{29}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RotateKeyRequest) GetPublicKey() []byte {
@@ -2463,7 +2531,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2475,7 +2543,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[30]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2488,7 +2556,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{30}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
 }
 
 type RequestPunchRequest struct {
@@ -2500,7 +2568,7 @@ type RequestPunchRequest struct {
 
 func (x *RequestPunchRequest) Reset() {
 	*x = RequestPunchRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2512,7 +2580,7 @@ func (x *RequestPunchRequest) String() string {
 func (*RequestPunchRequest) ProtoMessage() {}
 
 func (x *RequestPunchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[31]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2525,7 +2593,7 @@ func (x *RequestPunchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestPunchRequest.ProtoReflect.Descriptor instead.
 func (*RequestPunchRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{31}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RequestPunchRequest) GetPeer() string {
@@ -2543,7 +2611,7 @@ type RequestPunchResponse struct {
 
 func (x *RequestPunchResponse) Reset() {
 	*x = RequestPunchResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2623,7 @@ func (x *RequestPunchResponse) String() string {
 func (*RequestPunchResponse) ProtoMessage() {}
 
 func (x *RequestPunchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[32]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2636,7 @@ func (x *RequestPunchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestPunchResponse.ProtoReflect.Descriptor instead.
 func (*RequestPunchResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{32}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
 }
 
 type RequestRelayRequest struct {
@@ -2580,7 +2648,7 @@ type RequestRelayRequest struct {
 
 func (x *RequestRelayRequest) Reset() {
 	*x = RequestRelayRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2592,7 +2660,7 @@ func (x *RequestRelayRequest) String() string {
 func (*RequestRelayRequest) ProtoMessage() {}
 
 func (x *RequestRelayRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[33]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2605,7 +2673,7 @@ func (x *RequestRelayRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRelayRequest.ProtoReflect.Descriptor instead.
 func (*RequestRelayRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{33}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RequestRelayRequest) GetPeer() string {
@@ -2628,7 +2696,7 @@ type RequestRelayResponse struct {
 
 func (x *RequestRelayResponse) Reset() {
 	*x = RequestRelayResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2640,7 +2708,7 @@ func (x *RequestRelayResponse) String() string {
 func (*RequestRelayResponse) ProtoMessage() {}
 
 func (x *RequestRelayResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[34]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2653,7 +2721,7 @@ func (x *RequestRelayResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRelayResponse.ProtoReflect.Descriptor instead.
 func (*RequestRelayResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{34}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RequestRelayResponse) GetCandidate() *Candidate {
@@ -2717,7 +2785,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2729,7 +2797,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[35]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2742,7 +2810,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{35}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *NodeStatus) GetName() string {
@@ -2960,7 +3028,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2972,7 +3040,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[36]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2985,7 +3053,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{36}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StatusRequest) GetUnconvergedOnly() bool {
@@ -3009,16 +3077,25 @@ type StatusResponse struct {
 	// Distribution progress over the active nodes: how many there are, how many are
 	// online, and how many enforce their desired netmap (applied_hash equals
 	// desired_hash), which is derived from serving_revision.
-	NodesActive   uint32 `protobuf:"varint,5,opt,name=nodes_active,json=nodesActive,proto3" json:"nodes_active,omitempty"`
-	NodesOnline   uint32 `protobuf:"varint,6,opt,name=nodes_online,json=nodesOnline,proto3" json:"nodes_online,omitempty"`
-	NodesCurrent  uint32 `protobuf:"varint,7,opt,name=nodes_current,json=nodesCurrent,proto3" json:"nodes_current,omitempty"`
+	NodesActive  uint32 `protobuf:"varint,5,opt,name=nodes_active,json=nodesActive,proto3" json:"nodes_active,omitempty"`
+	NodesOnline  uint32 `protobuf:"varint,6,opt,name=nodes_online,json=nodesOnline,proto3" json:"nodes_online,omitempty"`
+	NodesCurrent uint32 `protobuf:"varint,7,opt,name=nodes_current,json=nodesCurrent,proto3" json:"nodes_current,omitempty"`
+	// The store this controller keeps its state in, e.g. "bbolt
+	// /var/lib/segmesh/controller.db" or "etcd https://10.0.0.1:2379,...
+	// (prefix /segmesh/)".
+	Store string `protobuf:"bytes,8,opt,name=store,proto3" json:"store,omitempty"`
+	// URLs of the controller replicas sharing the store (this one first); only
+	// this controller's URL with the bbolt store.
+	Controllers []string `protobuf:"bytes,9,rep,name=controllers,proto3" json:"controllers,omitempty"`
+	// Name of this controller replica (its advertise URL's host:port unless set).
+	Controller    string `protobuf:"bytes,10,opt,name=controller,proto3" json:"controller,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3030,7 +3107,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[37]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3043,7 +3120,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{37}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *StatusResponse) GetPolicyRevision() uint64 {
@@ -3095,6 +3172,27 @@ func (x *StatusResponse) GetNodesCurrent() uint32 {
 	return 0
 }
 
+func (x *StatusResponse) GetStore() string {
+	if x != nil {
+		return x.Store
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetControllers() []string {
+	if x != nil {
+		return x.Controllers
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetController() string {
+	if x != nil {
+		return x.Controller
+	}
+	return ""
+}
+
 type ListNodesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -3103,7 +3201,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3115,7 +3213,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[38]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3128,7 +3226,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{38}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
 }
 
 type ListNodesResponse struct {
@@ -3140,7 +3238,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3152,7 +3250,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[39]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3165,7 +3263,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{39}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeStatus {
@@ -3184,7 +3282,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3196,7 +3294,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[40]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3209,7 +3307,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{40}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetNodeRequest) GetName() string {
@@ -3230,7 +3328,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3242,7 +3340,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[41]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3255,7 +3353,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{41}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *GetNodeResponse) GetNode() *NodeStatus {
@@ -3286,7 +3384,7 @@ type ListDeniedFlowsRequest struct {
 
 func (x *ListDeniedFlowsRequest) Reset() {
 	*x = ListDeniedFlowsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3298,7 +3396,7 @@ func (x *ListDeniedFlowsRequest) String() string {
 func (*ListDeniedFlowsRequest) ProtoMessage() {}
 
 func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[42]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3311,7 +3409,7 @@ func (x *ListDeniedFlowsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedFlowsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeniedFlowsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{42}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ListDeniedFlowsRequest) GetNode() string {
@@ -3359,7 +3457,7 @@ type DeniedFlowRecord struct {
 
 func (x *DeniedFlowRecord) Reset() {
 	*x = DeniedFlowRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3371,7 +3469,7 @@ func (x *DeniedFlowRecord) String() string {
 func (*DeniedFlowRecord) ProtoMessage() {}
 
 func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[43]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3384,7 +3482,7 @@ func (x *DeniedFlowRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedFlowRecord.ProtoReflect.Descriptor instead.
 func (*DeniedFlowRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{43}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeniedFlowRecord) GetNode() string {
@@ -3458,7 +3556,7 @@ type ClosestRule struct {
 
 func (x *ClosestRule) Reset() {
 	*x = ClosestRule{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3470,7 +3568,7 @@ func (x *ClosestRule) String() string {
 func (*ClosestRule) ProtoMessage() {}
 
 func (x *ClosestRule) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[44]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3483,7 +3581,7 @@ func (x *ClosestRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClosestRule.ProtoReflect.Descriptor instead.
 func (*ClosestRule) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{44}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ClosestRule) GetRule() string {
@@ -3526,7 +3624,7 @@ type ListDeniedFlowsResponse struct {
 
 func (x *ListDeniedFlowsResponse) Reset() {
 	*x = ListDeniedFlowsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3538,7 +3636,7 @@ func (x *ListDeniedFlowsResponse) String() string {
 func (*ListDeniedFlowsResponse) ProtoMessage() {}
 
 func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[45]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3551,7 +3649,7 @@ func (x *ListDeniedFlowsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedFlowsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeniedFlowsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{45}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListDeniedFlowsResponse) GetFlows() []*DeniedFlowRecord {
@@ -3577,7 +3675,7 @@ type GetSegmentGraphRequest struct {
 
 func (x *GetSegmentGraphRequest) Reset() {
 	*x = GetSegmentGraphRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3589,7 +3687,7 @@ func (x *GetSegmentGraphRequest) String() string {
 func (*GetSegmentGraphRequest) ProtoMessage() {}
 
 func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[46]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3602,7 +3700,7 @@ func (x *GetSegmentGraphRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentGraphRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentGraphRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{46}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
 }
 
 type SegmentGraphNode struct {
@@ -3618,7 +3716,7 @@ type SegmentGraphNode struct {
 
 func (x *SegmentGraphNode) Reset() {
 	*x = SegmentGraphNode{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3630,7 +3728,7 @@ func (x *SegmentGraphNode) String() string {
 func (*SegmentGraphNode) ProtoMessage() {}
 
 func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[47]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3643,7 +3741,7 @@ func (x *SegmentGraphNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentGraphNode.ProtoReflect.Descriptor instead.
 func (*SegmentGraphNode) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{47}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SegmentGraphNode) GetSegment() string {
@@ -3681,7 +3779,7 @@ type SegmentGraphEdge struct {
 
 func (x *SegmentGraphEdge) Reset() {
 	*x = SegmentGraphEdge{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3693,7 +3791,7 @@ func (x *SegmentGraphEdge) String() string {
 func (*SegmentGraphEdge) ProtoMessage() {}
 
 func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[48]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3706,7 +3804,7 @@ func (x *SegmentGraphEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentGraphEdge.ProtoReflect.Descriptor instead.
 func (*SegmentGraphEdge) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{48}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *SegmentGraphEdge) GetFrom() string {
@@ -3749,7 +3847,7 @@ type GetSegmentGraphResponse struct {
 
 func (x *GetSegmentGraphResponse) Reset() {
 	*x = GetSegmentGraphResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3761,7 +3859,7 @@ func (x *GetSegmentGraphResponse) String() string {
 func (*GetSegmentGraphResponse) ProtoMessage() {}
 
 func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[49]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3774,7 +3872,7 @@ func (x *GetSegmentGraphResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentGraphResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentGraphResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{49}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *GetSegmentGraphResponse) GetRevision() uint64 {
@@ -3815,7 +3913,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3827,7 +3925,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[50]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3840,7 +3938,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{50}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *CreateTokenRequest) GetLabels() map[string]string {
@@ -3882,7 +3980,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3894,7 +3992,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[51]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3907,7 +4005,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{51}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -3955,7 +4053,7 @@ type TokenInfo struct {
 
 func (x *TokenInfo) Reset() {
 	*x = TokenInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3967,7 +4065,7 @@ func (x *TokenInfo) String() string {
 func (*TokenInfo) ProtoMessage() {}
 
 func (x *TokenInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[52]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3980,7 +4078,7 @@ func (x *TokenInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenInfo.ProtoReflect.Descriptor instead.
 func (*TokenInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{52}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *TokenInfo) GetId() string {
@@ -4061,7 +4159,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4073,7 +4171,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[53]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4086,7 +4184,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{53}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
 }
 
 type ListTokensResponse struct {
@@ -4098,7 +4196,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4110,7 +4208,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[54]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4123,7 +4221,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{54}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenInfo {
@@ -4142,7 +4240,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4154,7 +4252,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[55]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4167,7 +4265,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{55}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -4185,7 +4283,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4197,7 +4295,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[56]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4210,7 +4308,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{56}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
 }
 
 // Node life cycle. Every call names the node by name; NotFound when unknown.
@@ -4223,7 +4321,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4235,7 +4333,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[57]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4248,7 +4346,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{57}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -4266,7 +4364,7 @@ type RevokeNodeResponse struct {
 
 func (x *RevokeNodeResponse) Reset() {
 	*x = RevokeNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4278,7 +4376,7 @@ func (x *RevokeNodeResponse) String() string {
 func (*RevokeNodeResponse) ProtoMessage() {}
 
 func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[58]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4291,7 +4389,7 @@ func (x *RevokeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{58}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
 }
 
 type DeleteNodeRequest struct {
@@ -4303,7 +4401,7 @@ type DeleteNodeRequest struct {
 
 func (x *DeleteNodeRequest) Reset() {
 	*x = DeleteNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4315,7 +4413,7 @@ func (x *DeleteNodeRequest) String() string {
 func (*DeleteNodeRequest) ProtoMessage() {}
 
 func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[59]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4328,7 +4426,7 @@ func (x *DeleteNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{59}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DeleteNodeRequest) GetName() string {
@@ -4349,7 +4447,7 @@ type DeleteNodeResponse struct {
 
 func (x *DeleteNodeResponse) Reset() {
 	*x = DeleteNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4361,7 +4459,7 @@ func (x *DeleteNodeResponse) String() string {
 func (*DeleteNodeResponse) ProtoMessage() {}
 
 func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[60]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4374,7 +4472,7 @@ func (x *DeleteNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNodeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{60}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *DeleteNodeResponse) GetAddresses() []string {
@@ -4404,7 +4502,7 @@ type LabelNodeRequest struct {
 
 func (x *LabelNodeRequest) Reset() {
 	*x = LabelNodeRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4416,7 +4514,7 @@ func (x *LabelNodeRequest) String() string {
 func (*LabelNodeRequest) ProtoMessage() {}
 
 func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[61]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4429,7 +4527,7 @@ func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeRequest.ProtoReflect.Descriptor instead.
 func (*LabelNodeRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{61}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *LabelNodeRequest) GetName() string {
@@ -4464,7 +4562,7 @@ type LabelNodeResponse struct {
 
 func (x *LabelNodeResponse) Reset() {
 	*x = LabelNodeResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4476,7 +4574,7 @@ func (x *LabelNodeResponse) String() string {
 func (*LabelNodeResponse) ProtoMessage() {}
 
 func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[62]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4489,7 +4587,7 @@ func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelNodeResponse.ProtoReflect.Descriptor instead.
 func (*LabelNodeResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{62}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *LabelNodeResponse) GetLabels() map[string]string {
@@ -4515,7 +4613,7 @@ type RotateNodeKeyRequest struct {
 
 func (x *RotateNodeKeyRequest) Reset() {
 	*x = RotateNodeKeyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4527,7 +4625,7 @@ func (x *RotateNodeKeyRequest) String() string {
 func (*RotateNodeKeyRequest) ProtoMessage() {}
 
 func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[63]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4540,7 +4638,7 @@ func (x *RotateNodeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{63}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *RotateNodeKeyRequest) GetName() string {
@@ -4559,7 +4657,7 @@ type RotateNodeKeyResponse struct {
 
 func (x *RotateNodeKeyResponse) Reset() {
 	*x = RotateNodeKeyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4571,7 +4669,7 @@ func (x *RotateNodeKeyResponse) String() string {
 func (*RotateNodeKeyResponse) ProtoMessage() {}
 
 func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[64]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4584,7 +4682,7 @@ func (x *RotateNodeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateNodeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateNodeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{64}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *RotateNodeKeyResponse) GetGeneration() uint64 {
@@ -4609,7 +4707,7 @@ type OperatorInfo struct {
 
 func (x *OperatorInfo) Reset() {
 	*x = OperatorInfo{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4621,7 +4719,7 @@ func (x *OperatorInfo) String() string {
 func (*OperatorInfo) ProtoMessage() {}
 
 func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[65]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4634,7 +4732,7 @@ func (x *OperatorInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorInfo.ProtoReflect.Descriptor instead.
 func (*OperatorInfo) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{65}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *OperatorInfo) GetName() string {
@@ -4682,7 +4780,7 @@ type CreateOperatorRequest struct {
 
 func (x *CreateOperatorRequest) Reset() {
 	*x = CreateOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4694,7 +4792,7 @@ func (x *CreateOperatorRequest) String() string {
 func (*CreateOperatorRequest) ProtoMessage() {}
 
 func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[66]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4707,7 +4805,7 @@ func (x *CreateOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorRequest.ProtoReflect.Descriptor instead.
 func (*CreateOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{66}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *CreateOperatorRequest) GetName() string {
@@ -4735,7 +4833,7 @@ type CreateOperatorResponse struct {
 
 func (x *CreateOperatorResponse) Reset() {
 	*x = CreateOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4747,7 +4845,7 @@ func (x *CreateOperatorResponse) String() string {
 func (*CreateOperatorResponse) ProtoMessage() {}
 
 func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[67]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4760,7 +4858,7 @@ func (x *CreateOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOperatorResponse.ProtoReflect.Descriptor instead.
 func (*CreateOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{67}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *CreateOperatorResponse) GetOperator() *OperatorInfo {
@@ -4785,7 +4883,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4797,7 +4895,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[68]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4810,7 +4908,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{68}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
 }
 
 type ListOperatorsResponse struct {
@@ -4822,7 +4920,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4834,7 +4932,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[69]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4847,7 +4945,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{69}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*OperatorInfo {
@@ -4866,7 +4964,7 @@ type RevokeOperatorRequest struct {
 
 func (x *RevokeOperatorRequest) Reset() {
 	*x = RevokeOperatorRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4878,7 +4976,7 @@ func (x *RevokeOperatorRequest) String() string {
 func (*RevokeOperatorRequest) ProtoMessage() {}
 
 func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[70]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4891,7 +4989,7 @@ func (x *RevokeOperatorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorRequest.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{70}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *RevokeOperatorRequest) GetName() string {
@@ -4909,7 +5007,7 @@ type RevokeOperatorResponse struct {
 
 func (x *RevokeOperatorResponse) Reset() {
 	*x = RevokeOperatorResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4921,7 +5019,7 @@ func (x *RevokeOperatorResponse) String() string {
 func (*RevokeOperatorResponse) ProtoMessage() {}
 
 func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[71]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4934,7 +5032,7 @@ func (x *RevokeOperatorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeOperatorResponse.ProtoReflect.Descriptor instead.
 func (*RevokeOperatorResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{71}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
 }
 
 // Audit log. Each record holds the SHA-256 of the one before (hash chain), so an
@@ -4961,7 +5059,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4973,7 +5071,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[72]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4986,7 +5084,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{72}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -5064,7 +5162,7 @@ type ListAuditRequest struct {
 
 func (x *ListAuditRequest) Reset() {
 	*x = ListAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5076,7 +5174,7 @@ func (x *ListAuditRequest) String() string {
 func (*ListAuditRequest) ProtoMessage() {}
 
 func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[73]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5089,7 +5187,7 @@ func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{73}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ListAuditRequest) GetSinceUnix() int64 {
@@ -5115,7 +5213,7 @@ type ListAuditResponse struct {
 
 func (x *ListAuditResponse) Reset() {
 	*x = ListAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5127,7 +5225,7 @@ func (x *ListAuditResponse) String() string {
 func (*ListAuditResponse) ProtoMessage() {}
 
 func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[74]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5140,7 +5238,7 @@ func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{74}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ListAuditResponse) GetRecords() []*AuditRecord {
@@ -5162,7 +5260,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5174,7 +5272,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[75]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5187,7 +5285,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{75}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *VerifyAuditRequest) GetExpectHead() string {
@@ -5217,7 +5315,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5229,7 +5327,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[76]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5242,7 +5340,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{76}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -5295,7 +5393,7 @@ type BackupRequest struct {
 
 func (x *BackupRequest) Reset() {
 	*x = BackupRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5307,7 +5405,7 @@ func (x *BackupRequest) String() string {
 func (*BackupRequest) ProtoMessage() {}
 
 func (x *BackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[77]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5320,7 +5418,7 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{77}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
 }
 
 // One piece of a consistent copy of the controller's bbolt store, in order.
@@ -5333,7 +5431,7 @@ type BackupChunk struct {
 
 func (x *BackupChunk) Reset() {
 	*x = BackupChunk{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5345,7 +5443,7 @@ func (x *BackupChunk) String() string {
 func (*BackupChunk) ProtoMessage() {}
 
 func (x *BackupChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[78]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5358,7 +5456,7 @@ func (x *BackupChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
 func (*BackupChunk) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{78}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *BackupChunk) GetData() []byte {
@@ -5379,7 +5477,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5391,7 +5489,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[79]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5404,7 +5502,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{79}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *ApplyPolicyRequest) GetFilename() string {
@@ -5436,7 +5534,7 @@ type ApplyPolicyResponse struct {
 
 func (x *ApplyPolicyResponse) Reset() {
 	*x = ApplyPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5448,7 +5546,7 @@ func (x *ApplyPolicyResponse) String() string {
 func (*ApplyPolicyResponse) ProtoMessage() {}
 
 func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[80]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5461,7 +5559,7 @@ func (x *ApplyPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{80}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *ApplyPolicyResponse) GetRevision() uint64 {
@@ -5494,7 +5592,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5506,7 +5604,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[81]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5519,7 +5617,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{81}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *GetPolicyRequest) GetRevision() uint64 {
@@ -5542,7 +5640,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5554,7 +5652,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[82]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5567,7 +5665,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{82}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *GetPolicyResponse) GetRevision() uint64 {
@@ -5624,7 +5722,7 @@ type PolicyRevision struct {
 
 func (x *PolicyRevision) Reset() {
 	*x = PolicyRevision{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5636,7 +5734,7 @@ func (x *PolicyRevision) String() string {
 func (*PolicyRevision) ProtoMessage() {}
 
 func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[83]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5649,7 +5747,7 @@ func (x *PolicyRevision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyRevision.ProtoReflect.Descriptor instead.
 func (*PolicyRevision) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{83}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *PolicyRevision) GetRevision() uint64 {
@@ -5709,7 +5807,7 @@ type ListPolicyRevisionsRequest struct {
 
 func (x *ListPolicyRevisionsRequest) Reset() {
 	*x = ListPolicyRevisionsRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5721,7 +5819,7 @@ func (x *ListPolicyRevisionsRequest) String() string {
 func (*ListPolicyRevisionsRequest) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[84]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5734,7 +5832,7 @@ func (x *ListPolicyRevisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{84}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{85}
 }
 
 type ListPolicyRevisionsResponse struct {
@@ -5748,7 +5846,7 @@ type ListPolicyRevisionsResponse struct {
 
 func (x *ListPolicyRevisionsResponse) Reset() {
 	*x = ListPolicyRevisionsResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5760,7 +5858,7 @@ func (x *ListPolicyRevisionsResponse) String() string {
 func (*ListPolicyRevisionsResponse) ProtoMessage() {}
 
 func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[85]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5773,7 +5871,7 @@ func (x *ListPolicyRevisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPolicyRevisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListPolicyRevisionsResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{85}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *ListPolicyRevisionsResponse) GetRevisions() []*PolicyRevision {
@@ -5800,7 +5898,7 @@ type RollbackPolicyRequest struct {
 
 func (x *RollbackPolicyRequest) Reset() {
 	*x = RollbackPolicyRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5812,7 +5910,7 @@ func (x *RollbackPolicyRequest) String() string {
 func (*RollbackPolicyRequest) ProtoMessage() {}
 
 func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[86]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5825,7 +5923,7 @@ func (x *RollbackPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyRequest.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{86}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *RollbackPolicyRequest) GetRevision() uint64 {
@@ -5849,7 +5947,7 @@ type RollbackPolicyResponse struct {
 
 func (x *RollbackPolicyResponse) Reset() {
 	*x = RollbackPolicyResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[87]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5861,7 +5959,7 @@ func (x *RollbackPolicyResponse) String() string {
 func (*RollbackPolicyResponse) ProtoMessage() {}
 
 func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[87]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5874,7 +5972,7 @@ func (x *RollbackPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackPolicyResponse.ProtoReflect.Descriptor instead.
 func (*RollbackPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{87}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *RollbackPolicyResponse) GetRevision() uint64 {
@@ -5910,7 +6008,7 @@ type PolicyFile struct {
 
 func (x *PolicyFile) Reset() {
 	*x = PolicyFile{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[88]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5922,7 +6020,7 @@ func (x *PolicyFile) String() string {
 func (*PolicyFile) ProtoMessage() {}
 
 func (x *PolicyFile) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[88]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5935,7 +6033,7 @@ func (x *PolicyFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyFile.ProtoReflect.Descriptor instead.
 func (*PolicyFile) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{88}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *PolicyFile) GetFilename() string {
@@ -5965,7 +6063,7 @@ type GetNetmapRequest struct {
 
 func (x *GetNetmapRequest) Reset() {
 	*x = GetNetmapRequest{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[89]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5977,7 +6075,7 @@ func (x *GetNetmapRequest) String() string {
 func (*GetNetmapRequest) ProtoMessage() {}
 
 func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[89]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5990,7 +6088,7 @@ func (x *GetNetmapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapRequest.ProtoReflect.Descriptor instead.
 func (*GetNetmapRequest) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{89}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *GetNetmapRequest) GetNode() string {
@@ -6025,7 +6123,7 @@ type GetNetmapResponse struct {
 
 func (x *GetNetmapResponse) Reset() {
 	*x = GetNetmapResponse{}
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[90]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6037,7 +6135,7 @@ func (x *GetNetmapResponse) String() string {
 func (*GetNetmapResponse) ProtoMessage() {}
 
 func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmesh_v1_segmesh_proto_msgTypes[90]
+	mi := &file_segmesh_v1_segmesh_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6050,7 +6148,7 @@ func (x *GetNetmapResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetmapResponse.ProtoReflect.Descriptor instead.
 func (*GetNetmapResponse) Descriptor() ([]byte, []int) {
-	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{90}
+	return file_segmesh_v1_segmesh_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *GetNetmapResponse) GetNetmap() *Netmap {
@@ -6194,13 +6292,16 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x0eupserted_peers\x18\x05 \x03(\v2\x10.segmesh.v1.PeerR\rupsertedPeers\x12#\n" +
 	"\rremoved_peers\x18\x06 \x03(\tR\fremovedPeers\x12/\n" +
 	"\x04sets\x18\a \x03(\v2\x1b.segmesh.v1.AddressSetDeltaR\x04sets\x12-\n" +
-	"\x05rules\x18\b \x01(\v2\x17.segmesh.v1.FilterRulesR\x05rules\"\xcf\x01\n" +
+	"\x05rules\x18\b \x01(\v2\x17.segmesh.v1.FilterRulesR\x05rules\"\x8e\x02\n" +
 	"\fNetmapUpdate\x12(\n" +
 	"\x04full\x18\x01 \x01(\v2\x12.segmesh.v1.NetmapH\x00R\x04full\x12/\n" +
 	"\x05delta\x18\x02 \x01(\v2\x17.segmesh.v1.NetmapDeltaH\x00R\x05delta\x12)\n" +
 	"\x05punch\x18\x03 \x01(\v2\x11.segmesh.v1.PunchH\x00R\x05punch\x12/\n" +
-	"\x05relay\x18\x04 \x01(\v2\x17.segmesh.v1.RelayConfigH\x00R\x05relayB\b\n" +
-	"\x06update\"C\n" +
+	"\x05relay\x18\x04 \x01(\v2\x17.segmesh.v1.RelayConfigH\x00R\x05relay\x12=\n" +
+	"\vcontrollers\x18\x05 \x01(\v2\x19.segmesh.v1.ControllerSetH\x00R\vcontrollersB\b\n" +
+	"\x06update\"#\n" +
+	"\rControllerSet\x12\x12\n" +
+	"\x04urls\x18\x01 \x03(\tR\x04urls\"C\n" +
 	"\vRelayConfig\x124\n" +
 	"\bsessions\x18\x01 \x03(\v2\x18.segmesh.v1.RelaySessionR\bsessions\"\x99\x01\n" +
 	"\fRelaySession\x12\x0e\n" +
@@ -6338,7 +6439,7 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\":\n" +
 	"\rStatusRequest\x12)\n" +
-	"\x10unconverged_only\x18\x01 \x01(\bR\x0funconvergedOnly\"\xa0\x02\n" +
+	"\x10unconverged_only\x18\x01 \x01(\bR\x0funconvergedOnly\"\xf8\x02\n" +
 	"\x0eStatusResponse\x12'\n" +
 	"\x0fpolicy_revision\x18\x01 \x01(\x04R\x0epolicyRevision\x12,\n" +
 	"\x05nodes\x18\x02 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\x12)\n" +
@@ -6346,7 +6447,13 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\fpolicy_error\x18\x04 \x01(\tR\vpolicyError\x12!\n" +
 	"\fnodes_active\x18\x05 \x01(\rR\vnodesActive\x12!\n" +
 	"\fnodes_online\x18\x06 \x01(\rR\vnodesOnline\x12#\n" +
-	"\rnodes_current\x18\a \x01(\rR\fnodesCurrent\"\x12\n" +
+	"\rnodes_current\x18\a \x01(\rR\fnodesCurrent\x12\x14\n" +
+	"\x05store\x18\b \x01(\tR\x05store\x12 \n" +
+	"\vcontrollers\x18\t \x03(\tR\vcontrollers\x12\x1e\n" +
+	"\n" +
+	"controller\x18\n" +
+	" \x01(\tR\n" +
+	"controller\"\x12\n" +
 	"\x10ListNodesRequest\"A\n" +
 	"\x11ListNodesResponse\x12,\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x16.segmesh.v1.NodeStatusR\x05nodes\"$\n" +
@@ -6607,7 +6714,7 @@ func file_segmesh_v1_segmesh_proto_rawDescGZIP() []byte {
 }
 
 var file_segmesh_v1_segmesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 98)
+var file_segmesh_v1_segmesh_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
 var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(Protocol)(0),                       // 0: segmesh.v1.Protocol
 	(*EnrollRequest)(nil),               // 1: segmesh.v1.EnrollRequest
@@ -6628,90 +6735,91 @@ var file_segmesh_v1_segmesh_proto_goTypes = []any{
 	(*AddressSetDelta)(nil),             // 16: segmesh.v1.AddressSetDelta
 	(*NetmapDelta)(nil),                 // 17: segmesh.v1.NetmapDelta
 	(*NetmapUpdate)(nil),                // 18: segmesh.v1.NetmapUpdate
-	(*RelayConfig)(nil),                 // 19: segmesh.v1.RelayConfig
-	(*RelaySession)(nil),                // 20: segmesh.v1.RelaySession
-	(*SyncRequest)(nil),                 // 21: segmesh.v1.SyncRequest
-	(*ReportRequest)(nil),               // 22: segmesh.v1.ReportRequest
-	(*PeerStatus)(nil),                  // 23: segmesh.v1.PeerStatus
-	(*DeniedFlow)(nil),                  // 24: segmesh.v1.DeniedFlow
-	(*DriftDifference)(nil),             // 25: segmesh.v1.DriftDifference
-	(*Drift)(nil),                       // 26: segmesh.v1.Drift
-	(*ReportResponse)(nil),              // 27: segmesh.v1.ReportResponse
-	(*RenewCertificateRequest)(nil),     // 28: segmesh.v1.RenewCertificateRequest
-	(*RenewCertificateResponse)(nil),    // 29: segmesh.v1.RenewCertificateResponse
-	(*RotateKeyRequest)(nil),            // 30: segmesh.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),           // 31: segmesh.v1.RotateKeyResponse
-	(*RequestPunchRequest)(nil),         // 32: segmesh.v1.RequestPunchRequest
-	(*RequestPunchResponse)(nil),        // 33: segmesh.v1.RequestPunchResponse
-	(*RequestRelayRequest)(nil),         // 34: segmesh.v1.RequestRelayRequest
-	(*RequestRelayResponse)(nil),        // 35: segmesh.v1.RequestRelayResponse
-	(*NodeStatus)(nil),                  // 36: segmesh.v1.NodeStatus
-	(*StatusRequest)(nil),               // 37: segmesh.v1.StatusRequest
-	(*StatusResponse)(nil),              // 38: segmesh.v1.StatusResponse
-	(*ListNodesRequest)(nil),            // 39: segmesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 40: segmesh.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),              // 41: segmesh.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),             // 42: segmesh.v1.GetNodeResponse
-	(*ListDeniedFlowsRequest)(nil),      // 43: segmesh.v1.ListDeniedFlowsRequest
-	(*DeniedFlowRecord)(nil),            // 44: segmesh.v1.DeniedFlowRecord
-	(*ClosestRule)(nil),                 // 45: segmesh.v1.ClosestRule
-	(*ListDeniedFlowsResponse)(nil),     // 46: segmesh.v1.ListDeniedFlowsResponse
-	(*GetSegmentGraphRequest)(nil),      // 47: segmesh.v1.GetSegmentGraphRequest
-	(*SegmentGraphNode)(nil),            // 48: segmesh.v1.SegmentGraphNode
-	(*SegmentGraphEdge)(nil),            // 49: segmesh.v1.SegmentGraphEdge
-	(*GetSegmentGraphResponse)(nil),     // 50: segmesh.v1.GetSegmentGraphResponse
-	(*CreateTokenRequest)(nil),          // 51: segmesh.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),         // 52: segmesh.v1.CreateTokenResponse
-	(*TokenInfo)(nil),                   // 53: segmesh.v1.TokenInfo
-	(*ListTokensRequest)(nil),           // 54: segmesh.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),          // 55: segmesh.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),          // 56: segmesh.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),         // 57: segmesh.v1.RevokeTokenResponse
-	(*RevokeNodeRequest)(nil),           // 58: segmesh.v1.RevokeNodeRequest
-	(*RevokeNodeResponse)(nil),          // 59: segmesh.v1.RevokeNodeResponse
-	(*DeleteNodeRequest)(nil),           // 60: segmesh.v1.DeleteNodeRequest
-	(*DeleteNodeResponse)(nil),          // 61: segmesh.v1.DeleteNodeResponse
-	(*LabelNodeRequest)(nil),            // 62: segmesh.v1.LabelNodeRequest
-	(*LabelNodeResponse)(nil),           // 63: segmesh.v1.LabelNodeResponse
-	(*RotateNodeKeyRequest)(nil),        // 64: segmesh.v1.RotateNodeKeyRequest
-	(*RotateNodeKeyResponse)(nil),       // 65: segmesh.v1.RotateNodeKeyResponse
-	(*OperatorInfo)(nil),                // 66: segmesh.v1.OperatorInfo
-	(*CreateOperatorRequest)(nil),       // 67: segmesh.v1.CreateOperatorRequest
-	(*CreateOperatorResponse)(nil),      // 68: segmesh.v1.CreateOperatorResponse
-	(*ListOperatorsRequest)(nil),        // 69: segmesh.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 70: segmesh.v1.ListOperatorsResponse
-	(*RevokeOperatorRequest)(nil),       // 71: segmesh.v1.RevokeOperatorRequest
-	(*RevokeOperatorResponse)(nil),      // 72: segmesh.v1.RevokeOperatorResponse
-	(*AuditRecord)(nil),                 // 73: segmesh.v1.AuditRecord
-	(*ListAuditRequest)(nil),            // 74: segmesh.v1.ListAuditRequest
-	(*ListAuditResponse)(nil),           // 75: segmesh.v1.ListAuditResponse
-	(*VerifyAuditRequest)(nil),          // 76: segmesh.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),         // 77: segmesh.v1.VerifyAuditResponse
-	(*BackupRequest)(nil),               // 78: segmesh.v1.BackupRequest
-	(*BackupChunk)(nil),                 // 79: segmesh.v1.BackupChunk
-	(*ApplyPolicyRequest)(nil),          // 80: segmesh.v1.ApplyPolicyRequest
-	(*ApplyPolicyResponse)(nil),         // 81: segmesh.v1.ApplyPolicyResponse
-	(*GetPolicyRequest)(nil),            // 82: segmesh.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),           // 83: segmesh.v1.GetPolicyResponse
-	(*PolicyRevision)(nil),              // 84: segmesh.v1.PolicyRevision
-	(*ListPolicyRevisionsRequest)(nil),  // 85: segmesh.v1.ListPolicyRevisionsRequest
-	(*ListPolicyRevisionsResponse)(nil), // 86: segmesh.v1.ListPolicyRevisionsResponse
-	(*RollbackPolicyRequest)(nil),       // 87: segmesh.v1.RollbackPolicyRequest
-	(*RollbackPolicyResponse)(nil),      // 88: segmesh.v1.RollbackPolicyResponse
-	(*PolicyFile)(nil),                  // 89: segmesh.v1.PolicyFile
-	(*GetNetmapRequest)(nil),            // 90: segmesh.v1.GetNetmapRequest
-	(*GetNetmapResponse)(nil),           // 91: segmesh.v1.GetNetmapResponse
-	nil,                                 // 92: segmesh.v1.EnrollResponse.LabelsEntry
-	nil,                                 // 93: segmesh.v1.Node.LabelsEntry
-	nil,                                 // 94: segmesh.v1.NodeStatus.LabelsEntry
-	nil,                                 // 95: segmesh.v1.CreateTokenRequest.LabelsEntry
-	nil,                                 // 96: segmesh.v1.TokenInfo.LabelsEntry
-	nil,                                 // 97: segmesh.v1.LabelNodeRequest.SetEntry
-	nil,                                 // 98: segmesh.v1.LabelNodeResponse.LabelsEntry
+	(*ControllerSet)(nil),               // 19: segmesh.v1.ControllerSet
+	(*RelayConfig)(nil),                 // 20: segmesh.v1.RelayConfig
+	(*RelaySession)(nil),                // 21: segmesh.v1.RelaySession
+	(*SyncRequest)(nil),                 // 22: segmesh.v1.SyncRequest
+	(*ReportRequest)(nil),               // 23: segmesh.v1.ReportRequest
+	(*PeerStatus)(nil),                  // 24: segmesh.v1.PeerStatus
+	(*DeniedFlow)(nil),                  // 25: segmesh.v1.DeniedFlow
+	(*DriftDifference)(nil),             // 26: segmesh.v1.DriftDifference
+	(*Drift)(nil),                       // 27: segmesh.v1.Drift
+	(*ReportResponse)(nil),              // 28: segmesh.v1.ReportResponse
+	(*RenewCertificateRequest)(nil),     // 29: segmesh.v1.RenewCertificateRequest
+	(*RenewCertificateResponse)(nil),    // 30: segmesh.v1.RenewCertificateResponse
+	(*RotateKeyRequest)(nil),            // 31: segmesh.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),           // 32: segmesh.v1.RotateKeyResponse
+	(*RequestPunchRequest)(nil),         // 33: segmesh.v1.RequestPunchRequest
+	(*RequestPunchResponse)(nil),        // 34: segmesh.v1.RequestPunchResponse
+	(*RequestRelayRequest)(nil),         // 35: segmesh.v1.RequestRelayRequest
+	(*RequestRelayResponse)(nil),        // 36: segmesh.v1.RequestRelayResponse
+	(*NodeStatus)(nil),                  // 37: segmesh.v1.NodeStatus
+	(*StatusRequest)(nil),               // 38: segmesh.v1.StatusRequest
+	(*StatusResponse)(nil),              // 39: segmesh.v1.StatusResponse
+	(*ListNodesRequest)(nil),            // 40: segmesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 41: segmesh.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),              // 42: segmesh.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),             // 43: segmesh.v1.GetNodeResponse
+	(*ListDeniedFlowsRequest)(nil),      // 44: segmesh.v1.ListDeniedFlowsRequest
+	(*DeniedFlowRecord)(nil),            // 45: segmesh.v1.DeniedFlowRecord
+	(*ClosestRule)(nil),                 // 46: segmesh.v1.ClosestRule
+	(*ListDeniedFlowsResponse)(nil),     // 47: segmesh.v1.ListDeniedFlowsResponse
+	(*GetSegmentGraphRequest)(nil),      // 48: segmesh.v1.GetSegmentGraphRequest
+	(*SegmentGraphNode)(nil),            // 49: segmesh.v1.SegmentGraphNode
+	(*SegmentGraphEdge)(nil),            // 50: segmesh.v1.SegmentGraphEdge
+	(*GetSegmentGraphResponse)(nil),     // 51: segmesh.v1.GetSegmentGraphResponse
+	(*CreateTokenRequest)(nil),          // 52: segmesh.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),         // 53: segmesh.v1.CreateTokenResponse
+	(*TokenInfo)(nil),                   // 54: segmesh.v1.TokenInfo
+	(*ListTokensRequest)(nil),           // 55: segmesh.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),          // 56: segmesh.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),          // 57: segmesh.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),         // 58: segmesh.v1.RevokeTokenResponse
+	(*RevokeNodeRequest)(nil),           // 59: segmesh.v1.RevokeNodeRequest
+	(*RevokeNodeResponse)(nil),          // 60: segmesh.v1.RevokeNodeResponse
+	(*DeleteNodeRequest)(nil),           // 61: segmesh.v1.DeleteNodeRequest
+	(*DeleteNodeResponse)(nil),          // 62: segmesh.v1.DeleteNodeResponse
+	(*LabelNodeRequest)(nil),            // 63: segmesh.v1.LabelNodeRequest
+	(*LabelNodeResponse)(nil),           // 64: segmesh.v1.LabelNodeResponse
+	(*RotateNodeKeyRequest)(nil),        // 65: segmesh.v1.RotateNodeKeyRequest
+	(*RotateNodeKeyResponse)(nil),       // 66: segmesh.v1.RotateNodeKeyResponse
+	(*OperatorInfo)(nil),                // 67: segmesh.v1.OperatorInfo
+	(*CreateOperatorRequest)(nil),       // 68: segmesh.v1.CreateOperatorRequest
+	(*CreateOperatorResponse)(nil),      // 69: segmesh.v1.CreateOperatorResponse
+	(*ListOperatorsRequest)(nil),        // 70: segmesh.v1.ListOperatorsRequest
+	(*ListOperatorsResponse)(nil),       // 71: segmesh.v1.ListOperatorsResponse
+	(*RevokeOperatorRequest)(nil),       // 72: segmesh.v1.RevokeOperatorRequest
+	(*RevokeOperatorResponse)(nil),      // 73: segmesh.v1.RevokeOperatorResponse
+	(*AuditRecord)(nil),                 // 74: segmesh.v1.AuditRecord
+	(*ListAuditRequest)(nil),            // 75: segmesh.v1.ListAuditRequest
+	(*ListAuditResponse)(nil),           // 76: segmesh.v1.ListAuditResponse
+	(*VerifyAuditRequest)(nil),          // 77: segmesh.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),         // 78: segmesh.v1.VerifyAuditResponse
+	(*BackupRequest)(nil),               // 79: segmesh.v1.BackupRequest
+	(*BackupChunk)(nil),                 // 80: segmesh.v1.BackupChunk
+	(*ApplyPolicyRequest)(nil),          // 81: segmesh.v1.ApplyPolicyRequest
+	(*ApplyPolicyResponse)(nil),         // 82: segmesh.v1.ApplyPolicyResponse
+	(*GetPolicyRequest)(nil),            // 83: segmesh.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),           // 84: segmesh.v1.GetPolicyResponse
+	(*PolicyRevision)(nil),              // 85: segmesh.v1.PolicyRevision
+	(*ListPolicyRevisionsRequest)(nil),  // 86: segmesh.v1.ListPolicyRevisionsRequest
+	(*ListPolicyRevisionsResponse)(nil), // 87: segmesh.v1.ListPolicyRevisionsResponse
+	(*RollbackPolicyRequest)(nil),       // 88: segmesh.v1.RollbackPolicyRequest
+	(*RollbackPolicyResponse)(nil),      // 89: segmesh.v1.RollbackPolicyResponse
+	(*PolicyFile)(nil),                  // 90: segmesh.v1.PolicyFile
+	(*GetNetmapRequest)(nil),            // 91: segmesh.v1.GetNetmapRequest
+	(*GetNetmapResponse)(nil),           // 92: segmesh.v1.GetNetmapResponse
+	nil,                                 // 93: segmesh.v1.EnrollResponse.LabelsEntry
+	nil,                                 // 94: segmesh.v1.Node.LabelsEntry
+	nil,                                 // 95: segmesh.v1.NodeStatus.LabelsEntry
+	nil,                                 // 96: segmesh.v1.CreateTokenRequest.LabelsEntry
+	nil,                                 // 97: segmesh.v1.TokenInfo.LabelsEntry
+	nil,                                 // 98: segmesh.v1.LabelNodeRequest.SetEntry
+	nil,                                 // 99: segmesh.v1.LabelNodeResponse.LabelsEntry
 }
 var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
-	92, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
-	93, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
+	93, // 0: segmesh.v1.EnrollResponse.labels:type_name -> segmesh.v1.EnrollResponse.LabelsEntry
+	94, // 1: segmesh.v1.Node.labels:type_name -> segmesh.v1.Node.LabelsEntry
 	5,  // 2: segmesh.v1.Peer.candidates:type_name -> segmesh.v1.Candidate
 	5,  // 3: segmesh.v1.Punch.candidates:type_name -> segmesh.v1.Candidate
 	0,  // 4: segmesh.v1.PortMatch.protocol:type_name -> segmesh.v1.Protocol
@@ -6735,105 +6843,106 @@ var file_segmesh_v1_segmesh_proto_depIdxs = []int32{
 	13, // 22: segmesh.v1.NetmapUpdate.full:type_name -> segmesh.v1.Netmap
 	17, // 23: segmesh.v1.NetmapUpdate.delta:type_name -> segmesh.v1.NetmapDelta
 	6,  // 24: segmesh.v1.NetmapUpdate.punch:type_name -> segmesh.v1.Punch
-	19, // 25: segmesh.v1.NetmapUpdate.relay:type_name -> segmesh.v1.RelayConfig
-	20, // 26: segmesh.v1.RelayConfig.sessions:type_name -> segmesh.v1.RelaySession
-	5,  // 27: segmesh.v1.SyncRequest.candidates:type_name -> segmesh.v1.Candidate
-	26, // 28: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
-	23, // 29: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
-	24, // 30: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
-	5,  // 31: segmesh.v1.ReportRequest.candidates:type_name -> segmesh.v1.Candidate
-	25, // 32: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
-	25, // 33: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
-	5,  // 34: segmesh.v1.RequestRelayResponse.candidate:type_name -> segmesh.v1.Candidate
-	94, // 35: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
-	26, // 36: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
-	23, // 37: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
-	36, // 38: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	36, // 39: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
-	36, // 40: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
-	24, // 41: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
-	45, // 42: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
-	44, // 43: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
-	48, // 44: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
-	49, // 45: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
-	95, // 46: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
-	96, // 47: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
-	53, // 48: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
-	97, // 49: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
-	98, // 50: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
-	66, // 51: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
-	66, // 52: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
-	73, // 53: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
-	84, // 54: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
-	89, // 55: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
-	13, // 56: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
-	1,  // 57: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
-	21, // 58: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
-	21, // 59: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
-	22, // 60: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
-	28, // 61: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
-	30, // 62: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
-	32, // 63: segmesh.v1.AgentService.RequestPunch:input_type -> segmesh.v1.RequestPunchRequest
-	34, // 64: segmesh.v1.AgentService.RequestRelay:input_type -> segmesh.v1.RequestRelayRequest
-	37, // 65: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
-	39, // 66: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
-	41, // 67: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
-	43, // 68: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
-	47, // 69: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
-	51, // 70: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
-	80, // 71: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
-	82, // 72: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
-	85, // 73: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
-	87, // 74: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
-	90, // 75: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
-	54, // 76: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
-	56, // 77: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
-	58, // 78: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
-	60, // 79: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
-	62, // 80: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
-	64, // 81: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
-	67, // 82: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
-	69, // 83: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
-	71, // 84: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
-	74, // 85: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
-	76, // 86: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
-	78, // 87: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
-	2,  // 88: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
-	13, // 89: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
-	18, // 90: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
-	27, // 91: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
-	29, // 92: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
-	31, // 93: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
-	33, // 94: segmesh.v1.AgentService.RequestPunch:output_type -> segmesh.v1.RequestPunchResponse
-	35, // 95: segmesh.v1.AgentService.RequestRelay:output_type -> segmesh.v1.RequestRelayResponse
-	38, // 96: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
-	40, // 97: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
-	42, // 98: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
-	46, // 99: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
-	50, // 100: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
-	52, // 101: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
-	81, // 102: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
-	83, // 103: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
-	86, // 104: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
-	88, // 105: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
-	91, // 106: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
-	55, // 107: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
-	57, // 108: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
-	59, // 109: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
-	61, // 110: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
-	63, // 111: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
-	65, // 112: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
-	68, // 113: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
-	70, // 114: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
-	72, // 115: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
-	75, // 116: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
-	77, // 117: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
-	79, // 118: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
-	88, // [88:119] is the sub-list for method output_type
-	57, // [57:88] is the sub-list for method input_type
-	57, // [57:57] is the sub-list for extension type_name
-	57, // [57:57] is the sub-list for extension extendee
-	0,  // [0:57] is the sub-list for field type_name
+	20, // 25: segmesh.v1.NetmapUpdate.relay:type_name -> segmesh.v1.RelayConfig
+	19, // 26: segmesh.v1.NetmapUpdate.controllers:type_name -> segmesh.v1.ControllerSet
+	21, // 27: segmesh.v1.RelayConfig.sessions:type_name -> segmesh.v1.RelaySession
+	5,  // 28: segmesh.v1.SyncRequest.candidates:type_name -> segmesh.v1.Candidate
+	27, // 29: segmesh.v1.ReportRequest.drift:type_name -> segmesh.v1.Drift
+	24, // 30: segmesh.v1.ReportRequest.peers:type_name -> segmesh.v1.PeerStatus
+	25, // 31: segmesh.v1.ReportRequest.denied_flows:type_name -> segmesh.v1.DeniedFlow
+	5,  // 32: segmesh.v1.ReportRequest.candidates:type_name -> segmesh.v1.Candidate
+	26, // 33: segmesh.v1.Drift.last_repaired:type_name -> segmesh.v1.DriftDifference
+	26, // 34: segmesh.v1.Drift.unrepaired:type_name -> segmesh.v1.DriftDifference
+	5,  // 35: segmesh.v1.RequestRelayResponse.candidate:type_name -> segmesh.v1.Candidate
+	95, // 36: segmesh.v1.NodeStatus.labels:type_name -> segmesh.v1.NodeStatus.LabelsEntry
+	27, // 37: segmesh.v1.NodeStatus.drift:type_name -> segmesh.v1.Drift
+	24, // 38: segmesh.v1.NodeStatus.peers:type_name -> segmesh.v1.PeerStatus
+	37, // 39: segmesh.v1.StatusResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	37, // 40: segmesh.v1.ListNodesResponse.nodes:type_name -> segmesh.v1.NodeStatus
+	37, // 41: segmesh.v1.GetNodeResponse.node:type_name -> segmesh.v1.NodeStatus
+	25, // 42: segmesh.v1.DeniedFlowRecord.flow:type_name -> segmesh.v1.DeniedFlow
+	46, // 43: segmesh.v1.DeniedFlowRecord.closest:type_name -> segmesh.v1.ClosestRule
+	45, // 44: segmesh.v1.ListDeniedFlowsResponse.flows:type_name -> segmesh.v1.DeniedFlowRecord
+	49, // 45: segmesh.v1.GetSegmentGraphResponse.segments:type_name -> segmesh.v1.SegmentGraphNode
+	50, // 46: segmesh.v1.GetSegmentGraphResponse.edges:type_name -> segmesh.v1.SegmentGraphEdge
+	96, // 47: segmesh.v1.CreateTokenRequest.labels:type_name -> segmesh.v1.CreateTokenRequest.LabelsEntry
+	97, // 48: segmesh.v1.TokenInfo.labels:type_name -> segmesh.v1.TokenInfo.LabelsEntry
+	54, // 49: segmesh.v1.ListTokensResponse.tokens:type_name -> segmesh.v1.TokenInfo
+	98, // 50: segmesh.v1.LabelNodeRequest.set:type_name -> segmesh.v1.LabelNodeRequest.SetEntry
+	99, // 51: segmesh.v1.LabelNodeResponse.labels:type_name -> segmesh.v1.LabelNodeResponse.LabelsEntry
+	67, // 52: segmesh.v1.CreateOperatorResponse.operator:type_name -> segmesh.v1.OperatorInfo
+	67, // 53: segmesh.v1.ListOperatorsResponse.operators:type_name -> segmesh.v1.OperatorInfo
+	74, // 54: segmesh.v1.ListAuditResponse.records:type_name -> segmesh.v1.AuditRecord
+	85, // 55: segmesh.v1.ListPolicyRevisionsResponse.revisions:type_name -> segmesh.v1.PolicyRevision
+	90, // 56: segmesh.v1.GetNetmapRequest.candidate:type_name -> segmesh.v1.PolicyFile
+	13, // 57: segmesh.v1.GetNetmapResponse.netmap:type_name -> segmesh.v1.Netmap
+	1,  // 58: segmesh.v1.EnrollService.Enroll:input_type -> segmesh.v1.EnrollRequest
+	22, // 59: segmesh.v1.AgentService.Sync:input_type -> segmesh.v1.SyncRequest
+	22, // 60: segmesh.v1.AgentService.SyncUpdates:input_type -> segmesh.v1.SyncRequest
+	23, // 61: segmesh.v1.AgentService.Report:input_type -> segmesh.v1.ReportRequest
+	29, // 62: segmesh.v1.AgentService.RenewCertificate:input_type -> segmesh.v1.RenewCertificateRequest
+	31, // 63: segmesh.v1.AgentService.RotateKey:input_type -> segmesh.v1.RotateKeyRequest
+	33, // 64: segmesh.v1.AgentService.RequestPunch:input_type -> segmesh.v1.RequestPunchRequest
+	35, // 65: segmesh.v1.AgentService.RequestRelay:input_type -> segmesh.v1.RequestRelayRequest
+	38, // 66: segmesh.v1.OperatorService.Status:input_type -> segmesh.v1.StatusRequest
+	40, // 67: segmesh.v1.OperatorService.ListNodes:input_type -> segmesh.v1.ListNodesRequest
+	42, // 68: segmesh.v1.OperatorService.GetNode:input_type -> segmesh.v1.GetNodeRequest
+	44, // 69: segmesh.v1.OperatorService.ListDeniedFlows:input_type -> segmesh.v1.ListDeniedFlowsRequest
+	48, // 70: segmesh.v1.OperatorService.GetSegmentGraph:input_type -> segmesh.v1.GetSegmentGraphRequest
+	52, // 71: segmesh.v1.OperatorService.CreateToken:input_type -> segmesh.v1.CreateTokenRequest
+	81, // 72: segmesh.v1.OperatorService.ApplyPolicy:input_type -> segmesh.v1.ApplyPolicyRequest
+	83, // 73: segmesh.v1.OperatorService.GetPolicy:input_type -> segmesh.v1.GetPolicyRequest
+	86, // 74: segmesh.v1.OperatorService.ListPolicyRevisions:input_type -> segmesh.v1.ListPolicyRevisionsRequest
+	88, // 75: segmesh.v1.OperatorService.RollbackPolicy:input_type -> segmesh.v1.RollbackPolicyRequest
+	91, // 76: segmesh.v1.OperatorService.GetNetmap:input_type -> segmesh.v1.GetNetmapRequest
+	55, // 77: segmesh.v1.OperatorService.ListTokens:input_type -> segmesh.v1.ListTokensRequest
+	57, // 78: segmesh.v1.OperatorService.RevokeToken:input_type -> segmesh.v1.RevokeTokenRequest
+	59, // 79: segmesh.v1.OperatorService.RevokeNode:input_type -> segmesh.v1.RevokeNodeRequest
+	61, // 80: segmesh.v1.OperatorService.DeleteNode:input_type -> segmesh.v1.DeleteNodeRequest
+	63, // 81: segmesh.v1.OperatorService.LabelNode:input_type -> segmesh.v1.LabelNodeRequest
+	65, // 82: segmesh.v1.OperatorService.RotateNodeKey:input_type -> segmesh.v1.RotateNodeKeyRequest
+	68, // 83: segmesh.v1.OperatorService.CreateOperator:input_type -> segmesh.v1.CreateOperatorRequest
+	70, // 84: segmesh.v1.OperatorService.ListOperators:input_type -> segmesh.v1.ListOperatorsRequest
+	72, // 85: segmesh.v1.OperatorService.RevokeOperator:input_type -> segmesh.v1.RevokeOperatorRequest
+	75, // 86: segmesh.v1.OperatorService.ListAudit:input_type -> segmesh.v1.ListAuditRequest
+	77, // 87: segmesh.v1.OperatorService.VerifyAudit:input_type -> segmesh.v1.VerifyAuditRequest
+	79, // 88: segmesh.v1.OperatorService.Backup:input_type -> segmesh.v1.BackupRequest
+	2,  // 89: segmesh.v1.EnrollService.Enroll:output_type -> segmesh.v1.EnrollResponse
+	13, // 90: segmesh.v1.AgentService.Sync:output_type -> segmesh.v1.Netmap
+	18, // 91: segmesh.v1.AgentService.SyncUpdates:output_type -> segmesh.v1.NetmapUpdate
+	28, // 92: segmesh.v1.AgentService.Report:output_type -> segmesh.v1.ReportResponse
+	30, // 93: segmesh.v1.AgentService.RenewCertificate:output_type -> segmesh.v1.RenewCertificateResponse
+	32, // 94: segmesh.v1.AgentService.RotateKey:output_type -> segmesh.v1.RotateKeyResponse
+	34, // 95: segmesh.v1.AgentService.RequestPunch:output_type -> segmesh.v1.RequestPunchResponse
+	36, // 96: segmesh.v1.AgentService.RequestRelay:output_type -> segmesh.v1.RequestRelayResponse
+	39, // 97: segmesh.v1.OperatorService.Status:output_type -> segmesh.v1.StatusResponse
+	41, // 98: segmesh.v1.OperatorService.ListNodes:output_type -> segmesh.v1.ListNodesResponse
+	43, // 99: segmesh.v1.OperatorService.GetNode:output_type -> segmesh.v1.GetNodeResponse
+	47, // 100: segmesh.v1.OperatorService.ListDeniedFlows:output_type -> segmesh.v1.ListDeniedFlowsResponse
+	51, // 101: segmesh.v1.OperatorService.GetSegmentGraph:output_type -> segmesh.v1.GetSegmentGraphResponse
+	53, // 102: segmesh.v1.OperatorService.CreateToken:output_type -> segmesh.v1.CreateTokenResponse
+	82, // 103: segmesh.v1.OperatorService.ApplyPolicy:output_type -> segmesh.v1.ApplyPolicyResponse
+	84, // 104: segmesh.v1.OperatorService.GetPolicy:output_type -> segmesh.v1.GetPolicyResponse
+	87, // 105: segmesh.v1.OperatorService.ListPolicyRevisions:output_type -> segmesh.v1.ListPolicyRevisionsResponse
+	89, // 106: segmesh.v1.OperatorService.RollbackPolicy:output_type -> segmesh.v1.RollbackPolicyResponse
+	92, // 107: segmesh.v1.OperatorService.GetNetmap:output_type -> segmesh.v1.GetNetmapResponse
+	56, // 108: segmesh.v1.OperatorService.ListTokens:output_type -> segmesh.v1.ListTokensResponse
+	58, // 109: segmesh.v1.OperatorService.RevokeToken:output_type -> segmesh.v1.RevokeTokenResponse
+	60, // 110: segmesh.v1.OperatorService.RevokeNode:output_type -> segmesh.v1.RevokeNodeResponse
+	62, // 111: segmesh.v1.OperatorService.DeleteNode:output_type -> segmesh.v1.DeleteNodeResponse
+	64, // 112: segmesh.v1.OperatorService.LabelNode:output_type -> segmesh.v1.LabelNodeResponse
+	66, // 113: segmesh.v1.OperatorService.RotateNodeKey:output_type -> segmesh.v1.RotateNodeKeyResponse
+	69, // 114: segmesh.v1.OperatorService.CreateOperator:output_type -> segmesh.v1.CreateOperatorResponse
+	71, // 115: segmesh.v1.OperatorService.ListOperators:output_type -> segmesh.v1.ListOperatorsResponse
+	73, // 116: segmesh.v1.OperatorService.RevokeOperator:output_type -> segmesh.v1.RevokeOperatorResponse
+	76, // 117: segmesh.v1.OperatorService.ListAudit:output_type -> segmesh.v1.ListAuditResponse
+	78, // 118: segmesh.v1.OperatorService.VerifyAudit:output_type -> segmesh.v1.VerifyAuditResponse
+	80, // 119: segmesh.v1.OperatorService.Backup:output_type -> segmesh.v1.BackupChunk
+	89, // [89:120] is the sub-list for method output_type
+	58, // [58:89] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_segmesh_v1_segmesh_proto_init() }
@@ -6846,6 +6955,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 		(*NetmapUpdate_Delta)(nil),
 		(*NetmapUpdate_Punch)(nil),
 		(*NetmapUpdate_Relay)(nil),
+		(*NetmapUpdate_Controllers)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -6853,7 +6963,7 @@ func file_segmesh_v1_segmesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmesh_v1_segmesh_proto_rawDesc), len(file_segmesh_v1_segmesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   98,
+			NumMessages:   99,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
