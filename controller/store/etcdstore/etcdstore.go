@@ -99,14 +99,14 @@ var ErrSecretKey = errors.New("secret key does not match the cluster's")
 
 // Store is a store.Store on etcd. It is safe for concurrent use.
 type Store struct {
-	cli    *clientv3.Client
-	cfg    Config
-	aead   cipher.AEAD // nil without Config.SecretKey
+	cli  *clientv3.Client
+	cfg  Config
+	aead cipher.AEAD // nil without Config.SecretKey
 	// writeMu lets one Update of this Store run at a time (see Update).
 	writeMu sync.Mutex
-	log    *slog.Logger
-	ctx    context.Context
-	cancel context.CancelFunc
+	log     *slog.Logger
+	ctx     context.Context
+	cancel  context.CancelFunc
 }
 
 var _ store.Store = (*Store)(nil)
