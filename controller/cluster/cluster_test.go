@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"segmesh/controller/internal/etcdtest"
 )
 
@@ -24,10 +26,15 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() bo
 
 func start(t *testing.T, te *etcdtest.Server, name string, onChange func([]string)) *Cluster {
 	t.Helper()
+	return startWith(t, te, name, onChange, nil)
+}
+
+func startWith(t *testing.T, te *etcdtest.Server, name string, onChange func([]string), onPush func(string, []byte)) *Cluster {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := Start(ctx, Config{Client: te.Client(t), Prefix: "/p/", Name: name, URL: "https://" + name,
-		TTL: 2 * time.Second, OnStoreChange: onChange, Logger: slog.New(slog.DiscardHandler)})
+		TTL: 2 * time.Second, OnStoreChange: onChange, OnPush: onPush, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,5 +139,39 @@ func TestLeaseLoss(t *testing.T) {
 	defer mu.Unlock()
 	if sessions != 2 {
 		t.Errorf("OnSession ran %d times, want 2 (first lease, new lease)", sessions)
+	}
+}
+
+// TestPush: a message pushed by one replica reaches the others' OnPush once,
+// not the sender's, and leaves no key behind.
+func TestPush(t *testing.T) {
+	te := etcdtest.New(t)
+	var mu sync.Mutex
+	got := map[string][]string{}
+	rec := func(name string) func(string, []byte) {
+		return func(node string, p []byte) {
+			mu.Lock()
+			got[name] = append(got[name], node+"="+string(p))
+			mu.Unlock()
+		}
+	}
+	a := startWith(t, te, "a:1", nil, rec("a"))
+	startWith(t, te, "b:1", nil, rec("b"))
+	if err := a.Push(context.Background(), "web-1", []byte("punch")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "b got the push", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got["b"]) > 0
+	})
+	mu.Lock()
+	if !slices.Equal(got["b"], []string{"web-1=punch"}) || len(got["a"]) != 0 {
+		t.Errorf("pushes received: %v, want b: [web-1=punch] and none for a", got)
+	}
+	mu.Unlock()
+	resp, err := te.Client(t).Get(context.Background(), "/p/push/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil || resp.Count != 0 {
+		t.Errorf("push keys left: %v %v", resp, err)
 	}
 }
