@@ -68,7 +68,7 @@ never overwritten. Pass the file to its holder; they use it with --credentials.`
 				_ = os.Remove(out)
 				return err
 			}
-			if err := writeCredentials(f, credentials{Controller: mine.Controller, CAPEM: mine.CAPEM, Token: resp.GetToken()}); err != nil {
+			if err := writeCredentials(f, credentials{Controller: mine.Controller, Controllers: mine.Controllers, CAPEM: mine.CAPEM, Token: resp.GetToken()}); err != nil {
 				_ = os.Remove(out)
 				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: operator %s was created but its credential could not be written to %s: %v; "+
 					"revoke it with `segmesh operators revoke %s` and create it again", name, out, err, name)}
