@@ -124,6 +124,8 @@ func loadCredentials(g *globalFlags) (credentials, error) {
 type controllerSet struct {
 	urls    []string
 	clients []segmeshv1connect.OperatorServiceClient
+	// timeout bounds each try (requestTimeout).
+	timeout time.Duration
 	// first is where call starts: the controller that answered last.
 	first int
 }
@@ -152,7 +154,7 @@ func dialControllers(g *globalFlags) (*controllerSet, error) {
 			return next(ctx, req)
 		}
 	})
-	s := &controllerSet{urls: c.urls()}
+	s := &controllerSet{urls: c.urls(), timeout: requestTimeout}
 	for _, u := range s.urls {
 		s.clients = append(s.clients, segmeshv1connect.NewOperatorServiceClient(httpClient, strings.TrimRight(u, "/"),
 			connect.WithInterceptors(auth)))
@@ -161,7 +163,7 @@ func dialControllers(g *globalFlags) (*controllerSet, error) {
 }
 
 // call makes one operator call: fn calls one RPC on the client it is given,
-// under the context it is given (ctx bounded by requestTimeout, traced). call
+// under the context it is given (ctx bounded by s.timeout per try, traced). call
 // tries the controllers in order, from the one that answered last, and moves to
 // the next only when the failure proves that the request was not processed:
 //   - its headers were never written to a connection (DNS, dial, connection
@@ -204,7 +206,7 @@ func (s *controllerSet) call(ctx context.Context, fn func(context.Context, segme
 // try runs fn against controller k and says whether the request's headers were
 // written to a connection (the request may have reached the controller).
 func (s *controllerSet) try(ctx context.Context, k int, fn func(context.Context, segmeshv1connect.OperatorServiceClient) error) (sent bool, err error) {
-	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	var wrote atomic.Bool
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: func() { wrote.Store(true) }})
