@@ -178,6 +178,7 @@ func (n nodeDetailJSON) writeDetail(w io.Writer, now time.Time) error {
 		"interface", n.Interface,
 		"agent version", n.Version,
 		"online", fmt.Sprint(n.Online),
+		"controller", n.Controller,
 		"last seen", withAgo(n.LastSeen, now),
 		"last report", withAgo(n.LastReportAt, now),
 		"desired revision", fmt.Sprint(n.DesiredRevision),

@@ -48,6 +48,7 @@ func fixtureNodes() []*segmeshv1.NodeStatus {
 			InSync: true, Drift: &segmeshv1.Drift{Repairs: 3, LastRepairUnix: repairUnix, LastRepairedMore: 1,
 				LastRepaired: []*segmeshv1.DriftDifference{{Part: "route", Detail: "missing [100.64.0.0/10]"}}},
 			Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0", LastApplyUnixMs: applyUnixMs, LastApplyDurationUs: 4200, LastReportUnix: t2,
+			Controller: "10.0.0.1:7443",
 			Peers: []*segmeshv1.PeerStatus{
 				{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
 				{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeUnix: handshakeUnix, RxBytes: 1536, TxBytes: 3 << 20, Path: "relay", Relay: "relay-1"},
@@ -208,14 +209,14 @@ func TestNodesShowTable(t *testing.T) {
 	f := withFixtures(newFakeController(t))
 	fields, keys, table := showFields(t, f, "db-1")
 	wantKeys := []string{"name", "state", "labels", "segments", "addresses", "endpoint", "public key", "dataplane", "interface", "agent version",
-		"online", "last seen", "last report", "desired revision", "applied revision", "sync", "last apply", "last error",
+		"online", "controller", "last seen", "last report", "desired revision", "applied revision", "sync", "last apply", "last error",
 		"drift repairs", "last repaired", "unrepaired drift", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers",
 		"desired peers", "peers", "missing peers"}
 	if !slices.Equal(keys, wantKeys) {
 		t.Errorf("keys %q, want %q", keys, wantKeys)
 	}
 	for k, want := range map[string]string{"name": "db-1", "state": "revoked", "labels": "role=db", "addresses": "100.64.0.3/32, fd5e:6d65:7368::3/128",
-		"endpoint": "-", "online": "false", "enrolled": "2026-11-30T00:53:20Z", "revoked at": "2026-12-01T00:53:20Z", "revoked by": "admin",
+		"endpoint": "-", "online": "false", "controller": "-", "enrolled": "2026-11-30T00:53:20Z", "revoked at": "2026-12-01T00:53:20Z", "revoked by": "admin",
 		"cert expires": "-", "desired revision": "3", "applied revision": "0", "segments": "-", "last apply": "-",
 		"peers": "-", "desired peers": "none", "missing peers": "-"} {
 		if fields[k] != want {
@@ -227,7 +228,7 @@ func TestNodesShowTable(t *testing.T) {
 	}
 
 	fields, _, table = showFields(t, f, "web-1")
-	for k, want := range map[string]string{"segments": "prod, web", "interface": "segmesh0", "agent version": "v1.2.3",
+	for k, want := range map[string]string{"segments": "prod, web", "interface": "segmesh0", "agent version": "v1.2.3", "controller": "10.0.0.1:7443",
 		"applied revision": "3 (current)", "sync": "in sync", "desired peers": "api-1, db-1, ops-1",
 		"peers": "2 in the kernel, 1 with a handshake in the last 3 minutes", "missing peers": "ops-1", "last error": "-"} {
 		if fields[k] != want {
@@ -283,7 +284,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		Sync: "in sync", InSync: true, Drift: driftJSON{Repairs: 3, LastRepairAt: unixTime(repairUnix), LastRepairedMore: 1,
 			LastRepaired: []differenceJSON{{Part: "route", Detail: "missing [100.64.0.0/10]"}}, Unrepaired: []differenceJSON{}},
 		DesiredHash: "h3", AppliedHash: "h3", Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0",
-		LastApplyAt: unixMilliTime(applyUnixMs), LastApplyDurationUs: 4200, LastReportAt: "2026-12-01T00:53:20Z"}
+		LastApplyAt: unixMilliTime(applyUnixMs), LastApplyDurationUs: 4200, LastReportAt: "2026-12-01T00:53:20Z", Controller: "10.0.0.1:7443"}
 	webWithPeers := web
 	webWithPeers.Peers = []wgPeerJSON{{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
 		{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeAt: unixTime(handshakeUnix), RxBytes: 1536, TxBytes: 3 << 20, Path: "relay", Relay: "relay-1"}}

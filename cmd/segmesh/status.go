@@ -72,6 +72,10 @@ type nodeJSON struct {
 	LastApplyDurationUs int64  `json:"last_apply_duration_us,omitempty"`
 	// LastReportAt is when the controller received the agent's latest report.
 	LastReportAt string `json:"last_report_at,omitempty"`
+	// Controller is the controller replica the node's agent streams from (its
+	// advertised host:port); omitted when offline or from a controller that
+	// predates it.
+	Controller string `json:"controller,omitempty"`
 	// Peers are the WireGuard peers as the node's kernel holds them, as its
 	// agent last reported (nodes list and nodes show; status leaves them out):
 	// at most 64, those without a handshake in 3 minutes first; PeersMore
@@ -211,7 +215,7 @@ func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
 		AlivePeers: n.GetAlivePeers(), Error: n.GetError(), InSync: n.GetInSync(),
 		Segments: n.GetSegments(), Version: n.GetVersion(), Interface: n.GetInterface(),
 		LastApplyAt: unixMilliTime(n.GetLastApplyUnixMs()), LastApplyDurationUs: n.GetLastApplyDurationUs(),
-		LastReportAt: unixTime(n.GetLastReportUnix()), Peers: toWGPeersJSON(n.GetPeers()), PeersMore: n.GetPeersMore(),
+		LastReportAt: unixTime(n.GetLastReportUnix()), Controller: n.GetController(), Peers: toWGPeersJSON(n.GetPeers()), PeersMore: n.GetPeersMore(),
 	}
 	d := n.GetDrift()
 	out.Drift = driftJSON{Repairs: d.GetRepairs(), LastRepairAt: unixTime(d.GetLastRepairUnix()),
