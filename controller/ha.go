@@ -222,6 +222,7 @@ func (c *Controller) startCluster() error {
 		return err
 	}
 	c.cluster = cl
+	c.metrics.addReplicas(c)
 	c.storeChanged(nil)
 	return nil
 }
