@@ -59,11 +59,15 @@ const (
 
 // Options configure Run. Zero values take the documented defaults.
 type Options struct {
-	// Controller is the controller URL ("https://192.0.2.1:7443"): scheme https and
-	// a host are required, anything else is refused before any connection (the join
-	// token must never travel in cleartext). Required on the first start; later
-	// starts default to the enrolled one.
-	Controller string
+	// Controllers are controller URLs ("https://192.0.2.1:7443"), one per
+	// replica of the fleet, at most MaxControllers: scheme https and a host are
+	// required, anything else is refused before any connection (the join token
+	// must never travel in cleartext). Required on the first start, which enrolls
+	// with the first that answers. Later starts use the URLs stored in the state
+	// directory (those given at enrollment and those the controllers sent since);
+	// URLs given on a later start go first, in their order, before the stored
+	// ones, and the agent starts with the first of them.
+	Controllers []string
 	// Token is the join token. It is needed on the first start; later starts ignore
 	// it, except to re-enroll under the enrolled name (with the current TLS and
 	// WireGuard keys) when the node certificate has expired, or when the node was
@@ -117,8 +121,13 @@ type agent struct {
 	log  *slog.Logger
 	dir  *statefile.Dir
 	// id is set up before the loops start and not changed after (the key
-	// generation lives in keyGen).
-	id     statefile.Identity
+	// generation lives in keyGen, the controller URLs in ctl).
+	id  statefile.Identity
+	ctl *controllers // the controller URLs and the one in use
+	// stored is the identity as last written to the state directory; idMu
+	// serialises the writes after start (saveIdentity).
+	idMu   sync.Mutex
+	stored statefile.Identity
 	dp     dataplane.Dataplane
 	rec    *reconcile.Reconciler
 	flows  *flowlog.Log // denied flows waiting for a report, and drop totals
@@ -163,6 +172,7 @@ type agent struct {
 	revoked  bool             // the netmap in force says an operator revoked this node
 	told     bool             // the operator was told about the revocation (markRevoked)
 	expired  bool             // the node certificate expired (logged once)
+	lastSet  []string         // URLs of the latest ControllerSet received, as sent
 }
 
 // Run runs the agent until ctx ends, then stops cleanly and returns nil. What stays
@@ -210,11 +220,14 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if opts.StateDir == "" {
 		return nil, errors.New("agent: a state directory is required")
 	}
-	if opts.Controller != "" {
-		if err := checkControllerURL("--controller", opts.Controller); err != nil {
-			return nil, err
-		}
+	if len(opts.Controllers) > MaxControllers {
+		return nil, fmt.Errorf("agent: %d controller URLs given; at most %d are kept: give one URL per controller replica", len(opts.Controllers), MaxControllers)
 	}
+	good, bad := checkControllerURLs("--controller", opts.Controllers)
+	if len(bad) > 0 {
+		return nil, errors.Join(bad...)
+	}
+	opts.Controllers = good
 	if opts.Resync <= 0 {
 		opts.Resync = DefaultResync
 	}
@@ -261,10 +274,17 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if a.tlsKey, err = a.dir.TLSKey(); err != nil {
 		return nil, err
 	}
-	if err := checkControllerURL("the controller URL in "+a.dir.Path(), a.id.Controller); err != nil {
-		return nil, fmt.Errorf("%w (pass --controller to replace it)", err)
+	if len(a.id.Controllers) == 0 {
+		return nil, fmt.Errorf("agent: %s names no controller URL; pass --controller URL", a.dir.Path()+"/"+statefile.IdentityFile)
 	}
-	if a.stunAddr, err = stunServer(opts.STUNServer, a.id.Controller); err != nil {
+	known, badStored := checkControllerURLs("the controller URL in "+a.dir.Path(), a.id.Controllers)
+	if len(badStored) > 0 {
+		return nil, fmt.Errorf("%w (pass --controller to replace it)", errors.Join(badStored...))
+	}
+	a.id.Controllers = known
+	a.ctl = newControllers(a.id.Controllers, a.id.Controller)
+	a.setStored(a.id)
+	if a.stunAddr, err = stunServer(opts.STUNServer, a.ctl.current()); err != nil {
 		return nil, fmt.Errorf("agent: %w (pass --stun-server HOST:PORT, or off)", err)
 	}
 	if n := len(a.id.Interface); n == 0 || n > 15 {

@@ -34,17 +34,20 @@ const maxBackoff = 30 * time.Second
 // reconnects at once, over a new connection.
 var errReconnect = errors.New("reconnecting with the renewed certificate")
 
-// syncer holds the mutual-TLS connection to the controller: the netmap stream, the
-// status reports, certificate renewal and key rotation calls.
+// syncer holds the mutual-TLS connection to the controller in use: the netmap
+// stream, the status reports, certificate renewal, key rotation, punch and relay
+// calls all go to the controller URL in use (agent.ctl), which connectLoop moves to
+// the next one when the stream is lost.
 type syncer struct {
 	a *agent
 
 	mu           sync.Mutex
 	hc           *http.Client
-	retired      []*http.Client // clients with the previous certificate, to close once idle
-	client       segmeshv1connect.AgentServiceClient
-	cancelStream context.CancelCauseFunc // ends the open netmap stream; nil when none
-	netmapErr    error                   // why the latest netmap from the controller was rejected
+	retired      []*http.Client                      // clients with the previous certificate, to close once idle
+	client       segmeshv1connect.AgentServiceClient // for url
+	url          string                              // the controller URL client calls
+	cancelStream context.CancelCauseFunc             // ends the open netmap stream; nil when none
+	netmapErr    error                               // why the latest netmap from the controller was rejected
 	lastReport   *segmeshv1.ReportRequest
 	flowBatch    flowlog.Batch // the denied flows of the report being built; reportMu
 	reportMu     sync.Mutex    // serialises reports so that they arrive in order
@@ -58,8 +61,24 @@ func newSyncer(a *agent) (*syncer, error) {
 	}
 	s := &syncer{a: a}
 	s.hc = s.newHTTPClient(pool)
-	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, a.id.Controller)
+	s.url = a.ctl.current()
+	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.url)
 	return s, nil
+}
+
+// useCurrent points the AgentService client at the controller URL in use (after
+// connectLoop moved to another one) and drops the idle connections to the
+// previous one. Calls in flight finish (or fail) where they went.
+func (s *syncer) useCurrent() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	url := s.a.ctl.current()
+	if url == s.url {
+		return
+	}
+	s.url = url
+	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, url)
+	s.hc.CloseIdleConnections()
 }
 
 // newHTTPClient returns a client whose TLS handshakes present the agent's current
@@ -97,7 +116,8 @@ func (s *syncer) reconnect(cause error) {
 	if err == nil {
 		s.retired = append(s.retired, s.hc)
 		s.hc = s.newHTTPClient(pool)
-		s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.a.id.Controller)
+		s.url = s.a.ctl.current()
+		s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.url)
 	}
 	s.mu.Unlock()
 	if cancel != nil {
@@ -166,15 +186,20 @@ func (l *resyncLimiter) next(now time.Time) time.Duration {
 	return d
 }
 
-// connectLoop keeps a netmap stream open until ctx ends, reconnecting with backoff
-// (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap). A
-// revoked node, or one whose certificate expired, tries only every 30 s: it keeps
-// its default-deny or last netmap meanwhile and does not hammer the controller. A
-// stream the agent ended for a resync (see resyncError) is reopened at once, within
-// the limits of maxResyncs.
+// connectLoop keeps a netmap stream open until ctx ends. When the stream is lost
+// (it ends or fails, cannot be opened, or its connection stops answering HTTP/2
+// pings, see enroll.PingAfter), it moves to the next controller URL and tries it
+// at once; only after every known URL failed in turn does it wait, with backoff
+// (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap),
+// see failover. With one URL that is a backoff after every failure. The dataplane
+// is not touched meanwhile: the last netmap stays in force. A revoked node, or one
+// whose certificate expired, tries only every 30 s (on the same URL): it keeps its
+// default-deny or last netmap meanwhile and does not hammer the controller. A
+// stream the agent ended for a resync (see resyncError) is reopened at once, on the
+// same URL, within the limits of maxResyncs.
 func (s *syncer) connectLoop(ctx context.Context) {
 	a := s.a
-	bo := newBackoff(time.Second, maxBackoff)
+	fo := failover{bo: newBackoff(time.Second, maxBackoff)}
 	resyncs := resyncLimiter{n: maxResyncs, window: resyncWindow}
 	resync := "" // SyncRequest.resync_reason of the next stream
 	for {
@@ -184,6 +209,7 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			}
 			continue
 		}
+		began := time.Now()
 		received, err := s.syncOnce(ctx, resync)
 		resync = ""
 		if ctx.Err() != nil {
@@ -192,13 +218,13 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		if errors.Is(err, errReconnect) || errors.Is(err, errEndpointMoved) {
 			a.log.Info("reconnecting to the controller", "reason", err)
 			s.closeRetired() // the old stream is closed now
-			bo.reset()
+			fo.bo.reset()
 			continue
 		}
 		if re := (*resyncError)(nil); errors.As(err, &re) {
 			resync = re.reason
 			if received {
-				bo.reset()
+				fo.bo.reset()
 			}
 			d := resyncs.next(time.Now())
 			if d == 0 {
@@ -213,10 +239,7 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			continue
 		}
 		s.checkRevoked(ctx, err)
-		if received {
-			bo.reset()
-		}
-		d := bo.next()
+		var d time.Duration
 		switch {
 		case a.isRevoked():
 			d = maxBackoff
@@ -224,7 +247,14 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		case a.certificateExpired():
 			continue // logged by certificateExpired
 		default:
-			a.log.Warn("controller stream ended; reconnecting", "controller", a.id.Controller, "err", err, "in", d.Round(time.Millisecond))
+			d = fo.next(received, received && time.Since(began) >= stableStream, a.ctl.count())
+			from, to := a.ctl.advance()
+			if from == to {
+				a.log.Warn("controller stream ended; reconnecting", "controller", from, "err", err, "in", d.Round(time.Millisecond))
+				break
+			}
+			s.useCurrent()
+			a.log.Warn("controller stream ended; switching to the next controller", "controller", from, "err", err, "next", to, "in", d.Round(time.Millisecond))
 		}
 		if !sleep(ctx, d) {
 			return
@@ -250,7 +280,7 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 	defer cancel(nil)
 	s.mu.Lock()
 	s.cancelStream = cancel
-	client := s.client
+	client, url := s.client, s.url
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -264,19 +294,19 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 		Interface:    s.a.id.Interface,
 		ResyncReason: resync,
 		Candidates:   s.a.candidates(),
-		Features:     []string{featurePunch},
+		Features:     []string{featurePunch, featureControllers},
 	}
 	if s.a.relay != nil {
 		req.Features = append(req.Features, featureRelay)
 		req.RelayPorts = fmt.Sprintf("%d-%d", s.a.relayFirst, s.a.relayLast)
 	}
-	received, err := s.syncUpdates(ctx, client, req, ep)
+	received, err := s.syncUpdates(ctx, client, url, req, ep)
 	if !received && connect.CodeOf(err) == connect.CodeUnimplemented && context.Cause(ctx) == nil {
 		s.legacyOnce.Do(func() {
-			s.a.log.Info("the controller does not serve netmap deltas (SyncUpdates); receiving full netmaps (Sync)", "controller", s.a.id.Controller)
+			s.a.log.Info("the controller does not serve netmap deltas (SyncUpdates); receiving full netmaps (Sync)", "controller", url)
 		})
 		req.ResyncReason = ""
-		received, err = s.syncFull(ctx, client, req, ep)
+		received, err = s.syncFull(ctx, client, url, req, ep)
 	}
 	if c := context.Cause(ctx); errors.Is(c, errReconnect) || errors.Is(c, errEndpointMoved) {
 		return received, c
@@ -288,7 +318,7 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 // made (a full netmap, or the result of a delta applied to the one before),
 // whether or not handleNetmap accepted it: deltas continue from the controller's
 // view. An update that does not apply ends the stream with a *resyncError.
-func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentServiceClient, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
+func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentServiceClient, url string, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
 	stream, err := client.SyncUpdates(ctx, connect.NewRequest(req))
 	if err != nil {
 		return false, fmt.Errorf("opening netmap stream: %w", err)
@@ -307,6 +337,9 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 		case *segmeshv1.NetmapUpdate_Relay:
 			s.a.handleRelayConfig(u.Relay)
 			continue
+		case *segmeshv1.NetmapUpdate_Controllers:
+			s.a.handleControllerSet(u.Controllers)
+			continue
 		case *segmeshv1.NetmapUpdate_Delta:
 			if held == nil {
 				return received, &resyncError{reason: fmt.Sprintf("delta to revision %d before any full netmap", u.Delta.GetPolicyRevision())}
@@ -318,7 +351,7 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 			return received, &resyncError{reason: "netmap update of a kind this agent does not know"}
 		}
 		held = next
-		s.logConnected(received, ep)
+		s.logConnected(received, url, ep)
 		s.handleNetmap(ctx, next, !received)
 		received = true
 	}
@@ -330,7 +363,7 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 
 // syncFull runs one Sync stream (full netmaps only, from a controller older than
 // deltas).
-func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServiceClient, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
+func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServiceClient, url string, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
 	stream, err := client.Sync(ctx, connect.NewRequest(req))
 	if err != nil {
 		return false, fmt.Errorf("opening netmap stream: %w", err)
@@ -338,7 +371,7 @@ func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServ
 	defer stream.Close()
 	received := false
 	for stream.Receive() {
-		s.logConnected(received, ep)
+		s.logConnected(received, url, ep)
 		s.handleNetmap(ctx, stream.Msg(), !received)
 		received = true
 	}
@@ -348,10 +381,16 @@ func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServ
 	return received, errors.New("netmap stream closed by the controller")
 }
 
-// logConnected logs the first netmap of a stream (before is whether one came already).
-func (s *syncer) logConnected(before bool, ep netip.AddrPort) {
-	if !before {
-		s.a.log.Info("connected to controller", "controller", s.a.id.Controller, "endpoint", ep)
+// logConnected logs the first netmap of a stream from url (before is whether one
+// came already) and stores url as the controller in use, so that a restart
+// starts with the one that worked last.
+func (s *syncer) logConnected(before bool, url string, ep netip.AddrPort) {
+	if before {
+		return
+	}
+	s.a.log.Info("connected to controller", "controller", url, "endpoint", ep)
+	if err := s.a.saveIdentity(nil); err != nil {
+		s.a.log.Warn("storing the controller URL in use; a restart starts with the previous one", "err", err)
 	}
 }
 
