@@ -309,6 +309,12 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 		_ = a.dp.Close()
 		return nil, fmt.Errorf("agent: registering metrics: %w", err)
 	}
+	if opts.Metrics != nil {
+		if err := opts.Metrics.Register(newControllerCollector(a.ctl)); err != nil {
+			_ = a.dp.Close()
+			return nil, fmt.Errorf("agent: registering controller metrics: %w", err)
+		}
+	}
 	a.rec.SetObserver(m)
 	a.gossip = gossip.NewManager(a.log.With("component", "gossip"), func() { signal(a.gossipC) })
 	po := path.Options{
