@@ -120,10 +120,12 @@ segmesh_agent_controllers 3
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(metrics), "segmesh_agent_controller_info", "segmesh_agent_controller_switches_total", "segmesh_agent_controllers"); err != nil {
 		t.Error(err)
 	}
-	// The replica in use is stored, so that a restart starts there.
-	if id := storedIdentity(t, dir); id.Controller != c.url || !slices.Equal(id.Controllers, []string{a.url, b.url, c.url}) {
-		t.Errorf("stored controller %q, controllers %q; want %q in use of all three", id.Controller, id.Controllers, c.url)
-	}
+	// The replica in use is stored once its stream delivered, so that a restart
+	// starts there.
+	eventually(t, "the third replica stored as in use", func() bool {
+		id := storedIdentity(t, dir)
+		return id.Controller == c.url && slices.Equal(id.Controllers, []string{a.url, b.url, c.url})
+	})
 }
 
 // frozenProxy forwards TCP to target until frozen; then it forwards nothing in

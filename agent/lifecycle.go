@@ -247,9 +247,9 @@ func (s *syncer) renew(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("creating certificate request: %w", err)
 	}
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	client, rctx, cancel := s.call(ctx, 30*time.Second)
 	defer cancel()
-	resp, err := s.agentClient().RenewCertificate(rctx, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
+	resp, err := client.RenewCertificate(rctx, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
 	if err != nil {
 		s.checkRevoked(ctx, err)
 		a.discardNextTLSKey()
@@ -436,9 +436,9 @@ func (a *agent) rotate(ctx context.Context, gen uint64) error {
 	} else {
 		a.log.Info("retrying the WireGuard key rotation with the pending key", "generation", gen, "public_key", pub.String())
 	}
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	client, rctx, cancel := a.syncer.call(ctx, 30*time.Second)
 	defer cancel()
-	if _, err := a.syncer.agentClient().RotateKey(rctx, connect.NewRequest(&segmeshv1.RotateKeyRequest{PublicKey: pub[:], Generation: gen})); err != nil {
+	if _, err := client.RotateKey(rctx, connect.NewRequest(&segmeshv1.RotateKeyRequest{PublicKey: pub[:], Generation: gen})); err != nil {
 		a.syncer.checkRevoked(ctx, err)
 		return fmt.Errorf("telling the controller the new WireGuard key (generation %d): %w", gen, err)
 	}

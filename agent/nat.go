@@ -283,7 +283,9 @@ func (a *agent) requestPunch(ctx context.Context, peer string) error {
 	if a.syncer == nil {
 		return errors.New("not connected to the controller")
 	}
-	_, err := a.syncer.agentClient().RequestPunch(ctx, connect.NewRequest(&segmeshv1.RequestPunchRequest{Peer: peer}))
+	client, ctx, cancel := a.syncer.call(ctx, 0)
+	defer cancel()
+	_, err := client.RequestPunch(ctx, connect.NewRequest(&segmeshv1.RequestPunchRequest{Peer: peer}))
 	if connect.CodeOf(err) == connect.CodeFailedPrecondition && strings.Contains(err.Error(), "offline") {
 		return fmt.Errorf("%w: %w", path.ErrOffline, err)
 	}
@@ -295,7 +297,9 @@ func (a *agent) requestRelay(ctx context.Context, peer string) (netmap.Candidate
 	if a.syncer == nil {
 		return netmap.Candidate{}, time.Time{}, errors.New("not connected to the controller")
 	}
-	resp, err := a.syncer.agentClient().RequestRelay(ctx, connect.NewRequest(&segmeshv1.RequestRelayRequest{Peer: peer}))
+	client, ctx, cancel := a.syncer.call(ctx, 0)
+	defer cancel()
+	resp, err := client.RequestRelay(ctx, connect.NewRequest(&segmeshv1.RequestRelayRequest{Peer: peer}))
 	if err != nil {
 		return netmap.Candidate{}, time.Time{}, err
 	}

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -46,8 +47,11 @@ type syncer struct {
 	retired      []*http.Client                      // clients with the previous certificate, to close once idle
 	client       segmeshv1connect.AgentServiceClient // for url
 	url          string                              // the controller URL client calls
-	cancelStream context.CancelCauseFunc             // ends the open netmap stream; nil when none
-	netmapErr    error                               // why the latest netmap from the controller was rejected
+	urlCtx       context.Context                     // ends when the agent moves away from url
+	urlCancel    context.CancelFunc
+	forceReport  atomic.Bool             // the next report requested is sent even when unchanged
+	cancelStream context.CancelCauseFunc // ends the open netmap stream; nil when none
+	netmapErr    error                   // why the latest netmap from the controller was rejected
 	lastReport   *segmeshv1.ReportRequest
 	flowBatch    flowlog.Batch // the denied flows of the report being built; reportMu
 	reportMu     sync.Mutex    // serialises reports so that they arrive in order
@@ -63,6 +67,7 @@ func newSyncer(a *agent) (*syncer, error) {
 	s.hc = s.newHTTPClient(pool)
 	s.url = a.ctl.current()
 	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.url)
+	s.urlCtx, s.urlCancel = context.WithCancel(context.Background())
 	return s, nil
 }
 
@@ -78,7 +83,28 @@ func (s *syncer) useCurrent() {
 	}
 	s.url = url
 	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, url)
+	s.urlCancel()
+	s.urlCtx, s.urlCancel = context.WithCancel(context.Background())
 	s.hc.CloseIdleConnections()
+}
+
+// call returns the AgentService client for the controller URL in use and a
+// context for one call with it: ctx with timeout (0: none), also cancelled when
+// the agent moves to another controller URL, so that a call stuck on a replica
+// that went silent does not outlive the switch. Call cancel when done.
+func (s *syncer) call(ctx context.Context, timeout time.Duration) (segmeshv1connect.AgentServiceClient, context.Context, context.CancelFunc) {
+	s.mu.Lock()
+	client, urlCtx := s.client, s.urlCtx
+	s.mu.Unlock()
+	var cctx context.Context
+	var cancel context.CancelFunc
+	if timeout > 0 {
+		cctx, cancel = context.WithTimeout(ctx, timeout)
+	} else {
+		cctx, cancel = context.WithCancel(ctx)
+	}
+	stop := context.AfterFunc(urlCtx, cancel)
+	return client, cctx, func() { stop(); cancel() }
 }
 
 // newHTTPClient returns a client whose TLS handshakes present the agent's current
@@ -92,13 +118,6 @@ func (s *syncer) newHTTPClient(pool *x509.CertPool) *http.Client {
 		RootCAs:    pool,
 		ServerName: enroll.ServerName,
 	})
-}
-
-// agentClient returns the current AgentService client.
-func (s *syncer) agentClient() segmeshv1connect.AgentServiceClient {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.client
 }
 
 // reconnect drops every connection made so far (with the previous certificate,
@@ -144,6 +163,7 @@ func (s *syncer) close() {
 	s.closeRetired()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.urlCancel()
 	s.hc.CloseIdleConnections()
 }
 
@@ -418,7 +438,7 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap, first b
 	s.mu.Unlock()
 	if err != nil {
 		a.log.Error("rejected netmap from the controller; keeping the previous one", "revision", pb.GetPolicyRevision(), "err", err)
-		s.report(ctx, true)
+		s.requestReport(true)
 		return
 	}
 	if nm.Revoked {
@@ -449,7 +469,17 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap, first b
 		}
 	}
 	signal(a.rotateC)
-	s.report(ctx, false)
+	s.requestReport(false)
+}
+
+// requestReport has reportLoop send a report (force: even when unchanged). The
+// netmap stream does not report itself, so that a report stuck on a controller
+// that went silent never keeps the stream from noticing its loss.
+func (s *syncer) requestReport(force bool) {
+	if force {
+		s.forceReport.Store(true)
+	}
+	signal(s.a.reportC)
 }
 
 // checkRevoked puts the node at default deny when err is the controller saying that
@@ -476,6 +506,7 @@ func (s *syncer) reportLoop(ctx context.Context) {
 			force = true
 		case <-s.a.rec.Changed():
 		case <-s.a.reportC:
+			force = s.forceReport.Swap(false)
 		case <-s.a.movedC:
 			s.reconnect(errEndpointMoved)
 		}
@@ -499,9 +530,9 @@ func (s *syncer) report(ctx context.Context, force bool) {
 		return
 	}
 	req.Peers, req.PeersMore = s.a.peers.report(s.a.rec.Netmap(), time.Now())
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	client, rctx, cancel := s.call(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := s.agentClient().Report(rctx, connect.NewRequest(req)); err != nil {
+	if _, err := client.Report(rctx, connect.NewRequest(req)); err != nil {
 		if ctx.Err() == nil {
 			s.a.log.Debug("reporting status failed", "err", err)
 			s.checkRevoked(ctx, err)
