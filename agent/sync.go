@@ -258,7 +258,11 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			}
 			continue
 		}
+		// Under reportMu: a report in flight lands first, and none starts
+		// until the node is marked revoked.
+		s.reportMu.Lock()
 		s.checkRevoked(ctx, err)
+		s.reportMu.Unlock()
 		var d time.Duration
 		switch {
 		case a.isRevoked():
@@ -520,11 +524,11 @@ func (s *syncer) reportLoop(ctx context.Context) {
 // carries them fresh, and the periodic one (force) keeps them current at the
 // controller. A revoked node, or one whose certificate expired, does not report.
 func (s *syncer) report(ctx context.Context, force bool) {
+	s.reportMu.Lock()
+	defer s.reportMu.Unlock()
 	if s.a.isRevoked() || s.a.certificateExpired() {
 		return
 	}
-	s.reportMu.Lock()
-	defer s.reportMu.Unlock()
 	req := s.buildReport()
 	if !force && s.lastReport != nil && proto.Equal(req, s.lastReport) {
 		return
