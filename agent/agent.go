@@ -12,6 +12,14 @@
 // drops every peer, keeps a default-deny filter (also across restarts) and stops
 // gossip and reporting.
 //
+// With several controller replicas (one fleet sharing an etcd store) the agent knows
+// every replica's URL: those given in Options.Controllers and those the controller
+// it streams from sends (NetmapUpdate.controllers, feature "controllers"), kept in
+// the state directory. It uses one replica at a time for the stream and every call;
+// when the stream is lost (closed, failed, or its connection silent for
+// enroll.PingAfter+enroll.PingTimeout) it moves to the next URL at once, and backs
+// off only after every URL failed in turn. The dataplane stays as it is meanwhile.
+//
 // Run wires the subpackages together: statefile (state directory), enroll (first
 // contact, CA pinning), netmap (validation), reconcile (desired state and drift
 // repair) and gossip (memberlist).
