@@ -111,7 +111,7 @@ type Options struct {
 	NewDataplane func(iface string) (dataplane.Dataplane, error)
 	// STUNServer is the STUN server ("host:port") that tells the agent the NAT
 	// mapping of its WireGuard port (a "stun" endpoint candidate); empty means
-	// the controller's host on DefaultSTUNPort, STUNOff disables it. Only
+	// the host of the controller in use on DefaultSTUNPort, STUNOff disables it. Only
 	// embedded wireguard-go can send STUN from its WireGuard socket.
 	STUNServer string
 	// RelayPorts, "first-last", makes this node offer to relay WireGuard

@@ -267,6 +267,9 @@ func TestControllerSetStoredAndUsedAfterRestart(t *testing.T) {
 	a.kill()
 	r = start(t, Options{StateDir: dir})
 	eventually(t, "stream and report at the stored second replica", func() bool { return b.lastReport().GetAppliedHash() == pb.GetHash() })
+	if logs := r.logs.String(); !strings.Contains(logs, "switching to the next controller") {
+		t.Errorf("the restart did not move from the dead replica to the stored one:\n%s", logs)
+	}
 }
 
 // TestControllersReplace: a ControllerSet replaces the list but keeps the URL in

@@ -87,7 +87,10 @@ func parseRelayPorts(s string) (first, last uint16, err error) {
 
 // stunLoop learns the NAT mapping of the WireGuard port from the STUN server
 // every stunEvery and when the local endpoint moved, until ctx ends. It does
-// nothing when STUN is off or the dataplane cannot share its socket.
+// nothing when STUN is off or the dataplane cannot share its socket. Without
+// --stun-server the server is on the host of the controller in use, so it
+// follows a failover (server is the one setup resolved, kept when resolving the
+// current one fails).
 func (a *agent) stunLoop(ctx context.Context, server netip.AddrPort) {
 	st, ok := a.dp.(dataplane.STUN)
 	if !ok || !server.IsValid() {
@@ -97,6 +100,11 @@ func (a *agent) stunLoop(ctx context.Context, server netip.AddrPort) {
 	defer t.Stop()
 	warned := false
 	for {
+		if a.opts.STUNServer == "" {
+			if s, err := stunServer("", a.ctl.current()); err == nil {
+				server = s
+			}
+		}
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		mapped, err := st.Binding(qctx, server)
 		cancel()

@@ -189,7 +189,7 @@ without starting.`,
 	f.IntVar(&opts.ListenPort, "listen-port", 0, fmt.Sprintf("WireGuard UDP port (default the enrolled one, else %d)", agent.DefaultListenPort))
 	f.StringVar(&opts.Endpoint, "endpoint", "", "underlay HOST:PORT to advertise (default: local address towards the controller, with the listen port)")
 	f.IntVar(&opts.GossipPort, "gossip-port", 0, "memberlist port to bind and to join peers on (default: the controller's, 7946)")
-	f.StringVar(&opts.STUNServer, "stun-server", "", fmt.Sprintf("STUN server HOST:PORT that tells this node the NAT mapping of its WireGuard port, or %q (default: the controller's host, port %d; needs embedded wireguard-go)", agent.STUNOff, agent.DefaultSTUNPort))
+	f.StringVar(&opts.STUNServer, "stun-server", "", fmt.Sprintf("STUN server HOST:PORT that tells this node the NAT mapping of its WireGuard port, or %q (default: the host of the controller in use, port %d; needs embedded wireguard-go)", agent.STUNOff, agent.DefaultSTUNPort))
 	f.StringVar(&opts.RelayPorts, "relay-ports", "", "FIRST-LAST UDP ports on which this node relays WireGuard ciphertext for pairs the controller authorises (the policy must name it in relays:), e.g. 40000-40999; default: relay for nobody")
 	f.DurationVar(&opts.Resync, "resync", agent.DefaultResync, "period of dataplane read-back, status reports, gossip re-joins and certificate expiry checks")
 	f.BoolVar(&userspace, "userspace", false, "use embedded wireguard-go even when the kernel has WireGuard")
