@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -235,10 +237,23 @@ func (a *agent) handleControllerSet(set *segmeshv1.ControllerSet) {
 	if !changed {
 		return
 	}
-	a.log.Info("controller replicas changed", "old", strings.Join(old, ","), "new", strings.Join(now, ","), "in_use", a.ctl.current())
+	// Every replica sends itself first: a failover changes the order only, which
+	// is stored but not worth a log line.
+	msg, level := "controller replicas changed", slog.LevelInfo
+	if sorted(old) == sorted(now) {
+		msg, level = "controller replicas reordered", slog.LevelDebug
+	}
+	a.log.Log(context.Background(), level, msg, "old", strings.Join(old, ","), "new", strings.Join(now, ","), "in_use", a.ctl.current())
 	if err := a.saveIdentity(nil); err != nil {
 		a.log.Error("storing the controller URLs; a restart uses the previous ones", "err", err)
 	}
+}
+
+// sorted returns urls sorted and comma-joined, to compare lists as sets.
+func sorted(urls []string) string {
+	s := slices.Clone(urls)
+	slices.Sort(s)
+	return strings.Join(s, ",")
 }
 
 // saveIdentity stores the identity with fn applied (nil: none) and the current

@@ -247,9 +247,16 @@ func TestControllerSetStoredAndUsedAfterRestart(t *testing.T) {
 		return slices.Equal(storedIdentity(t, dir).Controllers, []string{a.url, b.url})
 	})
 	// The same set again (every reconnect sends it): no new log, no new warning.
+	// The same URLs in another order (each replica sends itself first): stored,
+	// but no log either. A netmap of a new revision after each marks it handled.
 	a.push <- set
-	a.push <- fullUpdate(pb) // a marker: once applied, the second set was handled
-	eventually(t, "report after the marker", func() bool { return a.reportsAt() >= 2 })
+	a.push <- controllerSet(b.url, a.url)
+	pb4 := wireNetmap(4, 0)
+	a.push <- fullUpdate(pb4)
+	eventually(t, "revision 4 reported", func() bool { return a.lastReport().GetAppliedHash() == pb4.GetHash() })
+	if got := storedIdentity(t, dir).Controllers; !slices.Equal(got, []string{b.url, a.url}) {
+		t.Errorf("stored controllers %q after the reordered set, want %q", got, []string{b.url, a.url})
+	}
 	if err := r.stop(t); err != nil {
 		t.Fatal(err)
 	}
@@ -266,7 +273,7 @@ func TestControllerSetStoredAndUsedAfterRestart(t *testing.T) {
 
 	a.kill()
 	r = start(t, Options{StateDir: dir})
-	eventually(t, "stream and report at the stored second replica", func() bool { return b.lastReport().GetAppliedHash() == pb.GetHash() })
+	eventually(t, "stream and report at the stored second replica", func() bool { _, syncs := b.counts(); return syncs > 0 && b.reportsAt() > 0 })
 	if logs := r.logs.String(); !strings.Contains(logs, "switching to the next controller") {
 		t.Errorf("the restart did not move from the dead replica to the stored one:\n%s", logs)
 	}

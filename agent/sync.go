@@ -81,11 +81,20 @@ func (s *syncer) useCurrent() {
 	if url == s.url {
 		return
 	}
+	s.pointAtLocked(url)
+	s.hc.CloseIdleConnections()
+}
+
+// pointAtLocked makes the AgentService client (a new one, on s.hc) call url;
+// when url is another URL, the calls still running on the previous one are
+// cancelled. The caller holds s.mu.
+func (s *syncer) pointAtLocked(url string) {
+	if url != s.url {
+		s.urlCancel()
+		s.urlCtx, s.urlCancel = context.WithCancel(context.Background())
+	}
 	s.url = url
 	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, url)
-	s.urlCancel()
-	s.urlCtx, s.urlCancel = context.WithCancel(context.Background())
-	s.hc.CloseIdleConnections()
 }
 
 // call returns the AgentService client for the controller URL in use and a
@@ -135,8 +144,7 @@ func (s *syncer) reconnect(cause error) {
 	if err == nil {
 		s.retired = append(s.retired, s.hc)
 		s.hc = s.newHTTPClient(pool)
-		s.url = s.a.ctl.current()
-		s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.url)
+		s.pointAtLocked(s.a.ctl.current())
 	}
 	s.mu.Unlock()
 	if cancel != nil {
