@@ -214,8 +214,9 @@ func TestFailoverOnSilentConnection(t *testing.T) {
 	a, b := cs[0], cs[1]
 	proxy := newFrozenProxy(t, strings.TrimPrefix(a.url, "https://"))
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controllers: []string{proxy.url(), b.url}, Token: a.token(), StateDir: dir, Name: "web-1", Interface: "smt0",
-		Resync: time.Hour}) // no periodic report, which would fail on its own timeout
+	// Reports every 50 ms: some are stuck on the silent connection when the
+	// stream is lost, and must not delay the move.
+	r := start(t, Options{Controllers: []string{proxy.url(), b.url}, Token: a.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "report through the proxy", func() bool { return a.lastReport().GetAppliedHash() == pb.GetHash() })
 	want := expected(t, dir, pb, nil)
 	applies := len(r.dp.History())

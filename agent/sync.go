@@ -266,11 +266,14 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			}
 			continue
 		}
-		// Under reportMu: a report in flight lands first, and none starts
-		// until the node is marked revoked.
-		s.reportMu.Lock()
-		s.checkRevoked(ctx, err)
-		s.reportMu.Unlock()
+		if isRevokedError(err) {
+			// Under reportMu: a report in flight lands first, and none starts
+			// until the node is marked revoked. (Only then: a report stuck on a
+			// silent controller must not delay the failover.)
+			s.reportMu.Lock()
+			s.checkRevoked(ctx, err)
+			s.reportMu.Unlock()
+		}
 		var d time.Duration
 		switch {
 		case a.isRevoked():
