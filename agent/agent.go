@@ -187,7 +187,7 @@ type agent struct {
 // after it returns depends on the dataplane kind: the nftables table always stays
 // (so nothing is open); a kernel WireGuard interface stays with its peers, addresses
 // and routes; a userspace (wireguard-go) interface goes away with the process. It
-// returns an error when the controller URL is not https://HOST[:PORT], when the state
+// returns an error when a controller URL is not https://HOST[:PORT], when the state
 // directory is unusable, when enrollment is refused, or when the dataplane cannot be
 // opened.
 func Run(ctx context.Context, opts Options) error {
@@ -228,12 +228,12 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if opts.StateDir == "" {
 		return nil, errors.New("agent: a state directory is required")
 	}
-	if len(opts.Controllers) > MaxControllers {
-		return nil, fmt.Errorf("agent: %d controller URLs given; at most %d are kept: give one URL per controller replica", len(opts.Controllers), MaxControllers)
-	}
 	good, bad := checkControllerURLs("--controller", opts.Controllers)
 	if len(bad) > 0 {
 		return nil, errors.Join(bad...)
+	}
+	if len(good) > MaxControllers {
+		return nil, fmt.Errorf("agent: %d controller URLs given; at most %d are kept: give one URL per controller replica", len(good), MaxControllers)
 	}
 	opts.Controllers = good
 	if opts.Resync <= 0 {

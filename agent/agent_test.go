@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -783,6 +784,13 @@ func TestStartErrors(t *testing.T) {
 		{name: "malformed token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controllers: []string{c.url}, Token: "nope"}, want: "malformed join token"},
 		{name: "token for another CA", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controllers: []string{c.url}, Token: other.token()}, want: "controller CA does not match the join token"},
 		{name: "long interface name", opts: Options{StateDir: dir, Interface: "much-too-long-name"}, want: "1 to 15 bytes"},
+		{name: "too many controller URLs", opts: Options{StateDir: dir, Controllers: func() (urls []string) {
+			for i := range MaxControllers + 1 {
+				urls = append(urls, fmt.Sprintf("https://10.0.0.%d:7443", i+1))
+			}
+			return urls
+		}()}, want: "at most 16 are kept"},
+		{name: "one bad controller URL of several", opts: Options{StateDir: dir, Controllers: []string{c.url, "http://192.0.2.1:7443"}}, want: `--controller "http://192.0.2.1:7443": scheme "http" refused`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
