@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/http"
 	"net/url"
 	"os"
@@ -302,7 +303,7 @@ func (c *Controller) haLoop(ctx context.Context) {
 				last = urls
 				c.log.Info("controller replicas changed", "replicas", urls)
 				for _, node := range c.live.onlineWith(featureControllers) {
-					c.push(node, featureControllers, controllerSet(urls))
+					c.push(node, featureControllers, controllerSet(urlsFor(node, urls)))
 				}
 			}
 		}
@@ -424,6 +425,20 @@ func (c *Controller) controllerURLs() []string {
 		}
 	}
 	return urls
+}
+
+// urlsFor returns urls (this replica first) for node: the others rotated by a
+// hash of the node's name, so that the agents of a replica that fails spread
+// over the others instead of all moving to the same one.
+func urlsFor(node string, urls []string) []string {
+	if len(urls) < 3 {
+		return urls
+	}
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(node))
+	rest := urls[1:]
+	k := int(h.Sum32() % uint32(len(rest)))
+	return append(append([]string{urls[0]}, rest[k:]...), rest[:k]...)
 }
 
 func controllerSet(urls []string) *segmeshv1.NetmapUpdate {
