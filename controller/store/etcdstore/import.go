@@ -40,7 +40,8 @@ type ImportStats struct {
 	// Skipped counts the source records deliberately not copied: bbolt's owner
 	// meta record.
 	Skipped int
-	// Txns is the number of etcd transactions that wrote records.
+	// Txns is the number of etcd transactions that wrote records and version
+	// keys.
 	Txns int
 }
 
@@ -122,23 +123,18 @@ func (s *Store) Import(walk func(yield func(table string, key, value []byte) err
 			return err
 		}
 		for _, t := range opTables {
-			stats.Records[t]++
+			if t != "" { // "": a version key
+				stats.Records[t]++
+			}
 		}
 		stats.Txns++
 		ops, opTables, txnBytes = ops[:0], opTables[:0], 0
 		return nil
 	}
 	maxOps := s.cfg.MaxTxnOps - 1
-	err = walk(func(table string, key, value []byte) error {
-		name, val, skip, err := s.importRecord(table, key, value)
-		if err != nil {
-			return err
-		}
-		if skip {
-			stats.Skipped++
-			return nil
-		}
-		full := s.cfg.Prefix + table + "/" + name
+	// add queues a put of val under full for table ("" for a version key),
+	// committing the queue first when full would not fit into it.
+	add := func(table, full string, val []byte) error {
 		size := len(full) + len(val)
 		if len(ops) >= maxOps || (len(ops) > 0 && txnBytes+size > maxImportTxnBytes) {
 			if err := flush(); err != nil {
@@ -148,17 +144,27 @@ func (s *Store) Import(walk func(yield func(table string, key, value []byte) err
 		ops = append(ops, clientv3.OpPut(full, string(val)))
 		opTables = append(opTables, table)
 		txnBytes += size
-		touched[table] = true
 		return nil
+	}
+	err = walk(func(table string, key, value []byte) error {
+		name, val, skip, err := s.importRecord(table, key, value)
+		if err != nil {
+			return err
+		}
+		if skip {
+			stats.Skipped++
+			return nil
+		}
+		touched[table] = true
+		return add(table, s.cfg.Prefix+table+"/"+name, val)
 	})
-	if err == nil {
-		err = flush()
+	for _, table := range sortedKeys(touched) {
+		if err == nil {
+			err = add("", s.cfg.Prefix+tVersion+"/"+table, nil)
+		}
 	}
 	if err == nil {
-		for _, table := range sortedKeys(touched) {
-			ops = append(ops, clientv3.OpPut(s.cfg.Prefix+tVersion+"/"+table, ""))
-		}
-		err = s.importTxn(markerKey, marker, ops)
+		err = flush()
 	}
 	if err != nil {
 		return stats, incomplete(err)

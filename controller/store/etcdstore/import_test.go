@@ -181,6 +181,17 @@ func TestImport(t *testing.T) {
 	if min := (stats.Total() + 6) / 7; stats.Txns < min {
 		t.Errorf("%d records in %d Txns, want at least %d with MaxTxnOps 8", stats.Total(), stats.Txns, min)
 	}
+	// Every Txn wrote at most MaxTxnOps-1 keys (one etcd revision each).
+	all, err := s.cli.Get(context.Background(), prefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	perTxn := map[int64]int{}
+	for _, kv := range all.Kvs {
+		if perTxn[kv.ModRevision]++; perTxn[kv.ModRevision] > 7 {
+			t.Fatalf("etcd revision %d wrote more than 7 keys under the prefix (MaxTxnOps 8)", kv.ModRevision)
+		}
+	}
 	got, wantReads := readAll(t, s), readAll(t, b)
 	if wantReads.Owner == nil || got.Owner != nil {
 		t.Errorf("owner record: bbolt %q, etcd %q; want it in bbolt only", wantReads.Owner, got.Owner)
