@@ -128,8 +128,12 @@ func Migrate(ctx context.Context, opts MigrateOptions) (MigrateResult, error) {
 	}
 	err = dst.Update(func(tx store.Tx) error {
 		for _, k := range []string{metaCACert, metaCAKey, metaAdminToken} {
-			if have, err := tx.Meta(k); err != nil || have != nil {
-				return errors.Join(err, fmt.Errorf("meta %s is already set", k))
+			have, err := tx.Meta(k)
+			if err != nil {
+				return err
+			}
+			if have != nil {
+				return fmt.Errorf("meta %s is already set (another controller wrote to the prefix meanwhile?)", k)
 			}
 		}
 		if err := tx.PutMeta(metaCACert, certPEM); err != nil {
