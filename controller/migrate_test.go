@@ -14,6 +14,7 @@ import (
 	"connectrpc.com/connect"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/controller/internal/etcdtest"
 	"segmesh/controller/store/etcdstore"
 )
 
@@ -41,7 +42,7 @@ func TestMigrate(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ep := startEtcd(t)
+	ep := etcdtest.New(t).URL()
 	key := bytes.Repeat([]byte{0x5e}, 32)
 	etcdCfg := etcdstore.Config{Endpoints: []string{ep}, SecretKey: key}
 	quiet := slog.New(slog.DiscardHandler)
