@@ -66,7 +66,8 @@ const featureControllers = "controllers"
 var errNoLease = errors.New("this controller lost its etcd lease (it cannot reach a quorum of the etcd cluster); connect to another controller replica")
 
 // openStore opens the store Options.Store names and returns it with its
-// description for Status.
+// description for Status. It refuses an etcd prefix that a migrate left marked
+// incomplete (etcdstore.MigratingKey).
 func (c *Controller) openStore() (store.Store, string, error) {
 	switch c.opts.Store {
 	case StoreBolt:
@@ -85,6 +86,14 @@ func (c *Controller) openStore() (store.Store, string, error) {
 		defer cancel()
 		st, err := etcdstore.Open(ctx, cfg)
 		if err != nil {
+			return nil, "", err
+		}
+		if migrating, err := st.Migrating(); err != nil || migrating {
+			_ = st.Close()
+			if err == nil {
+				err = fmt.Errorf("%s: an interrupted migrate left %s incomplete (%smeta/%s exists); clear it with \"etcdctl del --prefix %s\" and run segmesh-controller migrate again (if a migrate is still running, wait for it to finish)",
+					st, st.Prefix(), st.Prefix(), etcdstore.MigratingKey, st.Prefix())
+			}
 			return nil, "", err
 		}
 		c.etcd = st
