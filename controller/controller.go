@@ -131,6 +131,10 @@ type Options struct {
 	// Etcd configures the etcd store (Store = StoreEtcd). Its SecretKey, the
 	// same on every replica, is required: it seals the shared secrets.
 	Etcd etcdstore.Config
+	// LeaseTTL is the lifetime of the replica's etcd lease (etcd store): cut off
+	// from etcd's quorum for this long, a replica stops serving and its agents
+	// move. Whole seconds, at least 2 s; default cluster.DefaultTTL (5 s).
+	LeaseTTL time.Duration
 }
 
 // Controller is a configured controller bound to its listen address. Create it
@@ -424,6 +428,12 @@ func applyDefaults(o *Options) error {
 		}
 		if len(o.Etcd.SecretKey) != 32 {
 			return errors.New("the etcd store needs the fleet's 32-byte secret key (--secret-key-file)")
+		}
+		if o.LeaseTTL == 0 {
+			o.LeaseTTL = cluster.DefaultTTL
+		}
+		if o.LeaseTTL < 2*time.Second || o.LeaseTTL%time.Second != 0 {
+			return fmt.Errorf("etcd lease TTL %v: want whole seconds, at least 2s", o.LeaseTTL)
 		}
 	default:
 		return fmt.Errorf("store %q: want %s or %s", o.Store, StoreBolt, StoreEtcd)

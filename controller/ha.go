@@ -225,7 +225,7 @@ func (c *Controller) startCluster() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cl, err := cluster.Start(ctx, cluster.Config{
-		Client: c.etcd.Client(), Prefix: c.etcd.Prefix(), Name: replicaName(c.advertiseURL), URL: c.advertiseURL,
+		Client: c.etcd.Client(), Prefix: c.etcd.Prefix(), Name: replicaName(c.advertiseURL), URL: c.advertiseURL, TTL: c.opts.LeaseTTL,
 		OnStoreChange: c.storeChanged, OnSession: c.presence.republish, OnPush: c.pushFromReplica, Logger: c.log,
 	})
 	if err != nil {

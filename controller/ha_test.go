@@ -20,7 +20,16 @@ import (
 
 // startReplicas starts n controllers on the etcd at endpoint, each with its own
 // data directory, all with the same secret key.
+//
+// Their leases last 30 s: under the race detector on a loaded machine a
+// replica can miss its keep-alives for seconds (TestReplicaWithoutLease sets
+// its own).
 func startReplicas(t *testing.T, endpoint string, n int) []*testController {
+	t.Helper()
+	return startReplicasWith(t, endpoint, n, 30*time.Second)
+}
+
+func startReplicasWith(t *testing.T, endpoint string, n int, ttl time.Duration) []*testController {
 	t.Helper()
 	key := bytes.Repeat([]byte{0x5e}, 32)
 	var out []*testController
@@ -29,6 +38,7 @@ func startReplicas(t *testing.T, endpoint string, n int) []*testController {
 		out = append(out, startControllerWith(t, dir, func(o *Options) {
 			o.Store = StoreEtcd
 			o.Etcd = etcdstore.Config{Endpoints: []string{endpoint}, SecretKey: key}
+			o.LeaseTTL = ttl
 		}))
 	}
 	return out
@@ -189,7 +199,7 @@ func TestReplicasConcurrentEnroll(t *testing.T) {
 // serves again.
 func TestReplicaWithoutLease(t *testing.T) {
 	etcd := etcdtest.New(t)
-	a := startReplicas(t, etcd.URL(), 1)[0]
+	a := startReplicasWith(t, etcd.URL(), 1, 2*time.Second)[0]
 	web := a.enroll(a.createToken(map[string]string{"role": "web"}, false), "web-1")
 	s := a.sync(web, &segmeshv1.SyncRequest{Endpoint: "192.0.2.1:51820"})
 	s.next(t)

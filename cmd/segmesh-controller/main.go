@@ -21,6 +21,7 @@ import (
 	"segmesh/cmd/internal/debugserve"
 	"segmesh/cmd/internal/metricsserve"
 	"segmesh/controller"
+	"segmesh/controller/cluster"
 	"segmesh/controller/store/etcdstore"
 )
 
@@ -153,6 +154,7 @@ check-config" checks a configuration without starting.`,
 	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
 	f.StringVar(&opts.STUNListen, "stun-listen", "", `answer STUN Binding requests (RFC 8489) on this UDP address, usually ":3478"; empty: off`)
 	storeFlags.register(f, true)
+	f.DurationVar(&opts.LeaseTTL, "etcd-lease-ttl", cluster.DefaultTTL, "with --store etcd: lifetime of this replica's etcd lease; cut off from etcd's quorum this long, the replica stops serving and its agents move to another (whole seconds, at least 2s)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
 	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)
