@@ -39,8 +39,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "==> building segmesh-controller, segmesh-agent, segmesh, probe and the lab driver into $bin"
-go build -o "$bin/" ./cmd/segmesh-controller ./cmd/segmesh-agent ./cmd/segmesh ./hack/probe ./hack/lab
+echo "==> building segmesh-controller, segmesh-agent, segmesh, probe, etcd and the lab driver into $bin"
+go build -o "$bin/" ./cmd/segmesh-controller ./cmd/segmesh-agent ./cmd/segmesh ./hack/probe ./hack/etcd ./hack/lab
 
 # Run the driver in the background so that a SIGTERM to this script reaches it
 # (bash defers traps while a foreground child runs); the driver removes the lab
