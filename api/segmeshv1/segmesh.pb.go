@@ -2779,8 +2779,11 @@ type NodeStatus struct {
 	PeersMore           uint32        `protobuf:"varint,28,opt,name=peers_more,json=peersMore,proto3" json:"peers_more,omitempty"`
 	// When the controller received the agent's latest report, Unix seconds.
 	LastReportUnix int64 `protobuf:"varint,29,opt,name=last_report_unix,json=lastReportUnix,proto3" json:"last_report_unix,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The controller replica the node's agent streams from (its name, the
+	// replica's advertised host:port); empty when offline.
+	Controller    string `protobuf:"bytes,30,opt,name=controller,proto3" json:"controller,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeStatus) Reset() {
@@ -3014,6 +3017,13 @@ func (x *NodeStatus) GetLastReportUnix() int64 {
 		return x.LastReportUnix
 	}
 	return 0
+}
+
+func (x *NodeStatus) GetController() string {
+	if x != nil {
+		return x.Controller
+	}
+	return ""
 }
 
 type StatusRequest struct {
@@ -6398,7 +6408,7 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x04peer\x18\x01 \x01(\tR\x04peer\"n\n" +
 	"\x14RequestRelayResponse\x123\n" +
 	"\tcandidate\x18\x01 \x01(\v2\x15.segmesh.v1.CandidateR\tcandidate\x12!\n" +
-	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"\xb7\b\n" +
+	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"\xd7\b\n" +
 	"\n" +
 	"NodeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12:\n" +
@@ -6434,7 +6444,10 @@ const file_segmesh_v1_segmesh_proto_rawDesc = "" +
 	"\x05peers\x18\x1b \x03(\v2\x16.segmesh.v1.PeerStatusR\x05peers\x12\x1d\n" +
 	"\n" +
 	"peers_more\x18\x1c \x01(\rR\tpeersMore\x12(\n" +
-	"\x10last_report_unix\x18\x1d \x01(\x03R\x0elastReportUnix\x1a9\n" +
+	"\x10last_report_unix\x18\x1d \x01(\x03R\x0elastReportUnix\x12\x1e\n" +
+	"\n" +
+	"controller\x18\x1e \x01(\tR\n" +
+	"controller\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\":\n" +
