@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,11 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"connectrpc.com/connect"
+
+	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 )
 
 // EtcdBin is the etcd server binary (hack/etcd) a mesh with MeshOptions.HA > 1
@@ -690,4 +696,78 @@ func (m *Mesh) runningProcs() []*Process {
 // exited describes a process that exited, with the tail of its log.
 func exited(p *Process) error {
 	return fmt.Errorf("%s on %s exited (%v); log %s:\n%s", p.Name, p.Host.Name, p.Err(), p.LogPath, tail(p.Log(), 20))
+}
+
+// credentialsFile is the part of an operator.json OperatorClient needs.
+type credentialsFile struct {
+	CAPEM string `json:"ca_pem"`
+	Token string `json:"token"`
+}
+
+// OperatorClient returns an OperatorService client of replica i (from 1) that
+// dials it from its own host, trusting the CA and sending the bearer token of
+// its operator.json, as the CLI does; closeIdle releases its connections.
+func (m *Mesh) OperatorClient(i int) (client segmeshv1connect.OperatorServiceClient, closeIdle func(), err error) {
+	r := m.Replica(i)
+	if r == nil {
+		return nil, nil, fmt.Errorf("operator client: no controller replica %d", i)
+	}
+	b, err := os.ReadFile(r.Credentials)
+	if err != nil {
+		return nil, nil, fmt.Errorf("operator client of %s: %w", r.Host.Name, err)
+	}
+	var cred credentialsFile
+	if err := json.Unmarshal(b, &cred); err != nil {
+		return nil, nil, fmt.Errorf("operator client of %s: %s: %w", r.Host.Name, r.Credentials, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(cred.CAPEM)) {
+		return nil, nil, fmt.Errorf("operator client of %s: %s holds no CA certificate in ca_pem", r.Host.Name, r.Credentials)
+	}
+	hc := r.Host.HTTP2Client(&tls.Config{RootCAs: pool, ServerName: controllerServerName, MinVersion: tls.VersionTLS13})
+	auth := connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			req.Header().Set("Authorization", "Bearer "+cred.Token)
+			return next(ctx, req)
+		}
+	})
+	return segmeshv1connect.NewOperatorServiceClient(hc, r.URL, connect.WithInterceptors(auth)), hc.CloseIdleConnections, nil
+}
+
+// controllerServerName is the DNS name every controller's server certificate
+// carries (agent/enroll.ServerName).
+const controllerServerName = "segmesh-controller"
+
+// ControllerView returns, from replica i's Status API, the replica each node
+// streams from as the controllers record it (NodeStatus.controller, a replica
+// Name; absent for offline nodes).
+func (m *Mesh) ControllerView(ctx context.Context, i int) (map[string]string, error) {
+	client, closeFn, err := m.OperatorClient(i)
+	if err != nil {
+		return nil, err
+	}
+	defer closeFn()
+	ctx, cancel := context.WithTimeout(ctx, CLITimeout)
+	defer cancel()
+	resp, err := client.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{}))
+	if err != nil {
+		return nil, fmt.Errorf("status of controller-%d: %w", i, err)
+	}
+	out := map[string]string{}
+	for _, n := range resp.Msg.GetNodes() {
+		if c := n.GetController(); c != "" {
+			out[n.GetName()] = c
+		}
+	}
+	return out, nil
+}
+
+// ReplicaByName returns the index (from 1) of the replica with Name name, or 0.
+func (m *Mesh) ReplicaByName(name string) int {
+	for _, r := range m.Controllers {
+		if r.Name() == name {
+			return r.Index
+		}
+	}
+	return 0
 }

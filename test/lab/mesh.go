@@ -474,6 +474,9 @@ type NodeStatus struct {
 	// DesiredHash and AppliedHash are the netmap hashes, when the CLI prints them.
 	DesiredHash string `json:"desired_hash"`
 	AppliedHash string `json:"applied_hash"`
+	// Controller is the replica the node's agent streams from (its Name), when
+	// the CLI prints it.
+	Controller string `json:"controller"`
 }
 
 // Node returns the status of the node called name, or nil.
