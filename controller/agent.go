@@ -186,7 +186,11 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	conn := c.live.connect(node.Name, req.Msg, cancel, c.now())
-	defer c.live.disconnect(node.Name, conn, c.now())
+	c.presence.changed(node.Name)
+	defer func() {
+		c.live.disconnect(node.Name, conn, c.now())
+		c.presence.changed(node.Name)
+	}()
 	c.log.Info("agent connected", "node", node.Name, "peer", req.Peer().Addr, "endpoint", ep, "dataplane", req.Msg.GetDataplane(), "version", req.Msg.GetVersion())
 	defer c.log.Info("agent disconnected", "node", node.Name, "peer", req.Peer().Addr)
 
@@ -197,6 +201,9 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	c.live.setFeatures(node.Name, conn, features)
 	sub := c.hub.Subscribe(node.Name, deltas, features...)
 	defer sub.Close()
+	if slices.Contains(features, featureControllers) {
+		c.push(node.Name, featureControllers, controllerSet(c.controllerURLs()))
+	}
 	c.relayStreamOpened(node.Name, conn, features, req.Msg.GetRelayPorts())
 	defer c.relayStreamClosed(node.Name, conn)
 	for {
@@ -204,6 +211,9 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 		case <-ctx.Done():
 			if errors.Is(context.Cause(ctx), errStreamReplaced) {
 				return connect.NewError(connect.CodeAborted, errStreamReplaced)
+			}
+			if errors.Is(context.Cause(ctx), errNoLease) {
+				return connect.NewError(connect.CodeUnavailable, errNoLease)
 			}
 			return nil
 		case <-c.shutdown:
@@ -258,7 +268,7 @@ const (
 // featurePunch, featureRelay.
 func streamFeatures(fs []string) []string {
 	var out []string
-	for _, f := range []string{featurePunch, featureRelay} {
+	for _, f := range []string{featurePunch, featureRelay, featureControllers} {
 		if slices.Contains(fs, f) {
 			out = append(out, f)
 		}
@@ -604,6 +614,7 @@ func (s *agentService) Report(ctx context.Context, req *connect.Request[segmeshv
 	}
 	now := s.c.now()
 	prev := s.c.live.report(node.Name, req.Msg, now)
+	s.c.presence.changed(node.Name)
 	s.c.metrics.reported(prev, req.Msg.GetAppliedRevision(), now)
 	s.c.recordDeniedFlows(node, req.Msg, now)
 	ep := req.Msg.GetEndpoint()
@@ -836,6 +847,32 @@ func (l *liveTracker) online(name string) (bool, []string) {
 		return false, nil
 	}
 	return true, slices.Clone(n.features)
+}
+
+// cancelAll ends every open stream with cause.
+func (l *liveTracker) cancelAll(cause error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, n := range l.nodes {
+		for _, cancel := range n.conns {
+			cancel(cause)
+		}
+	}
+}
+
+// onlineWith lists the nodes with an open stream whose newest one listed
+// feature (any stream when feature is "").
+func (l *liveTracker) onlineWith(feature string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for name, n := range l.nodes {
+		if len(n.conns) > 0 && (feature == "" || slices.Contains(n.features, feature)) {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // disconnect closes stream id of node; the node stays online while another

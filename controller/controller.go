@@ -38,10 +38,12 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"segmesh/api/segmeshv1/segmeshv1connect"
+	"segmesh/controller/cluster"
 	"segmesh/controller/fanout"
 	"segmesh/controller/netmap"
 	"segmesh/controller/pki"
 	"segmesh/controller/store"
+	"segmesh/controller/store/etcdstore"
 )
 
 // Defaults applied by New to zero Options fields.
@@ -122,6 +124,13 @@ type Options struct {
 	// Metrics, when set, receives the controller's collectors (see
 	// docs/metrics.md); give each controller its own registry. Nil exports none.
 	Metrics prometheus.Registerer
+	// Store is where state lives: StoreBolt (default; DataDir/controller.db, one
+	// controller) or StoreEtcd (several replicas sharing the etcd cluster Etcd
+	// names; see ha.go).
+	Store string
+	// Etcd configures the etcd store (Store = StoreEtcd). Its SecretKey, the
+	// same on every replica, is required: it seals the shared secrets.
+	Etcd etcdstore.Config
 }
 
 // Controller is a configured controller bound to its listen address. Create it
@@ -167,6 +176,15 @@ type Controller struct {
 	stunConn net.PacketConn
 	// relays holds the relay sessions (relay.go).
 	relays *relayState
+	// storeDesc describes the store for Status. With the etcd store, etcd is it,
+	// cluster this replica's view of the others (nil with bbolt), haKick wakes
+	// haLoop and presence publishes the live status of this replica's agents
+	// (ha.go).
+	storeDesc string
+	etcd      *etcdstore.Store
+	cluster   *cluster.Cluster
+	haKick    chan struct{}
+	presence  *presenceWriter
 
 	// computeMu serialises netmap computation and policy changes, so netmaps
 	// are published in the order their inputs changed.
@@ -207,7 +225,9 @@ func New(opts Options) (_ *Controller, err error) {
 		sendSlots:        newSlots(2*runtime.GOMAXPROCS(0), slotLease),
 		now:              time.Now,
 		shutdown:         make(chan struct{}),
+		haKick:           make(chan struct{}, 1),
 	}
+	c.presence = newPresenceWriter(c)
 	c.relays = newRelayState(func() time.Time { return c.now() })
 	c.metrics = newMetrics(c)
 	var cleanup []func()
@@ -229,12 +249,18 @@ func New(opts Options) (_ *Controller, err error) {
 	// The store comes first: it is the lock that keeps a second controller on the same
 	// data directory from touching anything (certificates, operator.json). A store
 	// that was lost (ca.crt exists), is damaged or belongs to another CA is refused.
-	st, err := store.OpenWith(filepath.Join(opts.DataDir, StoreFile), store.OpenOptions{CACertPath: filepath.Join(opts.DataDir, pki.CACertFile)})
+	// With etcd, the data directory takes the fleet's CA before anything else.
+	st, desc, err := c.openStore()
 	if err != nil {
 		return nil, err
 	}
-	c.store = st
+	c.store, c.storeDesc = st, desc
 	cleanup = append(cleanup, func() { _ = st.Close() })
+	if c.etcd != nil {
+		if err := c.shareCA(); err != nil {
+			return nil, err
+		}
+	}
 
 	c.ln, err = net.Listen("tcp", opts.Listen)
 	if err != nil {
@@ -257,15 +283,30 @@ func New(opts Options) (_ *Controller, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading PKI: %w", err)
 	}
-	if err := st.Bind(c.ca.CACertDER()); err != nil {
-		return nil, err
+	var shared string
+	if bolt, ok := st.(*store.Bolt); ok {
+		if err := bolt.Bind(c.ca.CACertDER()); err != nil {
+			return nil, err
+		}
+	} else {
+		if err := c.publishCA(); err != nil {
+			return nil, err
+		}
+		if shared, err = c.sharedAdminToken(); err != nil {
+			return nil, err
+		}
 	}
-	adminToken, err := loadOrCreateOperator(filepath.Join(opts.DataDir, OperatorFile), c.advertiseURL, c.ca.CACertPEM())
+	adminToken, err := loadOrCreateOperator(filepath.Join(opts.DataDir, OperatorFile), c.advertiseURL, c.ca.CACertPEM(), shared)
 	if err != nil {
 		return nil, err
 	}
 	if err := c.bootstrapAdmin(adminToken); err != nil {
 		return nil, err
+	}
+	if c.etcd != nil {
+		if err := c.publishAdminToken(adminToken); err != nil {
+			return nil, fmt.Errorf("storing the admin token in etcd: %w", err)
+		}
 	}
 
 	var gossipKey []byte
@@ -300,6 +341,12 @@ func New(opts Options) (_ *Controller, err error) {
 	c.computeMu.Unlock()
 	if err != nil {
 		return nil, err
+	}
+	if c.etcd != nil {
+		if err := c.startCluster(); err != nil {
+			return nil, err
+		}
+		cleanup = append(cleanup, c.cluster.Close)
 	}
 	// Last, so that a failed New leaves nothing registered.
 	if err := c.metrics.register(opts.Metrics); err != nil {
@@ -366,6 +413,20 @@ func applyDefaults(o *Options) error {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	switch o.Store {
+	case "":
+		o.Store = StoreBolt
+	case StoreBolt:
+	case StoreEtcd:
+		if len(o.Etcd.Endpoints) == 0 {
+			return errors.New("the etcd store needs its endpoints (--etcd-endpoints)")
+		}
+		if len(o.Etcd.SecretKey) != 32 {
+			return errors.New("the etcd store needs the fleet's 32-byte secret key (--secret-key-file)")
+		}
+	default:
+		return fmt.Errorf("store %q: want %s or %s", o.Store, StoreBolt, StoreEtcd)
 	}
 	return nil
 }
@@ -454,10 +515,20 @@ func (c *Controller) run(ctx context.Context) error {
 		defer close(sweepDone)
 		c.relaySweepLoop(loopCtx)
 	}()
+	haDone := make(chan struct{}, 2)
+	if c.cluster != nil {
+		go func() { c.haLoop(loopCtx); haDone <- struct{}{} }()
+		go func() { c.presence.run(loopCtx); haDone <- struct{}{} }()
+	}
 	defer func() {
 		stopLoop()
 		<-loopDone
 		<-sweepDone
+		if c.cluster != nil {
+			<-haDone
+			<-haDone
+			c.cluster.Close() // before the store closes its client
+		}
 	}()
 
 	srv := c.httpServer()
@@ -529,7 +600,7 @@ func (c *Controller) httpServer() *http.Server {
 	mux.Handle(UIPath, ui)
 	mux.Handle("/{$}", ui)
 	return &http.Server{
-		Handler: mux,
+		Handler: c.withLease(mux),
 		TLSConfig: &tls.Config{
 			MinVersion:     tls.VersionTLS12,
 			GetCertificate: c.ca.GetCertificate,

@@ -272,6 +272,9 @@ func (tc *testController) sync(a *enrolledAgent, req *segmeshv1.SyncRequest) *ne
 		var held *segmeshv1.Netmap
 		for stream.Receive() {
 			u := stream.Msg()
+			if u.GetFull() == nil && u.GetDelta() == nil {
+				continue // out-of-band (punch, relay, controllers): not a netmap
+			}
 			if f := u.GetFull(); f != nil {
 				held = f
 			} else if held, err = wire.ApplyDelta(held, u.GetDelta()); err != nil {

@@ -35,7 +35,7 @@ type OperatorCredential struct {
 // loadOrCreateOperator returns the operator token from path, creating the file
 // (mode 0600) with a new random token when missing, and rewriting it when the
 // controller URL or CA changed.
-func loadOrCreateOperator(path, controllerURL string, caPEM []byte) (string, error) {
+func loadOrCreateOperator(path, controllerURL string, caPEM []byte, shared string) (string, error) {
 	var cred OperatorCredential
 	raw, err := os.ReadFile(path)
 	switch {
@@ -49,6 +49,8 @@ func loadOrCreateOperator(path, controllerURL string, caPEM []byte) (string, err
 		if cred.Controller == controllerURL && cred.CAPEM == string(caPEM) {
 			return cred.Token, nil
 		}
+	case errors.Is(err, os.ErrNotExist) && shared != "":
+		cred.Token = shared
 	case errors.Is(err, os.ErrNotExist):
 		b := make([]byte, 32)
 		if _, err := rand.Read(b); err != nil {
@@ -81,7 +83,8 @@ func (s *operatorService) Status(ctx context.Context, req *connect.Request[segme
 		return nil, err
 	}
 	latest, _, problem := s.c.policyStatus()
-	resp := &segmeshv1.StatusResponse{PolicyRevision: latest, ServingRevision: serving, PolicyError: problem, Nodes: nodes}
+	resp := &segmeshv1.StatusResponse{PolicyRevision: latest, ServingRevision: serving, PolicyError: problem, Nodes: nodes,
+		Store: s.c.storeDesc, Controllers: s.c.controllerURLs(), Controller: replicaName(s.c.advertiseURL)}
 	resp.NodesActive, resp.NodesOnline, resp.NodesCurrent = distributionProgress(nodes)
 	if req.Msg.GetUnconvergedOnly() {
 		resp.Nodes = slices.DeleteFunc(nodes, func(n *segmeshv1.NodeStatus) bool {
@@ -183,6 +186,11 @@ func (c *Controller) nodeStatus(n store.Node, rev uint64, withPeers bool) *segme
 	// A revoked node's agent dropped its peers and no longer reports: what it
 	// reported before is not shown.
 	c.live.fill(st, withPeers && !n.Revoked())
+	if st.Online {
+		st.Controller = replicaName(c.advertiseURL)
+	} else if !n.Revoked() {
+		c.fillRemote(st)
+	}
 	// A netmap keeps the revision at which it last changed (see
 	// netmap.FromCompiled), so an agent whose netmap no later revision touched
 	// reports an older revision. When it enforces exactly the netmap the

@@ -195,9 +195,36 @@ type storeResult struct {
 // revision in force is the latest and holds content already, nothing is stored.
 // A policy that fails is answered with CodeInvalidArgument, one problem per
 // line, and changes nothing: the previous revision stays in force.
+//
+// Another controller replica may store a revision between the validation and
+// the commit: the commit then finds a newer latest revision and the whole
+// store starts again (up to policyStoreAttempts times), validating against the
+// newer state.
 func (c *Controller) storePolicy(actor, filename string, content []byte, action string, restoredFrom uint64) (storeResult, error) {
 	c.computeMu.Lock()
 	defer c.computeMu.Unlock()
+	for attempt := 1; ; attempt++ {
+		res, err := c.storePolicyLocked(actor, filename, content, action, restoredFrom)
+		if !errors.Is(err, errPolicyRaced) {
+			return res, err
+		}
+		if attempt == policyStoreAttempts {
+			return storeResult{}, connect.NewError(connect.CodeAborted, fmt.Errorf("other controller replicas kept storing policy revisions; try again: %w", err))
+		}
+		c.log.Info("another replica stored a policy revision meanwhile; validating again", "attempt", attempt)
+	}
+}
+
+// policyStoreAttempts bounds how often storePolicy starts again after losing a
+// race against another replica.
+const policyStoreAttempts = 8
+
+// errPolicyRaced says another replica stored a policy revision after
+// storePolicyLocked read the latest one.
+var errPolicyRaced = errors.New("a newer policy revision was stored meanwhile")
+
+// storePolicyLocked is one attempt of storePolicy; the caller holds computeMu.
+func (c *Controller) storePolicyLocked(actor, filename string, content []byte, action string, restoredFrom uint64) (storeResult, error) {
 	serving, _ := c.policyInForce()
 	var latest uint64
 	var current store.Policy
@@ -235,11 +262,21 @@ func (c *Controller) storePolicy(actor, filename string, content []byte, action 
 		detail = fmt.Sprintf("revision %d restores revision %d (%s, %d bytes)", rev, restoredFrom, filename, len(content))
 	}
 	err = c.store.Update(func(tx store.Tx) error {
+		revs, err := tx.PolicyRevisions()
+		if err != nil {
+			return err
+		}
+		if len(revs) > 0 && revs[len(revs)-1] != latest {
+			return errPolicyRaced
+		}
 		if err := tx.PutPolicy(store.Policy{Revision: rev, Filename: filename, Content: content, AppliedAt: now, AppliedBy: actor, RestoredFrom: restoredFrom}); err != nil {
 			return err
 		}
 		return tx.AppendAudit(store.AuditEntry{Time: now, Actor: actor, Action: action, Object: fmt.Sprintf("policy:%d", rev), Result: "ok", Detail: detail})
 	})
+	if errors.Is(err, errPolicyRaced) {
+		return storeResult{}, err
+	}
 	if err != nil {
 		return storeResult{}, connect.NewError(connect.CodeInternal, fmt.Errorf("storing policy revision %d: %w", rev, err))
 	}

@@ -165,7 +165,9 @@ func (c *Controller) publishLocked(updates []netmap.Update) int {
 			lost = append(lost, u.Node)
 		}
 	}
-	if len(lost) > 0 {
+	// With several replicas each computes the same updates: the leader rotates,
+	// the others get its key from etcd (syncGossipKey).
+	if len(lost) > 0 && c.leaderOnly() {
 		if key := c.rotateGossipKeyLocked(lost); key != nil {
 			c.netmapCfg.GossipKey = key
 			updates = netmap.MergeUpdates(updates, c.engine.SetGossipKey(key))

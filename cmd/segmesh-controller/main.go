@@ -21,6 +21,7 @@ import (
 	"segmesh/cmd/internal/debugserve"
 	"segmesh/cmd/internal/metricsserve"
 	"segmesh/controller"
+	"segmesh/controller/store/etcdstore"
 )
 
 // DefaultGCPercent is the controller's garbage collection target (runtime/debug.
@@ -52,6 +53,7 @@ func newCommand() *cobra.Command {
 		debugAddr   string
 		metricsAddr string
 		configFile  string
+		storeFlags  etcdFlags
 	)
 	// prepare applies the config file and the environment to the flags not given on
 	// the command line, checks every value and fills opts; it touches no file but
@@ -73,6 +75,16 @@ func newCommand() *cobra.Command {
 				return nil, eff.Errorf("overlay-prefix", "%q is not a prefix (want ADDRESS/BITS, e.g. 100.64.0.0/10 or fd5e:6d65:7368::/48): %v", s, err)
 			}
 			opts.OverlayPrefixes = append(opts.OverlayPrefixes, p)
+		}
+		opts.Store, opts.Etcd = storeFlags.store, etcdstore.Config{}
+		switch storeFlags.store {
+		case controller.StoreBolt:
+		case controller.StoreEtcd:
+			if opts.Etcd, err = storeFlags.config(eff); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, eff.Errorf("store", "%q: want %s or %s", storeFlags.store, controller.StoreBolt, controller.StoreEtcd)
 		}
 		if err := opts.Check(); err != nil {
 			return nil, err
@@ -140,6 +152,7 @@ check-config" checks a configuration without starting.`,
 	f.IntVar(&opts.MaxConnections, "max-connections", controller.DefaultMaxConnections, "maximum concurrent TCP connections (agents, operators, enrolling hosts)")
 	f.IntVar(&opts.MaxConnectionsPerSource, "max-connections-per-source", controller.DefaultMaxConnectionsPerSource, "maximum concurrent TCP connections from one address (IPv6: one /64); loopback is exempt")
 	f.StringVar(&opts.STUNListen, "stun-listen", "", `answer STUN Binding requests (RFC 8489) on this UDP address, usually ":3478"; empty: off`)
+	storeFlags.register(f, true)
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
 	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)

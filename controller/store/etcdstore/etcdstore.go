@@ -29,6 +29,7 @@ package etcdstore
 
 import (
 	"context"
+	"crypto/cipher"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -81,12 +82,25 @@ type Config struct {
 	MaxAttempts int
 	// Logger receives retries and errors; default slog.Default().
 	Logger *slog.Logger
+	// SecretKey, when set (32 bytes), seals every meta value (Tx.Meta and
+	// Tx.PutMeta: the gossip key, the CA key, ...) with AES-256-GCM, the full etcd
+	// key as additional data, so that a reader of etcd (a backup, a member's data
+	// directory) learns none of them and cannot move one to another key. Every
+	// controller sharing the cluster must be given the same key: Open refuses a
+	// key that does not open the cluster's check value (ErrSecretKey), and a
+	// missing key when the cluster has sealed values.
+	SecretKey []byte
 }
+
+// ErrSecretKey is returned (wrapped) by Open when Config.SecretKey is not the
+// key the cluster's secrets are sealed with, or is missing while they are sealed.
+var ErrSecretKey = errors.New("secret key does not match the cluster's")
 
 // Store is a store.Store on etcd. It is safe for concurrent use.
 type Store struct {
 	cli    *clientv3.Client
 	cfg    Config
+	aead   cipher.AEAD // nil without Config.SecretKey
 	log    *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -143,7 +157,24 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("opening etcd store: no endpoint answered: %w", lastErr)
 	}
 	sctx, cancel := context.WithCancel(context.Background())
-	return &Store{cli: cli, cfg: cfg, log: cfg.Logger, ctx: sctx, cancel: cancel}, nil
+	s := &Store{cli: cli, cfg: cfg, log: cfg.Logger, ctx: sctx, cancel: cancel}
+	if err := s.initSecret(); err != nil {
+		_ = s.Close()
+		return nil, fmt.Errorf("opening etcd store: %w", err)
+	}
+	return s, nil
+}
+
+// Client returns the store's etcd client, for the controller's leases, watches
+// and elections on the same cluster. The store owns it: Close closes it.
+func (s *Store) Client() *clientv3.Client { return s.cli }
+
+// Prefix returns Config.Prefix (with its default applied).
+func (s *Store) Prefix() string { return s.cfg.Prefix }
+
+// String describes the store for operators: "etcd URL,URL (prefix /segmesh/)".
+func (s *Store) String() string {
+	return fmt.Sprintf("etcd %s (prefix %s)", strings.Join(s.cfg.Endpoints, ","), s.cfg.Prefix)
 }
 
 // Close implements store.Store: it cancels requests in flight and closes the client.

@@ -249,11 +249,15 @@ func (t *tx) Meta(key string) ([]byte, error) {
 	if err != nil || !ok || len(v) == 0 {
 		return nil, err
 	}
-	return append([]byte(nil), v...), nil
+	return t.s.open(t.full(tMeta, key), v)
 }
 
 func (t *tx) PutMeta(key string, value []byte) error {
-	return t.put(tMeta, key, append([]byte(nil), value...))
+	sealed, err := t.s.seal(t.full(tMeta, key), value)
+	if err != nil {
+		return err
+	}
+	return t.put(tMeta, key, sealed)
 }
 
 func (t *tx) AppendAudit(e store.AuditEntry) error {

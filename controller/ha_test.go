@@ -1,0 +1,141 @@
+package controller
+
+import (
+	"bytes"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"go.etcd.io/etcd/server/v3/embed"
+
+	"segmesh/api/segmeshv1"
+	"segmesh/controller/store/etcdstore"
+)
+
+// startEtcd starts a one-member etcd server on loopback for the test and
+// returns its client URL.
+func startEtcd(t *testing.T) string {
+	t.Helper()
+	cfg := embed.NewConfig()
+	cfg.Dir = t.TempDir()
+	cfg.LogLevel = "panic"
+	local := url.URL{Scheme: "http", Host: "127.0.0.1:0"}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{local}, []url.URL{local}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{local}, []url.URL{local}
+	cfg.InitialCluster = cfg.Name + "=" + local.String()
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(30 * time.Second):
+		t.Fatal("etcd did not become ready in 30 s")
+	}
+	return "http://" + e.Clients[0].Addr().String()
+}
+
+// startReplicas starts n controllers on the etcd at endpoint, each with its own
+// data directory, all with the same secret key.
+func startReplicas(t *testing.T, endpoint string, n int) []*testController {
+	t.Helper()
+	key := bytes.Repeat([]byte{0x5e}, 32)
+	var out []*testController
+	for i := range n {
+		dir := filepath.Join(t.TempDir(), "replica", string(rune('a'+i)))
+		out = append(out, startControllerWith(t, dir, func(o *Options) {
+			o.Store = StoreEtcd
+			o.Etcd = etcdstore.Config{Endpoints: []string{endpoint}, SecretKey: key}
+		}))
+	}
+	return out
+}
+
+// TestReplicasShareState: two replicas on one etcd share the CA and the admin
+// credential; a token created on one enrolls on the other; a policy applied on
+// one is in force on the other; Status on either shows every agent online and
+// the replica it streams from; a revocation on one ends the agent's stream on
+// the other; a single-use token raced on both enrolls one node.
+func TestReplicasShareState(t *testing.T) {
+	ep := startEtcd(t)
+	r := startReplicas(t, ep, 2)
+	a, b := r[0], r[1]
+	if a.cred.CAPEM != b.cred.CAPEM || a.cred.Token != b.cred.Token {
+		t.Fatal("the replicas' operator.json differ in CA or token")
+	}
+	caA, _ := os.ReadFile(filepath.Join(a.dir, "ca.key"))
+	caB, _ := os.ReadFile(filepath.Join(b.dir, "ca.key"))
+	if len(caA) == 0 || !bytes.Equal(caA, caB) {
+		t.Fatal("the replicas have different CA keys")
+	}
+
+	tok := a.createToken(map[string]string{"role": "web"}, true)
+	web := b.enroll(tok, "web-1")
+	db := a.enroll(a.createToken(map[string]string{"role": "db"}, false), "db-1")
+	rev := apply(t, a, policyWebDB).Revision
+	eventually(t, "replica b serves the policy a stored", func() bool {
+		st, err := b.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{}))
+		return err == nil && st.Msg.ServingRevision == rev
+	})
+	s := b.sync(web, &segmeshv1.SyncRequest{Endpoint: "192.0.2.1:51820", Features: []string{featureControllers}})
+	nm := s.next(t)
+	if nm.PolicyRevision != rev || len(nm.Peers) != 1 || nm.Peers[0].Name != "db-1" {
+		t.Fatalf("netmap from b: revision %d peers %v, want revision %d with db-1", nm.PolicyRevision, nm.Peers, rev)
+	}
+	eventually(t, "a shows web-1 online on b", func() bool {
+		st, err := a.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{}))
+		if err != nil {
+			return false
+		}
+		for _, n := range st.Msg.Nodes {
+			if n.Name == "web-1" {
+				return n.Online && n.Controller == replicaName(b.url)
+			}
+		}
+		return false
+	})
+	st, err := a.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(st.Msg.Controllers, b.url) || st.Msg.Controllers[0] != a.url || st.Msg.Store == "" {
+		t.Errorf("status: controllers %v store %q, want %s first and %s", st.Msg.Controllers, st.Msg.Store, a.url, b.url)
+	}
+
+	// A revocation on a reaches web-1's peer db... and db-1 revoked on a ends
+	// nothing on b; revoke web-1 on a: its stream on b gets the revoked netmap.
+	if _, err := a.op().RevokeNode(bg, connect.NewRequest(&segmeshv1.RevokeNodeRequest{Name: "web-1"})); err != nil {
+		t.Fatal(err)
+	}
+	if nm := s.next(t); !nm.Revoked {
+		t.Fatalf("after the revocation on a, b sent a netmap that is not revoked: %v", nm)
+	}
+	_ = db
+
+	// One single-use token, 20 enrollments spread over both replicas: one wins.
+	single := a.createToken(map[string]string{"role": "ops"}, false)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	wins := 0
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := r[i%2].tryEnroll(single, "ops-"+string(rune('a'+i)), newIdentity(t), "192.0.2.9:51820"); err == nil {
+				mu.Lock()
+				wins++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if wins != 1 {
+		t.Errorf("%d enrollments with one single-use token succeeded, want 1", wins)
+	}
+}
