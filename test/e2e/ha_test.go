@@ -434,8 +434,12 @@ func enrollRequest(t *testing.T, tok, name string) *segmeshv1.EnrollRequest {
 }
 
 // concurrentEnroll sends one enrollment per name at once, spread over the
-// replicas round robin, and returns each result by name.
-func concurrentEnroll(t *testing.T, m *lab.Mesh, token string, names []string) (ok map[string]*segmeshv1.EnrollResponse, failed map[string]error) {
+// replicas round robin, and returns each result by name. Like an agent, each
+// retries what enroll.Retryable calls transient (a controller admits only a few
+// enrollments per source address at once and answers the rest
+// ResourceExhausted), with a backoff from 20 ms doubling up to 500 ms, for up to
+// 60 s; retries counts those retries.
+func concurrentEnroll(t *testing.T, m *lab.Mesh, token string, names []string) (ok map[string]*segmeshv1.EnrollResponse, failed map[string]error, retries int) {
 	t.Helper()
 	tok, err := jointoken.Decode(token)
 	if err != nil {
@@ -455,7 +459,23 @@ func concurrentEnroll(t *testing.T, m *lab.Mesh, token string, names []string) (
 			<-startGun
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			resp, err := clients[i%len(clients)].Enroll(ctx, connect.NewRequest(req))
+			backoff := 20 * time.Millisecond
+			var resp *connect.Response[segmeshv1.EnrollResponse]
+			var err error
+			for {
+				resp, err = clients[i%len(clients)].Enroll(ctx, connect.NewRequest(req))
+				if !enroll.Retryable(err) || ctx.Err() != nil {
+					break
+				}
+				mu.Lock()
+				retries++
+				mu.Unlock()
+				select {
+				case <-time.After(backoff):
+				case <-ctx.Done():
+				}
+				backoff = min(2*backoff, 500*time.Millisecond)
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -467,7 +487,7 @@ func concurrentEnroll(t *testing.T, m *lab.Mesh, token string, names []string) (
 	}
 	close(startGun)
 	wg.Wait()
-	return ok, failed
+	return ok, failed, retries
 }
 
 // TestHAConcurrentEnroll enrolls concurrently through all three controllers with
@@ -488,7 +508,7 @@ func TestHAConcurrentEnroll(t *testing.T) {
 	for i := range 20 {
 		names = append(names, fmt.Sprintf("single-%02d", i))
 	}
-	ok, failed := concurrentEnroll(t, m, single, names)
+	ok, failed, retries := concurrentEnroll(t, m, single, names)
 	if len(ok) != 1 {
 		t.Errorf("single-use token: %d of 20 concurrent enrollments succeeded (%v), want exactly 1", len(ok), slices.Sorted(maps.Keys(ok)))
 	}
@@ -499,7 +519,7 @@ func TestHAConcurrentEnroll(t *testing.T) {
 			t.Errorf("single-use token: %s refused with %v, want PermissionDenied (token used)", name, err)
 		}
 	}
-	t.Logf("single-use token: %d enrolled %v, refusals by code %v", len(ok), slices.Sorted(maps.Keys(ok)), codes)
+	t.Logf("single-use token: %d enrolled %v, refusals by code %v, %d transient refusals retried", len(ok), slices.Sorted(maps.Keys(ok)), codes, retries)
 
 	reusable, err := m.CreateToken(ctx, map[string]string{"role": "api"}, true)
 	if err != nil {
@@ -510,8 +530,8 @@ func TestHAConcurrentEnroll(t *testing.T) {
 		names = append(names, fmt.Sprintf("many-%03d", i))
 	}
 	start := time.Now()
-	ok, failed = concurrentEnroll(t, m, reusable, names)
-	t.Logf("reusable token: %d of 200 enrolled in %s", len(ok), time.Since(start).Round(time.Millisecond))
+	ok, failed, retries = concurrentEnroll(t, m, reusable, names)
+	t.Logf("reusable token: %d of 200 enrolled in %s (%d transient refusals retried)", len(ok), time.Since(start).Round(time.Millisecond), retries)
 	for _, name := range slices.Sorted(maps.Keys(failed)) {
 		t.Errorf("reusable token: %s: %v", name, failed[name])
 	}
