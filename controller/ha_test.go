@@ -2,6 +2,7 @@ package controller
 
 import (
 	"bytes"
+	"fmt"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -137,5 +138,72 @@ func TestReplicasShareState(t *testing.T) {
 	wg.Wait()
 	if wins != 1 {
 		t.Errorf("%d enrollments with one single-use token succeeded, want 1", wins)
+	}
+}
+
+// TestReplicasConcurrentEnroll: 200 concurrent enrollments with one reusable
+// token spread over three replicas all succeed with distinct addresses (and
+// the token counts 200 uses).
+func TestReplicasConcurrentEnroll(t *testing.T) {
+	ep := startEtcd(t)
+	r := startReplicas(t, ep, 3)
+	tok := r[0].createToken(map[string]string{"role": "web"}, true)
+	const n = 200
+	var wg sync.WaitGroup
+	addrs := make([][]string, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// As an agent does, a busy replica (ResourceExhausted) is asked again.
+			id := newIdentity(t)
+			var resp *segmeshv1.EnrollResponse
+			var err error
+			for range 100 {
+				resp, err = r[i%3].tryEnroll(tok, fmt.Sprintf("web-%d", i), id, "192.0.2.9:51820")
+				if connect.CodeOf(err) != connect.CodeResourceExhausted {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			errs[i] = err
+			if err == nil {
+				addrs[i] = resp.Addresses
+			}
+		}()
+	}
+	wg.Wait()
+	seen := map[string]int{}
+	failed := 0
+	for i := range n {
+		if errs[i] != nil {
+			failed++
+			if failed <= 3 {
+				t.Errorf("enrollment %d on replica %d: %v", i, i%3, errs[i])
+			}
+			continue
+		}
+		for _, a := range addrs[i] {
+			if j, dup := seen[a]; dup {
+				t.Errorf("address %s given to enrollments %d and %d", a, j, i)
+			}
+			seen[a] = i
+		}
+	}
+	if failed > 0 {
+		t.Errorf("%d of %d enrollments failed", failed, n)
+	}
+	if len(seen) != 2*(n-failed) {
+		t.Errorf("%d distinct addresses for %d enrollments, want two each", len(seen), n-failed)
+	}
+	toks, err := r[1].op().ListTokens(bg, connect.NewRequest(&segmeshv1.ListTokensRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tk := range toks.Msg.Tokens {
+		if tk.Uses != n {
+			t.Errorf("token %s counts %d uses, want %d", tk.Id, tk.Uses, n)
+		}
 	}
 }

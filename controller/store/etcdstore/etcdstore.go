@@ -36,6 +36,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -98,12 +99,14 @@ var ErrSecretKey = errors.New("secret key does not match the cluster's")
 
 // Store is a store.Store on etcd. It is safe for concurrent use.
 type Store struct {
-	cli    *clientv3.Client
-	cfg    Config
-	aead   cipher.AEAD // nil without Config.SecretKey
-	log    *slog.Logger
-	ctx    context.Context
-	cancel context.CancelFunc
+	cli  *clientv3.Client
+	cfg  Config
+	aead cipher.AEAD // nil without Config.SecretKey
+	// writeMu lets one Update of this Store run at a time (see Update).
+	writeMu sync.Mutex
+	log     *slog.Logger
+	ctx     context.Context
+	cancel  context.CancelFunc
 }
 
 var _ store.Store = (*Store)(nil)
@@ -213,7 +216,14 @@ func (s *Store) View(fn func(store.Tx) error) error {
 // etcd refuses as too many operations or larger than its --max-request-bytes
 // (1.5 MiB by default). Callers that need more must split the work into several
 // Updates.
+//
+// Updates of one Store run one at a time, like bbolt's: every write
+// transaction appends to the audit chain, so concurrent ones of one process
+// would only conflict with each other; optimistic retries are left for the
+// races between controller replicas.
 func (s *Store) Update(fn func(store.Tx) error) error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	backoff := time.Millisecond
 	for attempt := 1; ; attempt++ {
 		t := s.newTx(true)
