@@ -326,18 +326,16 @@ func (d *demo) failover(ctx context.Context, m *lab.Mesh, pol *lab.Policy, matri
 	if err != nil {
 		return err
 	}
-	d.step("connectivity matrix with %s dead", victim.Host.Name)
-	cells, _, err := m.WaitMatrix(ctx, pol, st, matrixTimeout, lab.MatrixOptions{})
-	if cells != nil && ctx.Err() == nil {
-		if werr := lab.WriteMatrix(d.out, cells); werr != nil {
-			return werr
-		}
+	d.step("connectivity matrix with %s dead (the same probes; mismatches only)", victim.Host.Name)
+	cells, rounds, err := m.WaitMatrix(ctx, pol, st, matrixTimeout, lab.MatrixOptions{})
+	for _, c := range lab.Mismatches(cells) {
+		fmt.Fprintf(d.out, "  MISMATCH %s -> %s %s (%s): policy %s, observed %s %s\n", c.Src, c.Dst, c.Check, c.Addr, verdict(c.Want), observed(c), c.Output)
 	}
 	if err != nil {
 		return fmt.Errorf("matrix with %s dead: %w", victim.Host.Name, err)
 	}
-	fmt.Fprintf(d.out, "\nall %d cells still match the policy\n", len(cells))
-	d.step("restarting %s", victim.Host.Name)
+	fmt.Fprintf(d.out, "all %d cells still match the policy (%d probing round(s))\n", len(cells), rounds)
+	d.step("restarting %s: segmesh status on it", victim.Host.Name)
 	if err := m.RestartController(ctx, failoverReplica); err != nil {
 		return err
 	}
@@ -346,8 +344,8 @@ func (d *demo) failover(ctx context.Context, m *lab.Mesh, pol *lab.Policy, matri
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(d.out, "%s serves again; agents stay where they are until their replica fails\n", victim.Host.Name)
-	return nil
+	d.step("which controller replica each agent streams from now")
+	return d.streams(ctx, m, failoverReplica)
 }
 
 // streams prints, for every node, the replica its agent holds its controller
