@@ -567,20 +567,11 @@ func (m *Mesh) StreamingReplica(ctx context.Context, n *Node) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("listing %s's controller connections: %w", n.Name, err)
 	}
-	got := map[int]bool{}
-	for line := range strings.Lines(out) {
-		for _, f := range strings.Fields(line) {
-			ap, err := netip.ParseAddrPort(f)
-			if err != nil || ap.Port() != ControllerPort {
-				continue
-			}
-			for _, r := range m.Controllers {
-				if r.Host.Addr == ap.Addr() {
-					got[r.Index] = true
-				}
-			}
-		}
+	addrs := make([]netip.Addr, len(m.Controllers))
+	for i, r := range m.Controllers {
+		addrs[i] = r.Host.Addr
 	}
+	got := connectedReplicas(out, addrs)
 	switch len(got) {
 	case 0:
 		return 0, fmt.Errorf("%s holds no connection to a controller", n.Name)
@@ -590,6 +581,28 @@ func (m *Mesh) StreamingReplica(ctx context.Context, n *Node) (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("%s holds connections to several controllers: %v", n.Name, slices.Sorted(maps.Keys(got)))
+}
+
+// connectedReplicas returns the replicas (from 1; replica i at addrs[i-1]) that
+// `ss -Htn state established` output lists as the peer of a connection: the
+// fourth column (Recv-Q, Send-Q, local, peer), an IPv4 ADDR:PORT on
+// ControllerPort.
+func connectedReplicas(ssOut string, addrs []netip.Addr) map[int]bool {
+	got := map[int]bool{}
+	for line := range strings.Lines(ssOut) {
+		f := strings.Fields(line)
+		if len(f) < 4 {
+			continue
+		}
+		ap, err := netip.ParseAddrPort(f[3])
+		if err != nil || ap.Port() != ControllerPort {
+			continue
+		}
+		if i := slices.Index(addrs, ap.Addr()); i >= 0 {
+			got[i+1] = true
+		}
+	}
+	return got
 }
 
 // Streams returns, for every node with a started agent that is not revoked, the

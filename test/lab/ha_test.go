@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -165,5 +167,28 @@ func TestEtcdCluster(t *testing.T) {
 		if strings.Contains(r, PartitionTable) {
 			t.Errorf("Heal left %s recorded", r)
 		}
+	}
+}
+
+func TestConnectedReplicas(t *testing.T) {
+	addrs := []netip.Addr{replicaAddr(1), replicaAddr(2), replicaAddr(3)}
+	tests := []struct {
+		name, out string
+		want      []int
+	}{
+		{"none", "", nil},
+		{"one", "0      0      192.0.2.11:41234      192.0.2.2:7443\n", []int{2}},
+		{"two", "0 0 192.0.2.11:41234 192.0.2.2:7443\n0 0 192.0.2.11:41236 192.0.2.3:7443\n", []int{2, 3}},
+		// Only the peer column counts: not a local port 7443, nor a peer that is
+		// no controller.
+		{"others", "0 0 192.0.2.1:7443 192.0.2.11:5555\n0 0 192.0.2.11:41234 192.0.2.12:7443\n0 0 192.0.2.11:1 192.0.2.1:7443 users:((\"x\",pid=1,fd=3))\n", []int{1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := slices.Sorted(maps.Keys(connectedReplicas(tt.out, addrs)))
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("connectedReplicas(%q) = %v, want %v", tt.out, got, tt.want)
+			}
+		})
 	}
 }
