@@ -282,7 +282,24 @@ func streamFeatures(fs []string) []string {
 // and counted in segmesh_controller_pushes_dropped_total). It reports whether
 // any stream queued it; false when node has no such stream (offline, or its
 // agent predates feature).
+//
+// With several replicas, an update for a node that streams from none here goes
+// to the other replicas through etcd (pushToReplicas), and push reports true.
 func (c *Controller) push(node, feature string, u *segmeshv1.NetmapUpdate) bool {
+	if c.pushLocal(node, feature, u) {
+		return true
+	}
+	if c.cluster != nil {
+		if _, ok := c.cluster.Presence(node); ok {
+			c.pushToReplicas(node, feature, u)
+			return true
+		}
+	}
+	return false
+}
+
+// pushLocal is push to this replica's streams only.
+func (c *Controller) pushLocal(node, feature string, u *segmeshv1.NetmapUpdate) bool {
 	queued, dropped := c.hub.Push(node, feature, u)
 	if dropped > 0 {
 		c.metrics.pushesDropped.Add(float64(dropped))

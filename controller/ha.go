@@ -216,12 +216,13 @@ func (c *Controller) startCluster() error {
 	defer cancel()
 	cl, err := cluster.Start(ctx, cluster.Config{
 		Client: c.etcd.Client(), Prefix: c.etcd.Prefix(), Name: replicaName(c.advertiseURL), URL: c.advertiseURL,
-		OnStoreChange: c.storeChanged, OnSession: c.presence.republish, Logger: c.log,
+		OnStoreChange: c.storeChanged, OnSession: c.presence.republish, OnPush: c.pushFromReplica, Logger: c.log,
 	})
 	if err != nil {
 		return err
 	}
 	c.cluster = cl
+	c.metrics.addReplicas(c)
 	c.storeChanged(nil)
 	return nil
 }
@@ -370,6 +371,40 @@ func (c *Controller) syncGossipKey() {
 	if len(key) == 32 && !bytes.Equal(key, c.netmapCfg.GossipKey) {
 		c.setGossipKeyLocked(key)
 	}
+}
+
+// pushToReplicas sends u (an out-of-band update for feature) to the replica
+// node's agent streams from, when it does not stream from this one.
+func (c *Controller) pushToReplicas(node, feature string, u *segmeshv1.NetmapUpdate) {
+	if c.cluster == nil {
+		return
+	}
+	b, err := proto.Marshal(u)
+	if err != nil {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := c.cluster.Push(ctx, node, append([]byte(feature+"\n"), b...)); err != nil {
+			c.log.Debug("sending an out-of-band update through etcd", "node", node, "feature", feature, "err", err)
+		}
+	}()
+}
+
+// pushFromReplica queues an out-of-band update another replica sent for node
+// on node's streams here (cluster.Config.OnPush).
+func (c *Controller) pushFromReplica(node string, payload []byte) {
+	feature, b, ok := bytes.Cut(payload, []byte("\n"))
+	if !ok {
+		return
+	}
+	u := &segmeshv1.NetmapUpdate{}
+	if err := proto.Unmarshal(b, u); err != nil {
+		c.log.Warn("an out-of-band update from another replica does not decode", "node", node, "err", err)
+		return
+	}
+	c.pushLocal(node, string(feature), u)
 }
 
 // leaderOnly reports whether this replica may do work one replica does alone:

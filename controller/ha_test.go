@@ -3,44 +3,20 @@ package controller
 import (
 	"bytes"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
-	"go.etcd.io/etcd/server/v3/embed"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/controller/internal/etcdtest"
 	"segmesh/controller/store/etcdstore"
 )
-
-// startEtcd starts a one-member etcd server on loopback for the test and
-// returns its client URL.
-func startEtcd(t *testing.T) string {
-	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Dir = t.TempDir()
-	cfg.LogLevel = "panic"
-	local := url.URL{Scheme: "http", Host: "127.0.0.1:0"}
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{local}, []url.URL{local}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{local}, []url.URL{local}
-	cfg.InitialCluster = cfg.Name + "=" + local.String()
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		t.Fatal("etcd did not become ready in 30 s")
-	}
-	return "http://" + e.Clients[0].Addr().String()
-}
 
 // startReplicas starts n controllers on the etcd at endpoint, each with its own
 // data directory, all with the same secret key.
@@ -64,7 +40,7 @@ func startReplicas(t *testing.T, endpoint string, n int) []*testController {
 // the replica it streams from; a revocation on one ends the agent's stream on
 // the other; a single-use token raced on both enrolls one node.
 func TestReplicasShareState(t *testing.T) {
-	ep := startEtcd(t)
+	ep := etcdtest.New(t).URL()
 	r := startReplicas(t, ep, 2)
 	a, b := r[0], r[1]
 	if a.cred.CAPEM != b.cred.CAPEM || a.cred.Token != b.cred.Token {
@@ -145,7 +121,7 @@ func TestReplicasShareState(t *testing.T) {
 // token spread over three replicas all succeed with distinct addresses (and
 // the token counts 200 uses).
 func TestReplicasConcurrentEnroll(t *testing.T) {
-	ep := startEtcd(t)
+	ep := etcdtest.New(t).URL()
 	r := startReplicas(t, ep, 3)
 	tok := r[0].createToken(map[string]string{"role": "web"}, true)
 	const n = 200
@@ -205,5 +181,39 @@ func TestReplicasConcurrentEnroll(t *testing.T) {
 		if tk.Uses != n {
 			t.Errorf("token %s counts %d uses, want %d", tk.Id, tk.Uses, n)
 		}
+	}
+}
+
+// TestReplicaWithoutLease: a replica cut off from etcd ends its agents'
+// streams and refuses calls with Unavailable, saying why; once etcd is back it
+// serves again.
+func TestReplicaWithoutLease(t *testing.T) {
+	etcd := etcdtest.New(t)
+	a := startReplicas(t, etcd.URL(), 1)[0]
+	web := a.enroll(a.createToken(map[string]string{"role": "web"}, false), "web-1")
+	s := a.sync(web, &segmeshv1.SyncRequest{Endpoint: "192.0.2.1:51820"})
+	s.next(t)
+	etcd.Stop()
+	select {
+	case err := <-s.err:
+		if connect.CodeOf(err) != connect.CodeUnavailable || !strings.Contains(err.Error(), "etcd lease") {
+			t.Errorf("stream ended with %v, want Unavailable naming the etcd lease", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stream did not end within 30 s of etcd stopping")
+	}
+	_, err := a.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{}))
+	if ce := wantCode(t, err, connect.CodeUnavailable); !strings.Contains(ce.Message(), "quorum") || !strings.Contains(ce.Message(), "another controller replica") {
+		t.Errorf("refusal %q does not say why and what to do", ce.Message())
+	}
+	etcd.Start()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := a.op().Status(bg, connect.NewRequest(&segmeshv1.StatusRequest{})); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no Status within 30 s of etcd starting again: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -47,6 +47,7 @@ type metrics struct {
 	relayRequests  *prometheus.CounterVec
 	pushesDropped  prometheus.Counter
 	punchRequests  *prometheus.CounterVec
+	replicas       prometheus.Collector // nil with the bbolt store (registerReplicas)
 	mu             sync.Mutex
 	appliedAt      map[uint64]time.Time // policy revision -> when it was applied
 	appliedOrder   []uint64             // keys of appliedAt, oldest first
@@ -129,12 +130,56 @@ func newMetrics(c *Controller) *metrics {
 	return m
 }
 
+// replicaGauges are the collectors of a replica on etcd: whether it holds its
+// lease, whether it leads, and how many replicas are live.
+type replicaGauges struct{ lease, leader, replicas prometheus.GaugeFunc }
+
+func (g replicaGauges) Describe(ch chan<- *prometheus.Desc) {
+	g.lease.Describe(ch)
+	g.leader.Describe(ch)
+	g.replicas.Describe(ch)
+}
+
+func (g replicaGauges) Collect(ch chan<- prometheus.Metric) {
+	g.lease.Collect(ch)
+	g.leader.Collect(ch)
+	g.replicas.Collect(ch)
+}
+
+// addReplicas adds the replica gauges of c's cluster (etcd store only; before register).
+func (m *metrics) addReplicas(c *Controller) {
+	b := func(v bool) float64 {
+		if v {
+			return 1
+		}
+		return 0
+	}
+	m.replicas = replicaGauges{
+		lease: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_controller_etcd_lease",
+			Help: "1 while this replica holds its etcd lease (it reaches a quorum of etcd and serves), 0 while it does not (it refuses every call).",
+		}, func() float64 { return b(c.cluster.Err() == nil) }),
+		leader: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_controller_leader",
+			Help: "1 while this replica is the elected leader of the replicas, else 0.",
+		}, func() float64 { return b(c.cluster.Leader()) }),
+		replicas: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "segmesh_controller_replicas",
+			Help: "Live controller replicas on the etcd cluster (this one included while it holds its lease).",
+		}, func() float64 { return float64(len(c.cluster.Replicas())) }),
+	}
+}
+
 // register registers the collectors with r; nil r registers nothing.
 func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, col := range []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests, m.pushesDropped, m.punchRequests} {
+	cols := []prometheus.Collector{m.computeSeconds, m.updatesSent, m.applyToEnforce, m.enrollments, m.revision, m.nodes, m.flows, m.flowsDrop, m.stunRequests, m.relaySessions, m.relayRequests, m.pushesDropped, m.punchRequests}
+	if m.replicas != nil {
+		cols = append(cols, m.replicas)
+	}
+	for _, col := range cols {
 		if err := r.Register(col); err != nil {
 			return err
 		}

@@ -10,7 +10,10 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"io"
+	"log"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -54,9 +57,73 @@ const fakeToken = "admin-secret"
 
 func newFakeController(t *testing.T) *fakeController {
 	t.Helper()
+	cert, caPEM := selfSignedCert(t)
+	return newFakeControllerWithCert(t, cert, caPEM)
+}
+
+// newFakeControllers starts n fake controllers with one CA (as replicas sharing
+// a store have) and returns them with a credential file whose "controllers"
+// lists their URLs in order.
+func newFakeControllers(t *testing.T, n int) ([]*fakeController, string) {
+	t.Helper()
+	cert, caPEM := selfSignedCert(t)
+	fs := make([]*fakeController, n)
+	var urls []string
+	for i := range fs {
+		fs[i] = newFakeControllerWithCert(t, cert, caPEM)
+		urls = append(urls, fs[i].url)
+	}
+	return fs, writeCredentialFile(t, credentials{Controllers: urls, CAPEM: caPEM, Token: fakeToken})
+}
+
+// writeCredentialFile writes c to a new credential file and returns its path.
+func writeCredentialFile(t *testing.T, c credentials) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "operator.json")
+	raw, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// closedURL returns an https URL on 127.0.0.1 where nothing listens (a port
+// that was just closed): connecting to it is refused.
+func closedURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	if err := ln.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return "https://" + addr
+}
+
+// callCount returns how many requests for procedure the fake received.
+func (f *fakeController) callCount(procedure string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, c := range f.calls {
+		if c.procedure == procedure {
+			n++
+		}
+	}
+	return n
+}
+
+// newFakeControllerWithCert starts a fake controller serving cert, whose CA is
+// caPEM.
+func newFakeControllerWithCert(t *testing.T, cert tls.Certificate, caPEM string) *fakeController {
+	t.Helper()
 	f := &fakeController{t: t, replies: map[string]connect.AnyResponse{}, errs: map[string]error{},
 		handlers: map[string]func(proto.Message) (connect.AnyResponse, error){}}
-	cert, caPEM := selfSignedCert(t)
 	f.caPEM = caPEM
 	intercept := connect.UnaryInterceptorFunc(func(connect.UnaryFunc) connect.UnaryFunc {
 		return func(_ context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
@@ -68,30 +135,27 @@ func newFakeController(t *testing.T) *fakeController {
 		connect.WithInterceptors(intercept)))
 	srv := httptest.NewUnstartedServer(mux)
 	srv.EnableHTTP2 = true
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // TLS handshakes that tests make fail on purpose
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	f.url = srv.URL
-	f.creds = filepath.Join(t.TempDir(), "operator.json")
-	raw, err := json.Marshal(credentials{Controller: f.url, CAPEM: caPEM, Token: fakeToken})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(f.creds, raw, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	f.creds = writeCredentialFile(t, credentials{Controller: f.url, CAPEM: caPEM, Token: fakeToken})
 	return f
 }
 
+// answer records req and answers it; a handler runs without f.mu held, so that
+// it may block.
 func (f *fakeController) answer(req connect.AnyRequest) (connect.AnyResponse, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	msg, _ := req.Any().(proto.Message)
 	p := req.Spec().Procedure
 	f.calls = append(f.calls, fakeCall{procedure: p, bearer: req.Header().Get("Authorization"), req: msg})
 	if h := f.handlers[p]; h != nil {
+		f.mu.Unlock()
 		return h(msg)
 	}
+	defer f.mu.Unlock()
 	if err := f.errs[p]; err != nil {
 		return nil, err
 	}

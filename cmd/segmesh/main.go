@@ -1,9 +1,12 @@
 // Command segmesh is the operator CLI: offline policy tools and queries against the
 // controller's operator API.
 //
-// Connection flags: --controller URL and --credentials FILE (environment variables
-// SEGMESH_CONTROLLER and SEGMESH_CREDENTIALS). The credential file is the
+// Connection flags: --controller URL[,URL...] and --credentials FILE (environment
+// variables SEGMESH_CONTROLLER and SEGMESH_CREDENTIALS). The credential file is the
 // operator.json the controller writes into its data directory on first start.
+// With several controller URLs (replicas sharing one etcd store) each call goes
+// to the next only when the previous one provably did not process it (client.go,
+// controllerSet.call).
 //
 // Read commands take -o table|json|yaml (output.go).
 //
@@ -63,7 +66,7 @@ func newRootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&g.controller, "controller", os.Getenv("SEGMESH_CONTROLLER"),
-		"controller URL, e.g. https://192.0.2.1:7443 (default: from the credential file; env SEGMESH_CONTROLLER)")
+		"controller URL, e.g. https://192.0.2.1:7443, or several replicas' URLs separated by commas, tried in turn while unreachable (default: from the credential file; env SEGMESH_CONTROLLER)")
 	root.PersistentFlags().StringVar(&g.credentials, "credentials", os.Getenv("SEGMESH_CREDENTIALS"),
 		"operator credential file written by the controller (DATA_DIR/operator.json; env SEGMESH_CREDENTIALS)")
 	root.AddCommand(newPolicyCmd(g), newTokenCmd(g), newNodesCmd(g), newStatusCmd(g), newOperatorsCmd(g), newAuditCmd(g), newFlowsCmd(g))

@@ -112,13 +112,16 @@ type nodeDetailJSON struct {
 // getNode returns node name in depth (GetNode); from a controller that predates
 // GetNode, what ListNodes has (without the desired peers).
 func getNode(g *globalFlags, name string) (nodeDetailJSON, error) {
-	client, err := operatorClient(g)
+	cs, err := dialControllers(g)
 	if err != nil {
 		return nodeDetailJSON{}, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
-	defer cancel()
-	resp, err := client.GetNode(ctx, connect.NewRequest(&segmeshv1.GetNodeRequest{Name: name}))
+	var resp *connect.Response[segmeshv1.GetNodeResponse]
+	err = cs.call(context.Background(), func(ctx context.Context, c segmeshv1connect.OperatorServiceClient) error {
+		var err error
+		resp, err = c.GetNode(ctx, connect.NewRequest(&segmeshv1.GetNodeRequest{Name: name}))
+		return err
+	})
 	if connect.CodeOf(err) == connect.CodeUnimplemented {
 		nodes, lerr := listNodes(g)
 		if lerr != nil {
@@ -175,6 +178,7 @@ func (n nodeDetailJSON) writeDetail(w io.Writer, now time.Time) error {
 		"interface", n.Interface,
 		"agent version", n.Version,
 		"online", fmt.Sprint(n.Online),
+		"controller", n.Controller,
 		"last seen", withAgo(n.LastSeen, now),
 		"last report", withAgo(n.LastReportAt, now),
 		"desired revision", fmt.Sprint(n.DesiredRevision),

@@ -48,6 +48,7 @@ func fixtureNodes() []*segmeshv1.NodeStatus {
 			InSync: true, Drift: &segmeshv1.Drift{Repairs: 3, LastRepairUnix: repairUnix, LastRepairedMore: 1,
 				LastRepaired: []*segmeshv1.DriftDifference{{Part: "route", Detail: "missing [100.64.0.0/10]"}}},
 			Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0", LastApplyUnixMs: applyUnixMs, LastApplyDurationUs: 4200, LastReportUnix: t2,
+			Controller: "10.0.0.1:7443",
 			Peers: []*segmeshv1.PeerStatus{
 				{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
 				{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeUnix: handshakeUnix, RxBytes: 1536, TxBytes: 3 << 20, Path: "relay", Relay: "relay-1"},
@@ -66,11 +67,15 @@ func statusNodes() []*segmeshv1.NodeStatus {
 	return nodes
 }
 
+// fixtureStore is the store the fixture Status names.
+const fixtureStore = "etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379 (prefix /segmesh/)"
+
 // withFixtures makes f answer every read call with a small, fixed mesh; GetNode
 // says web-1's netmap lists api-1, db-1 and ops-1.
 func withFixtures(f *fakeController) *fakeController {
 	f.reply(segmeshv1connect.OperatorServiceStatusProcedure, connect.NewResponse(&segmeshv1.StatusResponse{
-		PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: statusNodes()}))
+		PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: statusNodes(),
+		Store: fixtureStore, Controller: "10.0.0.1:7443", Controllers: []string{"https://10.0.0.1:7443", "https://10.0.0.2:7443"}}))
 	f.handle(segmeshv1connect.OperatorServiceGetNodeProcedure, func(req proto.Message) (connect.AnyResponse, error) {
 		name := req.(*segmeshv1.GetNodeRequest).GetName()
 		for _, n := range fixtureNodes() {
@@ -121,6 +126,8 @@ func TestReadCommandTables(t *testing.T) {
 		{[]string{"status"}, [][]string{
 			{"policy", "revision:", "3"},
 			{"revision", "3:", "1/1", "active", "nodes", "enforce", "it", "(1", "online)"},
+			{"store:", "etcd", "http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379", "(prefix", "/segmesh/)"},
+			{"controller:", "10.0.0.1:7443", "(2", "replicas:", "https://10.0.0.1:7443,", "https://10.0.0.2:7443)"},
 			{"NODE", "STATE", "ONLINE", "DESIRED", "APPLIED", "SYNC", "DRIFT", "DATAPLANE", "ADDRESSES", "ENDPOINT", "ALIVE_PEERS", "ERROR"},
 			{"web-1", "active", "true", "3", "3", "in", "sync", "3", "(2m", "ago)", "kernel", "100.64.0.2/32,fd5e:6d65:7368::2/128", "192.0.2.10:51820", "1", "-"},
 			{"db-1", "revoked", "false", "3", "0", "-", "-", "-", "100.64.0.3/32,fd5e:6d65:7368::3/128", "-", "0", "-"},
@@ -202,14 +209,14 @@ func TestNodesShowTable(t *testing.T) {
 	f := withFixtures(newFakeController(t))
 	fields, keys, table := showFields(t, f, "db-1")
 	wantKeys := []string{"name", "state", "labels", "segments", "addresses", "endpoint", "public key", "dataplane", "interface", "agent version",
-		"online", "last seen", "last report", "desired revision", "applied revision", "sync", "last apply", "last error",
+		"online", "controller", "last seen", "last report", "desired revision", "applied revision", "sync", "last apply", "last error",
 		"drift repairs", "last repaired", "unrepaired drift", "enrolled", "cert expires", "revoked at", "revoked by", "alive peers",
 		"desired peers", "peers", "missing peers"}
 	if !slices.Equal(keys, wantKeys) {
 		t.Errorf("keys %q, want %q", keys, wantKeys)
 	}
 	for k, want := range map[string]string{"name": "db-1", "state": "revoked", "labels": "role=db", "addresses": "100.64.0.3/32, fd5e:6d65:7368::3/128",
-		"endpoint": "-", "online": "false", "enrolled": "2026-11-30T00:53:20Z", "revoked at": "2026-12-01T00:53:20Z", "revoked by": "admin",
+		"endpoint": "-", "online": "false", "controller": "-", "enrolled": "2026-11-30T00:53:20Z", "revoked at": "2026-12-01T00:53:20Z", "revoked by": "admin",
 		"cert expires": "-", "desired revision": "3", "applied revision": "0", "segments": "-", "last apply": "-",
 		"peers": "-", "desired peers": "none", "missing peers": "-"} {
 		if fields[k] != want {
@@ -221,7 +228,7 @@ func TestNodesShowTable(t *testing.T) {
 	}
 
 	fields, _, table = showFields(t, f, "web-1")
-	for k, want := range map[string]string{"segments": "prod, web", "interface": "segmesh0", "agent version": "v1.2.3",
+	for k, want := range map[string]string{"segments": "prod, web", "interface": "segmesh0", "agent version": "v1.2.3", "controller": "10.0.0.1:7443",
 		"applied revision": "3 (current)", "sync": "in sync", "desired peers": "api-1, db-1, ops-1",
 		"peers": "2 in the kernel, 1 with a handshake in the last 3 minutes", "missing peers": "ops-1", "last error": "-"} {
 		if fields[k] != want {
@@ -277,7 +284,7 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		Sync: "in sync", InSync: true, Drift: driftJSON{Repairs: 3, LastRepairAt: unixTime(repairUnix), LastRepairedMore: 1,
 			LastRepaired: []differenceJSON{{Part: "route", Detail: "missing [100.64.0.0/10]"}}, Unrepaired: []differenceJSON{}},
 		DesiredHash: "h3", AppliedHash: "h3", Segments: []string{"prod", "web"}, Version: "v1.2.3", Interface: "segmesh0",
-		LastApplyAt: unixMilliTime(applyUnixMs), LastApplyDurationUs: 4200, LastReportAt: "2026-12-01T00:53:20Z"}
+		LastApplyAt: unixMilliTime(applyUnixMs), LastApplyDurationUs: 4200, LastReportAt: "2026-12-01T00:53:20Z", Controller: "10.0.0.1:7443"}
 	webWithPeers := web
 	webWithPeers.Peers = []wgPeerJSON{{Name: "db-1", PublicKey: "ZGI=", Endpoint: "192.0.2.30:51820"},
 		{Name: "api-1", PublicKey: "YXBp", Endpoint: "192.0.2.20:51820", LastHandshakeAt: unixTime(handshakeUnix), RxBytes: 1536, TxBytes: 3 << 20, Path: "relay", Relay: "relay-1"}}
@@ -290,8 +297,9 @@ func TestReadCommandJSONAndYAML(t *testing.T) {
 		// keys holds JSON keys the document must spell exactly so (scripts read them).
 		keys []string
 	}{
-		{[]string{"status"}, statusJSON{PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: []nodeJSON{web, db}},
-			[]string{`"policy_revision"`, `"serving_revision"`, `"state": "revoked"`, `"revoked_by": "admin"`, `"cert_expires_at"`, `"alive_peers"`,
+		{[]string{"status"}, statusJSON{PolicyRevision: 3, ServingRevision: 3, NodesActive: 1, NodesOnline: 1, NodesCurrent: 1, Nodes: []nodeJSON{web, db},
+			Store: fixtureStore, Controller: "10.0.0.1:7443", Controllers: []string{"https://10.0.0.1:7443", "https://10.0.0.2:7443"}},
+			[]string{`"policy_revision"`, `"serving_revision"`, `"store": "etcd http://10.0.0.1:2379,`, `"controller": "10.0.0.1:7443"`, `"controllers": [`, `"state": "revoked"`, `"revoked_by": "admin"`, `"cert_expires_at"`, `"alive_peers"`,
 				`"sync": "in sync"`, `"in_sync": true`, `"repairs": 3`, `"last_repair_at"`, `"last_repaired": [`, `"last_repaired_more": 1`, `"unrepaired": []`,
 				`"segments": [`, `"version": "v1.2.3"`, `"interface": "segmesh0"`, `"last_apply_at"`, `"last_apply_duration_us": 4200`, `"last_report_at"`}},
 		{[]string{"nodes", "list"}, []nodeJSON{webWithPeers, db}, []string{`"desired_revision"`, `"revoked_at"`, `"enrolled_at"`, `"peers": [`}},
@@ -620,8 +628,8 @@ func TestOperatorsCreate(t *testing.T) {
 	if err := json.Unmarshal(raw, &c); err != nil {
 		t.Fatal(err)
 	}
-	if c != (credentials{Controller: f.url, CAPEM: f.caPEM, Token: "alice-secret"}) {
-		t.Errorf("credential file = %+v", c)
+	if d := cmp.Diff(credentials{Controller: f.url, CAPEM: f.caPEM, Token: "alice-secret"}, c); d != "" {
+		t.Errorf("credential file (-want +got):\n%s", d)
 	}
 	if d := cmp.Diff([]proto.Message{&segmeshv1.CreateOperatorRequest{Name: "alice", Role: "viewer"}},
 		f.requests(segmeshv1connect.OperatorServiceCreateOperatorProcedure), protocmp.Transform()); d != "" {

@@ -36,7 +36,7 @@ func newOperatorsCreateCmd(g *globalFlags) *cobra.Command {
 everything, viewer only reads (status, nodes, policy show/history/render/explain,
 token and operator lists, audit). It writes the credential file, in the format
 of the controller's operator.json, to FILE (default ./operator-NAME.json) with
-mode 0600: the controller URL and CA certificate of the credential in use, and
+mode 0600: the controller URLs and CA certificate of the credential in use, and
 the new bearer token, which the controller shows only once. An existing FILE is
 never overwritten. Pass the file to its holder; they use it with --credentials.`,
 		Args: oneArg("NAME"),
@@ -68,7 +68,7 @@ never overwritten. Pass the file to its holder; they use it with --credentials.`
 				_ = os.Remove(out)
 				return err
 			}
-			if err := writeCredentials(f, credentials{Controller: mine.Controller, CAPEM: mine.CAPEM, Token: resp.GetToken()}); err != nil {
+			if err := writeCredentials(f, newCredentials(mine.urls(), mine.CAPEM, resp.GetToken())); err != nil {
 				_ = os.Remove(out)
 				return &exitError{code: 2, msg: fmt.Sprintf("segmesh: operator %s was created but its credential could not be written to %s: %v; "+
 					"revoke it with `segmesh operators revoke %s` and create it again", name, out, err, name)}
@@ -82,6 +82,17 @@ never overwritten. Pass the file to its holder; they use it with --credentials.`
 	cmd.Flags().StringVar(&out, "out", "", "file to write the credential to (default ./operator-NAME.json; never overwritten)")
 	_ = cmd.MarkFlagRequired("role")
 	return cmd
+}
+
+// newCredentials is the credential file for urls (at least one), caPEM and
+// token: "controller" is the first URL (what a CLI that predates "controllers"
+// reads) and, with several, "controllers" lists them all in order.
+func newCredentials(urls []string, caPEM, token string) credentials {
+	c := credentials{Controller: urls[0], CAPEM: caPEM, Token: token}
+	if len(urls) > 1 {
+		c.Controllers = urls
+	}
+	return c
 }
 
 // writeCredentials writes c to f as the JSON of operator.json and closes f.

@@ -482,3 +482,24 @@ func TestStatusShowsPolicyError(t *testing.T) {
 		t.Errorf("history does not flag the unreadable revision:\n%s", out)
 	}
 }
+
+// TestStatusNamesTheStoreOfARealController: against a real controller (bbolt),
+// status names its store file and the controller that answered, which is also
+// the only replica; a closed port before its URL is skipped.
+func TestStatusNamesTheStoreOfARealController(t *testing.T) {
+	dir := t.TempDir()
+	e := newRemoteEnv(t, dir)
+	var st statusJSON
+	if err := json.Unmarshal([]byte(e.ok("status", "-o", "json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if want := "bbolt " + filepath.Join(dir, controller.StoreFile); st.Store != want || st.Controller == "" || len(st.Controllers) != 1 {
+		t.Fatalf("status: store %q controller %q controllers %q; want store %q, a controller and one replica", st.Store, st.Controller, st.Controllers, want)
+	}
+	table := e.ok("--controller", closedURL(t)+","+st.Controllers[0], "status")
+	for _, w := range []string{"\nstore: bbolt " + filepath.Join(dir, controller.StoreFile) + "\n", "\ncontroller: " + st.Controller + "\n"} {
+		if !strings.Contains(table, w) {
+			t.Errorf("status table lacks %q:\n%s", w, table)
+		}
+	}
+}

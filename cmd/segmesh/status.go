@@ -72,6 +72,10 @@ type nodeJSON struct {
 	LastApplyDurationUs int64  `json:"last_apply_duration_us,omitempty"`
 	// LastReportAt is when the controller received the agent's latest report.
 	LastReportAt string `json:"last_report_at,omitempty"`
+	// Controller is the controller replica the node's agent streams from (its
+	// advertised host:port); omitted when offline or from a controller that
+	// predates it.
+	Controller string `json:"controller,omitempty"`
 	// Peers are the WireGuard peers as the node's kernel holds them, as its
 	// agent last reported (nodes list and nodes show; status leaves them out):
 	// at most 64, those without a handshake in 3 minutes first; PeersMore
@@ -183,10 +187,21 @@ type statusJSON struct {
 	// (not revoked) nodes, of them those online, and those whose agent last
 	// reported the hash of the netmap the controller holds for them (a node that
 	// went offline after such a report still counts).
-	NodesActive  uint32     `json:"nodes_active"`
-	NodesOnline  uint32     `json:"nodes_online"`
-	NodesCurrent uint32     `json:"nodes_current"`
-	Nodes        []nodeJSON `json:"nodes"`
+	NodesActive  uint32 `json:"nodes_active"`
+	NodesOnline  uint32 `json:"nodes_online"`
+	NodesCurrent uint32 `json:"nodes_current"`
+	// Store is the store the controller keeps its state in, as it names it:
+	// "bbolt /var/lib/segmesh/controller.db" or "etcd
+	// https://10.0.0.1:2379,... (prefix /segmesh/)"; empty from a controller that
+	// predates it.
+	Store string `json:"store"`
+	// Controller is the name of the replica that answered (its advertise URL's
+	// host:port unless set); Controllers the URLs of the replicas sharing the
+	// store, that one first (only its own URL with bbolt). Empty from a
+	// controller that predates them.
+	Controller  string     `json:"controller"`
+	Controllers []string   `json:"controllers"`
+	Nodes       []nodeJSON `json:"nodes"`
 }
 
 func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
@@ -200,7 +215,7 @@ func toNodeJSON(n *segmeshv1.NodeStatus) nodeJSON {
 		AlivePeers: n.GetAlivePeers(), Error: n.GetError(), InSync: n.GetInSync(),
 		Segments: n.GetSegments(), Version: n.GetVersion(), Interface: n.GetInterface(),
 		LastApplyAt: unixMilliTime(n.GetLastApplyUnixMs()), LastApplyDurationUs: n.GetLastApplyDurationUs(),
-		LastReportAt: unixTime(n.GetLastReportUnix()), Peers: toWGPeersJSON(n.GetPeers()), PeersMore: n.GetPeersMore(),
+		LastReportAt: unixTime(n.GetLastReportUnix()), Controller: n.GetController(), Peers: toWGPeersJSON(n.GetPeers()), PeersMore: n.GetPeersMore(),
 	}
 	d := n.GetDrift()
 	out.Drift = driftJSON{Repairs: d.GetRepairs(), LastRepairAt: unixTime(d.GetLastRepairUnix()),
@@ -331,11 +346,11 @@ role that may not read) ends the command.`,
 			if cmd.Flags().Changed("interval") {
 				return &exitError{code: 2, msg: "segmesh: --interval only applies with --watch"}
 			}
-			client, err := operatorClient(g)
+			cs, err := dialControllers(g)
 			if err != nil {
 				return err
 			}
-			st, err := fetchStatus(cmd.Context(), client)
+			st, err := fetchStatus(cmd.Context(), cs)
 			if err != nil {
 				return callError("reading status", err)
 			}
@@ -345,7 +360,7 @@ role that may not read) ends the command.`,
 		if interval < minWatchInterval {
 			return &exitError{code: 2, msg: fmt.Sprintf("segmesh: --interval %v: want at least %v, e.g. 2s", interval, minWatchInterval)}
 		}
-		client, err := operatorClient(g)
+		cs, err := dialControllers(g)
 		if err != nil {
 			return err
 		}
@@ -353,24 +368,37 @@ role that may not read) ends the command.`,
 		defer stop()
 		out := cmd.OutOrStdout()
 		v := statusWatch{out: out, errOut: cmd.ErrOrStderr(), tty: isTerminal(out), interval: interval, format: *output, now: time.Now,
-			fetch: func(ctx context.Context) (statusJSON, error) { return fetchStatus(ctx, client) }}
+			fetch: func(ctx context.Context) (statusJSON, error) { return fetchStatus(ctx, cs) }}
 		return v.run(ctx)
 	}
 	return cmd
 }
 
-// fetchStatus calls Status under requestTimeout and returns it in its JSON shape.
-func fetchStatus(ctx context.Context, client segmeshv1connect.OperatorServiceClient) (statusJSON, error) {
-	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
-	defer cancel()
-	resp, err := client.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{}))
+// fetchStatus calls Status on the controllers in turn (controllerSet.call, each
+// try under requestTimeout) and returns it in its JSON shape.
+func fetchStatus(ctx context.Context, cs *controllerSet) (statusJSON, error) {
+	var resp *connect.Response[segmeshv1.StatusResponse]
+	err := cs.call(ctx, func(ctx context.Context, c segmeshv1connect.OperatorServiceClient) error {
+		var err error
+		resp, err = c.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{}))
+		return err
+	})
 	if err != nil {
 		return statusJSON{}, err
 	}
-	m := resp.Msg
-	return statusJSON{PolicyRevision: m.GetPolicyRevision(), ServingRevision: m.GetServingRevision(),
+	return toStatusJSON(resp.Msg), nil
+}
+
+// toStatusJSON is m in its JSON shape (empty lists as [], not null).
+func toStatusJSON(m *segmeshv1.StatusResponse) statusJSON {
+	st := statusJSON{PolicyRevision: m.GetPolicyRevision(), ServingRevision: m.GetServingRevision(),
 		PolicyError: m.GetPolicyError(), NodesActive: m.GetNodesActive(), NodesOnline: m.GetNodesOnline(),
-		NodesCurrent: m.GetNodesCurrent(), Nodes: toNodesJSON(m.GetNodes())}, nil
+		NodesCurrent: m.GetNodesCurrent(), Store: m.GetStore(), Controller: m.GetController(),
+		Controllers: m.GetControllers(), Nodes: toNodesJSON(m.GetNodes())}
+	if st.Controllers == nil {
+		st.Controllers = []string{}
+	}
+	return st
 }
 
 // watchContext returns a context that ends at Ctrl-C (SIGINT) or SIGTERM, and
@@ -464,6 +492,21 @@ func (st statusJSON) progress() string {
 	return fmt.Sprintf("revision %d: %d/%d active nodes enforce it (%d online)", st.ServingRevision, st.NodesCurrent, st.NodesActive, st.NodesOnline)
 }
 
+// controllersLine is the "controller:" line of the table: the replica that
+// answered and, when there are several, every replica's URL ("10.0.0.1:7443 (3
+// replicas: https://10.0.0.1:7443, https://10.0.0.2:7443,
+// https://10.0.0.3:7443)"); "" when the controller names neither.
+func (st statusJSON) controllersLine() string {
+	all := strings.Join(st.Controllers, ", ")
+	switch {
+	case st.Controller == "":
+		return all
+	case len(st.Controllers) > 1:
+		return fmt.Sprintf("%s (%d replicas: %s)", st.Controller, len(st.Controllers), all)
+	}
+	return st.Controller
+}
+
 func (st statusJSON) writeTable(w io.Writer, now time.Time) error {
 	fmt.Fprintf(w, "policy revision: %d", st.PolicyRevision)
 	if st.ServingRevision != st.PolicyRevision {
@@ -471,6 +514,12 @@ func (st statusJSON) writeTable(w io.Writer, now time.Time) error {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, st.progress())
+	if st.Store != "" {
+		fmt.Fprintf(w, "store: %s\n", st.Store)
+	}
+	if c := st.controllersLine(); c != "" {
+		fmt.Fprintf(w, "controller: %s\n", c)
+	}
 	if st.PolicyError != "" {
 		fmt.Fprintf(w, "policy error:\n  %s\n", strings.ReplaceAll(st.PolicyError, "\n", "\n  "))
 	}

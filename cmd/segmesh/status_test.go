@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/go-cmp/cmp"
 
 	"segmesh/api/segmeshv1"
 	"segmesh/api/segmeshv1/segmeshv1connect"
@@ -271,5 +272,46 @@ func TestWatchContextEndsAtSIGTERM(t *testing.T) {
 	case <-ctx.Done():
 	case <-time.After(10 * time.Second):
 		t.Fatal("the watch context did not end at SIGTERM")
+	}
+}
+
+// TestStatusStoreAndControllerLines: the table names the store and the replica
+// that answered, with every replica when there are several; a controller that
+// predates them (fields empty) gets neither line.
+func TestStatusStoreAndControllerLines(t *testing.T) {
+	tests := []struct {
+		name string
+		resp *segmeshv1.StatusResponse
+		want []string // the lines between the revision lines and the node table
+	}{
+		{name: "bbolt", resp: &segmeshv1.StatusResponse{Store: "bbolt /var/lib/segmesh/controller.db", Controller: "ctl.example:7443",
+			Controllers: []string{"https://ctl.example:7443"}},
+			want: []string{"store: bbolt /var/lib/segmesh/controller.db", "controller: ctl.example:7443"}},
+		{name: "etcd", resp: &segmeshv1.StatusResponse{Store: "etcd http://10.0.0.1:2379,http://10.0.0.2:2379 (prefix /segmesh/)", Controller: "10.0.0.2:7443",
+			Controllers: []string{"https://10.0.0.2:7443", "https://10.0.0.1:7443", "https://10.0.0.3:7443"}},
+			want: []string{"store: etcd http://10.0.0.1:2379,http://10.0.0.2:2379 (prefix /segmesh/)",
+				"controller: 10.0.0.2:7443 (3 replicas: https://10.0.0.2:7443, https://10.0.0.1:7443, https://10.0.0.3:7443)"}},
+		{name: "replicas without a name", resp: &segmeshv1.StatusResponse{Controllers: []string{"https://10.0.0.2:7443", "https://10.0.0.1:7443"}},
+			want: []string{"controller: https://10.0.0.2:7443, https://10.0.0.1:7443"}},
+		{name: "older controller", resp: &segmeshv1.StatusResponse{}, want: nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out strings.Builder
+			if err := toStatusJSON(tt.resp).writeTable(&out, time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			lines := strings.Split(out.String(), "\n")
+			var got []string
+			for _, l := range lines[2:] {
+				if strings.HasPrefix(l, "NODE") {
+					break
+				}
+				got = append(got, l)
+			}
+			if d := cmp.Diff(tt.want, got); d != "" {
+				t.Errorf("lines (-want +got):\n%s\n%s", d, out.String())
+			}
+		})
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/term"
 
 	"segmesh/api/segmeshv1"
+	"segmesh/api/segmeshv1/segmeshv1connect"
 )
 
 // Waiting until a policy revision is enforced: `policy apply --wait` and `policy
@@ -39,16 +40,20 @@ const exitNotEnforced = 3
 type statusSource func(ctx context.Context) (*segmeshv1.StatusResponse, error)
 
 // controllerStatus returns a statusSource calling the controller's Status over one
-// client (dialled once for the whole wait), each call bounded by requestTimeout.
+// controllerSet (built once for the whole wait), each call bounded by
+// requestTimeout per controller.
 func controllerStatus(g *globalFlags) (statusSource, error) {
-	client, err := operatorClient(g)
+	cs, err := dialControllers(g)
 	if err != nil {
 		return nil, err
 	}
 	return func(ctx context.Context) (*segmeshv1.StatusResponse, error) {
-		ctx, cancel := context.WithTimeout(ctx, requestTimeout)
-		defer cancel()
-		resp, err := client.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{UnconvergedOnly: true}))
+		var resp *connect.Response[segmeshv1.StatusResponse]
+		err := cs.call(ctx, func(ctx context.Context, c segmeshv1connect.OperatorServiceClient) error {
+			var err error
+			resp, err = c.Status(ctx, connect.NewRequest(&segmeshv1.StatusRequest{UnconvergedOnly: true}))
+			return err
+		})
 		if err != nil {
 			return nil, err
 		}

@@ -11,6 +11,7 @@
 //	PREFIX controllers/NAME   the replica's URL
 //	PREFIX live/NODE          presence of a node streaming from the replica: "NAME\n" + value
 //	PREFIX leader/...         etcd election (concurrency.Election) among the replicas
+//	PREFIX push/NODE          a message for the replica serving NODE: "NAME\n" + payload, put and deleted at once
 //
 // When the lease ends (the replica lost etcd's quorum for TTL, or etcd expired
 // it), its keys vanish for everybody else; the replica reports the loss (Err,
@@ -56,7 +57,10 @@ type Config struct {
 	// OnSession is called, from its own goroutine, after each new lease is in
 	// place (also the first): the owner publishes its presence records again.
 	OnSession func()
-	Logger    *slog.Logger
+	// OnPush is called, from the watch goroutine, with a message another
+	// replica sent for node (Push).
+	OnPush func(node string, payload []byte)
+	Logger *slog.Logger
 }
 
 // Replica is one live controller replica.
@@ -102,6 +106,9 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	}
 	if cfg.OnSession == nil {
 		cfg.OnSession = func() {}
+	}
+	if cfg.OnPush == nil {
+		cfg.OnPush = func(string, []byte) {}
 	}
 	if cfg.Name == "" || strings.ContainsAny(cfg.Name, "/\n") {
 		return nil, fmt.Errorf("cluster: replica name %q: want a non-empty name without '/' or newlines", cfg.Name)
@@ -220,6 +227,24 @@ func (c *Cluster) DeletePresence(ctx context.Context, node string) error {
 	_, err := c.cfg.Client.Txn(ctx).
 		If(clientv3.Compare(clientv3.LeaseValue(key), "=", s.Lease())).
 		Then(clientv3.OpDelete(key)).Commit()
+	return err
+}
+
+// Push sends payload to the other replicas' OnPush for node (the replica its
+// agent streams from delivers it): one etcd put and one delete. The message is
+// not kept: a replica that is not watching at that moment never gets it.
+func (c *Cluster) Push(ctx context.Context, node string, payload []byte) error {
+	c.mu.Lock()
+	s := c.session
+	c.mu.Unlock()
+	if s == nil {
+		return errors.New("cluster: no lease")
+	}
+	key := c.cfg.Prefix + "push/" + node
+	if _, err := c.cfg.Client.Put(ctx, key, c.cfg.Name+"\n"+string(payload), clientv3.WithLease(s.Lease())); err != nil {
+		return err
+	}
+	_, err := c.cfg.Client.Delete(ctx, key)
 	return err
 }
 
@@ -374,6 +399,11 @@ func (c *Cluster) watch(rev int64) {
 	}
 }
 
+type push struct {
+	node    string
+	payload []byte
+}
+
 func (c *Cluster) watchFrom(rev int64) error {
 	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(c.ctx))
 	defer cancel()
@@ -383,6 +413,7 @@ func (c *Cluster) watchFrom(rev int64) error {
 			return err
 		}
 		var keys []string
+		var pushes []push
 		c.mu.Lock()
 		changed := false
 		for _, ev := range resp.Events {
@@ -404,6 +435,12 @@ func (c *Cluster) watchFrom(rev int64) error {
 				} else {
 					c.setPresenceLocked(node, ev.Kv.Value)
 				}
+			case strings.HasPrefix(key, "push/"):
+				if !del {
+					if from, payload, ok := strings.Cut(string(ev.Kv.Value), "\n"); ok && from != c.cfg.Name {
+						pushes = append(pushes, push{strings.TrimPrefix(key, "push/"), []byte(payload)})
+					}
+				}
 			case strings.HasPrefix(key, "leader/"):
 			default:
 				keys = append(keys, key)
@@ -415,6 +452,9 @@ func (c *Cluster) watchFrom(rev int64) error {
 		c.mu.Unlock()
 		if len(keys) > 0 {
 			c.cfg.OnStoreChange(keys)
+		}
+		for _, p := range pushes {
+			c.cfg.OnPush(p.node, p.payload)
 		}
 	}
 	if c.ctx.Err() != nil {
