@@ -258,7 +258,13 @@ func TestHAFailover(t *testing.T) {
 	if rounds < kills {
 		t.Errorf("only %d probing rounds during %d failovers", rounds, kills)
 	}
-	if _, err := m.WaitConverged(ctx, st.PolicyRevision, convergeTimeout); err != nil {
+	// The replicas the agents moved to deliver changes: a new revision reaches
+	// every agent.
+	rev, err := m.ApplyPolicy(ctx, writePolicyVariant(t, "after the failovers"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.WaitConverged(ctx, rev, convergeTimeout); err != nil {
 		t.Fatal(err)
 	}
 }
