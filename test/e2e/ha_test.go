@@ -39,9 +39,37 @@ const failoverBound = 5 * time.Second
 
 // newHAMesh is newMesh with three controller replicas on a three-member etcd
 // cluster.
+// On failure it logs what each replica and etcd member says of itself (before
+// the process logs and the lab's removal).
 func newHAMesh(t *testing.T, nodes []lab.NodeSpec) *lab.Mesh {
 	t.Helper()
-	return newMeshOpts(t, lab.MeshOptions{Nodes: nodes, HA: haReplicas})
+	m := newMeshOpts(t, lab.MeshOptions{Nodes: nodes, HA: haReplicas})
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		for _, r := range m.Controllers {
+			var sb strings.Builder
+			if r.Proc == nil || !r.Proc.Running() {
+				sb.WriteString("controller not running")
+			} else if st, err := m.ReplicaStatus(ctx, r.Index); err != nil {
+				fmt.Fprintf(&sb, "status: %v", err)
+			} else {
+				fmt.Fprintf(&sb, "status: revision %d, %d/%d nodes online, replicas %v", st.PolicyRevision, st.NodesOnline, st.NodesActive, st.Controllers)
+			}
+			if r.Etcd != nil {
+				if err := m.EtcdHealthy(ctx, r.Index); err != nil {
+					fmt.Fprintf(&sb, "; %v", err)
+				} else {
+					fmt.Fprintf(&sb, "; %s healthy", r.EtcdName)
+				}
+			}
+			t.Logf("%s at failure: %s", r.Host.Name, sb.String())
+		}
+	})
+	return m
 }
 
 // upHA brings up the example hosts on an HA mesh with the example policy and
