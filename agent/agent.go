@@ -12,6 +12,14 @@
 // drops every peer, keeps a default-deny filter (also across restarts) and stops
 // gossip and reporting.
 //
+// With several controller replicas (one fleet sharing an etcd store) the agent knows
+// every replica's URL: those given in Options.Controllers and those the controller
+// it streams from sends (NetmapUpdate.controllers, feature "controllers"), kept in
+// the state directory. It uses one replica at a time for the stream and every call;
+// when the stream is lost (closed, failed, or its connection silent for
+// enroll.PingAfter+enroll.PingTimeout) it moves to the next URL at once, and backs
+// off only after every URL failed in turn. The dataplane stays as it is meanwhile.
+//
 // Run wires the subpackages together: statefile (state directory), enroll (first
 // contact, CA pinning), netmap (validation), reconcile (desired state and drift
 // repair) and gossip (memberlist).
@@ -59,11 +67,15 @@ const (
 
 // Options configure Run. Zero values take the documented defaults.
 type Options struct {
-	// Controller is the controller URL ("https://192.0.2.1:7443"): scheme https and
-	// a host are required, anything else is refused before any connection (the join
-	// token must never travel in cleartext). Required on the first start; later
-	// starts default to the enrolled one.
-	Controller string
+	// Controllers are controller URLs ("https://192.0.2.1:7443"), one per
+	// replica of the fleet, at most MaxControllers: scheme https and a host are
+	// required, anything else is refused before any connection (the join token
+	// must never travel in cleartext). Required on the first start, which enrolls
+	// with the first that answers. Later starts use the URLs stored in the state
+	// directory (those given at enrollment and those the controllers sent since);
+	// URLs given on a later start go first, in their order, before the stored
+	// ones, and the agent starts with the first of them.
+	Controllers []string
 	// Token is the join token. It is needed on the first start; later starts ignore
 	// it, except to re-enroll under the enrolled name (with the current TLS and
 	// WireGuard keys) when the node certificate has expired, or when the node was
@@ -99,7 +111,7 @@ type Options struct {
 	NewDataplane func(iface string) (dataplane.Dataplane, error)
 	// STUNServer is the STUN server ("host:port") that tells the agent the NAT
 	// mapping of its WireGuard port (a "stun" endpoint candidate); empty means
-	// the controller's host on DefaultSTUNPort, STUNOff disables it. Only
+	// the host of the controller in use on DefaultSTUNPort, STUNOff disables it. Only
 	// embedded wireguard-go can send STUN from its WireGuard socket.
 	STUNServer string
 	// RelayPorts, "first-last", makes this node offer to relay WireGuard
@@ -117,8 +129,13 @@ type agent struct {
 	log  *slog.Logger
 	dir  *statefile.Dir
 	// id is set up before the loops start and not changed after (the key
-	// generation lives in keyGen).
-	id     statefile.Identity
+	// generation lives in keyGen, the controller URLs in ctl).
+	id  statefile.Identity
+	ctl *controllers // the controller URLs and the one in use
+	// stored is the identity as last written to the state directory; idMu
+	// serialises the writes after start (saveIdentity).
+	idMu   sync.Mutex
+	stored statefile.Identity
 	dp     dataplane.Dataplane
 	rec    *reconcile.Reconciler
 	flows  *flowlog.Log // denied flows waiting for a report, and drop totals
@@ -163,13 +180,14 @@ type agent struct {
 	revoked  bool             // the netmap in force says an operator revoked this node
 	told     bool             // the operator was told about the revocation (markRevoked)
 	expired  bool             // the node certificate expired (logged once)
+	lastSet  []string         // URLs of the latest ControllerSet received, as sent
 }
 
 // Run runs the agent until ctx ends, then stops cleanly and returns nil. What stays
 // after it returns depends on the dataplane kind: the nftables table always stays
 // (so nothing is open); a kernel WireGuard interface stays with its peers, addresses
 // and routes; a userspace (wireguard-go) interface goes away with the process. It
-// returns an error when the controller URL is not https://HOST[:PORT], when the state
+// returns an error when a controller URL is not https://HOST[:PORT], when the state
 // directory is unusable, when enrollment is refused, or when the dataplane cannot be
 // opened.
 func Run(ctx context.Context, opts Options) error {
@@ -210,11 +228,14 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if opts.StateDir == "" {
 		return nil, errors.New("agent: a state directory is required")
 	}
-	if opts.Controller != "" {
-		if err := checkControllerURL("--controller", opts.Controller); err != nil {
-			return nil, err
-		}
+	good, bad := checkControllerURLs("--controller", opts.Controllers)
+	if len(bad) > 0 {
+		return nil, errors.Join(bad...)
 	}
+	if len(good) > MaxControllers {
+		return nil, fmt.Errorf("agent: %d controller URLs given; at most %d are kept: give one URL per controller replica", len(good), MaxControllers)
+	}
+	opts.Controllers = good
 	if opts.Resync <= 0 {
 		opts.Resync = DefaultResync
 	}
@@ -261,10 +282,17 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if a.tlsKey, err = a.dir.TLSKey(); err != nil {
 		return nil, err
 	}
-	if err := checkControllerURL("the controller URL in "+a.dir.Path(), a.id.Controller); err != nil {
-		return nil, fmt.Errorf("%w (pass --controller to replace it)", err)
+	if len(a.id.Controllers) == 0 {
+		return nil, fmt.Errorf("agent: %s names no controller URL; pass --controller URL", a.dir.Path()+"/"+statefile.IdentityFile)
 	}
-	if a.stunAddr, err = stunServer(opts.STUNServer, a.id.Controller); err != nil {
+	known, badStored := checkControllerURLs("the controller URL in "+a.dir.Path(), a.id.Controllers)
+	if len(badStored) > 0 {
+		return nil, fmt.Errorf("%w (pass --controller to replace it)", errors.Join(badStored...))
+	}
+	a.id.Controllers = known
+	a.ctl = newControllers(a.id.Controllers, a.id.Controller)
+	a.setStored(a.id)
+	if a.stunAddr, err = stunServer(opts.STUNServer, a.ctl.current()); err != nil {
 		return nil, fmt.Errorf("agent: %w (pass --stun-server HOST:PORT, or off)", err)
 	}
 	if n := len(a.id.Interface); n == 0 || n > 15 {
@@ -288,6 +316,12 @@ func setup(ctx context.Context, opts Options) (*agent, error) {
 	if err := m.register(opts.Metrics); err != nil {
 		_ = a.dp.Close()
 		return nil, fmt.Errorf("agent: registering metrics: %w", err)
+	}
+	if opts.Metrics != nil {
+		if err := opts.Metrics.Register(newControllerCollector(a.ctl)); err != nil {
+			_ = a.dp.Close()
+			return nil, fmt.Errorf("agent: registering controller metrics: %w", err)
+		}
 	}
 	a.rec.SetObserver(m)
 	a.gossip = gossip.NewManager(a.log.With("component", "gossip"), func() { signal(a.gossipC) })

@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -55,6 +56,7 @@ type controller struct {
 	t   *testing.T
 	ca  *testpki.CA
 	url string
+	srv *httptest.Server
 
 	mu         sync.Mutex
 	enrollErrs []*connect.Error // returned by the next Enroll calls, in order
@@ -131,7 +133,14 @@ func (c *controller) sign(csr []byte, name string) ([]byte, error) {
 
 func newController(t *testing.T) *controller {
 	t.Helper()
-	c := &controller{t: t, ca: testpki.NewCA(t, "segmesh test CA"), push: make(chan *segmeshv1.NetmapUpdate, 8)}
+	return newReplica(t, testpki.NewCA(t, "segmesh test CA"))
+}
+
+// newReplica is newController with a given CA: replicas of one fleet share it
+// (each has its own server certificate for "segmesh-controller").
+func newReplica(t *testing.T, ca *testpki.CA) *controller {
+	t.Helper()
+	c := &controller{t: t, ca: ca, push: make(chan *segmeshv1.NetmapUpdate, 8)}
 	mux := http.NewServeMux()
 	mux.Handle(segmeshv1connect.NewEnrollServiceHandler(c))
 	mux.Handle(segmeshv1connect.NewAgentServiceHandler(c))
@@ -156,7 +165,15 @@ func newController(t *testing.T) *controller {
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	c.url = srv.URL
+	c.srv = srv
 	return c
+}
+
+// kill stops the controller as kill -9 would: its connections drop (the agent's
+// end sees them closed) and its port refuses new ones.
+func (c *controller) kill() {
+	c.srv.CloseClientConnections()
+	c.srv.Close()
 }
 
 func (c *controller) token() string {
@@ -507,7 +524,7 @@ func enrolled(t *testing.T, c *controller, pb *segmeshv1.Netmap) string {
 	c.mu.Lock()
 	reports := len(c.reports)
 	c.mu.Unlock()
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	if pb != nil {
 		eventually(t, "first netmap applied", func() bool {
 			c.mu.Lock()
@@ -535,7 +552,7 @@ func TestFirstStartEnrollsAppliesAndReports(t *testing.T) {
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0", ListenPort: 51999})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0", ListenPort: 51999})
 	if got := <-r.ifaces; got != "smt0" {
 		t.Fatalf("dataplane opened for %q, want smt0", got)
 	}
@@ -660,7 +677,6 @@ func TestRestartAppliesStoredNetmapBeforeContactingController(t *testing.T) {
 }
 
 func TestRestartWithoutController(t *testing.T) {
-	c := newController(t)
 	pb := wireNetmap(5, 0)
 	tests := []struct {
 		name    string
@@ -690,16 +706,11 @@ func TestRestartWithoutController(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			c := newController(t)
 			dir := enrolled(t, c, pb)
 			tt.prepare(t, dir)
-			// Point the agent at a controller that is down.
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			down := "https://" + ln.Addr().String()
-			ln.Close()
-			r := start(t, Options{StateDir: dir, Controller: down})
+			c.kill()
+			r := start(t, Options{StateDir: dir})
 			want := expected(t, dir, tt.netmap, nil)
 			eventually(t, "initial state", func() bool { return holds(r.dp, want) })
 			if tt.netmap == nil {
@@ -738,7 +749,7 @@ func TestEnrollmentRefusedExits(t *testing.T) {
 			c.enrollErrs = tt.errs
 			c.setNetmap(wireNetmap(1, 0))
 			dir := filepath.Join(t.TempDir(), "state")
-			r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+			r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 			if tt.want != "" {
 				err := r.wait(t)
 				// The controller's message once, after a short prefix; no connect code.
@@ -768,11 +779,18 @@ func TestStartErrors(t *testing.T) {
 		want string
 	}{
 		{name: "other name", opts: Options{StateDir: dir, Name: "db-1"}, want: `enrolled as node "web-1", not "db-1"`},
-		{name: "first start without token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url}, want: "needs a join token (--token-file FILE"},
+		{name: "first start without token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controllers: []string{c.url}}, want: "needs a join token (--token-file FILE"},
 		{name: "first start without anything", opts: Options{StateDir: filepath.Join(t.TempDir(), "s2")}, want: "needs --controller URL and a join token"},
-		{name: "malformed token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url, Token: "nope"}, want: "malformed join token"},
-		{name: "token for another CA", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controller: c.url, Token: other.token()}, want: "controller CA does not match the join token"},
+		{name: "malformed token", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controllers: []string{c.url}, Token: "nope"}, want: "malformed join token"},
+		{name: "token for another CA", opts: Options{StateDir: filepath.Join(t.TempDir(), "s"), Controllers: []string{c.url}, Token: other.token()}, want: "controller CA does not match the join token"},
 		{name: "long interface name", opts: Options{StateDir: dir, Interface: "much-too-long-name"}, want: "1 to 15 bytes"},
+		{name: "too many controller URLs", opts: Options{StateDir: dir, Controllers: func() (urls []string) {
+			for i := range MaxControllers + 1 {
+				urls = append(urls, fmt.Sprintf("https://10.0.0.%d:7443", i+1))
+			}
+			return urls
+		}()}, want: "at most 16 are kept"},
+		{name: "one bad controller URL of several", opts: Options{StateDir: dir, Controllers: []string{c.url, "http://192.0.2.1:7443"}}, want: `--controller "http://192.0.2.1:7443": scheme "http" refused`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -790,7 +808,7 @@ func TestRejectsBadNetmapFromController(t *testing.T) {
 	pb := wireNetmap(5, 0)
 	c.setNetmap(pb)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "revision 5", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 5 })
 	want := expected(t, dir, pb, nil)
 
@@ -829,7 +847,7 @@ func TestGossipOverridesEndpointOfKnownPeer(t *testing.T) {
 	pb := wireNetmap(9, port)
 	c.setNetmap(pb)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "revision 9", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 9 })
 
 	// Peer b (in the netmap, endpoint unknown there) and an intruder that holds the
@@ -1125,7 +1143,7 @@ func TestPeerlessNetmapIsReported(t *testing.T) {
 	pb.Hash = wire.NetmapHash(pb)
 	c.setNetmap(pb)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "report of revision 6", func() bool {
 		rep := c.lastReport()
 		return rep != nil && rep.GetAppliedRevision() == 6 && rep.GetAppliedHash() == pb.GetHash() && rep.GetError() == ""
@@ -1181,7 +1199,7 @@ func TestControllerURLMustBeHTTPS(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.url, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "state")
-			r := start(t, Options{Controller: tt.url, Token: c.token(), StateDir: dir, Name: "web-1"})
+			r := start(t, Options{Controllers: []string{tt.url}, Token: c.token(), StateDir: dir, Name: "web-1"})
 			err := r.wait(t)
 			if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "--controller") || !strings.Contains(err.Error(), "want https://HOST:PORT") {
 				t.Fatalf("Run = %v, want an error naming --controller and %q", err, tt.want)
@@ -1232,7 +1250,7 @@ func TestStopSaysWhatStays(t *testing.T) {
 			c := newController(t)
 			pb := wireNetmap(3, 0)
 			c.setNetmap(pb)
-			r := startWith(t, fake.New(tt.kind), Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
+			r := startWith(t, fake.New(tt.kind), Options{Controllers: []string{c.url}, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
 			eventually(t, "revision 3 reported", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 3 })
 			if err := r.stop(t); err != nil {
 				t.Fatal(err)
@@ -1263,6 +1281,7 @@ func newGossipAgent(t *testing.T, logger *slog.Logger) *agent {
 		opts:    Options{Endpoint: "127.0.0.1:51820"},
 		log:     logger,
 		id:      statefile.Identity{NodeName: "web-1", Controller: "https://127.0.0.1:7443", ListenPort: 51820},
+		ctl:     newControllers([]string{"https://127.0.0.1:7443"}, ""),
 		wgKey:   dkey(1),
 		tlsKey:  identities[1],
 		claims:  map[string]acceptedClaim{},

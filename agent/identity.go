@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -20,8 +21,11 @@ import (
 )
 
 // identity returns the stored identity, enrolling first when there is none. Flags
-// that may change between starts (controller URL, interface, listen port) update the
-// stored identity; a different node name is an error.
+// that may change between starts (controller URLs, interface, listen port) update the
+// stored identity; a different node name is an error. Controller URLs given go
+// first, before the stored ones (see mergeControllers), and the first of them is
+// used first; stored URLs that are not https://HOST[:PORT] are then dropped with a
+// warning (without --controller, setup refuses them).
 func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identity, error) {
 	id, err := a.dir.Identity()
 	switch {
@@ -41,7 +45,18 @@ func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identi
 			*cur, changed = v, true
 		}
 	}
-	update("controller", &id.Controller, o.Controller)
+	if len(o.Controllers) > 0 {
+		stored, bad := checkControllerURLs("the controller URL in "+a.dir.Path(), id.Controllers)
+		for _, err := range bad {
+			a.log.Warn("dropping a stored controller URL", "err", err)
+		}
+		merged := mergeControllers(o.Controllers, stored)
+		if !slices.Equal(merged, id.Controllers) {
+			a.log.Info("updating enrolled identity", "field", "controllers", "old", strings.Join(id.Controllers, ","), "new", strings.Join(merged, ","))
+			id.Controllers, changed = merged, true
+		}
+		update("controller", &id.Controller, o.Controllers[0])
+	}
 	update("interface", &id.Interface, o.Interface)
 	if o.ListenPort != 0 && o.ListenPort != id.ListenPort {
 		a.log.Info("updating enrolled identity", "field", "listen_port", "old", id.ListenPort, "new", o.ListenPort)
@@ -52,17 +67,19 @@ func (a *agent) identity(ctx context.Context, pub wgtypes.Key) (statefile.Identi
 			return id, err
 		}
 	}
-	a.log.Info("using enrolled identity", "node", id.NodeName, "addresses", id.Addresses, "interface", id.Interface)
+	a.log.Info("using enrolled identity", "node", id.NodeName, "addresses", id.Addresses, "interface", id.Interface,
+		"controller", id.Controller, "controllers", len(id.Controllers))
 	return id, nil
 }
 
-// enroll performs the first enrollment, retrying with backoff while the controller
-// is unavailable and giving up at once when it refuses.
+// enroll performs the first enrollment, trying the controller URLs in turn and
+// retrying with backoff while none is available, giving up at once when one
+// refuses.
 func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity, error) {
 	o := a.opts
-	if o.Controller == "" || o.Token == "" {
+	if len(o.Controllers) == 0 || o.Token == "" {
 		var missing []string
-		if o.Controller == "" {
+		if len(o.Controllers) == 0 {
 			missing = append(missing, "--controller URL")
 		}
 		if o.Token == "" {
@@ -75,9 +92,9 @@ func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity
 		return statefile.Identity{}, err
 	}
 	id := statefile.Identity{
-		Controller: o.Controller,
-		Interface:  o.Interface,
-		ListenPort: o.ListenPort,
+		Controllers: o.Controllers,
+		Interface:   o.Interface,
+		ListenPort:  o.ListenPort,
 	}
 	if id.Interface == "" {
 		id.Interface = DefaultInterface
@@ -85,10 +102,11 @@ func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity
 	if id.ListenPort == 0 {
 		id.ListenPort = DefaultListenPort
 	}
-	res, err := a.enrollWithRetry(ctx, id, o.Name, pub, tlsKey)
+	res, url, err := a.enrollWithRetry(ctx, o.Controllers, id.ListenPort, o.Name, pub, tlsKey)
 	if err != nil || res == nil {
 		return id, err
 	}
+	id.Controller = url
 	id.NodeName = res.NodeName
 	id.Addresses = res.Addresses
 	id.Labels = res.Labels
@@ -96,52 +114,66 @@ func (a *agent) enroll(ctx context.Context, pub wgtypes.Key) (statefile.Identity
 	if err := a.dir.SaveEnrollment(id, res.CADER, res.CertDER); err != nil {
 		return id, err
 	}
-	a.log.Info("enrolled", "node", id.NodeName, "addresses", id.Addresses, "labels", id.Labels)
+	a.log.Info("enrolled", "node", id.NodeName, "addresses", id.Addresses, "labels", id.Labels, "controller", url)
 	a.enrolledNow = true
 	return id, nil
 }
 
 // enrollWithRetry calls EnrollService.Enroll with the join token in Options for
 // node name (empty: the controller derives it), WireGuard public key pub and TLS key
-// tlsKey, at id's controller; it retries with backoff while the controller is
-// unavailable and returns at once when it refuses. It returns nil, nil when ctx
-// ends first.
-func (a *agent) enrollWithRetry(ctx context.Context, id statefile.Identity, name string, pub wgtypes.Key, tlsKey *ecdsa.PrivateKey) (*enroll.Result, error) {
+// tlsKey (advertising an endpoint with listenPort), at each of the controller URLs
+// urls in turn: a controller that is unreachable or unavailable (enroll.Retryable,
+// or no route to it) moves on to the next URL at once, and after every URL failed
+// so the round starts over after a backoff (1 s doubling to 30 s). A refusal (or a
+// CA that does not match the token) is returned at once: the replicas share one
+// store, so another would refuse too. It returns the result and the URL that
+// answered, or nil, "", nil when ctx ends first.
+func (a *agent) enrollWithRetry(ctx context.Context, urls []string, listenPort int, name string, pub wgtypes.Key, tlsKey *ecdsa.PrivateKey) (*enroll.Result, string, error) {
 	tok, err := jointoken.Decode(a.opts.Token)
 	if err != nil {
-		return nil, fmt.Errorf("reading the join token: %w", err)
+		return nil, "", fmt.Errorf("reading the join token: %w", err)
 	}
 	hostname, _ := os.Hostname()
 	bo := newBackoff(time.Second, maxBackoff)
 	for {
-		ep, err := discoverEndpoint(a.opts.Endpoint, id.Controller, id.ListenPort)
-		if err == nil {
-			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			var res *enroll.Result
-			res, err = enroll.Enroll(actx, enroll.Request{
-				Controller: id.Controller,
-				Token:      tok,
-				Name:       name,
-				Hostname:   hostname,
-				PublicKey:  pub[:],
-				Endpoint:   ep.String(),
-				TLSKey:     tlsKey,
-			})
-			cancel()
+		for i, url := range urls {
+			ep, err := discoverEndpoint(a.opts.Endpoint, url, listenPort)
 			if err == nil {
-				return res, nil
+				actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				var res *enroll.Result
+				res, err = enroll.Enroll(actx, enroll.Request{
+					Controller: url,
+					Token:      tok,
+					Name:       name,
+					Hostname:   hostname,
+					PublicKey:  pub[:],
+					Endpoint:   ep.String(),
+					TLSKey:     tlsKey,
+				})
+				cancel()
+				if err == nil {
+					return res, url, nil
+				}
 			}
-		}
-		if ctx.Err() != nil {
-			return nil, nil
-		}
-		if !enroll.Retryable(err) && !errors.Is(err, errNoRoute) {
-			return nil, err
-		}
-		d := bo.next()
-		a.log.Warn("enrollment failed; retrying", "err", err, "in", d.Round(time.Millisecond))
-		if !sleep(ctx, d) {
-			return nil, nil
+			if ctx.Err() != nil {
+				return nil, "", nil
+			}
+			if !enroll.Retryable(err) && !errors.Is(err, errNoRoute) {
+				return nil, "", err
+			}
+			if i < len(urls)-1 {
+				a.log.Warn("enrollment failed; trying the next controller", "controller", url, "err", err, "next", urls[i+1])
+				continue
+			}
+			d := bo.next()
+			if len(urls) == 1 {
+				a.log.Warn("enrollment failed; retrying", "err", err, "in", d.Round(time.Millisecond))
+			} else {
+				a.log.Warn("enrollment failed at every controller; retrying", "controller", url, "err", err, "in", d.Round(time.Millisecond))
+			}
+			if !sleep(ctx, d) {
+				return nil, "", nil
+			}
 		}
 	}
 }
@@ -202,6 +234,8 @@ func checkControllerURL(what, raw string) error {
 		return fmt.Errorf("%s %q has no host; %s", what, raw, want)
 	case u.User != nil:
 		return fmt.Errorf("%s %q must not carry user information; %s", what, raw, want)
+	case u.RawQuery != "" || u.ForceQuery || u.Fragment != "":
+		return fmt.Errorf("%s %q must not carry a query or fragment; %s", what, raw, want)
 	}
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"segmesh/agent/dataplane"
 	"segmesh/agent/netmap"
+	"segmesh/agent/statefile"
 	"segmesh/api/segmeshv1"
 	"segmesh/api/wire"
 )
@@ -246,9 +247,9 @@ func (s *syncer) renew(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("creating certificate request: %w", err)
 	}
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	client, rctx, cancel := s.call(ctx, 30*time.Second)
 	defer cancel()
-	resp, err := s.agentClient().RenewCertificate(rctx, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
+	resp, err := client.RenewCertificate(rctx, connect.NewRequest(&segmeshv1.RenewCertificateRequest{CsrDer: csr}))
 	if err != nil {
 		s.checkRevoked(ctx, err)
 		a.discardNextTLSKey()
@@ -330,7 +331,7 @@ func (a *agent) reenrollIfNeeded(ctx context.Context) bool {
 	}
 	a.log.Info("re-enrolling with the join token", "node", a.id.NodeName, "because", why)
 	priv, tlsKey := a.keys()
-	res, err := a.enrollWithRetry(ctx, a.id, a.id.NodeName, wgKey(priv).PublicKey(), tlsKey)
+	res, url, err := a.enrollWithRetry(ctx, a.ctl.inTurn(), a.id.ListenPort, a.id.NodeName, wgKey(priv).PublicKey(), tlsKey)
 	if ctx.Err() != nil {
 		return false
 	}
@@ -345,13 +346,16 @@ func (a *agent) reenrollIfNeeded(ctx context.Context) bool {
 		}
 		return true
 	}
+	a.ctl.use(url)
 	id := a.id
 	id.Addresses, id.Labels, id.OverlayPrefixes = res.Addresses, res.Labels, res.OverlayPrefixes
+	id.Controllers, id.Controller = a.ctl.snapshot()
 	if err := a.dir.SaveEnrollment(id, res.CADER, res.CertDER); err != nil {
 		a.log.Error("storing the re-enrollment failed", "err", err)
 		return true
 	}
 	a.id = id
+	a.setStored(id)
 	if revoked {
 		if err := a.dir.RemoveNetmap(); err != nil {
 			a.log.Warn("removing the revoked netmap", "err", err)
@@ -432,17 +436,15 @@ func (a *agent) rotate(ctx context.Context, gen uint64) error {
 	} else {
 		a.log.Info("retrying the WireGuard key rotation with the pending key", "generation", gen, "public_key", pub.String())
 	}
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	client, rctx, cancel := a.syncer.call(ctx, 30*time.Second)
 	defer cancel()
-	if _, err := a.syncer.agentClient().RotateKey(rctx, connect.NewRequest(&segmeshv1.RotateKeyRequest{PublicKey: pub[:], Generation: gen})); err != nil {
+	if _, err := client.RotateKey(rctx, connect.NewRequest(&segmeshv1.RotateKeyRequest{PublicKey: pub[:], Generation: gen})); err != nil {
 		a.syncer.checkRevoked(ctx, err)
 		return fmt.Errorf("telling the controller the new WireGuard key (generation %d): %w", gen, err)
 	}
 	// Recorded before the switch: a retry after a failure here repeats the call with
 	// the same key, which the controller accepts.
-	id := a.id
-	id.KeyGeneration = gen
-	if err := a.dir.SaveIdentity(id); err != nil {
+	if err := a.saveIdentity(func(id *statefile.Identity) { id.KeyGeneration = gen }); err != nil {
 		return fmt.Errorf("recording the completed key rotation %d: %w", gen, err)
 	}
 	a.mu.Lock()

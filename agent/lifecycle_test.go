@@ -155,7 +155,7 @@ func TestRevokedGoesToDefaultDeny(t *testing.T) {
 			pb := wireNetmap(3, port)
 			c.setNetmap(pb)
 			dir := filepath.Join(t.TempDir(), "state")
-			r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+			r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 			eventually(t, "revision 3 applied with gossip running", func() bool {
 				rep := c.lastReport()
 				return rep != nil && rep.GetAppliedRevision() == 3 && !portFree(port)
@@ -308,7 +308,7 @@ func TestCertificateRenewal(t *testing.T) {
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "two renewals, then a stream and a report with the latest certificate", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -401,7 +401,7 @@ func TestExpiredCertificate(t *testing.T) {
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "expiry logged", func() bool { return strings.Contains(r.logs.String(), "the node certificate expired at") })
 	want := expected(t, dir, pb, nil)
 	if !holds(r.dp, want) {
@@ -490,7 +490,7 @@ func TestKeyRotation(t *testing.T) {
 	c := newController(t)
 	c.setNetmap(wireNetmap(3, 0))
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "revision 3", func() bool { rep := c.lastReport(); return rep != nil && rep.GetAppliedRevision() == 3 })
 	old := wgKeyOnDisk(t, dir)
 

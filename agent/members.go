@@ -245,9 +245,10 @@ func (a *agent) alivePeers() []string {
 }
 
 // currentEndpoint returns the endpoint to advertise, rediscovering it (the route to
-// the controller may change); it falls back to the last known one on failure.
+// the controller in use may change, and so may the controller after a failover);
+// it falls back to the last known one on failure.
 func (a *agent) currentEndpoint() (netip.AddrPort, error) {
-	ep, err := discover(a.opts.Endpoint, a.id.Controller, a.id.ListenPort)
+	ep, err := discover(a.opts.Endpoint, a.ctl.current(), a.id.ListenPort)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {

@@ -222,3 +222,34 @@ func (c *relayCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(n), reason)
 	}
 }
+
+// controllerCollector exports which controller the agent uses and how often it
+// moved to another one.
+type controllerCollector struct {
+	ctl                   *controllers
+	switches, info, known *prometheus.Desc
+}
+
+func newControllerCollector(ctl *controllers) *controllerCollector {
+	return &controllerCollector{
+		ctl: ctl,
+		switches: prometheus.NewDesc("segmesh_agent_controller_switches_total",
+			"Moves of the agent to another controller URL (failover after its stream was lost, or re-enrollment at another replica).", nil, nil),
+		info: prometheus.NewDesc("segmesh_agent_controller_info",
+			"The controller URL the agent uses for its stream and every call: always 1, with the URL as label.", []string{"url"}, nil),
+		known: prometheus.NewDesc("segmesh_agent_controllers", "Controller URLs the agent knows (from --controller and from the controllers).", nil, nil),
+	}
+}
+
+func (c *controllerCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.switches
+	ch <- c.info
+	ch <- c.known
+}
+
+func (c *controllerCollector) Collect(ch chan<- prometheus.Metric) {
+	urls, cur := c.ctl.snapshot()
+	ch <- prometheus.MustNewConstMetric(c.switches, prometheus.CounterValue, float64(c.ctl.switchCount()))
+	ch <- prometheus.MustNewConstMetric(c.info, prometheus.GaugeValue, 1, cur)
+	ch <- prometheus.MustNewConstMetric(c.known, prometheus.GaugeValue, float64(len(urls)))
+}

@@ -87,7 +87,10 @@ func parseRelayPorts(s string) (first, last uint16, err error) {
 
 // stunLoop learns the NAT mapping of the WireGuard port from the STUN server
 // every stunEvery and when the local endpoint moved, until ctx ends. It does
-// nothing when STUN is off or the dataplane cannot share its socket.
+// nothing when STUN is off or the dataplane cannot share its socket. Without
+// --stun-server the server is on the host of the controller in use, so it
+// follows a failover (server is the one setup resolved, kept when resolving the
+// current one fails).
 func (a *agent) stunLoop(ctx context.Context, server netip.AddrPort) {
 	st, ok := a.dp.(dataplane.STUN)
 	if !ok || !server.IsValid() {
@@ -97,6 +100,11 @@ func (a *agent) stunLoop(ctx context.Context, server netip.AddrPort) {
 	defer t.Stop()
 	warned := false
 	for {
+		if a.opts.STUNServer == "" {
+			if s, err := stunServer("", a.ctl.current()); err == nil {
+				server = s
+			}
+		}
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		mapped, err := st.Binding(qctx, server)
 		cancel()
@@ -283,7 +291,9 @@ func (a *agent) requestPunch(ctx context.Context, peer string) error {
 	if a.syncer == nil {
 		return errors.New("not connected to the controller")
 	}
-	_, err := a.syncer.agentClient().RequestPunch(ctx, connect.NewRequest(&segmeshv1.RequestPunchRequest{Peer: peer}))
+	client, ctx, cancel := a.syncer.call(ctx, 0)
+	defer cancel()
+	_, err := client.RequestPunch(ctx, connect.NewRequest(&segmeshv1.RequestPunchRequest{Peer: peer}))
 	if connect.CodeOf(err) == connect.CodeFailedPrecondition && strings.Contains(err.Error(), "offline") {
 		return fmt.Errorf("%w: %w", path.ErrOffline, err)
 	}
@@ -295,7 +305,9 @@ func (a *agent) requestRelay(ctx context.Context, peer string) (netmap.Candidate
 	if a.syncer == nil {
 		return netmap.Candidate{}, time.Time{}, errors.New("not connected to the controller")
 	}
-	resp, err := a.syncer.agentClient().RequestRelay(ctx, connect.NewRequest(&segmeshv1.RequestRelayRequest{Peer: peer}))
+	client, ctx, cancel := a.syncer.call(ctx, 0)
+	defer cancel()
+	resp, err := client.RequestRelay(ctx, connect.NewRequest(&segmeshv1.RequestRelayRequest{Peer: peer}))
 	if err != nil {
 		return netmap.Candidate{}, time.Time{}, err
 	}

@@ -36,7 +36,7 @@ func TestDriftRepairIsReported(t *testing.T) {
 	c := newController(t)
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
 	eventually(t, "report of revision 3 in sync", func() bool {
 		rep := c.lastReport()
 		return rep.GetAppliedHash() == pb.GetHash() && rep.GetInSync() && rep.GetError() == ""
@@ -87,7 +87,7 @@ func TestDeniedFlowsAreReported(t *testing.T) {
 	c := newController(t)
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0",
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0",
 		Resync: time.Hour, FlowInterval: 10 * time.Millisecond})
 	eventually(t, "report of revision 3", func() bool { return c.lastReport().GetAppliedHash() == pb.GetHash() })
 
@@ -220,7 +220,7 @@ func TestReportPeersAndApply(t *testing.T) {
 	before := time.Now()
 	hs := time.Now().Add(-20 * time.Second).Truncate(time.Second)
 	dp.SetPeerStats(map[dataplane.Key]dataplane.PeerStats{dkey(2): {LastHandshake: hs, RxBytes: 10, TxBytes: 20}})
-	r := startWith(t, dp, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0", Resync: time.Hour})
+	r := startWith(t, dp, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0", Resync: time.Hour})
 	eventually(t, "report of revision 3 in sync", func() bool {
 		rep := c.lastReport()
 		return rep.GetAppliedHash() == pb.GetHash() && rep.GetInSync()
@@ -279,7 +279,7 @@ func TestPeriodicReportRefreshesPeers(t *testing.T) {
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
 	dp := fake.New(dataplane.KindUserspace)
-	startWith(t, dp, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
+	startWith(t, dp, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0"})
 	eventually(t, "report of revision 3", func() bool { return c.lastReport().GetAppliedHash() == pb.GetHash() })
 	hs := time.Now().Truncate(time.Second)
 	dp.SetPeerStats(map[dataplane.Key]dataplane.PeerStats{dkey(3): {LastHandshake: hs, RxBytes: 7}})
@@ -308,7 +308,7 @@ func TestEndpointChangeIsReportedAtOnce(t *testing.T) {
 	pb := wireNetmap(3, 0)
 	c.setNetmap(pb)
 	// A resync far beyond the test: only the endpoint change can send the report.
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0", Resync: time.Hour})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: filepath.Join(t.TempDir(), "state"), Name: "web-1", Interface: "smt0", Resync: time.Hour})
 	eventually(t, "the first report", func() bool { return c.lastReport().GetAppliedHash() == pb.GetHash() })
 	_, streams := c.counts()
 

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -34,15 +35,21 @@ const maxBackoff = 30 * time.Second
 // reconnects at once, over a new connection.
 var errReconnect = errors.New("reconnecting with the renewed certificate")
 
-// syncer holds the mutual-TLS connection to the controller: the netmap stream, the
-// status reports, certificate renewal and key rotation calls.
+// syncer holds the mutual-TLS connection to the controller in use: the netmap
+// stream, the status reports, certificate renewal, key rotation, punch and relay
+// calls all go to the controller URL in use (agent.ctl), which connectLoop moves to
+// the next one when the stream is lost.
 type syncer struct {
 	a *agent
 
 	mu           sync.Mutex
 	hc           *http.Client
-	retired      []*http.Client // clients with the previous certificate, to close once idle
-	client       segmeshv1connect.AgentServiceClient
+	retired      []*http.Client                      // clients with the previous certificate, to close once idle
+	client       segmeshv1connect.AgentServiceClient // for url
+	url          string                              // the controller URL client calls
+	urlCtx       context.Context                     // ends when the agent moves away from url
+	urlCancel    context.CancelFunc
+	forceReport  atomic.Bool             // the next report requested is sent even when unchanged
 	cancelStream context.CancelCauseFunc // ends the open netmap stream; nil when none
 	netmapErr    error                   // why the latest netmap from the controller was rejected
 	lastReport   *segmeshv1.ReportRequest
@@ -58,8 +65,55 @@ func newSyncer(a *agent) (*syncer, error) {
 	}
 	s := &syncer{a: a}
 	s.hc = s.newHTTPClient(pool)
-	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, a.id.Controller)
+	s.url = a.ctl.current()
+	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.url)
+	s.urlCtx, s.urlCancel = context.WithCancel(context.Background())
 	return s, nil
+}
+
+// useCurrent points the AgentService client at the controller URL in use (after
+// connectLoop moved to another one) and drops the idle connections to the
+// previous one. Calls in flight finish (or fail) where they went.
+func (s *syncer) useCurrent() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	url := s.a.ctl.current()
+	if url == s.url {
+		return
+	}
+	s.pointAtLocked(url)
+	s.hc.CloseIdleConnections()
+}
+
+// pointAtLocked makes the AgentService client (a new one, on s.hc) call url;
+// when url is another URL, the calls still running on the previous one are
+// cancelled. The caller holds s.mu.
+func (s *syncer) pointAtLocked(url string) {
+	if url != s.url {
+		s.urlCancel()
+		s.urlCtx, s.urlCancel = context.WithCancel(context.Background())
+	}
+	s.url = url
+	s.client = segmeshv1connect.NewAgentServiceClient(s.hc, url)
+}
+
+// call returns the AgentService client for the controller URL in use and a
+// context for one call with it: ctx with timeout (0: none), also cancelled when
+// the agent moves to another controller URL, so that a call stuck on a replica
+// that went silent does not outlive the switch. Call cancel when done.
+func (s *syncer) call(ctx context.Context, timeout time.Duration) (segmeshv1connect.AgentServiceClient, context.Context, context.CancelFunc) {
+	s.mu.Lock()
+	client, urlCtx := s.client, s.urlCtx
+	s.mu.Unlock()
+	var cctx context.Context
+	var cancel context.CancelFunc
+	if timeout > 0 {
+		cctx, cancel = context.WithTimeout(ctx, timeout)
+	} else {
+		cctx, cancel = context.WithCancel(ctx)
+	}
+	stop := context.AfterFunc(urlCtx, cancel)
+	return client, cctx, func() { stop(); cancel() }
 }
 
 // newHTTPClient returns a client whose TLS handshakes present the agent's current
@@ -73,13 +127,6 @@ func (s *syncer) newHTTPClient(pool *x509.CertPool) *http.Client {
 		RootCAs:    pool,
 		ServerName: enroll.ServerName,
 	})
-}
-
-// agentClient returns the current AgentService client.
-func (s *syncer) agentClient() segmeshv1connect.AgentServiceClient {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.client
 }
 
 // reconnect drops every connection made so far (with the previous certificate,
@@ -97,7 +144,7 @@ func (s *syncer) reconnect(cause error) {
 	if err == nil {
 		s.retired = append(s.retired, s.hc)
 		s.hc = s.newHTTPClient(pool)
-		s.client = segmeshv1connect.NewAgentServiceClient(s.hc, s.a.id.Controller)
+		s.pointAtLocked(s.a.ctl.current())
 	}
 	s.mu.Unlock()
 	if cancel != nil {
@@ -124,6 +171,7 @@ func (s *syncer) close() {
 	s.closeRetired()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.urlCancel()
 	s.hc.CloseIdleConnections()
 }
 
@@ -166,15 +214,20 @@ func (l *resyncLimiter) next(now time.Time) time.Duration {
 	return d
 }
 
-// connectLoop keeps a netmap stream open until ctx ends, reconnecting with backoff
-// (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap). A
-// revoked node, or one whose certificate expired, tries only every 30 s: it keeps
-// its default-deny or last netmap meanwhile and does not hammer the controller. A
-// stream the agent ended for a resync (see resyncError) is reopened at once, within
-// the limits of maxResyncs.
+// connectLoop keeps a netmap stream open until ctx ends. When the stream is lost
+// (it ends or fails, cannot be opened, or its connection stops answering HTTP/2
+// pings, see enroll.PingAfter), it moves to the next controller URL and tries it
+// at once; only after every known URL failed in turn does it wait, with backoff
+// (1 s doubling to 30 s, jittered; reset after a stream that delivered a netmap),
+// see failover. With one URL that is a backoff after every failure. The dataplane
+// is not touched meanwhile: the last netmap stays in force. A revoked node, or one
+// whose certificate expired, tries only every 30 s (on the same URL): it keeps its
+// default-deny or last netmap meanwhile and does not hammer the controller. A
+// stream the agent ended for a resync (see resyncError) is reopened at once, on the
+// same URL, within the limits of maxResyncs.
 func (s *syncer) connectLoop(ctx context.Context) {
 	a := s.a
-	bo := newBackoff(time.Second, maxBackoff)
+	fo := failover{bo: newBackoff(time.Second, maxBackoff)}
 	resyncs := resyncLimiter{n: maxResyncs, window: resyncWindow}
 	resync := "" // SyncRequest.resync_reason of the next stream
 	for {
@@ -184,6 +237,7 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			}
 			continue
 		}
+		began := time.Now()
 		received, err := s.syncOnce(ctx, resync)
 		resync = ""
 		if ctx.Err() != nil {
@@ -192,13 +246,13 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		if errors.Is(err, errReconnect) || errors.Is(err, errEndpointMoved) {
 			a.log.Info("reconnecting to the controller", "reason", err)
 			s.closeRetired() // the old stream is closed now
-			bo.reset()
+			fo.bo.reset()
 			continue
 		}
 		if re := (*resyncError)(nil); errors.As(err, &re) {
 			resync = re.reason
 			if received {
-				bo.reset()
+				fo.bo.reset()
 			}
 			d := resyncs.next(time.Now())
 			if d == 0 {
@@ -212,11 +266,15 @@ func (s *syncer) connectLoop(ctx context.Context) {
 			}
 			continue
 		}
-		s.checkRevoked(ctx, err)
-		if received {
-			bo.reset()
+		if isRevokedError(err) {
+			// Under reportMu: a report in flight lands first, and none starts
+			// until the node is marked revoked. (Only then: a report stuck on a
+			// silent controller must not delay the failover.)
+			s.reportMu.Lock()
+			s.checkRevoked(ctx, err)
+			s.reportMu.Unlock()
 		}
-		d := bo.next()
+		var d time.Duration
 		switch {
 		case a.isRevoked():
 			d = maxBackoff
@@ -224,7 +282,14 @@ func (s *syncer) connectLoop(ctx context.Context) {
 		case a.certificateExpired():
 			continue // logged by certificateExpired
 		default:
-			a.log.Warn("controller stream ended; reconnecting", "controller", a.id.Controller, "err", err, "in", d.Round(time.Millisecond))
+			d = fo.next(received, received && time.Since(began) >= stableStream, a.ctl.count())
+			from, to := a.ctl.advance()
+			if from == to {
+				a.log.Warn("controller stream ended; reconnecting", "controller", from, "err", err, "in", d.Round(time.Millisecond))
+				break
+			}
+			s.useCurrent()
+			a.log.Warn("controller stream ended; switching to the next controller", "controller", from, "err", err, "next", to, "in", d.Round(time.Millisecond))
 		}
 		if !sleep(ctx, d) {
 			return
@@ -250,7 +315,7 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 	defer cancel(nil)
 	s.mu.Lock()
 	s.cancelStream = cancel
-	client := s.client
+	client, url := s.client, s.url
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -264,19 +329,19 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 		Interface:    s.a.id.Interface,
 		ResyncReason: resync,
 		Candidates:   s.a.candidates(),
-		Features:     []string{featurePunch},
+		Features:     []string{featurePunch, featureControllers},
 	}
 	if s.a.relay != nil {
 		req.Features = append(req.Features, featureRelay)
 		req.RelayPorts = fmt.Sprintf("%d-%d", s.a.relayFirst, s.a.relayLast)
 	}
-	received, err := s.syncUpdates(ctx, client, req, ep)
+	received, err := s.syncUpdates(ctx, client, url, req, ep)
 	if !received && connect.CodeOf(err) == connect.CodeUnimplemented && context.Cause(ctx) == nil {
 		s.legacyOnce.Do(func() {
-			s.a.log.Info("the controller does not serve netmap deltas (SyncUpdates); receiving full netmaps (Sync)", "controller", s.a.id.Controller)
+			s.a.log.Info("the controller does not serve netmap deltas (SyncUpdates); receiving full netmaps (Sync)", "controller", url)
 		})
 		req.ResyncReason = ""
-		received, err = s.syncFull(ctx, client, req, ep)
+		received, err = s.syncFull(ctx, client, url, req, ep)
 	}
 	if c := context.Cause(ctx); errors.Is(c, errReconnect) || errors.Is(c, errEndpointMoved) {
 		return received, c
@@ -288,7 +353,7 @@ func (s *syncer) syncOnce(ctx context.Context, resync string) (bool, error) {
 // made (a full netmap, or the result of a delta applied to the one before),
 // whether or not handleNetmap accepted it: deltas continue from the controller's
 // view. An update that does not apply ends the stream with a *resyncError.
-func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentServiceClient, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
+func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentServiceClient, url string, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
 	stream, err := client.SyncUpdates(ctx, connect.NewRequest(req))
 	if err != nil {
 		return false, fmt.Errorf("opening netmap stream: %w", err)
@@ -307,6 +372,9 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 		case *segmeshv1.NetmapUpdate_Relay:
 			s.a.handleRelayConfig(u.Relay)
 			continue
+		case *segmeshv1.NetmapUpdate_Controllers:
+			s.a.handleControllerSet(u.Controllers)
+			continue
 		case *segmeshv1.NetmapUpdate_Delta:
 			if held == nil {
 				return received, &resyncError{reason: fmt.Sprintf("delta to revision %d before any full netmap", u.Delta.GetPolicyRevision())}
@@ -318,7 +386,7 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 			return received, &resyncError{reason: "netmap update of a kind this agent does not know"}
 		}
 		held = next
-		s.logConnected(received, ep)
+		s.logConnected(received, url, ep)
 		s.handleNetmap(ctx, next, !received)
 		received = true
 	}
@@ -330,7 +398,7 @@ func (s *syncer) syncUpdates(ctx context.Context, client segmeshv1connect.AgentS
 
 // syncFull runs one Sync stream (full netmaps only, from a controller older than
 // deltas).
-func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServiceClient, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
+func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServiceClient, url string, req *segmeshv1.SyncRequest, ep netip.AddrPort) (bool, error) {
 	stream, err := client.Sync(ctx, connect.NewRequest(req))
 	if err != nil {
 		return false, fmt.Errorf("opening netmap stream: %w", err)
@@ -338,7 +406,7 @@ func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServ
 	defer stream.Close()
 	received := false
 	for stream.Receive() {
-		s.logConnected(received, ep)
+		s.logConnected(received, url, ep)
 		s.handleNetmap(ctx, stream.Msg(), !received)
 		received = true
 	}
@@ -348,10 +416,16 @@ func (s *syncer) syncFull(ctx context.Context, client segmeshv1connect.AgentServ
 	return received, errors.New("netmap stream closed by the controller")
 }
 
-// logConnected logs the first netmap of a stream (before is whether one came already).
-func (s *syncer) logConnected(before bool, ep netip.AddrPort) {
-	if !before {
-		s.a.log.Info("connected to controller", "controller", s.a.id.Controller, "endpoint", ep)
+// logConnected logs the first netmap of a stream from url (before is whether one
+// came already) and stores url as the controller in use, so that a restart
+// starts with the one that worked last.
+func (s *syncer) logConnected(before bool, url string, ep netip.AddrPort) {
+	if before {
+		return
+	}
+	s.a.log.Info("connected to controller", "controller", url, "endpoint", ep)
+	if err := s.a.saveIdentity(nil); err != nil {
+		s.a.log.Warn("storing the controller URL in use; a restart starts with the previous one", "err", err)
 	}
 }
 
@@ -379,7 +453,7 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap, first b
 	s.mu.Unlock()
 	if err != nil {
 		a.log.Error("rejected netmap from the controller; keeping the previous one", "revision", pb.GetPolicyRevision(), "err", err)
-		s.report(ctx, true)
+		s.requestReport(true)
 		return
 	}
 	if nm.Revoked {
@@ -410,7 +484,17 @@ func (s *syncer) handleNetmap(ctx context.Context, pb *segmeshv1.Netmap, first b
 		}
 	}
 	signal(a.rotateC)
-	s.report(ctx, false)
+	s.requestReport(false)
+}
+
+// requestReport has reportLoop send a report (force: even when unchanged). The
+// netmap stream does not report itself, so that a report stuck on a controller
+// that went silent never keeps the stream from noticing its loss.
+func (s *syncer) requestReport(force bool) {
+	if force {
+		s.forceReport.Store(true)
+	}
+	signal(s.a.reportC)
 }
 
 // checkRevoked puts the node at default deny when err is the controller saying that
@@ -437,6 +521,7 @@ func (s *syncer) reportLoop(ctx context.Context) {
 			force = true
 		case <-s.a.rec.Changed():
 		case <-s.a.reportC:
+			force = s.forceReport.Swap(false)
 		case <-s.a.movedC:
 			s.reconnect(errEndpointMoved)
 		}
@@ -450,19 +535,19 @@ func (s *syncer) reportLoop(ctx context.Context) {
 // carries them fresh, and the periodic one (force) keeps them current at the
 // controller. A revoked node, or one whose certificate expired, does not report.
 func (s *syncer) report(ctx context.Context, force bool) {
+	s.reportMu.Lock()
+	defer s.reportMu.Unlock()
 	if s.a.isRevoked() || s.a.certificateExpired() {
 		return
 	}
-	s.reportMu.Lock()
-	defer s.reportMu.Unlock()
 	req := s.buildReport()
 	if !force && s.lastReport != nil && proto.Equal(req, s.lastReport) {
 		return
 	}
 	req.Peers, req.PeersMore = s.a.peers.report(s.a.rec.Netmap(), time.Now())
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	client, rctx, cancel := s.call(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := s.agentClient().Report(rctx, connect.NewRequest(req)); err != nil {
+	if _, err := client.Report(rctx, connect.NewRequest(req)); err != nil {
 		if ctx.Err() == nil {
 			s.a.log.Debug("reporting status failed", "err", err)
 			s.checkRevoked(ctx, err)

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"errors"
-	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -85,7 +84,7 @@ func TestSyncUpdates(t *testing.T) {
 			c := newController(t)
 			c.setNetmap(tt.first)
 			dir := filepath.Join(t.TempDir(), "state")
-			r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+			r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 			if tt.first != nil {
 				eventually(t, "first netmap reported", func() bool { return c.lastReport().GetAppliedHash() == tt.first.GetHash() })
 			} else {
@@ -147,7 +146,7 @@ func TestSyncFallback(t *testing.T) {
 	// Every Sync stream ends after its netmap, so that the agent reconnects.
 	c.syncErr = connect.NewError(connect.CodeUnavailable, errors.New("restarting"))
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "three Sync streams", func() bool { _, s := c.counts(); return s >= 3 })
 	eventually(t, "revision 3 applied and reported", func() bool {
 		return holds(r.dp, expected(t, dir, pb, nil)) && c.lastReport().GetAppliedHash() == pb.GetHash()
@@ -171,20 +170,15 @@ func TestRestartAppliesStoredNetmapV2(t *testing.T) {
 	c := newController(t)
 	c.setNetmap(n1)
 	dir := filepath.Join(t.TempDir(), "state")
-	r := start(t, Options{Controller: c.url, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
+	r := start(t, Options{Controllers: []string{c.url}, Token: c.token(), StateDir: dir, Name: "web-1", Interface: "smt0"})
 	eventually(t, "revision 1 reported", func() bool { return c.lastReport().GetAppliedHash() == n1.GetHash() })
 	c.push <- deltaUpdate(wire.DiffNetmaps(n1, n4))
 	eventually(t, "revision 4 reported", func() bool { return c.lastReport().GetAppliedHash() == n4.GetHash() })
 	if err := r.stop(t); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	down := "https://" + ln.Addr().String() // nothing listens there
-	ln.Close()
-	r = start(t, Options{StateDir: dir, Controller: down})
+	c.kill()
+	r = start(t, Options{StateDir: dir})
 	want := expected(t, dir, n4, nil)
 	eventually(t, "stored revision 4 applied", func() bool { return holds(r.dp, want) })
 	if logs := r.logs.String(); !strings.Contains(logs, "applying stored netmap") || !strings.Contains(logs, "hash="+n4.GetHash()) {

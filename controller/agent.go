@@ -202,7 +202,7 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 	sub := c.hub.Subscribe(node.Name, deltas, features...)
 	defer sub.Close()
 	if slices.Contains(features, featureControllers) {
-		c.push(node.Name, featureControllers, controllerSet(c.controllerURLs()))
+		c.push(node.Name, featureControllers, controllerSet(urlsFor(node.Name, c.controllerURLs())))
 	}
 	c.relayStreamOpened(node.Name, conn, features, req.Msg.GetRelayPorts())
 	defer c.relayStreamClosed(node.Name, conn)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/http"
 	"net/url"
 	"os"
@@ -65,7 +66,8 @@ const featureControllers = "controllers"
 var errNoLease = errors.New("this controller lost its etcd lease (it cannot reach a quorum of the etcd cluster); connect to another controller replica")
 
 // openStore opens the store Options.Store names and returns it with its
-// description for Status.
+// description for Status. It refuses an etcd prefix that a migrate left marked
+// incomplete (etcdstore.MigratingKey).
 func (c *Controller) openStore() (store.Store, string, error) {
 	switch c.opts.Store {
 	case StoreBolt:
@@ -84,6 +86,14 @@ func (c *Controller) openStore() (store.Store, string, error) {
 		defer cancel()
 		st, err := etcdstore.Open(ctx, cfg)
 		if err != nil {
+			return nil, "", err
+		}
+		if migrating, err := st.Migrating(); err != nil || migrating {
+			_ = st.Close()
+			if err == nil {
+				err = fmt.Errorf("%s: an interrupted migrate left %s incomplete (%smeta/%s exists); clear it with \"etcdctl del --prefix %s\" and run segmesh-controller migrate again (if a migrate is still running, wait for it to finish)",
+					st, st.Prefix(), st.Prefix(), etcdstore.MigratingKey, st.Prefix())
+			}
 			return nil, "", err
 		}
 		c.etcd = st
@@ -302,7 +312,7 @@ func (c *Controller) haLoop(ctx context.Context) {
 				last = urls
 				c.log.Info("controller replicas changed", "replicas", urls)
 				for _, node := range c.live.onlineWith(featureControllers) {
-					c.push(node, featureControllers, controllerSet(urls))
+					c.push(node, featureControllers, controllerSet(urlsFor(node, urls)))
 				}
 			}
 		}
@@ -424,6 +434,20 @@ func (c *Controller) controllerURLs() []string {
 		}
 	}
 	return urls
+}
+
+// urlsFor returns urls (this replica first) for node: the others rotated by a
+// hash of the node's name, so that the agents of a replica that fails spread
+// over the others instead of all moving to the same one.
+func urlsFor(node string, urls []string) []string {
+	if len(urls) < 3 {
+		return urls
+	}
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(node))
+	rest := urls[1:]
+	k := int(h.Sum32() % uint32(len(rest)))
+	return append(append([]string{urls[0]}, rest[k:]...), rest[:k]...)
 }
 
 func controllerSet(urls []string) *segmeshv1.NetmapUpdate {

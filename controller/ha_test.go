@@ -217,3 +217,27 @@ func TestReplicaWithoutLease(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestURLsFor: this replica stays first, every URL once, and nodes spread over
+// the others as their second choice.
+func TestURLsFor(t *testing.T) {
+	urls := []string{"https://a", "https://b", "https://c", "https://d"}
+	second := map[string]int{}
+	for i := range 300 {
+		got := urlsFor(fmt.Sprintf("node-%d", i), urls)
+		if got[0] != urls[0] || len(got) != len(urls) {
+			t.Fatalf("urlsFor = %v", got)
+		}
+		sorted := slices.Clone(got)
+		slices.Sort(sorted)
+		if !slices.Equal(sorted, urls) {
+			t.Fatalf("urlsFor = %v, not a permutation of %v", got, urls)
+		}
+		second[got[1]]++
+	}
+	for _, u := range urls[1:] {
+		if second[u] < 50 {
+			t.Errorf("%s is the second choice of %d of 300 nodes: %v", u, second[u], second)
+		}
+	}
+}

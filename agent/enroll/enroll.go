@@ -242,22 +242,40 @@ func verifyPinned(tok jointoken.Token, chain []*x509.Certificate) error {
 	return nil
 }
 
+// Health checks and timeouts of the controller connections NewHTTPClient makes.
+// A connection on which nothing arrived for PingAfter gets an HTTP/2 PING; no
+// answer within PingTimeout closes it, which ends every call on it (the netmap
+// stream too). So a controller that vanished without closing the connection (a
+// host that died, a network partition: no FIN, no RST) is noticed within
+// PingAfter+PingTimeout (4 s) even on a quiet stream: the controller sends
+// netmaps only when they change, so idle streams are normal. The cost is one
+// PING frame and its answer (a few dozen bytes each way, with TLS) per idle
+// connection every PingAfter.
+const (
+	PingAfter   = 2 * time.Second
+	PingTimeout = 2 * time.Second
+	// DialTimeout bounds the TCP connect, so that an unreachable controller
+	// replica costs at most this long before the agent tries the next one.
+	DialTimeout = 5 * time.Second
+)
+
 // NewHTTPClient returns an HTTP/2 client for the controller with the given TLS
-// configuration. Idle connections are health-checked with HTTP/2 pings so that a
-// controller that vanished is noticed within about 45 s even on a quiet stream;
-// connections idle for 5 minutes are closed.
+// configuration. Connections are health-checked with HTTP/2 pings (see
+// PingAfter); connections idle for 5 minutes are closed.
 func NewHTTPClient(tlsConf *tls.Config) *http.Client {
 	t := &http.Transport{
 		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:         (&net.Dialer{Timeout: DialTimeout, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:     tlsConf,
 		TLSHandshakeTimeout: 10 * time.Second,
 		// A connection left idle (one with a replaced certificate) goes away.
 		IdleConnTimeout:   5 * time.Minute,
 		ForceAttemptHTTP2: true,
+		// SendPingTimeout and PingTimeout are x/net/http2's ReadIdleTimeout and
+		// PingTimeout.
 		HTTP2: &http.HTTP2Config{
-			SendPingTimeout: 30 * time.Second,
-			PingTimeout:     15 * time.Second,
+			SendPingTimeout: PingAfter,
+			PingTimeout:     PingTimeout,
 		},
 	}
 	t.Protocols = new(http.Protocols)

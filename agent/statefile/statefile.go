@@ -11,7 +11,8 @@
 //	tls.key.next        only during a certificate renewal: the new TLS key, same format
 //	ca.crt              controller CA certificate, PEM
 //	node.crt            node client certificate, PEM
-//	identity.json       Identity as JSON
+//	identity.json       Identity as JSON (the controller URLs: "controller", the one in
+//	                    use, and "controllers", every one known; see Identity)
 //	netmap.pb           last valid netmap, binary protobuf segmesh.v1.Netmap (a revoked
 //	                    node keeps the revoked netmap here, so a restart stays at default deny)
 //
@@ -43,6 +44,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -80,8 +82,15 @@ type Identity struct {
 	Labels    map[string]string `json:"labels,omitempty"`
 	// OverlayPrefixes are routed into the overlay interface.
 	OverlayPrefixes []string `json:"overlay_prefixes"`
-	// Controller is the controller URL, e.g. "https://192.0.2.1:7443".
+	// Controller is the controller URL in use: the one the agent last connected
+	// to, e.g. "https://192.0.2.1:7443"; after a load it is one of Controllers.
+	// Agents from before controller failover read and write only this field.
 	Controller string `json:"controller"`
+	// Controllers are every controller URL the agent knows (the replicas of one
+	// fleet), in the order it tries them when the one in use fails; at most 16.
+	// Absent in identity files of agents from before controller failover: a load
+	// then makes it [Controller].
+	Controllers []string `json:"controllers,omitempty"`
 	// Interface is the overlay link name.
 	Interface string `json:"interface"`
 	// ListenPort is the WireGuard UDP port.
@@ -403,7 +412,22 @@ func (d *Dir) Identity() (Identity, error) {
 	if id.NodeName == "" {
 		return id, fmt.Errorf("parsing %s: empty node_name", d.file(IdentityFile))
 	}
+	id.migrateControllers()
 	return id, nil
+}
+
+// migrateControllers makes Controller one of Controllers, as Identity documents:
+// a file without "controllers" (an older agent's) gets [Controller]; a Controller
+// missing from Controllers (set by hand, or by an older agent after a downgrade)
+// goes first, as the one to use; an empty Controller becomes Controllers[0]. It
+// does not check the URLs.
+func (id *Identity) migrateControllers() {
+	switch {
+	case id.Controller == "" && len(id.Controllers) > 0:
+		id.Controller = id.Controllers[0]
+	case id.Controller != "" && !slices.Contains(id.Controllers, id.Controller):
+		id.Controllers = append([]string{id.Controller}, id.Controllers...)
+	}
 }
 
 // certificateDER returns the DER of the certificate in node.crt.

@@ -486,3 +486,47 @@ func TestWireGuardKeyRotationFiles(t *testing.T) {
 		t.Fatal("commit without a pending key succeeded")
 	}
 }
+
+// TestIdentityControllers: identity.json written by an older agent (only
+// "controller") loads with that URL as the whole list; a "controller" that is
+// not in "controllers" (a hand edit, or an older agent after a downgrade) goes
+// first; the list round-trips.
+func TestIdentityControllers(t *testing.T) {
+	const a, b, c = "https://192.0.2.1:7443", "https://192.0.2.2:7443", "https://192.0.2.3:7443"
+	tests := []struct {
+		name     string
+		file     string
+		wantCur  string
+		wantList []string
+	}{
+		{name: "old file: single controller", file: `{"node_name":"web-1","controller":"` + a + `"}`, wantCur: a, wantList: []string{a}},
+		{name: "list with the current one", file: `{"node_name":"web-1","controller":"` + b + `","controllers":["` + a + `","` + b + `"]}`,
+			wantCur: b, wantList: []string{a, b}},
+		{name: "current one missing from the list goes first", file: `{"node_name":"web-1","controller":"` + c + `","controllers":["` + a + `","` + b + `"]}`,
+			wantCur: c, wantList: []string{c, a, b}},
+		{name: "no current one: the first", file: `{"node_name":"web-1","controllers":["` + a + `","` + b + `"]}`, wantCur: a, wantList: []string{a, b}},
+		{name: "none at all", file: `{"node_name":"web-1"}`, wantCur: "", wantList: nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := open(t)
+			if err := os.WriteFile(filepath.Join(d.Path(), IdentityFile), []byte(tt.file), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			id, err := d.Identity()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if id.Controller != tt.wantCur || !slices.Equal(id.Controllers, tt.wantList) {
+				t.Fatalf("controller %q, controllers %q; want %q, %q", id.Controller, id.Controllers, tt.wantCur, tt.wantList)
+			}
+			if err := d.SaveIdentity(id); err != nil {
+				t.Fatal(err)
+			}
+			again, err := d.Identity()
+			if err != nil || again.Controller != tt.wantCur || !slices.Equal(again.Controllers, tt.wantList) {
+				t.Fatalf("after a round trip: controller %q, controllers %q, %v", again.Controller, again.Controllers, err)
+			}
+		})
+	}
+}

@@ -217,3 +217,48 @@ func TestDownStateDir(t *testing.T) {
 		})
 	}
 }
+
+// TestControllerFlag: --controller takes comma-separated URLs and adds up when
+// repeated on the command line; the environment and the --config file (a scalar,
+// as for agents before failover) give the whole list, and the usual precedence
+// holds (a list is never merged across sources).
+func TestControllerFlag(t *testing.T) {
+	const a, b, c = "https://10.0.0.1:7443", "https://10.0.0.2:7443", "https://10.0.0.3:7443"
+	tests := []struct {
+		name string
+		file string
+		env  string // $SEGMESH_CONTROLLER
+		args []string
+		want string // the controller line of check-config, or part of the error
+		err  bool
+	}{
+		{name: "one", args: []string{"--controller", a}, want: "controller " + a + " (flag --controller)"},
+		{name: "comma-separated", args: []string{"--controller", a + ", " + b}, want: "controller " + a + "," + b + " (flag --controller)"},
+		{name: "repeated", args: []string{"--controller", a, "--controller=" + b + "," + c}, want: "controller " + a + "," + b + "," + c + " (flag --controller)"},
+		{name: "old config file: one URL", file: "controller: " + a + "\n", want: "controller " + a + " (file F:2:13)"},
+		{name: "config file: several", file: "controller: " + a + "," + b + "\n", want: "controller " + a + "," + b + " (file F:2:13)"},
+		{name: "env beats file", file: "controller: " + a + "\n", env: b + "," + c, want: "controller " + b + "," + c + " (env SEGMESH_CONTROLLER)"},
+		{name: "flag beats env and file", file: "controller: " + a + "\n", env: b, args: []string{"--controller", c, "--controller", a},
+			want: "controller " + c + "," + a + " (flag --controller)"},
+		{name: "empty item", args: []string{"--controller", a + ",," + b}, err: true, want: "empty URL in the list"},
+		{name: "empty item in the file", file: "controller: " + a + ",\n", err: true, want: "F:2:13: controller: invalid value"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv(tokenEnv, "")
+			t.Setenv("SEGMESH_CONTROLLER", tt.env)
+			path := writeConfig(t, "state-dir: /var/lib/x\n"+tt.file, 0o644)
+			code, out, errOut := runAgent(t, append([]string{"check-config", "--config", path}, tt.args...)...)
+			if (code != 0) != tt.err {
+				t.Fatalf("exit %d, want error %v\nstdout %s\nstderr %s", code, tt.err, out, errOut)
+			}
+			if tt.err {
+				out = errOut
+			}
+			out = spaces.ReplaceAllString(out, " ")
+			if w := strings.ReplaceAll(tt.want, "F", path); !strings.Contains(out, w) {
+				t.Errorf("output lacks %q:\n%s", w, out)
+			}
+		})
+	}
+}

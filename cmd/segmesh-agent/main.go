@@ -69,6 +69,9 @@ func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 	// from standard input for --token-file - only when readStdin). It returns the
 	// effective configuration and the logger.
 	prepare := func(cmd *cobra.Command, configFile string, readStdin bool) (*daemonconfig.Effective, *slog.Logger, error) {
+		if err := seal(cmd.Flags()); err != nil {
+			return nil, nil, err
+		}
 		eff, err := binder.Apply(cmd.Flags(), configFile)
 		if err != nil {
 			return nil, nil, err
@@ -101,12 +104,21 @@ func newRootCmd(newDP dataplaneFactory) *cobra.Command {
 		return eff, logger, nil
 	}
 	root := &cobra.Command{
-		Use:   "segmesh-agent --controller URL --token-file FILE --state-dir DIR",
+		Use:   "segmesh-agent --controller URL[,URL...] --token-file FILE --state-dir DIR",
 		Short: "segmesh host agent: WireGuard overlay and nftables segmentation",
 		Long: `segmesh-agent enrolls this host with the segmesh controller (once, with a join
 token), then keeps its WireGuard overlay and nftables filter equal to the netmap the
 controller sends. Later starts reuse the identity in --state-dir and need no token.
 --controller must be an https:// URL; the join token never travels in cleartext.
+
+With several controller replicas (sharing one etcd store), give every URL to
+--controller (comma-separated, or the flag repeated). The agent enrolls with the
+first that answers (a refusal, such as a used join token, is final), learns the
+replicas' URLs from the controller it streams from and keeps them in --state-dir.
+When its stream is lost (the controller is gone, or its connection stops
+answering HTTP/2 pings for 4 s), it connects to the next URL at once, keeping the
+dataplane as it is meanwhile; it waits (1 s doubling to 30 s) only after every URL
+failed in turn. URLs given on a later start are tried first, before the stored ones.
 
 The join token comes from exactly one of: --token-file FILE (mode 0600 or stricter;
 "-" reads standard input), $SEGMESH_TOKEN, or --token. Prefer the first two: a
@@ -168,7 +180,7 @@ without starting.`,
 	}
 	f := root.Flags()
 	f.StringVar(&config, daemonconfig.FlagName, "", "read settings from this YAML file (keys are the flags' names); flags and $SEGMESH_* variables override it")
-	f.StringVar(&opts.Controller, "controller", "", "controller URL, https only, e.g. https://192.0.2.1:7443 (first start; later defaults to the enrolled one)")
+	f.Var(&controllerURLs{urls: &opts.Controllers}, "controller", fmt.Sprintf("controller URLs, https only, one per controller replica, comma-separated or by repeating the flag, at most %d, e.g. https://10.0.0.1:7443,https://10.0.0.2:7443 (first start: enrolls with the first that answers; later starts use the stored ones, those given go first)", agent.MaxControllers))
 	f.StringVar(&opts.Token, "token", "", "join token; visible to every local user in the process list (/proc/PID/cmdline) for the agent's whole life: prefer --token-file or $"+tokenEnv)
 	f.StringVar(&tokenFile, "token-file", "", "read the join token (first start, or re-enrollment after the certificate expired or the node was deleted) from FILE, mode 0600 or stricter; \"-\" reads standard input")
 	f.StringVar(&opts.StateDir, "state-dir", "", "directory for keys, certificates, identity and the last netmap (required)")
@@ -177,7 +189,7 @@ without starting.`,
 	f.IntVar(&opts.ListenPort, "listen-port", 0, fmt.Sprintf("WireGuard UDP port (default the enrolled one, else %d)", agent.DefaultListenPort))
 	f.StringVar(&opts.Endpoint, "endpoint", "", "underlay HOST:PORT to advertise (default: local address towards the controller, with the listen port)")
 	f.IntVar(&opts.GossipPort, "gossip-port", 0, "memberlist port to bind and to join peers on (default: the controller's, 7946)")
-	f.StringVar(&opts.STUNServer, "stun-server", "", fmt.Sprintf("STUN server HOST:PORT that tells this node the NAT mapping of its WireGuard port, or %q (default: the controller's host, port %d; needs embedded wireguard-go)", agent.STUNOff, agent.DefaultSTUNPort))
+	f.StringVar(&opts.STUNServer, "stun-server", "", fmt.Sprintf("STUN server HOST:PORT that tells this node the NAT mapping of its WireGuard port, or %q (default: the host of the controller in use, port %d; needs embedded wireguard-go)", agent.STUNOff, agent.DefaultSTUNPort))
 	f.StringVar(&opts.RelayPorts, "relay-ports", "", "FIRST-LAST UDP ports on which this node relays WireGuard ciphertext for pairs the controller authorises (the policy must name it in relays:), e.g. 40000-40999; default: relay for nobody")
 	f.DurationVar(&opts.Resync, "resync", agent.DefaultResync, "period of dataplane read-back, status reports, gossip re-joins and certificate expiry checks")
 	f.BoolVar(&userspace, "userspace", false, "use embedded wireguard-go even when the kernel has WireGuard")
@@ -285,6 +297,9 @@ func downStateDir(stateDir *pflag.Flag, configFile string, newDP dataplaneFactor
 		if err := fs.Set("state-dir", stateDir.Value.String()); err != nil {
 			return "", err
 		}
+	}
+	if err := seal(fs); err != nil {
+		return "", err
 	}
 	if _, err := binder.Apply(fs, configFile); err != nil {
 		return "", err

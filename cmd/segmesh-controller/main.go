@@ -156,7 +156,7 @@ check-config" checks a configuration without starting.`,
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&debugAddr, "debug-listen", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; keep it on loopback")
 	f.StringVar(&metricsAddr, "metrics-listen", "", metricsserve.FlagUsage)
-	cmd.AddCommand(newBackupCommand(), newCheckConfigCommand(cmd, prepare))
+	cmd.AddCommand(newBackupCommand(), newMigrateCommand(), newCheckConfigCommand(cmd, prepare))
 	cmd.CompletionOptions.DisableDefaultCmd = true
 	return cmd
 }
