@@ -4,7 +4,7 @@ GO ?= go
 BIN ?= bin
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build test unit e2e demo demo-nat lint fmt deps clean unauthload loadgen bench bench-build package
+.PHONY: all build test unit e2e demo demo-nat demo-ha lint fmt deps clean unauthload loadgen bench bench-build package
 
 all: build
 
@@ -33,6 +33,13 @@ demo: deps
 # matrix hold; it prints the path each of api-1's peers takes.
 demo-nat: deps
 	hack/demo.sh -nat
+
+# The demo with three controller replicas (controller-1..3) sharing a real
+# three-member etcd cluster (hack/etcd, built from go.mod): the matrix holds,
+# then controller-1 is killed with SIGKILL; it prints which replica every agent
+# streams from before and after, checks the matrix again and restarts it.
+demo-ha: deps
+	hack/demo.sh -ha
 
 # Peak controller RSS while 60 unauthenticated clients send 15 MiB bodies (issue 6).
 unauthload: build

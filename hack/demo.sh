@@ -7,8 +7,9 @@
 # over the WireGuard overlay), and removes every namespace, interface and process it
 # made, also on Ctrl-C or SIGTERM.
 #
-# Usage: sudo hack/demo.sh [-keep] [-v] [-nat] [-policy FILE]   (flags go to hack/lab;
-# -nat puts nodes behind NAT routers, see hack/lab)
+# Usage: sudo hack/demo.sh [-keep] [-v] [-nat] [-ha] [-policy FILE]   (flags go to
+# hack/lab; -nat puts nodes behind NAT routers, -ha runs three controllers on a
+# three-member etcd cluster and kills one, see hack/lab)
 # Needs root, Go, iproute2, nftables, wireguard-tools (wg) and iputils-ping; it
 # installs nothing. Exit status: 0 when every matrix cell matches, non-zero otherwise.
 set -euo pipefail
@@ -39,8 +40,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "==> building segmesh-controller, segmesh-agent, segmesh, probe and the lab driver into $bin"
-go build -o "$bin/" ./cmd/segmesh-controller ./cmd/segmesh-agent ./cmd/segmesh ./hack/probe ./hack/lab
+echo "==> building segmesh-controller, segmesh-agent, segmesh, probe, etcd and the lab driver into $bin"
+go build -o "$bin/" ./cmd/segmesh-controller ./cmd/segmesh-agent ./cmd/segmesh ./hack/probe ./hack/etcd ./hack/lab
 
 # Run the driver in the background so that a SIGTERM to this script reaches it
 # (bash defers traps while a foreground child runs); the driver removes the lab

@@ -6,7 +6,7 @@
 //
 // Usage (as root, binaries built into BIN by demo.sh):
 //
-//	lab -bin BIN [-policy examples/policy.yaml] [-nat] [-keep] [-v]
+//	lab -bin BIN [-policy examples/policy.yaml] [-nat] [-ha] [-keep] [-v]
 //
 // With -nat (`make demo-nat`) the hosts sit behind the NAT routers of
 // lab.ExampleNATs: web-1 and web-2 behind two port-preserving NATs, api-1 behind
@@ -15,6 +15,13 @@
 // ports (only ops-1 relays: the example policy's relays section names it); the
 // demo then prints the path every peer of api-1 takes (direct or relay via
 // ops-1) with `segmesh nodes show api-1`.
+//
+// With -ha (`make demo-ha`) three controller hosts (controller-1..3, 192.0.2.1-3)
+// each run a member of one real etcd cluster (hack/etcd) and a segmesh-controller
+// with --store etcd; agents and the CLI get all three URLs. After the matrix the
+// demo prints which replica each agent streams from, kills controller-1 with
+// SIGKILL, waits until every agent streams from another replica, probes the
+// whole matrix again, and restarts controller-1.
 //
 // Exit status: 0 when every matrix cell matches the policy, 1 on any mismatch or
 // error, 130 when interrupted.
@@ -49,6 +56,7 @@ func run() int {
 	policyPath := flag.String("policy", "examples/policy.yaml", "policy file to apply")
 	keep := flag.Bool("keep", false, "keep the lab directory (logs, state) after the run")
 	verbose := flag.Bool("v", false, "log lab operations and run agents with --log-level debug")
+	ha := flag.Bool("ha", false, "run three controller replicas on a three-member etcd cluster, then kill -9 controller-1 and show the agents move and the matrix hold")
 	behindNAT := flag.Bool("nat", false, "put web-1, web-2 behind two port-preserving NATs, api-1 behind a symmetric NAT and db-1 behind a 1:1 NAT (ops-1 stays public)")
 	convergeTimeout := flag.Duration("converge-timeout", 60*time.Second, "how long to wait for every node to enforce the policy")
 	matrixTimeout := flag.Duration("matrix-timeout", 20*time.Second, "how long mismatching cells are re-probed before they count")
@@ -113,13 +121,16 @@ func run() int {
 	if *verbose {
 		opts.AgentArgs = append(opts.AgentArgs, "--log-level", "debug")
 	}
+	if *ha {
+		opts.HA = 3
+	}
 	if *behindNAT {
 		opts.NATs, opts.Nodes = lab.ExampleNATs()
 		opts.ControllerArgs = append(opts.ControllerArgs, "--stun-listen", ":3478")
 		opts.AgentArgs = append(opts.AgentArgs, "--relay-ports", "40000-40099")
-		d.step("creating the lab: an underlay bridge, a controller host, %d NAT routers and %d node hosts", len(opts.NATs), len(opts.Nodes))
+		d.step("creating the lab: an underlay bridge, %s, %d NAT routers and %d node hosts", controllerHosts(opts.HA), len(opts.NATs), len(opts.Nodes))
 	} else {
-		d.step("creating the lab: an underlay bridge, a controller host and %d node hosts", len(opts.Nodes))
+		d.step("creating the lab: an underlay bridge, %s and %d node hosts", controllerHosts(opts.HA), len(opts.Nodes))
 	}
 	mesh, err = lab.NewMesh(ctx, opts)
 	close(meshReady)
@@ -191,7 +202,14 @@ func (d *demo) run(ctx context.Context, m *lab.Mesh, pol *lab.Policy, policyPath
 		return d.fail(err)
 	}
 
-	d.step("starting segmesh-controller on %s (%s)", m.Controller.Namespace, m.URL)
+	if m.HA() > 0 {
+		d.step("starting a %d-member etcd cluster and %d segmesh-controller replicas (--store etcd)", m.HA(), m.HA())
+		for _, r := range m.Controllers {
+			fmt.Fprintf(d.out, "  %-12s netns %-24s etcd %-8s %s  controller %s\n", r.Host.Name, r.Host.Namespace, r.EtcdName, r.EtcdClientURL, r.URL)
+		}
+	} else {
+		d.step("starting segmesh-controller on %s (%s)", m.Controller.Namespace, m.URL)
+	}
 	if err := m.StartController(ctx); err != nil {
 		return d.fail(err)
 	}
@@ -258,7 +276,99 @@ func (d *demo) run(ctx context.Context, m *lab.Mesh, pol *lab.Policy, policyPath
 	if err := d.observe(ctx, m, showNode); err != nil {
 		return d.fail(err)
 	}
+	if m.HA() > 0 {
+		if err := d.failover(ctx, m, pol, matrixTimeout); err != nil {
+			return d.fail(err)
+		}
+	}
 	return 0
+}
+
+// controllerHosts describes the controller hosts of a mesh with ha replicas.
+func controllerHosts(ha int) string {
+	if ha > 1 {
+		return fmt.Sprintf("%d controller hosts", ha)
+	}
+	return "a controller host"
+}
+
+// failoverReplica is the replica the HA demo kills.
+const failoverReplica = 1
+
+// failover is the HA part of the demo: which replica each agent streams from,
+// kill -9 controller-1, the agents on it move to the others, the matrix still
+// holds, controller-1 comes back.
+func (d *demo) failover(ctx context.Context, m *lab.Mesh, pol *lab.Policy, matrixTimeout time.Duration) error {
+	d.step("which controller replica each agent streams from")
+	if err := d.streams(ctx, m, failoverReplica+1); err != nil {
+		return err
+	}
+	victim := m.Replica(failoverReplica)
+	d.step("kill -9 %s (pid %d): the agents on it move to the other replicas", victim.Host.Name, victim.Proc.PID())
+	killed := time.Now()
+	if err := m.KillController(failoverReplica); err != nil {
+		return err
+	}
+	if _, err := m.WaitStreamsOff(ctx, failoverReplica, 30*time.Second); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.out, "every agent streams from another replica %.1fs after the kill\n", time.Since(killed).Seconds())
+	if err := d.streams(ctx, m, failoverReplica+1); err != nil {
+		return err
+	}
+	d.step("segmesh status (the CLI skips the dead %s)", victim.URL)
+	out, err := m.CLI(ctx, "status")
+	fmt.Fprint(d.out, out)
+	if err != nil {
+		return err
+	}
+	st, err := m.WaitConverged(ctx, 0, 30*time.Second)
+	if err != nil {
+		return err
+	}
+	d.step("connectivity matrix with %s dead (the same probes; mismatches only)", victim.Host.Name)
+	cells, rounds, err := m.WaitMatrix(ctx, pol, st, matrixTimeout, lab.MatrixOptions{})
+	for _, c := range lab.Mismatches(cells) {
+		fmt.Fprintf(d.out, "  MISMATCH %s -> %s %s (%s): policy %s, observed %s %s\n", c.Src, c.Dst, c.Check, c.Addr, verdict(c.Want), observed(c), c.Output)
+	}
+	if err != nil {
+		return fmt.Errorf("matrix with %s dead: %w", victim.Host.Name, err)
+	}
+	fmt.Fprintf(d.out, "all %d cells still match the policy (%d probing round(s))\n", len(cells), rounds)
+	d.step("restarting %s: segmesh status on it", victim.Host.Name)
+	if err := m.RestartController(ctx, failoverReplica); err != nil {
+		return err
+	}
+	out, err = m.ReplicaCLI(ctx, failoverReplica, "status")
+	fmt.Fprint(d.out, out)
+	if err != nil {
+		return err
+	}
+	d.step("which controller replica each agent streams from now")
+	return d.streams(ctx, m, failoverReplica)
+}
+
+// streams prints, for every node, the replica its agent holds its controller
+// connection to (the kernel's view in the node's namespace) and the replica the
+// controllers record for it (NodeStatus.controller, asked of replica ask).
+func (d *demo) streams(ctx context.Context, m *lab.Mesh, ask int) error {
+	kernel, err := m.Streams(ctx)
+	if err != nil {
+		return err
+	}
+	view, verr := m.ControllerView(ctx, ask)
+	if verr != nil {
+		fmt.Fprintf(d.out, "  (controller view unavailable: %v)\n", verr)
+	}
+	for _, n := range m.Nodes() {
+		r := m.Replica(kernel[n.Name])
+		said := view[n.Name]
+		if said == "" {
+			said = "-"
+		}
+		fmt.Fprintf(d.out, "  %-8s streams from %-12s (connection to %s; controllers record %s)\n", n.Name, r.Host.Name, r.Name(), said)
+	}
+	return nil
 }
 
 // showNode is the node whose status in depth, denied flows and agent metrics the

@@ -8,8 +8,10 @@ import (
 	"strings"
 )
 
-// Packages are the main packages Build compiles, relative to the module root.
-var Packages = []string{"./cmd/segmesh-controller", "./cmd/segmesh-agent", "./cmd/segmesh", "./hack/probe"}
+// Packages are the main packages Build compiles, relative to the module root:
+// the segmesh binaries, the probe and the real etcd server (hack/etcd, binary
+// EtcdBin) for MeshOptions.HA.
+var Packages = []string{"./cmd/segmesh-controller", "./cmd/segmesh-agent", "./cmd/segmesh", "./hack/probe", "./hack/etcd"}
 
 // Build compiles Packages into binDir with `go build -o binDir`, running in the
 // module at moduleDir.

@@ -30,7 +30,12 @@
 //
 // Mesh builds on Lab: a controller host and one host per segmesh node (on the
 // public underlay, or behind a NAT of MeshOptions.NATs), running the real
-// segmesh binaries, plus a probe server (hack/probe) on every node. Policy is a
+// segmesh binaries, plus a probe server (hack/probe) on every node. With
+// MeshOptions.HA (ha.go) the controller hosts are controller-1..N, each running
+// a member of one real etcd cluster (hack/etcd) and a controller replica with
+// --store etcd; the mesh kills and restarts replicas, stops and restarts etcd
+// members, partitions a controller host from the others with nftables, and
+// tells which replica each agent streams from. Policy is a
 // deliberately small, independent evaluator of the policy file format, used to
 // compute the expected verdict of every cell of the connectivity Matrix, which real
 // TCP, UDP and ICMP probes then observe.

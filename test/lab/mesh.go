@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -88,27 +89,46 @@ type MeshOptions struct {
 	Nodes []NodeSpec
 	// AgentArgs are appended to every agent command line (e.g. "--log-level", "debug").
 	AgentArgs []string
-	// ControllerArgs are appended to the controller command line.
+	// ControllerArgs are appended to the controller command line (of every
+	// replica with HA).
 	ControllerArgs []string
+	// HA is the number of controller replicas: 0 or 1 is one controller host
+	// ("controller", ControllerAddr) with its bbolt store; 2 to MaxHA (3 for a
+	// real quorum) are hosts "controller-1".."controller-N" at 192.0.2.1 up, each
+	// running an etcd member and a segmesh-controller with --store etcd sharing
+	// the cluster (see ha.go); agents and the CLI then get every replica's URL.
+	HA int
 }
 
-// Mesh is a Lab running segmesh: a controller host ("controller", 192.0.2.1) and one
-// host per node, each with a probe server: on the public underlay (192.0.2.11,
-// .12, ... in order) or behind a NAT router (its next free private address).
+// Mesh is a Lab running segmesh: a controller host ("controller", 192.0.2.1), or
+// with MeshOptions.HA the replica hosts "controller-1".. (192.0.2.1, .2, ...),
+// and one host per node, each with a probe server: on the public underlay
+// (192.0.2.11, .12, ... in order) or behind a NAT router (its next free private
+// address).
 type Mesh struct {
 	Lab    *Lab
 	BinDir string
-	// Controller is the controller's host; ControllerProc its process once started.
+	// Controller is the controller's host (controller-1's with HA);
+	// ControllerProc its process once started.
 	Controller     *Host
 	ControllerProc *Process
-	// DataDir is the controller's data directory; Credentials its operator.json.
+	// DataDir is the controller's data directory; Credentials its operator.json
+	// (controller-1's with HA: every replica's holds the same CA and token).
 	DataDir     string
 	Credentials string
-	// URL is the controller's URL as agents and the CLI dial it.
+	// URL is the controller's URL (controller-1's with HA).
 	URL string
+	// Controllers are the controller replicas in order: one without HA (the
+	// fields above), MeshOptions.HA with it.
+	Controllers []*ControllerReplica
+	// SecretKeyFile is the controllers' shared --secret-key-file with HA (64 hex
+	// digits, mode 0600, in the lab directory); empty without HA.
+	SecretKeyFile string
 
-	opts  MeshOptions
-	nodes []*Node
+	opts        MeshOptions
+	nodes       []*Node
+	etcdCluster string     // etcd's --initial-cluster with HA
+	haMu        sync.Mutex // guards ControllerReplica's down flags
 }
 
 // Node is one segmesh node of a Mesh.
@@ -137,7 +157,14 @@ func (n *Node) Info() NodeInfo { return NodeInfo{Name: n.Name, Labels: n.Labels}
 // probe server on every node host. Nothing of segmesh runs yet. On error the lab
 // is closed.
 func NewMesh(ctx context.Context, opts MeshOptions) (*Mesh, error) {
-	for _, b := range []string{ControllerBin, AgentBin, CLIBin, ProbeBin} {
+	if opts.HA < 0 || opts.HA > MaxHA {
+		return nil, fmt.Errorf("creating mesh: HA %d: want 0 or 1 (one controller) up to %d replicas", opts.HA, MaxHA)
+	}
+	bins := []string{ControllerBin, AgentBin, CLIBin, ProbeBin}
+	if opts.HA > 1 {
+		bins = append(bins, EtcdBin)
+	}
+	for _, b := range bins {
 		if _, err := os.Stat(filepath.Join(opts.BinDir, b)); err != nil {
 			return nil, fmt.Errorf("creating mesh: binary %s: %w (build with lab.Build)", b, err)
 		}
@@ -164,14 +191,9 @@ func NewMesh(ctx context.Context, opts MeshOptions) (*Mesh, error) {
 }
 
 func (m *Mesh) init(ctx context.Context) error {
-	ctl, err := m.Lab.AddHost(ctx, "controller", ControllerAddr)
-	if err != nil {
+	if err := m.initControllers(ctx); err != nil {
 		return err
 	}
-	m.Controller = ctl
-	m.DataDir = filepath.Join(ctl.Dir, "data")
-	m.Credentials = filepath.Join(m.DataDir, "operator.json")
-	m.URL = "https://" + netip.AddrPortFrom(ControllerAddr, ControllerPort).String()
 	for _, spec := range m.opts.NATs {
 		if _, err := m.Lab.AddNAT(ctx, spec); err != nil {
 			return err
@@ -238,7 +260,11 @@ func (m *Mesh) Node(name string) *Node {
 
 // StartController starts segmesh-controller on the controller host and waits
 // until it has written its operator credentials and answers `segmesh status`.
+// With HA it starts the etcd cluster and then every replica (see startReplicas).
 func (m *Mesh) StartController(ctx context.Context) error {
+	if m.HA() > 0 {
+		return m.startReplicas(ctx)
+	}
 	args := append([]string{m.Bin(ControllerBin),
 		"--data-dir", m.DataDir,
 		"--listen", netip.AddrPortFrom(ControllerAddr, ControllerPort).String(),
@@ -248,12 +274,28 @@ func (m *Mesh) StartController(ctx context.Context) error {
 		return err
 	}
 	m.ControllerProc = p
+	m.Controllers[0].Proc = p
 	return m.WaitControllerReady(ctx, 30*time.Second)
 }
 
 // WaitControllerReady waits until the controller answers `segmesh status`; it
-// fails at once if the controller process has exited.
+// fails at once if the controller process has exited. With HA it waits for every
+// replica not killed with KillController.
 func (m *Mesh) WaitControllerReady(ctx context.Context, timeout time.Duration) error {
+	if m.HA() > 0 {
+		for _, r := range m.Controllers {
+			m.haMu.Lock()
+			down := r.controllerDown
+			m.haMu.Unlock()
+			if down {
+				continue
+			}
+			if err := m.WaitReplicaReady(ctx, r.Index, timeout); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	err := WaitFor(ctx, timeout, func(ctx context.Context) (bool, error) {
 		if !m.ControllerProc.Running() {
 			return false, Abort(fmt.Errorf("controller exited (%v); log %s:\n%s", m.ControllerProc.Err(), m.ControllerProc.LogPath, tail(m.ControllerProc.Log(), 20)))
@@ -270,12 +312,13 @@ func (m *Mesh) WaitControllerReady(ctx context.Context, timeout time.Duration) e
 	return nil
 }
 
-// CLI runs the segmesh CLI in the controller's namespace with the mesh's
-// --controller and --credentials and returns its standard output.
+// CLI runs the segmesh CLI in the controller's namespace (controller-1's with
+// HA) with the mesh's --controller (every replica's URL, comma-separated, with
+// HA) and --credentials and returns its standard output.
 func (m *Mesh) CLI(ctx context.Context, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, CLITimeout)
 	defer cancel()
-	full := append([]string{m.Bin(CLIBin), "--controller", m.URL, "--credentials", m.Credentials}, args...)
+	full := append([]string{m.Bin(CLIBin), "--controller", strings.Join(m.ControllerURLs(), ","), "--credentials", m.Credentials}, args...)
 	return m.Controller.Exec(ctx, full...)
 }
 
@@ -313,10 +356,10 @@ func (n *Node) WriteToken(token string) error {
 }
 
 // AgentCommand is the command line that runs the agent of n with its join token
-// in TokenFile.
+// in TokenFile (--controller lists every replica's URL, comma-separated, with HA).
 func (m *Mesh) AgentCommand(n *Node) []string {
 	return append([]string{m.Bin(AgentBin),
-		"--controller", m.URL,
+		"--controller", strings.Join(m.ControllerURLs(), ","),
 		"--token-file", n.TokenFile(),
 		"--state-dir", n.StateDir,
 		"--interface", n.Interface,
@@ -408,6 +451,12 @@ type Status struct {
 	NodesOnline  uint32       `json:"nodes_online"`
 	NodesCurrent uint32       `json:"nodes_current"`
 	Nodes        []NodeStatus `json:"nodes"`
+	// Store, Controllers and Controller are the store the answering controller
+	// uses, the URLs of the replicas sharing it and its own name, when the CLI
+	// prints them.
+	Store       string   `json:"store"`
+	Controllers []string `json:"controllers"`
+	Controller  string   `json:"controller"`
 }
 
 // NodeStatus is one node of Status.
@@ -425,6 +474,9 @@ type NodeStatus struct {
 	// DesiredHash and AppliedHash are the netmap hashes, when the CLI prints them.
 	DesiredHash string `json:"desired_hash"`
 	AppliedHash string `json:"applied_hash"`
+	// Controller is the replica the node's agent streams from (its Name), when
+	// the CLI prints it.
+	Controller string `json:"controller"`
 }
 
 // Node returns the status of the node called name, or nil.
@@ -530,7 +582,7 @@ func (n *NodeStatus) addrOK(family int) (netip.Addr, bool) {
 
 // checkRunning returns an error naming the first started segmesh process that exited.
 func (m *Mesh) checkRunning() error {
-	procs := []*Process{m.ControllerProc}
+	procs := m.runningProcs()
 	for _, n := range m.nodes {
 		procs = append(procs, n.Agent)
 	}
