@@ -228,7 +228,11 @@ func (s *agentService) serve(ctx context.Context, req *connect.Request[segmeshv1
 					c.log.Debug("sending the revoked netmap", "node", node.Name, "err", err)
 				}
 			}
-			c.log.Info("agent stream closed: credentials no longer valid", "node", node.Name, "reason", err)
+			if isCutOff(err) {
+				c.log.Info("agent stream closed: credentials no longer valid", "node", node.Name, "reason", err)
+			} else {
+				c.log.Warn("agent stream closed: the node's credentials could not be checked", "node", node.Name, "err", err)
+			}
 			return err
 		}
 		if u, ok := sub.Next(); ok {

@@ -96,7 +96,7 @@ func writeRefusal(w http.ResponseWriter, r *http.Request, err *connect.Error) {
 		// shutdown that waits for the body.)
 		w.Header().Set("Connection", "close")
 	}
-	_ = errorWriter.Write(w, r, err)
+	_ = errorWriter.Write(w, r, unavailableError(err))
 }
 
 // withEnrollLimits guards EnrollService, which is unauthenticated by design,

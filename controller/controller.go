@@ -598,13 +598,13 @@ func (c *Controller) httpServer() *http.Server {
 	// No request compression for the unauthenticated service: 60 KB of gzip
 	// inflate to 60 MiB.
 	path, h := segmeshv1connect.NewEnrollServiceHandler(&enrollService{c: c}, connect.WithReadMaxBytes(enrollBodyLimit),
-		connect.WithCompression("gzip", nil, nil))
+		connect.WithCompression("gzip", nil, nil), connect.WithInterceptors(storeUnavailable{}))
 	mux.Handle(path, c.withEnrollLimits(h))
 	path, h = segmeshv1connect.NewAgentServiceHandler(&agentService{c: c}, connect.WithReadMaxBytes(agentBodyLimit),
-		fastGzip(), connect.WithCompressMinBytes(compressMinBytes))
+		fastGzip(), connect.WithCompressMinBytes(compressMinBytes), connect.WithInterceptors(storeUnavailable{}))
 	mux.Handle(path, withClientIdentity(h))
 	path, h = segmeshv1connect.NewOperatorServiceHandler(&operatorService{c: c}, connect.WithReadMaxBytes(policyBodyLimit),
-		connect.WithInterceptors(c.auditRefusals()))
+		connect.WithInterceptors(storeUnavailable{}, c.auditRefusals()))
 	mux.Handle(path, c.withOperatorAuth(h))
 	ui := uiHandler()
 	mux.Handle(UIPath, ui)

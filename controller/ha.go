@@ -470,6 +470,35 @@ func (c *Controller) withLease(h http.Handler) http.Handler {
 	})
 }
 
+// storeUnavailable turns the errors of calls that failed because etcd did not
+// answer (etcdstore.ErrUnavailable, usually reported as Internal) into
+// Unavailable saying so, so that agents and the CLI try another replica.
+type storeUnavailable struct{}
+
+func unavailableError(err error) error {
+	if err == nil || !errors.Is(err, etcdstore.ErrUnavailable) {
+		return err
+	}
+	return connect.NewError(connect.CodeUnavailable, fmt.Errorf("this controller could not reach a quorum of its etcd cluster (%v); retry on another controller replica", err))
+}
+
+func (storeUnavailable) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		resp, err := next(ctx, req)
+		return resp, unavailableError(err)
+	}
+}
+
+func (storeUnavailable) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (storeUnavailable) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		return unavailableError(next(ctx, conn))
+	}
+}
+
 // presenceWriter publishes, under the replica's lease, the runtime status of the
 // nodes streaming from this replica (cluster presence records), so that the
 // other replicas' Status shows them online. Writes are coalesced per node and

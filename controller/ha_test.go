@@ -251,3 +251,16 @@ func TestURLsFor(t *testing.T) {
 		}
 	}
 }
+
+// TestStoreUnavailable: a call that fails because etcd does not answer is
+// refused with Unavailable (so that clients try another replica), not Internal,
+// also while the replica still holds its lease.
+func TestStoreUnavailable(t *testing.T) {
+	etcd := etcdtest.New(t)
+	a := startReplicas(t, etcd.URL(), 1)[0]
+	etcd.Stop()
+	_, err := a.op().CreateToken(bg, connect.NewRequest(&segmeshv1.CreateTokenRequest{Reusable: true}))
+	if ce := wantCode(t, err, connect.CodeUnavailable); !strings.Contains(ce.Message(), "another controller replica") {
+		t.Errorf("refusal %q does not say what to do", ce.Message())
+	}
+}

@@ -40,6 +40,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 
 	"segmesh/controller/store"
@@ -59,6 +60,12 @@ const (
 // ErrConflict is returned (wrapped) by Update when every attempt lost a race
 // against another writer.
 var ErrConflict = errors.New("etcd transaction kept conflicting with other writers")
+
+// ErrUnavailable is wrapped by the errors of View and Update when etcd did not
+// answer a request: no endpoint reachable, the member reached has no leader (it
+// is cut off from the quorum), or the request timed out. Whether a commit that
+// failed so took effect is unknown. Another controller replica may succeed.
+var ErrUnavailable = errors.New("etcd unavailable")
 
 // ErrTooLarge is returned (wrapped) by Update when the transaction needs more
 // compares or more writes than one etcd Txn may hold (Config.MaxTxnOps). Nothing is
@@ -102,8 +109,12 @@ type Store struct {
 	cli  *clientv3.Client
 	cfg  Config
 	aead cipher.AEAD // nil without Config.SecretKey
-	// writeMu lets one Update of this Store run at a time (see Update).
-	writeMu sync.Mutex
+	// writeMu lets one Update of this Store run at a time (see Update); it
+	// guards lockSession and locked, the update lock's session and the lock
+	// while the current Update holds it.
+	writeMu     sync.Mutex
+	lockSession *concurrency.Session
+	locked      *concurrency.Mutex
 	log     *slog.Logger
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -140,6 +151,11 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		Endpoints:   cfg.Endpoints,
 		TLS:         cfg.TLS,
 		DialTimeout: cfg.DialTimeout,
+		// gRPC pings find a member that stopped answering (a partition drops its
+		// packets) in about 2 s, so that requests move to another endpoint
+		// instead of waiting for their timeout.
+		DialKeepAliveTime:    time.Second,
+		DialKeepAliveTimeout: time.Second,
 		Logger:      zap.NewNop(), // its errors come back to the caller; its retry chatter stays out of the logs
 	})
 	if err != nil {
@@ -180,9 +196,58 @@ func (s *Store) String() string {
 	return fmt.Sprintf("etcd %s (prefix %s)", strings.Join(s.cfg.Endpoints, ","), s.cfg.Prefix)
 }
 
+// escalateAfter is how many lost races make Update take the update lock.
+const escalateAfter = 4
+
+// lock takes the cluster-wide update lock for the current Update (under
+// writeMu); on failure (logged) Update goes on without it.
+func (s *Store) lock() {
+	if s.lockSession == nil {
+		sess, err := concurrency.NewSession(s.cli, concurrency.WithTTL(10), concurrency.WithContext(s.ctx))
+		if err != nil {
+			s.log.Warn("etcd store: no session for the update lock; retrying without it", "err", err)
+			return
+		}
+		s.lockSession = sess
+	}
+	select {
+	case <-s.lockSession.Done():
+		s.lockSession = nil
+		s.lock()
+		return
+	default:
+	}
+	m := concurrency.NewMutex(s.lockSession, s.cfg.Prefix+"locks/update")
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	if err := m.Lock(ctx); err != nil {
+		s.log.Warn("etcd store: taking the update lock; retrying without it", "err", err)
+		return
+	}
+	s.locked = m
+}
+
+// unlock releases the update lock if the current Update took it.
+func (s *Store) unlock() {
+	if s.locked == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	if err := s.locked.Unlock(ctx); err != nil {
+		s.log.Warn("etcd store: releasing the update lock (its lease ends it)", "err", err)
+	}
+	s.locked = nil
+}
+
 // Close implements store.Store: it cancels requests in flight and closes the client.
 func (s *Store) Close() error {
 	s.cancel()
+	s.writeMu.Lock()
+	if s.lockSession != nil {
+		s.lockSession.Orphan()
+	}
+	s.writeMu.Unlock()
 	return s.cli.Close()
 }
 
@@ -221,11 +286,20 @@ func (s *Store) View(fn func(store.Tx) error) error {
 // transaction appends to the audit chain, so concurrent ones of one process
 // would only conflict with each other; optimistic retries are left for the
 // races between controller replicas.
+//
+// A writer that lost escalateAfter races in a row takes an etcd lock
+// (concurrency.Mutex on PREFIX locks/update) for its further attempts, so
+// that a slow replica is not starved by faster ones: the other replicas'
+// escalated writers queue on it, and only their first attempts still race.
 func (s *Store) Update(fn func(store.Tx) error) error {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	backoff := time.Millisecond
+	defer s.unlock()
 	for attempt := 1; ; attempt++ {
+		if attempt == escalateAfter+1 {
+			s.lock()
+		}
 		t := s.newTx(true)
 		if err := fn(t); err != nil && !t.compacted {
 			return err

@@ -79,12 +79,15 @@ func (t *tx) get(key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, 
 	if t.rev != 0 {
 		opts = append(opts, clientv3.WithRev(t.rev))
 	}
-	ctx, cancel := context.WithTimeout(t.s.ctx, t.s.cfg.RequestTimeout)
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(t.s.ctx), t.s.cfg.RequestTimeout)
 	defer cancel()
 	resp, err := t.s.cli.Get(ctx, key, opts...)
 	if err != nil {
-		t.compacted = t.compacted || errors.Is(err, rpctypes.ErrCompacted)
-		return nil, fmt.Errorf("etcd at %s: reading %s: %w", strings.Join(t.s.cfg.Endpoints, ","), key, err)
+		if errors.Is(err, rpctypes.ErrCompacted) {
+			t.compacted = true
+			return nil, fmt.Errorf("etcd at %s: reading %s: %w", strings.Join(t.s.cfg.Endpoints, ","), key, err)
+		}
+		return nil, fmt.Errorf("etcd at %s: reading %s: %w: %w", strings.Join(t.s.cfg.Endpoints, ","), key, ErrUnavailable, err)
 	}
 	if t.rev == 0 {
 		t.rev = resp.Header.Revision
@@ -276,7 +279,7 @@ func (t *tx) commit() (bool, error) {
 		return false, fmt.Errorf("etcd store: committing %d compares and %d writes (each table written adds one): etcd allows %d of each per Txn (--max-txn-ops): %w",
 			len(cmps), len(ops), max, ErrTooLarge)
 	}
-	ctx, cancel := context.WithTimeout(t.s.ctx, t.s.cfg.RequestTimeout)
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(t.s.ctx), t.s.cfg.RequestTimeout)
 	defer cancel()
 	resp, err := t.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if errors.Is(err, rpctypes.ErrTooManyOps) || errors.Is(err, rpctypes.ErrRequestTooLarge) {
@@ -284,7 +287,7 @@ func (t *tx) commit() (bool, error) {
 			strings.Join(t.s.cfg.Endpoints, ","), len(cmps), len(ops), ErrTooLarge, err)
 	}
 	if err != nil {
-		return false, fmt.Errorf("etcd at %s: committing %d writes: %w", strings.Join(t.s.cfg.Endpoints, ","), len(ops), err)
+		return false, fmt.Errorf("etcd at %s: committing %d writes: %w: %w", strings.Join(t.s.cfg.Endpoints, ","), len(ops), ErrUnavailable, err)
 	}
 	return resp.Succeeded, nil
 }
