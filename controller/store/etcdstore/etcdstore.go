@@ -115,9 +115,9 @@ type Store struct {
 	writeMu     sync.Mutex
 	lockSession *concurrency.Session
 	locked      *concurrency.Mutex
-	log     *slog.Logger
-	ctx     context.Context
-	cancel  context.CancelFunc
+	log         *slog.Logger
+	ctx         context.Context
+	cancel      context.CancelFunc
 }
 
 var _ store.Store = (*Store)(nil)
@@ -156,7 +156,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		// instead of waiting for their timeout.
 		DialKeepAliveTime:    time.Second,
 		DialKeepAliveTimeout: time.Second,
-		Logger:      zap.NewNop(), // its errors come back to the caller; its retry chatter stays out of the logs
+		Logger:               zap.NewNop(), // its errors come back to the caller; its retry chatter stays out of the logs
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", where, err)
