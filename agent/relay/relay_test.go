@@ -266,8 +266,12 @@ func TestForwardAfterLatch(t *testing.T) {
 			tc.to.expect(d, tc.port)
 		})
 	}
-	if s := r.f.Stats(); s.Packets != 3 || s.Sessions != 1 {
-		t.Fatalf("stats %+v, want 3 packets (pending initiation, 2 data) and 1 session", s)
+	// The forwarder counts a packet after its write returns, so the receiver
+	// can see it before the counter moves: wait for the count, then check it
+	// is exact.
+	s := waitStat(t, r.f, func(s Stats) bool { return s.Packets >= 3 })
+	if s.Packets != 3 || s.Bytes != device.MessageInitiationSize+2*200 || s.Sessions != 1 {
+		t.Fatalf("stats %+v, want 3 packets of %d bytes (pending initiation, 2 data) and 1 session", s, device.MessageInitiationSize+2*200)
 	}
 }
 
